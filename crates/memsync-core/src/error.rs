@@ -74,7 +74,10 @@ impl StoreError {
 
     /// A backend error with a message and no further cause.
     pub fn backend(message: impl Into<String>) -> Self {
-        StoreError::Backend { message: message.into(), source: None }
+        StoreError::Backend {
+            message: message.into(),
+            source: None,
+        }
     }
 
     /// A backend error with a message and its cause.
@@ -82,12 +85,18 @@ impl StoreError {
         message: impl Into<String>,
         source: impl std::error::Error + Send + Sync + 'static,
     ) -> Self {
-        StoreError::Backend { message: message.into(), source: Some(Box::new(source)) }
+        StoreError::Backend {
+            message: message.into(),
+            source: Some(Box::new(source)),
+        }
     }
 
     /// Add context while keeping this error as the cause.
     pub fn context(self, context: impl Into<String>) -> Self {
-        StoreError::Layer { context: context.into(), source: Box::new(self) }
+        StoreError::Layer {
+            context: context.into(),
+            source: Box::new(self),
+        }
     }
 
     /// The innermost error of a chain of [`StoreError::Layer`] wrappers.
@@ -144,7 +153,10 @@ mod tests {
             .context("chunk 3 of dir:/x")
             .context("cache fill");
         let s = e.chain();
-        assert!(s.starts_with("cache fill: chunk 3 of dir:/x: pread failed"), "{s}");
+        assert!(
+            s.starts_with("cache fill: chunk 3 of dir:/x: pread failed"),
+            "{s}"
+        );
         assert_eq!(e.errno(), 5);
         assert!(matches!(e.root(), StoreError::Io { op: "pread", .. }));
     }
@@ -152,7 +164,15 @@ mod tests {
     #[test]
     fn errno_mapping() {
         assert_eq!(StoreError::ReadOnly.errno(), 1);
-        assert_eq!(StoreError::OutOfRange { offset: 0, len: 1, size: 0 }.errno(), 28);
+        assert_eq!(
+            StoreError::OutOfRange {
+                offset: 0,
+                len: 1,
+                size: 0
+            }
+            .errno(),
+            28
+        );
         assert_eq!(StoreError::Unsupported { op: "trim" }.errno(), 95);
     }
 }

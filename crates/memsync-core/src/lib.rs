@@ -16,6 +16,7 @@
 //! ```
 
 pub mod error;
+pub mod layers;
 pub mod range;
 pub mod size;
 pub mod store;

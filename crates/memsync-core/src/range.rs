@@ -33,7 +33,12 @@ impl ChunkPiece {
 /// ```
 pub fn chunk_pieces(offset: u64, len: u64, chunk_size: u64) -> ChunkPieces {
     assert!(chunk_size > 0, "chunk size must be positive");
-    ChunkPieces { pos: offset, end: offset.saturating_add(len), start: offset, chunk_size }
+    ChunkPieces {
+        pos: offset,
+        end: offset.saturating_add(len),
+        start: offset,
+        chunk_size,
+    }
 }
 
 /// Iterator returned by [`chunk_pieces`].
@@ -55,7 +60,12 @@ impl Iterator for ChunkPieces {
         let index = self.pos / self.chunk_size;
         let within = self.pos % self.chunk_size;
         let len = (self.chunk_size - within).min(self.end - self.pos);
-        let piece = ChunkPiece { index, within, len, pos: self.pos - self.start };
+        let piece = ChunkPiece {
+            index,
+            within,
+            len,
+            pos: self.pos - self.start,
+        };
         self.pos += len;
         Some(piece)
     }
@@ -79,7 +89,11 @@ pub fn align_down(x: u64, align: u64) -> u64 {
 /// Round `x` up to a multiple of `align` (`align > 0`), or `None` on overflow.
 pub fn align_up(x: u64, align: u64) -> Option<u64> {
     let r = x % align;
-    if r == 0 { Some(x) } else { x.checked_add(align - r) }
+    if r == 0 {
+        Some(x)
+    } else {
+        x.checked_add(align - r)
+    }
 }
 
 /// Number of chunks of `chunk_size` needed to hold `size` bytes.

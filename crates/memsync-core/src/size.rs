@@ -15,7 +15,9 @@ pub fn parse_size(s: &str) -> Result<u64, StoreError> {
     if t.is_empty() {
         return Err(bad("empty"));
     }
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
@@ -33,7 +35,11 @@ pub fn parse_size(s: &str) -> Result<u64, StoreError> {
         if frac.contains('.') || frac.is_empty() || frac.len() > 6 {
             return Err(bad("malformed fraction"));
         }
-        let int: u64 = if int.is_empty() { 0 } else { int.parse().map_err(|_| bad("too large"))? };
+        let int: u64 = if int.is_empty() {
+            0
+        } else {
+            int.parse().map_err(|_| bad("too large"))?
+        };
         let frac_v: u64 = frac.parse().map_err(|_| bad("malformed fraction"))?;
         let scale = 10u64.pow(frac.len() as u32);
         let whole = int.checked_mul(mult).ok_or_else(|| bad("too large"))?;
@@ -54,7 +60,11 @@ pub fn format_size(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 #[cfg(test)]
@@ -69,7 +79,7 @@ mod tests {
         assert_eq!(parse_size("4k").unwrap(), 4096);
         assert_eq!(parse_size("2M").unwrap(), 2 << 20);
         assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
-        assert_eq!(parse_size("16EiB").is_err(), true);
+        assert!(parse_size("16EiB").is_err());
         assert!(parse_size("99999999999999999999").is_err());
         assert!(parse_size("20000000P").is_err());
         assert!(parse_size("").is_err());

@@ -150,7 +150,13 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         if self.caps().read_only {
             return Err(StoreError::ReadOnly);
         }
-        let step = self.caps().max_io.clamp(self.caps().block_size.max(4096), 1 << 20);
+        // At most 1 MiB (or one block, if larger) per write, and a multiple of the block size.
+        let block = self.caps().block_size.max(1);
+        let step = self
+            .caps()
+            .max_io
+            .clamp(block.max(4096), block.max(1 << 20));
+        let step = crate::range::align_down(step, block).max(block);
         let zeros = Bytes::from(vec![0u8; step as usize]);
         let mut pos = offset;
         let end = offset + len;
@@ -169,7 +175,11 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         if len == 0 {
             return Ok(Vec::new());
         }
-        Ok(vec![Extent { offset, len, kind: ExtentKind::Data }])
+        Ok(vec![Extent {
+            offset,
+            len,
+            kind: ExtentKind::Data,
+        }])
     }
 }
 
@@ -227,7 +237,7 @@ pub fn check_range(size: u64, align: u64, offset: u64, len: u64) -> Result<()> {
         Some(end) if end <= size => {}
         _ => return Err(StoreError::OutOfRange { offset, len, size }),
     }
-    if align > 1 && (offset % align != 0 || len % align != 0) {
+    if align > 1 && (!offset.is_multiple_of(align) || !len.is_multiple_of(align)) {
         return Err(StoreError::Misaligned { offset, len, align });
     }
     Ok(())
@@ -249,9 +259,18 @@ mod tests {
     fn range_checks() {
         assert!(check_range(100, 1, 0, 100).is_ok());
         assert!(check_range(100, 1, 100, 0).is_ok());
-        assert!(matches!(check_range(100, 1, 50, 51), Err(StoreError::OutOfRange { .. })));
-        assert!(matches!(check_range(100, 1, u64::MAX, 2), Err(StoreError::OutOfRange { .. })));
-        assert!(matches!(check_range(8192, 4096, 1, 4095), Err(StoreError::Misaligned { .. })));
+        assert!(matches!(
+            check_range(100, 1, 50, 51),
+            Err(StoreError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            check_range(100, 1, u64::MAX, 2),
+            Err(StoreError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            check_range(8192, 4096, 1, 4095),
+            Err(StoreError::Misaligned { .. })
+        ));
         assert!(check_range(8192, 4096, 4096, 4096).is_ok());
     }
 }

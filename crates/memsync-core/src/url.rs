@@ -59,7 +59,9 @@ fn percent_decode(url: &str, part: &str, s: &str) -> Result<String> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = b.get(i + 1..i + 3).ok_or_else(|| url_err(url, part, "truncated %-escape"))?;
+            let hex = b
+                .get(i + 1..i + 3)
+                .ok_or_else(|| url_err(url, part, "truncated %-escape"))?;
             let hex = std::str::from_utf8(hex).map_err(|_| url_err(url, part, "bad %-escape"))?;
             let v = u8::from_str_radix(hex, 16).map_err(|_| url_err(url, part, "bad %-escape"))?;
             out.push(v);
@@ -76,18 +78,33 @@ impl StoreUrl {
     /// Parse a store URL. Never panics; errors name the bad part.
     pub fn parse(s: &str) -> Result<Self> {
         if s.len() > MAX_URL_LEN {
-            return Err(url_err(&s[..64], "length", format!("longer than {MAX_URL_LEN} bytes")));
+            return Err(url_err(
+                &s[..64],
+                "length",
+                format!("longer than {MAX_URL_LEN} bytes"),
+            ));
         }
         if s.chars().any(|c| c.is_control()) {
-            return Err(url_err(s, "characters", "control characters are not allowed"));
+            return Err(url_err(
+                s,
+                "characters",
+                "control characters are not allowed",
+            ));
         }
-        let (scheme, rest) =
-            s.split_once(':').ok_or_else(|| url_err(s, "scheme", "missing (e.g. file:, mem:)"))?;
+        let (scheme, rest) = s
+            .split_once(':')
+            .ok_or_else(|| url_err(s, "scheme", "missing (e.g. file:, mem:)"))?;
         if scheme.is_empty()
             || !scheme.starts_with(|c: char| c.is_ascii_alphabetic())
-            || !scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+            || !scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
         {
-            return Err(url_err(s, "scheme", format!("{scheme:?} is not a valid scheme")));
+            return Err(url_err(
+                s,
+                "scheme",
+                format!("{scheme:?} is not a valid scheme"),
+            ));
         }
         if rest.contains('#') {
             return Err(url_err(s, "fragment", "'#' fragments are not allowed"));
@@ -104,21 +121,33 @@ impl StoreUrl {
         } else {
             (None, hier)
         };
-        if let Some(a) = &authority {
-            if a.contains(|c: char| c.is_whitespace() || c == '@') {
-                return Err(url_err(s, "host", format!("{a:?} is not a valid host[:port]")));
-            }
+        if let Some(a) = &authority
+            && a.contains(|c: char| c.is_whitespace() || c == '@')
+        {
+            return Err(url_err(
+                s,
+                "host",
+                format!("{a:?} is not a valid host[:port]"),
+            ));
         }
         let path = percent_decode(s, "path", path)?;
         let mut params = Vec::new();
         if let Some(q) = query {
             for pair in q.split('&').filter(|p| !p.is_empty()) {
                 if params.len() == MAX_PARAMS {
-                    return Err(url_err(s, "query", format!("more than {MAX_PARAMS} parameters")));
+                    return Err(url_err(
+                        s,
+                        "query",
+                        format!("more than {MAX_PARAMS} parameters"),
+                    ));
                 }
                 let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
                 if k.is_empty() {
-                    return Err(url_err(s, "query", format!("parameter {pair:?} has no name")));
+                    return Err(url_err(
+                        s,
+                        "query",
+                        format!("parameter {pair:?} has no name"),
+                    ));
                 }
                 let k = percent_decode(s, "query", k)?;
                 let v = percent_decode(s, &format!("query parameter {k:?}"), v)?;
@@ -141,7 +170,11 @@ impl StoreUrl {
 
     /// The last value of query parameter `key`.
     pub fn param(&self, key: &str) -> Option<&str> {
-        self.params.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.params
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// A query parameter parsed as a size (`64K`, `1G`).
@@ -160,7 +193,10 @@ impl StoreUrl {
             None => Ok(None),
             Some("" | "1" | "true" | "yes" | "on") => Ok(Some(true)),
             Some("0" | "false" | "no" | "off") => Ok(Some(false)),
-            Some(v) => Err(self.error(&format!("query parameter {key:?}"), format!("{v:?} is not a boolean"))),
+            Some(v) => Err(self.error(
+                &format!("query parameter {key:?}"),
+                format!("{v:?} is not a boolean"),
+            )),
         }
     }
 
@@ -173,7 +209,10 @@ impl StoreUrl {
                 } else {
                     format!("known parameters: {}", known.join(", "))
                 };
-                return Err(self.error(&format!("query parameter {k:?}"), format!("unknown; {hint}")));
+                return Err(self.error(
+                    &format!("query parameter {k:?}"),
+                    format!("unknown; {hint}"),
+                ));
             }
         }
         Ok(())
@@ -218,7 +257,8 @@ impl Registry {
         Fut: Future<Output = Result<DynStore>> + Send + 'static,
     {
         let open: Opener = Arc::new(move |u| Box::pin(open(u)));
-        self.schemes.insert(scheme.to_ascii_lowercase(), Arc::new(Scheme { help, open }));
+        self.schemes
+            .insert(scheme.to_ascii_lowercase(), Arc::new(Scheme { help, open }));
     }
 
     /// Registered schemes with their usage text, sorted by scheme.
@@ -233,7 +273,11 @@ impl Registry {
             let known: Vec<_> = self.schemes.keys().map(|k| format!("{k}:")).collect();
             parsed.error(
                 "scheme",
-                format!("{:?} is not supported (supported: {})", parsed.scheme, known.join(" ")),
+                format!(
+                    "{:?} is not supported (supported: {})",
+                    parsed.scheme,
+                    known.join(" ")
+                ),
             )
         })?;
         (scheme.open)(parsed).await
@@ -248,7 +292,10 @@ mod tests {
     #[test]
     fn forms() {
         let u = StoreUrl::parse("mem:1G").unwrap();
-        assert_eq!((u.scheme.as_str(), u.authority.as_deref(), u.path.as_str()), ("mem", None, "1G"));
+        assert_eq!(
+            (u.scheme.as_str(), u.authority.as_deref(), u.path.as_str()),
+            ("mem", None, "1G")
+        );
         let u = StoreUrl::parse("file:///tmp/a%20b.img?size=1G&create").unwrap();
         assert_eq!(u.authority.as_deref(), Some(""));
         assert_eq!(u.path, "/tmp/a b.img");
@@ -266,11 +313,17 @@ mod tests {
     fn errors_name_the_part() {
         let e = StoreUrl::parse("/tmp/x").unwrap_err().to_string();
         assert!(e.contains("scheme"), "{e}");
-        let e = StoreUrl::parse("file:/x?size=12Q").unwrap().size_param("size").unwrap_err();
+        let e = StoreUrl::parse("file:/x?size=12Q")
+            .unwrap()
+            .size_param("size")
+            .unwrap_err();
         assert!(e.to_string().contains("\"size\""), "{e}");
         let e = StoreUrl::parse("file:/x%zz").unwrap_err().to_string();
         assert!(e.contains("path"), "{e}");
-        let e = StoreUrl::parse("dir:/x?chunck=4K").unwrap().ensure_params(&["chunk"]).unwrap_err();
+        let e = StoreUrl::parse("dir:/x?chunck=4K")
+            .unwrap()
+            .ensure_params(&["chunk"])
+            .unwrap_err();
         assert!(e.to_string().contains("chunck"), "{e}");
         assert!(StoreUrl::parse("1ab:x").is_err());
         assert!(StoreUrl::parse("file:/x#frag").is_err());
@@ -280,9 +333,14 @@ mod tests {
     #[tokio::test]
     async fn unknown_scheme_lists_known() {
         let mut r = Registry::new();
-        r.register("mem", "mem:SIZE", |u: StoreUrl| async move { Err(u.error("x", "y")) });
+        r.register("mem", "mem:SIZE", |u: StoreUrl| async move {
+            Err(u.error("x", "y"))
+        });
         let e = r.open("s4://bucket").await.unwrap_err().to_string();
-        assert!(e.contains("\"s4\" is not supported") && e.contains("mem:"), "{e}");
+        assert!(
+            e.contains("\"s4\" is not supported") && e.contains("mem:"),
+            "{e}"
+        );
     }
 
     proptest! {

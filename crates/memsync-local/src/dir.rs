@@ -1,0 +1,660 @@
+//! `dir:` — a directory with one file per chunk.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use memsync_core::size::format_size;
+use memsync_core::{
+    Bytes, Caps, Extent, ExtentKind, Result, Store, StoreError, async_trait, check_range,
+    check_write,
+};
+use parking_lot::{Mutex, RwLock};
+
+use crate::mem::push_extent;
+use crate::util::{blocking, is_zero, usize_of};
+
+/// Name of the metadata file written when a directory store is created.
+pub(crate) const META_FILE: &str = "memsync-dir.meta";
+const META_FORMAT: &str = "memsync-dir 1";
+/// Striped per-chunk locks: chunk `i` uses stripe `i % LOCK_STRIPES`.
+const LOCK_STRIPES: usize = 256;
+const MAX_CHUNK: u64 = 1 << 30;
+/// Above this many chunks, `extents` lists the directory once instead of probing each chunk.
+const PROBE_LIMIT: u64 = 1024;
+
+/// How to open a [`DirStore`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DirOptions {
+    /// Store size. Required when creating; when the directory already holds a store it must
+    /// match (or be `None`).
+    pub size: Option<u64>,
+    /// Chunk size. `None`: the existing store's, or [`DirStore::DEFAULT_CHUNK_SIZE`] when
+    /// creating. Must match an existing store's.
+    pub chunk_size: Option<u64>,
+    /// Most chunk files kept open at once (least recently used are closed first).
+    pub max_open: usize,
+}
+
+impl Default for DirOptions {
+    fn default() -> Self {
+        DirOptions {
+            size: None,
+            chunk_size: None,
+            max_open: DirStore::DEFAULT_MAX_OPEN,
+        }
+    }
+}
+
+impl DirOptions {
+    /// Options to create (or reopen) a store of `size` bytes with the default chunk size.
+    pub fn with_size(size: u64) -> Self {
+        DirOptions {
+            size: Some(size),
+            ..Default::default()
+        }
+    }
+
+    /// Set the chunk size.
+    pub fn chunk_size(mut self, chunk_size: u64) -> Self {
+        self.chunk_size = Some(chunk_size);
+        self
+    }
+
+    /// Set the most chunk files kept open.
+    pub fn max_open(mut self, max_open: usize) -> Self {
+        self.max_open = max_open;
+        self
+    }
+}
+
+/// A store kept as one file per chunk in a directory (`dir:PATH?size=1G&chunk=64K`).
+///
+/// Chunk `i` lives in a file named by `i` in 16 hex digits (`0000000000001a2f`). A missing file
+/// reads as zeros: files are created on the first non-zero write, and removed again by `trim`,
+/// `write_zeroes` and writes of an all-zero chunk. A metadata file (`memsync-dir.meta`) records the
+/// size and chunk size, and reopening with different values fails.
+///
+/// Requests must cover whole chunks (`caps().block_size` is the chunk size); the `dir:` URL
+/// opener wraps the store in a chunking layer so that any range works. At most `max_open` chunk
+/// files are kept open (LRU), plus those in use by in-flight requests. `flush` fsyncs every chunk
+/// file written since the last flush, then the directory.
+///
+/// I/O happens directly in the async fns (reads and writes of one chunk on the page cache take
+/// microseconds, less than a hand-off to a thread pool); only `flush` runs on tokio's blocking
+/// pool. Requests for different chunks run in parallel: the fd cache's lock is held only for a
+/// lookup, and chunks are locked individually (striped locks). Writes are atomic per chunk.
+///
+/// # Example
+/// ```
+/// use memsync_core::{Bytes, Store, StoreExt};
+/// use memsync_local::{DirOptions, DirStore};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> memsync_core::Result<()> {
+/// # let tmp = tempfile::tempdir().unwrap();
+/// let store = DirStore::open(tmp.path().join("chunks"), DirOptions::with_size(1 << 20).chunk_size(4096))?;
+/// store.write(8192, Bytes::from(vec![1u8; 4096])).await?; // whole chunks only
+/// store.flush().await?;
+/// assert_eq!(store.read_bytes(8192, 4096).await?[0], 1);
+/// assert!(tmp.path().join("chunks/0000000000000002").exists());
+/// # Ok(()) }
+/// ```
+pub struct DirStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    size: u64,
+    chunk_size: u64,
+    fds: Mutex<FdCache>,
+    locks: Box<[RwLock<()>]>,
+    /// Chunks written since the last flush.
+    dirty: Mutex<BTreeSet<u64>>,
+    /// Files were created or removed since the last flush.
+    dir_dirty: AtomicBool,
+    /// Serialises flushes, so that a flush never returns while an earlier one still syncs
+    /// chunks that it took from the dirty set.
+    flushing: tokio::sync::Mutex<()>,
+}
+
+impl fmt::Debug for DirStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let i = &self.inner;
+        let fds = i.fds.lock();
+        f.debug_struct("DirStore")
+            .field("dir", &i.dir)
+            .field("size", &i.size)
+            .field("chunk_size", &i.chunk_size)
+            .field("open_files", &fds.map.len())
+            .field("max_open", &fds.cap)
+            .finish()
+    }
+}
+
+/// An LRU cache of open chunk files.
+struct FdCache {
+    cap: usize,
+    tick: u64,
+    map: HashMap<u64, (Arc<File>, u64)>,
+    /// Last use tick -> chunk index.
+    order: BTreeMap<u64, u64>,
+}
+
+impl FdCache {
+    fn get(&mut self, index: u64) -> Option<Arc<File>> {
+        let (file, used) = self.map.get_mut(&index)?;
+        self.order.remove(used);
+        self.tick += 1;
+        *used = self.tick;
+        self.order.insert(self.tick, index);
+        Some(Arc::clone(file))
+    }
+
+    fn insert(&mut self, index: u64, file: Arc<File>) {
+        self.remove(index);
+        while self.map.len() >= self.cap {
+            let Some((_, old)) = self.order.pop_first() else {
+                break;
+            };
+            self.map.remove(&old);
+        }
+        self.tick += 1;
+        self.map.insert(index, (file, self.tick));
+        self.order.insert(self.tick, index);
+    }
+
+    fn remove(&mut self, index: u64) {
+        if let Some((_, used)) = self.map.remove(&index) {
+            self.order.remove(&used);
+        }
+    }
+}
+
+fn chunk_name(index: u64) -> String {
+    format!("{index:016x}")
+}
+
+fn parse_chunk_name(name: &str) -> Option<u64> {
+    if name.len() == 16
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        u64::from_str_radix(name, 16).ok()
+    } else {
+        None
+    }
+}
+
+struct Meta {
+    size: u64,
+    chunk_size: u64,
+}
+
+fn parse_meta(dir: &Path, text: &str) -> Result<Meta> {
+    let bad = |why: &str| {
+        StoreError::Config(format!(
+            "dir store {}: bad {META_FILE}: {why}",
+            dir.display()
+        ))
+    };
+    let mut format = None;
+    let mut size = None;
+    let mut chunk = None;
+    for line in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let (k, v) = line
+            .split_once('=')
+            .ok_or_else(|| bad(&format!("line {line:?}")))?;
+        let num = || {
+            v.trim()
+                .parse::<u64>()
+                .map_err(|_| bad(&format!("{k} value {v:?}")))
+        };
+        match k.trim() {
+            "format" => format = Some(v.trim().to_owned()),
+            "size" => size = Some(num()?),
+            "chunk" => chunk = Some(num()?),
+            _ => {} // Later versions may add keys.
+        }
+    }
+    if format.as_deref() != Some(META_FORMAT) {
+        return Err(bad(&format!(
+            "format is {format:?}, expected {META_FORMAT:?}"
+        )));
+    }
+    match (size, chunk) {
+        (Some(size), Some(chunk_size)) => Ok(Meta { size, chunk_size }),
+        _ => Err(bad("size or chunk missing")),
+    }
+}
+
+impl DirStore {
+    /// The default chunk size, 64 KiB.
+    pub const DEFAULT_CHUNK_SIZE: u64 = 64 * 1024;
+    /// The default number of chunk files kept open.
+    pub const DEFAULT_MAX_OPEN: usize = 256;
+
+    /// Open the store in `dir`, creating the directory and the store if needed.
+    pub fn open(dir: impl AsRef<Path>, opts: DirOptions) -> Result<Self> {
+        let dir = dir.as_ref();
+        let cfg = |why: String| StoreError::Config(format!("dir store {}: {why}", dir.display()));
+        let ioe = |what: &str, e: io::Error| {
+            StoreError::io("open", e).context(format!("dir store {}: {what}", dir.display()))
+        };
+        if opts.max_open == 0 {
+            return Err(cfg("max_open must be at least 1".into()));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| ioe("create directory", e))?;
+        let meta_path = dir.join(META_FILE);
+        let (size, chunk_size) = match std::fs::read_to_string(&meta_path) {
+            Ok(text) => {
+                let meta = parse_meta(dir, &text)?;
+                if let Some(c) = opts.chunk_size.filter(|&c| c != meta.chunk_size) {
+                    return Err(cfg(format!(
+                        "was created with chunk={} ({}), not chunk={c} ({})",
+                        meta.chunk_size,
+                        format_size(meta.chunk_size),
+                        format_size(c)
+                    )));
+                }
+                if let Some(s) = opts.size.filter(|&s| s != meta.size) {
+                    return Err(cfg(format!(
+                        "was created with size={} ({}), not size={s} ({})",
+                        meta.size,
+                        format_size(meta.size),
+                        format_size(s)
+                    )));
+                }
+                (meta.size, meta.chunk_size)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let size = opts.size.ok_or_else(|| {
+                    cfg(format!(
+                        "holds no store ({META_FILE} missing); give size= to create one"
+                    ))
+                })?;
+                let chunk_size = opts.chunk_size.unwrap_or(Self::DEFAULT_CHUNK_SIZE);
+                Self::validate(dir, size, chunk_size)?;
+                let entries = std::fs::read_dir(dir).map_err(|e| ioe("list directory", e))?;
+                for entry in entries {
+                    let entry = entry.map_err(|e| ioe("list directory", e))?;
+                    if entry
+                        .file_name()
+                        .to_str()
+                        .and_then(parse_chunk_name)
+                        .is_some()
+                    {
+                        return Err(cfg(format!(
+                            "holds chunk files but no {META_FILE}; refusing to guess its layout"
+                        )));
+                    }
+                }
+                let text = format!(
+                    "# memsync directory store: one file per chunk. Do not edit.\nformat={META_FORMAT}\nsize={size}\nchunk={chunk_size}\n"
+                );
+                let tmp = dir.join(format!("{META_FILE}.tmp"));
+                let mut f = File::create(&tmp).map_err(|e| ioe("write metadata", e))?;
+                f.write_all(text.as_bytes())
+                    .and_then(|()| f.sync_all())
+                    .and_then(|()| std::fs::rename(&tmp, &meta_path))
+                    .and_then(|()| File::open(dir)?.sync_all())
+                    .map_err(|e| ioe("write metadata", e))?;
+                tracing::debug!(dir = %dir.display(), size, chunk_size, "created dir store");
+                (size, chunk_size)
+            }
+            Err(e) => return Err(ioe("read metadata", e)),
+        };
+        Self::validate(dir, size, chunk_size)?;
+        Ok(DirStore {
+            inner: Arc::new(Inner {
+                dir: dir.to_owned(),
+                size,
+                chunk_size,
+                fds: Mutex::new(FdCache {
+                    cap: opts.max_open,
+                    tick: 0,
+                    map: HashMap::new(),
+                    order: BTreeMap::new(),
+                }),
+                locks: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
+                dirty: Mutex::new(BTreeSet::new()),
+                dir_dirty: AtomicBool::new(false),
+                flushing: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+
+    fn validate(dir: &Path, size: u64, chunk_size: u64) -> Result<()> {
+        let cfg = |why: String| StoreError::Config(format!("dir store {}: {why}", dir.display()));
+        if chunk_size == 0 || chunk_size > MAX_CHUNK {
+            return Err(cfg(format!(
+                "chunk={chunk_size} is out of range (1 byte to 1 GiB)"
+            )));
+        }
+        if !size.is_multiple_of(chunk_size) {
+            return Err(cfg(format!(
+                "size={size} is not a multiple of chunk={chunk_size}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The directory holding the chunk files.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// The chunk size (also `caps().block_size`).
+    pub fn chunk_size(&self) -> u64 {
+        self.inner.chunk_size
+    }
+
+    /// Number of chunk files currently held open by the cache.
+    pub fn open_files(&self) -> usize {
+        self.inner.fds.lock().map.len()
+    }
+}
+
+impl Inner {
+    fn lock(&self, index: u64) -> &RwLock<()> {
+        &self.locks[(index % LOCK_STRIPES as u64) as usize]
+    }
+
+    fn chunk_path(&self, index: u64) -> PathBuf {
+        self.dir.join(chunk_name(index))
+    }
+
+    fn err(&self, op: &'static str, index: u64, e: io::Error) -> StoreError {
+        StoreError::io(op, e).context(format!(
+            "dir store {}: chunk {}",
+            self.dir.display(),
+            chunk_name(index)
+        ))
+    }
+
+    /// The open file of chunk `index`; `None` if it does not exist and `create` is false.
+    /// The caller holds the chunk's lock, so a file cannot be cached after its removal.
+    fn file(&self, index: u64, create: bool) -> Result<Option<Arc<File>>> {
+        if let Some(f) = self.fds.lock().get(index) {
+            return Ok(Some(f));
+        }
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(true).create(create);
+        match oo.open(self.chunk_path(index)) {
+            Ok(f) => {
+                let f = Arc::new(f);
+                self.fds.lock().insert(index, Arc::clone(&f));
+                if create {
+                    self.dir_dirty.store(true, Ordering::Relaxed);
+                }
+                Ok(Some(f))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !create => Ok(None),
+            Err(e) => Err(self.err(if create { "create" } else { "open" }, index, e)),
+        }
+    }
+
+    fn read_chunk(&self, index: u64, buf: &mut [u8]) -> Result<()> {
+        let _guard = self.lock(index).read();
+        let Some(file) = self.file(index, false)? else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let mut done = 0;
+        while done < buf.len() {
+            match file.read_at(&mut buf[done..], done as u64) {
+                Ok(0) => break, // A short file (an interrupted first write) reads as zeros.
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.err("pread", index, e)),
+            }
+        }
+        buf[done..].fill(0);
+        Ok(())
+    }
+
+    fn write_chunk(&self, index: u64, data: &[u8]) -> Result<()> {
+        let _guard = self.lock(index).write();
+        if is_zero(data) {
+            return self.remove_chunk(index);
+        }
+        let file = self.file(index, true)?.expect("created");
+        file.write_all_at(data, 0)
+            .map_err(|e| self.err("pwrite", index, e))?;
+        self.dirty.lock().insert(index);
+        Ok(())
+    }
+
+    /// Remove a chunk file. The caller holds the chunk's write lock.
+    fn remove_chunk(&self, index: u64) -> Result<()> {
+        self.fds.lock().remove(index);
+        match std::fs::remove_file(self.chunk_path(index)) {
+            Ok(()) => {
+                self.dir_dirty.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.err("unlink", index, e)),
+        }
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
+        let cs = self.chunk_size;
+        for index in offset / cs..(offset + len) / cs {
+            let _guard = self.lock(index).write();
+            self.remove_chunk(index)?;
+        }
+        Ok(())
+    }
+
+    /// Chunk indices in `first..=last` that have a file, sorted.
+    fn present(&self, first: u64, last: u64) -> Result<Vec<u64>> {
+        let mut out = Vec::new();
+        if last - first < PROBE_LIMIT {
+            for index in first..=last {
+                let cached = self.fds.lock().map.contains_key(&index);
+                if cached || self.chunk_path(index).exists() {
+                    out.push(index);
+                }
+            }
+            return Ok(out);
+        }
+        let entries = std::fs::read_dir(&self.dir).map_err(|e| self.err("readdir", first, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| self.err("readdir", first, e))?;
+            if let Some(i) = entry.file_name().to_str().and_then(parse_chunk_name)
+                && (first..=last).contains(&i)
+            {
+                out.push(i);
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// fsync the chunks written before the call, then the directory.
+    fn sync(&self, dirty: &mut BTreeSet<u64>, dir_dirty: bool) -> Result<()> {
+        while let Some(&index) = dirty.first() {
+            let file = {
+                let _guard = self.lock(index).read();
+                let cached = self.fds.lock().get(index);
+                match cached {
+                    Some(f) => Some(f),
+                    // Evicted from the cache: fsync through a new descriptor (fsync applies to
+                    // the file, not the descriptor). Not cached, to keep hot files cached.
+                    None => match File::open(self.chunk_path(index)) {
+                        Ok(f) => Some(Arc::new(f)),
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => None, // Removed since.
+                        Err(e) => return Err(self.err("open", index, e)),
+                    },
+                }
+            };
+            if let Some(file) = file {
+                file.sync_data()
+                    .map_err(|e| self.err("fdatasync", index, e))?;
+            }
+            dirty.remove(&index);
+        }
+        if dir_dirty {
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| {
+                    StoreError::io("fsync", e)
+                        .context(format!("dir store {}: directory", self.dir.display()))
+                })?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for DirStore {
+    fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    fn caps(&self) -> Caps {
+        let cs = self.inner.chunk_size;
+        let mut caps = Caps::basic();
+        caps.block_size = cs;
+        caps.preferred_io = cs;
+        caps.max_io = (caps.max_io / cs * cs).max(cs);
+        caps.trim = true;
+        caps.fast_zero = true;
+        caps.extents = true;
+        caps.flush = true;
+        caps.multi_conn = true;
+        caps
+    }
+
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let i = &self.inner;
+        check_range(i.size, i.chunk_size, offset, buf.len() as u64)?;
+        let cs = usize_of(i.chunk_size);
+        for (n, piece) in buf.chunks_mut(cs).enumerate() {
+            i.read_chunk(offset / i.chunk_size + n as u64, piece)?;
+        }
+        Ok(())
+    }
+
+    async fn write(&self, offset: u64, data: Bytes) -> Result<()> {
+        let i = &self.inner;
+        check_write(&self.caps(), i.size, offset, data.len() as u64)?;
+        let cs = usize_of(i.chunk_size);
+        for (n, piece) in data.chunks(cs).enumerate() {
+            i.write_chunk(offset / i.chunk_size + n as u64, piece)?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<()> {
+        let _serial = self.inner.flushing.lock().await;
+        let mut dirty = std::mem::take(&mut *self.inner.dirty.lock());
+        let dir_dirty = self.inner.dir_dirty.swap(false, Ordering::Relaxed);
+        if dirty.is_empty() && !dir_dirty {
+            return Ok(());
+        }
+        let inner = Arc::clone(&self.inner);
+        blocking("flush", move || {
+            let r = inner.sync(&mut dirty, dir_dirty);
+            if r.is_err() {
+                // Try again next time.
+                inner.dirty.lock().append(&mut dirty);
+                if dir_dirty {
+                    inner.dir_dirty.store(true, Ordering::Relaxed);
+                }
+            }
+            r
+        })
+        .await
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        check_write(&self.caps(), self.inner.size, offset, len)?;
+        self.inner.zero_range(offset, len)
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        check_write(&self.caps(), self.inner.size, offset, len)?;
+        self.inner.zero_range(offset, len)
+    }
+
+    /// Extents at chunk granularity (any range is accepted here, not only aligned ones).
+    async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let i = &self.inner;
+        check_range(i.size, 1, offset, len)?;
+        let mut out = Vec::new();
+        if len == 0 {
+            return Ok(out);
+        }
+        let (cs, end) = (i.chunk_size, offset + len);
+        let mut pos = offset;
+        for index in i.present(offset / cs, (end - 1) / cs)? {
+            let start = (index * cs).max(offset);
+            let stop = (index * cs + cs).min(end);
+            push_extent(&mut out, pos, start, ExtentKind::Hole);
+            push_extent(&mut out, start, stop, ExtentKind::Data);
+            pos = stop;
+        }
+        push_extent(&mut out, pos, end, ExtentKind::Hole);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert_eq!(chunk_name(0x1a2f), "0000000000001a2f");
+        assert_eq!(parse_chunk_name("0000000000001a2f"), Some(0x1a2f));
+        assert_eq!(parse_chunk_name("0000000000001A2F"), None);
+        assert_eq!(parse_chunk_name("1a2f"), None);
+        assert_eq!(parse_chunk_name(META_FILE), None);
+    }
+
+    #[test]
+    fn lru_evicts_least_recently_used() {
+        let f = || Arc::new(File::open("/dev/null").unwrap());
+        let mut c = FdCache {
+            cap: 2,
+            tick: 0,
+            map: HashMap::new(),
+            order: BTreeMap::new(),
+        };
+        c.insert(1, f());
+        c.insert(2, f());
+        assert!(c.get(1).is_some());
+        c.insert(3, f());
+        assert!(c.get(2).is_none(), "2 was least recently used");
+        assert!(c.get(1).is_some() && c.get(3).is_some());
+        c.remove(1);
+        assert_eq!((c.map.len(), c.order.len()), (1, 1));
+    }
+
+    #[test]
+    fn meta_parsing() {
+        let d = Path::new("/x");
+        let m = parse_meta(
+            d,
+            "# c\nformat=memsync-dir 1\nsize=4096\nchunk=512\nfuture=1\n",
+        )
+        .unwrap();
+        assert_eq!((m.size, m.chunk_size), (4096, 512));
+        assert!(parse_meta(d, "format=memsync-dir 2\nsize=1\nchunk=1").is_err());
+        assert!(parse_meta(d, "format=memsync-dir 1\nsize=1").is_err());
+        assert!(parse_meta(d, "garbage").is_err());
+    }
+}

@@ -1,0 +1,56 @@
+//! Small helpers shared by the local stores.
+
+/// `true` if every byte of `b` is zero. Compiles to wide vector compares (no `unsafe` needed).
+pub(crate) fn is_zero(b: &[u8]) -> bool {
+    let (blocks, rest) = b.as_chunks::<64>();
+    blocks
+        .iter()
+        .all(|blk| blk.iter().fold(0u8, |acc, &x| acc | x) == 0)
+        && rest.iter().all(|&x| x == 0)
+}
+
+/// Convert a `u64` length that is already known to fit in memory (it is bounded by a buffer or a
+/// chunk size) into `usize`.
+pub(crate) fn usize_of(n: u64) -> usize {
+    usize::try_from(n).expect("length bounded by an in-memory buffer")
+}
+
+/// Run a slow blocking call (fsync, which takes milliseconds) on tokio's blocking pool when
+/// called inside a tokio runtime, so that it does not stall a worker thread; run it inline
+/// otherwise. Fast calls (pread/pwrite on the page cache, open) are made inline instead: the
+/// hand-off to the pool and back costs more than they do.
+pub(crate) async fn blocking<T, F>(op: &'static str, f: F) -> memsync_core::Result<T>
+where
+    F: FnOnce() -> memsync_core::Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => match handle.spawn_blocking(f).await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(memsync_core::StoreError::backend_with(
+                format!("{op} was cancelled (runtime shutting down)"),
+                e,
+            )),
+        },
+        Err(_) => f(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[]));
+        assert!(is_zero(&[0; 200]));
+        for len in [1usize, 63, 64, 65, 200] {
+            for pos in [0, len / 2, len - 1] {
+                let mut v = vec![0u8; len];
+                v[pos] = 1;
+                assert!(!is_zero(&v), "len {len} pos {pos}");
+            }
+        }
+    }
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs everything the build and the tests need. Idempotent: on a machine that has it all,
+# it only checks and returns.
+set -euo pipefail
+
+apt_pkgs=()
+need() { # need COMMAND PACKAGE
+  command -v "$1" >/dev/null 2>&1 || apt_pkgs+=("$2")
+}
+need cc gcc
+need git git
+# Peers used by the tests (later issues add theirs here).
+need qemu-img qemu-utils
+
+if ((${#apt_pkgs[@]})); then
+  echo "setup: installing ${apt_pkgs[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}"
+fi
+
+# The test runner.
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
+# fmt and clippy ship with the toolchain here; add them if a machine lacks them.
+cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+
+# The unprivileged-user tests run the test binaries as 'nobody'.
+id nobody >/dev/null 2>&1 || useradd --system --no-create-home nobody
+echo "setup: ok"
