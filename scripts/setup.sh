@@ -11,6 +11,12 @@ need cc gcc
 need git git
 # Peers used by the tests (later issues add theirs here).
 need qemu-img qemu-utils
+# NBD peers (issue 4): nbdkit, libnbd tools, and the Python binding nbdsh runs on
+# (Debian's /usr/bin/python3, which may differ from a python3 earlier on PATH).
+need nbdkit nbdkit
+need nbdinfo libnbd-bin
+need nbdcopy libnbd-bin
+/usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || apt_pkgs+=(python3-libnbd)
 
 if ((${#apt_pkgs[@]})); then
   echo "setup: installing ${apt_pkgs[*]}"

@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use memsync_core::size::format_size;
 use memsync_core::{
     Bytes, Caps, Extent, ExtentKind, Result, Store, StoreError, async_trait, check_range,
-    check_write,
 };
 use parking_lot::{Mutex, RwLock};
 
@@ -342,11 +341,6 @@ impl DirStore {
                 "chunk={chunk_size} is out of range (1 byte to 1 GiB)"
             )));
         }
-        if !size.is_multiple_of(chunk_size) {
-            return Err(cfg(format!(
-                "size={size} is not a multiple of chunk={chunk_size}"
-            )));
-        }
         Ok(())
     }
 
@@ -451,7 +445,7 @@ impl Inner {
 
     fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
         let cs = self.chunk_size;
-        for index in offset / cs..(offset + len) / cs {
+        for index in offset / cs..(offset + len).div_ceil(cs) {
             let _guard = self.lock(index).write();
             self.remove_chunk(index)?;
         }
@@ -518,6 +512,20 @@ impl Inner {
     }
 }
 
+/// Requests must start on a chunk boundary and cover whole chunks, except that the last chunk
+/// of a store whose size is not a chunk multiple is shorter.
+fn check_chunked(size: u64, cs: u64, offset: u64, len: u64) -> Result<()> {
+    check_range(size, 1, offset, len)?;
+    if offset % cs != 0 || (len % cs != 0 && offset + len != size) {
+        return Err(StoreError::Misaligned {
+            offset,
+            len,
+            align: cs,
+        });
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl Store for DirStore {
     fn size(&self) -> u64 {
@@ -540,7 +548,7 @@ impl Store for DirStore {
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let i = &self.inner;
-        check_range(i.size, i.chunk_size, offset, buf.len() as u64)?;
+        check_chunked(i.size, i.chunk_size, offset, buf.len() as u64)?;
         let cs = usize_of(i.chunk_size);
         for (n, piece) in buf.chunks_mut(cs).enumerate() {
             i.read_chunk(offset / i.chunk_size + n as u64, piece)?;
@@ -550,7 +558,7 @@ impl Store for DirStore {
 
     async fn write(&self, offset: u64, data: Bytes) -> Result<()> {
         let i = &self.inner;
-        check_write(&self.caps(), i.size, offset, data.len() as u64)?;
+        check_chunked(i.size, i.chunk_size, offset, data.len() as u64)?;
         let cs = usize_of(i.chunk_size);
         for (n, piece) in data.chunks(cs).enumerate() {
             i.write_chunk(offset / i.chunk_size + n as u64, piece)?;
@@ -581,12 +589,12 @@ impl Store for DirStore {
     }
 
     async fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        check_write(&self.caps(), self.inner.size, offset, len)?;
+        check_chunked(self.inner.size, self.inner.chunk_size, offset, len)?;
         self.inner.zero_range(offset, len)
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        check_write(&self.caps(), self.inner.size, offset, len)?;
+        check_chunked(self.inner.size, self.inner.chunk_size, offset, len)?;
         self.inner.zero_range(offset, len)
     }
 

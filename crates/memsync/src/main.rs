@@ -1,1 +1,108 @@
-fn main() {}
+//! `memsync`: network-native Linux memory regions. A thin binary over the library crates.
+
+mod bench;
+mod cmd;
+mod map;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+const STORE_HELP: &str = "\
+STORE URLS:
+  mem:SIZE                          sparse memory, e.g. mem:1G (chunk=64K by default)
+  file:PATH[?size=SIZE&readonly]    a regular file or block device (size= creates/extends)
+  dir:PATH?size=SIZE[&chunk=64K]    a directory with one file per chunk
+  Sizes take K, M, G, T suffixes (binary). Run `memsync stores` for the full list.
+
+EXAMPLES:
+  memsync demo                               the quick tour on the embedded mem: store
+  memsync copy file:/tmp/disk.img dir:/tmp/chunks?size=1G
+  memsync checksum mem:64M
+  memsync bench store --quick --json";
+
+/// memsync makes Linux memory regions network-native: stores (memory, files, directories, and
+/// later NBD, Redis, S3) are moved chunk by chunk to and from memory.
+#[derive(Debug, Parser)]
+#[command(name = "memsync", version, about, long_about = None, after_help = STORE_HELP)]
+struct Cli {
+    /// More log output on stderr (-v info, -vv debug, -vvv trace). RUST_LOG overrides it.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+
+    /// Write Prometheus metrics of the opened stores to this file when the command ends.
+    #[arg(long, global = true, value_name = "FILE")]
+    metrics: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the quick tour: fill the default mem: store, copy it to a dir: store, verify, benchmark.
+    Demo(cmd::DemoArgs),
+    /// Show a store's size, capabilities and allocation map.
+    Info(cmd::InfoArgs),
+    /// Copy one store to another (same size), skipping holes; shows progress.
+    Copy(cmd::CopyArgs),
+    /// Print the BLAKE3 checksum of a store's contents.
+    Checksum(cmd::ChecksumArgs),
+    /// Run a benchmark suite; every figure is printed beside its peer or physical limit.
+    Bench(cmd::BenchArgs),
+    /// Export stores over NBD (TCP or unix socket) until SIGINT/SIGTERM.
+    Serve(serve::ServeArgs),
+    /// Map a store lazily (userfaultfd), touch and checksum every byte, print fault statistics.
+    Map(map::MapArgs),
+    /// List the store URL schemes this build supports.
+    Stores,
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let ctx = cmd::Context::new(cli.metrics.clone());
+    let result = match cli.command {
+        Command::Demo(a) => cmd::demo(&ctx, a),
+        Command::Info(a) => cmd::info(&ctx, a),
+        Command::Copy(a) => cmd::copy(&ctx, a),
+        Command::Checksum(a) => cmd::checksum(&ctx, a),
+        Command::Bench(a) => cmd::bench(&ctx, a),
+        Command::Serve(a) => serve::serve(&ctx, a),
+        Command::Map(a) => map::map(&ctx, a),
+        Command::Stores => cmd::stores(&ctx),
+    };
+    let result = result.and_then(|()| ctx.write_metrics());
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes.
+            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            let mut line = String::new();
+            for m in msg {
+                if !line.contains(&m) {
+                    if !line.is_empty() {
+                        line.push_str(": ");
+                    }
+                    line.push_str(&m);
+                }
+            }
+            eprintln!("memsync: error: {line}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,1069 @@
+//! The NBD server: serves any number of named [`Export`]s (each a memsync store) over TCP and
+//! unix sockets, optionally with TLS.
+//!
+//! Per connection, one task reads requests and runs each one inline as long as the store
+//! answers without waiting (the common case for memory and page-cache stores), batching the
+//! small replies into one write; a request whose store must wait is moved to its own task, so
+//! many requests are in flight and replies go out of order. Every reply is written as one
+//! buffer (header and data together) under the connection's write lock.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use memsync_core::{Caps, DynStore, ExtentKind, StoreError};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::proto::*;
+use crate::transport::Transport;
+
+/// Whether and how the server offers TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TlsMode {
+    /// No TLS: STARTTLS is refused with `NBD_REP_ERR_POLICY`.
+    #[default]
+    Off,
+    /// Clients may upgrade with STARTTLS, or not.
+    Optional,
+    /// Every option but STARTTLS and ABORT is refused with `NBD_REP_ERR_TLS_REQD` until the
+    /// client upgrades.
+    Required,
+}
+
+impl std::str::FromStr for TlsMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(TlsMode::Off),
+            "optional" | "on" => Ok(TlsMode::Optional),
+            "required" | "require" => Ok(TlsMode::Required),
+            _ => Err(format!("{s:?}: expected off, optional or required")),
+        }
+    }
+}
+
+/// One named export.
+#[derive(Clone, Debug)]
+pub struct Export {
+    pub name: String,
+    pub description: String,
+    pub store: DynStore,
+    /// Serve read-only even if the store is writable.
+    pub read_only: bool,
+}
+
+impl Export {
+    pub fn new(name: impl Into<String>, store: DynStore) -> Self {
+        Export {
+            name: name.into(),
+            description: String::new(),
+            store,
+            read_only: false,
+        }
+    }
+}
+
+/// Server settings.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// The exports; the first one is also the default export (empty name).
+    pub exports: Vec<Export>,
+    pub tls_mode: TlsMode,
+    /// Required unless `tls_mode` is `Off`.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Connections served at once; further ones are closed on accept.
+    pub max_connections: usize,
+    /// Requests in flight per connection; the server stops reading when it is reached.
+    pub max_in_flight: usize,
+    /// Largest READ/WRITE payload (advertised as the maximum block size).
+    pub max_payload: u32,
+}
+
+impl ServerConfig {
+    pub fn new(exports: Vec<Export>) -> Self {
+        ServerConfig {
+            exports,
+            tls_mode: TlsMode::Off,
+            tls: None,
+            max_connections: 128,
+            max_in_flight: 64,
+            max_payload: DEFAULT_MAX_PAYLOAD,
+        }
+    }
+}
+
+struct Inner {
+    cfg: ServerConfig,
+    conns: Arc<Semaphore>,
+    shutdown: watch::Sender<bool>,
+}
+
+/// A running server. Add listeners with [`Server::listen_tcp`] / [`Server::listen_unix`],
+/// stop it with [`Server::shutdown`].
+pub struct Server {
+    inner: Arc<Inner>,
+    accept_loops: parking_lot::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<_> = self.inner.cfg.exports.iter().map(|e| &e.name).collect();
+        f.debug_struct("Server").field("exports", &names).finish()
+    }
+}
+
+impl Server {
+    /// Check the configuration and build a server.
+    pub fn new(cfg: ServerConfig) -> io::Result<Self> {
+        let inval = |m: &str| io::Error::new(io::ErrorKind::InvalidInput, m.to_owned());
+        if cfg.exports.is_empty() {
+            return Err(inval("no exports"));
+        }
+        for (i, e) in cfg.exports.iter().enumerate() {
+            if e.name.len() > MAX_STRING || e.name.contains('\0') {
+                return Err(inval("export name too long or contains NUL"));
+            }
+            if cfg.exports[..i].iter().any(|o| o.name == e.name) {
+                return Err(inval(&format!("export {:?} given twice", e.name)));
+            }
+        }
+        if cfg.tls_mode != TlsMode::Off && cfg.tls.is_none() {
+            return Err(inval("TLS mode needs a certificate and key"));
+        }
+        let (tx, _) = watch::channel(false);
+        let conns = Arc::new(Semaphore::new(cfg.max_connections.max(1)));
+        Ok(Server {
+            inner: Arc::new(Inner {
+                cfg,
+                conns,
+                shutdown: tx,
+            }),
+            accept_loops: parking_lot::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Serve connections accepted on a TCP listener (sets TCP_NODELAY on each).
+    pub fn listen_tcp(&self, l: TcpListener) {
+        let inner = self.inner.clone();
+        let mut stop = inner.shutdown.subscribe();
+        let h = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    r = l.accept() => match r {
+                        Ok((s, peer)) => {
+                            let _ = s.set_nodelay(true);
+                            debug!(%peer, "nbd: connection");
+                            spawn_conn(&inner, s);
+                        }
+                        Err(e) => { warn!("nbd: accept: {e}"); tokio::time::sleep(std::time::Duration::from_millis(20)).await; }
+                    },
+                    _ = stop.changed() => break,
+                }
+            }
+        });
+        self.accept_loops.lock().push(h);
+    }
+
+    /// Serve connections accepted on a unix socket listener.
+    pub fn listen_unix(&self, l: UnixListener) {
+        let inner = self.inner.clone();
+        let mut stop = inner.shutdown.subscribe();
+        let h = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    r = l.accept() => match r {
+                        Ok((s, _)) => spawn_conn(&inner, s),
+                        Err(e) => { warn!("nbd: accept: {e}"); tokio::time::sleep(std::time::Duration::from_millis(20)).await; }
+                    },
+                    _ = stop.changed() => break,
+                }
+            }
+        });
+        self.accept_loops.lock().push(h);
+    }
+
+    /// Serve one already-connected stream (for tests and embedding) until it ends.
+    pub async fn serve_stream<S: Transport>(&self, s: S) {
+        if let Ok(p) = self.inner.conns.clone().acquire_owned().await {
+            serve_conn(self.inner.clone(), s, p).await;
+        }
+    }
+
+    /// Connections being served right now.
+    pub fn connections(&self) -> usize {
+        self.inner.cfg.max_connections.max(1) - self.inner.conns.available_permits()
+    }
+
+    /// Stop accepting, let every connection finish its in-flight requests, then flush every
+    /// export's store.
+    pub async fn shutdown(&self) -> memsync_core::Result<()> {
+        let _ = self.inner.shutdown.send(true);
+        let loops: Vec<_> = std::mem::take(&mut *self.accept_loops.lock());
+        for h in loops {
+            let _ = h.await;
+        }
+        let n = self.inner.cfg.max_connections.max(1) as u32;
+        // Every connection holds a permit until it is done.
+        let _all = self.inner.conns.acquire_many(n).await;
+        for e in &self.inner.cfg.exports {
+            e.store.flush().await?;
+        }
+        Ok(())
+    }
+}
+
+fn spawn_conn<S: Transport>(inner: &Arc<Inner>, s: S) {
+    match inner.conns.clone().try_acquire_owned() {
+        Ok(p) => {
+            tokio::spawn(serve_conn(inner.clone(), s, p));
+        }
+        Err(_) => warn!(
+            "nbd: connection refused: {} connections already",
+            inner.cfg.max_connections
+        ),
+    }
+}
+
+/// State negotiated during the handshake.
+#[derive(Default, Clone, Debug)]
+struct Negotiated {
+    no_zeroes: bool,
+    structured: bool,
+    extended: bool,
+    /// Export name for which base:allocation was selected.
+    meta: Option<String>,
+}
+
+enum HsEnd {
+    Close,
+    StartTls,
+    Go(usize),
+}
+
+async fn serve_conn<S: Transport>(inner: Arc<Inner>, mut s: S, _permit: OwnedSemaphorePermit) {
+    let mut neg = Negotiated::default();
+    // Greeting.
+    let mut g = BytesMut::with_capacity(18);
+    g.put_u64(NBDMAGIC);
+    g.put_u64(IHAVEOPT);
+    g.put_u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    if s.write_all(&g).await.is_err() {
+        return;
+    }
+    let cflags = match read_u32(&mut s).await {
+        Ok(f) => f,
+        Err(_) => return,
+    };
+    if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+        debug!("nbd: unknown client flags {cflags:#x}");
+        return;
+    }
+    neg.no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
+    match negotiate(&inner, &mut s, &mut neg, false).await {
+        Ok(HsEnd::Go(i)) => transmission(inner, s, neg, i).await,
+        Ok(HsEnd::StartTls) => {
+            let Some(cfg) = inner.cfg.tls.clone() else {
+                return;
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+            let mut t =
+                match tokio::time::timeout(std::time::Duration::from_secs(30), acceptor.accept(s))
+                    .await
+                {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
+                        info!("nbd: TLS handshake failed: {e}");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            // Options negotiated before TLS do not carry over.
+            let mut neg = Negotiated {
+                no_zeroes: neg.no_zeroes,
+                ..Default::default()
+            };
+            match negotiate(&inner, &mut t, &mut neg, true).await {
+                Ok(HsEnd::Go(i)) => transmission(inner, t, neg, i).await,
+                _ => {
+                    let _ = t.shutdown().await;
+                }
+            }
+        }
+        Ok(HsEnd::Close) | Err(_) => {}
+    }
+}
+
+async fn read_u32<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).await?;
+    Ok(u32::from_be_bytes(b))
+}
+
+fn find_export(inner: &Inner, name: &str) -> Option<usize> {
+    inner
+        .cfg
+        .exports
+        .iter()
+        .position(|e| e.name == name)
+        .or_else(|| name.is_empty().then_some(0))
+}
+
+fn export_caps(e: &Export) -> (Caps, bool) {
+    let caps = e.store.caps();
+    (caps, e.read_only || caps.read_only)
+}
+
+/// Transmission flags, advertised from the store's capabilities.
+fn transmission_flags(e: &Export, structured: bool) -> u16 {
+    let (caps, ro) = export_caps(e);
+    let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_CACHE;
+    if ro {
+        f |= TF_READ_ONLY;
+    } else {
+        f |= TF_SEND_WRITE_ZEROES;
+        if caps.trim {
+            f |= TF_SEND_TRIM;
+        }
+        if caps.fast_zero {
+            f |= TF_SEND_FAST_ZERO;
+        }
+    }
+    if structured {
+        f |= TF_SEND_DF;
+    }
+    if caps.multi_conn {
+        f |= TF_CAN_MULTI_CONN;
+    }
+    f
+}
+
+fn block_sizes(e: &Export, max_payload: u32) -> Info {
+    let caps = e.store.caps();
+    let min = caps.block_size.clamp(1, 64 * 1024) as u32;
+    let max = max_payload.max(min);
+    let preferred = (caps.preferred_io.clamp(min.into(), max.into()) as u32).max(4096.min(max));
+    Info::BlockSize {
+        min,
+        preferred,
+        max,
+    }
+}
+
+const MAX_OPTIONS: usize = 4096;
+
+async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
+    inner: &Inner,
+    s: &mut S,
+    neg: &mut Negotiated,
+    tls: bool,
+) -> io::Result<HsEnd> {
+    let cfg = &inner.cfg;
+    let mut shutting_down = inner.shutdown.subscribe();
+    let mut out = BytesMut::new();
+    for _ in 0..MAX_OPTIONS {
+        let mut h = [0u8; OPTION_HEADER_LEN];
+        if *shutting_down.borrow() {
+            return Ok(HsEnd::Close);
+        }
+        tokio::select! {
+            r = s.read_exact(&mut h) => { r?; }
+            _ = shutting_down.changed() => return Ok(HsEnd::Close),
+        }
+        let hdr =
+            parse_option_header(&h).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        out.clear();
+        if hdr.len > MAX_OPTION_LEN {
+            if hdr.len > 16 << 20 || hdr.option == OPT_EXPORT_NAME {
+                return Ok(HsEnd::Close);
+            }
+            tokio::io::copy(&mut (&mut *s).take(hdr.len.into()), &mut tokio::io::sink()).await?;
+            encode_opt_reply(&mut out, hdr.option, REP_ERR_TOO_BIG, b"option too large");
+            s.write_all(&out).await?;
+            s.flush().await?;
+            continue;
+        }
+        let mut data = vec![0u8; hdr.len as usize];
+        s.read_exact(&mut data).await?;
+        let err = |out: &mut BytesMut, code: u32, msg: &str| {
+            encode_opt_reply(out, hdr.option, code, truncate_str(msg, 1024).as_bytes())
+        };
+        if *shutting_down.borrow_and_update() && hdr.option != OPT_ABORT {
+            if hdr.option == OPT_EXPORT_NAME {
+                return Ok(HsEnd::Close);
+            }
+            err(&mut out, REP_ERR_SHUTDOWN, "server shutting down");
+            s.write_all(&out).await?;
+            s.flush().await?;
+            continue;
+        }
+        if cfg.tls_mode == TlsMode::Required
+            && !tls
+            && !matches!(hdr.option, OPT_STARTTLS | OPT_ABORT)
+        {
+            if hdr.option == OPT_EXPORT_NAME {
+                return Ok(HsEnd::Close);
+            }
+            err(&mut out, REP_ERR_TLS_REQD, "TLS is required on this server");
+            s.write_all(&out).await?;
+            s.flush().await?;
+            continue;
+        }
+        let opt = match parse_option(hdr.option, &data) {
+            Ok(o) => o,
+            Err(e) => {
+                if hdr.option == OPT_EXPORT_NAME {
+                    return Ok(HsEnd::Close);
+                }
+                err(&mut out, REP_ERR_INVALID, &e.to_string());
+                s.write_all(&out).await?;
+                s.flush().await?;
+                continue;
+            }
+        };
+        let mut end = None;
+        match opt {
+            Opt::ExportName(name) => {
+                let Some(i) = find_export(inner, &name) else {
+                    debug!("nbd: EXPORT_NAME {name:?}: no such export");
+                    return Ok(HsEnd::Close);
+                };
+                let e = &cfg.exports[i];
+                out.put_u64(e.store.size());
+                out.put_u16(transmission_flags(e, neg.structured));
+                if !neg.no_zeroes {
+                    out.put_bytes(0, EXPORT_NAME_ZEROES);
+                }
+                end = Some(HsEnd::Go(i));
+            }
+            Opt::Abort => {
+                encode_opt_reply(&mut out, hdr.option, REP_ACK, &[]);
+                end = Some(HsEnd::Close);
+            }
+            Opt::List => {
+                for e in &cfg.exports {
+                    encode_opt_reply(
+                        &mut out,
+                        hdr.option,
+                        REP_SERVER,
+                        &encode_rep_server(&e.name, &e.description),
+                    );
+                }
+                encode_opt_reply(&mut out, hdr.option, REP_ACK, &[]);
+            }
+            Opt::StartTls => {
+                if tls {
+                    err(&mut out, REP_ERR_INVALID, "TLS is already active");
+                } else if cfg.tls_mode == TlsMode::Off {
+                    err(
+                        &mut out,
+                        REP_ERR_POLICY,
+                        "TLS is not enabled on this server",
+                    );
+                } else {
+                    encode_opt_reply(&mut out, hdr.option, REP_ACK, &[]);
+                    end = Some(HsEnd::StartTls);
+                }
+            }
+            Opt::Info { go, name, requests } => match find_export(inner, &name) {
+                None => err(
+                    &mut out,
+                    REP_ERR_UNKNOWN,
+                    &format!("no export named {name:?}"),
+                ),
+                Some(i) => {
+                    let e = &cfg.exports[i];
+                    let mut infos = vec![Info::Export {
+                        size: e.store.size(),
+                        flags: transmission_flags(e, neg.structured),
+                    }];
+                    if requests.contains(&INFO_NAME) {
+                        infos.push(Info::Name(e.name.clone()));
+                    }
+                    if requests.contains(&INFO_DESCRIPTION) && !e.description.is_empty() {
+                        infos.push(Info::Description(e.description.clone()));
+                    }
+                    infos.push(block_sizes(e, cfg.max_payload));
+                    for i in &infos {
+                        encode_opt_reply(&mut out, hdr.option, REP_INFO, &encode_info(i));
+                    }
+                    encode_opt_reply(&mut out, hdr.option, REP_ACK, &[]);
+                    if go {
+                        if neg
+                            .meta
+                            .as_deref()
+                            .is_some_and(|m| m != e.name && !(m.is_empty() && i == 0))
+                        {
+                            // Contexts were selected for another export.
+                            neg.meta = None;
+                        }
+                        end = Some(HsEnd::Go(i));
+                    }
+                }
+            },
+            Opt::StructuredReply => {
+                if neg.extended {
+                    err(
+                        &mut out,
+                        REP_ERR_EXT_HEADER_REQD,
+                        "extended headers already negotiated",
+                    );
+                } else if neg.structured {
+                    err(
+                        &mut out,
+                        REP_ERR_INVALID,
+                        "structured replies already negotiated",
+                    );
+                } else {
+                    neg.structured = true;
+                    encode_opt_reply(&mut out, hdr.option, REP_ACK, &[]);
+                }
+            }
+            Opt::ExtendedHeaders => {
+                if neg.extended {
+                    err(
+                        &mut out,
+                        REP_ERR_INVALID,
+                        "extended headers already negotiated",
+                    );
+                } else {
+                    neg.extended = true;
+                    neg.structured = true;
+                    encode_opt_reply(&mut out, hdr.option, REP_ACK, &[]);
+                }
+            }
+            Opt::MetaContext { set, name, queries } => {
+                if !neg.structured {
+                    err(
+                        &mut out,
+                        REP_ERR_INVALID,
+                        "negotiate structured replies first",
+                    );
+                } else if find_export(inner, &name).is_none() {
+                    err(
+                        &mut out,
+                        REP_ERR_UNKNOWN,
+                        &format!("no export named {name:?}"),
+                    );
+                } else {
+                    let selected = if set {
+                        queries.iter().any(|q| q == META_BASE_ALLOCATION)
+                    } else {
+                        queries.is_empty()
+                            || queries
+                                .iter()
+                                .any(|q| q == META_BASE_ALLOCATION || q == "base:")
+                    };
+                    if selected {
+                        let mut d = BytesMut::new();
+                        d.put_u32(if set { 1 } else { 0 });
+                        d.put_slice(META_BASE_ALLOCATION.as_bytes());
+                        encode_opt_reply(&mut out, hdr.option, REP_META_CONTEXT, &d);
+                    }
+                    if set {
+                        neg.meta = selected.then_some(name);
+                    }
+                    encode_opt_reply(&mut out, hdr.option, REP_ACK, &[]);
+                }
+            }
+            Opt::Unknown(o) => err(
+                &mut out,
+                REP_ERR_UNSUP,
+                &format!("option {o} is not supported"),
+            ),
+        }
+        s.write_all(&out).await?;
+        s.flush().await?;
+        if let Some(e) = end {
+            return Ok(e);
+        }
+    }
+    Ok(HsEnd::Close)
+}
+
+/// One connection in transmission.
+struct Conn {
+    store: DynStore,
+    size: u64,
+    caps: Caps,
+    read_only: bool,
+    structured: bool,
+    extended: bool,
+    meta: bool,
+    max_payload: u32,
+}
+
+/// Reply batches smaller than this are collected and written together.
+const BATCH: usize = 64 * 1024;
+
+async fn transmission<S: Transport>(inner: Arc<Inner>, s: S, neg: Negotiated, export: usize) {
+    let e = &inner.cfg.exports[export];
+    let (caps, read_only) = export_caps(e);
+    let conn = Arc::new(Conn {
+        store: e.store.clone(),
+        size: e.store.size(),
+        caps,
+        read_only,
+        structured: neg.structured,
+        extended: neg.extended,
+        meta: neg.meta.is_some(),
+        max_payload: inner.cfg.max_payload,
+    });
+    let (r, w) = s.halves();
+    let mut rd = BufReader::with_capacity(256 * 1024, r);
+    let w = Arc::new(Mutex::new(w));
+    let max_in_flight = inner.cfg.max_in_flight.max(1);
+    let sem = Arc::new(Semaphore::new(max_in_flight));
+    let hlen = if conn.extended {
+        EXTENDED_REQUEST_LEN
+    } else {
+        REQUEST_LEN
+    };
+    let mut stop = inner.shutdown.subscribe();
+    let mut pending = BytesMut::with_capacity(BATCH);
+    let mut hdr = [0u8; EXTENDED_REQUEST_LEN];
+    loop {
+        if rd.buffer().len() < hlen && !pending.is_empty() {
+            if write_reply(&w, &pending).await.is_err() {
+                break;
+            }
+            pending.clear();
+        }
+        let got = if rd.buffer().is_empty() {
+            if *stop.borrow() {
+                break;
+            }
+            tokio::select! {
+                r = rd.read_exact(&mut hdr[..hlen]) => r,
+                _ = stop.changed() => break,
+            }
+        } else {
+            rd.read_exact(&mut hdr[..hlen]).await
+        };
+        if got.is_err() {
+            break; // EOF or a truncated header: this connection ends
+        }
+        let req = match parse_request(&hdr[..hlen], conn.extended) {
+            Ok(r) => r,
+            Err(e) => {
+                info!("nbd: closing connection: {e}");
+                break;
+            }
+        };
+        if req.typ == CMD_DISC {
+            break;
+        }
+        let mut payload = None;
+        if req.typ == CMD_WRITE {
+            if req.len > conn.max_payload.into() {
+                // Skip the payload and fail the request, unless it is absurd.
+                if req.len > u32::MAX.into() {
+                    break;
+                }
+                let skipped =
+                    tokio::io::copy(&mut (&mut rd).take(req.len), &mut tokio::io::sink()).await;
+                if skipped.ok() != Some(req.len) {
+                    break;
+                }
+                let rep = conn.error(&req, EOVERFLOW, "write larger than the maximum block size");
+                pending.extend_from_slice(&rep);
+                continue;
+            }
+            let mut buf = BytesMut::with_capacity(req.len as usize);
+            let mut limited = (&mut rd).take(req.len);
+            let mut ok = true;
+            while buf.len() < req.len as usize {
+                match limited.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => {
+                        ok = false;
+                        break;
+                    }
+                    Ok(_) => {}
+                }
+            }
+            if !ok {
+                break;
+            }
+            payload = Some(buf.freeze());
+        }
+        let Ok(permit) = sem.clone().acquire_owned().await else {
+            break;
+        };
+        let mut fut: Pin<Box<dyn Future<Output = BytesMut> + Send>> =
+            Box::pin(handle(conn.clone(), req, payload));
+        match poll_once(fut.as_mut()) {
+            Poll::Ready(rep) => {
+                drop(permit);
+                if rep.len() < BATCH {
+                    pending.extend_from_slice(&rep);
+                    if pending.len() >= BATCH {
+                        if write_reply(&w, &pending).await.is_err() {
+                            break;
+                        }
+                        pending.clear();
+                    }
+                } else {
+                    if !pending.is_empty() {
+                        if write_reply(&w, &pending).await.is_err() {
+                            break;
+                        }
+                        pending.clear();
+                    }
+                    if write_reply(&w, &rep).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            Poll::Pending => {
+                let w = w.clone();
+                tokio::spawn(async move {
+                    let rep = fut.await;
+                    let _ = write_reply(&w, &rep).await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+    if !pending.is_empty() {
+        let _ = write_reply(&w, &pending).await;
+    }
+    // Finish the requests still in flight, then close.
+    let _ = sem.acquire_many(max_in_flight as u32).await;
+    let mut g = w.lock().await;
+    let _ = g.flush().await;
+    let _ = g.shutdown().await;
+}
+
+/// Poll a future once without a task context: a store that answers without waiting is
+/// served right here, with no task hop.
+fn poll_once(f: Pin<&mut (dyn Future<Output = BytesMut> + Send)>) -> Poll<BytesMut> {
+    f.poll(&mut Context::from_waker(Waker::noop()))
+}
+
+async fn write_reply<W: AsyncWrite + Unpin>(w: &Mutex<W>, buf: &[u8]) -> io::Result<()> {
+    let mut g = w.lock().await;
+    g.write_all(buf).await?;
+    g.flush().await
+}
+
+impl Conn {
+    fn ext_off(&self, req: &Request) -> Option<u64> {
+        self.extended.then_some(req.offset)
+    }
+
+    fn ok(&self, req: &Request) -> BytesMut {
+        let mut b = BytesMut::with_capacity(32);
+        if self.extended || (self.structured && req.typ == CMD_READ) {
+            encode_chunk_header(
+                &mut b,
+                self.ext_off(req),
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_NONE,
+                req.cookie,
+                0,
+            );
+        } else {
+            encode_simple_reply(&mut b, 0, req.cookie);
+        }
+        b
+    }
+
+    fn error(&self, req: &Request, errno: u32, msg: &str) -> BytesMut {
+        let mut b = BytesMut::with_capacity(64);
+        if self.structured {
+            let mut p = BytesMut::new();
+            encode_error_payload(&mut p, errno, msg, None);
+            encode_chunk_header(
+                &mut b,
+                self.ext_off(req),
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_ERROR,
+                req.cookie,
+                p.len() as u64,
+            );
+            b.extend_from_slice(&p);
+        } else {
+            encode_simple_reply(&mut b, errno, req.cookie);
+        }
+        b
+    }
+
+    fn store_error(&self, req: &Request, e: &StoreError) -> BytesMut {
+        self.error(req, wire_errno(e.errno()), &e.to_string())
+    }
+
+    /// `None` if `offset..offset+len` is within the export.
+    fn in_range(&self, req: &Request) -> bool {
+        req.offset
+            .checked_add(req.len)
+            .is_some_and(|end| end <= self.size)
+    }
+}
+
+/// Flags each command accepts.
+fn allowed_flags(c: &Conn, typ: u16) -> u16 {
+    let base = CMD_FLAG_FUA | if c.extended { CMD_FLAG_PAYLOAD_LEN } else { 0 };
+    match typ {
+        CMD_READ => CMD_FLAG_FUA | if c.structured { CMD_FLAG_DF } else { 0 },
+        CMD_WRITE => base,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+        CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
+        _ => CMD_FLAG_FUA,
+    }
+}
+
+async fn handle(c: Arc<Conn>, req: Request, payload: Option<Bytes>) -> BytesMut {
+    if req.flags & !allowed_flags(&c, req.typ) != 0 {
+        return c.error(&req, EINVAL, "flag not valid for this command");
+    }
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    match req.typ {
+        CMD_READ => {
+            if req.len > c.max_payload.into() {
+                return c.error(&req, EOVERFLOW, "read larger than the maximum block size");
+            }
+            if !c.in_range(&req) {
+                return c.error(&req, EINVAL, "read beyond the end of the export");
+            }
+            if req.len == 0 {
+                return c.ok(&req);
+            }
+            read(&c, &req).await
+        }
+        CMD_WRITE => {
+            if c.read_only {
+                return c.error(&req, EPERM, "export is read-only");
+            }
+            if !c.in_range(&req) {
+                return c.error(&req, ENOSPC, "write beyond the end of the export");
+            }
+            let data = payload.unwrap_or_default();
+            if !data.is_empty()
+                && let Err(e) = c.store.write(req.offset, data).await
+            {
+                return c.store_error(&req, &e);
+            }
+            finish(&c, &req, fua).await
+        }
+        CMD_FLUSH => finish(&c, &req, true).await,
+        CMD_TRIM => {
+            if c.read_only {
+                return c.error(&req, EPERM, "export is read-only");
+            }
+            if !c.caps.trim {
+                return c.error(&req, EINVAL, "trim is not supported by this export");
+            }
+            if !c.in_range(&req) {
+                return c.error(&req, ENOSPC, "trim beyond the end of the export");
+            }
+            if req.len > 0
+                && let Err(e) = c.store.trim(req.offset, req.len).await
+            {
+                return c.store_error(&req, &e);
+            }
+            finish(&c, &req, fua).await
+        }
+        CMD_WRITE_ZEROES => {
+            if c.read_only {
+                return c.error(&req, EPERM, "export is read-only");
+            }
+            if !c.in_range(&req) {
+                return c.error(&req, ENOSPC, "write zeroes beyond the end of the export");
+            }
+            let fast = req.flags & CMD_FLAG_FAST_ZERO != 0;
+            let no_hole = req.flags & CMD_FLAG_NO_HOLE != 0;
+            if fast && (!c.caps.fast_zero || no_hole) {
+                return c.error(&req, ENOTSUP, "fast zeroing is not possible here");
+            }
+            let r = if req.len == 0 {
+                Ok(())
+            } else if no_hole {
+                write_zero_buffers(&c, req.offset, req.len).await
+            } else {
+                c.store.write_zeroes(req.offset, req.len).await
+            };
+            if let Err(e) = r {
+                return c.store_error(&req, &e);
+            }
+            finish(&c, &req, fua).await
+        }
+        CMD_CACHE => {
+            if !c.in_range(&req) {
+                return c.error(&req, EINVAL, "cache beyond the end of the export");
+            }
+            c.ok(&req)
+        }
+        CMD_BLOCK_STATUS => block_status(&c, &req).await,
+        _ => c.error(&req, EINVAL, "unknown command"),
+    }
+}
+
+async fn finish(c: &Conn, req: &Request, flush: bool) -> BytesMut {
+    if flush && let Err(e) = c.store.flush().await {
+        return c.store_error(req, &e);
+    }
+    c.ok(req)
+}
+
+async fn write_zero_buffers(c: &Conn, offset: u64, len: u64) -> memsync_core::Result<()> {
+    let step = (1u64 << 20).min(len);
+    let zeros = Bytes::from(vec![0u8; step as usize]);
+    let mut pos = offset;
+    let end = offset + len;
+    while pos < end {
+        let n = (end - pos).min(step);
+        c.store.write(pos, zeros.slice(..n as usize)).await?;
+        pos += n;
+    }
+    Ok(())
+}
+
+/// Reads at least this long, on stores that report extents, are answered with hole chunks
+/// for their zero ranges.
+const SPARSE_READ_MIN: u64 = 64 * 1024;
+
+async fn read(c: &Conn, req: &Request) -> BytesMut {
+    let df = req.flags & CMD_FLAG_DF != 0;
+    let len = req.len as usize;
+    if !c.structured {
+        let mut b = BytesMut::with_capacity(SIMPLE_REPLY_LEN + len);
+        encode_simple_reply(&mut b, 0, req.cookie);
+        b.resize(SIMPLE_REPLY_LEN + len, 0);
+        return match c.store.read(req.offset, &mut b[SIMPLE_REPLY_LEN..]).await {
+            Ok(()) => b,
+            Err(e) => c.store_error(req, &e),
+        };
+    }
+    // Pieces of the request: (offset, len, is_hole).
+    let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
+    if c.caps.extents && !df && req.len >= SPARSE_READ_MIN {
+        match c.store.extents(req.offset, req.len).await {
+            Ok(ex) => {
+                for e in ex {
+                    let hole = e.kind.reads_zero() && e.len >= 4096;
+                    match pieces.last_mut() {
+                        Some(last) if last.2 == hole && last.0 + last.1 == e.offset => {
+                            last.1 += e.len
+                        }
+                        _ => pieces.push((e.offset, e.len, hole)),
+                    }
+                }
+                let covered: u64 = pieces.iter().map(|p| p.1).sum();
+                if covered != req.len || pieces.first().map(|p| p.0) != Some(req.offset) {
+                    pieces.clear();
+                }
+            }
+            Err(_) => pieces.clear(),
+        }
+    }
+    if pieces.is_empty() {
+        pieces.push((req.offset, req.len, false));
+    }
+    let hlen = if c.extended {
+        EXTENDED_REPLY_LEN
+    } else {
+        STRUCTURED_REPLY_LEN
+    };
+    let data_bytes: u64 = pieces.iter().filter(|p| !p.2).map(|p| p.1).sum();
+    let mut b = BytesMut::with_capacity(pieces.len() * (hlen + 12) + data_bytes as usize);
+    let n = pieces.len();
+    for (i, &(off, plen, hole)) in pieces.iter().enumerate() {
+        let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
+        if hole {
+            encode_chunk_header(
+                &mut b,
+                c.ext_off(req),
+                flags,
+                REPLY_TYPE_OFFSET_HOLE,
+                req.cookie,
+                12,
+            );
+            b.put_u64(off);
+            b.put_u32(plen as u32);
+        } else {
+            encode_chunk_header(
+                &mut b,
+                c.ext_off(req),
+                flags,
+                REPLY_TYPE_OFFSET_DATA,
+                req.cookie,
+                8 + plen,
+            );
+            b.put_u64(off);
+            let start = b.len();
+            b.resize(start + plen as usize, 0);
+            if let Err(e) = c.store.read(off, &mut b[start..]).await {
+                return c.store_error(req, &e);
+            }
+        }
+    }
+    b
+}
+
+/// Most descriptors in one block status reply.
+const MAX_REPLY_DESCRIPTORS: usize = 64 * 1024;
+
+async fn block_status(c: &Conn, req: &Request) -> BytesMut {
+    if !c.meta {
+        return c.error(req, EINVAL, "no metadata context was negotiated");
+    }
+    if req.len == 0 || !c.in_range(req) {
+        return c.error(req, EINVAL, "block status range is empty or beyond the end");
+    }
+    // Descriptor lengths are 32-bit in compact mode; keep each query well inside that.
+    let qlen = req.len.min(if c.extended { 1 << 40 } else { 1 << 31 });
+    let ex = match c.store.extents(req.offset, qlen).await {
+        Ok(ex) => ex,
+        Err(e) => return c.store_error(req, &e),
+    };
+    let mut d: Vec<Descriptor> = Vec::new();
+    for e in ex {
+        let flags = match e.kind {
+            ExtentKind::Data => 0,
+            ExtentKind::Zero => STATE_ZERO,
+            ExtentKind::Hole => STATE_HOLE | STATE_ZERO,
+        };
+        match d.last_mut() {
+            Some(l) if l.flags == flags => l.len += e.len,
+            _ => {
+                if d.len() == MAX_REPLY_DESCRIPTORS {
+                    break;
+                }
+                d.push(Descriptor { len: e.len, flags })
+            }
+        }
+    }
+    if d.is_empty() {
+        d.push(Descriptor {
+            len: qlen,
+            flags: 0,
+        });
+    }
+    if req.flags & CMD_FLAG_REQ_ONE != 0 {
+        d.truncate(1);
+    }
+    let mut p = BytesMut::new();
+    encode_block_status(&mut p, 1, c.extended, &d);
+    let typ = if c.extended {
+        REPLY_TYPE_BLOCK_STATUS_EXT
+    } else {
+        REPLY_TYPE_BLOCK_STATUS
+    };
+    let mut b = BytesMut::with_capacity(p.len() + 32);
+    encode_chunk_header(
+        &mut b,
+        c.ext_off(req),
+        REPLY_FLAG_DONE,
+        typ,
+        req.cookie,
+        p.len() as u64,
+    );
+    b.extend_from_slice(&p);
+    b
+}

@@ -1,0 +1,1339 @@
+//! [`LazyRegion`] and its engine: fault-handler threads, the background
+//! puller, fetching with retries, and installing chunks.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use memsync_core::{DynStore, StoreError};
+use memsync_sys::{
+    Advice, ContinueMode, CopyMode, Event, Features, Install, MapOptions, Mapping, MemfdFlags,
+    MoveMode, OpenFlags, PageFaultFlags, RegisterMode, Staging, Uffd, UffdMsg, ftruncate,
+    memfd_create, page_size, poll_readable,
+};
+use parking_lot::{Condvar, Mutex};
+use tokio::sync::watch;
+
+use crate::config::{Backing, RegionConfig};
+use crate::pull::{PullPriority, PullView};
+use crate::state::{ChunkBitmap, ChunkMap, ChunkState, Geometry};
+use crate::stats::{RegionStats, add, inc};
+
+/// Why a region could not be created.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A system call failed.
+    #[error("{context}: {source}")]
+    Sys {
+        /// What was being done.
+        context: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The store failed (e.g. while reporting its extents).
+    #[error("{context}")]
+    Store {
+        /// What was being done.
+        context: String,
+        /// The store's error.
+        #[source]
+        source: StoreError,
+    },
+    /// The configuration or the kernel cannot work together.
+    #[error("invalid region configuration: {0}")]
+    Config(String),
+}
+
+fn sys(context: &'static str) -> impl FnOnce(io::Error) -> Error {
+    move |source| Error::Sys { context, source }
+}
+
+/// A chunk the region could not fetch: reported by
+/// [`LazyRegion::last_error`], [`LazyRegion::errors`] and returned by
+/// [`LazyRegion::read_at`]/[`LazyRegion::write_at`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("chunk {chunk} (bytes {offset}+{len}) could not be fetched after {attempts} attempt(s){}: {message}", if *.poisoned { ", poisoned" } else { "" })]
+pub struct ChunkError {
+    /// Chunk index.
+    pub chunk: usize,
+    /// Byte offset of the chunk.
+    pub offset: u64,
+    /// Bytes of data in the chunk.
+    pub len: u64,
+    /// Store reads attempted.
+    pub attempts: u32,
+    /// Whether the chunk's pages were poisoned (accesses raise `SIGBUS`).
+    pub poisoned: bool,
+    /// The last error, with its cause chain.
+    pub message: String,
+    /// When the fetch was given up.
+    pub at: SystemTime,
+}
+
+/// Background pull progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PullProgress {
+    /// Chunks present (by any path).
+    pub present_chunks: usize,
+    /// Chunks of the region.
+    pub total_chunks: usize,
+    /// Chunks the puller fetched.
+    pub pulled_chunks: u64,
+    /// Bytes the puller read from the store.
+    pub pulled_bytes: u64,
+    /// The puller is enabled (started and not paused).
+    pub running: bool,
+    /// The puller found nothing left to pull.
+    pub done: bool,
+}
+
+/// Runs store futures: a private current-thread runtime or a shared handle.
+#[derive(Debug)]
+enum Exec {
+    Own(tokio::runtime::Runtime),
+    Shared(tokio::runtime::Handle),
+}
+
+impl Exec {
+    fn new(handle: Option<&tokio::runtime::Handle>) -> io::Result<Self> {
+        Ok(match handle {
+            Some(h) => Self::Shared(h.clone()),
+            None => Self::Own(
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()?,
+            ),
+        })
+    }
+
+    fn block_on<F: Future>(&self, f: F) -> F::Output {
+        match self {
+            Self::Own(rt) => rt.block_on(f),
+            Self::Shared(h) => h.block_on(f),
+        }
+    }
+}
+
+/// Per-thread fetch state: a staging buffer of one chunk, an executor and
+/// faults put aside while draining events.
+#[derive(Debug)]
+struct Worker {
+    staging: Staging,
+    exec: Exec,
+    msgs: Vec<UffdMsg>,
+    deferred: Vec<(usize, PageFaultFlags, Instant)>,
+}
+
+impl Worker {
+    fn new(chunk: usize, handle: Option<&tokio::runtime::Handle>) -> io::Result<Self> {
+        Ok(Self {
+            staging: Staging::new(chunk)?,
+            exec: Exec::new(handle)?,
+            msgs: (0..16).map(|_| UffdMsg::default()).collect(),
+            deferred: Vec::new(),
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Fault,
+    Background,
+    Inline,
+    Repair,
+}
+
+enum Fail {
+    Stopped,
+    Store(StoreError, u32),
+    Install(io::Error),
+}
+
+#[derive(Debug, Default)]
+struct PullState {
+    running: bool,
+    done: bool,
+    generation: u64,
+    pulled_chunks: u64,
+    pulled_bytes: u64,
+}
+
+#[derive(Debug)]
+struct Settings {
+    spin: Duration,
+    spin_threads: usize,
+    memfd: bool,
+    fetch_deadline: Duration,
+    retry_backoff: Duration,
+    inline_resolve: bool,
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+/// Shared by the region handle and its threads. Field order matters for
+/// drop: the userfaultfd is closed before the memory is unmapped.
+#[derive(Debug)]
+struct Inner {
+    uffd: Uffd,
+    map: Mapping,
+    memfd: Option<File>,
+    geo: Geometry,
+    store: DynStore,
+    chunks: ChunkMap,
+    zero: Vec<u64>,
+    cfg: Settings,
+    stats: RegionStats,
+    errors: Mutex<Vec<ChunkError>>,
+    stop: AtomicBool,
+    stop_tx: watch::Sender<bool>,
+    wake_rx: UnixStream,
+    last_fault: AtomicUsize,
+    urgent: AtomicUsize,
+    use_move: AtomicBool,
+    pull: Mutex<PullState>,
+    pull_cv: Condvar,
+    pool: Mutex<Vec<Worker>>,
+    user_mode_only: bool,
+}
+
+const NO_FAULT: usize = usize::MAX;
+const MAX_BACKOFF: Duration = Duration::from_millis(100);
+
+fn errno(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+impl Inner {
+    fn base(&self) -> usize {
+        self.map.addr()
+    }
+
+    fn is_zero(&self, i: usize) -> bool {
+        self.zero
+            .get(i / 64)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Fetches and installs chunk `i`, which the caller has claimed
+    /// (`Fetching`). Leaves it `Present`, `Poisoned` (fault/inline paths
+    /// after the deadline) or `Absent` (background failure, shutdown).
+    fn fetch(&self, w: &mut Worker, i: usize, src: Source) -> Result<(), ChunkError> {
+        let (off, data_len, inst_len) = self.geo.chunk(i);
+        let dst = self.base() + off;
+        let zero = self.is_zero(i);
+        let res = if zero {
+            self.install_zero(w, off, dst, inst_len)
+        } else {
+            self.read_chunk(w, off, data_len, inst_len).and_then(|()| {
+                let how = if src == Source::Repair {
+                    How::Copy
+                } else if self.cfg.memfd {
+                    How::Continue
+                } else if self.use_move.load(Ordering::Relaxed) {
+                    How::Move
+                } else {
+                    How::Copy
+                };
+                self.install(w, off, dst, inst_len, how)
+                    .map_err(Fail::Install)
+            })
+        };
+        match res {
+            Ok(()) => {
+                if zero {
+                    inc(&self.stats.chunks_zero);
+                } else {
+                    add(&self.stats.bytes_fetched, data_len);
+                }
+                match src {
+                    Source::Fault | Source::Repair => inc(&self.stats.chunks_fault),
+                    Source::Inline => inc(&self.stats.chunks_inline),
+                    Source::Background => {
+                        inc(&self.stats.chunks_background);
+                        if !zero {
+                            add(&self.stats.bytes_background, data_len);
+                        }
+                        let mut p = self.pull.lock();
+                        p.pulled_chunks += 1;
+                        p.pulled_bytes += data_len as u64;
+                    }
+                }
+                // `false`: invalidated by a REMOVE meanwhile; it stays absent
+                // and is fetched again on its next touch. Installs do not
+                // wake: the waiters are woken only once the chunk is marked
+                // present, so a returning access sees a consistent state.
+                let _ = self.chunks.finish(i);
+                let _ = self.uffd.wake(dst, inst_len);
+                Ok(())
+            }
+            Err(Fail::Stopped) => {
+                self.chunks.abandon(i);
+                let _ = self.uffd.wake(dst, inst_len);
+                Err(self.chunk_error(i, 0, false, "the region is shutting down".into()))
+            }
+            Err(Fail::Install(e)) => {
+                self.chunks.abandon(i);
+                let _ = self.uffd.wake(dst, inst_len);
+                let err =
+                    self.chunk_error(i, 1, false, format!("installing the chunk failed: {e}"));
+                tracing::error!(chunk = i, error = %e, "memsync-region: install failed");
+                self.errors.lock().push(err.clone());
+                Err(err)
+            }
+            Err(Fail::Store(e, attempts)) if src == Source::Background => {
+                // The fault path retries with its own deadline.
+                self.chunks.abandon(i);
+                let _ = self.uffd.wake(dst, inst_len);
+                let err = self.chunk_error(i, attempts, false, e.chain());
+                tracing::warn!(chunk = i, error = %err, "memsync-region: background pull gave up on a chunk");
+                self.errors.lock().push(err.clone());
+                Err(err)
+            }
+            Err(Fail::Store(e, attempts)) => {
+                let poisoned = self.poison(dst, inst_len);
+                let err = self.chunk_error(i, attempts, poisoned, e.chain());
+                tracing::error!(chunk = i, error = %err, "memsync-region: store failed until the deadline; chunk poisoned");
+                self.errors.lock().push(err.clone());
+                inc(&self.stats.chunks_poisoned);
+                if !self.chunks.poison(i) {
+                    self.chunks.abandon(i);
+                }
+                Err(err)
+            }
+        }
+    }
+
+    fn chunk_error(&self, i: usize, attempts: u32, poisoned: bool, message: String) -> ChunkError {
+        let (off, data_len, _) = self.geo.chunk(i);
+        ChunkError {
+            chunk: i,
+            offset: off as u64,
+            len: data_len as u64,
+            attempts,
+            poisoned,
+            message,
+            at: SystemTime::now(),
+        }
+    }
+
+    /// Poisons the missing pages of a range; `true` if it worked.
+    fn poison(&self, dst: usize, len: usize) -> bool {
+        let page = self.geo.page_size();
+        let mut pos = 0;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pos < len {
+            match self.uffd.poison(dst + pos, len - pos, false) {
+                Ok(Install::Done(_)) => pos = len,
+                Ok(Install::Exists) => pos += page,
+                Ok(Install::Again { done }) => {
+                    pos += done;
+                    if Instant::now() > deadline {
+                        return false;
+                    }
+                    std::thread::yield_now();
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "memsync-region: UFFDIO_POISON failed");
+                    let _ = self.uffd.wake(dst, len);
+                    return false;
+                }
+            }
+        }
+        let _ = self.uffd.wake(dst, len);
+        true
+    }
+
+    /// Reads store bytes `off..off + data_len` into the worker's staging
+    /// buffer with retries and backoff until the deadline, and zeroes the
+    /// tail up to `inst_len`.
+    fn read_chunk(
+        &self,
+        w: &mut Worker,
+        off: usize,
+        data_len: usize,
+        inst_len: usize,
+    ) -> Result<(), Fail> {
+        let start = Instant::now();
+        let deadline = start + self.cfg.fetch_deadline;
+        let mut backoff = self.cfg.retry_backoff.max(Duration::from_micros(100));
+        let mut attempts = 0u32;
+        let Worker { staging, exec, .. } = w;
+        loop {
+            attempts += 1;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let buf = &mut staging.as_mut_slice()[..data_len];
+            let mut stop_rx = self.stop_tx.subscribe();
+            let t = Instant::now();
+            let res = exec.block_on(async {
+                tokio::select! {
+                    biased;
+                    _ = stop_rx.wait_for(|s| *s) => None,
+                    r = tokio::time::timeout(remaining, self.store.read(off as u64, buf)) => Some(match r {
+                        Ok(r) => r,
+                        Err(_) => Err(StoreError::Timeout {
+                            op: "read",
+                            after_ms: u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX),
+                        }),
+                    }),
+                }
+            });
+            match res {
+                None => return Err(Fail::Stopped),
+                Some(Ok(())) => {
+                    self.stats.fetch_latency.record(t.elapsed());
+                    break;
+                }
+                Some(Err(e)) => {
+                    inc(&self.stats.store_errors);
+                    let e = e.context(format!("reading chunk at {off}+{data_len} from the store"));
+                    tracing::debug!(attempt = attempts, error = %e.chain(), "memsync-region: store read failed");
+                    if Instant::now() + backoff >= deadline {
+                        return Err(Fail::Store(e, attempts));
+                    }
+                    let stopped = exec.block_on(async {
+                        tokio::select! {
+                            biased;
+                            _ = stop_rx.wait_for(|s| *s) => true,
+                            () = tokio::time::sleep(backoff) => false,
+                        }
+                    });
+                    if stopped {
+                        return Err(Fail::Stopped);
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+        if inst_len > data_len {
+            staging.as_mut_slice()[data_len..inst_len].fill(0);
+        }
+        Ok(())
+    }
+
+    fn install_zero(&self, w: &mut Worker, off: usize, dst: usize, len: usize) -> Result<(), Fail> {
+        if self.cfg.memfd {
+            // shmem has no zero page: write zeros into the page cache.
+            w.staging.as_mut_slice()[..len].fill(0);
+            return self
+                .install(w, off, dst, len, How::Continue)
+                .map_err(Fail::Install);
+        }
+        self.install(w, off, dst, len, How::Zero)
+            .map_err(Fail::Install)
+    }
+
+    /// Installs `len` bytes at `dst` (region offset `off`) from the staging
+    /// buffer without waking the waiters (the caller wakes the range). Pages
+    /// that already exist are skipped; `EAGAIN` drains events and retries
+    /// the rest.
+    fn install(
+        &self,
+        w: &mut Worker,
+        off: usize,
+        dst: usize,
+        len: usize,
+        mut how: How,
+    ) -> io::Result<()> {
+        if how == How::Continue {
+            let file = self
+                .memfd
+                .as_ref()
+                .ok_or_else(|| io::Error::other("no memfd"))?;
+            file.write_all_at(&w.staging.as_slice()[..len], off as u64)?;
+        }
+        let page = self.geo.page_size();
+        let mut pos = 0;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pos < len {
+            let (d, n) = (dst + pos, len - pos);
+            let r = match how {
+                How::Move => w.staging.move_to(&self.uffd, d, pos, n, MoveMode::DONTWAKE),
+                How::Copy => w.staging.copy_to(&self.uffd, d, pos, n, CopyMode::DONTWAKE),
+                How::Zero => self.uffd.zeropage(d, n, true),
+                How::Continue => self.uffd.continue_range(d, n, ContinueMode::DONTWAKE),
+            };
+            match r {
+                Ok(Install::Done(_)) => {
+                    pos = len;
+                    match how {
+                        How::Move => inc(&self.stats.installs_move),
+                        How::Copy => inc(&self.stats.installs_copy),
+                        How::Continue => inc(&self.stats.installs_continue),
+                        How::Zero => {}
+                    }
+                }
+                Ok(Install::Exists) => {
+                    pos += page;
+                }
+                Ok(Install::Again { done }) => {
+                    pos += done;
+                    inc(&self.stats.install_retries);
+                    if Instant::now() > deadline {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "install kept returning EAGAIN",
+                        ));
+                    }
+                    self.drain_events(w);
+                }
+                // MOVE refuses pages shared since a fork (EBUSY), holes
+                // (ENOENT) and unsuitable ranges: copy instead. Pages moved
+                // before the error exist now and are skipped by the copy.
+                Err(e) if how == How::Move => {
+                    if matches!(
+                        errno(&e),
+                        libc_errno::EINVAL | libc_errno::ENOTTY | libc_errno::EOPNOTSUPP
+                    ) {
+                        tracing::warn!(error = %e, "memsync-region: UFFDIO_MOVE unusable, falling back to UFFDIO_COPY");
+                        self.use_move.store(false, Ordering::Relaxed);
+                    }
+                    how = How::Copy;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads pending events without blocking: non-fault events are applied
+    /// at once (that is what `EAGAIN` waits for), faults are put aside.
+    fn drain_events(&self, w: &mut Worker) {
+        let n = self.uffd.read_events(&mut w.msgs).unwrap_or(0);
+        if n == 0 {
+            std::thread::yield_now();
+            return;
+        }
+        let now = Instant::now();
+        for k in 0..n {
+            match w.msgs[k].event() {
+                Event::PageFault { addr, flags, .. } => w.deferred.push((addr, flags, now)),
+                ev => self.on_event(w, ev, now),
+            }
+        }
+    }
+
+    fn on_event(&self, w: &mut Worker, ev: Event, t0: Instant) {
+        match ev {
+            Event::PageFault { addr, flags, .. } => self.on_fault(w, addr, flags, t0),
+            Event::Remove { start, end } => {
+                inc(&self.stats.removes);
+                // Anonymous memory: the pages are gone, refetch on the next
+                // touch. memfd: MADV_DONTNEED keeps the page cache (the next
+                // touch is a MINOR fault); MADV_REMOVE punches a hole, which
+                // the next touch repairs (MISSING fault on a present chunk).
+                if !self.cfg.memfd
+                    && let Some(r) = self.chunk_span(start, end)
+                {
+                    for i in r {
+                        self.chunks.invalidate(i);
+                    }
+                }
+            }
+            Event::Unmap { start, end } => {
+                if let Some(r) = self.chunk_span(start, end) {
+                    tracing::warn!(
+                        start,
+                        end,
+                        "memsync-region: part of the region was unmapped"
+                    );
+                    for i in r {
+                        self.chunks.unmap(i);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn chunk_span(&self, start: usize, end: usize) -> Option<std::ops::Range<usize>> {
+        let base = self.base();
+        let (s, e) = (start.max(base), end.min(base + self.map.len()));
+        (s < e).then(|| self.geo.chunks_in(s - base, e - s))
+    }
+
+    fn on_fault(&self, w: &mut Worker, addr: usize, flags: PageFaultFlags, t0: Instant) {
+        inc(&self.stats.faults);
+        let page = self.geo.page_size();
+        let addr = addr & !(page - 1);
+        if !self.map.contains(addr) {
+            return;
+        }
+        let i = self.geo.chunk_of(addr - self.base());
+        self.last_fault.store(i, Ordering::Relaxed);
+        match self.chunks.try_claim(i) {
+            Ok(()) => {
+                self.urgent.fetch_add(1, Ordering::AcqRel);
+                let _ = self.fetch(w, i, Source::Fault);
+                self.urgent.fetch_sub(1, Ordering::AcqRel);
+                self.stats.fault_latency.record(t0.elapsed());
+            }
+            // The fetcher's install wakes this fault.
+            Err(ChunkState::Fetching) => inc(&self.stats.faults_waited),
+            Err(ChunkState::Present) => {
+                inc(&self.stats.faults_spurious);
+                if !self.cfg.memfd {
+                    let _ = self.uffd.wake(addr, page);
+                } else if flags.contains(PageFaultFlags::MINOR) {
+                    // Data is in the page cache (e.g. after MADV_DONTNEED):
+                    // map the chunk again.
+                    let (off, _, inst) = self.geo.chunk(i);
+                    let dst = self.base() + off;
+                    let mut pos = 0;
+                    while pos < inst {
+                        match self
+                            .uffd
+                            .continue_range(dst + pos, inst - pos, ContinueMode::empty())
+                        {
+                            Ok(Install::Done(_)) => pos = inst,
+                            Ok(Install::Exists) => pos += page,
+                            Ok(Install::Again { done }) => {
+                                pos += done;
+                                self.drain_events(w);
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    let _ = self.uffd.wake(dst, inst);
+                } else if self.chunks.try_reclaim(i).is_ok() {
+                    // A hole was punched into a present chunk (MADV_REMOVE):
+                    // refill the missing pages only.
+                    self.urgent.fetch_add(1, Ordering::AcqRel);
+                    let _ = self.fetch(w, i, Source::Repair);
+                    self.urgent.fetch_sub(1, Ordering::AcqRel);
+                } else {
+                    let _ = self.uffd.wake(addr, page);
+                }
+            }
+            Err(_) => {
+                let _ = self.uffd.wake(addr, page);
+            }
+        }
+    }
+
+    fn handler_main(&self, mut w: Worker, spin: bool) {
+        let mut last = Instant::now();
+        let fds_timeout = Some(Duration::from_millis(200));
+        loop {
+            if self.stopping() {
+                return;
+            }
+            while let Some((addr, flags, t0)) = w.deferred.pop() {
+                self.on_fault(&mut w, addr, flags, t0);
+            }
+            let n = match self.uffd.read_events(&mut w.msgs) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::error!(error = %e, "memsync-region: reading userfaultfd events failed");
+                    std::thread::sleep(Duration::from_millis(10));
+                    0
+                }
+            };
+            if n > 0 {
+                let now = Instant::now();
+                for k in 0..n {
+                    let ev = w.msgs[k].event();
+                    self.on_event(&mut w, ev, now);
+                }
+                last = Instant::now();
+                continue;
+            }
+            if spin && last.elapsed() < self.cfg.spin {
+                std::hint::spin_loop();
+                continue;
+            }
+            let _ = poll_readable(&[self.uffd.as_fd(), self.wake_rx.as_fd()], fds_timeout);
+            last = Instant::now();
+        }
+    }
+
+    fn puller_main(&self, mut prio: Box<dyn PullPriority>, mut w: Worker) {
+        let n = self.chunks.len();
+        let mut skip = vec![false; n];
+        let mut seen_gen = u64::MAX;
+        let mut bogus = 0u32;
+        loop {
+            {
+                let mut st = self.pull.lock();
+                loop {
+                    if self.stopping() {
+                        return;
+                    }
+                    if st.generation != seen_gen {
+                        seen_gen = st.generation;
+                        skip.fill(false);
+                    }
+                    if st.running && !st.done {
+                        break;
+                    }
+                    self.pull_cv.wait_for(&mut st, Duration::from_millis(100));
+                }
+            }
+            // Faults first: while one is being served, stay out of the way.
+            let yield_until = Instant::now() + Duration::from_millis(5);
+            while self.urgent.load(Ordering::Acquire) > 0 && Instant::now() < yield_until {
+                std::thread::yield_now();
+            }
+            let lf = self.last_fault.load(Ordering::Relaxed);
+            let view = PullView {
+                chunks: &self.chunks,
+                skip: &skip,
+                last_fault: (lf != NO_FAULT).then_some(lf),
+            };
+            let next = match prio.next_chunk(&view) {
+                Some(i) if view.wanted(i) => Some(i),
+                Some(_) => {
+                    bogus += 1;
+                    if bogus > 64 {
+                        view.next_wanted_from(0)
+                    } else {
+                        continue;
+                    }
+                }
+                None => None,
+            };
+            bogus = 0;
+            match next {
+                Some(i) => {
+                    if self.chunks.try_claim(i).is_ok()
+                        && self.fetch(&mut w, i, Source::Background).is_err()
+                    {
+                        skip[i] = true;
+                    }
+                }
+                None => {
+                    if self.chunks.any_fetching() {
+                        std::thread::sleep(Duration::from_millis(1));
+                        continue;
+                    }
+                    let mut st = self.pull.lock();
+                    if st.generation == seen_gen {
+                        st.done = true;
+                        self.pull_cv.notify_all();
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum How {
+    Move,
+    Copy,
+    Zero,
+    Continue,
+}
+
+/// The errno values this module matches on (the workspace has no libc
+/// dependency outside memsync-sys).
+mod libc_errno {
+    pub const EINVAL: i32 = 22;
+    pub const ENOTTY: i32 = 25;
+    pub const EOPNOTSUPP: i32 = 95;
+}
+
+/// A memory region of a store's size that fills itself from the store the
+/// first time each chunk is touched (userfaultfd post-copy).
+///
+/// # Memory and lifetime rules
+///
+/// * The region's memory is `as_ptr()..as_ptr() + len()` (the mapping is
+///   rounded up to whole pages; the bytes past `len()` read as zeros). It
+///   starts 2 MiB aligned.
+/// * Safe access goes through [`read_at`](Self::read_at) and
+///   [`write_at`](Self::write_at), which fetch missing chunks on the
+///   calling thread (no fault) and report a chunk the store could not
+///   deliver as an error instead of a `SIGBUS`.
+/// * Raw-pointer access ([`as_ptr`](Self::as_ptr)) is `unsafe` for the
+///   caller: a missing page blocks the accessing thread until a handler
+///   thread installs its chunk; a chunk the store failed to deliver before
+///   [`RegionConfig::fetch_deadline`] is poisoned and the access raises
+///   `SIGBUS`. The memory must not be accessed through a raw pointer after
+///   the region is dropped.
+/// * Dropping the region stops the handler and puller threads (cancelling
+///   store reads in progress), unregisters the range, closes the
+///   userfaultfd and unmaps the memory. A thread still blocked on a fault
+///   at that moment is woken and sees a zero page, then the memory is
+///   unmapped under it (`SIGSEGV` on its next access): finish every raw
+///   access before dropping.
+/// * Local writes stay in local memory (nothing is written back to the
+///   store). `MADV_DONTNEED` on anonymous backing drops pages: their chunks
+///   are fetched again from the store on the next touch, so local writes
+///   to the dropped pages are lost (other pages of such a chunk keep
+///   theirs). On memfd backing `MADV_DONTNEED` keeps the data (it stays in
+///   the memfd), and pages removed with `MADV_REMOVE` are refetched.
+/// * The store must not change while the region lives (a chunk is fetched
+///   at most once, at an unspecified time).
+#[derive(Debug)]
+pub struct LazyRegion {
+    inner: Arc<Inner>,
+    threads: Vec<JoinHandle<()>>,
+    wake_tx: UnixStream,
+}
+
+impl LazyRegion {
+    /// Creates a region of `store.size()` bytes backed by `store`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for an invalid chunk size or a kernel without the
+    /// needed userfaultfd features; [`Error::Sys`] if mapping or the
+    /// userfaultfd fails; [`Error::Store`] if the extents query fails.
+    pub fn new(store: DynStore, cfg: RegionConfig) -> Result<Self, Error> {
+        let page = page_size();
+        if !cfg.chunk_size.is_power_of_two() || cfg.chunk_size < page || cfg.chunk_size > 1 << 30 {
+            return Err(Error::Config(format!(
+                "chunk size {} must be a power of two from {page} bytes to 1 GiB",
+                cfg.chunk_size
+            )));
+        }
+        let bs = store.caps().block_size.max(1);
+        if !(cfg.chunk_size as u64).is_multiple_of(bs) && bs > 1 {
+            return Err(Error::Config(format!(
+                "chunk size {} is not a multiple of the store's block size {bs} (wrap it in Chunked)",
+                cfg.chunk_size
+            )));
+        }
+        let geo = Geometry::new(store.size(), cfg.chunk_size, page).ok_or_else(|| {
+            Error::Config(format!("cannot map a store of {} bytes", store.size()))
+        })?;
+        let memfd_mode = cfg.backing == Backing::Memfd;
+        let (uffd, user_mode_only) = open_uffd(memfd_mode, cfg.user_mode_only)?;
+        let align = memsync_sys::pmd_size().max(page);
+        let (map, memfd) = if memfd_mode {
+            let fd = memfd_create("memsync-region", MemfdFlags::default())
+                .map_err(sys("memfd_create"))?;
+            ftruncate(fd.as_fd(), geo.map_len() as u64).map_err(sys("sizing the memfd"))?;
+            let map = Mapping::shared_fd(fd.as_fd(), geo.map_len(), 0)
+                .map_err(sys("mapping the memfd"))?;
+            (map, Some(File::from(fd)))
+        } else {
+            let map = Mapping::anonymous_with(
+                geo.map_len(),
+                MapOptions {
+                    align,
+                    ..MapOptions::default()
+                },
+            )
+            .map_err(sys("mapping the region"))?;
+            if cfg.huge_pages {
+                let _ = map.advise(0, map.len(), Advice::HugePage);
+            }
+            (map, None)
+        };
+        let mode = if memfd_mode {
+            RegisterMode::MISSING | RegisterMode::MINOR
+        } else {
+            RegisterMode::MISSING
+        };
+        let ioctls = uffd
+            .register(&map, mode)
+            .map_err(sys("registering the region with the userfaultfd"))?;
+        let use_move = cfg.use_move
+            && !memfd_mode
+            && uffd.features().contains(Features::MOVE)
+            && ioctls.contains(memsync_sys::Ioctls::MOVE);
+
+        let zero = if cfg.zero_detect && store.caps().extents {
+            zero_map(&store, &geo, cfg.runtime.as_ref())?
+        } else {
+            Vec::new()
+        };
+
+        let (wake_tx, wake_rx) = UnixStream::pair().map_err(sys("creating the wake-up socket"))?;
+        let (stop_tx, _) = watch::channel(false);
+        let threads_n = cfg.handler_threads.max(1);
+        let inner = Arc::new(Inner {
+            uffd,
+            map,
+            memfd,
+            geo,
+            chunks: ChunkMap::new(geo.chunks()),
+            store,
+            zero,
+            cfg: Settings {
+                spin: cfg.spin,
+                spin_threads: cfg.spin_threads,
+                memfd: memfd_mode,
+                fetch_deadline: cfg.fetch_deadline,
+                retry_backoff: cfg.retry_backoff,
+                inline_resolve: cfg.inline_resolve,
+                runtime: cfg.runtime.clone(),
+            },
+            stats: RegionStats::default(),
+            errors: Mutex::new(Vec::new()),
+            stop: AtomicBool::new(false),
+            stop_tx,
+            wake_rx,
+            last_fault: AtomicUsize::new(NO_FAULT),
+            urgent: AtomicUsize::new(0),
+            use_move: AtomicBool::new(use_move),
+            pull: Mutex::new(PullState {
+                running: cfg.prefetch,
+                ..PullState::default()
+            }),
+            pull_cv: Condvar::new(),
+            pool: Mutex::new(Vec::new()),
+            user_mode_only,
+        });
+        let mut region = Self {
+            inner,
+            threads: Vec::new(),
+            wake_tx,
+        };
+        for t in 0..threads_n {
+            let w = Worker::new(geo.chunk_size(), cfg.runtime.as_ref())
+                .map_err(sys("creating a handler"))?;
+            let inner = Arc::clone(&region.inner);
+            let spin = t < inner.cfg.spin_threads && !inner.cfg.spin.is_zero();
+            let h = std::thread::Builder::new()
+                .name(format!("memsync-fault-{t}"))
+                .spawn(move || inner.handler_main(w, spin))
+                .map_err(sys("spawning a fault-handler thread"))?;
+            region.threads.push(h);
+        }
+        let w = Worker::new(geo.chunk_size(), cfg.runtime.as_ref())
+            .map_err(sys("creating the puller"))?;
+        let inner = Arc::clone(&region.inner);
+        let prio = cfg.priority;
+        let h = std::thread::Builder::new()
+            .name("memsync-pull".into())
+            .spawn(move || inner.puller_main(prio, w))
+            .map_err(sys("spawning the puller thread"))?;
+        region.threads.push(h);
+        Ok(region)
+    }
+
+    /// Start of the region's memory (2 MiB aligned). See the type's
+    /// lifetime rules before dereferencing it.
+    #[must_use]
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.inner.map.as_ptr()
+    }
+
+    /// Start address of the region.
+    #[must_use]
+    pub fn addr(&self) -> usize {
+        self.inner.map.addr()
+    }
+
+    /// Length in bytes (the store's size).
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.inner.geo.size() as usize
+    }
+
+    /// Always `false` (stores are never empty).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The chunk layout.
+    #[must_use]
+    pub fn geometry(&self) -> Geometry {
+        self.inner.geo
+    }
+
+    /// Whether the userfaultfd was opened with `UFFD_USER_MODE_ONLY`.
+    #[must_use]
+    pub fn user_mode_only(&self) -> bool {
+        self.inner.user_mode_only
+    }
+
+    /// The memfd behind a [`Backing::Memfd`] region (map it with
+    /// `MAP_SHARED` in another process to see the filled chunks), `None`
+    /// for anonymous memory.
+    #[must_use]
+    pub fn as_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.inner.memfd.as_ref().map(AsFd::as_fd)
+    }
+
+    #[track_caller]
+    fn check(&self, off: usize, len: usize) {
+        assert!(
+            off.checked_add(len).is_some_and(|e| e <= self.len()),
+            "range {off}+{len} out of bounds of a region of {} bytes",
+            self.len()
+        );
+    }
+
+    /// Makes sure the chunks overlapping `off..off + len` are present,
+    /// fetching absent ones on this thread (if [`RegionConfig::inline_resolve`]
+    /// and not inside an async runtime) and waiting for ones being fetched.
+    ///
+    /// # Errors
+    ///
+    /// The [`ChunkError`] of a chunk that could not be fetched.
+    ///
+    /// # Panics
+    ///
+    /// If the range is out of bounds.
+    #[track_caller]
+    pub fn prefetch(&self, off: usize, len: usize) -> Result<(), ChunkError> {
+        self.check(off, len);
+        let inner = &*self.inner;
+        let inline = inner.cfg.inline_resolve && tokio::runtime::Handle::try_current().is_err();
+        for i in inner.geo.chunks_in(off, len) {
+            let wait_until = Instant::now() + inner.cfg.fetch_deadline + Duration::from_secs(1);
+            let mut sleep = Duration::from_micros(1);
+            loop {
+                match inner.chunks.get(i) {
+                    ChunkState::Present => break,
+                    ChunkState::Absent if inline => {
+                        if inner.chunks.try_claim(i).is_ok() {
+                            let mut w = match inner.pool.lock().pop() {
+                                Some(w) => w,
+                                None => {
+                                    Worker::new(inner.geo.chunk_size(), inner.cfg.runtime.as_ref())
+                                        .map_err(|e| {
+                                            inner.chunk_error(
+                                                i,
+                                                0,
+                                                false,
+                                                format!("creating a worker: {e}"),
+                                            )
+                                        })
+                                        .inspect_err(|_| inner.chunks.abandon(i))?
+                                }
+                            };
+                            let r = inner.fetch(&mut w, i, Source::Inline);
+                            inner.pool.lock().push(w);
+                            r?;
+                        }
+                    }
+                    // Let the access fault; a handler fetches it.
+                    ChunkState::Absent => break,
+                    ChunkState::Fetching => {
+                        if Instant::now() > wait_until {
+                            break;
+                        }
+                        if sleep < Duration::from_micros(50) {
+                            std::thread::yield_now();
+                        } else {
+                            std::thread::sleep(sleep);
+                        }
+                        sleep = (sleep * 2).min(Duration::from_millis(1));
+                    }
+                    ChunkState::Poisoned | ChunkState::Unmapped => {
+                        return Err(self.error_of(i));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn error_of(&self, i: usize) -> ChunkError {
+        let errors = self.inner.errors.lock();
+        errors
+            .iter()
+            .rev()
+            .find(|e| e.chunk == i)
+            .cloned()
+            .unwrap_or_else(|| {
+                let what = match self.inner.chunks.get(i) {
+                    ChunkState::Unmapped => "the chunk was unmapped",
+                    _ => "the chunk is poisoned",
+                };
+                self.inner.chunk_error(i, 0, true, what.into())
+            })
+    }
+
+    /// Copies `buf.len()` bytes at offset `off` into `buf`, fetching missing
+    /// chunks first (see [`prefetch`](Self::prefetch)).
+    ///
+    /// # Errors
+    ///
+    /// The [`ChunkError`] of a chunk the store could not deliver; `buf` is
+    /// left unspecified then.
+    ///
+    /// # Panics
+    ///
+    /// If the range is out of bounds.
+    #[track_caller]
+    pub fn read_at(&self, off: usize, buf: &mut [u8]) -> Result<(), ChunkError> {
+        self.prefetch(off, buf.len())?;
+        self.inner.map.read_at(off, buf);
+        Ok(())
+    }
+
+    /// Copies `data` into the region at offset `off`, fetching missing
+    /// chunks first: the rest of each chunk keeps the store's data. Written
+    /// bytes stay local.
+    ///
+    /// # Errors
+    ///
+    /// The [`ChunkError`] of a chunk the store could not deliver (nothing was
+    /// written to it then).
+    ///
+    /// # Panics
+    ///
+    /// If the range is out of bounds.
+    #[track_caller]
+    pub fn write_at(&self, off: usize, data: &[u8]) -> Result<(), ChunkError> {
+        self.prefetch(off, data.len())?;
+        self.inner.map.write_at(off, data);
+        Ok(())
+    }
+
+    /// Reads through the page fault path only (no inline fetch): every
+    /// missing page faults and is served by a handler thread. For tests and
+    /// benchmarks of the fault path; a chunk the store cannot deliver raises
+    /// `SIGBUS`.
+    ///
+    /// # Panics
+    ///
+    /// If the range is out of bounds.
+    #[track_caller]
+    pub fn read_faulting(&self, off: usize, buf: &mut [u8]) {
+        self.check(off, buf.len());
+        self.inner.map.read_at(off, buf);
+    }
+
+    /// Writes through the page fault path only; see
+    /// [`read_faulting`](Self::read_faulting).
+    ///
+    /// # Panics
+    ///
+    /// If the range is out of bounds.
+    #[track_caller]
+    pub fn write_faulting(&self, off: usize, data: &[u8]) {
+        self.check(off, data.len());
+        self.inner.map.write_at(off, data);
+    }
+
+    /// `madvise(2)` on a page-aligned range of the region (e.g.
+    /// [`Advice::DontNeed`] to drop pages; see the type's rules for what
+    /// happens to them).
+    ///
+    /// # Errors
+    ///
+    /// The `madvise(2)` error.
+    ///
+    /// # Panics
+    ///
+    /// If the range is outside the mapping.
+    pub fn advise(&self, off: usize, len: usize, advice: Advice) -> io::Result<()> {
+        self.inner.map.advise(off, len, advice)
+    }
+
+    /// The state of chunk `i`.
+    ///
+    /// # Panics
+    ///
+    /// If `i` is not a chunk index.
+    #[must_use]
+    pub fn chunk_state(&self, i: usize) -> ChunkState {
+        self.inner.chunks.get(i)
+    }
+
+    /// Which chunks are present (a snapshot).
+    #[must_use]
+    pub fn present_chunks(&self) -> ChunkBitmap {
+        self.inner.chunks.present_bitmap()
+    }
+
+    /// Number of present chunks.
+    #[must_use]
+    pub fn present_count(&self) -> usize {
+        self.inner.chunks.present_count()
+    }
+
+    /// Whether every chunk is present.
+    #[must_use]
+    pub fn is_complete(&self) -> bool {
+        self.present_count() == self.inner.chunks.len()
+    }
+
+    /// Live statistics.
+    #[must_use]
+    pub fn stats(&self) -> &RegionStats {
+        &self.inner.stats
+    }
+
+    /// The most recent chunk failure.
+    #[must_use]
+    pub fn last_error(&self) -> Option<ChunkError> {
+        self.inner.errors.lock().last().cloned()
+    }
+
+    /// Every chunk failure so far, oldest first.
+    #[must_use]
+    pub fn errors(&self) -> Vec<ChunkError> {
+        self.inner.errors.lock().clone()
+    }
+
+    /// Starts (or restarts from scratch, retrying chunks it gave up on) the
+    /// background pull.
+    pub fn start_pull(&self) {
+        let mut st = self.inner.pull.lock();
+        st.running = true;
+        st.done = false;
+        st.generation += 1;
+        self.inner.pull_cv.notify_all();
+    }
+
+    /// Pauses the background pull after the chunk in progress.
+    pub fn pause_pull(&self) {
+        self.inner.pull.lock().running = false;
+    }
+
+    /// Resumes a paused background pull where it stopped.
+    pub fn resume_pull(&self) {
+        let mut st = self.inner.pull.lock();
+        st.running = true;
+        self.inner.pull_cv.notify_all();
+    }
+
+    /// Background pull progress.
+    #[must_use]
+    pub fn progress(&self) -> PullProgress {
+        let st = self.inner.pull.lock();
+        PullProgress {
+            present_chunks: self.present_count(),
+            total_chunks: self.inner.chunks.len(),
+            pulled_chunks: st.pulled_chunks,
+            pulled_bytes: st.pulled_bytes,
+            running: st.running,
+            done: st.done,
+        }
+    }
+
+    /// Waits until the background pull has nothing left to do (`true`), or
+    /// `timeout` passes (`false`).
+    pub fn wait_pull(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.inner.pull.lock();
+        while !st.done {
+            if self.inner.pull_cv.wait_until(&mut st, deadline).timed_out() {
+                return st.done;
+            }
+        }
+        true
+    }
+}
+
+impl Drop for LazyRegion {
+    fn drop(&mut self) {
+        let inner = &self.inner;
+        inner.stop.store(true, Ordering::Release);
+        inner.stop_tx.send_replace(true);
+        {
+            let _st = inner.pull.lock();
+            inner.pull_cv.notify_all();
+        }
+        let _ = self.wake_tx.write_all(&[1]);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        // Waiting faults are woken and resolve as ordinary faults; then the
+        // userfaultfd is closed and the memory unmapped (field order of
+        // `Inner`) when the last reference goes, which is now.
+        let _ = inner.uffd.unregister(inner.map.addr(), inner.map.len());
+    }
+}
+
+fn open_uffd(memfd: bool, force_user_mode: Option<bool>) -> Result<(Uffd, bool), Error> {
+    let open = |user_mode_only| {
+        Uffd::open(OpenFlags {
+            nonblock: true,
+            cloexec: true,
+            user_mode_only,
+        })
+    };
+    let (uffd, umo) = match force_user_mode {
+        Some(u) => (open(u).map_err(sys("opening a userfaultfd"))?, u),
+        None => match open(false) {
+            Ok(u) => (u, false),
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => (
+                open(true).map_err(sys("opening a user-mode-only userfaultfd"))?,
+                true,
+            ),
+            Err(e) => {
+                return Err(Error::Sys {
+                    context: "opening a userfaultfd",
+                    source: e,
+                });
+            }
+        },
+    };
+    let supported = Uffd::probe_features().map_err(sys("probing userfaultfd features"))?;
+    let required = if memfd {
+        Features::MISSING_SHMEM | Features::MINOR_SHMEM
+    } else {
+        Features::empty()
+    };
+    if !supported.contains(required) {
+        return Err(Error::Config(format!(
+            "the kernel lacks userfaultfd features {:?}",
+            required - supported
+        )));
+    }
+    let optional =
+        Features::MOVE | Features::POISON | Features::EVENT_REMOVE | Features::EVENT_UNMAP;
+    uffd.api(required | (optional & supported))
+        .map_err(sys("userfaultfd handshake"))?;
+    if !supported.contains(Features::POISON) {
+        tracing::warn!("memsync-region: no UFFDIO_POISON: failed chunks cannot raise SIGBUS");
+    }
+    Ok((uffd, umo))
+}
+
+/// One bit per chunk that the store reports as entirely zero or hole.
+fn zero_map(
+    store: &DynStore,
+    geo: &Geometry,
+    handle: Option<&tokio::runtime::Handle>,
+) -> Result<Vec<u64>, Error> {
+    const WINDOW: u64 = 1 << 30;
+    let size = store.size();
+    let chunk = geo.chunk_size() as u64;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let exec = Exec::new(handle).map_err(sys("creating a runtime"))?;
+            let mut bits = vec![0u64; geo.chunks().div_ceil(64)];
+            let mut pos = 0;
+            while pos < size {
+                let len = WINDOW.min(size - pos);
+                let extents =
+                    exec.block_on(store.extents(pos, len))
+                        .map_err(|source| Error::Store {
+                            context: format!("querying the store's extents at {pos}+{len}"),
+                            source,
+                        })?;
+                // Merge adjacent zero extents into runs, then mark the
+                // chunks lying entirely inside a run.
+                let mut runs: Vec<(u64, u64)> = Vec::new();
+                for e in extents.iter().filter(|e| e.kind.reads_zero()) {
+                    match runs.last_mut() {
+                        Some(r) if r.1 == e.offset => r.1 = e.end(),
+                        _ => runs.push((e.offset, e.end())),
+                    }
+                }
+                for (start, end) in runs {
+                    let mut i = start.div_ceil(chunk);
+                    while i * chunk < end && ((i + 1) * chunk).min(size) <= end {
+                        bits[(i / 64) as usize] |= 1 << (i % 64);
+                        i += 1;
+                    }
+                }
+                pos += len;
+            }
+            Ok(bits)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(Error::Config("the extents query panicked".into())))
+    })
+}

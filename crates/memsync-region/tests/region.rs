@@ -1,0 +1,906 @@
+//! Integration tests of lazy regions: integrity under concurrent access,
+//! writes, zero ranges, chunk sizes, background pull, memfd sharing with a
+//! second process, failing and slow stores, dropping, unprivileged use.
+//!
+//! Multi-process tests re-execute this test binary with `--exact NAME` and
+//! an environment variable naming the child part. Every wait is bounded.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use memsync_core::layers::{Fault, FaultControl, FaultRule, OpSet};
+use memsync_core::{Bytes, Store};
+use memsync_local::MemStore;
+use memsync_region::{
+    Advice, Backing, ChunkMap, ChunkState, FollowFaults, Geometry, LazyRegion, PullPriority,
+    PullView, RegionConfig, Sequential,
+};
+use proptest::prelude::*;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+const KIB: usize = 1024;
+const MIB: usize = 1024 * 1024;
+/// Upper bound of every wait in these tests.
+const WAIT: Duration = Duration::from_secs(30);
+const CHILD_ENV: &str = "MEMSYNC_REGION_CHILD";
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A mem: store of `size` bytes: random content, except the chunks of
+/// `zero_every` (every n-th 64 KiB piece is left unwritten = a hole).
+fn random_store(size: usize, seed: u64, zero_every: Option<usize>) -> (Arc<MemStore>, Vec<u8>) {
+    let mut data = memsync_testkit::random_bytes(seed, size).to_vec();
+    let store = Arc::new(MemStore::new(size as u64));
+    let piece = 64 * KIB;
+    rt().block_on(async {
+        for (k, start) in (0..size).step_by(piece).enumerate() {
+            let end = (start + piece).min(size);
+            if zero_every.is_some_and(|n| k % n == 0) {
+                data[start..end].fill(0);
+                continue;
+            }
+            store
+                .write(start as u64, Bytes::copy_from_slice(&data[start..end]))
+                .await
+                .unwrap();
+        }
+    });
+    (store, data)
+}
+
+fn cfg(chunk: usize) -> RegionConfig {
+    RegionConfig {
+        chunk_size: chunk,
+        prefetch: false,
+        fetch_deadline: Duration::from_secs(10),
+        ..RegionConfig::default()
+    }
+}
+
+/// Runs `f` on a new thread; its result arrives on the returned channel.
+fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> mpsc::Receiver<T> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx
+}
+
+fn join<T>(rx: &mpsc::Receiver<T>) -> T {
+    rx.recv_timeout(WAIT)
+        .expect("thread did not finish in time (or panicked)")
+}
+
+fn assert_same(region: &LazyRegion, data: &[u8]) {
+    let mut got = vec![0u8; data.len()];
+    region.read_at(0, &mut got).unwrap();
+    if got != data {
+        let first = got.iter().zip(data).position(|(a, b)| a != b).unwrap();
+        panic!("region differs from the expected data first at byte {first}");
+    }
+}
+
+fn is_child(name: &str) -> bool {
+    std::env::var(CHILD_ENV).is_ok_and(|v| v == name)
+}
+
+/// Re-executes `exe` running only `test` as the child part `test`, with a
+/// bounded wait.
+fn run_child(exe: &Path, test: &str, setup: impl FnOnce(&mut Command)) -> Output {
+    let mut cmd = Command::new(exe);
+    cmd.args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, test)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    setup(&mut cmd);
+    let child = cmd.spawn().expect("spawning the test binary");
+    let rx = spawn(move || child.wait_with_output());
+    match rx.recv_timeout(WAIT) {
+        Ok(out) => out.expect("waiting for the child"),
+        Err(_) => panic!("child part {test} did not finish within {WAIT:?}"),
+    }
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "status: {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let dir = std::env::temp_dir().join(format!(
+            "memsync-region-{tag}-{}-{nanos}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Integrity
+// ---------------------------------------------------------------------------
+
+/// Many threads read random ranges, half through the fault path and half
+/// through the inline path; every byte is compared, then the whole region.
+fn integrity(chunk: usize, size: usize, threads: usize, reads: usize) {
+    let (store, data) = random_store(size, chunk as u64, None);
+    let region = Arc::new(LazyRegion::new(store, cfg(chunk)).unwrap());
+    let data = Arc::new(data);
+    let rxs: Vec<_> = (0..threads)
+        .map(|t| {
+            let (region, data) = (Arc::clone(&region), Arc::clone(&data));
+            spawn(move || {
+                let mut rng = SmallRng::seed_from_u64(t as u64);
+                for k in 0..reads {
+                    let len = rng.random_range(1..=3 * chunk.min(64 * KIB));
+                    let off = rng.random_range(0..size - len);
+                    let mut buf = vec![0u8; len];
+                    if k % 2 == 0 {
+                        region.read_faulting(off, &mut buf);
+                    } else {
+                        region.read_at(off, &mut buf).unwrap();
+                    }
+                    assert!(
+                        buf == data[off..off + len],
+                        "thread {t} read {k}: {off}+{len} differs"
+                    );
+                }
+            })
+        })
+        .collect();
+    for rx in &rxs {
+        join(rx);
+    }
+    assert_same(&region, &data);
+    assert!(region.is_complete());
+    let s = region.stats().snapshot();
+    assert!(s.faults > 0, "{s}");
+    assert_eq!(s.chunks_poisoned, 0);
+    assert_eq!(
+        s.chunks_fault + s.chunks_inline + s.chunks_background,
+        region.geometry().chunks() as u64,
+        "{s}"
+    );
+    eprintln!("chunk {chunk}: {s}");
+}
+
+#[test]
+fn integrity_4k_chunks() {
+    // An odd size: a short last chunk and a partial last page.
+    integrity(4 * KIB, 8 * MIB + 12345, 6, 300);
+}
+
+#[test]
+fn integrity_64k_chunks() {
+    integrity(64 * KIB, 24 * MIB + 4096 + 7, 6, 300);
+}
+
+#[test]
+fn integrity_2m_chunks() {
+    integrity(2 * MIB, 64 * MIB + 100_000, 6, 200);
+}
+
+#[test]
+fn copy_install_without_move_is_identical() {
+    let (store, data) = random_store(8 * MIB + 5000, 77, Some(5));
+    let region = LazyRegion::new(
+        store,
+        RegionConfig {
+            use_move: false,
+            ..cfg(64 * KIB)
+        },
+    )
+    .unwrap();
+    let mut buf = vec![0u8; data.len()];
+    region.read_faulting(0, &mut buf);
+    assert!(buf == data);
+    let s = region.stats().snapshot();
+    assert_eq!(s.installs_move, 0, "{s}");
+    assert!(s.installs_copy > 0, "{s}");
+}
+
+/// Each thread writes its own stripe (through faults and the inline path)
+/// and reads random ranges everywhere; a shadow copy is compared at the end.
+#[test]
+fn mixed_reads_and_writes() {
+    let size = 16 * MIB;
+    let chunk = 64 * KIB;
+    let (store, data) = random_store(size, 9, Some(7));
+    let region = Arc::new(LazyRegion::new(store, cfg(chunk)).unwrap());
+    let threads = 4;
+    let stripe = size / threads;
+    let rxs: Vec<_> = (0..threads)
+        .map(|t| {
+            let region = Arc::clone(&region);
+            let mut shadow = data[t * stripe..(t + 1) * stripe].to_vec();
+            spawn(move || {
+                let mut rng = SmallRng::seed_from_u64(100 + t as u64);
+                for k in 0..300 {
+                    let len = rng.random_range(1..=100 * KIB);
+                    let off = rng.random_range(0..stripe - len);
+                    let bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+                    if k % 2 == 0 {
+                        region.write_faulting(t * stripe + off, &bytes);
+                    } else {
+                        region.write_at(t * stripe + off, &bytes).unwrap();
+                    }
+                    shadow[off..off + len].copy_from_slice(&bytes);
+                    let roff = rng.random_range(0..stripe - 4096);
+                    let mut back = vec![0u8; 4096];
+                    region.read_faulting(t * stripe + roff, &mut back);
+                    assert!(back == shadow[roff..roff + 4096], "thread {t} op {k}");
+                }
+                shadow
+            })
+        })
+        .collect();
+    let mut expected = Vec::with_capacity(size);
+    for rx in &rxs {
+        expected.extend_from_slice(&join(rx));
+    }
+    assert_same(&region, &expected);
+}
+
+#[test]
+fn zero_ranges_are_installed_without_reading() {
+    let size = 32 * MIB;
+    // Every other 64 KiB piece is a hole; whole 128 KiB... chunks of 64 KiB
+    // alternate between data and holes.
+    let (store, data) = random_store(size, 5, Some(2));
+    let region = LazyRegion::new(store, cfg(64 * KIB)).unwrap();
+    let mut buf = vec![0u8; size];
+    region.read_faulting(0, &mut buf);
+    assert!(buf == data);
+    let s = region.stats().snapshot();
+    let chunks = (size / (64 * KIB)) as u64;
+    assert_eq!(s.chunks_zero, chunks / 2, "{s}");
+    assert_eq!(s.bytes_fetched, (size / 2) as u64, "{s}");
+    // A zero chunk is writable afterwards.
+    region.write_at(10, b"written").unwrap();
+    let mut back = [0u8; 7];
+    region.read_at(10, &mut back).unwrap();
+    assert_eq!(&back, b"written");
+}
+
+#[test]
+fn concurrent_faults_on_one_chunk_fetch_once() {
+    let (store, data) = random_store(4 * MIB, 3, None);
+    let fault = Fault::new(store);
+    let control = fault.control();
+    control.set_delay(OpSet::READ, Duration::from_millis(50));
+    let region = Arc::new(LazyRegion::new(Arc::new(fault), cfg(2 * MIB)).unwrap());
+    let rxs: Vec<_> = (0..8)
+        .map(|t| {
+            let region = Arc::clone(&region);
+            spawn(move || {
+                let mut b = vec![0u8; 64];
+                region.read_faulting(t * 4096 * 3, &mut b);
+                b
+            })
+        })
+        .collect();
+    for (t, rx) in rxs.iter().enumerate() {
+        assert_eq!(join(rx), data[t * 4096 * 3..t * 4096 * 3 + 64]);
+    }
+    // The waiters are woken by the install, just before the fetcher counts it.
+    let t = Instant::now();
+    while region.stats().snapshot().chunks_fault == 0 && t.elapsed() < WAIT {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let s = region.stats().snapshot();
+    assert_eq!(s.chunks_fault, 1, "one fetch for one chunk: {s}");
+    assert_eq!(s.bytes_fetched, 2 * MIB as u64, "{s}");
+}
+
+#[test]
+fn present_chunks_bitmap_tracks_touches() {
+    let (store, data) = random_store(8 * MIB, 4, None);
+    let region = LazyRegion::new(store, cfg(MIB)).unwrap();
+    assert_eq!(region.present_count(), 0);
+    let mut b = [0u8; 1];
+    region.read_faulting(3 * MIB + 5, &mut b);
+    assert_eq!(b[0], data[3 * MIB + 5]);
+    region.write_faulting(6 * MIB, &[1]);
+    let bm = region.present_chunks();
+    assert_eq!(bm.iter().collect::<Vec<_>>(), [3, 6]);
+    assert_eq!(region.chunk_state(3), ChunkState::Present);
+    assert_eq!(region.chunk_state(0), ChunkState::Absent);
+    // The rest of a written chunk keeps the store's data.
+    let mut rest = vec![0u8; MIB - 1];
+    region.read_at(6 * MIB + 1, &mut rest).unwrap();
+    assert!(rest == data[6 * MIB + 1..7 * MIB]);
+}
+
+#[test]
+fn dontneed_refetches_from_the_store() {
+    let (store, data) = random_store(4 * MIB, 6, None);
+    let region = LazyRegion::new(store, cfg(64 * KIB)).unwrap();
+    region.write_at(0, &[0xEE; 8192]).unwrap();
+    let mut b = [0u8; 4];
+    region.read_at(0, &mut b).unwrap();
+    assert_eq!(b, [0xEE; 4]);
+    // Drop the first page only: the chunk is refetched; the dropped page
+    // gets the store's data back, the second page keeps the local write.
+    region.advise(0, 4096, Advice::DontNeed).unwrap();
+    let mut page = vec![0u8; 8192];
+    region.read_faulting(0, &mut page);
+    assert!(page[..4096] == data[..4096], "dropped page refetched");
+    assert_eq!(
+        &page[4096..],
+        &[0xEE; 4096],
+        "other pages keep local writes"
+    );
+    let s = region.stats().snapshot();
+    assert_eq!(s.removes, 1, "{s}");
+}
+
+// ---------------------------------------------------------------------------
+// Background pull
+// ---------------------------------------------------------------------------
+
+#[test]
+fn background_pull_fills_everything() {
+    let (store, data) = random_store(32 * MIB + 999, 11, Some(9));
+    let region = LazyRegion::new(
+        store,
+        RegionConfig {
+            prefetch: true,
+            ..cfg(2 * MIB)
+        },
+    )
+    .unwrap();
+    assert!(region.wait_pull(WAIT), "{:?}", region.progress());
+    let p = region.progress();
+    assert!(p.done && p.present_chunks == p.total_chunks, "{p:?}");
+    let faults_before = region.stats().snapshot().faults;
+    let mut buf = vec![0u8; data.len()];
+    region.read_faulting(0, &mut buf);
+    assert!(buf == data);
+    assert_eq!(
+        region.stats().snapshot().faults,
+        faults_before,
+        "no fault after a complete pull"
+    );
+    assert!(region.stats().snapshot().bytes_background > 0);
+}
+
+#[test]
+fn background_pull_pause_resume_and_restart() {
+    let (store, data) = random_store(16 * MIB, 12, None);
+    let fault = Fault::new(store);
+    let control = fault.control();
+    control.set_delay(OpSet::READ, Duration::from_millis(5));
+    let region = LazyRegion::new(Arc::new(fault), cfg(256 * KIB)).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(region.progress().pulled_chunks, 0, "not started");
+    region.start_pull();
+    std::thread::sleep(Duration::from_millis(60));
+    region.pause_pull();
+    std::thread::sleep(Duration::from_millis(20));
+    let paused_at = region.progress().pulled_chunks;
+    assert!(paused_at > 0);
+    std::thread::sleep(Duration::from_millis(60));
+    assert_eq!(region.progress().pulled_chunks, paused_at, "paused");
+    assert!(!region.wait_pull(Duration::from_millis(10)));
+    region.resume_pull();
+    assert!(region.wait_pull(WAIT));
+    assert!(region.is_complete());
+    assert_same(&region, &data);
+}
+
+/// Faults are served while the puller is busy with a slow store, and a
+/// fault on the chunk the puller is fetching waits for that fetch.
+#[test]
+fn faults_do_not_wait_behind_background_pull() {
+    let (store, data) = random_store(16 * MIB, 13, None);
+    let fault = Fault::new(store);
+    let control = fault.control();
+    // The puller's first chunk stalls for a while.
+    control.add_rule(
+        FaultRule::stall(OpSet::READ)
+            .in_range(0..1)
+            .times(1)
+            .stall_timeout(Duration::from_millis(800)),
+    );
+    let region = Arc::new(
+        LazyRegion::new(
+            Arc::new(fault),
+            RegionConfig {
+                prefetch: true,
+                ..cfg(MIB)
+            },
+        )
+        .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        region.chunk_state(0),
+        ChunkState::Fetching,
+        "the puller is stuck on chunk 0"
+    );
+    let t = Instant::now();
+    let mut b = vec![0u8; 100];
+    region.read_faulting(9 * MIB, &mut b);
+    assert!(b == data[9 * MIB..9 * MIB + 100]);
+    assert!(
+        t.elapsed() < Duration::from_millis(400),
+        "fault waited {:?}",
+        t.elapsed()
+    );
+    // A fault on chunk 0 waits for the puller's fetch (no second read).
+    region.read_faulting(5, &mut b);
+    assert!(b == data[5..105]);
+    let s = region.stats().snapshot();
+    assert!(s.faults_waited >= 1, "{s}");
+    assert!(region.wait_pull(WAIT));
+    assert_same(&region, &data);
+}
+
+#[derive(Debug, Default)]
+struct Reverse;
+
+impl PullPriority for Reverse {
+    fn next_chunk(&mut self, view: &PullView<'_>) -> Option<usize> {
+        (0..view.chunk_count()).rev().find(|&i| view.wanted(i))
+    }
+}
+
+#[test]
+fn custom_priority_is_used() {
+    let (store, data) = random_store(8 * MIB, 14, None);
+    let fault = Fault::new(store);
+    fault
+        .control()
+        .set_delay(OpSet::READ, Duration::from_millis(20));
+    let region = LazyRegion::new(
+        Arc::new(fault),
+        RegionConfig {
+            prefetch: true,
+            priority: Box::new(Reverse),
+            ..cfg(MIB)
+        },
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(70));
+    let present: Vec<usize> = region.present_chunks().iter().collect();
+    assert!(
+        !present.is_empty() && present.iter().all(|&i| i >= 4),
+        "{present:?}"
+    );
+    assert!(region.wait_pull(WAIT));
+    assert_same(&region, &data);
+}
+
+#[test]
+fn follow_faults_and_sequential_orders() {
+    let map = ChunkMap::new(10);
+    let skip = vec![false; 10];
+    let mut seq = Sequential::default();
+    let mut ff = FollowFaults::default();
+    let v = PullView::new(&map, &skip, None);
+    assert_eq!(seq.next_chunk(&v), Some(0));
+    assert_eq!(ff.next_chunk(&v), Some(0));
+    map.try_claim(0).unwrap();
+    assert!(map.finish(0));
+    // A fault on chunk 6: FollowFaults continues at 7, Sequential at 1.
+    map.try_claim(6).unwrap();
+    let v = PullView::new(&map, &skip, Some(6));
+    assert_eq!(ff.next_chunk(&v), Some(7));
+    assert_eq!(seq.next_chunk(&v), Some(1));
+    // ...then wraps around to what it skipped.
+    for i in [8, 9] {
+        assert_eq!(ff.next_chunk(&v), Some(i));
+        map.try_claim(i).unwrap();
+    }
+    assert_eq!(ff.next_chunk(&v), Some(1));
+    let all_skipped = vec![true; 10];
+    assert_eq!(
+        seq.next_chunk(&PullView::new(&map, &all_skipped, None)),
+        None
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Failures
+// ---------------------------------------------------------------------------
+
+#[test]
+fn failing_store_reports_errors_through_the_api() {
+    let (store, data) = random_store(4 * MIB, 16, None);
+    let fault = Fault::new(store);
+    let control = fault.control();
+    control.fail_range(OpSet::READ, MIB as u64..MIB as u64 + 1);
+    let region = LazyRegion::new(
+        Arc::new(fault),
+        RegionConfig {
+            fetch_deadline: Duration::from_millis(200),
+            retry_backoff: Duration::from_millis(5),
+            ..cfg(MIB)
+        },
+    )
+    .unwrap();
+    let t = Instant::now();
+    let mut b = [0u8; 8];
+    let err = region.read_at(MIB + 10, &mut b).unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(err.chunk, 1);
+    assert!(err.poisoned && err.attempts > 1, "{err}");
+    assert!(err.message.contains("injected"), "{err}");
+    assert_eq!(region.last_error().unwrap().chunk, 1);
+    assert_eq!(region.chunk_state(1), ChunkState::Poisoned);
+    // Again: reported at once, without touching the poisoned pages.
+    assert!(region.read_at(MIB, &mut b).is_err());
+    // Other chunks are fine.
+    region.read_at(3 * MIB, &mut b).unwrap();
+    assert_eq!(b, data[3 * MIB..3 * MIB + 8]);
+    let s = region.stats().snapshot();
+    assert_eq!(s.chunks_poisoned, 1, "{s}");
+    assert!(s.store_errors >= 2, "{s}");
+}
+
+/// The faulting access of a failing store gets SIGBUS in bounded time.
+#[test]
+fn failing_store_raises_sigbus() {
+    const NAME: &str = "failing_store_raises_sigbus";
+    if is_child(NAME) {
+        let control = FaultControl::new();
+        let (store, _) = random_store(4 * MIB, 17, None);
+        let fault = Fault::with_control(store, control.clone());
+        control.fail_always(OpSet::READ);
+        let region = LazyRegion::new(
+            Arc::new(fault),
+            RegionConfig {
+                fetch_deadline: Duration::from_millis(300),
+                retry_backoff: Duration::from_millis(5),
+                ..cfg(64 * KIB)
+            },
+        )
+        .unwrap();
+        let mut b = [0u8; 1];
+        eprintln!("child: touching");
+        region.read_faulting(100 * KIB, &mut b);
+        eprintln!("child: the access returned {b:?} instead of raising SIGBUS");
+        std::process::exit(3);
+    }
+    let t = Instant::now();
+    let out = run_child(&std::env::current_exe().unwrap(), NAME, |_| {});
+    assert_eq!(
+        out.status.signal(),
+        Some(7 /* SIGBUS */),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("child: touching"));
+}
+
+/// A stalled chunk does not block faults on other chunks.
+#[test]
+fn slow_store_does_not_block_other_chunks() {
+    let (store, data) = random_store(8 * MIB, 18, None);
+    let fault = Fault::new(store);
+    let control = fault.control();
+    let chunk = 256 * KIB;
+    control.add_rule(
+        FaultRule::stall(OpSet::READ)
+            .in_range(0..chunk as u64)
+            .stall_timeout(Duration::from_secs(3)),
+    );
+    let region = Arc::new(LazyRegion::new(Arc::new(fault), cfg(chunk)).unwrap());
+    let slow = {
+        let region = Arc::clone(&region);
+        spawn(move || {
+            let mut b = [0u8; 16];
+            region.read_faulting(100, &mut b);
+            b
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        slow.try_recv().is_err(),
+        "the stalled read is still waiting"
+    );
+    let t = Instant::now();
+    for k in 1..20 {
+        let mut b = [0u8; 16];
+        region.read_faulting(k * 300 * KIB, &mut b);
+        assert_eq!(b, data[k * 300 * KIB..k * 300 * KIB + 16]);
+    }
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "other chunks took {:?}",
+        t.elapsed()
+    );
+    assert!(slow.try_recv().is_err(), "still stalled");
+    control.release_stalls();
+    assert_eq!(join(&slow), data[100..116]);
+}
+
+/// Dropping a region whose threads are stuck in store reads (puller and a
+/// fault handler) and with faults outstanding returns promptly.
+#[test]
+fn drop_while_fetching_is_prompt() {
+    let (store, _) = random_store(16 * MIB, 19, None);
+    let fault = Fault::new(store);
+    let control = fault.control();
+    control.stall(OpSet::READ, None);
+    let region = LazyRegion::new(
+        Arc::new(fault),
+        RegionConfig {
+            prefetch: true,
+            ..cfg(MIB)
+        },
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(region.chunk_state(0), ChunkState::Fetching);
+    let t = Instant::now();
+    drop(region);
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "drop took {:?}",
+        t.elapsed()
+    );
+    // Many regions created and dropped in a row leak nothing that blocks.
+    for k in 0..5 {
+        let (store, data) = random_store(2 * MIB, 20 + k, None);
+        let region = LazyRegion::new(
+            store,
+            RegionConfig {
+                prefetch: true,
+                ..cfg(64 * KIB)
+            },
+        )
+        .unwrap();
+        let mut b = [0u8; 3];
+        region.read_faulting(MIB, &mut b);
+        assert_eq!(b, data[MIB..MIB + 3]);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// memfd mode
+// ---------------------------------------------------------------------------
+
+#[test]
+fn memfd_region_is_seen_by_a_second_process() {
+    const NAME: &str = "memfd_region_is_seen_by_a_second_process";
+    let size = 8 * MIB + 4096;
+    let chunk = 256 * KIB;
+    if is_child(NAME) {
+        let path = std::env::var("MEMSYNC_REGION_MEMFD").unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let map = memsync_sys_mapping(&file, size);
+        let (_, data) = random_store(size, 21, Some(3));
+        // The parent filled the first half lazily (faults) before starting us.
+        let mut buf = vec![0u8; size / 2];
+        map.read_at(0, &mut buf);
+        assert!(buf == data[..size / 2], "child sees the lazily filled data");
+        // Write into the filled part: the parent sees it (shared memory).
+        map.write_at(100, b"from the child");
+        eprintln!("child: ok");
+        return;
+    }
+    let (store, data) = random_store(size, 21, Some(3));
+    let region = LazyRegion::new(
+        store,
+        RegionConfig {
+            backing: Backing::Memfd,
+            ..cfg(chunk)
+        },
+    )
+    .unwrap();
+    let fd = region.as_fd().expect("memfd backing has a memfd");
+    let mut half = vec![0u8; size / 2];
+    region.read_faulting(0, &mut half);
+    assert!(half == data[..size / 2]);
+    let path = format!(
+        "/proc/{}/fd/{}",
+        std::process::id(),
+        std::os::fd::AsRawFd::as_raw_fd(&fd)
+    );
+    let out = run_child(&std::env::current_exe().unwrap(), NAME, |c| {
+        c.env("MEMSYNC_REGION_MEMFD", &path);
+    });
+    assert!(out.status.success(), "{}", describe(&out));
+    let mut msg = [0u8; 14];
+    region.read_at(100, &mut msg).unwrap();
+    assert_eq!(&msg, b"from the child");
+    // The second half is filled lazily too, through the inline path.
+    let mut rest = vec![0u8; size - size / 2];
+    region.read_at(size / 2, &mut rest).unwrap();
+    assert!(rest == data[size / 2..]);
+    let s = region.stats().snapshot();
+    assert!(s.installs_continue > 0, "{s}");
+    // MADV_DONTNEED keeps memfd data: the next touch maps it again.
+    region.advise(0, MIB, Advice::DontNeed).unwrap();
+    region.read_faulting(100, &mut msg);
+    assert_eq!(&msg, b"from the child");
+}
+
+fn memsync_sys_mapping(file: &std::fs::File, len: usize) -> memsync_sys::Mapping {
+    use std::os::fd::AsFd;
+    memsync_sys::Mapping::shared_fd(file.as_fd(), len, 0).unwrap()
+}
+
+// ---------------------------------------------------------------------------
+// Unprivileged use
+// ---------------------------------------------------------------------------
+
+#[test]
+fn runs_as_a_non_root_user() {
+    const NAME: &str = "runs_as_a_non_root_user";
+    if is_child(NAME) {
+        assert_ne!(memsync_sys::euid(), 0, "the child runs unprivileged");
+        let (store, data) = random_store(4 * MIB + 17, 22, Some(4));
+        let region = LazyRegion::new(store, cfg(64 * KIB)).unwrap();
+        assert!(
+            region.user_mode_only(),
+            "unprivileged: user-mode-only userfaultfd"
+        );
+        let mut buf = vec![0u8; data.len()];
+        region.read_faulting(0, &mut buf);
+        assert!(buf == data);
+        eprintln!("child: unprivileged region ok");
+        return;
+    }
+    if memsync_sys::euid() != 0 {
+        // Already unprivileged: run the child part in-process.
+        let (store, data) = random_store(MIB, 22, None);
+        let region = LazyRegion::new(store, cfg(64 * KIB)).unwrap();
+        assert!(region.user_mode_only());
+        assert_same(&region, &data);
+        return;
+    }
+    // The cargo target directory may not be traversable by nobody: run a copy.
+    let dir = TempDir::new("nonroot");
+    let exe = dir.0.join("region-test");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = run_child(&exe, NAME, |c| {
+        c.uid(65534)
+            .gid(65534)
+            .current_dir(&dir.0)
+            .env("TMPDIR", &dir.0);
+    });
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unprivileged region ok"),
+        "{}",
+        describe(&out)
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Chunk state and geometry (property tests)
+// ---------------------------------------------------------------------------
+
+proptest! {
+    #[test]
+    fn geometry_chunks_tile_the_region(size in 1u64..(64 << 20), chunk_log in 12u32..22) {
+        let chunk = 1usize << chunk_log;
+        let g = Geometry::new(size, chunk, 4096).unwrap();
+        let mut pos = 0usize;
+        for i in 0..g.chunks() {
+            let (off, data, inst) = g.chunk(i);
+            prop_assert_eq!(off, pos);
+            prop_assert!(data > 0 && data <= chunk);
+            prop_assert!(inst >= data && inst % 4096 == 0 && inst - data < 4096);
+            prop_assert_eq!(g.chunk_of(off), i);
+            prop_assert_eq!(g.chunk_of(off + data - 1), i);
+            pos += data;
+        }
+        prop_assert_eq!(pos as u64, size);
+        prop_assert_eq!(g.map_len() % 4096, 0);
+        prop_assert!(g.map_len() as u64 >= size && (g.map_len() as u64) < size + 4096);
+    }
+
+    #[test]
+    fn chunk_map_follows_its_model(ops in proptest::collection::vec((0usize..6, 0usize..40), 1..400)) {
+        let map = ChunkMap::new(40);
+        let mut model = [ChunkState::Absent; 40];
+        for (op, i) in ops {
+            let cur = model[i];
+            match op {
+                0 => {
+                    let r = map.try_claim(i);
+                    if cur == ChunkState::Absent {
+                        prop_assert!(r.is_ok());
+                        model[i] = ChunkState::Fetching;
+                    } else {
+                        prop_assert_eq!(r, Err(cur));
+                    }
+                }
+                1 => {
+                    let ok = map.finish(i);
+                    prop_assert_eq!(ok, cur == ChunkState::Fetching);
+                    if ok { model[i] = ChunkState::Present; }
+                }
+                2 => {
+                    map.abandon(i);
+                    if cur == ChunkState::Fetching { model[i] = ChunkState::Absent; }
+                }
+                3 => {
+                    let prev = map.invalidate(i);
+                    prop_assert_eq!(prev, cur);
+                    if matches!(cur, ChunkState::Present | ChunkState::Fetching) { model[i] = ChunkState::Absent; }
+                }
+                4 => {
+                    let ok = map.poison(i);
+                    prop_assert_eq!(ok, cur == ChunkState::Fetching);
+                    if ok { model[i] = ChunkState::Poisoned; }
+                }
+                _ => {
+                    let r = map.try_reclaim(i);
+                    prop_assert_eq!(r.is_ok(), cur == ChunkState::Present);
+                    if r.is_ok() { model[i] = ChunkState::Fetching; }
+                }
+            }
+            for (k, s) in model.iter().enumerate() {
+                prop_assert_eq!(map.get(k), *s);
+            }
+            let present: Vec<usize> = (0..40).filter(|&k| model[k] == ChunkState::Present).collect();
+            prop_assert_eq!(map.present_count(), present.len());
+            let bm = map.present_bitmap();
+            prop_assert_eq!(bm.iter().collect::<Vec<_>>(), present.clone());
+            prop_assert_eq!(bm.count(), present.len());
+            prop_assert_eq!(map.any_fetching(), model.contains(&ChunkState::Fetching));
+        }
+    }
+}
+
+#[test]
+fn claims_are_exclusive_across_threads() {
+    let map = Arc::new(ChunkMap::new(1000));
+    let wins: Vec<_> = (0..4)
+        .map(|_| {
+            let map = Arc::clone(&map);
+            spawn(move || (0..1000).filter(|&i| map.try_claim(i).is_ok()).count())
+        })
+        .collect();
+    let total: usize = wins.iter().map(join).sum();
+    assert_eq!(total, 1000);
+}

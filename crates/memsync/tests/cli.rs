@@ -1,0 +1,222 @@
+//! End-to-end tests that drive the `memsync` binary.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Command, Output};
+
+use rand::{RngCore, SeedableRng};
+
+fn memsync(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_memsync")).args(args).output().expect("run memsync")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn help_teaches_store_urls() {
+    let o = memsync(&["--help"]);
+    assert!(o.status.success());
+    let s = stdout(&o);
+    for needle in ["mem:SIZE", "file:PATH", "dir:PATH", "bench", "copy", "EXAMPLES"] {
+        assert!(s.contains(needle), "--help lacks {needle:?}:\n{s}");
+    }
+    let o = memsync(&["stores"]);
+    assert!(o.status.success());
+    let s = stdout(&o);
+    assert!(s.contains("mem") && s.contains("file") && s.contains("dir"), "{s}");
+}
+
+#[test]
+fn bad_urls_fail_with_one_clear_line() {
+    for (url, part) in [("mem:12Q", "size"), ("s4://x", "scheme"), ("dir:/tmp/x?chunck=4K", "chunck"), ("nofile", "scheme")] {
+        let o = memsync(&["info", url]);
+        assert!(!o.status.success(), "{url} should fail");
+        let e = stderr(&o);
+        assert_eq!(e.trim_end().lines().count(), 1, "one line expected for {url}: {e}");
+        assert!(e.starts_with("memsync: error:"), "{e}");
+        assert!(e.contains(part), "error for {url} should name {part:?}: {e}");
+    }
+}
+
+#[test]
+fn copy_file_to_dir_and_checksums_match() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src.img");
+    let mut data = vec![0u8; 5 << 20];
+    rand::rngs::SmallRng::seed_from_u64(9).fill_bytes(&mut data);
+    // A hole in the middle and an unaligned tail.
+    data[(1 << 20)..(3 << 20)].fill(0);
+    data.truncate((5 << 20) - 1234);
+    std::fs::write(&src, &data).unwrap();
+    let size = data.len();
+    let src_url = format!("file:{}", src.display());
+    let dst_url = format!("dir:{}?size={size}&chunk=64K", tmp.path().join("chunks").display());
+    let metrics = tmp.path().join("metrics.prom");
+    let o = memsync(&["copy", &src_url, &dst_url, "--metrics", metrics.to_str().unwrap()]);
+    assert!(o.status.success(), "copy failed: {}", stderr(&o));
+    let prom = std::fs::read_to_string(&metrics).unwrap();
+    assert!(prom.contains("memsync_store_ops_total"), "{prom}");
+    assert!(prom.contains("op=\"read\""), "{prom}");
+
+    let a = memsync(&["checksum", &src_url]);
+    let b = memsync(&["checksum", &dst_url]);
+    assert!(a.status.success() && b.status.success(), "{} {}", stderr(&a), stderr(&b));
+    let ha = stdout(&a).split_whitespace().next().unwrap().to_owned();
+    let hb = stdout(&b).split_whitespace().next().unwrap().to_owned();
+    assert_eq!(ha, blake3::hash(&data).to_hex().to_string());
+    assert_eq!(ha, hb);
+
+    // The copy left the hole unallocated in the directory store.
+    let info = memsync(&["info", &dst_url]);
+    assert!(info.status.success(), "{}", stderr(&info));
+    assert!(stdout(&info).contains("hole"), "{}", stdout(&info));
+}
+
+#[test]
+fn copy_refuses_smaller_destination() {
+    let o = memsync(&["copy", "mem:2M", "mem:1M"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("smaller"), "{}", stderr(&o));
+}
+
+#[test]
+fn demo_runs_and_verifies() {
+    let o = memsync(&["demo", "--size", "16M", "--no-bench"]);
+    assert!(o.status.success(), "demo failed: {}", stderr(&o));
+    assert!(stdout(&o).contains("verified"), "{}", stdout(&o));
+}
+
+#[test]
+fn bench_store_json_has_limits_and_ratios() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = memsync(&["bench", "store", "--quick", "--json", "--runs", "1", "--scratch", tmp.path().to_str().unwrap()]);
+    assert!(o.status.success(), "bench failed: {}", stderr(&o));
+    let mut subjects: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut ratios = BTreeSet::new();
+    for line in stdout(&o).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON: {line}: {e}"));
+        for key in ["suite", "case", "subject", "metric", "value", "unit", "runs", "min", "max"] {
+            assert!(v.get(key).is_some(), "missing {key} in {line}");
+        }
+        assert_eq!(v["suite"], "store");
+        let case = v["case"].as_str().unwrap().to_owned();
+        let value = v["value"].as_f64().unwrap();
+        assert!(value.is_finite() && value > 0.0, "bad value in {line}");
+        if v["metric"] == "ratio" {
+            ratios.insert(case);
+        } else {
+            assert!(v["min"].as_f64().unwrap() <= value && value <= v["max"].as_f64().unwrap(), "{line}");
+            subjects.entry(case).or_default().insert(v["subject"].as_str().unwrap().to_owned());
+        }
+    }
+    for store in ["mem", "file", "dir"] {
+        for kind in ["seq-read-1M", "seq-write-1M", "rand-read-4K", "rand-write-4K"] {
+            let case = format!("{store} {kind}");
+            let s = subjects.get(&case).unwrap_or_else(|| panic!("no case {case}"));
+            assert!(s.contains("memsync") && s.len() == 2, "{case} lacks its limit: {s:?}");
+            assert!(ratios.contains(&case), "{case} has no ratio");
+        }
+    }
+}
+
+/// `memsync serve`: a child process killed on drop, with the address it printed.
+struct Serve {
+    child: std::process::Child,
+    uri: String,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(args: &[&str]) -> Serve {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_memsync"))
+        .arg("serve")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run memsync serve");
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = std::io::BufReader::new(out).lines();
+        if let Some(Ok(l)) = lines.next() {
+            let _ = tx.send(l);
+        }
+        for _ in lines {}
+    });
+    let line = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("memsync serve printed its address");
+    let uri = line.trim_start_matches("memsync: serving ").to_owned();
+    Serve { child, uri }
+}
+
+fn run_ok(prog: &str, args: &[&str]) -> String {
+    let o = Command::new(prog).args(args).output().unwrap_or_else(|e| panic!("{prog} (scripts/setup.sh installs it): {e}"));
+    assert!(o.status.success(), "{prog} {args:?}: {}{}", stdout(&o), stderr(&o));
+    stdout(&o)
+}
+
+#[test]
+fn serve_nbd_to_qemu_and_libnbd_then_stop_on_sigterm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("disk.img");
+    let mut s = serve(&[
+        &format!("file:{}?size=16M", img.display()),
+        "--listen",
+        "nbd://127.0.0.1:0",
+        "--export",
+        "disk",
+        "--export",
+        "scratch=mem:8M",
+        "--description",
+        "memsync test",
+    ]);
+    let uri = format!("{}/disk", s.uri);
+    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0xab 0 1M", "-c", "read -P 0xab 0 1M", "-c", "write -P 0xcd 3M 4k"]);
+    run_ok("qemu-img", &["info", &uri]);
+    let list = run_ok("nbdinfo", &["--list", &s.uri]);
+    assert!(list.contains("\"disk\"") && list.contains("\"scratch\"") && list.contains("memsync test"), "{list}");
+    // SIGTERM: clean shutdown with the file store flushed.
+    let st = Command::new("kill").args(["-TERM", &s.child.id().to_string()]).status().unwrap();
+    assert!(st.success());
+    let mut status = None;
+    for _ in 0..300 {
+        if let Some(x) = s.child.try_wait().unwrap() {
+            status = Some(x);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let status = status.expect("memsync serve stopped within 6 s");
+    assert!(status.success(), "{status:?}");
+    let data = std::fs::read(&img).unwrap();
+    assert!(data[..1 << 20].iter().all(|&b| b == 0xab) && data[3 << 20] == 0xcd);
+}
+
+#[test]
+fn serve_read_only_over_unix_socket() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("s.sock");
+    let s = serve(&["mem:4M", "--read-only", "--listen", &format!("nbd+unix:///?socket={}", sock.display())]);
+    assert!(s.uri.starts_with("nbd+unix://"), "{}", s.uri);
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let json = run_ok("nbdinfo", &["--json", &uri]);
+    assert!(json.contains("\"is_read_only\": true"), "{json}");
+    let o = Command::new("qemu-io").args(["-f", "raw", &uri, "-c", "write 0 4k"]).output().unwrap();
+    let all = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(!o.status.success() || all.contains("rror") || all.contains("ermission") || all.contains("read-only") || all.contains("read only"), "{all}");
+    // The memsync client reads it by URL.
+    let o = memsync(&["info", &uri]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("read-only:    true"), "{}", stdout(&o));
+}
