@@ -189,13 +189,8 @@ async fn stack_over_dyn_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_errors_propagate_with_context() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = DirStore::open(
-        tmp.path().join("d"),
-        DirOptions::with_size(1 << 20).chunk_size(64 << 10),
-    )
-    .unwrap();
-    let fault = Fault::new(dir);
+    // An inner store that takes whole 64 KiB chunks only, so Chunked must read-modify-write.
+    let fault = Fault::new(Strict::new(1 << 20, 64 << 10));
     let control = fault.control();
     let stack = Stats::new(Chunked::new(fault, 64 << 10).unwrap());
 

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use memsync_core::size::format_size;
 use memsync_core::{
     Bytes, Caps, Extent, ExtentKind, Result, Store, StoreError, async_trait, check_range,
+    range::chunk_pieces,
 };
 use parking_lot::{Mutex, RwLock};
 
@@ -80,15 +81,17 @@ impl DirOptions {
 /// `write_zeroes` and writes of an all-zero chunk. A metadata file (`memsync-dir.meta`) records the
 /// size and chunk size, and reopening with different values fails.
 ///
-/// Requests must cover whole chunks (`caps().block_size` is the chunk size); the `dir:` URL
-/// opener wraps the store in a chunking layer so that any range works. At most `max_open` chunk
+/// Any byte range works: a request is split at chunk boundaries and each piece is one
+/// `pread`/`pwrite` at its offset in the chunk file, so small requests cost one system call and
+/// no read-modify-write. At most `max_open` chunk
 /// files are kept open (LRU), plus those in use by in-flight requests. `flush` fsyncs every chunk
 /// file written since the last flush, then the directory.
 ///
 /// I/O happens directly in the async fns (reads and writes of one chunk on the page cache take
 /// microseconds, less than a hand-off to a thread pool); only `flush` runs on tokio's blocking
 /// pool. Requests for different chunks run in parallel: the fd cache's lock is held only for a
-/// lookup, and chunks are locked individually (striped locks). Writes are atomic per chunk.
+/// lookup, and chunks are locked individually (striped locks). Each piece of a write is atomic
+/// with respect to reads of the same chunk.
 ///
 /// # Example
 /// ```
@@ -98,7 +101,8 @@ impl DirOptions {
 /// # async fn main() -> memsync_core::Result<()> {
 /// # let tmp = tempfile::tempdir().unwrap();
 /// let store = DirStore::open(tmp.path().join("chunks"), DirOptions::with_size(1 << 20).chunk_size(4096))?;
-/// store.write(8192, Bytes::from(vec![1u8; 4096])).await?; // whole chunks only
+/// store.write(8192, Bytes::from(vec![1u8; 4096])).await?;
+/// store.write(8190, Bytes::from_static(b"ab")).await?; // any range, across chunk boundaries
 /// store.flush().await?;
 /// assert_eq!(store.read_bytes(8192, 4096).await?[0], 1);
 /// assert!(tmp.path().join("chunks/0000000000000002").exists());
@@ -284,7 +288,7 @@ impl DirStore {
                     ))
                 })?;
                 let chunk_size = opts.chunk_size.unwrap_or(Self::DEFAULT_CHUNK_SIZE);
-                Self::validate(dir, size, chunk_size)?;
+                Self::validate(dir, chunk_size)?;
                 let entries = std::fs::read_dir(dir).map_err(|e| ioe("list directory", e))?;
                 for entry in entries {
                     let entry = entry.map_err(|e| ioe("list directory", e))?;
@@ -314,7 +318,7 @@ impl DirStore {
             }
             Err(e) => return Err(ioe("read metadata", e)),
         };
-        Self::validate(dir, size, chunk_size)?;
+        Self::validate(dir, chunk_size)?;
         Ok(DirStore {
             inner: Arc::new(Inner {
                 dir: dir.to_owned(),
@@ -334,7 +338,7 @@ impl DirStore {
         })
     }
 
-    fn validate(dir: &Path, size: u64, chunk_size: u64) -> Result<()> {
+    fn validate(dir: &Path, chunk_size: u64) -> Result<()> {
         let cfg = |why: String| StoreError::Config(format!("dir store {}: {why}", dir.display()));
         if chunk_size == 0 || chunk_size > MAX_CHUNK {
             return Err(cfg(format!(
@@ -399,7 +403,13 @@ impl Inner {
         }
     }
 
-    fn read_chunk(&self, index: u64, buf: &mut [u8]) -> Result<()> {
+    /// The length of chunk `index` (the last chunk may be short).
+    fn chunk_len(&self, index: u64) -> u64 {
+        (self.size - index * self.chunk_size).min(self.chunk_size)
+    }
+
+    /// Read `buf.len()` bytes at `within` of chunk `index`; a missing or short file reads as zeros.
+    fn read_piece(&self, index: u64, within: u64, buf: &mut [u8]) -> Result<()> {
         let _guard = self.lock(index).read();
         let Some(file) = self.file(index, false)? else {
             buf.fill(0);
@@ -407,7 +417,7 @@ impl Inner {
         };
         let mut done = 0;
         while done < buf.len() {
-            match file.read_at(&mut buf[done..], done as u64) {
+            match file.read_at(&mut buf[done..], within + done as u64) {
                 Ok(0) => break, // A short file (an interrupted first write) reads as zeros.
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -418,13 +428,26 @@ impl Inner {
         Ok(())
     }
 
-    fn write_chunk(&self, index: u64, data: &[u8]) -> Result<()> {
+    /// Write `data` at `within` of chunk `index`. A whole chunk of zeros removes the file; zeros
+    /// written into a chunk that has no file change nothing and create nothing.
+    fn write_piece(&self, index: u64, within: u64, data: &[u8]) -> Result<()> {
         let _guard = self.lock(index).write();
+        let whole = within == 0 && data.len() as u64 == self.chunk_len(index);
         if is_zero(data) {
-            return self.remove_chunk(index);
+            if whole {
+                return self.remove_chunk(index);
+            }
+            let Some(file) = self.file(index, false)? else {
+                return Ok(());
+            };
+            return self.pwrite(&file, index, within, data);
         }
         let file = self.file(index, true)?.expect("created");
-        file.write_all_at(data, 0)
+        self.pwrite(&file, index, within, data)
+    }
+
+    fn pwrite(&self, file: &File, index: u64, within: u64, data: &[u8]) -> Result<()> {
+        file.write_all_at(data, within)
             .map_err(|e| self.err("pwrite", index, e))?;
         self.dirty.lock().insert(index);
         Ok(())
@@ -443,11 +466,11 @@ impl Inner {
         }
     }
 
+    /// Zero a range: whole chunks lose their file, partial chunks get zeros written.
     fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
-        let cs = self.chunk_size;
-        for index in offset / cs..(offset + len).div_ceil(cs) {
-            let _guard = self.lock(index).write();
-            self.remove_chunk(index)?;
+        let zeros = vec![0u8; usize_of(self.chunk_size.min(len))];
+        for p in chunk_pieces(offset, len, self.chunk_size) {
+            self.write_piece(p.index, p.within, &zeros[..usize_of(p.len)])?;
         }
         Ok(())
     }
@@ -512,20 +535,6 @@ impl Inner {
     }
 }
 
-/// Requests must start on a chunk boundary and cover whole chunks, except that the last chunk
-/// of a store whose size is not a chunk multiple is shorter.
-fn check_chunked(size: u64, cs: u64, offset: u64, len: u64) -> Result<()> {
-    check_range(size, 1, offset, len)?;
-    if offset % cs != 0 || (len % cs != 0 && offset + len != size) {
-        return Err(StoreError::Misaligned {
-            offset,
-            len,
-            align: cs,
-        });
-    }
-    Ok(())
-}
-
 #[async_trait]
 impl Store for DirStore {
     fn size(&self) -> u64 {
@@ -535,7 +544,6 @@ impl Store for DirStore {
     fn caps(&self) -> Caps {
         let cs = self.inner.chunk_size;
         let mut caps = Caps::basic();
-        caps.block_size = cs;
         caps.preferred_io = cs;
         caps.max_io = (caps.max_io / cs * cs).max(cs);
         caps.trim = true;
@@ -548,20 +556,20 @@ impl Store for DirStore {
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let i = &self.inner;
-        check_chunked(i.size, i.chunk_size, offset, buf.len() as u64)?;
-        let cs = usize_of(i.chunk_size);
-        for (n, piece) in buf.chunks_mut(cs).enumerate() {
-            i.read_chunk(offset / i.chunk_size + n as u64, piece)?;
+        check_range(i.size, 1, offset, buf.len() as u64)?;
+        for p in chunk_pieces(offset, buf.len() as u64, i.chunk_size) {
+            let at = usize_of(p.pos);
+            i.read_piece(p.index, p.within, &mut buf[at..at + usize_of(p.len)])?;
         }
         Ok(())
     }
 
     async fn write(&self, offset: u64, data: Bytes) -> Result<()> {
         let i = &self.inner;
-        check_chunked(i.size, i.chunk_size, offset, data.len() as u64)?;
-        let cs = usize_of(i.chunk_size);
-        for (n, piece) in data.chunks(cs).enumerate() {
-            i.write_chunk(offset / i.chunk_size + n as u64, piece)?;
+        check_range(i.size, 1, offset, data.len() as u64)?;
+        for p in chunk_pieces(offset, data.len() as u64, i.chunk_size) {
+            let at = usize_of(p.pos);
+            i.write_piece(p.index, p.within, &data[at..at + usize_of(p.len)])?;
         }
         Ok(())
     }
@@ -589,12 +597,12 @@ impl Store for DirStore {
     }
 
     async fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        check_chunked(self.inner.size, self.inner.chunk_size, offset, len)?;
+        check_range(self.inner.size, 1, offset, len)?;
         self.inner.zero_range(offset, len)
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        check_chunked(self.inner.size, self.inner.chunk_size, offset, len)?;
+        check_range(self.inner.size, 1, offset, len)?;
         self.inner.zero_range(offset, len)
     }
 

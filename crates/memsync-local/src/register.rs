@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-use memsync_core::layers::Chunked;
 use memsync_core::size::parse_size;
 use memsync_core::{DynStore, Registry, Result, StoreUrl};
 
@@ -108,9 +107,5 @@ async fn open_dir(url: StoreUrl) -> Result<DynStore> {
         chunk_size: url.size_param("chunk")?,
         max_open,
     };
-    let store = DirStore::open(path, opts)?;
-    // The directory store takes whole chunks only; `Chunked` turns any byte range into
-    // whole-chunk requests (read-modify-write for partial chunks).
-    let chunk_size = store.chunk_size();
-    Ok(Arc::new(Chunked::new(store, chunk_size)?))
+    Ok(Arc::new(DirStore::open(path, opts)?))
 }

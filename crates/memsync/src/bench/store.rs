@@ -27,13 +27,25 @@ struct Sizes {
 }
 
 fn sizes(quick: bool) -> Sizes {
-    if quick { Sizes { total: 64 << 20, rand_ops: 20_000 } } else { Sizes { total: 1 << 30, rand_ops: 200_000 } }
+    if quick {
+        Sizes {
+            total: 64 << 20,
+            rand_ops: 20_000,
+        }
+    } else {
+        Sizes {
+            total: 1 << 30,
+            rand_ops: 200_000,
+        }
+    }
 }
 
 fn random_offsets(total: u64, n: usize, seed: u64) -> Vec<u64> {
     let mut rng = SmallRng::seed_from_u64(seed);
     let blocks = total / RAND_IO as u64;
-    (0..n).map(|_| rng.random_range(0..blocks) * RAND_IO as u64).collect()
+    (0..n)
+        .map(|_| rng.random_range(0..blocks) * RAND_IO as u64)
+        .collect()
 }
 
 fn random_block(seed: u64, len: usize) -> Vec<u8> {
@@ -44,6 +56,8 @@ fn random_block(seed: u64, len: usize) -> Vec<u8> {
 
 /// The same operations done directly on memory or on a plain file: the limit for a store.
 trait Limit {
+    /// What the limit is called in write cases (`memcpy`, `pwrite`).
+    fn write_name(&self) -> &'static str;
     fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<()>;
     fn write_at(&mut self, off: u64, buf: &[u8]) -> Result<()>;
 }
@@ -51,6 +65,9 @@ trait Limit {
 struct Memcpy(Vec<u8>);
 
 impl Limit for Memcpy {
+    fn write_name(&self) -> &'static str {
+        "memcpy"
+    }
     fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<()> {
         let o = off as usize;
         buf.copy_from_slice(&self.0[o..o + buf.len()]);
@@ -66,6 +83,9 @@ impl Limit for Memcpy {
 struct Pread(File);
 
 impl Limit for Pread {
+    fn write_name(&self) -> &'static str {
+        "pwrite"
+    }
     fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<()> {
         Ok(self.0.read_exact_at(buf, off)?)
     }
@@ -131,6 +151,7 @@ fn run_store(
     bench.ratio(&case, limit_name, "GB/s", m, p);
 
     // Sequential write.
+    let wname = limit.write_name();
     let case = format!("{label} seq-write-1M");
     let m = bench.measure(&case, "memsync", "throughput", "GB/s", || {
         let t = Instant::now();
@@ -144,7 +165,7 @@ fn run_store(
         })?;
         Ok(gbps(total, t.elapsed()))
     })?;
-    let p = bench.measure(&case, limit_name, "throughput", "GB/s", || {
+    let p = bench.measure(&case, wname, "throughput", "GB/s", || {
         let t = Instant::now();
         let mut off = 0;
         while off < total {
@@ -153,7 +174,7 @@ fn run_store(
         }
         Ok(gbps(total, t.elapsed()))
     })?;
-    bench.ratio(&case, limit_name, "GB/s", m, p);
+    bench.ratio(&case, wname, "GB/s", m, p);
 
     // Random 4 KiB reads and writes, one at a time: µs per operation.
     let offsets = random_offsets(total, sz.rand_ops, 42);
@@ -191,30 +212,38 @@ fn run_store(
         })?;
         Ok(t.elapsed().as_secs_f64() * 1e6 / n)
     })?;
-    let p = bench.measure(&case, limit_name, "latency", "us", || {
+    let p = bench.measure(&case, wname, "latency", "us", || {
         let t = Instant::now();
         for &o in &offsets {
             limit.write_at(o, &small_block)?;
         }
         Ok(t.elapsed().as_secs_f64() * 1e6 / n)
     })?;
-    bench.ratio(&case, limit_name, "us", m, p);
+    bench.ratio(&case, wname, "us", m, p);
     Ok(())
 }
 
 fn plain_file(path: &Path, size: u64) -> Result<File> {
-    let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
     f.set_len(size)?;
     Ok(f)
 }
 
 /// Run the `store` suite.
 pub fn run(bench: &mut Bench, registry: &Registry) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let total = sizes(bench.config.quick).total;
     let scratch = tempfile_dir(&bench.config.scratch)?;
     let open = |url: String| -> Result<DynStore> {
-        rt.block_on(registry.open(&url)).with_context(|| format!("opening {url}"))
+        rt.block_on(registry.open(&url))
+            .with_context(|| format!("opening {url}"))
     };
 
     let mem = open(format!("mem:{total}"))?;
@@ -224,10 +253,16 @@ pub fn run(bench: &mut Bench, registry: &Registry) -> Result<()> {
 
     let pread_path = scratch.path().join("limit.img");
     let mut limit = Pread(plain_file(&pread_path, total)?);
-    let file = open(format!("file:{}?size={total}", scratch.path().join("store.img").display()))?;
+    let file = open(format!(
+        "file:{}?size={total}",
+        scratch.path().join("store.img").display()
+    ))?;
     run_store(bench, &rt, "file", file, &mut limit, "pread")?;
 
-    let dir = open(format!("dir:{}?size={total}", scratch.path().join("chunks").display()))?;
+    let dir = open(format!(
+        "dir:{}?size={total}",
+        scratch.path().join("chunks").display()
+    ))?;
     run_store(bench, &rt, "dir", dir, &mut limit, "pread")?;
     Ok(())
 }
@@ -249,7 +284,11 @@ impl Drop for ScratchDir {
 
 /// Make a fresh scratch directory under `base`.
 pub fn tempfile_dir(base: &Path) -> Result<ScratchDir> {
-    let name = format!("memsync-bench-{}-{}", std::process::id(), rand::random::<u32>());
+    let name = format!(
+        "memsync-bench-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    );
     let p = base.join(name);
     std::fs::create_dir_all(&p).with_context(|| format!("creating scratch dir {}", p.display()))?;
     Ok(ScratchDir(p))
