@@ -13,6 +13,7 @@
 //! ```
 
 pub mod contract;
+pub mod servers;
 
 pub use contract::{ContractOpts, Failure, Report};
 
