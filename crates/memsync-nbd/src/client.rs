@@ -2,9 +2,11 @@
 //!
 //! It negotiates fixed newstyle with GO (falling back to EXPORT_NAME), extended headers or
 //! structured replies, `base:allocation` and optionally TLS, each only as far as the server
-//! offers. Every connection has a reader task that matches replies to requests by cookie, so
-//! any number of requests are in flight; when the server advertises CAN_MULTI_CONN, requests
-//! are spread round-robin over several connections.
+//! offers. Any number of requests are in flight on a connection; there is no reader task: the
+//! waiting requests take turns reading replies, and a read's data goes straight from the
+//! socket into the caller's buffer (see [`Conn`]). When the server advertises CAN_MULTI_CONN,
+//! requests are spread round-robin over several connections, and large reads are split into
+//! several requests in flight.
 
 use std::collections::HashMap;
 use std::io;
@@ -19,9 +21,10 @@ use memsync_core::{
     Caps, DynStore, Extent, ExtentKind, Registry, Result, Store, StoreError, StoreUrl, async_trait,
     check_range, check_write,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use std::task::{Poll, Waker};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
-use tokio::sync::oneshot;
 
 use crate::proto::*;
 use crate::transport::{Transport, client_tls_config};
@@ -302,189 +305,331 @@ async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
 /// What a finished request returns.
 enum Done {
     Ok,
-    Data(BytesMut),
     Extents(Vec<Descriptor>),
 }
 
-struct Pending {
-    /// For reads: request offset and the buffer being filled.
-    read: Option<(u64, BytesMut)>,
+/// A request waiting for its reply.
+#[derive(Default)]
+struct Slot {
+    /// The request's offset.
+    offset: u64,
+    /// For reads: the length of the caller's buffer.
+    read_len: Option<usize>,
+    /// Hole chunks read on the owner's behalf: ranges of its buffer to zero.
+    holes: Vec<(usize, usize)>,
     descriptors: Option<Vec<Descriptor>>,
     error: Option<(u32, String)>,
-    tx: oneshot::Sender<Result<Done>>,
+    done: bool,
+    /// The request's future was dropped: its data is discarded.
+    cancelled: bool,
+    /// The connection died before the reply was complete.
+    lost: bool,
+    waker: Option<Waker>,
 }
 
-type PendingMap = parking_lot::Mutex<HashMap<u64, Pending>>;
+/// The payload of a data chunk (or a simple read reply) whose header was read but whose
+/// bytes are still in the socket: the request that owns it reads them straight into its
+/// caller's buffer.
+#[derive(Clone, Copy, Debug)]
+struct Parked {
+    cookie: u64,
+    /// The owner is gone: the bytes are read and dropped.
+    discard: bool,
+    /// The range of the owner's buffer still to fill.
+    pos: usize,
+    end: usize,
+    /// The chunk ends the reply.
+    last: bool,
+}
 
-/// One connection: a writer under a lock and a reader task.
+/// The read half with its own small buffer (for headers and small payloads). Every method is
+/// cancel-safe: all progress is kept in `self`.
+struct Reader {
+    r: Box<dyn AsyncRead + Send + Unpin>,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    parked: Option<Parked>,
+}
+
+const READ_BUF: usize = 64 * 1024;
+
+impl Reader {
+    fn new(r: Box<dyn AsyncRead + Send + Unpin>) -> Self {
+        Reader {
+            r,
+            buf: vec![0; READ_BUF],
+            start: 0,
+            end: 0,
+            parked: None,
+        }
+    }
+
+    fn buffered(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Buffer at least `n` bytes; `Ok(false)` on EOF before the first of them.
+    async fn fill(&mut self, n: usize) -> io::Result<bool> {
+        while self.end - self.start < n {
+            if self.buf.len() - self.start < n {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+                if self.buf.len() < n {
+                    self.buf.resize(n, 0);
+                }
+            }
+            let end = self.end;
+            let got = self.r.read(&mut self.buf[end..]).await?;
+            if got == 0 {
+                if self.end == self.start {
+                    return Ok(false);
+                }
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            self.end += got;
+        }
+        Ok(true)
+    }
+
+    /// Read some bytes into `dst`: buffered ones first, else straight from the socket (small
+    /// reads go through the buffer, which picks up the next headers too).
+    async fn read_some(&mut self, dst: &mut [u8]) -> io::Result<usize> {
+        if self.start == self.end {
+            if dst.len() >= READ_BUF / 2 {
+                return match self.r.read(dst).await? {
+                    0 => Err(io::ErrorKind::UnexpectedEof.into()),
+                    n => Ok(n),
+                };
+            }
+            self.fill(1).await?;
+        }
+        let b = self.buffered();
+        let n = b.len().min(dst.len());
+        dst[..n].copy_from_slice(&b[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+
+    /// Consume the parked payload: into `dst` (the owner's whole buffer), or dropped.
+    async fn drain_parked(&mut self, mut dst: Option<&mut [u8]>) -> io::Result<()> {
+        let mut scratch = Vec::new();
+        while let Some(p) = self.parked
+            && p.pos < p.end
+        {
+            let n = match dst.as_deref_mut() {
+                Some(d) if !p.discard => self.read_some(&mut d[p.pos..p.end]).await?,
+                _ => {
+                    scratch.resize((p.end - p.pos).min(READ_BUF), 0);
+                    self.read_some(&mut scratch).await?
+                }
+            };
+            if let Some(p) = &mut self.parked {
+                p.pos += n;
+            }
+        }
+        Ok(())
+    }
+}
+
+struct State {
+    /// The read half, when no request is reading.
+    reader: Option<Reader>,
+    dead: Option<String>,
+    slots: HashMap<u64, Slot>,
+}
+
+impl State {
+    /// Wake one waiting request, so that someone reads the socket.
+    fn wake_successor(&mut self) {
+        if let Some(w) = self
+            .slots
+            .values_mut()
+            .filter(|s| !s.done && !s.cancelled)
+            .find_map(|s| s.waker.take())
+        {
+            w.wake();
+        }
+    }
+
+    fn complete(&mut self, cookie: u64) {
+        if let Some(s) = self.slots.get_mut(&cookie) {
+            s.done = true;
+            if s.cancelled {
+                self.slots.remove(&cookie);
+            } else if let Some(w) = s.waker.take() {
+                w.wake();
+            }
+        }
+    }
+}
+
+/// One connection. There is no reader task: the requests take turns reading replies
+/// (whichever finds the read half free reads until its own reply is complete). A data chunk
+/// for another request is handed over to that request, which reads it straight from the
+/// socket into its caller's buffer (one copy, by the kernel); everything else (holes, errors,
+/// block status) the current reader records in the owner's slot.
 struct Conn {
     w: tokio::sync::Mutex<Box<dyn AsyncWrite + Send + Unpin>>,
-    pending: Arc<PendingMap>,
-    dead: Arc<AtomicBool>,
+    st: parking_lot::Mutex<State>,
+    dead: AtomicBool,
     cookie: AtomicU64,
     extended: bool,
-    reader: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        self.reader.abort();
-    }
-}
-
-fn fail_all(pending: &PendingMap, why: &str) {
-    let all: Vec<_> = pending.lock().drain().collect();
-    for (_, p) in all {
-        let _ = p.tx.send(Err(nbd_err(format!("nbd: {why}"))));
-    }
-}
-
-async fn reader_task<R: AsyncRead + Unpin>(
-    r: R,
-    pending: Arc<PendingMap>,
-    dead: Arc<AtomicBool>,
     meta: Option<u32>,
     max_payload: u64,
-) {
-    let mut r = BufReader::with_capacity(256 * 1024, r);
-    let why = match read_replies(&mut r, &pending, meta, max_payload).await {
-        Ok(()) => "connection closed by the server".to_owned(),
-        Err(e) => format!("connection lost: {e}"),
-    };
-    dead.store(true, Ordering::SeqCst);
-    fail_all(&pending, &why);
 }
 
 fn bad_data(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
-async fn read_replies<R: AsyncRead + Unpin>(
-    r: &mut R,
-    pending: &PendingMap,
-    meta: Option<u32>,
-    max_payload: u64,
-) -> io::Result<()> {
-    let mut hb = [0u8; EXTENDED_REPLY_LEN];
-    loop {
-        match r.read_exact(&mut hb[..4]).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e),
+/// `off..off+n` of a reply as a range of the buffer of a read of `len` bytes at `roff`.
+fn chunk_range(off: u64, n: u64, roff: u64, len: usize) -> Option<(usize, usize)> {
+    let start = off.checked_sub(roff)?;
+    let end = start.checked_add(n)?;
+    (end <= len as u64).then_some((start as usize, end as usize))
+}
+
+/// Marks the request cancelled if its future is dropped before it finished.
+struct SlotGuard<'a> {
+    conn: &'a Conn,
+    cookie: u64,
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = self.conn.st.lock();
+        match st.slots.get_mut(&self.cookie) {
+            Some(s) if !s.done => s.cancelled = true,
+            _ => {
+                st.slots.remove(&self.cookie);
+            }
         }
-        let magic = u32::from_be_bytes([hb[0], hb[1], hb[2], hb[3]]);
-        let hl = reply_header_len(magic)
-            .ok_or_else(|| bad_data(format!("bad reply magic {magic:#x}")))?;
-        r.read_exact(&mut hb[4..hl]).await?;
-        let h = parse_reply_header(&hb[..hl]).map_err(|e| bad_data(e.to_string()))?;
-        let cookie = h.cookie();
-        let Some(mut p) = pending.lock().remove(&cookie) else {
-            return Err(bad_data(format!("reply for unknown cookie {cookie}")));
-        };
-        match h {
-            ReplyHeader::Simple { error, .. } => {
-                if error != 0 {
-                    p.error = Some((error, String::new()));
-                } else if let Some((_, buf)) = &mut p.read {
-                    r.read_exact(&mut buf[..]).await?;
-                }
-                finish(p);
-            }
-            ReplyHeader::Chunk {
-                flags, typ, len, ..
-            } => {
-                if len > max_payload + 64 * 1024 {
-                    return Err(bad_data(format!("reply chunk of {len} bytes")));
-                }
-                match typ {
-                    REPLY_TYPE_OFFSET_DATA => {
-                        let Some((roff, buf)) = &mut p.read else {
-                            return Err(bad_data("data chunk for a request that is not a read"));
-                        };
-                        if len < 9 {
-                            return Err(bad_data("short data chunk"));
-                        }
-                        let off = r.read_u64().await?;
-                        let n = len - 8;
-                        let start = off
-                            .checked_sub(*roff)
-                            .ok_or_else(|| bad_data("data chunk before the request"))?;
-                        let end = start
-                            .checked_add(n)
-                            .filter(|&e| e <= buf.len() as u64)
-                            .ok_or_else(|| bad_data("data chunk beyond the request"))?;
-                        r.read_exact(&mut buf[start as usize..end as usize]).await?;
-                    }
-                    _ => {
-                        let mut payload = vec![0u8; len as usize];
-                        r.read_exact(&mut payload).await?;
-                        match typ {
-                            REPLY_TYPE_NONE => {}
-                            REPLY_TYPE_OFFSET_HOLE => {
-                                let (off, n) = parse_offset_hole(&payload)
-                                    .map_err(|e| bad_data(e.to_string()))?;
-                                let Some((roff, buf)) = &mut p.read else {
-                                    return Err(bad_data(
-                                        "hole chunk for a request that is not a read",
-                                    ));
-                                };
-                                let start = off
-                                    .checked_sub(*roff)
-                                    .ok_or_else(|| bad_data("hole before the request"))?;
-                                let end = start
-                                    .checked_add(n.into())
-                                    .filter(|&e| e <= buf.len() as u64)
-                                    .ok_or_else(|| bad_data("hole beyond the request"))?;
-                                buf[start as usize..end as usize].fill(0);
-                            }
-                            REPLY_TYPE_BLOCK_STATUS | REPLY_TYPE_BLOCK_STATUS_EXT => {
-                                let (id, d) = parse_block_status(
-                                    &payload,
-                                    typ == REPLY_TYPE_BLOCK_STATUS_EXT,
-                                )
-                                .map_err(|e| bad_data(e.to_string()))?;
-                                if Some(id) == meta {
-                                    p.descriptors = Some(d);
-                                }
-                            }
-                            t if is_error_chunk(t) => {
-                                let e = parse_error_chunk(t, &payload)
-                                    .map_err(|e| bad_data(e.to_string()))?;
-                                p.error.get_or_insert((e.error, e.message));
-                            }
-                            t => return Err(bad_data(format!("unknown reply chunk type {t}"))),
-                        }
-                    }
-                }
-                if flags & REPLY_FLAG_DONE != 0 {
-                    finish(p);
-                } else {
-                    pending.lock().insert(cookie, p);
-                }
-            }
+        if let Some(r) = &mut st.reader
+            && let Some(p) = &mut r.parked
+            && p.cookie == self.cookie
+            && !p.discard
+        {
+            p.discard = true;
+            st.wake_successor();
         }
     }
 }
 
-fn finish(p: Pending) {
-    let res = if let Some((errno, msg)) = p.error {
-        let e = io::Error::from_raw_os_error(errno as i32);
-        Err(if msg.is_empty() {
-            StoreError::io("nbd request", e)
-        } else {
-            StoreError::io("nbd request", e).context(format!("nbd server: {msg}"))
-        })
-    } else if let Some((_, buf)) = p.read {
-        Ok(Done::Data(buf))
-    } else if let Some(d) = p.descriptors {
-        Ok(Done::Extents(d))
-    } else {
-        Ok(Done::Ok)
-    };
-    let _ = p.tx.send(res);
+/// Puts the read half back and wakes whoever reads next, also when the reading request's
+/// future is dropped.
+struct ReaderGuard<'a> {
+    conn: &'a Conn,
+    reader: Option<Reader>,
+}
+
+impl ReaderGuard<'_> {
+    fn release(&mut self) {
+        let Some(mut r) = self.reader.take() else {
+            return;
+        };
+        let mut st = self.conn.st.lock();
+        if st.dead.is_some() {
+            return;
+        }
+        let owner = match &mut r.parked {
+            Some(p) if !p.discard => {
+                if st.slots.get(&p.cookie).is_none_or(|s| s.cancelled) {
+                    p.discard = true;
+                    None
+                } else {
+                    Some(p.cookie)
+                }
+            }
+            _ => None,
+        };
+        st.reader = Some(r);
+        match owner.and_then(|c| st.slots.get_mut(&c)) {
+            Some(s) => {
+                if let Some(w) = s.waker.take() {
+                    w.wake();
+                }
+            }
+            None => st.wake_successor(),
+        }
+    }
+}
+
+impl Drop for ReaderGuard<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Kills the connection if a request is dropped half-way through being sent.
+struct SendGuard<'a>(Option<&'a Conn>);
+
+impl Drop for SendGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.0 {
+            c.fail_all("a request was cancelled while being sent".into());
+        }
+    }
+}
+
+enum Turn {
+    Finished,
+    Read(Reader),
 }
 
 impl Conn {
+    fn new(
+        r: Box<dyn AsyncRead + Send + Unpin>,
+        w: Box<dyn AsyncWrite + Send + Unpin>,
+        info: &ExportInfo,
+    ) -> Self {
+        Conn {
+            w: tokio::sync::Mutex::new(w),
+            st: parking_lot::Mutex::new(State {
+                reader: Some(Reader::new(r)),
+                dead: None,
+                slots: HashMap::new(),
+            }),
+            dead: AtomicBool::new(false),
+            cookie: AtomicU64::new(1),
+            extended: info.extended,
+            meta: info.meta,
+            max_payload: info.max.into(),
+        }
+    }
+
+    fn fail_all(&self, why: String) {
+        let mut st = self.st.lock();
+        self.dead.store(true, Ordering::SeqCst);
+        st.reader = None;
+        st.dead.get_or_insert(why);
+        for s in st.slots.values_mut() {
+            if !s.done {
+                s.done = true;
+                s.lost = true;
+                if let Some(w) = s.waker.take() {
+                    w.wake();
+                }
+            }
+        }
+    }
+
+    fn dead_err(&self) -> StoreError {
+        let why = self.st.lock().dead.clone().unwrap_or_default();
+        nbd_err(format!("nbd: connection lost: {why}"))
+    }
+
+    /// Send a request and wait for its reply; a read's data lands in `buf`, which must be
+    /// `len` bytes long.
     async fn request(
         &self,
         typ: u16,
@@ -492,29 +637,31 @@ impl Conn {
         offset: u64,
         len: u64,
         payload: Option<Bytes>,
+        mut buf: Option<&mut [u8]>,
     ) -> Result<Done> {
-        if self.dead.load(Ordering::Relaxed) {
-            return Err(nbd_err("nbd: connection lost"));
-        }
         let cookie = self.cookie.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        let read = (typ == CMD_READ).then(|| (offset, BytesMut::zeroed(len as usize)));
-        self.pending.lock().insert(
-            cookie,
-            Pending {
-                read,
-                descriptors: None,
-                error: None,
-                tx,
-            },
-        );
+        {
+            let mut st = self.st.lock();
+            if st.dead.is_some() {
+                drop(st);
+                return Err(self.dead_err());
+            }
+            st.slots.insert(
+                cookie,
+                Slot {
+                    offset,
+                    read_len: buf.as_ref().map(|b| b.len()),
+                    ..Slot::default()
+                },
+            );
+        }
+        let _slot = SlotGuard { conn: self, cookie };
         let mut b = BytesMut::with_capacity(
             EXTENDED_REQUEST_LEN
-                + if payload.as_ref().is_some_and(|p| p.len() <= 16384) {
-                    16384
-                } else {
-                    0
-                },
+                + payload
+                    .as_ref()
+                    .filter(|p| p.len() <= 16384)
+                    .map_or(0, |p| p.len()),
         );
         encode_request(
             &mut b,
@@ -529,6 +676,7 @@ impl Conn {
         );
         let sent = async {
             let mut w = self.w.lock().await;
+            let mut g = SendGuard(Some(self));
             match payload {
                 Some(p) if p.len() <= 16384 => {
                     b.extend_from_slice(&p);
@@ -540,14 +688,225 @@ impl Conn {
                 }
                 None => w.write_all(&b).await?,
             }
-            w.flush().await
+            let r = w.flush().await;
+            g.0 = None;
+            r
         }
         .await;
         if let Err(e) = sent {
-            self.pending.lock().remove(&cookie);
+            self.fail_all(format!("sending a request: {e}"));
             return Err(io_err("sending a request", e));
         }
-        rx.await.map_err(|_| nbd_err("nbd: connection lost"))?
+        loop {
+            let turn = std::future::poll_fn(|cx| {
+                let mut st = self.st.lock();
+                let st = &mut *st;
+                let Some(s) = st.slots.get_mut(&cookie) else {
+                    return Poll::Ready(Turn::Finished);
+                };
+                if s.done {
+                    return Poll::Ready(Turn::Finished);
+                }
+                let mine = match &st.reader {
+                    Some(r) => r.parked.is_none_or(|p| p.discard || p.cookie == cookie),
+                    None => false,
+                };
+                if mine && let Some(r) = st.reader.take() {
+                    return Poll::Ready(Turn::Read(r));
+                }
+                s.waker = Some(cx.waker().clone());
+                Poll::Pending
+            })
+            .await;
+            match turn {
+                Turn::Finished => break,
+                Turn::Read(r) => {
+                    let mut g = ReaderGuard {
+                        conn: self,
+                        reader: Some(r),
+                    };
+                    let res = match g.reader.as_mut() {
+                        Some(r) => self.read_replies(r, cookie, buf.as_deref_mut()).await,
+                        None => Ok(()),
+                    };
+                    if let Err(e) = res {
+                        g.reader = None;
+                        self.fail_all(format!("{e}"));
+                    }
+                    g.release();
+                }
+            }
+        }
+        let slot = self.st.lock().slots.remove(&cookie);
+        let Some(slot) = slot else {
+            return Err(self.dead_err());
+        };
+        if slot.lost {
+            return Err(self.dead_err());
+        }
+        if let Some((errno, msg)) = slot.error {
+            let e = io::Error::from_raw_os_error(errno as i32);
+            return Err(if msg.is_empty() {
+                StoreError::io("nbd request", e)
+            } else {
+                StoreError::io("nbd request", e).context(format!("nbd server: {msg}"))
+            });
+        }
+        if let Some(b) = buf {
+            for (s, e) in slot.holes {
+                b[s..e].fill(0);
+            }
+        }
+        Ok(match slot.descriptors {
+            Some(d) => Done::Extents(d),
+            None => Done::Ok,
+        })
+    }
+
+    /// Read replies until request `me` is complete, or until the data of another request is
+    /// next in the socket (then it is parked for its owner).
+    async fn read_replies(
+        &self,
+        r: &mut Reader,
+        me: u64,
+        mut buf: Option<&mut [u8]>,
+    ) -> io::Result<()> {
+        loop {
+            if let Some(p) = r.parked {
+                if !p.discard && p.cookie != me {
+                    return Ok(()); // someone else's data: hand over
+                }
+                r.drain_parked(buf.as_deref_mut()).await?;
+                r.parked = None;
+                let mut st = self.st.lock();
+                if p.last {
+                    st.complete(p.cookie);
+                }
+                if st.slots.get(&me).is_none_or(|s| s.done) {
+                    return Ok(());
+                }
+            }
+            if !r.fill(4).await? {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed by the server",
+                ));
+            }
+            let b = r.buffered();
+            let magic = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+            let hl = reply_header_len(magic)
+                .ok_or_else(|| bad_data(format!("bad reply magic {magic:#x}")))?;
+            r.fill(hl).await?;
+            let h = parse_reply_header(&r.buffered()[..hl]).map_err(|e| bad_data(e.to_string()))?;
+            let cookie = h.cookie();
+            let (roff, read_len, cancelled) = {
+                let st = self.st.lock();
+                match st.slots.get(&cookie) {
+                    Some(s) if !s.done => (s.offset, s.read_len, s.cancelled),
+                    _ => return Err(bad_data(format!("reply for unknown cookie {cookie}"))),
+                }
+            };
+            match h {
+                ReplyHeader::Simple { error, .. } => {
+                    r.consume(hl);
+                    match (error, read_len) {
+                        (0, Some(n)) => {
+                            r.parked = Some(Parked {
+                                cookie,
+                                discard: cancelled,
+                                pos: 0,
+                                end: n,
+                                last: true,
+                            });
+                        }
+                        _ => {
+                            let mut st = self.st.lock();
+                            if error != 0
+                                && let Some(s) = st.slots.get_mut(&cookie)
+                            {
+                                s.error = Some((error, String::new()));
+                            }
+                            st.complete(cookie);
+                        }
+                    }
+                }
+                ReplyHeader::Chunk {
+                    flags, typ, len, ..
+                } => {
+                    if len > self.max_payload + 64 * 1024 {
+                        return Err(bad_data(format!("reply chunk of {len} bytes")));
+                    }
+                    let last = flags & REPLY_FLAG_DONE != 0;
+                    if typ == REPLY_TYPE_OFFSET_DATA {
+                        let Some(n) = read_len else {
+                            return Err(bad_data("data chunk for a request that is not a read"));
+                        };
+                        if len < 9 {
+                            return Err(bad_data("short data chunk"));
+                        }
+                        r.fill(hl + 8).await?;
+                        let b = &r.buffered()[hl..hl + 8];
+                        let off =
+                            u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+                        r.consume(hl + 8);
+                        let (pos, end) = chunk_range(off, len - 8, roff, n)
+                            .ok_or_else(|| bad_data("data chunk outside the request"))?;
+                        r.parked = Some(Parked {
+                            cookie,
+                            discard: cancelled,
+                            pos,
+                            end,
+                            last,
+                        });
+                    } else {
+                        let len = len as usize;
+                        r.fill(hl + len).await?;
+                        let payload = &r.buffered()[hl..hl + len];
+                        let mut st = self.st.lock();
+                        let Some(s) = st.slots.get_mut(&cookie) else {
+                            return Err(bad_data(format!("reply for unknown cookie {cookie}")));
+                        };
+                        match typ {
+                            REPLY_TYPE_NONE => {}
+                            REPLY_TYPE_OFFSET_HOLE => {
+                                let (off, hn) = parse_offset_hole(payload)
+                                    .map_err(|e| bad_data(e.to_string()))?;
+                                let Some(n) = read_len else {
+                                    return Err(bad_data(
+                                        "hole chunk for a request that is not a read",
+                                    ));
+                                };
+                                let rg = chunk_range(off, hn.into(), roff, n)
+                                    .ok_or_else(|| bad_data("hole chunk outside the request"))?;
+                                s.holes.push(rg);
+                            }
+                            REPLY_TYPE_BLOCK_STATUS | REPLY_TYPE_BLOCK_STATUS_EXT => {
+                                let (id, d) =
+                                    parse_block_status(payload, typ == REPLY_TYPE_BLOCK_STATUS_EXT)
+                                        .map_err(|e| bad_data(e.to_string()))?;
+                                if Some(id) == self.meta {
+                                    s.descriptors = Some(d);
+                                }
+                            }
+                            t if is_error_chunk(t) => {
+                                let e = parse_error_chunk(t, payload)
+                                    .map_err(|e| bad_data(e.to_string()))?;
+                                s.error.get_or_insert((e.error, e.message));
+                            }
+                            t => return Err(bad_data(format!("unknown reply chunk type {t}"))),
+                        }
+                        if last {
+                            st.complete(cookie);
+                        }
+                        drop(st);
+                        r.consume(hl + len);
+                    }
+                }
+            }
+            if r.parked.is_none() && self.st.lock().slots.get(&me).is_none_or(|s| s.done) {
+                return Ok(());
+            }
+        }
     }
 }
 
@@ -599,23 +958,7 @@ async fn open_conn<S: Transport>(mut s: S, cfg: &ClientConfig) -> Result<(Conn, 
 
 fn start_conn<S: Transport>(s: S, info: ExportInfo) -> Conn {
     let (r, w) = s.halves();
-    let pending = Arc::new(PendingMap::default());
-    let dead = Arc::new(AtomicBool::new(false));
-    let reader = tokio::spawn(reader_task(
-        r,
-        pending.clone(),
-        dead.clone(),
-        info.meta,
-        info.max.into(),
-    ));
-    Conn {
-        w: tokio::sync::Mutex::new(Box::new(w)),
-        pending,
-        dead,
-        cookie: AtomicU64::new(1),
-        extended: info.extended,
-        reader,
-    }
+    Conn::new(Box::new(r), Box::new(w), &info)
 }
 
 async fn connect_one(cfg: &ClientConfig) -> Result<(Conn, ExportInfo)> {
@@ -716,6 +1059,15 @@ impl NbdStore {
         })
     }
 
+    /// The size of the requests a read of `len` bytes is split into: at most the maximum
+    /// block size, and small enough to keep every connection busy, but not below 1 MiB.
+    fn read_step(&self, len: u64) -> u64 {
+        let max = self.max_req();
+        let bs = u64::from(self.info.min).max(1);
+        let per_conn = len.div_ceil(self.conns.len() as u64 * 2).max(1 << 20);
+        (per_conn.div_ceil(bs) * bs).min(max)
+    }
+
     fn has(&self, f: u16) -> bool {
         self.info.flags & f != 0
     }
@@ -754,27 +1106,22 @@ impl Store for NbdStore {
         if buf.is_empty() {
             return Ok(());
         }
-        let step = self.max_req();
-        if buf.len() as u64 <= step {
-            if let Done::Data(d) = self
-                .conn()
-                .request(CMD_READ, 0, offset, buf.len() as u64, None)
-                .await?
-            {
-                buf.copy_from_slice(&d);
-            }
+        let step = self.read_step(buf.len() as u64) as usize;
+        if buf.len() <= step {
+            let len = buf.len() as u64;
+            self.conn()
+                .request(CMD_READ, 0, offset, len, None, Some(buf))
+                .await?;
             return Ok(());
         }
-        let reqs = Self::pieces(offset, buf.len() as u64, step).map(|(o, n)| async move {
-            match self.conn().request(CMD_READ, 0, o, n, None).await? {
-                Done::Data(d) => Ok((o, d)),
-                _ => Err(nbd_err("nbd: read returned no data")),
-            }
-        });
-        for (o, d) in try_join_all(reqs).await? {
-            let s = (o - offset) as usize;
-            buf[s..s + d.len()].copy_from_slice(&d);
-        }
+        // Several requests in flight (spread over the connections), each reading straight
+        // into its own part of `buf`.
+        try_join_all(buf.chunks_mut(step).enumerate().map(|(i, part)| {
+            let o = offset + (i * step) as u64;
+            let n = part.len() as u64;
+            self.conn().request(CMD_READ, 0, o, n, None, Some(part))
+        }))
+        .await?;
         Ok(())
     }
 
@@ -789,7 +1136,7 @@ impl Store for NbdStore {
             let p = data.slice(s..s + n as usize);
             async move {
                 self.conn()
-                    .request(CMD_WRITE, 0, o, n, Some(p))
+                    .request(CMD_WRITE, 0, o, n, Some(p), None)
                     .await
                     .map(|_| ())
             }
@@ -804,14 +1151,14 @@ impl Store for NbdStore {
         if self.has(TF_CAN_MULTI_CONN) {
             return self
                 .conn()
-                .request(CMD_FLUSH, 0, 0, 0, None)
+                .request(CMD_FLUSH, 0, 0, 0, None, None)
                 .await
                 .map(|_| ());
         }
         try_join_all(
             self.conns
                 .iter()
-                .map(|c| c.request(CMD_FLUSH, 0, 0, 0, None)),
+                .map(|c| c.request(CMD_FLUSH, 0, 0, 0, None, None)),
         )
         .await
         .map(|_| ())
@@ -832,7 +1179,9 @@ impl Store for NbdStore {
         if self.has(TF_SEND_WRITE_ZEROES) {
             let step = self.zero_step();
             for (o, n) in Self::pieces(offset, len, step) {
-                self.conn().request(CMD_WRITE_ZEROES, 0, o, n, None).await?;
+                self.conn()
+                    .request(CMD_WRITE_ZEROES, 0, o, n, None, None)
+                    .await?;
             }
             return Ok(());
         }
@@ -867,7 +1216,7 @@ impl Store for NbdStore {
             let qlen = (qend - qoff).min(if self.info.extended { 1 << 40 } else { 1 << 31 });
             let d = match self
                 .conn()
-                .request(CMD_BLOCK_STATUS, 0, qoff, qlen, None)
+                .request(CMD_BLOCK_STATUS, 0, qoff, qlen, None, None)
                 .await?
             {
                 Done::Extents(d) => d,
