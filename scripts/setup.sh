@@ -17,6 +17,10 @@ need nbdkit nbdkit
 need nbdinfo libnbd-bin
 need nbdcopy libnbd-bin
 /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || apt_pkgs+=(python3-libnbd)
+# Remote stores (issue 6): redis-server (single node and cluster), redis-cli, redis-benchmark.
+need redis-server redis-server
+need redis-cli redis-tools
+need redis-benchmark redis-tools
 
 if ((${#apt_pkgs[@]})); then
   echo "setup: installing ${apt_pkgs[*]}"
@@ -29,6 +33,16 @@ fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "setup: installing cargo-nextest"
   cargo install --locked cargo-nextest
+fi
+# The S3-compatible server of the memsync-s3 tests and the `stores` bench: s3s-fs 0.14.1 (0.17
+# needs a newer rustc). Built once (~2-3 min) into a cache outside the checkout, reused by later
+# runs on the same machine. Garage (a real distributed store) takes 6+ min to build cold: too much
+# for the CI budget.
+tools=/var/tmp/memsync-tools
+if [ ! -x "$tools/bin/s3s-fs" ]; then
+  echo "setup: installing s3s-fs 0.14.1 into $tools"
+  CARGO_TARGET_DIR="$tools/build" cargo install --locked s3s-fs@0.14.1 --features binary --root "$tools"
+  rm -rf "$tools/build"
 fi
 # fmt and clippy ship with the toolchain here; add them if a machine lacks them.
 cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt

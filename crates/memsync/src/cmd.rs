@@ -30,6 +30,9 @@ pub fn registry() -> Registry {
     let mut r = Registry::new();
     memsync_local::register(&mut r);
     memsync_nbd::register(&mut r);
+    memsync_redis::register(&mut r);
+    memsync_s3::register(&mut r);
+    memsync_cql::register(&mut r);
     r
 }
 
@@ -40,27 +43,45 @@ impl Context {
             .enable_all()
             .build()
             .expect("tokio runtime");
-        Context { registry: registry(), rt, metrics, opened: Mutex::new(Vec::new()) }
+        Context {
+            registry: registry(),
+            rt,
+            metrics,
+            opened: Mutex::new(Vec::new()),
+        }
     }
 
     /// Open a store URL. Every store is wrapped in a stats layer, reported with `--metrics`.
     pub fn open(&self, url: &str) -> Result<DynStore> {
-        let store = self.rt.block_on(self.registry.open(url)).with_context(|| format!("cannot open {url}"))?;
+        let store = self
+            .rt
+            .block_on(self.registry.open(url))
+            .with_context(|| format!("cannot open {url}"))?;
         let stats = Arc::new(Stats::new(store));
         self.opened.lock().push((url.to_owned(), stats.clone()));
         Ok(stats)
     }
 
     fn stats_of(&self, url: &str) -> Option<Arc<Stats<DynStore>>> {
-        self.opened.lock().iter().rev().find(|(u, _)| u == url).map(|(_, s)| s.clone())
+        self.opened
+            .lock()
+            .iter()
+            .rev()
+            .find(|(u, _)| u == url)
+            .map(|(_, s)| s.clone())
     }
 
     /// Write Prometheus text for every opened store to the `--metrics` file.
     pub fn write_metrics(&self) -> Result<()> {
-        let Some(path) = &self.metrics else { return Ok(()) };
+        let Some(path) = &self.metrics else {
+            return Ok(());
+        };
         let mut text = String::new();
         for (url, stats) in self.opened.lock().iter() {
-            let label = format!("store=\"{}\"", url.replace('\\', "\\\\").replace('"', "\\\""));
+            let label = format!(
+                "store=\"{}\"",
+                url.replace('\\', "\\\\").replace('"', "\\\"")
+            );
             text.push_str(&stats.render_prometheus("memsync_store", &label));
         }
         std::fs::write(path, text).with_context(|| format!("writing metrics to {}", path.display()))
@@ -70,9 +91,11 @@ impl Context {
 fn progress(len: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
     pb.set_style(
-        ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     pb.set_message(what.to_owned());
     // Hidden when stderr is not a terminal (indicatif does that), so logs and CI stay clean.
@@ -89,14 +112,26 @@ pub fn info(ctx: &Context, a: InfoArgs) -> Result<()> {
     let store = ctx.open(&a.store)?;
     let caps = store.caps();
     println!("store:        {}", a.store);
-    println!("size:         {} ({} bytes)", format_size(store.size()), store.size());
+    println!(
+        "size:         {} ({} bytes)",
+        format_size(store.size()),
+        store.size()
+    );
     println!("read-only:    {}", caps.read_only);
     println!("block size:   {}", caps.block_size);
     println!("preferred io: {}", format_size(caps.preferred_io));
     println!("max io:       {}", format_size(caps.max_io));
-    println!("trim: {}  fast zero: {}  extents: {}  flush: {}  multi-conn: {}", caps.trim, caps.fast_zero, caps.extents, caps.flush, caps.multi_conn);
+    println!(
+        "trim: {}  fast zero: {}  extents: {}  flush: {}  multi-conn: {}",
+        caps.trim, caps.fast_zero, caps.extents, caps.flush, caps.multi_conn
+    );
     let (data, zero, hole) = ctx.rt.block_on(allocation(&*store))?;
-    println!("allocation:   data {}  zero {}  hole {}", format_size(data), format_size(zero), format_size(hole));
+    println!(
+        "allocation:   data {}  zero {}  hole {}",
+        format_size(data),
+        format_size(zero),
+        format_size(hole)
+    );
     Ok(())
 }
 
@@ -156,17 +191,26 @@ pub async fn copy_store(
 ) -> Result<u64> {
     let size = src.size();
     if dst.size() < size {
-        bail!("destination is smaller ({} bytes) than the source ({} bytes)", dst.size(), size);
+        bail!(
+            "destination is smaller ({} bytes) than the source ({} bytes)",
+            dst.size(),
+            size
+        );
     }
     let mut copied = 0;
     let mut off = 0;
     while off < size {
         let window = (size - off).min(1 << 30);
-        let extents = src.extents(off, window).await.context("reading source extents")?;
+        let extents = src
+            .extents(off, window)
+            .await
+            .context("reading source extents")?;
         let mut pieces = Vec::new();
         for e in extents {
             if e.kind.reads_zero() && sparse {
-                dst.write_zeroes(e.offset, e.len).await.with_context(|| format!("zeroing {}+{} in destination", e.offset, e.len))?;
+                dst.write_zeroes(e.offset, e.len)
+                    .await
+                    .with_context(|| format!("zeroing {}+{} in destination", e.offset, e.len))?;
                 pb.inc(e.len);
                 continue;
             }
@@ -180,8 +224,12 @@ pub async fn copy_store(
         let mut s = stream::iter(pieces)
             .map(|(p, n)| async move {
                 let mut buf = BytesMut::zeroed(n as usize);
-                src.read(p, &mut buf).await.with_context(|| format!("reading {p}+{n} from source"))?;
-                dst.write(p, buf.freeze()).await.with_context(|| format!("writing {p}+{n} to destination"))?;
+                src.read(p, &mut buf)
+                    .await
+                    .with_context(|| format!("reading {p}+{n} from source"))?;
+                dst.write(p, buf.freeze())
+                    .await
+                    .with_context(|| format!("writing {p}+{n} to destination"))?;
                 Ok::<u64, anyhow::Error>(n)
             })
             .buffer_unordered(concurrency.max(1));
@@ -201,7 +249,14 @@ pub fn copy(ctx: &Context, a: CopyArgs) -> Result<()> {
     let dst = ctx.open(&a.dst)?;
     let pb = progress(src.size(), "copy");
     let t = Instant::now();
-    let copied = ctx.rt.block_on(copy_store(&src, &dst, a.io_size, a.concurrency, !a.no_sparse, &pb))?;
+    let copied = ctx.rt.block_on(copy_store(
+        &src,
+        &dst,
+        a.io_size,
+        a.concurrency,
+        !a.no_sparse,
+        &pb,
+    ))?;
     pb.finish_and_clear();
     let el = t.elapsed();
     println!(
@@ -228,7 +283,10 @@ pub async fn checksum_store(store: &DynStore, pb: &ProgressBar) -> Result<blake3
     let mut s = stream::iter(pieces)
         .map(|(off, n)| async move {
             let mut buf = BytesMut::zeroed(n as usize);
-            store.read(off, &mut buf).await.with_context(|| format!("reading {off}+{n}"))?;
+            store
+                .read(off, &mut buf)
+                .await
+                .with_context(|| format!("reading {off}+{n}"))?;
             Ok::<Bytes, anyhow::Error>(buf.freeze())
         })
         .buffered(4);
@@ -279,8 +337,10 @@ pub fn bench(ctx: &Context, a: BenchArgs) -> Result<()> {
     let mut b = Bench::new(&a.suite, config);
     match a.suite.as_str() {
         "store" => bench::store::run(&mut b, &ctx.registry),
+        "stores" => bench::stores::run(&mut b, &ctx.registry),
         "nbd" => bench::nbd::run(&mut b, ctx),
         "lazy" => bench::lazy::run(&mut b),
+        "mount" => bench::mount::run(&mut b, ctx),
         other => bail!("unknown suite {other:?}"),
     }
 }
@@ -305,7 +365,9 @@ pub struct DemoArgs {
 pub fn demo(ctx: &Context, a: DemoArgs) -> Result<()> {
     let size = a.size;
     let mem_url = format!("mem:{size}");
-    println!("1. opening the embedded default store {mem_url} and writing random data (every 8th MiB left as a hole)");
+    println!(
+        "1. opening the embedded default store {mem_url} and writing random data (every 8th MiB left as a hole)"
+    );
     let mem = ctx.open(&mem_url)?;
     let t = Instant::now();
     ctx.rt.block_on(async {
@@ -324,11 +386,19 @@ pub fn demo(ctx: &Context, a: DemoArgs) -> Result<()> {
         }
         Ok::<(), memsync_core::StoreError>(())
     })?;
-    println!("   wrote {} in {:.3} s", format_size(size), t.elapsed().as_secs_f64());
+    println!(
+        "   wrote {} in {:.3} s",
+        format_size(size),
+        t.elapsed().as_secs_f64()
+    );
     let hidden = ProgressBar::hidden();
     let h1 = ctx.rt.block_on(checksum_store(&mem, &hidden))?;
     let (data, _, hole) = ctx.rt.block_on(allocation(&*mem))?;
-    println!("   blake3 {h1}; allocated {} of data, {} of holes", format_size(data), format_size(hole));
+    println!(
+        "   blake3 {h1}; allocated {} of data, {} of holes",
+        format_size(data),
+        format_size(hole)
+    );
 
     let dir = std::env::temp_dir().join(format!("memsync-demo-{}", std::process::id()));
     let _cleanup = RemoveOnDrop(dir.clone());
@@ -337,10 +407,17 @@ pub fn demo(ctx: &Context, a: DemoArgs) -> Result<()> {
     let dst = ctx.open(&dir_url)?;
     let pb = progress(size, "copy");
     let t = Instant::now();
-    let copied = ctx.rt.block_on(copy_store(&mem, &dst, 1 << 20, 8, true, &pb))?;
+    let copied = ctx
+        .rt
+        .block_on(copy_store(&mem, &dst, 1 << 20, 8, true, &pb))?;
     pb.finish_and_clear();
     let el = t.elapsed();
-    println!("   copied {} of data in {:.3} s ({:.2} GB/s of store)", format_size(copied), el.as_secs_f64(), bench::gbps(size, el));
+    println!(
+        "   copied {} of data in {:.3} s ({:.2} GB/s of store)",
+        format_size(copied),
+        el.as_secs_f64(),
+        bench::gbps(size, el)
+    );
     let h2 = ctx.rt.block_on(checksum_store(&dst, &hidden))?;
     if h1 != h2 {
         bail!("verification failed: {mem_url} has {h1} but the copy has {h2}");
@@ -354,7 +431,12 @@ pub fn demo(ctx: &Context, a: DemoArgs) -> Result<()> {
     }
     if !a.no_bench {
         println!("4. store benchmark (quick): each store beside memcpy/pread on this machine");
-        let config = BenchConfig { quick: true, json: false, runs: None, scratch: std::env::temp_dir() };
+        let config = BenchConfig {
+            quick: true,
+            json: false,
+            runs: None,
+            scratch: std::env::temp_dir(),
+        };
         let mut b = Bench::new("store", config);
         bench::store::run(&mut b, &ctx.registry)?;
     }

@@ -3,6 +3,8 @@
 mod bench;
 mod cmd;
 mod map;
+mod mount;
+mod proxy;
 mod serve;
 
 use std::path::PathBuf;
@@ -55,6 +57,11 @@ enum Command {
     Bench(cmd::BenchArgs),
     /// Export stores over NBD (TCP or unix socket) until SIGINT/SIGTERM.
     Serve(serve::ServeArgs),
+    /// Managed mount: a local cache of a remote store (background pull and push, persisted
+    /// chunk map) as a FUSE file and/or an NBD export, until SIGINT/SIGTERM.
+    Mount(mount::MountArgs),
+    /// A TCP delay proxy (added RTT, bandwidth cap) for RTT emulation, until SIGINT/SIGTERM.
+    Proxy(proxy::ProxyArgs),
     /// Map a store lazily (userfaultfd), touch and checksum every byte, print fault statistics.
     Map(map::MapArgs),
     /// List the store URL schemes this build supports.
@@ -69,7 +76,10 @@ fn init_logging(verbose: u8) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn main() -> ExitCode {
@@ -83,6 +93,8 @@ fn main() -> ExitCode {
         Command::Checksum(a) => cmd::checksum(&ctx, a),
         Command::Bench(a) => cmd::bench(&ctx, a),
         Command::Serve(a) => serve::serve(&ctx, a),
+        Command::Mount(a) => mount::mount(&ctx, a),
+        Command::Proxy(a) => proxy::proxy(&ctx, a),
         Command::Map(a) => map::map(&ctx, a),
         Command::Stores => cmd::stores(&ctx),
     };

@@ -27,8 +27,12 @@ pub struct MapArgs {
     pub no_prefetch: bool,
     /// Back the region with a shared memfd (MINOR faults + UFFDIO_CONTINUE) instead of
     /// private anonymous memory.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "hugetlb")]
     pub memfd: bool,
+    /// Back the region with reserved huge pages (MAP_HUGETLB; reserve them first, as root:
+    /// `echo N > /proc/sys/vm/nr_hugepages`). Needs a chunk of at least 2M.
+    #[arg(long)]
+    pub hugetlb: bool,
     /// Fetch missing chunks on the reading thread instead of through page faults.
     #[arg(long)]
     pub inline: bool,
@@ -51,6 +55,8 @@ pub fn map(ctx: &Context, a: MapArgs) -> Result<()> {
         priority: Box::new(FollowFaults::default()),
         backing: if a.memfd {
             Backing::Memfd
+        } else if a.hugetlb {
+            Backing::Hugetlb
         } else {
             Backing::Anonymous
         },

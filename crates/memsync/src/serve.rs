@@ -56,8 +56,15 @@ fn parse_listen(s: &str) -> Result<Listen> {
     match u.scheme.as_str() {
         "nbd" => {
             let a = u.authority.clone().unwrap_or_default();
-            let a = if a.is_empty() { "127.0.0.1:10809".to_owned() } else { a };
-            let a = if a.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+            let a = if a.is_empty() {
+                "127.0.0.1:10809".to_owned()
+            } else {
+                a
+            };
+            let a = if a
+                .rsplit_once(':')
+                .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+            {
                 a
             } else {
                 format!("{a}:10809")
@@ -100,21 +107,31 @@ pub fn serve(ctx: &Context, a: ServeArgs) -> Result<()> {
     let mut cfg = ServerConfig::new(exports);
     cfg.max_connections = a.max_connections.max(1);
     cfg.max_in_flight = a.max_in_flight.max(1);
-    cfg.tls_mode = a.tls.unwrap_or(if a.tls_cert.is_some() { TlsMode::Optional } else { TlsMode::Off });
+    cfg.tls_mode = a.tls.unwrap_or(if a.tls_cert.is_some() {
+        TlsMode::Optional
+    } else {
+        TlsMode::Off
+    });
     if let (Some(c), Some(k)) = (&a.tls_cert, &a.tls_key) {
         cfg.tls = Some(memsync_nbd::server_tls_config(c, k)?);
     }
     if cfg.tls_mode != TlsMode::Off && cfg.tls.is_none() {
         bail!("--tls {:?} needs --tls-cert and --tls-key", cfg.tls_mode);
     }
-    let listens = a.listen.iter().map(|s| parse_listen(s)).collect::<Result<Vec<_>>>()?;
+    let listens = a
+        .listen
+        .iter()
+        .map(|s| parse_listen(s))
+        .collect::<Result<Vec<_>>>()?;
     ctx.rt.block_on(async move {
         let server = Server::new(cfg)?;
         let mut unix_paths = Vec::new();
         for l in listens {
             match l {
                 Listen::Tcp(addr) => {
-                    let l = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("listening on {addr}"))?;
+                    let l = tokio::net::TcpListener::bind(&addr)
+                        .await
+                        .with_context(|| format!("listening on {addr}"))?;
                     println!("memsync: serving nbd://{}", l.local_addr()?);
                     server.listen_tcp(l);
                 }
@@ -125,7 +142,8 @@ pub fn serve(ctx: &Context, a: ServeArgs) -> Result<()> {
                     }) {
                         let _ = std::fs::remove_file(&p);
                     }
-                    let l = tokio::net::UnixListener::bind(&p).with_context(|| format!("listening on {}", p.display()))?;
+                    let l = tokio::net::UnixListener::bind(&p)
+                        .with_context(|| format!("listening on {}", p.display()))?;
                     println!("memsync: serving nbd+unix:///?socket={}", p.display());
                     server.listen_unix(l);
                     unix_paths.push(p);
@@ -141,7 +159,10 @@ pub fn serve(ctx: &Context, a: ServeArgs) -> Result<()> {
             _ = term.recv() => {}
         }
         eprintln!("memsync: shutting down: finishing requests in flight and flushing");
-        server.shutdown().await.context("flushing the exported stores")?;
+        server
+            .shutdown()
+            .await
+            .context("flushing the exported stores")?;
         for p in unix_paths {
             let _ = std::fs::remove_file(p);
         }

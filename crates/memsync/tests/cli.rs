@@ -6,7 +6,10 @@ use std::process::{Command, Output};
 use rand::{RngCore, SeedableRng};
 
 fn memsync(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_memsync")).args(args).output().expect("run memsync")
+    Command::new(env!("CARGO_BIN_EXE_memsync"))
+        .args(args)
+        .output()
+        .expect("run memsync")
 }
 
 fn stdout(o: &Output) -> String {
@@ -22,24 +25,46 @@ fn help_teaches_store_urls() {
     let o = memsync(&["--help"]);
     assert!(o.status.success());
     let s = stdout(&o);
-    for needle in ["mem:SIZE", "file:PATH", "dir:PATH", "bench", "copy", "EXAMPLES"] {
+    for needle in [
+        "mem:SIZE",
+        "file:PATH",
+        "dir:PATH",
+        "bench",
+        "copy",
+        "EXAMPLES",
+    ] {
         assert!(s.contains(needle), "--help lacks {needle:?}:\n{s}");
     }
     let o = memsync(&["stores"]);
     assert!(o.status.success());
     let s = stdout(&o);
-    assert!(s.contains("mem") && s.contains("file") && s.contains("dir"), "{s}");
+    assert!(
+        s.contains("mem") && s.contains("file") && s.contains("dir"),
+        "{s}"
+    );
 }
 
 #[test]
 fn bad_urls_fail_with_one_clear_line() {
-    for (url, part) in [("mem:12Q", "size"), ("s4://x", "scheme"), ("dir:/tmp/x?chunck=4K", "chunck"), ("nofile", "scheme")] {
+    for (url, part) in [
+        ("mem:12Q", "size"),
+        ("s4://x", "scheme"),
+        ("dir:/tmp/x?chunck=4K", "chunck"),
+        ("nofile", "scheme"),
+    ] {
         let o = memsync(&["info", url]);
         assert!(!o.status.success(), "{url} should fail");
         let e = stderr(&o);
-        assert_eq!(e.trim_end().lines().count(), 1, "one line expected for {url}: {e}");
+        assert_eq!(
+            e.trim_end().lines().count(),
+            1,
+            "one line expected for {url}: {e}"
+        );
         assert!(e.starts_with("memsync: error:"), "{e}");
-        assert!(e.contains(part), "error for {url} should name {part:?}: {e}");
+        assert!(
+            e.contains(part),
+            "error for {url} should name {part:?}: {e}"
+        );
     }
 }
 
@@ -55,9 +80,18 @@ fn copy_file_to_dir_and_checksums_match() {
     std::fs::write(&src, &data).unwrap();
     let size = data.len();
     let src_url = format!("file:{}", src.display());
-    let dst_url = format!("dir:{}?size={size}&chunk=64K", tmp.path().join("chunks").display());
+    let dst_url = format!(
+        "dir:{}?size={size}&chunk=64K",
+        tmp.path().join("chunks").display()
+    );
     let metrics = tmp.path().join("metrics.prom");
-    let o = memsync(&["copy", &src_url, &dst_url, "--metrics", metrics.to_str().unwrap()]);
+    let o = memsync(&[
+        "copy",
+        &src_url,
+        &dst_url,
+        "--metrics",
+        metrics.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "copy failed: {}", stderr(&o));
     let prom = std::fs::read_to_string(&metrics).unwrap();
     assert!(prom.contains("memsync_store_ops_total"), "{prom}");
@@ -65,7 +99,12 @@ fn copy_file_to_dir_and_checksums_match() {
 
     let a = memsync(&["checksum", &src_url]);
     let b = memsync(&["checksum", &dst_url]);
-    assert!(a.status.success() && b.status.success(), "{} {}", stderr(&a), stderr(&b));
+    assert!(
+        a.status.success() && b.status.success(),
+        "{} {}",
+        stderr(&a),
+        stderr(&b)
+    );
     let ha = stdout(&a).split_whitespace().next().unwrap().to_owned();
     let hb = stdout(&b).split_whitespace().next().unwrap().to_owned();
     assert_eq!(ha, blake3::hash(&data).to_hex().to_string());
@@ -94,13 +133,25 @@ fn demo_runs_and_verifies() {
 #[test]
 fn bench_store_json_has_limits_and_ratios() {
     let tmp = tempfile::tempdir().unwrap();
-    let o = memsync(&["bench", "store", "--quick", "--json", "--runs", "1", "--scratch", tmp.path().to_str().unwrap()]);
+    let o = memsync(&[
+        "bench",
+        "store",
+        "--quick",
+        "--json",
+        "--runs",
+        "1",
+        "--scratch",
+        tmp.path().to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "bench failed: {}", stderr(&o));
     let mut subjects: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut ratios = BTreeSet::new();
     for line in stdout(&o).lines() {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON: {line}: {e}"));
-        for key in ["suite", "case", "subject", "metric", "value", "unit", "runs", "min", "max"] {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON: {line}: {e}"));
+        for key in [
+            "suite", "case", "subject", "metric", "value", "unit", "runs", "min", "max",
+        ] {
             assert!(v.get(key).is_some(), "missing {key} in {line}");
         }
         assert_eq!(v["suite"], "store");
@@ -110,15 +161,31 @@ fn bench_store_json_has_limits_and_ratios() {
         if v["metric"] == "ratio" {
             ratios.insert(case);
         } else {
-            assert!(v["min"].as_f64().unwrap() <= value && value <= v["max"].as_f64().unwrap(), "{line}");
-            subjects.entry(case).or_default().insert(v["subject"].as_str().unwrap().to_owned());
+            assert!(
+                v["min"].as_f64().unwrap() <= value && value <= v["max"].as_f64().unwrap(),
+                "{line}"
+            );
+            subjects
+                .entry(case)
+                .or_default()
+                .insert(v["subject"].as_str().unwrap().to_owned());
         }
     }
     for store in ["mem", "file", "dir"] {
-        for kind in ["seq-read-1M", "seq-write-1M", "rand-read-4K", "rand-write-4K"] {
+        for kind in [
+            "seq-read-1M",
+            "seq-write-1M",
+            "rand-read-4K",
+            "rand-write-4K",
+        ] {
             let case = format!("{store} {kind}");
-            let s = subjects.get(&case).unwrap_or_else(|| panic!("no case {case}"));
-            assert!(s.contains("memsync") && s.len() == 2, "{case} lacks its limit: {s:?}");
+            let s = subjects
+                .get(&case)
+                .unwrap_or_else(|| panic!("no case {case}"));
+            assert!(
+                s.contains("memsync") && s.len() == 2,
+                "{case} lacks its limit: {s:?}"
+            );
             assert!(ratios.contains(&case), "{case} has no ratio");
         }
     }
@@ -155,14 +222,24 @@ fn serve(args: &[&str]) -> Serve {
         }
         for _ in lines {}
     });
-    let line = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("memsync serve printed its address");
+    let line = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("memsync serve printed its address");
     let uri = line.trim_start_matches("memsync: serving ").to_owned();
     Serve { child, uri }
 }
 
 fn run_ok(prog: &str, args: &[&str]) -> String {
-    let o = Command::new(prog).args(args).output().unwrap_or_else(|e| panic!("{prog} (scripts/setup.sh installs it): {e}"));
-    assert!(o.status.success(), "{prog} {args:?}: {}{}", stdout(&o), stderr(&o));
+    let o = Command::new(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{prog} (scripts/setup.sh installs it): {e}"));
+    assert!(
+        o.status.success(),
+        "{prog} {args:?}: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
     stdout(&o)
 }
 
@@ -182,12 +259,31 @@ fn serve_nbd_to_qemu_and_libnbd_then_stop_on_sigterm() {
         "memsync test",
     ]);
     let uri = format!("{}/disk", s.uri);
-    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0xab 0 1M", "-c", "read -P 0xab 0 1M", "-c", "write -P 0xcd 3M 4k"]);
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "write -P 0xab 0 1M",
+            "-c",
+            "read -P 0xab 0 1M",
+            "-c",
+            "write -P 0xcd 3M 4k",
+        ],
+    );
     run_ok("qemu-img", &["info", &uri]);
     let list = run_ok("nbdinfo", &["--list", &s.uri]);
-    assert!(list.contains("\"disk\"") && list.contains("\"scratch\"") && list.contains("memsync test"), "{list}");
+    assert!(
+        list.contains("\"disk\"") && list.contains("\"scratch\"") && list.contains("memsync test"),
+        "{list}"
+    );
     // SIGTERM: clean shutdown with the file store flushed.
-    let st = Command::new("kill").args(["-TERM", &s.child.id().to_string()]).status().unwrap();
+    let st = Command::new("kill")
+        .args(["-TERM", &s.child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(st.success());
     let mut status = None;
     for _ in 0..300 {
@@ -207,16 +303,172 @@ fn serve_nbd_to_qemu_and_libnbd_then_stop_on_sigterm() {
 fn serve_read_only_over_unix_socket() {
     let tmp = tempfile::tempdir().unwrap();
     let sock = tmp.path().join("s.sock");
-    let s = serve(&["mem:4M", "--read-only", "--listen", &format!("nbd+unix:///?socket={}", sock.display())]);
+    let s = serve(&[
+        "mem:4M",
+        "--read-only",
+        "--listen",
+        &format!("nbd+unix:///?socket={}", sock.display()),
+    ]);
     assert!(s.uri.starts_with("nbd+unix://"), "{}", s.uri);
     let uri = format!("nbd+unix:///?socket={}", sock.display());
     let json = run_ok("nbdinfo", &["--json", &uri]);
     assert!(json.contains("\"is_read_only\": true"), "{json}");
-    let o = Command::new("qemu-io").args(["-f", "raw", &uri, "-c", "write 0 4k"]).output().unwrap();
+    let o = Command::new("qemu-io")
+        .args(["-f", "raw", &uri, "-c", "write 0 4k"])
+        .output()
+        .unwrap();
     let all = format!("{}{}", stdout(&o), stderr(&o));
-    assert!(!o.status.success() || all.contains("rror") || all.contains("ermission") || all.contains("read-only") || all.contains("read only"), "{all}");
+    assert!(
+        !o.status.success()
+            || all.contains("rror")
+            || all.contains("ermission")
+            || all.contains("read-only")
+            || all.contains("read only"),
+        "{all}"
+    );
     // The memsync client reads it by URL.
     let o = memsync(&["info", &uri]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("read-only:    true"), "{}", stdout(&o));
+}
+
+/// `memsync mount`: a child process (killed on drop, its FUSE mount detached) that printed
+/// "memsync: mounted PATH".
+struct MountProc {
+    child: std::process::Child,
+    file: std::path::PathBuf,
+    mountpoint: std::path::PathBuf,
+    stderr: std::sync::mpsc::Receiver<String>,
+}
+
+impl Drop for MountProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.mountpoint)
+            .output();
+    }
+}
+
+fn mount_proc(remote: &str, cache: &std::path::Path, mnt: &std::path::Path) -> MountProc {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_memsync"))
+        .args(["mount", remote, "--cache"])
+        .arg(cache)
+        .arg("--fuse")
+        .arg(mnt)
+        .args(["--name", "disk", "--chunk", "64K", "--push-interval", "1h"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run memsync mount");
+    let out = child.stdout.take().unwrap();
+    let err = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let (etx, erx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = etx.send(l);
+        }
+    });
+    let line = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("memsync mount printed its file");
+    let file = std::path::PathBuf::from(line.trim_start_matches("memsync: mounted "));
+    MountProc {
+        child,
+        file,
+        mountpoint: mnt.to_path_buf(),
+        stderr: erx,
+    }
+}
+
+#[test]
+fn mount_fuse_durable_after_sigkill_and_restart_refetches_nothing() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("remote.img");
+    let size = 8usize << 20;
+    let mut want = vec![0u8; size];
+    rand::rngs::SmallRng::seed_from_u64(9).fill_bytes(&mut want);
+    std::fs::write(&img, &want).unwrap();
+    let srv = serve(&[
+        &format!("file:{}", img.display()),
+        "--listen",
+        "nbd://127.0.0.1:0",
+    ]);
+    let remote = format!("{}/", srv.uri);
+    let cache = dir.path().join("cache");
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+
+    let m = mount_proc(&remote, &cache, &mnt);
+    // Everything becomes local; then writes, fsync (= flush to the remote), SIGKILL at once.
+    assert!(
+        std::fs::read(&m.file).unwrap() == want,
+        "first read through FUSE differs"
+    );
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&m.file)
+        .unwrap();
+    for (i, off) in [0usize, 1_000_000, 3_333_333, size - 70_000]
+        .into_iter()
+        .enumerate()
+    {
+        let mut d = vec![0u8; 70_000];
+        rand::rngs::SmallRng::seed_from_u64(100 + i as u64).fill_bytes(&mut d);
+        f.write_all_at(&d, off as u64).unwrap();
+        want[off..off + d.len()].copy_from_slice(&d);
+    }
+    f.sync_all().unwrap();
+    let mut m = m;
+    m.child.kill().unwrap(); // SIGKILL right after the flush returned
+    let _ = m.child.wait();
+    drop(f);
+    drop(m);
+    let remote_now = std::fs::read(&img).unwrap();
+    assert!(
+        remote_now == want,
+        "the remote lacks flushed bytes after SIGKILL"
+    );
+
+    // Restart from the same cache directory: identical data, nothing fetched from the remote.
+    let mut m = mount_proc(&remote, &cache, &mnt);
+    assert!(
+        std::fs::read(&m.file).unwrap() == want,
+        "data differs after restart"
+    );
+    let pid = m.child.id().to_string();
+    run_ok("kill", &["-TERM", &pid]);
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = m.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(30),
+            "mount did not stop on SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(status.success(), "mount exited with {status}");
+    let mut err = String::new();
+    while let Ok(l) = m.stderr.recv_timeout(std::time::Duration::from_secs(2)) {
+        err.push_str(&l);
+        err.push('\n');
+    }
+    assert!(
+        err.contains("pulled 0 B (demand 0 B) in 0 reads"),
+        "refetched after restart:\n{err}"
+    );
+    assert!(err.contains("memsync: stopped"), "{err}");
 }

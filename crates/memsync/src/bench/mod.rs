@@ -7,8 +7,10 @@
 //! `{"suite","case","subject","metric","value","unit","runs","min","max"}`.
 
 pub mod lazy;
+pub mod mount;
 pub mod nbd;
 pub mod store;
+pub mod stores;
 
 use std::io::Write;
 use std::time::Duration;
@@ -74,7 +76,11 @@ pub fn median(samples: &[f64]) -> f64 {
     }
     s.sort_by(|a, b| a.total_cmp(b));
     let n = s.len();
-    if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
 }
 
 /// Whether larger values are better for a unit (throughput) or smaller (latency).
@@ -84,11 +90,21 @@ fn higher_is_better(unit: &str) -> bool {
 
 impl Bench {
     pub fn new(suite: &str, config: BenchConfig) -> Self {
-        Bench { config, suite: suite.to_owned() }
+        Bench {
+            config,
+            suite: suite.to_owned(),
+        }
     }
 
     /// Record a case from per-run samples and print it.
-    pub fn record(&mut self, case: &str, subject: &str, metric: &str, unit: &str, samples: &[f64]) -> f64 {
+    pub fn record(
+        &mut self,
+        case: &str,
+        subject: &str,
+        metric: &str,
+        unit: &str,
+        samples: &[f64],
+    ) -> f64 {
         let value = median(samples);
         let min = samples.iter().copied().fold(f64::INFINITY, f64::min);
         let max = samples.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -125,8 +141,19 @@ impl Bench {
 
     /// Report `memsync / peer` for a case (for latency units the ratio is peer / memsync, so a
     /// ratio above 1 always means memsync is better).
-    pub fn ratio(&mut self, case: &str, peer: &str, unit: &str, memsync: f64, peer_value: f64) -> f64 {
-        let r = if higher_is_better(unit) { memsync / peer_value } else { peer_value / memsync };
+    pub fn ratio(
+        &mut self,
+        case: &str,
+        peer: &str,
+        unit: &str,
+        memsync: f64,
+        peer_value: f64,
+    ) -> f64 {
+        let r = if higher_is_better(unit) {
+            memsync / peer_value
+        } else {
+            peer_value / memsync
+        };
         let m = Measurement {
             suite: self.suite.clone(),
             case: case.to_owned(),
@@ -147,7 +174,11 @@ impl Bench {
         if self.config.json {
             let _ = writeln!(out, "{}", m.to_json());
         } else if m.metric == "ratio" {
-            let _ = writeln!(out, "{:<8} {:<28} {:<16} ratio {:>10.3}", m.suite, m.case, m.subject, m.value);
+            let _ = writeln!(
+                out,
+                "{:<8} {:<28} {:<16} ratio {:>10.3}",
+                m.suite, m.case, m.subject, m.value
+            );
         } else {
             let _ = writeln!(
                 out,
@@ -156,7 +187,6 @@ impl Bench {
             );
         }
     }
-
 }
 
 /// GB/s (10^9 bytes per second) for `bytes` moved in `elapsed`.
@@ -165,11 +195,27 @@ pub fn gbps(bytes: u64, elapsed: Duration) -> f64 {
 }
 
 /// The suites `memsync bench` knows.
-pub const SUITES: &[(&str, &str)] =
-    &[
-    ("store", "sequential and random 4 KiB reads and writes per local store, against memcpy/pread"),
-    ("nbd", "memsync serve and the memsync NBD client against nbdkit, driven by nbdcopy"),
-    ("lazy", "lazy userfaultfd regions from a mem: store: sequential first touch vs memcpy, random 4 KiB fault latency vs an anonymous fault"),
+pub const SUITES: &[(&str, &str)] = &[
+    (
+        "store",
+        "sequential and random 4 KiB reads and writes per local store, against memcpy/pread",
+    ),
+    (
+        "nbd",
+        "memsync serve and the memsync NBD client against nbdkit, driven by nbdcopy",
+    ),
+    (
+        "stores",
+        "sequential read (direct, many requests in flight) and first-access latency from redis://, s3:// and dir: on real servers, per chunk size, vs redis-benchmark / a bare HTTP GET loop / pread, beside r3map's published figures",
+    ),
+    (
+        "lazy",
+        "lazy userfaultfd regions from a mem: store: sequential first touch vs memcpy, random 4 KiB fault latency vs an anonymous fault",
+    ),
+    (
+        "mount",
+        "managed mounts (cache + FUSE file + lazy region) over memsync serve through the delay proxy at RTT 0/10/30 ms, vs nbdcopy, the FUSE ceiling and r3map's published figures",
+    ),
 ];
 
 #[cfg(test)]
@@ -185,7 +231,12 @@ mod tests {
 
     #[test]
     fn ratio_direction() {
-        let cfg = BenchConfig { quick: true, json: true, runs: Some(1), scratch: std::env::temp_dir() };
+        let cfg = BenchConfig {
+            quick: true,
+            json: true,
+            runs: Some(1),
+            scratch: std::env::temp_dir(),
+        };
         let mut b = Bench::new("t", cfg);
         assert_eq!(b.ratio("c", "p", "GB/s", 2.0, 4.0), 0.5);
         assert_eq!(b.ratio("c", "p", "us", 2.0, 4.0), 2.0);

@@ -1,0 +1,1149 @@
+//! The cache layer: a remote store, a local copy, and the chunk state machine between them.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering::*};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use memsync_core::{
+    Caps, DynStore, Result, Store, StoreError, async_trait, check_range, check_write,
+};
+use memsync_local::{FileOptions, FileStore};
+use parking_lot::Mutex;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::config::CacheConfig;
+use crate::map::{MAP_DIRTY, MAP_PRESENT, MapFile, open_dir};
+use crate::stats::{CacheStats, CacheStatsSnapshot};
+use crate::window::Window;
+
+const REMOTE: u8 = 0;
+const FETCHING: u8 = 1;
+const LOCAL: u8 = 2;
+const DIRTY: u8 = 3;
+const PUSHING: u8 = 4;
+
+const SHARDS: usize = 64;
+const NO_CHUNK: u64 = u64::MAX;
+
+/// The state of one chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ChunkState {
+    /// Only in the remote.
+    Remote,
+    /// Being fetched (or claimed by a whole-chunk write).
+    Fetching,
+    /// Local and identical to the remote.
+    Local,
+    /// Local, with writes not yet in the remote.
+    Dirty,
+    /// Local, being written back.
+    Pushing,
+}
+
+fn present(s: u8) -> bool {
+    matches!(s, LOCAL | DIRTY | PUSHING)
+}
+
+/// Errors that say the request itself is wrong; retrying them is pointless.
+fn permanent(e: &StoreError) -> bool {
+    matches!(
+        e.root(),
+        StoreError::OutOfRange { .. }
+            | StoreError::Misaligned { .. }
+            | StoreError::ReadOnly
+            | StoreError::Unsupported { .. }
+            | StoreError::Config(_)
+    )
+}
+
+/// Pull progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PullProgress {
+    pub chunks: u64,
+    pub local_chunks: u64,
+    pub dirty_chunks: u64,
+    pub chunk_size: u64,
+    pub size: u64,
+}
+
+impl PullProgress {
+    /// Bytes that are local.
+    pub fn local_bytes(&self) -> u64 {
+        (self.local_chunks * self.chunk_size).min(self.size)
+    }
+    /// Every chunk is local.
+    pub fn complete(&self) -> bool {
+        self.local_chunks == self.chunks
+    }
+}
+
+pub(crate) struct Inner {
+    remote: DynStore,
+    demand: DynStore,
+    local: DynStore,
+    cfg: CacheConfig,
+    dir: PathBuf,
+    size: u64,
+    cs: u64,
+    chunks: u64,
+    state: Box<[AtomicU8]>,
+    /// Write generation per chunk: incremented after each completed local write.
+    wgen: Box<[AtomicU64]>,
+    /// Highest write generation durable in the remote (pushed and remote-flushed).
+    pushed: Box<[AtomicU64]>,
+    shards: Box<[Notify]>,
+    push_done: Notify,
+    pull_wake: Notify,
+    push_wake: Notify,
+    map: Arc<MapFile>,
+    /// The change count the last checkpoint saved.
+    saved: tokio::sync::Mutex<u64>,
+    changes: AtomicU64,
+    local_count: AtomicU64,
+    demand_active: AtomicUsize,
+    last_demand: AtomicU64,
+    pull_paused: AtomicBool,
+    push_window: Mutex<Window>,
+    stop: watch::Sender<bool>,
+    stats: CacheStats,
+}
+
+/// A claim on a run of chunks (REMOTE → FETCHING). Dropping it unfinished releases the chunks
+/// back to REMOTE and wakes their waiters, so a cancelled or failed fetch never leaves a chunk
+/// stuck.
+struct Claim {
+    inner: Arc<Inner>,
+    first: u64,
+    n: u64,
+    armed: bool,
+}
+
+impl Claim {
+    fn finish(mut self, to: u8) {
+        self.armed = false;
+        for c in self.first..self.first + self.n {
+            self.inner.state[c as usize].store(to, SeqCst);
+        }
+        self.inner.local_count.fetch_add(self.n, SeqCst);
+        self.inner.changes.fetch_add(1, SeqCst);
+        self.inner.notify_run(self.first, self.n);
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if self.armed {
+            for c in self.first..self.first + self.n {
+                self.inner.state[c as usize].store(REMOTE, SeqCst);
+            }
+            self.inner.notify_run(self.first, self.n);
+        }
+    }
+}
+
+struct DemandGuard<'a>(&'a Inner);
+
+impl Drop for DemandGuard<'_> {
+    fn drop(&mut self) {
+        self.0.demand_active.fetch_sub(1, SeqCst);
+        self.0.pull_wake.notify_one();
+    }
+}
+
+impl Inner {
+    fn st(&self, c: u64) -> u8 {
+        self.state[c as usize].load(SeqCst)
+    }
+
+    fn notify_run(&self, first: u64, n: u64) {
+        for c in first..first + n.min(SHARDS as u64) {
+            self.shards[c as usize % SHARDS].notify_waiters();
+        }
+    }
+
+    /// Claim up to `max` consecutive REMOTE chunks from `c`.
+    fn claim_run(&self, c: u64, max: u64) -> u64 {
+        let mut n = 0;
+        while n < max
+            && c + n < self.chunks
+            && self.state[(c + n) as usize]
+                .compare_exchange(REMOTE, FETCHING, SeqCst, SeqCst)
+                .is_ok()
+        {
+            n += 1;
+        }
+        n
+    }
+
+    fn run_bytes(&self, first: u64, n: u64) -> (u64, u64) {
+        let off = first * self.cs;
+        let end = ((first + n) * self.cs).min(self.size);
+        (off, end - off)
+    }
+
+    /// Wait until chunk `c` is no longer being fetched.
+    async fn wait_chunk(&self, c: u64, deadline: Instant) -> Result<()> {
+        let notified = self.shards[c as usize % SHARDS].notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.st(c) != FETCHING {
+            return Ok(());
+        }
+        self.stats.shared_waits.fetch_add(1, Relaxed);
+        match tokio::time::timeout_at(deadline, notified).await {
+            Ok(()) => Ok(()),
+            Err(_) => Err(self.timeout_error(c, 1, None)),
+        }
+    }
+
+    fn timeout_error(&self, first: u64, n: u64, cause: Option<StoreError>) -> StoreError {
+        let (off, len) = self.run_bytes(first, n);
+        let message = format!(
+            "cache: bytes {off}..{} (chunks {first}..{}) could not be fetched from the remote within {} ms",
+            off + len,
+            first + n,
+            self.cfg.fetch_timeout.as_millis()
+        );
+        StoreError::Backend {
+            message,
+            source: Some(Box::new(cause.unwrap_or(StoreError::Timeout {
+                op: "remote read",
+                after_ms: self.cfg.fetch_timeout.as_millis() as u64,
+            }))),
+        }
+    }
+
+    /// Fetch claimed chunks for a demand miss, retrying until `deadline`. Fills the local copy.
+    async fn demand_fetch(self: &Arc<Self>, claim: Claim, deadline: Instant) -> Result<Bytes> {
+        let (first, n) = (claim.first, claim.n);
+        let (off, len) = self.run_bytes(first, n);
+        self.demand_active.fetch_add(1, SeqCst);
+        let _g = DemandGuard(self);
+        self.stats.misses.fetch_add(1, Relaxed);
+        let t0 = Instant::now();
+        let mut backoff = Duration::from_millis(5);
+        let mut last: Option<StoreError> = None;
+        loop {
+            if Instant::now() >= deadline {
+                return Err(self.timeout_error(first, n, last));
+            }
+            let mut buf = BytesMut::zeroed(len as usize);
+            self.stats.remote_reads.fetch_add(1, Relaxed);
+            match tokio::time::timeout_at(deadline, self.demand.read(off, &mut buf)).await {
+                Ok(Ok(())) => {
+                    let data = buf.freeze();
+                    self.local.write(off, data.clone()).await.map_err(|e| {
+                        e.context("cache: writing a fetched chunk to the local copy")
+                    })?;
+                    self.stats.demand_bytes.fetch_add(len, Relaxed);
+                    self.stats.miss_latency.record(t0.elapsed());
+                    claim.finish(LOCAL);
+                    self.last_demand.store(first + n, SeqCst);
+                    return Ok(data);
+                }
+                Ok(Err(e)) => {
+                    self.stats.fetch_errors.fetch_add(1, Relaxed);
+                    if permanent(&e) {
+                        return Err(e.context("cache: remote read"));
+                    }
+                    tracing::debug!(
+                        "cache: demand fetch of chunk {first} failed, retrying: {}",
+                        e.chain()
+                    );
+                    last = Some(e);
+                    let now = Instant::now();
+                    tokio::time::sleep_until((now + backoff).min(deadline)).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                Err(_) => {
+                    self.stats.fetch_errors.fetch_add(1, Relaxed);
+                    return Err(self.timeout_error(first, n, last));
+                }
+            }
+        }
+    }
+
+    async fn read(self: &Arc<Self>, offset: u64, buf: &mut [u8]) -> Result<()> {
+        check_range(self.size, 1, offset, buf.len() as u64)?;
+        let deadline = Instant::now() + self.cfg.fetch_timeout;
+        let end = offset + buf.len() as u64;
+        let cs = self.cs;
+        let mut pos = offset;
+        while pos < end {
+            let c = pos / cs;
+            match self.st(c) {
+                LOCAL | DIRTY | PUSHING => {
+                    let mut c2 = c + 1;
+                    while c2 * cs < end && present(self.st(c2)) {
+                        c2 += 1;
+                    }
+                    let run_end = (c2 * cs).min(end);
+                    self.local
+                        .read(
+                            pos,
+                            &mut buf[(pos - offset) as usize..(run_end - offset) as usize],
+                        )
+                        .await
+                        .map_err(|e| e.context("cache: reading the local copy"))?;
+                    self.stats.hits.fetch_add(1, Relaxed);
+                    self.stats.hit_bytes.fetch_add(run_end - pos, Relaxed);
+                    pos = run_end;
+                }
+                REMOTE => {
+                    let last = (end - 1) / cs;
+                    let max = self.cfg.chunks_per_demand().min(last - c + 1);
+                    let n = self.claim_run(c, max);
+                    if n == 0 {
+                        continue;
+                    }
+                    let claim = Claim {
+                        inner: self.clone(),
+                        first: c,
+                        n,
+                        armed: true,
+                    };
+                    let data = self.demand_fetch(claim, deadline).await?;
+                    let run_start = c * cs;
+                    let run_end = (run_start + data.len() as u64).min(end);
+                    buf[(pos - offset) as usize..(run_end - offset) as usize].copy_from_slice(
+                        &data[(pos - run_start) as usize..(run_end - run_start) as usize],
+                    );
+                    pos = run_end;
+                }
+                _ => self.wait_chunk(c, deadline).await?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn write(self: &Arc<Self>, offset: u64, data: Bytes) -> Result<()> {
+        check_write(&self.caps(), self.size, offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.cfg.fetch_timeout;
+        let end = offset + data.len() as u64;
+        let cs = self.cs;
+        let first = offset / cs;
+        let last = (end - 1) / cs;
+        let mut claims = Vec::new();
+        let mut c = first;
+        // Make every chunk of the range present (fetching partially written ones) or claimed
+        // (wholly overwritten ones need no fetch). Ascending order: no waiting cycles.
+        while c <= last {
+            match self.st(c) {
+                LOCAL | DIRTY | PUSHING => {
+                    self.stats.hits.fetch_add(1, Relaxed);
+                    c += 1;
+                }
+                REMOTE => {
+                    let whole = |k: u64| k * cs >= offset && ((k + 1) * cs).min(self.size) <= end;
+                    if whole(c) {
+                        let mut max = 1;
+                        while c + max <= last && whole(c + max) {
+                            max += 1;
+                        }
+                        let n = self.claim_run(c, max);
+                        if n == 0 {
+                            continue;
+                        }
+                        claims.push(Claim {
+                            inner: self.clone(),
+                            first: c,
+                            n,
+                            armed: true,
+                        });
+                        c += n;
+                    } else {
+                        if self.claim_run(c, 1) == 0 {
+                            continue;
+                        }
+                        let claim = Claim {
+                            inner: self.clone(),
+                            first: c,
+                            n: 1,
+                            armed: true,
+                        };
+                        self.demand_fetch(claim, deadline).await?;
+                        c += 1;
+                    }
+                }
+                _ => self.wait_chunk(c, deadline).await?,
+            }
+        }
+        self.local
+            .write(offset, data)
+            .await
+            .map_err(|e| e.context("cache: writing the local copy"))?;
+        // Order matters (see `push_one`): data written, then the generation, then DIRTY.
+        for k in first..=last {
+            self.wgen[k as usize].fetch_add(1, SeqCst);
+        }
+        for claim in claims {
+            claim.finish(DIRTY);
+        }
+        for k in first..=last {
+            let _ = self.state[k as usize]
+                .fetch_update(SeqCst, SeqCst, |s| present(s).then_some(DIRTY));
+        }
+        self.changes.fetch_add(1, SeqCst);
+        Ok(())
+    }
+
+    fn caps(&self) -> Caps {
+        let mut caps = Caps::basic();
+        caps.read_only = self.remote.caps().read_only;
+        caps.flush = true;
+        caps.preferred_io = self.cs.max(64 * 1024);
+        caps.max_io = 32 << 20;
+        caps
+    }
+
+    /// Runs of consecutive chunks in `set` whose state is DIRTY, at most `unit` chunks each.
+    fn dirty_runs(&self, set: impl Iterator<Item = u64>) -> Vec<(u64, u64)> {
+        let unit = self.cfg.chunks_per_request();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for c in set {
+            if self.st(c) != DIRTY {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((f, n)) if *f + *n == c && *n < unit => *n += 1,
+                _ => runs.push((c, 1)),
+            }
+        }
+        runs
+    }
+
+    /// Write back one run: claim DIRTY → PUSHING, capture the generations, read the local data,
+    /// write it to the remote. The generations are captured after the claim and before the data
+    /// is read; a writer bumps the generation before setting DIRTY, so every write with a
+    /// generation at most the captured one is in the data sent.
+    async fn push_one(
+        self: Arc<Self>,
+        first: u64,
+        n: u64,
+    ) -> (Result<Option<(u64, Vec<u64>)>>, Duration) {
+        let t0 = Instant::now();
+        let mut k = 0;
+        while k < n
+            && self.state[(first + k) as usize]
+                .compare_exchange(DIRTY, PUSHING, SeqCst, SeqCst)
+                .is_ok()
+        {
+            k += 1;
+        }
+        if k == 0 {
+            return (Ok(None), t0.elapsed());
+        }
+        let gens: Vec<u64> = (first..first + k)
+            .map(|c| self.wgen[c as usize].load(SeqCst))
+            .collect();
+        let (off, len) = self.run_bytes(first, k);
+        let res = async {
+            let mut buf = BytesMut::zeroed(len as usize);
+            self.local
+                .read(off, &mut buf)
+                .await
+                .map_err(|e| e.context("cache: reading the local copy to push it"))?;
+            self.stats.remote_writes.fetch_add(1, Relaxed);
+            let limit = self.cfg.fetch_timeout.max(Duration::from_secs(5)) * 3;
+            match tokio::time::timeout(limit, self.remote.write(off, buf.freeze())).await {
+                Ok(r) => {
+                    r.map_err(|e| e.context(format!("cache: pushing bytes {off}..{}", off + len)))
+                }
+                Err(_) => Err(StoreError::Timeout {
+                    op: "remote write",
+                    after_ms: limit.as_millis() as u64,
+                }),
+            }
+        }
+        .await;
+        match res {
+            Ok(()) => {
+                self.stats.pushed_bytes.fetch_add(len, Relaxed);
+                (Ok(Some((first, gens))), t0.elapsed())
+            }
+            Err(e) => {
+                self.stats.push_errors.fetch_add(1, Relaxed);
+                self.unpush(first, k);
+                (Err(e), t0.elapsed())
+            }
+        }
+    }
+
+    fn unpush(&self, first: u64, n: u64) {
+        for c in first..first + n {
+            let _ = self.state[c as usize].compare_exchange(PUSHING, DIRTY, SeqCst, SeqCst);
+        }
+    }
+
+    /// Push runs with a pipelined window, then flush the remote, then mark them durable.
+    async fn push_round(self: &Arc<Self>, runs: Vec<(u64, u64)>) -> Result<u64> {
+        let mut set = JoinSet::new();
+        let mut done: Vec<(u64, Vec<u64>)> = Vec::new();
+        let mut first_err: Option<StoreError> = None;
+        let mut it = runs.into_iter();
+        loop {
+            let w = self.push_window.lock().get();
+            self.stats.push_window.store(w as u64, Relaxed);
+            while set.len() < w {
+                match it.next() {
+                    Some((f, n)) => {
+                        set.spawn(self.clone().push_one(f, n));
+                    }
+                    None => break,
+                }
+            }
+            match set.join_next().await {
+                None => break,
+                Some(Ok((res, lat))) => match res {
+                    Ok(Some(x)) => {
+                        self.push_window.lock().on_success(lat);
+                        done.push(x);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.push_window.lock().on_error();
+                        first_err.get_or_insert(e);
+                    }
+                },
+                Some(Err(e)) => {
+                    first_err.get_or_insert(StoreError::backend(format!(
+                        "cache: push task failed: {e}"
+                    )));
+                }
+            }
+        }
+        let count = done.iter().map(|(_, g)| g.len() as u64).sum();
+        if !done.is_empty() {
+            self.stats.remote_flushes.fetch_add(1, Relaxed);
+            let limit = self.cfg.fetch_timeout.max(Duration::from_secs(5)) * 3;
+            let r = match tokio::time::timeout(limit, self.remote.flush()).await {
+                Ok(r) => r.map_err(|e| e.context("cache: flushing the remote")),
+                Err(_) => Err(StoreError::Timeout {
+                    op: "remote flush",
+                    after_ms: limit.as_millis() as u64,
+                }),
+            };
+            match r {
+                Ok(()) => {
+                    for (first, gens) in &done {
+                        for (i, g) in gens.iter().enumerate() {
+                            let c = (*first as usize) + i;
+                            self.pushed[c].fetch_max(*g, SeqCst);
+                            let _ = self.state[c].compare_exchange(PUSHING, LOCAL, SeqCst, SeqCst);
+                        }
+                    }
+                    self.changes.fetch_add(1, SeqCst);
+                }
+                Err(e) => {
+                    for (first, gens) in &done {
+                        self.unpush(*first, gens.len() as u64);
+                    }
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        self.push_done.notify_waiters();
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(count),
+        }
+    }
+
+    /// Save the chunk map: snapshot, make the local data durable, then write the map.
+    async fn checkpoint(self: &Arc<Self>) -> Result<()> {
+        let mut saved = self.saved.lock().await;
+        let ch = self.changes.load(SeqCst);
+        if ch == *saved {
+            return Ok(());
+        }
+        let snap: Vec<u8> = self
+            .state
+            .iter()
+            .map(|s| match s.load(SeqCst) {
+                LOCAL => MAP_PRESENT,
+                DIRTY | PUSHING => MAP_PRESENT | MAP_DIRTY,
+                _ => 0,
+            })
+            .collect();
+        self.local
+            .flush()
+            .await
+            .map_err(|e| e.context("cache: making the local copy durable"))?;
+        let map = self.map.clone();
+        tokio::task::spawn_blocking(move || map.store(&snap))
+            .await
+            .map_err(|e| StoreError::backend(format!("cache: checkpoint task: {e}")))??;
+        *saved = ch;
+        self.stats.checkpoints.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    async fn flush(self: &Arc<Self>) -> Result<()> {
+        let deadline = Instant::now() + self.cfg.flush_timeout;
+        let targets: Vec<(u64, u64)> = (0..self.chunks)
+            .filter(|&c| matches!(self.st(c), DIRTY | PUSHING))
+            .map(|c| (c, self.wgen[c as usize].load(SeqCst)))
+            .collect();
+        // Dirty chunks are remembered (and their data durable locally) before anything else.
+        self.checkpoint().await?;
+        let mut backoff = Duration::from_millis(20);
+        let mut last: Option<StoreError> = None;
+        loop {
+            let pending: Vec<u64> = targets
+                .iter()
+                .filter(|(c, g)| self.pushed[*c as usize].load(SeqCst) < *g)
+                .map(|(c, _)| *c)
+                .collect();
+            if pending.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let msg = format!(
+                    "cache: flush: {} dirty chunks could not be written back within {} s",
+                    pending.len(),
+                    self.cfg.flush_timeout.as_secs()
+                );
+                return Err(match last {
+                    Some(e) => e.context(msg),
+                    None => StoreError::backend(msg),
+                });
+            }
+            let notified = self.push_done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let runs = self.dirty_runs(pending.iter().copied());
+            if runs.is_empty() {
+                // Someone else is pushing them.
+                let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+                continue;
+            }
+            if let Err(e) = self.push_round(runs).await {
+                tracing::warn!("cache: flush: push failed, retrying: {}", e.chain());
+                last = Some(e);
+                tokio::time::sleep_until((Instant::now() + backoff).min(deadline)).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+        loop {
+            self.stats.remote_flushes.fetch_add(1, Relaxed);
+            match tokio::time::timeout_at(deadline, self.remote.flush()).await {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) if Instant::now() < deadline && !permanent(&e) => {
+                    tracing::warn!("cache: flush: remote flush failed, retrying: {}", e.chain());
+                    tokio::time::sleep_until((Instant::now() + backoff).min(deadline)).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Ok(Err(e)) => return Err(e.context("cache: flushing the remote")),
+                Err(_) => {
+                    return Err(StoreError::Timeout {
+                        op: "cache flush",
+                        after_ms: self.cfg.flush_timeout.as_millis() as u64,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn progress(&self) -> PullProgress {
+        PullProgress {
+            chunks: self.chunks,
+            local_chunks: self.local_count.load(SeqCst),
+            dirty_chunks: self
+                .state
+                .iter()
+                .filter(|s| matches!(s.load(Relaxed), DIRTY | PUSHING))
+                .count() as u64,
+            chunk_size: self.cs,
+            size: self.size,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Background tasks
+// ---------------------------------------------------------------------------------------------
+
+async fn pull_one(inner: Arc<Inner>, first: u64, n: u64) -> (Result<()>, Duration) {
+    let claim = Claim {
+        inner: inner.clone(),
+        first,
+        n,
+        armed: true,
+    };
+    let t0 = Instant::now();
+    let (off, len) = inner.run_bytes(first, n);
+    inner.stats.remote_reads.fetch_add(1, Relaxed);
+    let limit = inner.cfg.fetch_timeout.max(Duration::from_secs(2));
+    let r = tokio::time::timeout(limit, async {
+        let mut buf = BytesMut::zeroed(len as usize);
+        inner.remote.read(off, &mut buf).await?;
+        let lat = t0.elapsed();
+        inner.local.write(off, buf.freeze()).await?;
+        Ok::<_, StoreError>(lat)
+    })
+    .await;
+    match r {
+        Ok(Ok(lat)) => {
+            inner.stats.pulled_bytes.fetch_add(len, Relaxed);
+            claim.finish(LOCAL);
+            (Ok(()), lat)
+        }
+        Ok(Err(e)) => {
+            inner.stats.fetch_errors.fetch_add(1, Relaxed);
+            (Err(e), t0.elapsed())
+        }
+        Err(_) => {
+            inner.stats.fetch_errors.fetch_add(1, Relaxed);
+            (
+                Err(StoreError::Timeout {
+                    op: "background pull",
+                    after_ms: limit.as_millis() as u64,
+                }),
+                t0.elapsed(),
+            )
+        }
+    }
+}
+
+struct Puller {
+    inner: Arc<Inner>,
+    order: Vec<u64>,
+    cursor: usize,
+    follow: Option<(u64, u64)>,
+    unit: u64,
+}
+
+impl Puller {
+    fn next_run(&mut self) -> Option<(u64, u64)> {
+        let inner = &self.inner;
+        if inner.cfg.follow_demand {
+            let d = inner.last_demand.swap(NO_CHUNK, SeqCst);
+            if d != NO_CHUNK {
+                self.follow = Some((d, self.unit * 64));
+            }
+        }
+        if let Some((mut f, mut left)) = self.follow.take() {
+            while left > 0 && f < inner.chunks && inner.st(f) != REMOTE {
+                f += 1;
+                left -= 1;
+            }
+            if left > 0 && f < inner.chunks {
+                let n = inner.claim_run(f, self.unit);
+                if n > 0 {
+                    self.follow = Some((f + n, left.saturating_sub(n)));
+                    return Some((f, n));
+                }
+            }
+        }
+        while self.cursor < self.order.len() {
+            let c = self.order[self.cursor];
+            if inner.st(c) != REMOTE {
+                self.cursor += 1;
+                continue;
+            }
+            let mut m = 1;
+            while m < self.unit
+                && self.cursor + (m as usize) < self.order.len()
+                && self.order[self.cursor + m as usize] == c + m
+            {
+                m += 1;
+            }
+            let n = inner.claim_run(c, m);
+            self.cursor += n.max(1) as usize;
+            if n > 0 {
+                return Some((c, n));
+            }
+        }
+        None
+    }
+
+    async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let inner = self.inner.clone();
+        let mut window = Window::new(inner.cfg.window);
+        let mut set: JoinSet<(Result<()>, Duration)> = JoinSet::new();
+        let mut errors = 0u32;
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            let w = window.get();
+            inner.stats.pull_window.store(w as u64, Relaxed);
+            if let Some(m) = window.min_rtt() {
+                inner.stats.min_rtt_us.store(m.as_micros() as u64, Relaxed);
+            }
+            // Demand misses go first: with a shared remote the puller issues nothing while one
+            // waits; with a separate demand remote it keeps at most half its window in flight.
+            let demand = inner.demand_active.load(SeqCst) > 0;
+            let w = if demand && inner.cfg.demand_remote.is_some() {
+                (w / 2).max(1)
+            } else {
+                w
+            };
+            let shared_busy = demand && inner.cfg.demand_remote.is_none();
+            let may_issue = !inner.pull_paused.load(SeqCst) && !shared_busy;
+            let mut exhausted = false;
+            while may_issue && set.len() < w {
+                match self.next_run() {
+                    Some((f, n)) => {
+                        set.spawn(pull_one(inner.clone(), f, n));
+                    }
+                    None => {
+                        exhausted = true;
+                        break;
+                    }
+                }
+            }
+            if set.is_empty() {
+                if inner.local_count.load(SeqCst) >= inner.chunks {
+                    if let Err(e) = inner.checkpoint().await {
+                        tracing::warn!("cache: checkpoint after the pull: {}", e.chain());
+                    }
+                    tracing::info!("cache: pull complete");
+                    let _ = stop.changed().await;
+                    break;
+                }
+                if exhausted {
+                    // Everything left is being fetched on demand, or failed: rescan shortly.
+                    self.cursor = 0;
+                }
+                tokio::select! {
+                    _ = inner.pull_wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+            tokio::select! {
+                r = set.join_next() => {
+                    if let Some(Ok((res, lat))) = r {
+                        match res {
+                            Ok(()) => { window.on_success(lat); errors = 0; }
+                            Err(e) => {
+                                window.on_error();
+                                errors = errors.saturating_add(1);
+                                tracing::debug!("cache: background pull failed: {}", e.chain());
+                                let pause = Duration::from_millis(20u64 << errors.min(7));
+                                tokio::select! {
+                                    _ = tokio::time::sleep(pause) => {}
+                                    _ = stop.changed() => {}
+                                }
+                                self.cursor = 0;
+                            }
+                        }
+                    }
+                }
+                _ = inner.pull_wake.notified() => {}
+                _ = stop.changed() => {}
+            }
+        }
+        set.abort_all();
+        while set.join_next().await.is_some() {}
+    }
+}
+
+async fn pusher(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    let tick = inner
+        .cfg
+        .push_interval
+        .min(inner.cfg.checkpoint_interval)
+        .max(Duration::from_millis(10));
+    let mut last_push = Instant::now();
+    let mut last_ckpt = Instant::now();
+    let mut backoff = Duration::ZERO;
+    loop {
+        let woken = tokio::select! {
+            _ = tokio::time::sleep(tick) => false,
+            _ = inner.push_wake.notified() => true,
+            _ = stop.changed() => return,
+        };
+        if *stop.borrow() {
+            return;
+        }
+        let now = Instant::now();
+        if woken
+            || now.duration_since(last_push) + Duration::from_millis(1)
+                >= inner.cfg.push_interval + backoff
+        {
+            last_push = now;
+            let runs = inner.dirty_runs(0..inner.chunks);
+            if !runs.is_empty() {
+                match inner.push_round(runs).await {
+                    Ok(n) => {
+                        backoff = Duration::ZERO;
+                        tracing::debug!("cache: pushed {n} chunks");
+                    }
+                    Err(e) => {
+                        backoff =
+                            (backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
+                        tracing::warn!("cache: background push failed (retrying): {}", e.chain());
+                    }
+                }
+            }
+        }
+        if now.duration_since(last_ckpt) >= inner.cfg.checkpoint_interval {
+            last_ckpt = now;
+            if let Err(e) = inner.checkpoint().await {
+                tracing::warn!("cache: checkpoint: {}", e.chain());
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The public type
+// ---------------------------------------------------------------------------------------------
+
+/// A local cache over a remote store; itself a [`Store`].
+///
+/// - Reads of local chunks are served from the local copy; a miss fetches the run of missing
+///   chunks it needs with one remote request (concurrent misses on one chunk share that fetch)
+///   and fails with EIO after [`CacheConfig::fetch_timeout`] if the remote does not deliver.
+/// - Writes go to the local copy (a partially written missing chunk is fetched first) and mark
+///   their chunks dirty; the background pusher writes dirty chunks back every
+///   [`CacheConfig::push_interval`], coalescing consecutive chunks into one request.
+/// - [`Store::flush`] returns when every chunk written before it is in the remote and the
+///   remote has flushed; while the remote is unreachable it keeps retrying (up to
+///   [`CacheConfig::flush_timeout`]), and the data stays local and dirty.
+/// - The background puller fetches the rest in [`CacheConfig::priority`] order with an adaptive
+///   in-flight window ([`crate::window`]), and stops issuing requests while demand misses wait.
+/// - The chunk map is persisted in the cache directory ([`crate::map`]); reopening resumes
+///   without refetching and pushes chunks left dirty.
+///
+/// Open it inside a tokio runtime (it spawns its background tasks there). [`Cache::close`]
+/// flushes and saves the map; dropping a cache without closing it stops the tasks and is
+/// equivalent to a crash for everything not yet flushed.
+pub struct Cache {
+    inner: Arc<Inner>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    desc: String,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.desc)
+    }
+}
+
+impl Cache {
+    /// Open (or resume) a cache of `remote` in directory `dir`.
+    pub async fn open(remote: DynStore, dir: impl AsRef<Path>, cfg: CacheConfig) -> Result<Cache> {
+        cfg.validate()?;
+        let dir = dir.as_ref().to_path_buf();
+        let size = remote.size();
+        let cs = cfg.chunk_size;
+        let chunks = size.div_ceil(cs);
+        let opened = open_dir(&dir, size, cs)?;
+        let local: DynStore = Arc::new(FileStore::open(
+            dir.join("data"),
+            FileOptions::with_size(size),
+        )?);
+        let mut local_count = 0;
+        let mut dirty = 0;
+        let state: Box<[AtomicU8]> = opened
+            .bytes
+            .iter()
+            .map(|&b| {
+                if b & MAP_DIRTY != 0 {
+                    local_count += 1;
+                    dirty += 1;
+                    AtomicU8::new(DIRTY)
+                } else if b & MAP_PRESENT != 0 {
+                    local_count += 1;
+                    AtomicU8::new(LOCAL)
+                } else {
+                    AtomicU8::new(REMOTE)
+                }
+            })
+            .collect();
+        // Dirty chunks found on reopen get a generation above what was pushed.
+        let wgen: Box<[AtomicU64]> = state
+            .iter()
+            .map(|s| AtomicU64::new(u64::from(s.load(Relaxed) == DIRTY)))
+            .collect();
+        let pushed: Box<[AtomicU64]> = (0..chunks).map(|_| AtomicU64::new(0)).collect();
+        let (stop, _) = watch::channel(false);
+        let demand = cfg.demand_remote.clone().unwrap_or_else(|| remote.clone());
+        let desc = format!("Cache({remote:?} in {})", dir.display());
+        let inner = Arc::new(Inner {
+            remote,
+            demand,
+            local,
+            dir: dir.clone(),
+            size,
+            cs,
+            chunks,
+            state,
+            wgen,
+            pushed,
+            shards: (0..SHARDS).map(|_| Notify::new()).collect(),
+            push_done: Notify::new(),
+            pull_wake: Notify::new(),
+            push_wake: Notify::new(),
+            map: Arc::new(opened.map),
+            saved: tokio::sync::Mutex::new(0),
+            changes: AtomicU64::new(0),
+            local_count: AtomicU64::new(local_count),
+            demand_active: AtomicUsize::new(0),
+            last_demand: AtomicU64::new(NO_CHUNK),
+            pull_paused: AtomicBool::new(false),
+            push_window: Mutex::new(Window::new(cfg.window)),
+            stop,
+            stats: CacheStats::default(),
+            cfg,
+        });
+        if opened.resumed {
+            tracing::info!(
+                "cache: resumed {} ({local_count}/{chunks} chunks local, {dirty} dirty)",
+                dir.display()
+            );
+        }
+        let mut tasks = vec![tokio::spawn(pusher(inner.clone(), inner.stop.subscribe()))];
+        if inner.cfg.pull {
+            let order = inner.cfg.priority.order(chunks, cs, &inner.cfg.hints);
+            let p = Puller {
+                inner: inner.clone(),
+                order,
+                cursor: 0,
+                follow: None,
+                unit: inner.cfg.chunks_per_request(),
+            };
+            tasks.push(tokio::spawn(p.run(inner.stop.subscribe())));
+        }
+        if dirty > 0 {
+            inner.push_wake.notify_one();
+        }
+        Ok(Cache {
+            inner,
+            tasks: Mutex::new(tasks),
+            desc,
+        })
+    }
+
+    /// The cache directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// The chunk size.
+    pub fn chunk_size(&self) -> u64 {
+        self.inner.cs
+    }
+
+    /// Number of chunks.
+    pub fn chunk_count(&self) -> u64 {
+        self.inner.chunks
+    }
+
+    /// The state of chunk `i`.
+    pub fn chunk_state(&self, i: u64) -> ChunkState {
+        match self.inner.st(i) {
+            REMOTE => ChunkState::Remote,
+            FETCHING => ChunkState::Fetching,
+            LOCAL => ChunkState::Local,
+            DIRTY => ChunkState::Dirty,
+            _ => ChunkState::Pushing,
+        }
+    }
+
+    /// How much is local and dirty.
+    pub fn progress(&self) -> PullProgress {
+        self.inner.progress()
+    }
+
+    /// Counters and gauges.
+    pub fn stats(&self) -> CacheStatsSnapshot {
+        let mut s = self.inner.stats.snapshot();
+        let p = self.inner.progress();
+        s.local_chunks = p.local_chunks;
+        s.dirty_chunks = p.dirty_chunks;
+        s.chunks = p.chunks;
+        s
+    }
+
+    /// Stop issuing background pull requests (those in flight finish).
+    pub fn pause_pull(&self) {
+        self.inner.pull_paused.store(true, SeqCst);
+    }
+
+    /// Resume the background pull.
+    pub fn resume_pull(&self) {
+        self.inner.pull_paused.store(false, SeqCst);
+        self.inner.pull_wake.notify_one();
+    }
+
+    /// Wait until every chunk is local, or `timeout` passes. Returns whether the pull completed.
+    pub async fn wait_pulled(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.inner.local_count.load(SeqCst) >= self.inner.chunks {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Start a background push now instead of at the next interval.
+    pub fn push_now(&self) {
+        self.inner.push_wake.notify_one();
+    }
+
+    /// Save the chunk map now (after making the local data durable).
+    pub async fn checkpoint(&self) -> Result<()> {
+        self.inner.checkpoint().await
+    }
+
+    /// Flush, stop the background tasks and save the chunk map.
+    pub async fn close(&self) -> Result<()> {
+        let r = self.inner.flush().await;
+        let _ = self.inner.stop.send(true);
+        let tasks: Vec<_> = std::mem::take(&mut *self.tasks.lock());
+        for t in tasks {
+            let _ = t.await;
+        }
+        self.inner.checkpoint().await?;
+        r
+    }
+}
+
+impl Drop for Cache {
+    fn drop(&mut self) {
+        let _ = self.inner.stop.send(true);
+        for t in self.tasks.lock().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+#[async_trait]
+impl Store for Cache {
+    fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    fn caps(&self) -> Caps {
+        self.inner.caps()
+    }
+
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.inner.read(offset, buf).await
+    }
+
+    async fn write(&self, offset: u64, data: Bytes) -> Result<()> {
+        self.inner.write(offset, data).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.inner.flush().await
+    }
+}

@@ -1,0 +1,174 @@
+//! Cache settings and the pluggable pull order.
+
+use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use memsync_core::{DynStore, Result, StoreError};
+
+use crate::window::WindowLimits;
+
+/// Smallest chunk size.
+pub const MIN_CHUNK: u64 = 4096;
+/// Largest chunk size.
+pub const MAX_CHUNK: u64 = 4 << 20;
+
+/// The order in which the background puller fetches chunks.
+///
+/// `order` returns chunk indices, most wanted first; the puller walks the list, skipping chunks
+/// that are already local or being fetched, and fetches runs of consecutive indices with one
+/// remote request. Chunks left out of the list are pulled last, in index order. Demand misses
+/// always go first regardless of this order (see [`CacheConfig::follow_demand`]).
+pub trait PullPriority: Send + Sync + fmt::Debug + 'static {
+    /// The pull order for `chunks` chunks of `chunk_size` bytes, given the byte-range hints.
+    fn order(&self, chunks: u64, chunk_size: u64, hints: &[Range<u64>]) -> Vec<u64>;
+}
+
+/// Index order from chunk 0, ignoring hints.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sequential;
+
+impl PullPriority for Sequential {
+    fn order(&self, chunks: u64, _chunk_size: u64, _hints: &[Range<u64>]) -> Vec<u64> {
+        (0..chunks).collect()
+    }
+}
+
+/// "Headers first": the chunks of every hinted byte range, in the order the hints are given,
+/// then everything else in index order. Without hints it is [`Sequential`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HintsFirst;
+
+impl PullPriority for HintsFirst {
+    fn order(&self, chunks: u64, chunk_size: u64, hints: &[Range<u64>]) -> Vec<u64> {
+        let mut seen = vec![false; chunks as usize];
+        let mut out = Vec::with_capacity(chunks as usize);
+        for h in hints {
+            if h.end <= h.start {
+                continue;
+            }
+            let first = h.start / chunk_size;
+            let last = ((h.end - 1) / chunk_size).min(chunks.saturating_sub(1));
+            for c in first..=last {
+                if c < chunks && !seen[c as usize] {
+                    seen[c as usize] = true;
+                    out.push(c);
+                }
+            }
+        }
+        out.extend((0..chunks).filter(|&c| !seen[c as usize]));
+        out
+    }
+}
+
+/// How a [`crate::Cache`] behaves.
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    /// Chunk size: a power of two from 4 KiB to 4 MiB (independent of the page size).
+    pub chunk_size: u64,
+    /// Run the background puller.
+    pub pull: bool,
+    /// The pull order.
+    pub priority: Arc<dyn PullPriority>,
+    /// Byte ranges to pull first (given to `priority`).
+    pub hints: Vec<Range<u64>>,
+    /// After a demand miss, the puller continues right after the missed range before going back
+    /// to its order (like post-copy restarting its scan after the faulted page).
+    pub follow_demand: bool,
+    /// Largest remote request of the background puller and pusher (rounded to whole chunks).
+    pub request_size: u64,
+    /// Largest remote request of a demand miss (rounded to whole chunks).
+    pub demand_request_size: u64,
+    /// In-flight window limits of the puller and pusher, in requests.
+    pub window: WindowLimits,
+    /// Background push period (dirty chunks older than this are written back).
+    pub push_interval: Duration,
+    /// Chunk-map checkpoint period (the map is also saved on flush, at the end of the pull and
+    /// on close).
+    pub checkpoint_interval: Duration,
+    /// A read that misses fails with EIO when the remote has not delivered within this time.
+    pub fetch_timeout: Duration,
+    /// A `flush` that cannot reach the remote keeps retrying for this long, then fails.
+    pub flush_timeout: Duration,
+    /// A separate remote (e.g. another connection) for demand misses, so that they do not
+    /// queue behind the background pull.
+    pub demand_remote: Option<DynStore>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            chunk_size: 64 * 1024,
+            pull: true,
+            priority: Arc::new(HintsFirst),
+            hints: Vec::new(),
+            follow_demand: true,
+            request_size: 1 << 20,
+            demand_request_size: 1 << 20,
+            window: WindowLimits {
+                initial: 16,
+                min: 1,
+                max: 256,
+            },
+            push_interval: Duration::from_secs(5),
+            checkpoint_interval: Duration::from_secs(2),
+            fetch_timeout: Duration::from_secs(10),
+            flush_timeout: Duration::from_secs(300),
+            demand_remote: None,
+        }
+    }
+}
+
+impl CacheConfig {
+    /// Check the settings.
+    pub fn validate(&self) -> Result<()> {
+        let c = self.chunk_size;
+        if !(MIN_CHUNK..=MAX_CHUNK).contains(&c) || !c.is_power_of_two() {
+            return Err(StoreError::Config(format!(
+                "cache: chunk size {c} must be a power of two from 4 KiB to 4 MiB"
+            )));
+        }
+        if self.fetch_timeout.is_zero() {
+            return Err(StoreError::Config(
+                "cache: fetch timeout must be positive".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Chunks per background request (at least one).
+    pub(crate) fn chunks_per_request(&self) -> u64 {
+        (self.request_size / self.chunk_size).max(1)
+    }
+
+    /// Chunks per demand request (at least one).
+    pub(crate) fn chunks_per_demand(&self) -> u64 {
+        (self.demand_request_size / self.chunk_size).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hints_first_then_the_rest() {
+        let o = HintsFirst.order(8, 4096, &[8192..8193, 0..4096, 30000..40000]);
+        assert_eq!(o, vec![2, 0, 7, 1, 3, 4, 5, 6]);
+        assert_eq!(HintsFirst.order(3, 4096, &[]), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn chunk_size_checked() {
+        let mut c = CacheConfig {
+            chunk_size: 3000,
+            ..CacheConfig::default()
+        };
+        assert!(c.validate().is_err());
+        c.chunk_size = 8 << 20;
+        assert!(c.validate().is_err());
+        c.chunk_size = 4096;
+        assert!(c.validate().is_ok());
+    }
+}

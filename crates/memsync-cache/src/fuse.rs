@@ -1,0 +1,403 @@
+//! A FUSE filesystem that exposes a store as one file, `MOUNTPOINT/NAME`.
+//!
+//! Any process can open, read, write and `mmap(MAP_SHARED)` the file. It is served in page-cache
+//! mode (not `direct_io`): reads fill the kernel page cache (kept across opens), writes through
+//! a shared mapping reach the store when the kernel writes the pages back (`msync`, `munmap`,
+//! `fsync`, or periodic writeback), and `fsync` on the file flushes the store (for a
+//! [`crate::Cache`]: everything reaches the remote). Mounting uses the pure-Rust `fuser` crate
+//! calling `mount(2)` directly: it needs root (or CAP_SYS_ADMIN) but no libfuse and no
+//! fusermount. Requests are served by several threads, each with its own `/dev/fuse` clone.
+
+use std::cell::RefCell;
+use std::ffi::OsStr;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use fuser::{
+    BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request, SessionACL, TimeOrNow,
+    WriteFlags,
+};
+use memsync_core::{DynStore, StoreError};
+use tokio::runtime::Handle;
+
+const FILE_INO: INodeNo = INodeNo(2);
+const TTL: Duration = Duration::from_secs(3600);
+
+/// FUSE frontend settings.
+#[derive(Clone, Debug)]
+pub struct FuseOptions {
+    /// The file's name in the mount.
+    pub name: String,
+    /// Request-handling threads.
+    pub threads: usize,
+    /// Largest kernel readahead, in bytes (capped by what the kernel offers).
+    pub max_readahead: u32,
+    /// Serve the file read-only.
+    pub read_only: bool,
+}
+
+impl Default for FuseOptions {
+    fn default() -> Self {
+        FuseOptions {
+            name: "data".into(),
+            threads: 4,
+            max_readahead: 4 << 20,
+            read_only: false,
+        }
+    }
+}
+
+struct Fs {
+    store: DynStore,
+    rt: Handle,
+    name: String,
+    size: u64,
+    read_only: bool,
+    max_readahead: u32,
+    uid: u32,
+    gid: u32,
+    time: SystemTime,
+}
+
+fn errno(e: &StoreError) -> Errno {
+    tracing::debug!("fuse: {}", e.chain());
+    Errno::from_i32(e.errno())
+}
+
+thread_local! {
+    static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Fs {
+    fn attr(&self, ino: INodeNo) -> FileAttr {
+        let dir = ino == INodeNo::ROOT;
+        FileAttr {
+            ino,
+            size: if dir { 0 } else { self.size },
+            blocks: if dir { 0 } else { self.size.div_ceil(512) },
+            atime: self.time,
+            mtime: self.time,
+            ctime: self.time,
+            crtime: self.time,
+            kind: if dir {
+                FileType::Directory
+            } else {
+                FileType::RegularFile
+            },
+            perm: match (dir, self.read_only) {
+                (true, _) => 0o755,
+                (false, true) => 0o444,
+                (false, false) => 0o666,
+            },
+            nlink: if dir { 2 } else { 1 },
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+}
+
+impl Filesystem for Fs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        if let Err(max) = config.set_max_readahead(self.max_readahead) {
+            let _ = config.set_max_readahead(max);
+        }
+        if let Err(max) = config.set_max_write(1 << 20) {
+            let _ = config.set_max_write(max);
+        }
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if parent == INodeNo::ROOT && name == OsStr::new(&self.name) {
+            reply.entry(&TTL, &self.attr(FILE_INO), Generation(0));
+        } else {
+            reply.error(Errno::ENOENT);
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if ino == INodeNo::ROOT || ino == FILE_INO {
+            reply.attr(&TTL, &self.attr(ino));
+        } else {
+            reply.error(Errno::ENOENT);
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        if ino != FILE_INO && ino != INodeNo::ROOT {
+            return reply.error(Errno::ENOENT);
+        }
+        // The file has the store's fixed size; ownership and mode are fixed too. Time updates
+        // are accepted and ignored.
+        if size.is_some_and(|s| s != self.size) || mode.is_some() || uid.is_some() || gid.is_some()
+        {
+            return reply.error(Errno::EPERM);
+        }
+        reply.attr(&TTL, &self.attr(ino));
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if ino != FILE_INO {
+            return reply.error(Errno::EISDIR);
+        }
+        let acc = flags.0 & libc::O_ACCMODE;
+        if self.read_only && acc != libc::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        if ino != FILE_INO {
+            return reply.error(Errno::EISDIR);
+        }
+        let end = offset.saturating_add(u64::from(size)).min(self.size);
+        if offset >= end {
+            return reply.data(&[]);
+        }
+        let n = (end - offset) as usize;
+        BUF.with(|b| {
+            let mut b = b.borrow_mut();
+            if b.len() < n {
+                b.resize(n, 0);
+            }
+            let buf = &mut b[..n];
+            match self.rt.block_on(self.store.read(offset, buf)) {
+                Ok(()) => reply.data(buf),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        if ino != FILE_INO {
+            return reply.error(Errno::EISDIR);
+        }
+        if self.read_only {
+            return reply.error(Errno::EROFS);
+        }
+        if offset >= self.size {
+            return reply.error(Errno::ENOSPC);
+        }
+        let n = (data.len() as u64).min(self.size - offset) as usize;
+        match self
+            .rt
+            .block_on(self.store.write(offset, Bytes::copy_from_slice(&data[..n])))
+        {
+            Ok(()) => reply.written(n as u32),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lo: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        if ino != FILE_INO {
+            return reply.ok();
+        }
+        match self.rt.block_on(self.store.flush()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        if ino != INodeNo::ROOT {
+            return reply.error(Errno::ENOTDIR);
+        }
+        let entries = [
+            (INodeNo::ROOT, FileType::Directory, "."),
+            (INodeNo::ROOT, FileType::Directory, ".."),
+            (FILE_INO, FileType::RegularFile, self.name.as_str()),
+        ];
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(*ino, (i + 1) as u64, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _ds: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+}
+
+/// A mounted FUSE file. Unmount with [`FuseMount::unmount`]; dropping it unmounts too.
+pub struct FuseMount {
+    session: Option<BackgroundSession>,
+    mountpoint: PathBuf,
+    file: PathBuf,
+}
+
+impl std::fmt::Debug for FuseMount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FuseMount({})", self.file.display())
+    }
+}
+
+/// Mount `store` as `mountpoint/NAME`. Store calls run on `rt` (from the FUSE threads, which
+/// must not be runtime threads: they block on the calls).
+pub fn mount(
+    store: DynStore,
+    rt: Handle,
+    mountpoint: &Path,
+    opts: FuseOptions,
+) -> io::Result<FuseMount> {
+    if opts.name.is_empty() || opts.name.contains('/') || opts.name == "." || opts.name == ".." {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("invalid file name {:?}", opts.name),
+        ));
+    }
+    let fs = Fs {
+        size: store.size(),
+        read_only: opts.read_only || store.caps().read_only,
+        store,
+        rt,
+        name: opts.name.clone(),
+        max_readahead: opts.max_readahead,
+        uid: rustix::process::geteuid().as_raw(),
+        gid: rustix::process::getegid().as_raw(),
+        time: SystemTime::now(),
+    };
+    let mut cfg = Config::default();
+    cfg.mount_options = vec![
+        MountOption::FSName("memsync".into()),
+        MountOption::Subtype("memsync".into()),
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::NoAtime,
+    ];
+    if fs.read_only {
+        cfg.mount_options.push(MountOption::RO);
+    }
+    cfg.acl = SessionACL::All;
+    cfg.n_threads = Some(opts.threads.max(1));
+    cfg.clone_fd = true;
+    let session = fuser::spawn_mount(fs, mountpoint, &cfg)?;
+    Ok(FuseMount {
+        session: Some(session),
+        mountpoint: mountpoint.to_path_buf(),
+        file: mountpoint.join(&opts.name),
+    })
+}
+
+impl FuseMount {
+    /// The file: `mountpoint/NAME`.
+    pub fn file_path(&self) -> &Path {
+        &self.file
+    }
+
+    /// The mount point.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Unmount. If the file is still open or mapped somewhere, the mount is detached lazily
+    /// (it disappears from the namespace now and goes away when the last user lets go).
+    pub fn unmount(mut self) -> io::Result<()> {
+        self.do_unmount()
+    }
+
+    fn do_unmount(&mut self) -> io::Result<()> {
+        let Some(s) = self.session.take() else {
+            return Ok(());
+        };
+        match s.umount_and_join() {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                // Still open or mapped: detach now; the session thread ends when the last user
+                // lets go.
+                rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::DETACH)?;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Drop for FuseMount {
+    fn drop(&mut self) {
+        if let Err(e) = self.do_unmount() {
+            tracing::warn!("fuse: unmounting {}: {e}", self.mountpoint.display());
+        }
+    }
+}

@@ -1,0 +1,632 @@
+//! memsync-cache: the contract suite over the cache, shared misses, restart without refetch,
+//! crash with dirty chunks, a remote cut through the delay proxy (memsync's NBD server as the
+//! remote), nbdkit as the remote, the proxy's delay and throughput, and a separate process
+//! mmapping the FUSE file.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use memsync_cache::proxy::{Proxy, ProxyConfig};
+use memsync_cache::{Cache, CacheConfig, Reconnect};
+use memsync_core::layers::{Fault, OpKind, OpSet, Stats};
+use memsync_core::{Bytes, DynStore, Store, StoreExt};
+use memsync_local::MemStore;
+use memsync_nbd::{ClientConfig, Export, NbdAddr, NbdStore, Server, ServerConfig};
+use memsync_testkit::contract::{self, ContractOpts};
+use memsync_testkit::random_bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn filled_mem(size: u64, seed: u64) -> Arc<MemStore> {
+    let m = Arc::new(MemStore::new(size));
+    m.write(0, random_bytes(seed, size as usize)).await.unwrap();
+    m
+}
+
+fn cfg(chunk: u64, pull: bool) -> CacheConfig {
+    CacheConfig {
+        chunk_size: chunk,
+        pull,
+        push_interval: Duration::from_millis(50),
+        checkpoint_interval: Duration::from_millis(100),
+        fetch_timeout: Duration::from_secs(5),
+        flush_timeout: Duration::from_secs(30),
+        ..CacheConfig::default()
+    }
+}
+
+async fn bounded<T>(what: &str, limit: Duration, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(limit, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {limit:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contract_small_chunks_no_pull() {
+    let dir = tempfile::tempdir().unwrap();
+    let remote: DynStore = Arc::new(MemStore::new(4 << 20));
+    let cache = Arc::new(
+        Cache::open(remote, dir.path(), cfg(4096, false))
+            .await
+            .unwrap(),
+    );
+    bounded(
+        "contract",
+        Duration::from_secs(120),
+        contract::run(cache.clone(), ContractOpts::default()),
+    )
+    .await;
+    cache.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contract_with_pull_and_push() {
+    let dir = tempfile::tempdir().unwrap();
+    let remote: DynStore = filled_mem(8 << 20, 1).await;
+    let cache = Arc::new(
+        Cache::open(remote.clone(), dir.path(), cfg(64 * 1024, true))
+            .await
+            .unwrap(),
+    );
+    bounded(
+        "contract",
+        Duration::from_secs(120),
+        contract::run(
+            cache.clone(),
+            ContractOpts::default().expect_zero_initialised(false),
+        ),
+    )
+    .await;
+    cache.flush().await.unwrap();
+    // After the flush the remote holds exactly what the cache shows.
+    let a = cache.read_bytes(0, 8 << 20).await.unwrap();
+    let b = remote.read_bytes(0, 8 << 20).await.unwrap();
+    assert!(a == b, "remote differs from the cache after flush");
+    cache.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_share_one_fetch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = filled_mem(1 << 20, 2).await;
+    let fault = Fault::new(mem.clone() as DynStore);
+    fault
+        .control()
+        .set_delay(OpSet::READ, Duration::from_millis(100));
+    let stats = Arc::new(Stats::new(fault));
+    let cache = Arc::new(
+        Cache::open(stats.clone(), dir.path(), cfg(64 * 1024, false))
+            .await
+            .unwrap(),
+    );
+    let mut tasks = Vec::new();
+    for i in 0..16u64 {
+        let c = cache.clone();
+        tasks.push(tokio::spawn(async move {
+            c.read_bytes(3 * 65536 + i * 100, 100).await.unwrap()
+        }));
+    }
+    let want = mem.read_bytes(3 * 65536, 1700).await.unwrap();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let got = t.await.unwrap();
+        assert_eq!(&got[..], &want[i * 100..i * 100 + 100]);
+    }
+    assert_eq!(
+        stats.snapshot().get(OpKind::Read).ops,
+        1,
+        "one remote read for 16 concurrent misses"
+    );
+    let s = cache.stats();
+    assert_eq!(s.misses, 1, "{s}");
+    assert!(s.shared_waits >= 1, "{s}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_resumes_without_refetching() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 8u64 << 20;
+    let mem = filled_mem(size, 3).await;
+    {
+        let cache = Cache::open(mem.clone(), dir.path(), cfg(16 * 1024, true))
+            .await
+            .unwrap();
+        assert!(
+            bounded(
+                "pull",
+                Duration::from_secs(30),
+                cache.wait_pulled(Duration::from_secs(30))
+            )
+            .await
+        );
+        cache
+            .write(12345, Bytes::from_static(b"written before restart"))
+            .await
+            .unwrap();
+        cache.close().await.unwrap();
+        let s = cache.stats();
+        assert_eq!(s.local_chunks, s.chunks, "{s}");
+    }
+    let want = mem.read_bytes(0, size as usize).await.unwrap();
+    assert_eq!(&want[12345..12345 + 22], b"written before restart");
+    let stats = Arc::new(Stats::new(mem.clone() as DynStore));
+    let cache = Cache::open(stats.clone(), dir.path(), cfg(16 * 1024, true))
+        .await
+        .unwrap();
+    assert_eq!(cache.progress().local_chunks, cache.chunk_count());
+    let got = cache.read_bytes(0, size as usize).await.unwrap();
+    assert!(got == want, "data differs after restart");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        stats.snapshot().get(OpKind::Read).ops,
+        0,
+        "nothing refetched after restart"
+    );
+    cache.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dirty_chunks_survive_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4u64 << 20;
+    let mem = filled_mem(size, 4).await;
+    let fault = Fault::new(mem.clone() as DynStore);
+    // The remote refuses writes: nothing can be pushed before the "crash".
+    fault.control().fail_always(OpSet::WRITE);
+    let data = random_bytes(44, 200_000);
+    {
+        let cache = Cache::open(Arc::new(fault), dir.path(), cfg(64 * 1024, false))
+            .await
+            .unwrap();
+        cache.write(1_000_000, data.clone()).await.unwrap();
+        cache.checkpoint().await.unwrap();
+        assert!(cache.progress().dirty_chunks >= 4);
+        // Crash: dropped without close or flush.
+    }
+    assert_ne!(mem.read_bytes(1_000_000, data.len()).await.unwrap(), data);
+    let cache = Cache::open(mem.clone(), dir.path(), cfg(64 * 1024, false))
+        .await
+        .unwrap();
+    // (The pusher may already be writing them back: no assertion on the dirty count here.)
+    // The pusher writes them back by itself; flush waits for it.
+    bounded("flush", Duration::from_secs(30), cache.flush())
+        .await
+        .unwrap();
+    assert_eq!(mem.read_bytes(1_000_000, data.len()).await.unwrap(), data);
+    assert!(
+        cache.stats().pushed_bytes >= data.len() as u64,
+        "{}",
+        cache.stats()
+    );
+    assert_eq!(cache.progress().dirty_chunks, 0);
+    cache.close().await.unwrap();
+}
+
+/// An in-process `memsync serve` of a memory store on loopback.
+async fn nbd_server(store: DynStore) -> (Server, String) {
+    let server = Server::new(ServerConfig::new(vec![Export::new("", store)])).unwrap();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    server.listen_tcp(l);
+    (server, addr)
+}
+
+async fn nbd_remote(addr: &str, connections: usize) -> Arc<Reconnect> {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let mut cc = ClientConfig::new(
+        NbdAddr::Tcp {
+            host: host.to_owned(),
+            port: port.parse().unwrap(),
+        },
+        "",
+    );
+    cc.connections = connections;
+    cc.timeout = Duration::from_secs(2);
+    let opener: memsync_cache::Opener = Arc::new(move || {
+        let cc = cc.clone();
+        Box::pin(async move { Ok(Arc::new(NbdStore::connect(cc).await?) as DynStore) })
+    });
+    Arc::new(Reconnect::new(opener).await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_cut_through_the_proxy() {
+    let size = 16u64 << 20;
+    let mem = filled_mem(size, 5).await;
+    let (server, addr) = nbd_server(mem.clone()).await;
+    let proxy = Proxy::start(
+        "127.0.0.1:0",
+        &addr,
+        ProxyConfig {
+            rtt: Duration::from_millis(4),
+            ..ProxyConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let remote = nbd_remote(&proxy.local_addr().to_string(), 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(64 * 1024, false);
+    let fetch_timeout = Duration::from_millis(700);
+    c.fetch_timeout = fetch_timeout;
+    let cache = Arc::new(Cache::open(remote.clone(), dir.path(), c).await.unwrap());
+    // The first 4 MiB become local.
+    let head = cache.read_bytes(0, 4 << 20).await.unwrap();
+    assert_eq!(head, mem.read_bytes(0, 4 << 20).await.unwrap());
+
+    proxy.set_blocked(true);
+    proxy.cut_all();
+    // Local chunks keep working.
+    let t = Instant::now();
+    assert_eq!(
+        cache.read_bytes(1 << 20, 65536).await.unwrap(),
+        head.slice(1 << 20..(1 << 20) + 65536)
+    );
+    assert!(t.elapsed() < Duration::from_millis(200));
+    // Missing chunks fail with EIO within the fetch timeout (plus scheduling slack).
+    let t = Instant::now();
+    let e = cache.read_bytes(10 << 20, 4096).await.unwrap_err();
+    let el = t.elapsed();
+    assert_eq!(e.errno(), libc_eio(), "{}", e.chain());
+    assert!(
+        el < fetch_timeout + Duration::from_millis(500),
+        "EIO after {el:?}"
+    );
+    // Writes to local chunks are acknowledged; the flush waits for the remote.
+    let data = random_bytes(55, 100_000);
+    cache.write(500_000, data.clone()).await.unwrap();
+    let c2 = cache.clone();
+    let flush = tokio::spawn(async move { c2.flush().await });
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        !flush.is_finished(),
+        "flush returned while the remote was unreachable"
+    );
+    assert_ne!(mem.read_bytes(500_000, data.len()).await.unwrap(), data);
+
+    proxy.set_blocked(false);
+    bounded(
+        "flush after the remote came back",
+        Duration::from_secs(20),
+        flush,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(mem.read_bytes(500_000, data.len()).await.unwrap(), data);
+    assert!(remote.reconnects() >= 1);
+    // Missing chunks work again.
+    assert_eq!(
+        cache.read_bytes(10 << 20, 4096).await.unwrap(),
+        mem.read_bytes(10 << 20, 4096).await.unwrap()
+    );
+    cache.close().await.unwrap();
+    server.shutdown().await.unwrap();
+}
+
+fn libc_eio() -> i32 {
+    5
+}
+
+/// A child process killed on drop.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbdkit_as_the_remote() {
+    let port = free_port();
+    let child = std::process::Command::new("nbdkit")
+        .args([
+            "-f",
+            "-p",
+            &port.to_string(),
+            "-i",
+            "127.0.0.1",
+            "memory",
+            "16M",
+        ])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .map(Child)
+        .expect("nbdkit is needed for this test: run scripts/setup.sh");
+    let addr = format!("127.0.0.1:{port}");
+    let t = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "nbdkit did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let remote = nbd_remote(&addr, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(
+        Cache::open(remote.clone(), dir.path(), cfg(64 * 1024, true))
+            .await
+            .unwrap(),
+    );
+    bounded(
+        "contract",
+        Duration::from_secs(120),
+        contract::run(cache.clone(), ContractOpts::default()),
+    )
+    .await;
+    let data = random_bytes(66, 3 << 20);
+    cache.write(5 << 20, data.clone()).await.unwrap();
+    bounded("flush", Duration::from_secs(30), cache.flush())
+        .await
+        .unwrap();
+    // A fresh client sees every flushed byte.
+    let other = nbd_remote(&addr, 1).await;
+    assert_eq!(other.read_bytes(5 << 20, 3 << 20).await.unwrap(), data);
+    let all_cache = cache.read_bytes(0, 16 << 20).await.unwrap();
+    assert!(all_cache == other.read_bytes(0, 16 << 20).await.unwrap());
+    cache.close().await.unwrap();
+    drop(child);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_delays_without_limiting_throughput() {
+    // Upstream: echoes 1-byte pings and swallows bulk data, reporting the count at EOF.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 1 << 20];
+                let mut total = 0u64;
+                loop {
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    if n == 1 && total == 0 {
+                        let _ = s.write_all(&buf[..1]).await;
+                        continue;
+                    }
+                    total += n as u64;
+                }
+                let _ = s.write_all(&total.to_be_bytes()).await;
+            });
+        }
+    });
+    let rtt = Duration::from_millis(20);
+    let proxy = Proxy::start(
+        "127.0.0.1:0",
+        &up,
+        ProxyConfig {
+            rtt,
+            ..ProxyConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let paddr = proxy.local_addr();
+    // Round trip.
+    let mut s = tokio::net::TcpStream::connect(paddr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut best = Duration::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        s.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        best = best.min(t.elapsed());
+    }
+    drop(s);
+    assert!(
+        best >= rtt - Duration::from_millis(1) && best < rtt * 4,
+        "ping through the proxy took {best:?}"
+    );
+    // Bulk: far more than a window of data per RTT; at RTT 0 for comparison.
+    let bulk = |paddr: std::net::SocketAddr| async move {
+        let total = 512u64 << 20;
+        let mut s = tokio::net::TcpStream::connect(paddr).await.unwrap();
+        let chunk = vec![7u8; 1 << 20];
+        let t = Instant::now();
+        s.write_all(&chunk[..2]).await.unwrap();
+        for _ in 0..(total >> 20) - 1 {
+            s.write_all(&chunk).await.unwrap();
+        }
+        s.write_all(&chunk[..(1 << 20) - 2]).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut cnt = [0u8; 8];
+        bounded(
+            "bulk transfer",
+            Duration::from_secs(60),
+            s.read_exact(&mut cnt),
+        )
+        .await
+        .unwrap();
+        let el = t.elapsed();
+        assert_eq!(u64::from_be_bytes(cnt), total);
+        total as f64 / el.as_secs_f64() / 1e9
+    };
+    let gbps = bulk(paddr).await;
+    proxy.set_rtt(Duration::ZERO);
+    let gbps0 = bulk(paddr).await;
+    eprintln!("proxy bulk throughput: {gbps:.2} GB/s at RTT {rtt:?}, {gbps0:.2} GB/s at RTT 0");
+    // Stop-and-wait at 256 KiB pieces would give 256 KiB / 20 ms = 13 MB/s; the bound is loose
+    // because this 2-vCPU machine is shared with concurrent builds.
+    assert!(
+        gbps > 0.12,
+        "the delay line limits throughput: {gbps:.3} GB/s"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// FUSE: a separate process mmaps the file and does concurrent random reads and writes.
+// ---------------------------------------------------------------------------------------------
+
+const FUSE_SIZE: u64 = 32 << 20;
+const PAGE: usize = 4096;
+const THREADS: usize = 4;
+const OPS: usize = 3000;
+
+/// The writes of worker thread `t` (deterministic), as (page, data) in order, and whether each
+/// op is a read.
+fn worker_ops(seed: u64, t: usize) -> Vec<(usize, Option<Vec<u8>>)> {
+    use rand::{Rng, RngCore, SeedableRng};
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed * 31 + t as u64);
+    let pages = FUSE_SIZE as usize / PAGE;
+    (0..OPS)
+        .map(|_| {
+            let page = rng.random_range(0..pages / THREADS) * THREADS + t;
+            if rng.random_bool(0.5) {
+                let mut d = vec![0u8; PAGE];
+                rng.fill_bytes(&mut d);
+                (page, Some(d))
+            } else {
+                (page, None)
+            }
+        })
+        .collect()
+}
+
+/// The child: runs only when spawned by `fuse_mmap_integrity` (the env var names the file).
+#[test]
+fn fuse_child_worker() {
+    let Ok(path) = std::env::var("MEMSYNC_FUSE_CHILD_FILE") else {
+        return;
+    };
+    let seed: u64 = std::env::var("MEMSYNC_FUSE_CHILD_SEED")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    use std::os::fd::AsFd;
+    let map =
+        Arc::new(memsync_sys::Mapping::shared_fd(file.as_fd(), FUSE_SIZE as usize, 0).unwrap());
+    let original = random_bytes(seed, FUSE_SIZE as usize);
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let map = map.clone();
+            let original = &original;
+            s.spawn(move || {
+                let mut model: std::collections::HashMap<usize, Vec<u8>> = Default::default();
+                let mut buf = vec![0u8; PAGE];
+                for (page, op) in worker_ops(seed, t) {
+                    let off = page * PAGE;
+                    match op {
+                        Some(d) => {
+                            map.write_at(off, &d);
+                            model.insert(page, d);
+                        }
+                        None => {
+                            map.read_at(off, &mut buf);
+                            let want = model
+                                .get(&page)
+                                .map_or(&original[off..off + PAGE], |v| &v[..]);
+                            assert!(
+                                buf == want,
+                                "thread {t}: page {page} differs in the mapping"
+                            );
+                        }
+                    }
+                }
+            });
+        }
+    });
+    // Write the dirty pages back and flush the cache to the remote.
+    file.sync_all().unwrap();
+    drop(map);
+    println!("child done");
+}
+
+#[test]
+fn fuse_mmap_integrity() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is needed (and root)"
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let seed = 77u64;
+    let mem = rt.block_on(filled_mem(FUSE_SIZE, seed));
+    let (server, addr) = rt.block_on(nbd_server(mem.clone()));
+    let remote = rt.block_on(nbd_remote(&addr, 2));
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = tempfile::tempdir().unwrap();
+    let mut c = cfg(64 * 1024, true);
+    c.push_interval = Duration::from_secs(3600);
+    let cache = Arc::new(rt.block_on(Cache::open(remote, dir.path(), c)).unwrap());
+    let mount = memsync_cache::fuse::mount(
+        cache.clone(),
+        rt.handle().clone(),
+        mnt.path(),
+        memsync_cache::fuse::FuseOptions {
+            name: "disk".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let file = mount.file_path().to_path_buf();
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), FUSE_SIZE);
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "fuse_child_worker",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("MEMSYNC_FUSE_CHILD_FILE", &file)
+        .env("MEMSYNC_FUSE_CHILD_SEED", seed.to_string())
+        .spawn()
+        .map(Child)
+        .unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "the mmap child did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "the mmap child failed: {status}");
+    // The child's fsync flushed the cache: the remote holds its view.
+    let mut want = random_bytes(seed, FUSE_SIZE as usize).to_vec();
+    for t in 0..THREADS {
+        for (page, op) in worker_ops(seed, t) {
+            if let Some(d) = op {
+                want[page * PAGE..(page + 1) * PAGE].copy_from_slice(&d);
+            }
+        }
+    }
+    let got = rt.block_on(mem.read_bytes(0, FUSE_SIZE as usize)).unwrap();
+    let bad = (0..FUSE_SIZE as usize / PAGE)
+        .filter(|p| got[p * PAGE..(p + 1) * PAGE] != want[p * PAGE..(p + 1) * PAGE])
+        .count();
+    assert_eq!(
+        bad, 0,
+        "{bad} pages of the remote differ from the child's view after fsync"
+    );
+    // Plain read(2) through the file sees the same.
+    let via_file = std::fs::read(&file).unwrap();
+    assert!(via_file == want, "read(2) of the FUSE file differs");
+    mount.unmount().unwrap();
+    rt.block_on(cache.close()).unwrap();
+    rt.block_on(server.shutdown()).unwrap();
+}

@@ -1,0 +1,399 @@
+//! Suite `mount`: managed mounts over a remote behind the delay proxy, side by side.
+//!
+//! Setup: a file of random data served by `memsync serve` (a child process) on loopback, and for
+//! each RTT (0, 10, 30 ms) a `memsync proxy` child in front of it. Cases:
+//! - `seq-read rtt=N`: a fresh cache (1 MiB chunks, pull on) read sequentially to the end,
+//!   through the FUSE file (1 MiB `read(2)` calls) and through a lazy userfaultfd region over
+//!   the cache (faulting reads), timed from opening the cache. Beside it: nbdcopy reading the
+//!   same export through the same proxy (a client with many requests in flight: the peer),
+//!   the predecessor's published managed-mount figure, and the FUSE ceiling of this machine
+//!   (the same file through FUSE from a local store, no cache, no network).
+//! - `first-access rtt=N`: the first 4 KiB read of a chunk that is not local (pull off).
+//! - `mmap-write rtt=N`: random 4 KiB writes through a shared mapping of the FUSE file (cache
+//!   pulled completely first), then `fsync`: MB/s including the fsync, and the fsync's duration
+//!   (time to durable in the remote).
+//! - `proxy-cost`: nbdcopy directly against the server vs. through the proxy at RTT 0.
+
+use std::io::Read as _;
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use memsync_cache::fuse::{FuseMount, FuseOptions};
+use memsync_cache::{Cache, CacheConfig};
+use memsync_core::DynStore;
+use memsync_region::{LazyRegion, RegionConfig};
+use rand::{Rng, RngCore, SeedableRng};
+
+use super::{Bench, gbps};
+use crate::cmd::Context;
+use crate::mount::reconnecting;
+
+/// The predecessor's published managed-mount sequential read (GB/s) by RTT in ms: 2.4 at 0
+/// (backend returning no data), ~1.0 at 10 ms (4096 workers), 1.13 at 30 ms (16384 workers).
+fn r3map_managed(rtt_ms: u64) -> f64 {
+    match rtt_ms {
+        0 => 2.4,
+        10 => 1.0,
+        _ => 1.13,
+    }
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn wait_tcp(port: u16) -> Result<()> {
+    for _ in 0..1000 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    bail!("nothing listens on port {port}")
+}
+
+fn spawn_self(args: &[&str]) -> Result<Proc> {
+    let exe = std::env::current_exe()?;
+    let c = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting memsync {args:?}"))?;
+    Ok(Proc(c))
+}
+
+fn nbdcopy_gbps(port: u16, size: u64) -> Result<f64> {
+    let t = Instant::now();
+    let o = Command::new("nbdcopy")
+        .args([&format!("nbd://127.0.0.1:{port}/"), "null:"])
+        .stdin(Stdio::null())
+        .output()
+        .context("running nbdcopy (install libnbd-bin with scripts/setup.sh)")?;
+    let el = t.elapsed();
+    if !o.status.success() {
+        bail!("nbdcopy failed: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    Ok(gbps(size, el))
+}
+
+fn make_image(path: &Path, size: u64) -> Result<()> {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == size) {
+        return Ok(());
+    }
+    let mut f = std::fs::File::create(path)?;
+    let mut block = vec![0u8; 1 << 20];
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
+    use std::io::Write as _;
+    for _ in 0..size >> 20 {
+        rng.fill_bytes(&mut block);
+        f.write_all(&block)?;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+struct Mounted {
+    cache: Arc<Cache>,
+    fuse: Option<FuseMount>,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+fn open_cache(
+    ctx: &Context,
+    scratch: &Path,
+    port: u16,
+    cfg: CacheConfig,
+    fuse: bool,
+) -> Result<Mounted> {
+    let cdir = tempfile::tempdir_in(scratch)?;
+    let mdir = tempfile::tempdir_in(scratch)?;
+    let url = format!("nbd://127.0.0.1:{port}/");
+    let cache = ctx.rt.block_on(async {
+        let remote = reconnecting(&ctx.registry, &url).await?;
+        let demand = reconnecting(&ctx.registry, &url).await?;
+        let cfg = CacheConfig {
+            demand_remote: Some(demand as DynStore),
+            ..cfg
+        };
+        anyhow::Ok(Arc::new(
+            Cache::open(remote as DynStore, cdir.path(), cfg).await?,
+        ))
+    })?;
+    let fuse = if fuse {
+        Some(memsync_cache::fuse::mount(
+            cache.clone(),
+            ctx.rt.handle().clone(),
+            mdir.path(),
+            FuseOptions::default(),
+        )?)
+    } else {
+        None
+    };
+    Ok(Mounted {
+        cache,
+        fuse,
+        _dirs: (cdir, mdir),
+    })
+}
+
+fn close(ctx: &Context, m: Mounted) -> Result<()> {
+    if let Some(f) = m.fuse {
+        f.unmount()?;
+    }
+    ctx.rt.block_on(m.cache.close())?;
+    Ok(())
+}
+
+fn seq_cfg() -> CacheConfig {
+    CacheConfig {
+        chunk_size: 1 << 20,
+        push_interval: Duration::from_secs(3600),
+        fetch_timeout: Duration::from_secs(30),
+        ..CacheConfig::default()
+    }
+}
+
+fn read_file_seq(path: &Path) -> Result<u64> {
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n as u64;
+    }
+}
+
+fn fuse_seq(ctx: &Context, scratch: &Path, port: u16, size: u64) -> Result<f64> {
+    let t = Instant::now();
+    let m = open_cache(ctx, scratch, port, seq_cfg(), true)?;
+    let path = m
+        .fuse
+        .as_ref()
+        .map(|f| f.file_path().to_path_buf())
+        .unwrap_or_default();
+    let n = read_file_seq(&path)?;
+    let el = t.elapsed();
+    if n != size {
+        bail!("read {n} bytes of {size}");
+    }
+    close(ctx, m)?;
+    Ok(gbps(size, el))
+}
+
+fn region_seq(ctx: &Context, scratch: &Path, port: u16, size: u64) -> Result<f64> {
+    let t = Instant::now();
+    let m = open_cache(ctx, scratch, port, seq_cfg(), false)?;
+    let region = LazyRegion::new(
+        m.cache.clone() as DynStore,
+        RegionConfig {
+            chunk_size: 2 << 20,
+            prefetch: false,
+            runtime: Some(ctx.rt.handle().clone()),
+            ..RegionConfig::default()
+        },
+    )
+    .context("creating the lazy region")?;
+    let mut buf = vec![0u8; 1 << 20];
+    for off in (0..size as usize).step_by(1 << 20) {
+        region.read_faulting(off, &mut buf);
+    }
+    let el = t.elapsed();
+    drop(region);
+    close(ctx, m)?;
+    Ok(gbps(size, el))
+}
+
+fn fuse_local_limit(ctx: &Context, scratch: &Path, img: &Path, size: u64) -> Result<f64> {
+    let store: DynStore = Arc::new(memsync_local::FileStore::open(
+        img,
+        memsync_local::FileOptions::read_only(),
+    )?);
+    let mdir = tempfile::tempdir_in(scratch)?;
+    let m = memsync_cache::fuse::mount(
+        store,
+        ctx.rt.handle().clone(),
+        mdir.path(),
+        FuseOptions::default(),
+    )?;
+    let t = Instant::now();
+    let n = read_file_seq(m.file_path())?;
+    let el = t.elapsed();
+    m.unmount()?;
+    if n != size {
+        bail!("read {n} bytes of {size}");
+    }
+    Ok(gbps(size, el))
+}
+
+pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
+    let quick = b.config.quick;
+    let size: u64 = if quick { 128 << 20 } else { 1 << 30 };
+    let scratch = b.config.scratch.join("memsync-bench-mount");
+    std::fs::create_dir_all(&scratch)?;
+    let img = scratch.join("remote.img");
+    make_image(&img, size)?;
+    let sport = free_port()?;
+    let img_url = format!("file:{}", img.display());
+    let _server = spawn_self(&[
+        "serve",
+        &img_url,
+        "--listen",
+        &format!("nbd://127.0.0.1:{sport}"),
+    ])?;
+    wait_tcp(sport)?;
+    let runs = b.config.runs();
+
+    // The FUSE ceiling of this machine, and nbdcopy directly.
+    let limit = b.measure(
+        "seq-read limit",
+        "fuse-local-file",
+        "throughput",
+        "GB/s",
+        || fuse_local_limit(ctx, &scratch, &img, size),
+    )?;
+    let direct = b.measure("proxy-cost", "nbdcopy-direct", "throughput", "GB/s", || {
+        nbdcopy_gbps(sport, size)
+    })?;
+
+    for rtt in [0u64, 10, 30] {
+        let pport = free_port()?;
+        let _proxy = spawn_self(&[
+            "proxy",
+            "--listen",
+            &format!("127.0.0.1:{pport}"),
+            "--to",
+            &format!("127.0.0.1:{sport}"),
+            "--rtt",
+            &format!("{rtt}ms"),
+        ])?;
+        wait_tcp(pport)?;
+        let case = format!("seq-read rtt={rtt}ms");
+        let peer = b.measure(&case, "nbdcopy", "throughput", "GB/s", || {
+            nbdcopy_gbps(pport, size)
+        })?;
+        if rtt == 0 {
+            b.ratio("proxy-cost", "nbdcopy-direct", "GB/s", peer, direct);
+        }
+        let fuse = b.measure(&case, "fuse", "throughput", "GB/s", || {
+            fuse_seq(ctx, &scratch, pport, size)
+        })?;
+        let region = b.measure(&case, "lazy-region", "throughput", "GB/s", || {
+            region_seq(ctx, &scratch, pport, size)
+        })?;
+        let pred = r3map_managed(rtt);
+        b.record(&case, "r3map-published", "throughput", "GB/s", &[pred]);
+        b.ratio(&case, "nbdcopy", "GB/s", fuse, peer);
+        b.ratio(&case, "r3map-published", "GB/s", fuse, pred);
+        b.ratio(&case, "fuse-local-file", "GB/s", fuse, limit);
+        b.ratio(
+            &format!("{case} region"),
+            "r3map-published",
+            "GB/s",
+            region,
+            pred,
+        );
+
+        // First access: pull off, a new chunk each time.
+        let case = format!("first-access rtt={rtt}ms");
+        let cfg = CacheConfig {
+            pull: false,
+            chunk_size: 64 * 1024,
+            ..seq_cfg()
+        };
+        let m = open_cache(ctx, &scratch, pport, cfg, true)?;
+        let path = m
+            .fuse
+            .as_ref()
+            .map(|f| f.file_path().to_path_buf())
+            .unwrap_or_default();
+        let f = std::fs::File::open(&path)?;
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(rtt);
+        let mut samples = Vec::new();
+        for _ in 0..runs.max(5) {
+            let off = rng.random_range(0..size / (1 << 20)) << 20;
+            let mut page = [0u8; 4096];
+            let t = Instant::now();
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut page, off)?;
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        drop(f);
+        b.record(&case, "fuse", "latency", "us", &samples);
+        close(ctx, m)?;
+
+        // Random 4 KiB writes through the FUSE mmap, then fsync.
+        if rtt == 0 || rtt == 30 {
+            let case = format!("mmap-write rtt={rtt}ms");
+            let pages = if quick { 2048usize } else { 16384 };
+            let mut mbps = Vec::new();
+            let mut durable = Vec::new();
+            for r in 0..if quick { 1 } else { runs } {
+                // 4 KiB chunks: a random page write dirties (and pushes) one page.
+                let cfg = CacheConfig {
+                    chunk_size: 4096,
+                    ..seq_cfg()
+                };
+                let m = open_cache(ctx, &scratch, pport, cfg, true)?;
+                if !ctx
+                    .rt
+                    .block_on(m.cache.wait_pulled(Duration::from_secs(120)))
+                {
+                    bail!("the pull did not complete");
+                }
+                let path = m
+                    .fuse
+                    .as_ref()
+                    .map(|f| f.file_path().to_path_buf())
+                    .unwrap_or_default();
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)?;
+                let map = memsync_sys::Mapping::shared_fd(file.as_fd(), size as usize, 0)?;
+                let mut rng = rand::rngs::SmallRng::seed_from_u64(r as u64);
+                let mut page = vec![0u8; 4096];
+                let t = Instant::now();
+                for _ in 0..pages {
+                    rng.fill_bytes(&mut page[..64]);
+                    let off = rng.random_range(0..size as usize / 4096) * 4096;
+                    map.write_at(off, &page);
+                }
+                let t_sync = Instant::now();
+                file.sync_all()?;
+                let el = t.elapsed();
+                durable.push(t_sync.elapsed().as_secs_f64() * 1e3);
+                mbps.push((pages * 4096) as f64 / el.as_secs_f64() / 1e6);
+                drop(map);
+                drop(file);
+                close(ctx, m)?;
+            }
+            b.record(&case, "fuse-mmap", "write+fsync", "MB/s", &mbps);
+            b.record(&case, "fuse-mmap", "fsync-to-durable", "ms", &durable);
+            if rtt == 0 {
+                b.record(&case, "r3map-published", "write", "MB/s", &[230.0]);
+                let v = super::median(&mbps);
+                b.ratio(&case, "r3map-published", "MB/s", v, 230.0);
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&img);
+    Ok(())
+}

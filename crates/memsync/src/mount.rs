@@ -1,0 +1,249 @@
+//! `memsync mount`: a managed mount. A local cache of a remote store (background pull, push,
+//! persisted chunk map), exposed as a FUSE file and/or re-exported over NBD, until
+//! SIGINT/SIGTERM; then a final flush and a clean unmount.
+
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use memsync_cache::fuse::{FuseMount, FuseOptions};
+use memsync_cache::{Cache, CacheConfig, Opener, Reconnect};
+use memsync_core::size::parse_size;
+use memsync_core::{DynStore, Registry, StoreUrl};
+
+use crate::cmd::Context;
+use crate::proxy::parse_duration;
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// The remote store URL, e.g. nbd://host:10809/export.
+    pub remote: String,
+    /// The cache directory (created if missing; reusing it resumes without refetching).
+    #[arg(long)]
+    pub cache: PathBuf,
+    /// Mount a FUSE file system here; the data is the file MOUNTPOINT/NAME.
+    #[arg(long, value_name = "MOUNTPOINT")]
+    pub fuse: Option<PathBuf>,
+    /// The file name inside the FUSE mount.
+    #[arg(long, default_value = "data")]
+    pub name: String,
+    /// Re-export the cache over NBD: nbd://HOST:PORT or nbd+unix:///?socket=PATH.
+    #[arg(long, value_name = "URL")]
+    pub nbd: Option<String>,
+    /// Chunk size, a power of two from 4K to 4M.
+    #[arg(long, default_value = "1M")]
+    pub chunk: String,
+    /// Background pull: on or off.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pub pull: String,
+    /// Background push interval.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub push_interval: Duration,
+    /// A read miss fails with EIO when the remote has not answered within this time.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub fetch_timeout: Duration,
+    /// Byte ranges to pull first ("headers first"): START-END or START+LEN, e.g. 0+1M (repeatable).
+    #[arg(long = "hint", value_name = "RANGE")]
+    pub hints: Vec<String>,
+    /// FUSE request threads.
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+}
+
+/// Parse `START-END` or `START+LEN` (sizes with K/M/G suffixes).
+pub fn parse_range(s: &str) -> Result<Range<u64>> {
+    if let Some((a, l)) = s.split_once('+') {
+        let a = parse_size(a)?;
+        return Ok(a..a.saturating_add(parse_size(l)?));
+    }
+    if let Some((a, b)) = s.split_once('-') {
+        let (a, b) = (parse_size(a)?, parse_size(b)?);
+        if b < a {
+            bail!("range {s:?} ends before it starts");
+        }
+        return Ok(a..b);
+    }
+    bail!("range {s:?}: expected START-END or START+LEN")
+}
+
+/// A reconnecting remote opened through the registry.
+pub async fn reconnecting(registry: &Registry, url: &str) -> Result<Arc<Reconnect>> {
+    let registry = registry.clone();
+    let url = url.to_owned();
+    let opener: Opener = Arc::new(move || {
+        let registry = registry.clone();
+        let url = url.clone();
+        Box::pin(async move { registry.open(&url).await })
+    });
+    Ok(Arc::new(Reconnect::new(opener).await?))
+}
+
+pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
+    if a.fuse.is_none() && a.nbd.is_none() {
+        bail!("nothing to expose the mount with: give --fuse MOUNTPOINT and/or --nbd URL");
+    }
+    let chunk = parse_size(&a.chunk)?;
+    let hints = a
+        .hints
+        .iter()
+        .map(|h| parse_range(h))
+        .collect::<Result<Vec<_>>>()?;
+    let handle = ctx.rt.handle().clone();
+    ctx.rt.block_on(async move {
+        let remote = reconnecting(&ctx.registry, &a.remote)
+            .await
+            .with_context(|| format!("cannot open {}", a.remote))?;
+        // Demand misses get their own connection(s), so they never queue behind the pull.
+        let demand = reconnecting(&ctx.registry, &a.remote).await?;
+        let cfg = CacheConfig {
+            chunk_size: chunk,
+            pull: a.pull == "on",
+            hints,
+            push_interval: a.push_interval,
+            fetch_timeout: a.fetch_timeout,
+            demand_remote: Some(demand as DynStore),
+            ..CacheConfig::default()
+        };
+        let cache = Arc::new(
+            Cache::open(remote as DynStore, &a.cache, cfg)
+                .await
+                .with_context(|| format!("opening the cache in {}", a.cache.display()))?,
+        );
+        let p = cache.progress();
+        eprintln!(
+            "memsync: cache {}: {}/{} chunks local, {} dirty",
+            a.cache.display(),
+            p.local_chunks,
+            p.chunks,
+            p.dirty_chunks
+        );
+        let mut fuse: Option<FuseMount> = None;
+        if let Some(mp) = &a.fuse {
+            let opts = FuseOptions {
+                name: a.name.clone(),
+                threads: a.threads.max(1),
+                ..FuseOptions::default()
+            };
+            let store: DynStore = cache.clone();
+            let mp2 = mp.clone();
+            let h = handle.clone();
+            let m = tokio::task::spawn_blocking(move || {
+                memsync_cache::fuse::mount(store, h, &mp2, opts)
+            })
+            .await?
+            .with_context(|| {
+                format!(
+                    "mounting FUSE on {} (needs root and /dev/fuse)",
+                    mp.display()
+                )
+            })?;
+            println!("memsync: mounted {}", m.file_path().display());
+            fuse = Some(m);
+        }
+        let mut server = None;
+        let mut unix_path = None;
+        if let Some(url) = &a.nbd {
+            let cfg = memsync_nbd::ServerConfig::new(vec![memsync_nbd::Export::new(
+                "",
+                cache.clone() as DynStore,
+            )]);
+            let s = memsync_nbd::Server::new(cfg)?;
+            let u = StoreUrl::parse(url)?;
+            match u.scheme.as_str() {
+                "nbd" => {
+                    let addr = u
+                        .authority
+                        .clone()
+                        .filter(|a| !a.is_empty())
+                        .unwrap_or_else(|| "127.0.0.1:10809".into());
+                    let l = tokio::net::TcpListener::bind(&addr)
+                        .await
+                        .with_context(|| format!("listening on {addr}"))?;
+                    println!("memsync: serving nbd://{}", l.local_addr()?);
+                    s.listen_tcp(l);
+                }
+                "nbd+unix" => {
+                    let p = PathBuf::from(
+                        u.param("socket")
+                            .context("--nbd nbd+unix needs ?socket=PATH")?,
+                    );
+                    let _ = std::fs::remove_file(&p);
+                    let l = tokio::net::UnixListener::bind(&p)
+                        .with_context(|| format!("listening on {}", p.display()))?;
+                    println!("memsync: serving nbd+unix:///?socket={}", p.display());
+                    s.listen_unix(l);
+                    unix_path = Some(p);
+                }
+                other => bail!("--nbd {url}: scheme {other:?} is not nbd or nbd+unix"),
+            }
+            server = Some(s);
+        }
+        {
+            use std::io::Write as _;
+            let _ = std::io::stdout().flush();
+        }
+        let pb = ProgressBar::new(p.size);
+        pb.set_style(
+            ProgressStyle::with_template(
+                "pull [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta} {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                _ = int.recv() => break,
+                _ = term.recv() => break,
+                _ = tick.tick() => {
+                    let p = cache.progress();
+                    pb.set_position(p.local_bytes());
+                    pb.set_message(format!("{} dirty", p.dirty_chunks));
+                }
+            }
+        }
+        pb.finish_and_clear();
+        eprintln!("memsync: unmounting: final flush");
+        if let Some(m) = fuse.take() {
+            // Write back pages dirtied through mappings, then unmount.
+            let file = m.file_path().to_path_buf();
+            tokio::task::spawn_blocking(move || {
+                if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&file) {
+                    let _ = f.sync_all();
+                }
+                m.unmount()
+            })
+            .await?
+            .context("unmounting FUSE")?;
+        }
+        if let Some(s) = server.take() {
+            s.shutdown().await.context("stopping the NBD server")?;
+        }
+        if let Some(p) = unix_path {
+            let _ = std::fs::remove_file(p);
+        }
+        cache.close().await.context("final flush to the remote")?;
+        eprintln!("memsync: stopped; {}", cache.stats());
+        anyhow::Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("0+1M").unwrap(), 0..1 << 20);
+        assert_eq!(parse_range("4K-8K").unwrap(), 4096..8192);
+        assert!(parse_range("8K-4K").is_err());
+        assert!(parse_range("x").is_err());
+    }
+}
