@@ -19,20 +19,36 @@ pub enum Backing {
     /// ([`LazyRegion::as_fd`](crate::LazyRegion::as_fd)) can be mapped by
     /// another process, which sees every chunk this region has filled.
     Memfd,
+    /// Private anonymous memory backed by reserved huge pages
+    /// (`MAP_HUGETLB`, the default huge page size, 2 MiB here), registered
+    /// for MISSING faults and filled with `UFFDIO_COPY` (the kernel cannot
+    /// move pages into hugetlb memory; zero chunks are copied from a zeroed
+    /// buffer too). The pages are never split, swapped or compacted and
+    /// there is no first-touch allocation beyond taking a reserved page, but
+    /// huge pages must be reserved first (`vm.nr_hugepages`, root only):
+    /// creating the region fails with `ENOMEM` otherwise. The chunk size must
+    /// be a multiple of the huge page size, and the region is a whole number
+    /// of huge pages (the bytes past the store's size read as zeros).
+    Hugetlb,
 }
 
 /// The default chunk size: 2 MiB, one transparent huge page.
 ///
-/// Measured here (`memsync bench lazy --quick`, 256 MiB from a mem: store,
-/// 2 vCPUs shared with other builds): sequential first touch through faults
-/// ran at 0.13 GB/s with 4 KiB chunks, 0.77 GB/s with 64 KiB and 4.6 GB/s
-/// with 2 MiB chunks (5.7 GB/s with the background puller following the
-/// faults). The per-fault cost (~25–30 µs of wake-ups) dominates small
-/// chunks; for 2 MiB chunks the cost is allocating the fresh huge page the
-/// store reads into (then moved in with one `UFFDIO_MOVE`, ~10 µs).
-/// Regions touched sparsely and randomly should use 4–64 KiB chunks (a
-/// 4 KiB random first touch then costs ~26 µs through a fault, ~7 µs
-/// through [`LazyRegion::read_at`](crate::LazyRegion::read_at)).
+/// Measured here (`memsync bench lazy`, 1 GiB from a mem: store, 2 vCPUs
+/// shared with other builds, medians of 7): sequential first touch through
+/// faults ran at 0.28 GB/s with 4 KiB chunks, 1.5 GB/s with 64 KiB and
+/// 5.1 GB/s with 2 MiB chunks (7.2 GB/s with the background puller
+/// following the faults; a memcpy into memory touched beforehand: 11.6 GB/s,
+/// into fresh memory: 2.8 GB/s). The per-fault cost (~10–25 µs of
+/// wake-ups) dominates small chunks; for 2 MiB chunks it is copying the
+/// data and allocating the fresh huge page it is read into (that page is
+/// then moved in with one `UFFDIO_MOVE`, ~10 µs). Allocation runs ahead on
+/// a helper thread (pre-populated staging buffers), but fresh memory is
+/// slow here: the host backs freed guest memory again lazily (free page
+/// reporting), 0.7–8 ms per huge page at times. Regions touched sparsely
+/// and randomly should use 4–64 KiB chunks (a 4 KiB random first touch
+/// then costs ~10 µs through a fault, ~4 µs through
+/// [`LazyRegion::read_at`](crate::LazyRegion::read_at)).
 pub const DEFAULT_CHUNK_SIZE: usize = 2 << 20;
 
 /// How a [`LazyRegion`](crate::LazyRegion) is built. Start from
@@ -44,18 +60,42 @@ pub struct RegionConfig {
     /// Fault-handler threads (dedicated OS threads, not async workers).
     /// Default 2: on a 2-vCPU machine one handler can serve a fault while
     /// another waits for a slow store read, and more only adds wake-ups.
+    /// By default only the first polls the userfaultfd and the others stand
+    /// by (see [`standby_after`](Self::standby_after)).
     pub handler_threads: usize,
     /// How long a handler keeps polling its userfaultfd without sleeping
     /// after its last event (adaptive spin-then-block). A sleeping handler
     /// costs a cross-vCPU wake-up (~20–25 µs here) per fault; a spinning one
     /// answers sooner but burns a CPU, which on 2 vCPUs competes with the
-    /// application: measured here, random 4 KiB faults had p50 32 µs with a
-    /// 200 µs spin against 26 µs blocking, so the default is
+    /// application. Measured here (`memsync bench lazy`, random 4 KiB
+    /// faults, same run, loaded machine): one blocking handler p50 10.4 µs /
+    /// p99 18 µs; one handler spinning 30 µs 10.4 / 46 µs; two polling
+    /// handlers, one spinning 200 µs, 11.1 / 218 µs (the p99 is the spin
+    /// window: the toucher waits for the spinner to give up its CPU). A
+    /// blocking handler is usually run on the faulting thread's CPU as soon
+    /// as that thread blocks, so spinning buys nothing here: the default is
     /// `Duration::ZERO` (block at once).
     pub spin: Duration,
     /// How many of the handler threads spin (the others always block).
     /// Default 1.
     pub spin_threads: usize,
+    /// With more than one handler thread: only the first polls the
+    /// userfaultfd, and the others stand by until it has been busy with one
+    /// fault for this long (a slow or stalled store read), then serve faults
+    /// beside it until it is free. Handlers that all poll the userfaultfd
+    /// are all woken by every fault, and on 2 vCPUs that made random 4 KiB
+    /// faults slower (p50 14 µs, p99 40 µs with two polling handlers against
+    /// 10 / 19 µs with one, `memsync bench lazy --quick`, same run); the
+    /// standby keeps the one-handler latency without letting a stalled read
+    /// hold up faults on other chunks. `None`: every handler polls.
+    /// Default 1 ms.
+    pub standby_after: Option<Duration>,
+    /// Pin handler thread `k` to CPU `k mod CPUs` (`sched_setaffinity`).
+    /// With one handler per CPU, a fault is always answered by the handler
+    /// on the faulting thread's CPU, which runs as soon as the faulting
+    /// thread blocks: no cross-CPU wake-up on the fault path (the other
+    /// handlers wake too, find no event and sleep again). Default `false`.
+    pub pin_handlers: bool,
     /// Private anonymous or shared memfd memory.
     pub backing: Backing,
     /// Advise transparent huge pages (`MADV_HUGEPAGE`) for the region
@@ -104,6 +144,8 @@ impl Default for RegionConfig {
             handler_threads: 2,
             spin: Duration::ZERO,
             spin_threads: 1,
+            standby_after: Some(Duration::from_millis(1)),
+            pin_handlers: false,
             backing: Backing::Anonymous,
             huge_pages: true,
             prefetch: true,
@@ -126,6 +168,8 @@ impl std::fmt::Debug for RegionConfig {
             .field("handler_threads", &self.handler_threads)
             .field("spin", &self.spin)
             .field("spin_threads", &self.spin_threads)
+            .field("standby_after", &self.standby_after)
+            .field("pin_handlers", &self.pin_handlers)
             .field("backing", &self.backing)
             .field("huge_pages", &self.huge_pages)
             .field("prefetch", &self.prefetch)

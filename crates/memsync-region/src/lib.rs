@@ -30,6 +30,29 @@
 //! (`UFFDIO_POISON`, the access gets `SIGBUS`) and the error is recorded
 //! ([`LazyRegion::last_error`]) and logged. Partial data is never installed.
 //!
+//! Only one handler thread polls the userfaultfd; the others stand by and
+//! join in when it has been busy with one fault for
+//! [`RegionConfig::standby_after`] (a slow store read), so a fault wakes one
+//! thread, which the scheduler usually runs on the faulting thread's CPU the
+//! moment that thread blocks. Staging buffers whose pages moved into the
+//! region are refilled with fresh pages by a helper thread ahead of time
+//! (`MADV_POPULATE_WRITE`), and the background puller fetches the chunks
+//! just past the last fault without yielding to it (read-ahead), so a
+//! sequential reader's copy, page allocation and installs overlap on both
+//! CPUs.
+//!
+//! Not used: `UFFD_FEATURE_SIGBUS` (resolving a fault in a `SIGBUS` handler
+//! on the faulting thread). Fetching from a [`Store`](memsync_core::Store)
+//! runs async Rust that allocates and takes locks, none of it
+//! async-signal-safe: a fault taken while the thread holds the allocator's
+//! or the store's lock would deadlock in the handler. A sound handler could
+//! only install data already in memory with async-signal-safe `ioctl`s and
+//! would otherwise have to hand the fault to a handler thread anyway (the
+//! cross-CPU path it was meant to avoid, plus signal delivery), and a
+//! process-wide `SIGBUS` handler would have to coexist with the
+//! application's and with the `SIGBUS` of poisoned chunks. The safe
+//! accessors below resolve on the faulting thread without a signal.
+//!
 //! The safe accessors ([`LazyRegion::read_at`], [`LazyRegion::write_at`])
 //! avoid the fault altogether: they fetch a missing chunk on the calling
 //! thread before touching it, which saves the cross-CPU wake-ups of the

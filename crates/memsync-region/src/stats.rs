@@ -25,6 +25,9 @@ pub struct RegionStats {
     pub(crate) store_errors: AtomicU64,
     pub(crate) chunks_poisoned: AtomicU64,
     pub(crate) removes: AtomicU64,
+    pub(crate) standby_takeovers: AtomicU64,
+    pub(crate) staging_ready: AtomicU64,
+    pub(crate) staging_cold: AtomicU64,
     /// From reading a fault event to its chunk being installed (the
     /// handler's share of a fault; the faulting thread also pays the kernel's
     /// wake-up).
@@ -75,6 +78,9 @@ impl RegionStats {
             store_errors: l(&self.store_errors),
             chunks_poisoned: l(&self.chunks_poisoned),
             removes: l(&self.removes),
+            standby_takeovers: l(&self.standby_takeovers),
+            staging_ready: l(&self.staging_ready),
+            staging_cold: l(&self.staging_cold),
             fault_p50: self.fault_latency.quantile(0.5),
             fault_p99: self.fault_latency.quantile(0.99),
             fault_max: self.fault_latency.max(),
@@ -119,6 +125,15 @@ pub struct StatsSnapshot {
     pub chunks_poisoned: u64,
     /// `REMOVE` events (`MADV_DONTNEED`/`MADV_REMOVE` on the region).
     pub removes: u64,
+    /// Times a standby handler started serving faults because the primary
+    /// handler was busy for longer than [`RegionConfig::standby_after`](crate::RegionConfig::standby_after).
+    pub standby_takeovers: u64,
+    /// Used-up staging buffers replaced by one whose pages were allocated
+    /// ahead of time by the staging thread.
+    pub staging_ready: u64,
+    /// Used-up staging buffers reused without such a replacement (none was
+    /// ready: the next fill allocates its pages itself).
+    pub staging_cold: u64,
     /// Fault-service latency, median.
     pub fault_p50: Duration,
     /// Fault-service latency, 99th percentile.

@@ -904,3 +904,152 @@ fn claims_are_exclusive_across_threads() {
     let total: usize = wins.iter().map(join).sum();
     assert_eq!(total, 1000);
 }
+
+// ---------------------------------------------------------------------------
+// hugetlb backing
+// ---------------------------------------------------------------------------
+
+/// Reserves `n` more free huge pages (`vm.nr_hugepages`, root only) for the
+/// guard's lifetime and puts the old value back on drop.
+struct HugePages {
+    old: Option<u64>,
+}
+
+impl HugePages {
+    const SYSCTL: &str = "/proc/sys/vm/nr_hugepages";
+
+    fn free() -> u64 {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("HugePages_Free:"))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// `Err(reason)` if the pages cannot be had.
+    fn reserve(n: u64) -> Result<Self, String> {
+        if Self::free() >= n {
+            return Ok(Self { old: None });
+        }
+        let old: u64 = std::fs::read_to_string(Self::SYSCTL)
+            .map_err(|e| format!("reading {}: {e}", Self::SYSCTL))?
+            .trim()
+            .parse()
+            .map_err(|e| format!("parsing {}: {e}", Self::SYSCTL))?;
+        std::fs::write(Self::SYSCTL, format!("{}\n", old + n))
+            .map_err(|e| format!("raising {} (needs root): {e}", Self::SYSCTL))?;
+        let guard = Self { old: Some(old) };
+        if Self::free() < n {
+            return Err(format!(
+                "the kernel found only {} free huge pages of {n} (memory fragmented?)",
+                Self::free()
+            ));
+        }
+        Ok(guard)
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        if let Some(old) = self.old {
+            let _ = std::fs::write(Self::SYSCTL, format!("{old}\n"));
+        }
+    }
+}
+
+/// A hugetlb-backed region serves faults (whole huge pages by UFFDIO_COPY),
+/// zero chunks and a short last chunk, byte for byte.
+#[test]
+fn hugetlb_region_integrity() {
+    let hpage = memsync_sys_pmd();
+    // 5 huge pages, the last one short; every 3rd 64 KiB piece a hole, and
+    // one whole zero chunk.
+    let size = 4 * hpage + 12_345;
+    let (store, mut data) = random_store(size, 31, Some(3));
+    rt().block_on(store.write_zeroes(hpage as u64, hpage as u64))
+        .unwrap();
+    data[hpage..2 * hpage].fill(0);
+    let _pages = match HugePages::reserve(5) {
+        Ok(g) => g,
+        Err(why) => {
+            eprintln!("SKIPPED hugetlb_region_integrity: {why}");
+            return;
+        }
+    };
+    let region = Arc::new(
+        LazyRegion::new(
+            store,
+            RegionConfig {
+                backing: Backing::Hugetlb,
+                ..cfg(hpage)
+            },
+        )
+        .unwrap(),
+    );
+    assert_eq!(region.len(), size);
+    assert_eq!(region.as_ptr() as usize % hpage, 0);
+    // Faults from two threads in opposite orders, then every byte.
+    let threads: Vec<_> = [false, true]
+        .into_iter()
+        .map(|rev| {
+            let region = Arc::clone(&region);
+            let data = data.clone();
+            spawn(move || {
+                let mut offs: Vec<usize> = (0..size).step_by(100_003).collect();
+                if rev {
+                    offs.reverse();
+                }
+                for off in offs {
+                    let mut b = [0u8; 1];
+                    region.read_faulting(off, &mut b);
+                    assert_eq!(b[0], data[off], "byte {off}");
+                }
+            })
+        })
+        .collect();
+    for t in &threads {
+        join(t);
+    }
+    let mut got = vec![0u8; size];
+    region.read_faulting(0, &mut got);
+    assert!(got == data, "hugetlb region differs from the store");
+    region.write_at(size - 3, b"end").unwrap();
+    let mut b = [0u8; 3];
+    region.read_at(size - 3, &mut b).unwrap();
+    assert_eq!(&b, b"end");
+    let s = region.stats().snapshot();
+    assert!(region.is_complete(), "{s}");
+    assert_eq!(s.installs_move, 0, "{s}");
+    assert!(s.installs_copy >= 4, "{s}");
+}
+
+/// A hugetlb region needs chunks of whole huge pages.
+#[test]
+fn hugetlb_region_rejects_small_chunks() {
+    let (store, _) = random_store(MIB, 1, None);
+    let err = LazyRegion::new(
+        store,
+        RegionConfig {
+            backing: Backing::Hugetlb,
+            ..cfg(64 * KIB)
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("huge page"), "{err}");
+}
+
+fn memsync_sys_pmd() -> usize {
+    // The default hugetlb page size is the PMD size on x86-64 and arm64
+    // (4 KiB base pages).
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("Hugepagesize:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+        })
+        .map_or(2 * MIB, |kb| kb * KIB)
+}

@@ -103,7 +103,7 @@ pub use uffd::{
     ApiInfo, ContinueMode, CopyMode, Event, Features, Install, Ioctls, MoveMode, OpenError,
     OpenFlags, PageFaultFlags, RegisterMode, Uffd, UffdMsg,
 };
-pub use util::{euid, gettid, poll_readable};
+pub use util::{current_cpu, euid, gettid, poll_readable, set_thread_affinity};
 
 // The handler-thread design relies on these being shareable.
 const _: () = {

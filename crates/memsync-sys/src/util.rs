@@ -120,3 +120,74 @@ pub fn euid() -> u32 {
     // SAFETY: geteuid(2) has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
 }
+
+/// The CPU the calling thread is running on (`sched_getcpu(3)`); it may
+/// change at any moment unless the thread is pinned.
+///
+/// # Errors
+///
+/// The `sched_getcpu(3)` error (`ENOSYS` where unsupported).
+pub fn current_cpu() -> io::Result<usize> {
+    // SAFETY: sched_getcpu(3) has no preconditions and touches no memory
+    // of the caller.
+    let cpu = unsafe { libc::sched_getcpu() };
+    usize::try_from(cpu).map_err(|_| io::Error::last_os_error())
+}
+
+/// Restricts the calling thread to the CPUs in `cpus` (`sched_setaffinity(2)`
+/// with pid 0); an empty slice allows every CPU the process may use
+/// (`sched_getaffinity` of the process is not consulted: all CPUs up to
+/// `CPU_SETSIZE`).
+///
+/// # Errors
+///
+/// `InvalidInput` for a CPU number of `CPU_SETSIZE` (1024) or more; the
+/// `sched_setaffinity(2)` error otherwise (`EINVAL` if no listed CPU is
+/// online or allowed).
+pub fn set_thread_affinity(cpus: &[usize]) -> io::Result<()> {
+    let max = 8 * size_of::<libc::cpu_set_t>();
+    // SAFETY: cpu_set_t is a plain bit array for which all-zero is valid.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if cpus.is_empty() {
+        for c in 0..max {
+            // SAFETY: `c < max`, the number of bits in the set.
+            unsafe { libc::CPU_SET(c, &mut set) };
+        }
+    } else {
+        for &c in cpus {
+            if c >= max {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "CPU number out of range",
+                ));
+            }
+            // SAFETY: `c < max` was checked just above.
+            unsafe { libc::CPU_SET(c, &mut set) };
+        }
+    }
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is the
+    // calling thread; the call only changes scheduling.
+    let r = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod affinity_tests {
+    use super::*;
+
+    #[test]
+    fn pin_to_current_cpu_and_back() {
+        let cpu = current_cpu().unwrap();
+        set_thread_affinity(&[cpu]).unwrap();
+        for _ in 0..100 {
+            assert_eq!(current_cpu().unwrap(), cpu);
+            std::thread::yield_now();
+        }
+        set_thread_affinity(&[]).unwrap();
+        assert!(set_thread_affinity(&[1 << 20]).is_err());
+    }
+}
