@@ -407,14 +407,28 @@ async fn dir_chunk_files_come_and_go() {
     s.flush().await.unwrap();
     // Unaligned requests need no read-modify-write: a partial write lands in place, and zeros
     // written into a chunk without a file create none.
-    s.write(7 * cs - 3, Bytes::from_static(b"abcdef")).await.unwrap();
+    s.write(7 * cs - 3, Bytes::from_static(b"abcdef"))
+        .await
+        .unwrap();
     assert!(f(6).exists() && f(7).exists());
-    assert_eq!(std::fs::metadata(f(7)).unwrap().len(), 3, "only the written bytes");
-    assert_eq!(&s.read_bytes(7 * cs - 4, 8).await.unwrap()[..], b"\0abcdef\0");
-    s.write(9 * cs + 5, Bytes::from(vec![0u8; 100])).await.unwrap();
+    assert_eq!(
+        std::fs::metadata(f(7)).unwrap().len(),
+        3,
+        "only the written bytes"
+    );
+    assert_eq!(
+        &s.read_bytes(7 * cs - 4, 8).await.unwrap()[..],
+        b"\0abcdef\0"
+    );
+    s.write(9 * cs + 5, Bytes::from(vec![0u8; 100]))
+        .await
+        .unwrap();
     assert!(!f(9).exists());
     s.write_zeroes(7 * cs - 1, 2).await.unwrap();
-    assert_eq!(&s.read_bytes(7 * cs - 4, 8).await.unwrap()[..], b"\0ab\0\0ef\0");
+    assert_eq!(
+        &s.read_bytes(7 * cs - 4, 8).await.unwrap()[..],
+        b"\0ab\0\0ef\0"
+    );
     assert_root_err(s.read_bytes(64 * cs - 1, 2).await, "OutOfRange", |e| {
         matches!(e, StoreError::OutOfRange { .. })
     });
