@@ -347,7 +347,7 @@ pub fn bench(ctx: &Context, a: BenchArgs) -> Result<()> {
 
 pub fn stores(ctx: &Context) -> Result<()> {
     for (scheme, help) in ctx.registry.schemes() {
-        println!("{scheme:<6} {help}");
+        println!("{scheme:<15} {help}");
     }
     Ok(())
 }

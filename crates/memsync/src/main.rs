@@ -18,12 +18,18 @@ STORE URLS:
   mem:SIZE                          sparse memory, e.g. mem:1G (chunk=64K by default)
   file:PATH[?size=SIZE&readonly]    a regular file or block device (size= creates/extends)
   dir:PATH?size=SIZE[&chunk=64K]    a directory with one file per chunk
-  Sizes take K, M, G, T suffixes (binary). Run `memsync stores` for the full list.
+  nbd://HOST[:PORT]/EXPORT          an NBD export (also nbd+unix:///EXPORT?socket=PATH, nbds://)
+  redis://HOST[:PORT]?size=SIZE     one Redis key per chunk (rediss://, redis+cluster://H:P,H:P)
+  s3://BUCKET/PREFIX?size=SIZE&endpoint=http://HOST:PORT
+                                    one S3 object per chunk (?object=KEY: one object, read-only)
+  Sizes take K, M, G, T suffixes (binary). Run `memsync stores` for every scheme and parameter.
 
 EXAMPLES:
   memsync demo                               the quick tour on the embedded mem: store
-  memsync copy file:/tmp/disk.img dir:/tmp/chunks?size=1G
-  memsync checksum mem:64M
+  memsync copy file:/tmp/disk.img 'dir:/tmp/chunks?size=1G'
+  memsync serve mem:1G --listen nbd://127.0.0.1:10809
+  memsync map nbd://127.0.0.1:10809/ --chunk 2M
+  memsync mount nbd://127.0.0.1:10809/ --cache /var/tmp/cache --fuse /mnt/memsync
   memsync bench store --quick --json";
 
 /// memsync makes Linux memory regions network-native: stores (memory, files, directories, and
