@@ -206,7 +206,7 @@ pub const SUITES: &[(&str, &str)] = &[
     ),
     (
         "stores",
-        "sequential read (direct, many requests in flight) and first-access latency from redis://, s3:// and dir: on real servers, per chunk size, vs redis-benchmark / a bare HTTP GET loop / pread, beside r3map's published figures",
+        "sequential read (direct with many requests in flight, and through the cache layer of a managed mount) and first-access latency from redis://, s3:// and dir: on real servers, per chunk size, vs redis-benchmark / a bare HTTP GET loop / pread, beside r3map's published figures",
     ),
     (
         "lazy",

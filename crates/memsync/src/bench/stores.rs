@@ -3,16 +3,25 @@
 //! reporting the best and its chunk size, next to a same-run peer and the predecessor's
 //! published figures.
 //!
-//! The cache layer is not built yet, so reads go straight to the store (through `Chunked` where
-//! the store needs it) with many requests in flight: the case names say `direct`. First-access
-//! latency is one 4 KiB read right after opening the store (its connections not yet warm).
+//! Two ways of reading:
+//! - `direct`: straight from the store (through `Chunked` where the store needs it) with many
+//!   requests in flight, per store chunk size;
+//! - `cache`: through the cache layer (memsync-cache, what a managed mount reads through): a
+//!   fresh cache over the store (at the store chunk size that was best direct), background pull
+//!   on, read by one sequential reader in 1 MiB reads, timed from opening the cache to the last
+//!   byte (what an application reading a freshly mounted file sees). The bytes read are checked.
+//!
+//! First-access latency is one 4 KiB read right after opening the store (its connections not yet
+//! warm).
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use futures_util::StreamExt;
+use memsync_cache::{Cache, CacheConfig};
 use memsync_core::{DynStore, Registry};
 use memsync_testkit::servers::{self, RedisServer, S3_ACCESS_KEY, S3_SECRET_KEY, S3Server};
 
@@ -101,7 +110,7 @@ impl Ctx<'_> {
         chunks: &[u64],
         url_of: &dyn Fn(u64) -> String,
         between: &dyn Fn(),
-    ) -> Result<f64> {
+    ) -> Result<(f64, u64)> {
         let mut best = (0.0f64, 0u64);
         for &chunk in chunks {
             between();
@@ -173,8 +182,113 @@ impl Ctx<'_> {
             "bytes",
             &[best.1 as f64],
         );
+        Ok(best)
+    }
+
+    /// Case `seq_read_cache_NAME`: refill the store at `url`, then for each cache chunk size,
+    /// `runs` times: a fresh cache over it read sequentially to the end. Reports each cache chunk
+    /// size, then the best with both chunk sizes; returns the best GB/s.
+    fn cache_case(
+        &mut self,
+        bench: &mut Bench,
+        name: &str,
+        url: &str,
+        cache_chunks: &[u64],
+        between: &dyn Fn(),
+    ) -> Result<f64> {
+        between();
+        let store = self.open(url)?;
+        self.rt.block_on(fill(&store, self.total))?;
+        let scratch = super::store::tempfile_dir(&bench.config.scratch)?;
+        let mut best = (0.0f64, 0u64);
+        for &cc in cache_chunks {
+            let mut samples = Vec::new();
+            for _ in 0..bench.config.runs() {
+                // A second instance (its own connections) for demand misses, as a mount does.
+                let demand = self.open(url)?;
+                let dir = scratch.path().join("cache");
+                let _ = std::fs::remove_dir_all(&dir);
+                let el = self.rt.block_on(cache_seq_read(
+                    store.clone(),
+                    demand,
+                    &dir,
+                    cc,
+                    &mut self.buf,
+                ))?;
+                std::fs::remove_dir_all(&dir)?;
+                check_pattern(&self.buf)
+                    .with_context(|| format!("{name} read through the cache"))?;
+                self.buf.fill(0);
+                samples.push(gbps(self.total, el));
+            }
+            let v = bench.record(
+                &format!("seq_read_cache_{name}_cachechunk{}", human(cc)),
+                &format!("memsync-{name}-cache"),
+                "throughput",
+                "GB/s",
+                &samples,
+            );
+            if v > best.0 {
+                best = (v, cc);
+            }
+        }
+        let case = format!("seq_read_cache_{name}");
+        let subject = format!("memsync-{name}-cache");
+        bench.record(&case, &subject, "throughput", "GB/s", &[best.0]);
+        let store_chunk = memsync_core::StoreUrl::parse(url)
+            .ok()
+            .and_then(|u| u.size_param("chunk").ok().flatten())
+            .unwrap_or(0);
+        bench.record(
+            &case,
+            &subject,
+            "store_chunk",
+            "bytes",
+            &[store_chunk as f64],
+        );
+        bench.record(&case, &subject, "cache_chunk", "bytes", &[best.1 as f64]);
         Ok(best.0)
     }
+}
+
+/// A fresh cache over `remote` in `dir` (pull on), read from offset 0 to the end in 1 MiB reads
+/// one after another into `buf`; the time from opening the cache to the last byte.
+async fn cache_seq_read(
+    remote: DynStore,
+    demand: DynStore,
+    dir: &Path,
+    chunk: u64,
+    buf: &mut [u8],
+) -> Result<Duration> {
+    let t = Instant::now();
+    let cfg = CacheConfig {
+        chunk_size: chunk,
+        request_size: chunk.max(4 << 20),
+        demand_request_size: chunk.max(1 << 20),
+        push_interval: Duration::from_secs(3600),
+        fetch_timeout: Duration::from_secs(60),
+        demand_remote: Some(demand),
+        ..CacheConfig::default()
+    };
+    let cache = Arc::new(Cache::open(remote, dir, cfg).await?);
+    let store: DynStore = cache.clone();
+    for (i, c) in buf.chunks_mut(1 << 20).enumerate() {
+        store.read((i as u64) << 20, c).await?;
+    }
+    let el = t.elapsed();
+    cache.close().await?;
+    Ok(el)
+}
+
+/// Whether `buf` holds what [`fill`] wrote.
+fn check_pattern(buf: &[u8]) -> Result<()> {
+    let pat = fill_pattern(IO);
+    for (i, c) in buf.chunks(IO).enumerate() {
+        if c != &pat[..c.len()] {
+            bail!("wrong data in the 4 MiB block at {}", i * IO);
+        }
+    }
+    Ok(())
 }
 
 /// The predecessor's published managed-mount sequential-read figures (not measured here).
@@ -262,24 +376,25 @@ pub fn run(bench: &mut Bench, registry: &Registry) -> Result<()> {
 
     // dir: (page cache), limit: pread of one plain file.
     let scratch = super::store::tempfile_dir(&bench.config.scratch)?;
+    // Cache chunk sizes tried (the cache allows 4 KiB to 4 MiB).
+    let cache_chunks: &[u64] = if quick {
+        &[1 << 20]
+    } else {
+        &[1 << 20, 4 << 20]
+    };
     let dir_chunks: &[u64] = if quick {
         &[1 << 20]
     } else {
         &[64 << 10, 1 << 20]
     };
     let sp = scratch.path().to_owned();
-    let best_dir = cx.sweep(
-        bench,
-        "dir",
-        dir_chunks,
-        &|c| {
-            format!(
-                "dir:{}?size={total}&chunk={c}",
-                sp.join(format!("chunks{c}")).display()
-            )
-        },
-        &|| {},
-    )?;
+    let dir_url = |c: u64| {
+        format!(
+            "dir:{}?size={total}&chunk={c}",
+            sp.join(format!("chunks{c}")).display()
+        )
+    };
+    let (best_dir, dir_chunk) = cx.sweep(bench, "dir", dir_chunks, &dir_url, &|| {})?;
     let mut lim = Vec::new();
     for _ in 0..bench.config.runs() {
         lim.push(pread_limit(
@@ -296,6 +411,9 @@ pub fn run(bench: &mut Bench, registry: &Registry) -> Result<()> {
         &lim,
     );
     bench.ratio("seq_read_direct_dir_best", "pread", "GB/s", best_dir, l);
+    let cached = cx.cache_case(bench, "dir", &dir_url(dir_chunk), cache_chunks, &|| {})?;
+    bench.ratio("seq_read_cache_dir", "pread", "GB/s", cached, l);
+    bench.ratio("seq_read_cache_dir", "direct", "GB/s", cached, best_dir);
     published(bench, "dir", 264.0);
 
     // Redis, single node.
@@ -308,15 +426,13 @@ pub fn run(bench: &mut Bench, registry: &Registry) -> Result<()> {
             } else {
                 &[64 << 10, 256 << 10, 1 << 20]
             };
-            let best = cx.sweep(
-                bench,
-                "redis",
-                chunks,
-                &|c| format!("redis://127.0.0.1:{port}?size={total}&chunk={c}&conns=4&pipeline=8"),
-                &|| {
-                    let _ = srv.cli(&["flushall"]);
-                },
-            )?;
+            let url = |c: u64| {
+                format!("redis://127.0.0.1:{port}?size={total}&chunk={c}&conns=4&pipeline=8")
+            };
+            let flush = || {
+                let _ = srv.cli(&["flushall"]);
+            };
+            let (best, best_chunk) = cx.sweep(bench, "redis", chunks, &url, &flush)?;
             let chunk = 256 << 10;
             let n = if quick { 2000 } else { 8000 };
             let mut peer = Vec::new();
@@ -337,6 +453,9 @@ pub fn run(bench: &mut Bench, registry: &Registry) -> Result<()> {
                 best,
                 p,
             );
+            let cached = cx.cache_case(bench, "redis", &url(best_chunk), cache_chunks, &flush)?;
+            bench.ratio("seq_read_cache_redis", "redis-benchmark", "GB/s", cached, p);
+            bench.ratio("seq_read_cache_redis", "direct", "GB/s", cached, best);
         }
     }
     published(bench, "redis", 439.0);
@@ -351,18 +470,13 @@ pub fn run(bench: &mut Bench, registry: &Registry) -> Result<()> {
             } else {
                 &[1 << 20, 4 << 20, 16 << 20]
             };
-            let best = cx.sweep(
-                bench,
-                "s3",
-                chunks,
-                &|c| {
-                    format!(
-                        "s3://bench/c{c}?size={total}&chunk={c}&create&conns=32&endpoint={ep}\
-                         &access_key={S3_ACCESS_KEY}&secret_key={S3_SECRET_KEY}"
-                    )
-                },
-                &|| {},
-            )?;
+            let url = |c: u64| {
+                format!(
+                    "s3://bench/c{c}?size={total}&chunk={c}&create&conns=32&endpoint={ep}\
+                     &access_key={S3_ACCESS_KEY}&secret_key={S3_SECRET_KEY}"
+                )
+            };
+            let (best, best_chunk) = cx.sweep(bench, "s3", chunks, &url, &|| {})?;
             // Peer: the same objects fetched with the bare HTTP client (no store layers).
             let c = 4u64 << 20;
             let cfg = memsync_s3::S3Config::from_url(
@@ -411,6 +525,9 @@ pub fn run(bench: &mut Bench, registry: &Registry) -> Result<()> {
                 best,
                 p,
             );
+            let cached = cx.cache_case(bench, "s3", &url(best_chunk), cache_chunks, &|| {})?;
+            bench.ratio("seq_read_cache_s3", "bare-http-client", "GB/s", cached, p);
+            bench.ratio("seq_read_cache_s3", "direct", "GB/s", cached, best);
             // Small-object latency (TCP_NODELAY, head+body in one write): 4 KiB PUT and GET.
             let small = Bytes::from(vec![7u8; 4096]);
             let (mut put, mut get) = (Vec::new(), Vec::new());
