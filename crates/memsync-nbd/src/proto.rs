@@ -678,7 +678,7 @@ pub fn parse_reply_header(b: &[u8]) -> Result<ReplyHeader, ProtoError> {
 }
 
 /// Encode a simple reply header.
-pub fn encode_simple_reply(out: &mut BytesMut, error: u32, cookie: u64) {
+pub fn encode_simple_reply(out: &mut impl BufMut, error: u32, cookie: u64) {
     out.put_u32(SIMPLE_REPLY_MAGIC);
     out.put_u32(error);
     out.put_u64(cookie);
@@ -686,7 +686,7 @@ pub fn encode_simple_reply(out: &mut BytesMut, error: u32, cookie: u64) {
 
 /// Encode a structured (`extended == None`) or extended (`Some(request offset)`) chunk header.
 pub fn encode_chunk_header(
-    out: &mut BytesMut,
+    out: &mut impl BufMut,
     extended: Option<u64>,
     flags: u16,
     typ: u16,

@@ -6,6 +6,11 @@
 //! small replies into one write; a request whose store must wait is moved to its own task, so
 //! many requests are in flight and replies go out of order. Every reply is written as one
 //! buffer (header and data together) under the connection's write lock.
+//!
+//! Per byte, a READ costs one copy out of the store into a reply buffer that the connection
+//! reuses (so it is neither zeroed nor faulted in again) and the kernel's copy into the
+//! socket; a large WRITE payload is read from the socket straight into a buffer of its own,
+//! which becomes the `Bytes` the store gets.
 
 use std::future::Future;
 use std::io;
@@ -13,9 +18,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use memsync_core::{Caps, DynStore, ExtentKind, StoreError};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinHandle;
@@ -179,7 +184,10 @@ impl Server {
             loop {
                 tokio::select! {
                     r = l.accept() => match r {
-                        Ok((s, _)) => spawn_conn(&inner, s),
+                        Ok((s, _)) => {
+                            let _ = socket2::SockRef::from(&s).set_send_buffer_size(UNIX_SNDBUF);
+                            spawn_conn(&inner, s)
+                        }
                         Err(e) => { warn!("nbd: accept: {e}"); tokio::time::sleep(std::time::Duration::from_millis(20)).await; }
                     },
                     _ = stop.changed() => break,
@@ -597,10 +605,224 @@ struct Conn {
     extended: bool,
     meta: bool,
     max_payload: u32,
+    /// Read reply buffers, kept between requests.
+    pool: Arc<Pool>,
+    /// A range the store last reported as data (no hole of 4 KiB or more): reads inside it
+    /// skip the extents query. Only data is remembered: if it has become zero since, the read
+    /// sends the zeros as data, which is still right, whereas a remembered hole could hide
+    /// data written since.
+    data_hint: parking_lot::Mutex<(u64, u64)>,
 }
 
 /// Reply batches smaller than this are collected and written together.
 const BATCH: usize = 64 * 1024;
+
+/// Send buffer asked for on unix sockets. The default (208 KiB) is smaller than one 256 KiB
+/// read reply, so every such reply would wait for the client to drain the socket half-way.
+/// Linux caps it at `net.core.wmem_max`. (TCP sockets keep the kernel's auto-tuning.)
+const UNIX_SNDBUF: usize = 4 << 20;
+
+/// A reply ready to be written.
+enum Reply {
+    Buf(BytesMut),
+    Pooled(PoolBuf),
+}
+
+impl From<BytesMut> for Reply {
+    fn from(b: BytesMut) -> Self {
+        Reply::Buf(b)
+    }
+}
+
+impl std::ops::Deref for Reply {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Reply::Buf(b) => b,
+            Reply::Pooled(p) => p,
+        }
+    }
+}
+
+/// Buffers kept per connection for read replies. They stay initialised, so a read neither
+/// zeroes its buffer nor faults fresh pages in: the store overwrites the bytes it returns.
+#[derive(Default)]
+struct Pool {
+    free: parking_lot::Mutex<Vec<Vec<u8>>>,
+}
+
+/// Buffers kept in one connection's pool.
+const POOL_KEEP: usize = 4;
+/// Larger buffers are not kept.
+const POOL_MAX_BUF: usize = (4 << 20) + 64;
+
+impl Pool {
+    /// A buffer of `len` initialised bytes (whatever they hold).
+    fn get(self: &Arc<Self>, len: usize) -> PoolBuf {
+        if len > POOL_MAX_BUF {
+            return PoolBuf {
+                buf: vec![0; len],
+                len,
+                pool: None,
+            };
+        }
+        let mut buf = self.free.lock().pop().unwrap_or_default();
+        if buf.len() < len {
+            // Only the growth is zeroed, once per buffer.
+            buf.resize(len, 0);
+        }
+        PoolBuf {
+            buf,
+            len,
+            pool: Some(self.clone()),
+        }
+    }
+}
+
+/// A buffer from a [`Pool`]; it goes back when dropped.
+struct PoolBuf {
+    buf: Vec<u8>,
+    len: usize,
+    pool: Option<Arc<Pool>>,
+}
+
+impl std::ops::Deref for PoolBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for PoolBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[..self.len]
+    }
+}
+
+impl Drop for PoolBuf {
+    fn drop(&mut self) {
+        if let Some(p) = self.pool.take() {
+            let mut free = p.free.lock();
+            if free.len() < POOL_KEEP {
+                free.push(std::mem::take(&mut self.buf));
+            }
+        }
+    }
+}
+
+/// Write payloads at least this long are read from the socket straight into their own
+/// buffer; shorter ones are copied out of the connection's read buffer (which batches many
+/// small requests into one read).
+const DIRECT_MIN: usize = 16 * 1024;
+/// How much the connection's read buffer asks for at once.
+const RX_CHUNK: usize = 64 * 1024;
+/// What it asks for right after a large write, when the next bytes are most likely a header
+/// followed by another large payload that should not be copied through this buffer.
+const RX_SMALL: usize = 1024;
+/// A direct payload read also takes up to this many bytes beyond the payload (usually the
+/// next request's header), saving one read call per request; they are moved to the read
+/// buffer.
+const RX_EXTRA: usize = 512;
+
+/// The read half of a connection with a small buffer for request headers and short payloads.
+struct Rx<R> {
+    r: R,
+    buf: BytesMut,
+    /// Ask for [`RX_SMALL`] bytes only on the next refill.
+    small: bool,
+}
+
+impl<R: AsyncRead + Unpin> Rx<R> {
+    fn new(r: R) -> Self {
+        Rx {
+            r,
+            buf: BytesMut::with_capacity(RX_CHUNK),
+            small: false,
+        }
+    }
+
+    fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Read once into the buffer (at least one byte, or an error).
+    async fn refill(&mut self, at_least: usize) -> io::Result<()> {
+        let want = if std::mem::take(&mut self.small) {
+            RX_SMALL
+        } else {
+            RX_CHUNK
+        }
+        .max(at_least);
+        self.buf.reserve(want);
+        let n = (&mut self.r)
+            .take(want as u64)
+            .read_buf(&mut self.buf)
+            .await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(())
+    }
+
+    /// Buffer at least `n` bytes.
+    async fn fill(&mut self, n: usize) -> io::Result<()> {
+        while self.buf.len() < n {
+            self.refill(n - self.buf.len()).await?;
+        }
+        Ok(())
+    }
+
+    /// The next `len` bytes as a buffer of their own.
+    async fn payload(&mut self, len: usize) -> io::Result<Bytes> {
+        let have = self.buf.len().min(len);
+        if have == len {
+            // A copy of its own: a store that keeps the bytes must not pin the read buffer.
+            let p = Bytes::copy_from_slice(&self.buf[..len]);
+            self.buf.advance(len);
+            return Ok(p);
+        }
+        let mut p = BytesMut::with_capacity(len + RX_EXTRA);
+        p.extend_from_slice(&self.buf[..have]);
+        self.buf.advance(have);
+        while p.len() < len {
+            let want = len - p.len();
+            if want < DIRECT_MIN {
+                self.refill(0).await?;
+                let k = want.min(self.buf.len());
+                p.extend_from_slice(&self.buf[..k]);
+                self.buf.advance(k);
+            } else {
+                // The read buffer is empty here, so bytes read past the payload go to it in
+                // order.
+                let n = (&mut self.r)
+                    .take((want + RX_EXTRA) as u64)
+                    .read_buf(&mut p)
+                    .await?;
+                if n == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+        }
+        if p.len() > len {
+            self.buf.extend_from_slice(&p[len..]);
+            p.truncate(len);
+        }
+        self.small = len >= DIRECT_MIN && self.buf.len() < RX_SMALL;
+        Ok(p.freeze())
+    }
+
+    /// Discard the next `n` bytes.
+    async fn skip(&mut self, n: u64) -> io::Result<()> {
+        let have = (self.buf.len() as u64).min(n) as usize;
+        self.buf.advance(have);
+        let left = n - have as u64;
+        let got = tokio::io::copy(&mut (&mut self.r).take(left), &mut tokio::io::sink()).await?;
+        if got != left {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(())
+    }
+}
 
 async fn transmission<S: Transport>(inner: Arc<Inner>, s: S, neg: Negotiated, export: usize) {
     let e = &inner.cfg.exports[export];
@@ -614,9 +836,11 @@ async fn transmission<S: Transport>(inner: Arc<Inner>, s: S, neg: Negotiated, ex
         extended: neg.extended,
         meta: neg.meta.is_some(),
         max_payload: inner.cfg.max_payload,
+        pool: Arc::default(),
+        data_hint: parking_lot::Mutex::new((0, 0)),
     });
     let (r, w) = s.halves();
-    let mut rd = BufReader::with_capacity(256 * 1024, r);
+    let mut rx = Rx::new(r);
     let w = Arc::new(Mutex::new(w));
     let max_in_flight = inner.cfg.max_in_flight.max(1);
     let sem = Arc::new(Semaphore::new(max_in_flight));
@@ -629,26 +853,31 @@ async fn transmission<S: Transport>(inner: Arc<Inner>, s: S, neg: Negotiated, ex
     let mut pending = BytesMut::with_capacity(BATCH);
     let mut hdr = [0u8; EXTENDED_REQUEST_LEN];
     loop {
-        if rd.buffer().len() < hlen && !pending.is_empty() {
-            if write_reply(&w, &pending).await.is_err() {
-                break;
+        if rx.buffered() < hlen {
+            // About to wait for the client: send what is ready first.
+            if !pending.is_empty() {
+                if write_reply(&w, &pending).await.is_err() {
+                    break;
+                }
+                pending.clear();
             }
-            pending.clear();
+            let got = if rx.buffered() == 0 {
+                if *stop.borrow() {
+                    break;
+                }
+                tokio::select! {
+                    r = rx.fill(hlen) => r,
+                    _ = stop.changed() => break,
+                }
+            } else {
+                rx.fill(hlen).await
+            };
+            if got.is_err() {
+                break; // EOF or a truncated header: this connection ends
+            }
         }
-        let got = if rd.buffer().is_empty() {
-            if *stop.borrow() {
-                break;
-            }
-            tokio::select! {
-                r = rd.read_exact(&mut hdr[..hlen]) => r,
-                _ = stop.changed() => break,
-            }
-        } else {
-            rd.read_exact(&mut hdr[..hlen]).await
-        };
-        if got.is_err() {
-            break; // EOF or a truncated header: this connection ends
-        }
+        hdr[..hlen].copy_from_slice(&rx.buf[..hlen]);
+        rx.buf.advance(hlen);
         let req = match parse_request(&hdr[..hlen], conn.extended) {
             Ok(r) => r,
             Err(e) => {
@@ -663,39 +892,29 @@ async fn transmission<S: Transport>(inner: Arc<Inner>, s: S, neg: Negotiated, ex
         if req.typ == CMD_WRITE {
             if req.len > conn.max_payload.into() {
                 // Skip the payload and fail the request, unless it is absurd.
-                if req.len > u32::MAX.into() {
-                    break;
-                }
-                let skipped =
-                    tokio::io::copy(&mut (&mut rd).take(req.len), &mut tokio::io::sink()).await;
-                if skipped.ok() != Some(req.len) {
+                if req.len > u32::MAX.into() || rx.skip(req.len).await.is_err() {
                     break;
                 }
                 let rep = conn.error(&req, EOVERFLOW, "write larger than the maximum block size");
                 pending.extend_from_slice(&rep);
                 continue;
             }
-            let mut buf = BytesMut::with_capacity(req.len as usize);
-            let mut limited = (&mut rd).take(req.len);
-            let mut ok = true;
-            while buf.len() < req.len as usize {
-                match limited.read_buf(&mut buf).await {
-                    Ok(0) | Err(_) => {
-                        ok = false;
-                        break;
-                    }
-                    Ok(_) => {}
+            let len = req.len as usize;
+            if rx.buffered() < len && !pending.is_empty() {
+                if write_reply(&w, &pending).await.is_err() {
+                    break;
                 }
+                pending.clear();
             }
-            if !ok {
-                break;
+            match rx.payload(len).await {
+                Ok(p) => payload = Some(p),
+                Err(_) => break,
             }
-            payload = Some(buf.freeze());
         }
         let Ok(permit) = sem.clone().acquire_owned().await else {
             break;
         };
-        let mut fut: Pin<Box<dyn Future<Output = BytesMut> + Send>> =
+        let mut fut: Pin<Box<dyn Future<Output = Reply> + Send>> =
             Box::pin(handle(conn.clone(), req, payload));
         match poll_once(fut.as_mut()) {
             Poll::Ready(rep) => {
@@ -742,7 +961,7 @@ async fn transmission<S: Transport>(inner: Arc<Inner>, s: S, neg: Negotiated, ex
 
 /// Poll a future once without a task context: a store that answers without waiting is
 /// served right here, with no task hop.
-fn poll_once(f: Pin<&mut (dyn Future<Output = BytesMut> + Send)>) -> Poll<BytesMut> {
+fn poll_once(f: Pin<&mut (dyn Future<Output = Reply> + Send)>) -> Poll<Reply> {
     f.poll(&mut Context::from_waker(Waker::noop()))
 }
 
@@ -818,24 +1037,33 @@ fn allowed_flags(c: &Conn, typ: u16) -> u16 {
     }
 }
 
-async fn handle(c: Arc<Conn>, req: Request, payload: Option<Bytes>) -> BytesMut {
-    if req.flags & !allowed_flags(&c, req.typ) != 0 {
+async fn handle(c: Arc<Conn>, req: Request, payload: Option<Bytes>) -> Reply {
+    if req.typ == CMD_READ && req.flags & !allowed_flags(&c, req.typ) == 0 {
+        if req.len > c.max_payload.into() {
+            return c
+                .error(&req, EOVERFLOW, "read larger than the maximum block size")
+                .into();
+        }
+        if !c.in_range(&req) {
+            return c
+                .error(&req, EINVAL, "read beyond the end of the export")
+                .into();
+        }
+        if req.len == 0 {
+            return c.ok(&req).into();
+        }
+        return read(&c, &req).await;
+    }
+    handle_other(&c, req, payload).await.into()
+}
+
+/// Every command but a valid READ.
+async fn handle_other(c: &Conn, req: Request, payload: Option<Bytes>) -> BytesMut {
+    if req.flags & !allowed_flags(c, req.typ) != 0 {
         return c.error(&req, EINVAL, "flag not valid for this command");
     }
     let fua = req.flags & CMD_FLAG_FUA != 0;
     match req.typ {
-        CMD_READ => {
-            if req.len > c.max_payload.into() {
-                return c.error(&req, EOVERFLOW, "read larger than the maximum block size");
-            }
-            if !c.in_range(&req) {
-                return c.error(&req, EINVAL, "read beyond the end of the export");
-            }
-            if req.len == 0 {
-                return c.ok(&req);
-            }
-            read(&c, &req).await
-        }
         CMD_WRITE => {
             if c.read_only {
                 return c.error(&req, EPERM, "export is read-only");
@@ -849,9 +1077,9 @@ async fn handle(c: Arc<Conn>, req: Request, payload: Option<Bytes>) -> BytesMut 
             {
                 return c.store_error(&req, &e);
             }
-            finish(&c, &req, fua).await
+            finish(c, &req, fua).await
         }
-        CMD_FLUSH => finish(&c, &req, true).await,
+        CMD_FLUSH => finish(c, &req, true).await,
         CMD_TRIM => {
             if c.read_only {
                 return c.error(&req, EPERM, "export is read-only");
@@ -867,7 +1095,7 @@ async fn handle(c: Arc<Conn>, req: Request, payload: Option<Bytes>) -> BytesMut 
             {
                 return c.store_error(&req, &e);
             }
-            finish(&c, &req, fua).await
+            finish(c, &req, fua).await
         }
         CMD_WRITE_ZEROES => {
             if c.read_only {
@@ -884,14 +1112,14 @@ async fn handle(c: Arc<Conn>, req: Request, payload: Option<Bytes>) -> BytesMut 
             let r = if req.len == 0 {
                 Ok(())
             } else if no_hole {
-                write_zero_buffers(&c, req.offset, req.len).await
+                write_zero_buffers(c, req.offset, req.len).await
             } else {
                 c.store.write_zeroes(req.offset, req.len).await
             };
             if let Err(e) = r {
                 return c.store_error(&req, &e);
             }
-            finish(&c, &req, fua).await
+            finish(c, &req, fua).await
         }
         CMD_CACHE => {
             if !c.in_range(&req) {
@@ -899,7 +1127,7 @@ async fn handle(c: Arc<Conn>, req: Request, payload: Option<Bytes>) -> BytesMut 
             }
             c.ok(&req)
         }
-        CMD_BLOCK_STATUS => block_status(&c, &req).await,
+        CMD_BLOCK_STATUS => block_status(c, &req).await,
         _ => c.error(&req, EINVAL, "unknown command"),
     }
 }
@@ -928,40 +1156,79 @@ async fn write_zero_buffers(c: &Conn, offset: u64, len: u64) -> memsync_core::Re
 /// for their zero ranges.
 const SPARSE_READ_MIN: u64 = 64 * 1024;
 
-async fn read(c: &Conn, req: &Request) -> BytesMut {
-    let df = req.flags & CMD_FLAG_DF != 0;
-    let len = req.len as usize;
-    if !c.structured {
-        let mut b = BytesMut::with_capacity(SIMPLE_REPLY_LEN + len);
-        encode_simple_reply(&mut b, 0, req.cookie);
-        b.resize(SIMPLE_REPLY_LEN + len, 0);
-        return match c.store.read(req.offset, &mut b[SIMPLE_REPLY_LEN..]).await {
-            Ok(()) => b,
-            Err(e) => c.store_error(req, &e),
-        };
-    }
-    // Pieces of the request: (offset, len, is_hole).
+/// How far ahead of a read the store's extents are asked for, so that a sequential reader
+/// through data costs one extents query per this many bytes (see `Conn::data_hint`).
+const EXTENT_WINDOW: u64 = 8 << 20;
+
+/// Pieces of a structured read: `(offset, len, is_hole)`. Empty means one data piece.
+async fn sparse_pieces(c: &Conn, req: &Request) -> Vec<(u64, u64, bool)> {
     let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
-    if c.caps.extents && !df && req.len >= SPARSE_READ_MIN {
-        match c.store.extents(req.offset, req.len).await {
-            Ok(ex) => {
-                for e in ex {
-                    let hole = e.kind.reads_zero() && e.len >= 4096;
-                    match pieces.last_mut() {
-                        Some(last) if last.2 == hole && last.0 + last.1 == e.offset => {
-                            last.1 += e.len
-                        }
-                        _ => pieces.push((e.offset, e.len, hole)),
-                    }
-                }
-                let covered: u64 = pieces.iter().map(|p| p.1).sum();
-                if covered != req.len || pieces.first().map(|p| p.0) != Some(req.offset) {
-                    pieces.clear();
-                }
-            }
-            Err(_) => pieces.clear(),
+    if !c.caps.extents || req.flags & CMD_FLAG_DF != 0 || req.len < SPARSE_READ_MIN {
+        return pieces;
+    }
+    let end = req.offset + req.len;
+    {
+        let h = c.data_hint.lock();
+        if h.0 <= req.offset && end <= h.1 {
+            return pieces;
         }
     }
+    let qlen = req.len.max(EXTENT_WINDOW).min(c.size - req.offset);
+    let Ok(ex) = c.store.extents(req.offset, qlen).await else {
+        return pieces;
+    };
+    let mut pos = req.offset;
+    // End of the run of data from the request's offset.
+    let mut data_end = Some(req.offset);
+    for e in ex {
+        if e.offset != pos || e.len == 0 {
+            break;
+        }
+        let hole = e.kind.reads_zero() && e.len >= 4096;
+        if hole {
+            data_end = None;
+        } else if let Some(d) = data_end.as_mut() {
+            *d = e.offset + e.len;
+        }
+        if pos < end {
+            let plen = e.len.min(end - pos);
+            match pieces.last_mut() {
+                Some(last) if last.2 == hole => last.1 += plen,
+                _ => pieces.push((pos, plen, hole)),
+            }
+        }
+        pos += e.len;
+        if pos >= end && data_end.is_none() {
+            break;
+        }
+    }
+    if pos < end {
+        // The extents do not cover the request: read it all as data.
+        pieces.clear();
+        return pieces;
+    }
+    if let Some(d) = data_end
+        && d >= end
+    {
+        *c.data_hint.lock() = (req.offset, d);
+    }
+    if pieces.len() == 1 && !pieces[0].2 {
+        pieces.clear();
+    }
+    pieces
+}
+
+async fn read(c: &Conn, req: &Request) -> Reply {
+    let len = req.len as usize;
+    if !c.structured {
+        let mut b = c.pool.get(SIMPLE_REPLY_LEN + len);
+        encode_simple_reply(&mut &mut b[..SIMPLE_REPLY_LEN], 0, req.cookie);
+        return match c.store.read(req.offset, &mut b[SIMPLE_REPLY_LEN..]).await {
+            Ok(()) => Reply::Pooled(b),
+            Err(e) => c.store_error(req, &e).into(),
+        };
+    }
+    let mut pieces = sparse_pieces(c, req).await;
     if pieces.is_empty() {
         pieces.push((req.offset, req.len, false));
     }
@@ -970,40 +1237,37 @@ async fn read(c: &Conn, req: &Request) -> BytesMut {
     } else {
         STRUCTURED_REPLY_LEN
     };
-    let data_bytes: u64 = pieces.iter().filter(|p| !p.2).map(|p| p.1).sum();
-    let mut b = BytesMut::with_capacity(pieces.len() * (hlen + 12) + data_bytes as usize);
+    let total: usize = pieces
+        .iter()
+        .map(|p| hlen + if p.2 { 12 } else { 8 + p.1 as usize })
+        .sum();
+    let mut b = c.pool.get(total);
+    let mut at = 0;
     let n = pieces.len();
     for (i, &(off, plen, hole)) in pieces.iter().enumerate() {
         let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
-        if hole {
-            encode_chunk_header(
-                &mut b,
-                c.ext_off(req),
-                flags,
-                REPLY_TYPE_OFFSET_HOLE,
-                req.cookie,
-                12,
-            );
-            b.put_u64(off);
-            b.put_u32(plen as u32);
+        let (typ, clen) = if hole {
+            (REPLY_TYPE_OFFSET_HOLE, 12)
         } else {
-            encode_chunk_header(
-                &mut b,
-                c.ext_off(req),
-                flags,
-                REPLY_TYPE_OFFSET_DATA,
-                req.cookie,
-                8 + plen,
-            );
-            b.put_u64(off);
-            let start = b.len();
-            b.resize(start + plen as usize, 0);
-            if let Err(e) = c.store.read(off, &mut b[start..]).await {
-                return c.store_error(req, &e);
+            (REPLY_TYPE_OFFSET_DATA, 8 + plen)
+        };
+        let mut h = &mut b[at..at + hlen + 8];
+        encode_chunk_header(&mut h, c.ext_off(req), flags, typ, req.cookie, clen);
+        h.put_u64(off);
+        at += hlen + 8;
+        if hole {
+            b[at..at + 4].copy_from_slice(&(plen as u32).to_be_bytes());
+            at += 4;
+        } else {
+            let data = &mut b[at..at + plen as usize];
+            if let Err(e) = c.store.read(off, data).await {
+                return c.store_error(req, &e).into();
             }
+            at += plen as usize;
         }
     }
-    b
+    debug_assert_eq!(at, total);
+    Reply::Pooled(b)
 }
 
 /// Most descriptors in one block status reply.

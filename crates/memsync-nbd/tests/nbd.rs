@@ -1031,3 +1031,41 @@ async fn limits_and_graceful_shutdown() {
         "still accepting after shutdown"
     );
 }
+
+/// The server remembers where the store last reported data, to skip the extents query on
+/// sequential reads. Only data is remembered: a range trimmed since must read as zeros, and a
+/// hole written since (through the store directly, as another connection would) must read as
+/// the new data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_see_trims_and_writes_after_cached_extents() {
+    let size = 32u64 << 20;
+    let (s, store) = start_mem(size).await;
+    let data = random(11, 16 << 20);
+    store.write(0, Bytes::from(data.clone())).await.unwrap();
+    let mut c = ClientConfig::new(NbdAddr::Unix(s.sock.clone()), "");
+    c.connections = 1;
+    let c = NbdStore::connect(c).await.unwrap();
+    let mut buf = vec![0xffu8; 256 << 10];
+    // Data: remembered.
+    c.read(0, &mut buf).await.unwrap();
+    assert!(buf[..] == data[..256 << 10]);
+    // Trim inside the remembered range, on the store itself.
+    store.trim(64 << 10, 64 << 10).await.unwrap();
+    c.read(0, &mut buf).await.unwrap();
+    assert!(buf[..64 << 10] == data[..64 << 10]);
+    assert!(buf[64 << 10..128 << 10].iter().all(|&b| b == 0));
+    assert!(buf[128 << 10..] == data[128 << 10..256 << 10]);
+    // A hole, then data written into it.
+    let at = 20u64 << 20;
+    c.read(at, &mut buf).await.unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    store
+        .write(at + 4096, Bytes::from(data[..128 << 10].to_vec()))
+        .await
+        .unwrap();
+    buf.fill(0xff);
+    c.read(at, &mut buf).await.unwrap();
+    assert!(buf[..4096].iter().all(|&b| b == 0));
+    assert!(buf[4096..4096 + (128 << 10)] == data[..128 << 10]);
+    assert!(buf[4096 + (128 << 10)..].iter().all(|&b| b == 0));
+}

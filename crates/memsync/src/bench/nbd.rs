@@ -172,21 +172,23 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
         ("unix", &t.memsync_unix, &t.nbdkit_unix),
     ] {
         let case = format!("write {transport}");
-        let m = b.measure(&case, "memsync", "throughput", "GB/s", || {
-            Ok(gb(nbdcopy(&[&src_s, ms])?))
-        })?;
-        let k = b.measure(&case, "nbdkit", "throughput", "GB/s", || {
-            Ok(gb(nbdcopy(&[&src_s, kit])?))
-        })?;
-        b.ratio(&case, "nbdkit", "GB/s", m, k);
+        measure_pair(
+            b,
+            &case,
+            ("memsync", "nbdkit"),
+            ("throughput", "GB/s"),
+            || Ok(gb(nbdcopy(&[&src_s, ms])?)),
+            || Ok(gb(nbdcopy(&[&src_s, kit])?)),
+        )?;
         let case = format!("read {transport}");
-        let m = b.measure(&case, "memsync", "throughput", "GB/s", || {
-            Ok(gb(nbdcopy(&[ms, "null:"])?))
-        })?;
-        let k = b.measure(&case, "nbdkit", "throughput", "GB/s", || {
-            Ok(gb(nbdcopy(&[kit, "null:"])?))
-        })?;
-        b.ratio(&case, "nbdkit", "GB/s", m, k);
+        measure_pair(
+            b,
+            &case,
+            ("memsync", "nbdkit"),
+            ("throughput", "GB/s"),
+            || Ok(gb(nbdcopy(&[ms, "null:"])?)),
+            || Ok(gb(nbdcopy(&[kit, "null:"])?)),
+        )?;
     }
     // One 4 KiB request in flight, on small exports of their own (nbdcopy copies whole
     // exports); --no-extents makes every request a real read.
@@ -224,9 +226,14 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
             ])?;
             Ok(el.as_secs_f64() * 1e6 / n as f64)
         };
-        let m = b.measure(&case, "memsync", "latency", "us", || lat(ms))?;
-        let k = b.measure(&case, "nbdkit", "latency", "us", || lat(kit))?;
-        b.ratio(&case, "nbdkit", "us", m, k);
+        measure_pair(
+            b,
+            &case,
+            ("memsync", "nbdkit"),
+            ("latency", "us"),
+            || lat(ms),
+            || lat(kit),
+        )?;
     }
     // The memsync client reading the nbdkit export, against nbdcopy doing the same.
     let case = "client-read tcp";
@@ -241,7 +248,7 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
     const PIECE: u64 = 2 << 20;
     const READERS: u64 = 32;
     let mut bufs: Vec<Vec<u8>> = (0..READERS).map(|_| vec![1u8; PIECE as usize]).collect();
-    let m = b.measure(case, "memsync-client", "throughput", "GB/s", || {
+    let client = || {
         let s = store.clone();
         let mine = std::mem::take(&mut bufs);
         let (el, back) = ctx.rt.block_on(async move {
@@ -264,12 +271,45 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
         })?;
         bufs = back;
         Ok(gb(el))
-    })?;
-    let k = b.measure(case, "nbdcopy", "throughput", "GB/s", || {
-        Ok(gb(nbdcopy(&[&t.nbdkit_tcp, "null:"])?))
-    })?;
-    b.ratio(case, "nbdcopy", "GB/s", m, k);
+    };
+    measure_pair(
+        b,
+        case,
+        ("memsync-client", "nbdcopy"),
+        ("throughput", "GB/s"),
+        client,
+        || Ok(gb(nbdcopy(&[&t.nbdkit_tcp, "null:"])?)),
+    )?;
     Ok(())
+}
+
+/// Measure memsync and its peer alternately (in the order m k, k m, m k, ...), so that a load
+/// change on this shared machine hits both alike, then record both and their ratio. Measuring
+/// all of one subject's runs before the other's turned a load change during the case into a
+/// difference between the subjects.
+fn measure_pair(
+    b: &mut Bench,
+    case: &str,
+    (subject, peer): (&str, &str),
+    (metric, unit): (&str, &str),
+    mut fm: impl FnMut() -> Result<f64>,
+    mut fk: impl FnMut() -> Result<f64>,
+) -> Result<(f64, f64)> {
+    let n = b.config.runs();
+    let (mut ms, mut ks) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 0..n {
+        if i % 2 == 0 {
+            ms.push(fm()?);
+            ks.push(fk()?);
+        } else {
+            ks.push(fk()?);
+            ms.push(fm()?);
+        }
+    }
+    let m = b.record(case, subject, metric, unit, &ms);
+    let k = b.record(case, peer, metric, unit, &ks);
+    b.ratio(case, peer, unit, m, k);
+    Ok((m, k))
 }
 
 fn tempfile_dir(base: &Path) -> Result<TempDir> {
