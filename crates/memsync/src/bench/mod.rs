@@ -194,6 +194,34 @@ pub fn gbps(bytes: u64, elapsed: Duration) -> f64 {
     bytes as f64 / elapsed.as_secs_f64() / 1e9
 }
 
+/// A child process (a server or peer) killed and reaped on drop.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Wait (up to 10 s) until something accepts connections on 127.0.0.1:`port`.
+pub fn wait_tcp(port: u16) -> anyhow::Result<()> {
+    for _ in 0..1000 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    anyhow::bail!("nothing listens on port {port}")
+}
+
 /// The suites `memsync bench` knows.
 pub const SUITES: &[(&str, &str)] = &[
     (

@@ -17,7 +17,7 @@
 use std::io::Read as _;
 use std::os::fd::AsFd;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,7 @@ use memsync_core::DynStore;
 use memsync_region::{LazyRegion, RegionConfig};
 use rand::{Rng, RngCore, SeedableRng};
 
-use super::{Bench, gbps};
+use super::{Bench, Proc, free_port, gbps, wait_tcp};
 use crate::cmd::Context;
 use crate::mount::reconnecting;
 
@@ -40,31 +40,6 @@ fn r3map_managed(rtt_ms: u64) -> f64 {
         10 => 1.0,
         _ => 1.13,
     }
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn wait_tcp(port: u16) -> Result<()> {
-    for _ in 0..1000 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    bail!("nothing listens on port {port}")
 }
 
 fn spawn_self(args: &[&str]) -> Result<Proc> {

@@ -9,40 +9,14 @@
 //!   same export to `null:` (GB/s).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use rand::{RngCore, SeedableRng};
 
-use super::{Bench, gbps};
+use super::{Bench, Proc, free_port, gbps, wait_tcp};
 use crate::cmd::Context;
-
-/// A server process, killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn wait_tcp(port: u16) -> Result<()> {
-    for _ in 0..500 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    bail!("nothing listens on port {port}")
-}
 
 fn wait_unix(p: &Path) -> Result<()> {
     for _ in 0..500 {
