@@ -187,6 +187,23 @@ impl StoreUrl {
         }
     }
 
+    /// A query parameter parsed as a count from 1 to `max`; `default` when absent.
+    pub fn count_param(&self, key: &str, default: usize, max: usize) -> Result<usize> {
+        match self.param(key) {
+            None => Ok(default),
+            Some(v) => v
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=max).contains(n))
+                .ok_or_else(|| {
+                    self.error(
+                        &format!("query parameter {key:?}"),
+                        format!("{v:?} must be a number from 1 to {max}"),
+                    )
+                }),
+        }
+    }
+
     /// A query parameter parsed as a boolean (`true/false/1/0/yes/no`, empty = true).
     pub fn bool_param(&self, key: &str) -> Result<Option<bool>> {
         match self.param(key) {
@@ -320,6 +337,13 @@ mod tests {
         assert!(e.to_string().contains("\"size\""), "{e}");
         let e = StoreUrl::parse("file:/x%zz").unwrap_err().to_string();
         assert!(e.contains("path"), "{e}");
+        let u = StoreUrl::parse("redis://h?conns=0&pipeline=7").unwrap();
+        let e = u.count_param("conns", 4, 256).unwrap_err().to_string();
+        assert!(e.contains("\"conns\"") && e.contains("1 to 256"), "{e}");
+        assert_eq!(u.count_param("pipeline", 32, 4096).unwrap(), 7);
+        assert_eq!(u.count_param("absent", 32, 4096).unwrap(), 32);
+        let big = StoreUrl::parse("x:y?n=99999999999999999999999").unwrap();
+        assert!(big.count_param("n", 1, 9).is_err());
         let e = StoreUrl::parse("dir:/x?chunck=4K")
             .unwrap()
             .ensure_params(&["chunk"])

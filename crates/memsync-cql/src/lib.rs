@@ -114,21 +114,7 @@ impl CqlConfig {
                 format!("{chunk} must be between 1 and {MAX_CHUNK} bytes"),
             ));
         }
-        let num = |k: &str, d: usize, max: usize| -> Result<usize> {
-            match u.param(k) {
-                None => Ok(d),
-                Some(v) => v
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=max).contains(n))
-                    .ok_or_else(|| {
-                        u.error(
-                            &format!("query parameter {k:?}"),
-                            format!("{v:?} must be 1 to {max}"),
-                        )
-                    }),
-            }
-        };
+        let num = |k: &str, d: usize, max: usize| u.count_param(k, d, max);
         let replication = num("replication", 1, 32)? as u32;
         let conns = num("conns", 64, 4096)?;
         let timeout = match u.param("timeout") {

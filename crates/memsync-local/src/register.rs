@@ -93,15 +93,7 @@ async fn open_file(url: StoreUrl) -> Result<DynStore> {
 async fn open_dir(url: StoreUrl) -> Result<DynStore> {
     url.ensure_params(&["size", "chunk", "max_open"])?;
     let path = path_of(&url)?;
-    let max_open = match url.param("max_open") {
-        None => DirStore::DEFAULT_MAX_OPEN,
-        Some(v) => v.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| {
-            url.error(
-                "query parameter \"max_open\"",
-                format!("{v:?} is not a positive integer"),
-            )
-        })?,
-    };
+    let max_open = url.count_param("max_open", DirStore::DEFAULT_MAX_OPEN, 1 << 20)?;
     let opts = DirOptions {
         size: url.size_param("size")?,
         chunk_size: url.size_param("chunk")?,

@@ -1324,18 +1324,7 @@ pub fn config_from_url(url: &StoreUrl) -> Result<ClientConfig> {
         NbdAddr::Tcp { host, port }
     };
     let mut cfg = ClientConfig::new(addr, export);
-    if let Some(n) = url.param("connections") {
-        cfg.connections = n
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=64).contains(n))
-            .ok_or_else(|| {
-                url.error(
-                    "query parameter \"connections\"",
-                    format!("{n:?} is not a number from 1 to 64"),
-                )
-            })?;
-    }
+    cfg.connections = url.count_param("connections", cfg.connections, 64)?;
     if tls {
         let ca = match (url.param("tls-ca"), url.param("tls-certificates")) {
             (Some(f), _) => PathBuf::from(f),

@@ -190,21 +190,7 @@ impl RedisConfig {
         if prefix.is_empty() || prefix.len() > 256 {
             return Err(u.error("query parameter \"prefix\"", "must be 1 to 256 characters"));
         }
-        let num = |k: &str, d: usize, max: usize| -> Result<usize> {
-            match u.param(k) {
-                None => Ok(d),
-                Some(v) => v
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=max).contains(n))
-                    .ok_or_else(|| {
-                        u.error(
-                            &format!("query parameter {k:?}"),
-                            format!("{v:?} must be a number from 1 to {max}"),
-                        )
-                    }),
-            }
-        };
+        let num = |k: &str, d: usize, max: usize| u.count_param(k, d, max);
         let conns = num("conns", 4, 256)?;
         let pipeline = num("pipeline", 32, 4096)?;
         let timeout = match u.param("timeout") {

@@ -172,19 +172,7 @@ impl S3Config {
                 format!("{chunk} must be between 1 byte and 1 GiB"),
             ));
         }
-        let conns = match u.param("conns") {
-            None => DEFAULT_CONNS,
-            Some(v) => v
-                .parse::<usize>()
-                .ok()
-                .filter(|n| (1..=1024).contains(n))
-                .ok_or_else(|| {
-                    u.error(
-                        "query parameter \"conns\"",
-                        format!("{v:?} must be 1 to 1024"),
-                    )
-                })?,
-        };
+        let conns = u.count_param("conns", DEFAULT_CONNS, 1024)?;
         let timeout = match u.param("timeout") {
             None => Duration::from_secs(30),
             Some(v) => parse_duration(v).map_err(|e| u.error("query parameter \"timeout\"", e))?,
