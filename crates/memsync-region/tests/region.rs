@@ -5,10 +5,11 @@
 //! Multi-process tests re-execute this test binary with `--exact NAME` and
 //! an environment variable naming the child part. Every wait is bounded.
 
+use memsync_testkit::child::{self, TempDir, describe};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -96,59 +97,16 @@ fn assert_same(region: &LazyRegion, data: &[u8]) {
 }
 
 fn is_child(name: &str) -> bool {
-    std::env::var(CHILD_ENV).is_ok_and(|v| v == name)
+    child::is_child(CHILD_ENV, name)
 }
 
 /// Re-executes `exe` running only `test` as the child part `test`, with a
 /// bounded wait.
 fn run_child(exe: &Path, test: &str, setup: impl FnOnce(&mut Command)) -> Output {
-    let mut cmd = Command::new(exe);
-    cmd.args(["--exact", test, "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, test)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    setup(&mut cmd);
-    let child = cmd.spawn().expect("spawning the test binary");
-    let rx = spawn(move || child.wait_with_output());
-    match rx.recv_timeout(WAIT) {
-        Ok(out) => out.expect("waiting for the child"),
-        Err(_) => panic!("child part {test} did not finish within {WAIT:?}"),
-    }
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "status: {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "memsync-region-{tag}-{}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    child::run_test_binary(exe, test, WAIT, |cmd| {
+        cmd.env(CHILD_ENV, test);
+        setup(cmd);
+    })
 }
 
 // ---------------------------------------------------------------------------

@@ -8,12 +8,13 @@
 //! hanging it. A test whose kernel feature is missing prints `skipped: ...`
 //! and passes.
 
+use memsync_testkit::child::{self, TempDir, describe};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
@@ -138,62 +139,12 @@ fn page_down(addr: usize) -> usize {
 
 /// Whether this process runs the child part `name` of a multi-process test.
 fn is_child(name: &str) -> bool {
-    std::env::var("MEMSYNC_SYS_CHILD").is_ok_and(|v| v == name)
+    child::is_child("MEMSYNC_SYS_CHILD", name)
 }
 
 /// Re-executes `exe` running only `test`, with a bounded wait.
 fn run_test_process(exe: &Path, test: &str, cmd_setup: impl FnOnce(&mut Command)) -> Output {
-    let mut cmd = Command::new(exe);
-    cmd.args(["--exact", test, "--nocapture", "--test-threads=1"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd_setup(&mut cmd);
-    let child = cmd.spawn().expect("spawning the test binary");
-    let pid = child.id();
-    let rx = spawn(move || child.wait_with_output());
-    match rx.recv_timeout(WAIT) {
-        Ok(out) => out.expect("waiting for the child"),
-        Err(_) => {
-            let pid = libc::pid_t::try_from(pid).unwrap();
-            // SAFETY: kill(2) only sends a signal; `pid` is our own child,
-            // which has not been reaped yet (its waiter has not returned).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            panic!("child test {test} did not finish within {WAIT:?}");
-        }
-    }
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "status: {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let dir =
-            std::env::temp_dir().join(format!("memsync-sys-{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    child::run_test_binary(exe, test, WAIT, cmd_setup)
 }
 
 fn regions(list: &[PageRegion], base: usize) -> Vec<(usize, usize)> {

@@ -12,6 +12,7 @@
 //! # }
 //! ```
 
+pub mod child;
 pub mod contract;
 pub mod servers;
 
