@@ -166,12 +166,31 @@ impl S3Client {
         }
     }
 
-    fn classify(&self, what: &str, resp: Response) -> Result<Attempt<Response>> {
-        if resp.status >= 500 {
-            return Ok(Attempt::Retry(s3_error(&resp).to_string()));
-        }
-        let _ = what;
-        Ok(Attempt::Done(resp))
+    /// Send a request whose reply body is collected, retrying transport errors and 5xx replies
+    /// until the deadline; `done` turns every other reply into the result or an error.
+    async fn request<T>(
+        &self,
+        method: &'static str,
+        path: &str,
+        body: Bytes,
+        what: &str,
+        done: impl Fn(Response) -> Result<T>,
+    ) -> Result<T> {
+        self.retry(what, || async {
+            let headers = self.headers(method, path, &[]);
+            let req = Req {
+                method,
+                target: path,
+                headers: &headers,
+                body: body.clone(),
+            };
+            match self.pool.send(&req, Sink::Collect).await {
+                Err(e) => Ok(Attempt::Retry(e.0)),
+                Ok(resp) if resp.status >= 500 => Ok(Attempt::Retry(s3_error(&resp).to_string())),
+                Ok(resp) => done(resp).map(Attempt::Done),
+            }
+        })
+        .await
     }
 
     /// GET `key` (optionally a byte range `start..end`) into `buf`. Returns the number of bytes
@@ -244,27 +263,14 @@ impl S3Client {
     /// PUT `key` with `body`.
     pub async fn put(&self, key: &str, body: Bytes) -> Result<()> {
         let path = self.path(Some(key));
-        let what = format!("PUT {key}");
-        self.retry(&what, || async {
-            let headers = self.headers("PUT", &path, &[]);
-            let req = Req {
-                method: "PUT",
-                target: &path,
-                headers: &headers,
-                body: body.clone(),
-            };
-            match self.pool.send(&req, Sink::Collect).await {
-                Err(e) => Ok(Attempt::Retry(e.0)),
-                Ok(resp) => match self.classify(&what, resp)? {
-                    Attempt::Retry(w) => Ok(Attempt::Retry(w)),
-                    Attempt::Done(resp) if (200..300).contains(&resp.status) => {
-                        Ok(Attempt::Done(()))
-                    }
-                    Attempt::Done(resp) => Err(StoreError::backend_with(
-                        format!("S3 PUT of {key} failed"),
-                        s3_error(&resp),
-                    )),
-                },
+        self.request("PUT", &path, body, &format!("PUT {key}"), |resp| {
+            if (200..300).contains(&resp.status) {
+                Ok(())
+            } else {
+                Err(StoreError::backend_with(
+                    format!("S3 PUT of {key} failed"),
+                    s3_error(&resp),
+                ))
             }
         })
         .await
@@ -273,102 +279,68 @@ impl S3Client {
     /// DELETE `key` (a missing key is fine).
     pub async fn delete(&self, key: &str) -> Result<()> {
         let path = self.path(Some(key));
-        let what = format!("DELETE {key}");
-        self.retry(&what, || async {
-            let headers = self.headers("DELETE", &path, &[]);
-            let req = Req {
-                method: "DELETE",
-                target: &path,
-                headers: &headers,
-                body: Bytes::new(),
-            };
-            match self.pool.send(&req, Sink::Collect).await {
-                Err(e) => Ok(Attempt::Retry(e.0)),
-                Ok(resp) => match self.classify(&what, resp)? {
-                    Attempt::Retry(w) => Ok(Attempt::Retry(w)),
-                    Attempt::Done(resp)
-                        if (200..300).contains(&resp.status) || resp.status == 404 =>
-                    {
-                        Ok(Attempt::Done(()))
-                    }
-                    Attempt::Done(resp) => Err(StoreError::backend_with(
+        self.request(
+            "DELETE",
+            &path,
+            Bytes::new(),
+            &format!("DELETE {key}"),
+            |resp| {
+                if (200..300).contains(&resp.status) || resp.status == 404 {
+                    Ok(())
+                } else {
+                    Err(StoreError::backend_with(
                         format!("S3 DELETE of {key} failed"),
                         s3_error(&resp),
-                    )),
-                },
-            }
-        })
+                    ))
+                }
+            },
+        )
         .await
     }
 
     /// HEAD `key`: its size, or `None` if it does not exist.
     pub async fn head(&self, key: &str) -> Result<Option<u64>> {
         let path = self.path(Some(key));
-        let what = format!("HEAD {key}");
-        self.retry(&what, || async {
-            let headers = self.headers("HEAD", &path, &[]);
-            let req = Req {
-                method: "HEAD",
-                target: &path,
-                headers: &headers,
-                body: Bytes::new(),
-            };
-            match self.pool.send(&req, Sink::Collect).await {
-                Err(e) => Ok(Attempt::Retry(e.0)),
-                Ok(resp) => match self.classify(&what, resp)? {
-                    Attempt::Retry(w) => Ok(Attempt::Retry(w)),
-                    Attempt::Done(resp) => match resp.status {
-                        200 => {
-                            let len = resp
-                                .header("content-length")
-                                .and_then(|v| v.parse::<u64>().ok())
-                                .ok_or_else(|| {
-                                    StoreError::backend(format!(
-                                        "S3 HEAD of {key}: no valid Content-Length"
-                                    ))
-                                })?;
-                            Ok(Attempt::Done(Some(len)))
-                        }
-                        404 => Ok(Attempt::Done(None)),
-                        s => Err(StoreError::backend(format!(
-                            "S3 HEAD of {key} failed: HTTP {s}"
-                        ))),
-                    },
-                },
-            }
-        })
+        self.request(
+            "HEAD",
+            &path,
+            Bytes::new(),
+            &format!("HEAD {key}"),
+            |resp| match resp.status {
+                200 => resp
+                    .header("content-length")
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .map(Some)
+                    .ok_or_else(|| {
+                        StoreError::backend(format!("S3 HEAD of {key}: no valid Content-Length"))
+                    }),
+                404 => Ok(None),
+                s => Err(StoreError::backend(format!(
+                    "S3 HEAD of {key} failed: HTTP {s}"
+                ))),
+            },
+        )
         .await
     }
 
     /// Create the bucket; an existing bucket owned by us is fine.
     pub async fn create_bucket(&self) -> Result<()> {
         let path = self.path(None);
-        self.retry("CreateBucket", || async {
-            let headers = self.headers("PUT", &path, &[]);
-            let req = Req {
-                method: "PUT",
-                target: &path,
-                headers: &headers,
-                body: Bytes::new(),
-            };
-            match self.pool.send(&req, Sink::Collect).await {
-                Err(e) => Ok(Attempt::Retry(e.0)),
-                Ok(resp) if resp.status >= 500 => Ok(Attempt::Retry(s3_error(&resp).to_string())),
-                Ok(resp) if (200..300).contains(&resp.status) => Ok(Attempt::Done(())),
-                Ok(resp) => {
-                    let e = s3_error(&resp);
-                    if matches!(
-                        e.code.as_str(),
-                        "BucketAlreadyOwnedByYou" | "BucketAlreadyExists"
-                    ) {
-                        Ok(Attempt::Done(()))
-                    } else {
-                        Err(StoreError::backend_with(
-                            format!("S3 CreateBucket {} failed", self.bucket),
-                            e,
-                        ))
-                    }
-                }
+        self.request("PUT", &path, Bytes::new(), "CreateBucket", |resp| {
+            if (200..300).contains(&resp.status) {
+                return Ok(());
+            }
+            let e = s3_error(&resp);
+            if matches!(
+                e.code.as_str(),
+                "BucketAlreadyOwnedByYou" | "BucketAlreadyExists"
+            ) {
+                Ok(())
+            } else {
+                Err(StoreError::backend_with(
+                    format!("S3 CreateBucket {} failed", self.bucket),
+                    e,
+                ))
             }
         })
         .await
