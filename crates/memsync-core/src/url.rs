@@ -187,6 +187,16 @@ impl StoreUrl {
         }
     }
 
+    /// A query parameter parsed as a duration (`10s`, `500ms`; a plain number is seconds).
+    pub fn duration_param(&self, key: &str) -> Result<Option<std::time::Duration>> {
+        match self.param(key) {
+            None => Ok(None),
+            Some(v) => crate::size::parse_duration(v)
+                .map(Some)
+                .map_err(|e| self.error(&format!("query parameter {key:?}"), e)),
+        }
+    }
+
     /// A query parameter parsed as a count from 1 to `max`; `default` when absent.
     pub fn count_param(&self, key: &str, default: usize, max: usize) -> Result<usize> {
         match self.param(key) {

@@ -117,22 +117,12 @@ impl CqlConfig {
         let num = |k: &str, d: usize, max: usize| u.count_param(k, d, max);
         let replication = num("replication", 1, 32)? as u32;
         let conns = num("conns", 64, 4096)?;
-        let timeout = match u.param("timeout") {
-            None => Duration::from_secs(10),
-            Some(v) => {
-                let secs = v
-                    .trim_end_matches('s')
-                    .parse::<f64>()
-                    .ok()
-                    .filter(|s| s.is_finite() && *s > 0.0 && *s <= 86400.0);
-                Duration::from_secs_f64(secs.ok_or_else(|| {
-                    u.error(
-                        "query parameter \"timeout\"",
-                        format!("{v:?} is not a number of seconds"),
-                    )
-                })?)
-            }
-        };
+        let timeout = u
+            .duration_param("timeout")?
+            .unwrap_or(Duration::from_secs(10));
+        if timeout.is_zero() {
+            return Err(u.error("query parameter \"timeout\"", "must be greater than 0"));
+        }
         Ok(CqlConfig {
             hosts,
             keyspace: keyspace.to_string(),

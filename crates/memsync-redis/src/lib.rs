@@ -72,28 +72,6 @@ async fn open_dyn(u: StoreUrl) -> Result<DynStore> {
     Ok(Arc::new(open(&u).await?))
 }
 
-/// Parse `10s`, `500ms`, `2m` or a plain number of seconds.
-pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => (&s[..i], &s[i..]),
-        None => (s, "s"),
-    };
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 10s, 500ms)"))?;
-    let secs = match unit {
-        "ms" => v / 1000.0,
-        "s" => v,
-        "m" => v * 60.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
-    };
-    if !secs.is_finite() || !(0.0..=86400.0).contains(&secs) {
-        return Err(format!("{s:?} is out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
 /// Everything a Redis URL says, validated.
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
@@ -193,10 +171,9 @@ impl RedisConfig {
         let num = |k: &str, d: usize, max: usize| u.count_param(k, d, max);
         let conns = num("conns", 4, 256)?;
         let pipeline = num("pipeline", 32, 4096)?;
-        let timeout = match u.param("timeout") {
-            None => Duration::from_secs(10),
-            Some(v) => parse_duration(v).map_err(|e| u.error("query parameter \"timeout\"", e))?,
-        };
+        let timeout = u
+            .duration_param("timeout")?
+            .unwrap_or(Duration::from_secs(10));
         let opt = |k: &str| u.param(k).map(str::to_owned);
         for k in ["ca", "cert", "key", "tls_name"] {
             if !tls && u.param(k).is_some() {
@@ -360,14 +337,5 @@ mod tests {
             let e = cfg(url).unwrap_err().to_string();
             assert!(e.contains(part), "{url}: {e}");
         }
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("10").unwrap(), Duration::from_secs(10));
-        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert!(parse_duration("x").is_err());
-        assert!(parse_duration("-1s").is_err());
     }
 }

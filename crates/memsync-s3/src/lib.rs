@@ -81,26 +81,6 @@ fn env(k: &str) -> Option<String> {
     std::env::var(k).ok().filter(|v| !v.is_empty())
 }
 
-fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
-    let (num, mul) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (s, 1.0)
-    };
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 30s, 500ms)"))?;
-    let secs = v * mul;
-    if !secs.is_finite() || !(0.0..=86400.0).contains(&secs) {
-        return Err(format!("{s:?} is out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
 impl S3Config {
     /// Parse and check an `s3://` URL; errors name the bad part.
     pub fn from_url(u: &StoreUrl) -> Result<Self> {
@@ -173,10 +153,9 @@ impl S3Config {
             ));
         }
         let conns = u.count_param("conns", DEFAULT_CONNS, 1024)?;
-        let timeout = match u.param("timeout") {
-            None => Duration::from_secs(30),
-            Some(v) => parse_duration(v).map_err(|e| u.error("query parameter \"timeout\"", e))?,
-        };
+        let timeout = u
+            .duration_param("timeout")?
+            .unwrap_or(Duration::from_secs(30));
         let create = u.bool_param("create")?.unwrap_or(false);
         if create && object.is_some() {
             return Err(u.error(

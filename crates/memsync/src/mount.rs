@@ -16,7 +16,7 @@ use memsync_core::size::parse_size;
 use memsync_core::{DynStore, Registry, StoreUrl};
 
 use crate::cmd::Context;
-use crate::proxy::parse_duration;
+use memsync_core::size::parse_duration;
 
 #[derive(Debug, Args)]
 pub struct MountArgs {

@@ -3,7 +3,7 @@
 use anyhow::{Context as _, Result};
 use clap::Args;
 use memsync_cache::proxy::{Proxy, ProxyConfig};
-use memsync_core::size::parse_size;
+use memsync_core::size::{parse_duration, parse_size};
 
 use crate::cmd::Context;
 
@@ -21,34 +21,6 @@ pub struct ProxyArgs {
     /// Bandwidth cap per direction, in bits per second with K/M/G suffixes (e.g. 1G = 1 Gbit/s).
     #[arg(long)]
     pub bandwidth: Option<String>,
-}
-
-/// Parse `10ms`, `2s`, `1.5s`, `500us`, `1m`.
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .map_or((s, "s"), |i| s.split_at(i));
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 10ms, 5s)"))?;
-    let secs = match unit {
-        "ns" => v / 1e9,
-        "us" | "µs" => v / 1e6,
-        "ms" => v / 1e3,
-        "s" | "" => v,
-        "m" | "min" => v * 60.0,
-        "h" => v * 3600.0,
-        _ => {
-            return Err(format!(
-                "{s:?}: unknown unit {unit:?} (ns, us, ms, s, m, h)"
-            ));
-        }
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("{s:?} is not a duration"));
-    }
-    Ok(std::time::Duration::from_secs_f64(secs))
 }
 
 /// Parse a bit rate like `1G` (10^9 bit/s... binary suffixes as elsewhere) into bytes/s.
@@ -90,26 +62,4 @@ pub fn proxy(ctx: &Context, a: ProxyArgs) -> Result<()> {
         );
         anyhow::Ok(())
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(
-            parse_duration("10ms").unwrap(),
-            std::time::Duration::from_millis(10)
-        );
-        assert_eq!(
-            parse_duration("1.5s").unwrap(),
-            std::time::Duration::from_millis(1500)
-        );
-        assert_eq!(
-            parse_duration("5").unwrap(),
-            std::time::Duration::from_secs(5)
-        );
-        assert!(parse_duration("x").is_err());
-    }
 }
