@@ -979,6 +979,19 @@ async fn connect_one(cfg: &ClientConfig) -> Result<(Conn, ExportInfo)> {
     }
 }
 
+/// Runs `f` when dropped.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
+
 impl NbdStore {
     /// Connect, negotiate, and open more connections if the server allows multi-conn.
     pub async fn connect(cfg: ClientConfig) -> Result<Self> {
@@ -987,21 +1000,35 @@ impl NbdStore {
             NbdAddr::Tcp { host, port } => format!("nbd://{host}:{port}/{}", cfg.export),
             NbdAddr::Unix(p) => format!("nbd+unix:///{}?socket={}", cfg.export, p.display()),
         };
-        let timed = |f| async move {
-            tokio::time::timeout(t, f)
+        let timed = move |cfg: ClientConfig| async move {
+            tokio::time::timeout(t, connect_one(&cfg))
                 .await
                 .map_err(|_| StoreError::Timeout {
                     op: "nbd connect",
                     after_ms: t.as_millis() as u64,
                 })?
         };
-        let (first, info) = timed(Box::pin(connect_one(&cfg))).await?;
+        // The extra connections negotiate while the first one does: over a long link each
+        // handshake is several round trips, and doing them one after the other doubles the
+        // time to open. They are kept only if the server allows multi-conn; otherwise they are
+        // dropped unused (a server that serves one client at a time never gets to them).
+        let extras: Vec<_> = (1..cfg.connections.max(1))
+            .map(|_| tokio::spawn(timed(cfg.clone())))
+            .collect();
+        let aborts: Vec<_> = extras.iter().map(|h| h.abort_handle()).collect();
+        let _abort_extras = scopeguard(move || aborts.iter().for_each(|a| a.abort()));
+        let (first, info) = timed(cfg.clone()).await?;
         let mut conns = vec![first];
-        if info.flags & TF_CAN_MULTI_CONN != 0 && cfg.connections > 1 {
-            let more =
-                try_join_all((1..cfg.connections).map(|_| timed(Box::pin(connect_one(&cfg)))))
-                    .await?;
-            conns.extend(more.into_iter().map(|(c, _)| c));
+        if info.flags & TF_CAN_MULTI_CONN != 0 {
+            for h in extras {
+                match h.await {
+                    Ok(Ok((c, _))) => conns.push(c),
+                    Ok(Err(e)) => {
+                        tracing::warn!("nbd: {desc}: an extra connection failed: {}", e.chain())
+                    }
+                    Err(e) => tracing::warn!("nbd: {desc}: an extra connection failed: {e}"),
+                }
+            }
         }
         Ok(NbdStore {
             conns,

@@ -82,6 +82,16 @@ pub async fn reconnecting(registry: &Registry, url: &str) -> Result<Arc<Reconnec
     Ok(Arc::new(Reconnect::new(opener).await?))
 }
 
+/// The cache's two remotes: one for the background pull and push, and one of its own for
+/// demand misses, so they never queue behind the pull. Opened concurrently: over a long link
+/// each open is several round trips.
+pub async fn remote_pair(
+    registry: &Registry,
+    url: &str,
+) -> Result<(Arc<Reconnect>, Arc<Reconnect>)> {
+    tokio::try_join!(reconnecting(registry, url), reconnecting(registry, url))
+}
+
 pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
     if a.fuse.is_none() && a.nbd.is_none() {
         bail!("nothing to expose the mount with: give --fuse MOUNTPOINT and/or --nbd URL");
@@ -94,11 +104,9 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let handle = ctx.rt.handle().clone();
     ctx.rt.block_on(async move {
-        let remote = reconnecting(&ctx.registry, &a.remote)
+        let (remote, demand) = remote_pair(&ctx.registry, &a.remote)
             .await
             .with_context(|| format!("cannot open {}", a.remote))?;
-        // Demand misses get their own connection(s), so they never queue behind the pull.
-        let demand = reconnecting(&ctx.registry, &a.remote).await?;
         let cfg = CacheConfig {
             chunk_size: chunk,
             pull: a.pull == "on",

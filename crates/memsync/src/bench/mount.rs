@@ -30,7 +30,7 @@ use rand::{Rng, RngCore, SeedableRng};
 
 use super::{Bench, Proc, free_port, gbps, wait_tcp};
 use crate::cmd::Context;
-use crate::mount::reconnecting;
+use crate::mount::remote_pair;
 
 /// The predecessor's published managed-mount sequential read (GB/s) by RTT in ms: 2.4 at 0
 /// (backend returning no data), ~1.0 at 10 ms (4096 workers), 1.13 at 30 ms (16384 workers).
@@ -100,8 +100,7 @@ fn open_cache(
     let mdir = tempfile::tempdir_in(scratch)?;
     let url = format!("nbd://127.0.0.1:{port}/");
     let cache = ctx.rt.block_on(async {
-        let remote = reconnecting(&ctx.registry, &url).await?;
-        let demand = reconnecting(&ctx.registry, &url).await?;
+        let (remote, demand) = remote_pair(&ctx.registry, &url).await?;
         let cfg = CacheConfig {
             demand_remote: Some(demand as DynStore),
             ..cfg
