@@ -31,6 +31,9 @@
 //! * [`Staging`]: a private buffer that is filled through a `&mut [u8]` and
 //!   then moved (`UFFDIO_MOVE`) or copied into a registered range.
 //! * [`send_fds`]/[`recv_fds`]: `SCM_RIGHTS`.
+//! * [`SigbusResolver`]: an experiment, not used by the lazy region:
+//!   resolving MISSING faults on the faulting thread in a process-wide
+//!   `SIGBUS` handler (`UFFD_FEATURE_SIGBUS`) from data already in memory.
 //! * [`poll_readable`], [`gettid`], [`euid`]: small helpers for handler
 //!   threads and tests.
 //!
@@ -89,6 +92,7 @@ mod fdpass;
 mod mem;
 mod pagemap;
 pub mod raw;
+mod sigbus;
 mod staging;
 mod uffd;
 mod util;
@@ -98,6 +102,7 @@ pub use mem::{
     Advice, MapOptions, Mapping, MemfdFlags, ftruncate, madvise, memfd_create, page_size, pmd_size,
 };
 pub use pagemap::{PageCategories, PageRegion, PagemapScanner, ScanArgs, ScanFlags, ScanResult};
+pub use sigbus::{MAX_SIGBUS_REGIONS, SigbusResolver};
 pub use staging::Staging;
 pub use uffd::{
     ApiInfo, ContinueMode, CopyMode, Event, Features, Install, Ioctls, MoveMode, OpenError,
@@ -112,4 +117,5 @@ const _: () = {
     shareable::<Mapping>();
     shareable::<PagemapScanner>();
     shareable::<Staging>();
+    shareable::<SigbusResolver>();
 };

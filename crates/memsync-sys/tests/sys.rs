@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use memsync_sys::{
     Advice, ContinueMode, CopyMode, Event, Features, Install, Ioctls, MapOptions, Mapping,
     MemfdFlags, MoveMode, OpenFlags, PageCategories, PageFaultFlags, PageRegion, PagemapScanner,
-    RegisterMode, ScanArgs, ScanFlags, Uffd, UffdMsg, euid, ftruncate, gettid, memfd_create,
-    page_size, pmd_size, raw, recv_fds, send_fds,
+    RegisterMode, ScanArgs, ScanFlags, SigbusResolver, Uffd, UffdMsg, euid, ftruncate, gettid,
+    memfd_create, page_size, pmd_size, raw, recv_fds, send_fds,
 };
 
 /// Upper bound of every wait in these tests.
@@ -1392,4 +1392,269 @@ fn staging_fill_then_move_and_copy() {
         .move_to(&uffd, dst, pmd, page(), MoveMode::empty())
         .unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+}
+
+// ---------------------------------------------------------------------------
+// SIGBUS mode: resolving on the faulting thread (the experiment)
+// ---------------------------------------------------------------------------
+
+/// A small xorshift generator: random bytes and orders without a dependency.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+
+    fn shuffled(&mut self, n: usize) -> Vec<usize> {
+        let mut v: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            v.swap(i, (self.next() % (i as u64 + 1)) as usize);
+        }
+        v
+    }
+}
+
+fn sigbus_supported(test: &str) -> bool {
+    let ok = Uffd::probe_features()
+        .expect("probing userfaultfd features")
+        .contains(Features::SIGBUS);
+    if !ok {
+        eprintln!("skipped: {test}: kernel lacks UFFD_FEATURE_SIGBUS");
+    }
+    ok
+}
+
+/// A resolver over `pages` fresh pages whose source holds random bytes.
+fn sigbus_resolver(pages: usize, chunk: usize, seed: u64) -> (SigbusResolver, Vec<u8>) {
+    let data = XorShift(seed).bytes(pages * page());
+    let source = Mapping::anonymous(data.len()).unwrap();
+    source.write_at(0, &data);
+    let region = Mapping::anonymous(data.len()).unwrap();
+    let r = SigbusResolver::new(region, Arc::new(source), chunk).expect("SIGBUS resolver");
+    (r, data)
+}
+
+#[test]
+fn sigbus_resolves_on_the_faulting_thread() {
+    if !sigbus_supported("sigbus_resolves_on_the_faulting_thread") {
+        return;
+    }
+    const PAGES: usize = 64;
+    for (chunk_pages, seed) in [(1, 0x9E37_79B9_7F4A_7C15), (4, 0xD1B5_4A32_D192_ED03)] {
+        let chunk = chunk_pages * page();
+        let (r, data) = sigbus_resolver(PAGES, chunk, seed);
+        assert_eq!(r.chunk_size(), chunk);
+        let (r, data) = (Arc::new(r), Arc::new(data));
+        // Two threads touch every page, each in its own random order, and
+        // check every byte of the page they touched.
+        let touchers: Vec<_> = (0..2u64)
+            .map(|t| {
+                let (r, data) = (Arc::clone(&r), Arc::clone(&data));
+                spawn(move || {
+                    let mut rng = XorShift(seed ^ (t + 1).wrapping_mul(0xA24B_AED4_963E_E407));
+                    for p in rng.shuffled(PAGES) {
+                        let got = r.region().read_vec(p * page(), page());
+                        assert!(
+                            got == data[p * page()..(p + 1) * page()],
+                            "thread {t}: page {p} differs from the source"
+                        );
+                    }
+                })
+            })
+            .collect();
+        for t in &touchers {
+            join(t);
+        }
+        assert_eq!(r.region().read_vec(0, PAGES * page()), *data);
+        // Every page was installed exactly once (UFFDIO_COPY never
+        // overwrites); each fault was resolved, at least one per chunk, at
+        // most one per touch.
+        assert_eq!(r.installed_pages(), PAGES as u64, "chunk {chunk}");
+        let handled = r.handled();
+        assert!(
+            (PAGES / chunk_pages) as u64 <= handled && handled <= 2 * PAGES as u64,
+            "chunk {chunk}: {handled} faults handled"
+        );
+        assert_eq!(r.failed(), 0);
+        // Present pages no longer fault.
+        let _ = r.region().read_vec(0, PAGES * page());
+        assert_eq!(r.handled(), handled);
+    }
+    // The slot is free again after drop: more resolvers than slots, one
+    // after the other.
+    for i in 0..memsync_sys::MAX_SIGBUS_REGIONS + 2 {
+        let (r, data) = sigbus_resolver(2, page(), 7 + i as u64);
+        assert_eq!(r.region().read_vec(page(), page()), data[page()..]);
+        assert_eq!(r.handled(), 1);
+    }
+}
+
+/// Runs the SIGBUS child `name`.
+fn run_sigbus_child(name: &str) -> Output {
+    let exe = std::env::current_exe().unwrap();
+    run_test_process(&exe, &format!("child_{name}"), |c| {
+        c.env("MEMSYNC_SYS_CHILD", name);
+    })
+}
+
+/// A `SIGBUS` outside the resolver's region still gets the disposition that
+/// was there before: the default action (death by `SIGBUS`) for an access
+/// past the end of a file and for a poisoned page, and a handler installed
+/// earlier, which receives the kernel's siginfo.
+#[test]
+fn sigbus_outside_the_region_is_not_swallowed() {
+    if !sigbus_supported("sigbus_outside_the_region_is_not_swallowed") {
+        return;
+    }
+    let out = run_sigbus_child("sigbus_eof");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGBUS),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("resolved; touching past EOF"),
+        "{}",
+        describe(&out)
+    );
+    if Uffd::probe_features().unwrap().contains(Features::POISON) {
+        let out = run_sigbus_child("sigbus_poison");
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGBUS),
+            "{}",
+            describe(&out)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("resolved; touching a poisoned page"),
+            "{}",
+            describe(&out)
+        );
+    } else {
+        eprintln!("skipped: poisoned page: kernel lacks UFFD_FEATURE_POISON");
+    }
+    let out = run_sigbus_child("sigbus_chain");
+    // The earlier handler exits with 40 + si_code (BUS_ADRERR = 2).
+    assert_eq!(
+        out.status.code(),
+        Some(40 + libc::BUS_ADRERR),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("earlier SIGBUS handler ran"),
+        "{}",
+        describe(&out)
+    );
+}
+
+fn no_core_dump() {
+    let no_core = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit(2) reads one `rlimit` struct that outlives the call.
+    unsafe { libc::setrlimit(libc::RLIMIT_CORE, &raw const no_core) };
+}
+
+/// Starts a resolver and checks that it resolves a fault (so its handler is
+/// installed when the child then raises a foreign SIGBUS).
+fn working_resolver() -> SigbusResolver {
+    let (r, data) = sigbus_resolver(4, page(), 99);
+    assert_eq!(
+        r.region().read_vec(2 * page(), page()),
+        data[2 * page()..3 * page()]
+    );
+    assert_eq!(r.handled(), 1);
+    r
+}
+
+/// A one-page shared mapping of an empty memfd: touching it raises SIGBUS
+/// (`BUS_ADRERR`, like a userfaultfd in SIGBUS mode).
+fn past_eof() -> (std::os::fd::OwnedFd, Mapping) {
+    let fd = memfd_create("memsync-sigbus", MemfdFlags::default()).unwrap();
+    ftruncate(fd.as_fd(), page() as u64).unwrap();
+    let m = Mapping::shared_fd(fd.as_fd(), page(), 0).unwrap();
+    ftruncate(fd.as_fd(), 0).unwrap();
+    (fd, m)
+}
+
+/// Child of `sigbus_outside_the_region_is_not_swallowed`: must die of SIGBUS.
+#[test]
+fn child_sigbus_eof() {
+    if !is_child("sigbus_eof") {
+        return;
+    }
+    no_core_dump();
+    let r = working_resolver();
+    let (_fd, m) = past_eof();
+    eprintln!("resolved; touching past EOF");
+    let byte = m.read_vec(0, 1);
+    panic!("reading past EOF returned {byte:?} (resolver {r:?}) instead of raising SIGBUS");
+}
+
+/// Child of `sigbus_outside_the_region_is_not_swallowed`: must die of SIGBUS.
+#[test]
+fn child_sigbus_poison() {
+    if !is_child("sigbus_poison") {
+        return;
+    }
+    no_core_dump();
+    let r = working_resolver();
+    let uffd = uffd_or_skip("child_sigbus_poison", Features::POISON).unwrap();
+    let m = Mapping::anonymous(page()).unwrap();
+    uffd.register(&m, RegisterMode::MISSING).unwrap();
+    assert!(uffd.poison(m.addr(), page(), false).unwrap().is_done());
+    eprintln!("resolved; touching a poisoned page");
+    let byte = m.read_vec(0, 1);
+    panic!("reading a poisoned page returned {byte:?} (resolver {r:?}) instead of raising SIGBUS");
+}
+
+/// The handler the `sigbus_chain` child installs before the resolver's:
+/// reports and exits with 40 + si_code.
+extern "C" fn earlier_sigbus_handler(
+    _sig: libc::c_int,
+    info: *mut libc::siginfo_t,
+    _ctx: *mut libc::c_void,
+) {
+    const MSG: &[u8] = b"earlier SIGBUS handler ran\n";
+    // SAFETY: the kernel (or the chaining handler, with the kernel's
+    // arguments) passes a valid siginfo_t.
+    let code = unsafe { (*info).si_code };
+    // SAFETY: write(2) and _exit(2) are async-signal-safe; MSG is static.
+    unsafe {
+        libc::write(2, MSG.as_ptr().cast(), MSG.len());
+        libc::_exit(40 + code);
+    }
+}
+
+/// Child of `sigbus_outside_the_region_is_not_swallowed`: must exit with
+/// 40 + BUS_ADRERR from the earlier handler.
+#[test]
+fn child_sigbus_chain() {
+    if !is_child("sigbus_chain") {
+        return;
+    }
+    // SAFETY: sigaction is plain old data for which all-zero is valid.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = earlier_sigbus_handler as *const () as libc::sighandler_t;
+    sa.sa_flags = libc::SA_SIGINFO;
+    // SAFETY: `sa` is a fully initialised sigaction (empty mask from
+    // zeroing) whose handler only calls async-signal-safe functions.
+    let ret = unsafe { libc::sigaction(libc::SIGBUS, &raw const sa, std::ptr::null_mut()) };
+    assert_eq!(ret, 0);
+    let r = working_resolver();
+    let (_fd, m) = past_eof();
+    eprintln!("resolved; touching past EOF");
+    let byte = m.read_vec(0, 1);
+    panic!("reading past EOF returned {byte:?} (resolver {r:?}) instead of raising SIGBUS");
 }

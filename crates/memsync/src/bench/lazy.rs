@@ -11,7 +11,11 @@
 //!   anonymous first-touch fault measured the same way. Subjects are the places a fault can be
 //!   served: the default (one polling handler plus a standby), two polling handlers, one
 //!   handler, handlers pinned one per CPU, spinning handlers, and the inline path (the
-//!   touching thread fetches the chunk itself, no fault at all).
+//!   touching thread fetches the chunk itself, no fault at all). `sigbus-on-thread` is an
+//!   experiment outside `LazyRegion`: a userfaultfd in `UFFD_FEATURE_SIGBUS` mode whose fault
+//!   the touching thread resolves itself, in a `SIGBUS` handler, with `UFFDIO_COPY` from a
+//!   mapping that already holds the store's data (`memsync_sys::SigbusResolver`; a store that
+//!   answers at once), with its ratio to `anon-fault` and `lazy-default`.
 //! - `nbd-seq-first-touch` and `nbd-rand-4k-first-touch`: the same two from an NBD store on
 //!   loopback TCP (memsync's own NBD server serving a mem: store in this process, read through
 //!   memsync's NBD client). Limits: the client's own sequential read (2 MiB requests, two in
@@ -31,6 +35,7 @@ use bytes::Bytes;
 use memsync_core::{DynStore, Store};
 use memsync_local::MemStore;
 use memsync_region::{FollowFaults, LazyRegion, RegionConfig};
+use memsync_sys::{Features, MapOptions, Mapping, SigbusResolver, Uffd};
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::{RngCore, SeedableRng};
@@ -171,6 +176,57 @@ fn anon_touch(len: usize, n: usize, seed: u64) -> Result<Vec<f64>> {
         std::hint::black_box(&mem[off]);
         lat.push(t.elapsed().as_secs_f64() * 1e6);
     }
+    Ok(lat)
+}
+
+/// A mapping holding the whole store (the source of `sigbus-on-thread`: data already in
+/// memory), or `None` (with the reason printed) if the kernel lacks `UFFD_FEATURE_SIGBUS`.
+fn sigbus_source(store: &DynStore) -> Result<Option<Arc<Mapping>>> {
+    let supported = Uffd::probe_features().context("probing userfaultfd features")?;
+    if !supported.contains(Features::SIGBUS) {
+        eprintln!("lazy: skipping sigbus-on-thread: the kernel lacks UFFD_FEATURE_SIGBUS");
+        return Ok(None);
+    }
+    let len = store.size() as usize;
+    let source = Mapping::anonymous(len).context("mapping the sigbus source")?;
+    let rt = tokio::runtime::Builder::new_current_thread().build()?;
+    let mut buf = vec![0u8; MIB];
+    for off in (0..len).step_by(MIB) {
+        let n = MIB.min(len - off);
+        rt.block_on(store.read(off as u64, &mut buf[..n]))?;
+        source.write_at(off, &buf[..n]);
+    }
+    Ok(Some(Arc::new(source)))
+}
+
+/// Per-touch latencies in µs of `n` random first touches of a fresh region whose faults the
+/// touching thread resolves itself in a `SIGBUS` handler, copying each page from `source`.
+fn sigbus_touch(source: &Arc<Mapping>, n: usize, seed: u64) -> Result<Vec<f64>> {
+    let len = source.len();
+    let region = Mapping::anonymous_with(
+        len,
+        MapOptions {
+            align: memsync_sys::pmd_size(),
+            ..MapOptions::default()
+        },
+    )
+    .context("mapping the region")?;
+    let resolver =
+        SigbusResolver::new(region, Arc::clone(source), PAGE).context("SIGBUS resolver")?;
+    let region = resolver.region();
+    let mut lat = Vec::with_capacity(n);
+    let mut b = [0u8; 1];
+    for off in random_pages(len, n, seed) {
+        let t = Instant::now();
+        region.read_at(off, &mut b);
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    anyhow::ensure!(
+        resolver.handled() == n as u64 && resolver.installed_pages() == n as u64,
+        "sigbus-on-thread: {} faults handled, {} pages installed, {n} touches",
+        resolver.handled(),
+        resolver.installed_pages()
+    );
     Ok(lat)
 }
 
@@ -321,6 +377,14 @@ pub fn run(bench: &mut Bench) -> Result<()> {
         rand_touch(&store, rand_n, s, true, base_cfg(4 * KIB))
     })?;
     bench.ratio(case, "anon-fault-p50 (inline)", "us", i50, anon50);
+    // The experiment: the touching thread resolves its own fault in a SIGBUS handler.
+    if let Some(source) = sigbus_source(&store)? {
+        let (s50, _) = report(bench, case, "sigbus-on-thread", &mut |s| {
+            sigbus_touch(&source, rand_n, s)
+        })?;
+        bench.ratio(case, "anon-fault-p50 (sigbus)", "us", s50, anon50);
+        bench.ratio(case, "lazy-default-p50 (sigbus)", "us", s50, m50);
+    }
     if !quick {
         report(bench, case, "lazy-default-64K", &mut |s| {
             rand_touch(&store, rand_n, s, false, base_cfg(64 * KIB))
