@@ -107,6 +107,11 @@ pub struct RegionConfig {
     pub prefetch: bool,
     /// Order of the background pull. Default [`Sequential`].
     pub priority: Box<dyn PullPriority>,
+    /// Background puller threads, i.e. chunks the pull keeps in flight at
+    /// once (they share one [`PullPriority`]). One is enough for a memory
+    /// store; a remote store needs several to cover its round trip.
+    /// Default 2; at least 1.
+    pub pull_threads: usize,
     /// How long a fault may wait for the store (across retries) before its
     /// chunk is poisoned and the access gets `SIGBUS`. Default 30 s.
     pub fetch_deadline: Duration,
@@ -150,6 +155,7 @@ impl Default for RegionConfig {
             huge_pages: true,
             prefetch: true,
             priority: Box::new(Sequential::default()),
+            pull_threads: 2,
             fetch_deadline: Duration::from_secs(30),
             retry_backoff: Duration::from_millis(1),
             zero_detect: true,
@@ -174,6 +180,7 @@ impl std::fmt::Debug for RegionConfig {
             .field("huge_pages", &self.huge_pages)
             .field("prefetch", &self.prefetch)
             .field("priority", &self.priority)
+            .field("pull_threads", &self.pull_threads)
             .field("fetch_deadline", &self.fetch_deadline)
             .field("retry_backoff", &self.retry_backoff)
             .field("zero_detect", &self.zero_detect)

@@ -878,50 +878,56 @@ impl Inner {
         }
     }
 
-    fn puller_main(&self, mut prio: Box<dyn PullPriority>, mut w: Worker) {
+    fn puller_main(&self, shared: &Mutex<PullShared>, mut w: Worker) {
         let n = self.chunks.len();
-        let mut skip = vec![false; n];
-        let mut seen_gen = u64::MAX;
-        let mut bogus = 0u32;
         // Chunks just past the last fault that are pulled without yielding
         // to faults being served: 8 MiB, at least 2 chunks.
         let readahead = ((8 << 20) / self.geo.chunk_size()).max(2);
         loop {
-            {
+            let seen_gen = {
                 let mut st = self.pull.lock();
                 loop {
                     if self.stopping() {
                         return;
-                    }
-                    if st.generation != seen_gen {
-                        seen_gen = st.generation;
-                        skip.fill(false);
                     }
                     if st.running && !st.done {
                         break;
                     }
                     self.pull_cv.wait_for(&mut st, Duration::from_millis(100));
                 }
-            }
+                st.generation
+            };
             let lf = self.last_fault.load(Ordering::Relaxed);
-            let view = PullView {
-                chunks: &self.chunks,
-                skip: &skip,
-                last_fault: (lf != NO_FAULT).then_some(lf),
-            };
-            let next = match prio.next_chunk(&view) {
-                Some(i) if view.wanted(i) => Some(i),
-                Some(_) => {
-                    bogus += 1;
-                    if bogus > 64 {
-                        view.next_wanted_from(0)
-                    } else {
-                        continue;
-                    }
+            let next = {
+                let mut sh = shared.lock();
+                let sh = &mut *sh;
+                if sh.seen_gen != seen_gen {
+                    sh.seen_gen = seen_gen;
+                    sh.skip.clear();
+                    sh.skip.resize(n, false);
                 }
-                None => None,
+                let view = PullView {
+                    chunks: &self.chunks,
+                    skip: &sh.skip,
+                    last_fault: (lf != NO_FAULT).then_some(lf),
+                };
+                match sh.prio.next_chunk(&view) {
+                    Some(i) if view.wanted(i) => {
+                        sh.bogus = 0;
+                        Some(i)
+                    }
+                    Some(_) => {
+                        sh.bogus += 1;
+                        if sh.bogus > 64 {
+                            sh.bogus = 0;
+                            view.next_wanted_from(0)
+                        } else {
+                            continue;
+                        }
+                    }
+                    None => None,
+                }
             };
-            bogus = 0;
             // Faults first: while one is being served, stay out of the way
             // (sleeping, so the CPU is free for the fault and the staging
             // helper), unless this chunk lies just ahead of the last fault:
@@ -938,10 +944,15 @@ impl Inner {
             }
             match next {
                 Some(i) => {
+                    // Another puller may have taken it meanwhile: then this
+                    // one just asks for the next.
                     if self.chunks.try_claim(i).is_ok()
                         && self.fetch(&mut w, i, Source::Background).is_err()
                     {
-                        skip[i] = true;
+                        let mut sh = shared.lock();
+                        if sh.seen_gen == seen_gen {
+                            sh.skip[i] = true;
+                        }
                     }
                 }
                 None => {
@@ -958,6 +969,15 @@ impl Inner {
             }
         }
     }
+}
+
+/// What the puller threads share: the pull order and the chunks given up
+/// in this pull generation.
+struct PullShared {
+    prio: Box<dyn PullPriority>,
+    skip: Vec<bool>,
+    seen_gen: u64,
+    bogus: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1207,15 +1227,23 @@ impl LazyRegion {
                 region.threads.push(h);
             }
         }
-        let w = Worker::new(geo.chunk_size(), cfg.runtime.as_ref())
-            .map_err(sys("creating the puller"))?;
-        let inner = Arc::clone(&region.inner);
-        let prio = cfg.priority;
-        let h = std::thread::Builder::new()
-            .name("memsync-pull".into())
-            .spawn(move || inner.puller_main(prio, w))
-            .map_err(sys("spawning the puller thread"))?;
-        region.threads.push(h);
+        let shared = Arc::new(Mutex::new(PullShared {
+            prio: cfg.priority,
+            skip: Vec::new(),
+            seen_gen: u64::MAX,
+            bogus: 0,
+        }));
+        for _ in 0..cfg.pull_threads.max(1) {
+            let w = Worker::new(geo.chunk_size(), cfg.runtime.as_ref())
+                .map_err(sys("creating the puller"))?;
+            let inner = Arc::clone(&region.inner);
+            let shared = Arc::clone(&shared);
+            let h = std::thread::Builder::new()
+                .name("memsync-pull".into())
+                .spawn(move || inner.puller_main(&shared, w))
+                .map_err(sys("spawning the puller thread"))?;
+            region.threads.push(h);
+        }
         Ok(region)
     }
 

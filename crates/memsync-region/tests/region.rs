@@ -450,6 +450,9 @@ fn custom_priority_is_used() {
         RegionConfig {
             prefetch: true,
             priority: Box::new(Reverse),
+            // One chunk in flight: 70 ms of 20 ms reads pull at most the
+            // last four chunks if the order is followed.
+            pull_threads: 1,
             ..cfg(MIB)
         },
     )
