@@ -79,22 +79,28 @@ pub struct RegionConfig {
     /// How many of the handler threads spin (the others always block).
     /// Default 1.
     pub spin_threads: usize,
-    /// With more than one handler thread: only the first polls the
+    /// Unpinned handlers only (ignored with [`pin_handlers`](Self::pin_handlers)):
+    /// with more than one handler thread, only the first polls the
     /// userfaultfd, and the others stand by until it has been busy with one
     /// fault for this long (a slow or stalled store read), then serve faults
     /// beside it until it is free. Handlers that all poll the userfaultfd
-    /// are all woken by every fault, and on 2 vCPUs that made random 4 KiB
-    /// faults slower (p50 14 µs, p99 40 µs with two polling handlers against
-    /// 10 / 19 µs with one, `memsync bench lazy --quick`, same run); the
-    /// standby keeps the one-handler latency without letting a stalled read
-    /// hold up faults on other chunks. `None`: every handler polls.
-    /// Default 1 ms.
+    /// are all woken by every fault; unpinned on 2 vCPUs that made random
+    /// 4 KiB faults slower on a loaded machine (p50 14 µs against 10 µs with
+    /// one). `None`: every handler polls. Default 1 ms.
     pub standby_after: Option<Duration>,
-    /// Pin handler thread `k` to CPU `k mod CPUs` (`sched_setaffinity`).
-    /// With one handler per CPU, a fault is always answered by the handler
-    /// on the faulting thread's CPU, which runs as soon as the faulting
-    /// thread blocks: no cross-CPU wake-up on the fault path (the other
-    /// handlers wake too, find no event and sleep again). Default `false`.
+    /// Pin handler thread `k` to the `k`-th CPU this thread may use
+    /// (`sched_setaffinity`). With one handler per CPU, a fault is always
+    /// answered by the handler on the faulting thread's CPU, which runs as
+    /// soon as the faulting thread blocks: no cross-CPU wake-up on the fault
+    /// path (the other handlers wake too, find no event and sleep again).
+    /// Default `true`, measured (`memsync bench lazy --quick`, random 4 KiB
+    /// first touches from a `mem:` store, p50): pinned 13.8–19.9 µs on an
+    /// idle or a loaded machine; unpinned with a standby handler 10 µs when
+    /// the other vCPU is busy but 55–59 µs when it is idle, because the
+    /// scheduler then wakes the handler on the idle vCPU, and waking a
+    /// halted vCPU of this VM costs ~50 µs. Raise
+    /// [`handler_threads`](Self::handler_threads) to the number of CPUs the
+    /// application faults from to keep this property on larger machines.
     pub pin_handlers: bool,
     /// Private anonymous or shared memfd memory.
     pub backing: Backing,
@@ -150,7 +156,7 @@ impl Default for RegionConfig {
             spin: Duration::ZERO,
             spin_threads: 1,
             standby_after: Some(Duration::from_millis(1)),
-            pin_handlers: false,
+            pin_handlers: true,
             backing: Backing::Anonymous,
             huge_pages: true,
             prefetch: true,

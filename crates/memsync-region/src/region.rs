@@ -1146,7 +1146,12 @@ impl LazyRegion {
             cfg: Settings {
                 spin: cfg.spin,
                 spin_threads: cfg.spin_threads,
-                standby_after: cfg.standby_after,
+                // Pinned handlers each serve their own CPU: all of them poll.
+                standby_after: if cfg.pin_handlers {
+                    None
+                } else {
+                    cfg.standby_after
+                },
                 memfd: memfd_mode,
                 hugetlb,
                 fetch_deadline: cfg.fetch_deadline,
@@ -1181,14 +1186,22 @@ impl LazyRegion {
             threads: Vec::new(),
             wake_tx,
         };
+        // Pin to the CPUs this thread may use (under a cpuset they are not
+        // `0..n`); if they cannot be read, do not pin.
+        let cpus = if cfg.pin_handlers {
+            memsync_sys::allowed_cpus().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         for t in 0..threads_n {
             let w = Worker::new(geo.chunk_size(), cfg.runtime.as_ref())
                 .map_err(sys("creating a handler"))?;
             let inner = Arc::clone(&region.inner);
             let spin = t < inner.cfg.spin_threads && !inner.cfg.spin.is_zero();
-            let pin = cfg.pin_handlers.then(|| {
-                t % std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
-            });
+            let pin = cfg
+                .pin_handlers
+                .then(|| cpus.get(t % cpus.len().max(1)).copied())
+                .flatten();
             let h = std::thread::Builder::new()
                 .name(format!("memsync-fault-{t}"))
                 .spawn(move || {

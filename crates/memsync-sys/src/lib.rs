@@ -108,7 +108,7 @@ pub use uffd::{
     ApiInfo, ContinueMode, CopyMode, Event, Features, Install, Ioctls, MoveMode, OpenError,
     OpenFlags, PageFaultFlags, RegisterMode, Uffd, UffdMsg,
 };
-pub use util::{current_cpu, euid, gettid, poll_readable, set_thread_affinity};
+pub use util::{allowed_cpus, current_cpu, euid, gettid, poll_readable, set_thread_affinity};
 
 // The handler-thread design relies on these being shareable.
 const _: () = {

@@ -134,6 +134,28 @@ pub fn current_cpu() -> io::Result<usize> {
     usize::try_from(cpu).map_err(|_| io::Error::last_os_error())
 }
 
+/// The CPUs the calling thread may run on (`sched_getaffinity(2)`), in
+/// ascending order: under a cpuset they need not be `0..n`.
+///
+/// # Errors
+///
+/// The `sched_getaffinity(2)` error.
+pub fn allowed_cpus() -> io::Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is a plain bit array for which all-zero is valid.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid, writable cpu_set_t of the size passed; pid 0
+    // is the calling thread.
+    let r = unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &raw mut set) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let max = 8 * size_of::<libc::cpu_set_t>();
+    // SAFETY: `c < max`, the number of bits in the set.
+    Ok((0..max)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect())
+}
+
 /// Restricts the calling thread to the CPUs in `cpus` (`sched_setaffinity(2)`
 /// with pid 0); an empty slice allows every CPU the process may use
 /// (`sched_getaffinity` of the process is not consulted: all CPUs up to
@@ -189,5 +211,8 @@ mod affinity_tests {
         }
         set_thread_affinity(&[]).unwrap();
         assert!(set_thread_affinity(&[1 << 20]).is_err());
+        let allowed = allowed_cpus().unwrap();
+        assert!(allowed.contains(&cpu), "{allowed:?} lacks {cpu}");
+        assert!(allowed.windows(2).all(|w| w[0] < w[1]));
     }
 }

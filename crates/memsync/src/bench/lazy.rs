@@ -347,11 +347,11 @@ pub fn run(bench: &mut Bench) -> Result<()> {
             pin_handlers: false,
             ..base_cfg(4 * KIB)
         }),
-        ("lazy-pinned-2thr-polling", || RegionConfig {
+        ("lazy-unpinned-standby", || RegionConfig {
             handler_threads: 2,
-            standby_after: None,
+            standby_after: Some(Duration::from_millis(1)),
             spin: Duration::ZERO,
-            pin_handlers: true,
+            pin_handlers: false,
             ..base_cfg(4 * KIB)
         }),
         ("lazy-spin-30us-1thr", || RegionConfig {
