@@ -57,9 +57,15 @@ impl Context {
             .rt
             .block_on(self.registry.open(url))
             .with_context(|| format!("cannot open {url}"))?;
+        Ok(self.track(url, store))
+    }
+
+    /// Wrap a store opened some other way (e.g. a cache) in a stats layer reported with
+    /// `--metrics` under the label `url`.
+    pub fn track(&self, url: &str, store: DynStore) -> DynStore {
         let stats = Arc::new(Stats::new(store));
         self.opened.lock().push((url.to_owned(), stats.clone()));
-        Ok(stats)
+        stats
     }
 
     fn stats_of(&self, url: &str) -> Option<Arc<Stats<DynStore>>> {

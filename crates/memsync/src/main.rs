@@ -29,6 +29,7 @@ EXAMPLES:
   memsync copy file:/tmp/disk.img 'dir:/tmp/chunks?size=1G'
   memsync serve mem:1G --listen nbd://127.0.0.1:10809
   memsync map nbd://127.0.0.1:10809/ --chunk 2M
+  memsync map nbd://127.0.0.1:10809/ --cache /var/tmp/cache   the same through a local cache
   memsync mount nbd://127.0.0.1:10809/ --cache /var/tmp/cache --fuse /mnt/memsync
   memsync bench store --quick --json";
 
@@ -69,6 +70,11 @@ enum Command {
     /// A TCP delay proxy (added RTT, bandwidth cap) for RTT emulation, until SIGINT/SIGTERM.
     Proxy(proxy::ProxyArgs),
     /// Map a store lazily (userfaultfd), touch and checksum every byte, print fault statistics.
+    ///
+    /// With --cache DIR the region is the frontend of a managed mount: it maps a local cache of
+    /// STORE in DIR instead of STORE itself (background pull, persisted chunk map), and prints
+    /// the cache's statistics after closing it. Run it again with the same DIR and nothing that
+    /// is already local is fetched from STORE.
     Map(map::MapArgs),
     /// List the store URL schemes this build supports.
     Stores,

@@ -1,16 +1,21 @@
 //! `memsync map`: map a store lazily (userfaultfd), touch and checksum every byte through page
-//! faults, and print the fault statistics.
+//! faults, and print the fault statistics. With `--cache DIR` the region is the frontend of a
+//! managed mount: it maps a local cache (memsync-cache) whose remote is the store.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use memsync_cache::CacheConfig;
+use memsync_core::DynStore;
 use memsync_core::size::{format_size, parse_size};
 use memsync_region::{Backing, FollowFaults, LazyRegion, RegionConfig};
 
 use crate::bench::gbps;
 use crate::cmd::Context;
+use crate::mount::{cache_chunk, cache_state, close_cache, open_cache};
 
 #[derive(Debug, Args)]
 pub struct MapArgs {
@@ -36,6 +41,16 @@ pub struct MapArgs {
     /// Fetch missing chunks on the reading thread instead of through page faults.
     #[arg(long)]
     pub inline: bool,
+    /// Map a managed cache of STORE kept in DIR instead of STORE itself: STORE becomes the
+    /// remote of a local cache in DIR (created if missing) that keeps every chunk it fetches and
+    /// pulls the rest in the background. Reusing DIR (same STORE and --cache-chunk) resumes:
+    /// what is already local is not fetched again. At the end the cache is flushed and closed,
+    /// and its statistics printed.
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// The cache's chunk size (with --cache): a power of two from 4K to 4M.
+    #[arg(long, value_name = "SIZE", default_value = "1M", requires = "cache")]
+    pub cache_chunk: String,
 }
 
 fn parse_chunk(s: &str) -> Result<u64, String> {
@@ -47,7 +62,21 @@ fn parse_chunk(s: &str) -> Result<u64, String> {
 }
 
 pub fn map(ctx: &Context, a: MapArgs) -> Result<()> {
-    let store = ctx.open(&a.store)?;
+    let (store, cache) = match &a.cache {
+        None => (ctx.open(&a.store)?, None),
+        Some(dir) => {
+            let cfg = CacheConfig {
+                chunk_size: cache_chunk("--cache-chunk", &a.cache_chunk)?,
+                pull: true,
+                ..CacheConfig::default()
+            };
+            let cache = ctx
+                .rt
+                .block_on(open_cache(&ctx.registry, &a.store, dir, cfg))?;
+            eprintln!("memsync: {}", cache_state(&cache));
+            (ctx.track(&a.store, cache.clone() as DynStore), Some(cache))
+        }
+    };
     let cfg = RegionConfig {
         chunk_size: usize::try_from(a.chunk)?,
         handler_threads: a.threads.unwrap_or(2),
@@ -146,6 +175,14 @@ pub fn map(ctx: &Context, a: MapArgs) -> Result<()> {
     );
     if let Some(e) = region.last_error() {
         println!("errors: {} (last: {e})", region.errors().len());
+    }
+    drop(region);
+    if let Some(cache) = cache {
+        let summary = ctx
+            .rt
+            .block_on(close_cache(&cache))
+            .with_context(|| format!("closing the cache in {}", cache.dir().display()))?;
+        println!("cache {}: {summary}", cache.dir().display());
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! SIGINT/SIGTERM; then a final flush and a clean unmount.
 
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -70,6 +70,59 @@ pub fn parse_range(s: &str) -> Result<Range<u64>> {
     bail!("range {s:?}: expected START-END or START+LEN")
 }
 
+/// Open (or resume) a managed cache of the remote `url` in `dir` (created if missing): the
+/// remotes come from [`remote_pair`], the second serving demand misses; the rest is `cfg`.
+pub async fn open_cache(
+    registry: &Registry,
+    url: &str,
+    dir: &Path,
+    cfg: CacheConfig,
+) -> Result<Arc<Cache>> {
+    let (remote, demand) = remote_pair(registry, url)
+        .await
+        .with_context(|| format!("cannot open {url}"))?;
+    let cfg = CacheConfig {
+        demand_remote: Some(demand as DynStore),
+        ..cfg
+    };
+    let cache = Cache::open(remote as DynStore, dir, cfg)
+        .await
+        .with_context(|| format!("opening the cache in {}", dir.display()))?;
+    Ok(Arc::new(cache))
+}
+
+/// One line on what an opened cache already holds (a reused directory resumes).
+pub fn cache_state(cache: &Cache) -> String {
+    let p = cache.progress();
+    format!(
+        "cache {}: {}/{} chunks local, {} dirty",
+        cache.dir().display(),
+        p.local_chunks,
+        p.chunks,
+        p.dirty_chunks
+    )
+}
+
+/// A cache chunk size given as `flag` (`mount --chunk`, `map --cache-chunk`), checked by the
+/// cache's own rule (a power of two from 4K to 4M) before anything is opened.
+pub fn cache_chunk(flag: &str, s: &str) -> Result<u64> {
+    let chunk_size = parse_size(s).with_context(|| flag.to_owned())?;
+    CacheConfig {
+        chunk_size,
+        ..CacheConfig::default()
+    }
+    .validate()
+    .with_context(|| flag.to_owned())?;
+    Ok(chunk_size)
+}
+
+/// Close a cache cleanly (final flush to the remote, background tasks stopped, chunk map
+/// saved) and return its one-line statistics summary.
+pub async fn close_cache(cache: &Cache) -> Result<String> {
+    cache.close().await.context("final flush to the remote")?;
+    Ok(cache.stats().to_string())
+}
+
 /// A reconnecting remote opened through the registry.
 pub async fn reconnecting(registry: &Registry, url: &str) -> Result<Arc<Reconnect>> {
     let registry = registry.clone();
@@ -96,7 +149,7 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
     if a.fuse.is_none() && a.nbd.is_none() {
         bail!("nothing to expose the mount with: give --fuse MOUNTPOINT and/or --nbd URL");
     }
-    let chunk = parse_size(&a.chunk)?;
+    let chunk = cache_chunk("--chunk", &a.chunk)?;
     let hints = a
         .hints
         .iter()
@@ -104,31 +157,17 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let handle = ctx.rt.handle().clone();
     ctx.rt.block_on(async move {
-        let (remote, demand) = remote_pair(&ctx.registry, &a.remote)
-            .await
-            .with_context(|| format!("cannot open {}", a.remote))?;
         let cfg = CacheConfig {
             chunk_size: chunk,
             pull: a.pull == "on",
             hints,
             push_interval: a.push_interval,
             fetch_timeout: a.fetch_timeout,
-            demand_remote: Some(demand as DynStore),
             ..CacheConfig::default()
         };
-        let cache = Arc::new(
-            Cache::open(remote as DynStore, &a.cache, cfg)
-                .await
-                .with_context(|| format!("opening the cache in {}", a.cache.display()))?,
-        );
+        let cache = open_cache(&ctx.registry, &a.remote, &a.cache, cfg).await?;
         let p = cache.progress();
-        eprintln!(
-            "memsync: cache {}: {}/{} chunks local, {} dirty",
-            a.cache.display(),
-            p.local_chunks,
-            p.chunks,
-            p.dirty_chunks
-        );
+        eprintln!("memsync: {}", cache_state(&cache));
         let mut fuse: Option<FuseMount> = None;
         if let Some(mp) = &a.fuse {
             let opts = FuseOptions {
@@ -237,8 +276,8 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
         if let Some(p) = unix_path {
             let _ = std::fs::remove_file(p);
         }
-        cache.close().await.context("final flush to the remote")?;
-        eprintln!("memsync: stopped; {}", cache.stats());
+        let summary = close_cache(&cache).await?;
+        eprintln!("memsync: stopped; {summary}");
         anyhow::Ok(())
     })
 }
@@ -253,5 +292,15 @@ mod tests {
         assert_eq!(parse_range("4K-8K").unwrap(), 4096..8192);
         assert!(parse_range("8K-4K").is_err());
         assert!(parse_range("x").is_err());
+    }
+
+    #[test]
+    fn cache_chunks() {
+        assert_eq!(cache_chunk("--chunk", "1M").unwrap(), 1 << 20);
+        assert_eq!(cache_chunk("--chunk", "4K").unwrap(), 4096);
+        for bad in ["3000", "8M", "2K", "12Q"] {
+            let e = format!("{:#}", cache_chunk("--chunk", bad).unwrap_err());
+            assert!(e.starts_with("--chunk: "), "{e}");
+        }
     }
 }

@@ -473,6 +473,103 @@ fn mount_fuse_durable_after_sigkill_and_restart_refetches_nothing() {
     assert!(err.contains("memsync: stopped"), "{err}");
 }
 
+/// The line of `memsync map --cache` output with the cache's statistics.
+fn cache_line(o: &Output) -> String {
+    stdout(o)
+        .lines()
+        .find(|l| l.starts_with("cache "))
+        .unwrap_or_else(|| panic!("no cache statistics:\n{}", stdout(o)))
+        .to_owned()
+}
+
+#[test]
+fn map_through_a_cache_then_reuse_it_without_refetching() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("remote.img");
+    std::fs::write(&img, random(7, 6 << 20)).unwrap();
+    let sock = dir.path().join("s.sock");
+    let url = format!("nbd+unix:///?socket={}", sock.display());
+    let _srv = serve(&[&format!("file:{}", img.display()), "--listen", &url]);
+    let want = hash_of(
+        &memsync(&["checksum", &format!("file:{}", img.display())]),
+        "checksum",
+    );
+    let cache = dir.path().join("cache");
+    let map = || {
+        let o = Command::new(env!("CARGO_BIN_EXE_memsync"))
+            .args(["map", &url, "--cache"])
+            .arg(&cache)
+            .output()
+            .expect("run memsync map");
+        assert!(o.status.success(), "map --cache failed: {}", stderr(&o));
+        o
+    };
+
+    let first = map();
+    assert_eq!(hash_of(&first, "map --cache"), want, "first map differs");
+    let line = cache_line(&first);
+    assert!(line.contains("local 6/6 chunks (0 dirty)"), "{line}");
+    assert!(
+        !line.contains("pulled 0 B"),
+        "nothing pulled the first time: {line}"
+    );
+
+    // The same directory again: the same bytes, all from the cache, nothing from the remote.
+    let second = map();
+    assert_eq!(
+        hash_of(&second, "map --cache again"),
+        want,
+        "second map differs"
+    );
+    assert!(
+        stderr(&second).contains("6/6 chunks local"),
+        "{}",
+        stderr(&second)
+    );
+    let line = cache_line(&second);
+    assert!(
+        line.contains("pulled 0 B (demand 0 B) in 0 reads"),
+        "refetched with a reused cache: {line}"
+    );
+}
+
+#[test]
+fn map_cache_errors_name_their_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let cache = cache.to_str().unwrap();
+    let missing = format!(
+        "nbd+unix:///?socket={}",
+        dir.path().join("none.sock").display()
+    );
+    let one_line = |o: &Output| {
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(o));
+        let e = stderr(o);
+        assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+        assert!(e.starts_with("memsync: error: "), "{e}");
+        e
+    };
+    // A bad chunk size is refused before the store is opened, and says why.
+    for (chunk, why) in [
+        ("3000", "power of two from 4 KiB to 4 MiB"),
+        ("8M", "power of two from 4 KiB to 4 MiB"),
+        ("1Q", "unknown unit"),
+    ] {
+        let e = one_line(&memsync(&[
+            "map",
+            &missing,
+            "--cache",
+            cache,
+            "--cache-chunk",
+            chunk,
+        ]));
+        assert!(e.contains("--cache-chunk") && e.contains(why), "{e}");
+    }
+    // A store that cannot be opened is named.
+    let e = one_line(&memsync(&["map", &missing, "--cache", cache]));
+    assert!(e.contains(&format!("cannot open {missing}")), "{e}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Remote stores (Redis, S3) through every frontend: a lazy region (`memsync map`), a FUSE mount
 // of the cache layer (`memsync mount --fuse`) and an NBD export (`memsync serve` + nbdcopy), on
