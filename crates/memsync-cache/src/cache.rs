@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use crate::config::CacheConfig;
 use crate::map::{MAP_DIRTY, MAP_PRESENT, MapFile, open_dir};
 use crate::stats::{CacheStats, CacheStatsSnapshot};
-use crate::window::Window;
+use crate::window::{Window, WindowLimits};
 
 const REMOTE: u8 = 0;
 const FETCHING: u8 = 1;
@@ -487,19 +487,39 @@ impl Inner {
         let mut set = JoinSet::new();
         let mut done: Vec<(u64, Vec<u64>)> = Vec::new();
         let mut first_err: Option<StoreError> = None;
-        let mut it = runs.into_iter();
+        let mut it = runs.into_iter().peekable();
+        // The window counts requests; the bytes in flight are bounded as if every request were
+        // a full one, so that small scattered runs (random 4 KiB writes) can have many more
+        // requests in flight over a long link.
+        let byte_cap = self.cfg.window.max as u64 * self.cfg.chunks_per_request() * self.cs;
+        let mut in_flight = 0u64;
+        let mut sizes: std::collections::HashMap<tokio::task::Id, u64> =
+            std::collections::HashMap::new();
         loop {
             let w = self.push_window.lock().get();
             self.stats.push_window.store(w as u64, Relaxed);
             while set.len() < w {
-                match it.next() {
-                    Some((f, n)) => {
-                        set.spawn(self.clone().push_one(f, n));
+                match it.peek() {
+                    Some(&(f, n)) if set.is_empty() || in_flight + n * self.cs <= byte_cap => {
+                        it.next();
+                        let h = set.spawn(self.clone().push_one(f, n));
+                        sizes.insert(h.id(), n * self.cs);
+                        in_flight += n * self.cs;
                     }
-                    None => break,
+                    _ => break,
                 }
             }
-            match set.join_next().await {
+            let next = set.join_next_with_id().await.map(|r| match r {
+                Ok((id, v)) => {
+                    in_flight -= sizes.remove(&id).unwrap_or(0);
+                    Ok(v)
+                }
+                Err(e) => {
+                    in_flight -= sizes.remove(&e.id()).unwrap_or(0);
+                    Err(e)
+                }
+            });
+            match next {
                 None => break,
                 Some(Ok((res, lat))) => match res {
                     Ok(Some(x)) => {
@@ -994,7 +1014,12 @@ impl Cache {
             demand_active: AtomicUsize::new(0),
             last_demand: AtomicU64::new(NO_CHUNK),
             pull_paused: AtomicBool::new(false),
-            push_window: Mutex::new(Window::new(cfg.window)),
+            // Push requests are often single small chunks: allow as many more of them as fit
+            // in the bytes of `window.max` full requests (capped), see `push_round`.
+            push_window: Mutex::new(Window::new(WindowLimits {
+                max: (cfg.window.max as u64 * cfg.chunks_per_request()).min(16384) as usize,
+                ..cfg.window
+            })),
             stop,
             stats: CacheStats::default(),
             cfg,
