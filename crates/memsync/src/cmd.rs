@@ -117,22 +117,26 @@ pub struct InfoArgs {
 pub fn info(ctx: &Context, a: InfoArgs) -> Result<()> {
     let store = ctx.open(&a.store)?;
     let caps = store.caps();
-    println!("store:        {}", a.store);
-    println!(
+    outln!("store:        {}", a.store);
+    outln!(
         "size:         {} ({} bytes)",
         format_size(store.size()),
         store.size()
     );
-    println!("read-only:    {}", caps.read_only);
-    println!("block size:   {}", caps.block_size);
-    println!("preferred io: {}", format_size(caps.preferred_io));
-    println!("max io:       {}", format_size(caps.max_io));
-    println!(
+    outln!("read-only:    {}", caps.read_only);
+    outln!("block size:   {}", caps.block_size);
+    outln!("preferred io: {}", format_size(caps.preferred_io));
+    outln!("max io:       {}", format_size(caps.max_io));
+    outln!(
         "trim: {}  fast zero: {}  extents: {}  flush: {}  multi-conn: {}",
-        caps.trim, caps.fast_zero, caps.extents, caps.flush, caps.multi_conn
+        caps.trim,
+        caps.fast_zero,
+        caps.extents,
+        caps.flush,
+        caps.multi_conn
     );
     let (data, zero, hole) = ctx.rt.block_on(allocation(&*store))?;
-    println!(
+    outln!(
         "allocation:   data {}  zero {}  hole {}",
         format_size(data),
         format_size(zero),
@@ -265,7 +269,7 @@ pub fn copy(ctx: &Context, a: CopyArgs) -> Result<()> {
     ))?;
     pb.finish_and_clear();
     let el = t.elapsed();
-    println!(
+    outln!(
         "copied {} of data ({} total) in {:.3} s, {:.2} GB/s",
         format_size(copied),
         format_size(src.size()),
@@ -310,7 +314,7 @@ pub fn checksum(ctx: &Context, a: ChecksumArgs) -> Result<()> {
     let pb = progress(store.size(), "checksum");
     let h = ctx.rt.block_on(checksum_store(&store, &pb))?;
     pb.finish_and_clear();
-    println!("{h}  {}", a.store);
+    outln!("{h}  {}", a.store);
     Ok(())
 }
 
@@ -353,7 +357,7 @@ pub fn bench(ctx: &Context, a: BenchArgs) -> Result<()> {
 
 pub fn stores(ctx: &Context) -> Result<()> {
     for (scheme, help) in ctx.registry.schemes() {
-        println!("{scheme:<15} {help}");
+        outln!("{scheme:<15} {help}");
     }
     Ok(())
 }
@@ -371,7 +375,7 @@ pub struct DemoArgs {
 pub fn demo(ctx: &Context, a: DemoArgs) -> Result<()> {
     let size = a.size;
     let mem_url = format!("mem:{size}");
-    println!(
+    outln!(
         "1. opening the embedded default store {mem_url} and writing random data (every 8th MiB left as a hole)"
     );
     let mem = ctx.open(&mem_url)?;
@@ -392,7 +396,7 @@ pub fn demo(ctx: &Context, a: DemoArgs) -> Result<()> {
         }
         Ok::<(), memsync_core::StoreError>(())
     })?;
-    println!(
+    outln!(
         "   wrote {} in {:.3} s",
         format_size(size),
         t.elapsed().as_secs_f64()
@@ -400,7 +404,7 @@ pub fn demo(ctx: &Context, a: DemoArgs) -> Result<()> {
     let hidden = ProgressBar::hidden();
     let h1 = ctx.rt.block_on(checksum_store(&mem, &hidden))?;
     let (data, _, hole) = ctx.rt.block_on(allocation(&*mem))?;
-    println!(
+    outln!(
         "   blake3 {h1}; allocated {} of data, {} of holes",
         format_size(data),
         format_size(hole)
@@ -409,7 +413,7 @@ pub fn demo(ctx: &Context, a: DemoArgs) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("memsync-demo-{}", std::process::id()));
     let _cleanup = RemoveOnDrop(dir.clone());
     let dir_url = format!("dir:{}?size={size}&chunk=1M", dir.display());
-    println!("2. copying it to {dir_url} (holes are skipped)");
+    outln!("2. copying it to {dir_url} (holes are skipped)");
     let dst = ctx.open(&dir_url)?;
     let pb = progress(size, "copy");
     let t = Instant::now();
@@ -418,7 +422,7 @@ pub fn demo(ctx: &Context, a: DemoArgs) -> Result<()> {
         .block_on(copy_store(&mem, &dst, 1 << 20, 8, true, &pb))?;
     pb.finish_and_clear();
     let el = t.elapsed();
-    println!(
+    outln!(
         "   copied {} of data in {:.3} s ({:.2} GB/s of store)",
         format_size(copied),
         el.as_secs_f64(),
@@ -428,15 +432,15 @@ pub fn demo(ctx: &Context, a: DemoArgs) -> Result<()> {
     if h1 != h2 {
         bail!("verification failed: {mem_url} has {h1} but the copy has {h2}");
     }
-    println!("3. verified: the copy has the same blake3 {h2}");
+    outln!("3. verified: the copy has the same blake3 {h2}");
     if let Some(s) = ctx.stats_of(&dir_url) {
         let snap = s.snapshot();
         for op in snap.ops() {
-            println!("   {}", op);
+            outln!("   {}", op);
         }
     }
     if !a.no_bench {
-        println!("4. store benchmark (quick): each store beside memcpy/pread on this machine");
+        outln!("4. store benchmark (quick): each store beside memcpy/pread on this machine");
         let config = BenchConfig {
             quick: true,
             json: false,

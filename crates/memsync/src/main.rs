@@ -1,5 +1,7 @@
 //! `memsync`: network-native Linux memory regions. A thin binary over the library crates.
 
+#[macro_use]
+mod out;
 mod bench;
 mod cmd;
 mod map;

@@ -131,8 +131,8 @@ pub fn map(ctx: &Context, a: MapArgs) -> Result<()> {
     let _ = region.wait_pull(Duration::from_millis(10));
     let s = region.stats().snapshot();
     let p = region.progress();
-    println!("{}  {}", hasher.finalize(), a.store);
-    println!(
+    outln!("{}  {}", hasher.finalize(), a.store);
+    outln!(
         "mapped {} in chunks of {} ({}), created in {:.1} ms; touched and hashed in {:.3} s: {:.2} GB/s",
         format_size(len as u64),
         format_size(a.chunk),
@@ -145,7 +145,7 @@ pub fn map(ctx: &Context, a: MapArgs) -> Result<()> {
         el.as_secs_f64(),
         gbps(len as u64, el)
     );
-    println!(
+    outln!(
         "faults: {} ({} waited for a fetch in progress, {} spurious); chunks fetched: {} by faults, {} in the background, {} inline, {} zero",
         s.faults,
         s.faults_waited,
@@ -155,7 +155,7 @@ pub fn map(ctx: &Context, a: MapArgs) -> Result<()> {
         s.chunks_inline,
         s.chunks_zero
     );
-    println!(
+    outln!(
         "bytes fetched: {} ({} in the background); installs: {} move, {} copy, {} continue, {} retried",
         format_size(s.bytes_fetched),
         format_size(s.bytes_background),
@@ -164,7 +164,7 @@ pub fn map(ctx: &Context, a: MapArgs) -> Result<()> {
         s.installs_continue,
         s.install_retries
     );
-    println!(
+    outln!(
         "fault service latency: p50 {:.1} us, p99 {:.1} us, max {:.1} us; store read p50 {:.1} us; present {}/{} chunks",
         s.fault_p50.as_secs_f64() * 1e6,
         s.fault_p99.as_secs_f64() * 1e6,
@@ -174,7 +174,7 @@ pub fn map(ctx: &Context, a: MapArgs) -> Result<()> {
         p.total_chunks
     );
     if let Some(e) = region.last_error() {
-        println!("errors: {} (last: {e})", region.errors().len());
+        outln!("errors: {} (last: {e})", region.errors().len());
     }
     drop(region);
     if let Some(cache) = cache {
@@ -182,7 +182,7 @@ pub fn map(ctx: &Context, a: MapArgs) -> Result<()> {
             .rt
             .block_on(close_cache(&cache))
             .with_context(|| format!("closing the cache in {}", cache.dir().display()))?;
-        println!("cache {}: {summary}", cache.dir().display());
+        outln!("cache {}: {summary}", cache.dir().display());
     }
     Ok(())
 }

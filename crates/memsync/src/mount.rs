@@ -188,7 +188,7 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
                     mp.display()
                 )
             })?;
-            println!("memsync: mounted {}", m.file_path().display());
+            outln!("memsync: mounted {}", m.file_path().display());
             fuse = Some(m);
         }
         let mut server = None;
@@ -210,7 +210,7 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
                     let l = tokio::net::TcpListener::bind(&addr)
                         .await
                         .with_context(|| format!("listening on {addr}"))?;
-                    println!("memsync: serving nbd://{}", l.local_addr()?);
+                    outln!("memsync: serving nbd://{}", l.local_addr()?);
                     s.listen_tcp(l);
                 }
                 "nbd+unix" => {
@@ -221,7 +221,7 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
                     let _ = std::fs::remove_file(&p);
                     let l = tokio::net::UnixListener::bind(&p)
                         .with_context(|| format!("listening on {}", p.display()))?;
-                    println!("memsync: serving nbd+unix:///?socket={}", p.display());
+                    outln!("memsync: serving nbd+unix:///?socket={}", p.display());
                     s.listen_unix(l);
                     unix_path = Some(p);
                 }

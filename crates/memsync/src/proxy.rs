@@ -40,7 +40,7 @@ pub fn proxy(ctx: &Context, a: ProxyArgs) -> Result<()> {
         let p = Proxy::start(&a.listen, &a.to, cfg)
             .await
             .with_context(|| format!("listening on {}", a.listen))?;
-        println!(
+        outln!(
             "memsync: proxy {} -> {} (rtt {:?})",
             p.local_addr(),
             a.to,

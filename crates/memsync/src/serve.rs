@@ -132,7 +132,7 @@ pub fn serve(ctx: &Context, a: ServeArgs) -> Result<()> {
                     let l = tokio::net::TcpListener::bind(&addr)
                         .await
                         .with_context(|| format!("listening on {addr}"))?;
-                    println!("memsync: serving nbd://{}", l.local_addr()?);
+                    outln!("memsync: serving nbd://{}", l.local_addr()?);
                     server.listen_tcp(l);
                 }
                 Listen::Unix(p) => {
@@ -144,7 +144,7 @@ pub fn serve(ctx: &Context, a: ServeArgs) -> Result<()> {
                     }
                     let l = tokio::net::UnixListener::bind(&p)
                         .with_context(|| format!("listening on {}", p.display()))?;
-                    println!("memsync: serving nbd+unix:///?socket={}", p.display());
+                    outln!("memsync: serving nbd+unix:///?socket={}", p.display());
                     server.listen_unix(l);
                     unix_paths.push(p);
                 }

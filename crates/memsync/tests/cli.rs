@@ -1,7 +1,7 @@
 //! End-to-end tests that drive the `memsync` binary.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use rand::{RngCore, SeedableRng};
 
@@ -730,4 +730,23 @@ fn redis_cluster_store_through_every_frontend() {
         c.hosts()
     );
     remote_store_through_every_frontend(&url, size);
+}
+
+/// `memsync info URL | head -0`: a reader that goes away is not a crash.
+#[test]
+fn closed_stdout_is_not_a_panic() {
+    for args in [&["info", "mem:1G"][..], &["stores"][..]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_memsync"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Close the read end before the command writes.
+        drop(child.stdout.take());
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{args:?}: {:?} {err}", o.status);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
 }
