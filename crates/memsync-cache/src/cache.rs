@@ -672,6 +672,92 @@ impl Inner {
         Ok(())
     }
 
+    /// Chunks the remote reports as reading zeros (holes, zero extents) need no fetch: zero
+    /// them in the local copy (a punched hole) and mark them local, so neither the pull nor a
+    /// miss reads them. A sparse 1 TiB image then pulls only its data. Best effort: a remote
+    /// without extents, or an error, leaves everything to the pull.
+    async fn adopt_zero_chunks(self: &Arc<Self>) {
+        if !self.remote.caps().extents {
+            return;
+        }
+        let cs = self.cs;
+        // One query per slice bounds the reply of a remote with many extents.
+        const SLICE: u64 = 1 << 30;
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut off = 0;
+        while off < self.size {
+            let len = SLICE.min(self.size - off);
+            let ext =
+                match tokio::time::timeout(self.cfg.fetch_timeout, self.remote.extents(off, len))
+                    .await
+                {
+                    Ok(Ok(e)) => e,
+                    Ok(Err(e)) => {
+                        tracing::debug!("cache: remote extents unavailable: {}", e.chain());
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!("cache: remote extents timed out");
+                        return;
+                    }
+                };
+            for e in ext.iter().filter(|e| e.kind.reads_zero()) {
+                // Whole chunks inside the zero extent (the last chunk may be short).
+                let first = e.offset.div_ceil(cs);
+                let end = e.offset + e.len;
+                let last = if end >= self.size {
+                    self.chunks
+                } else {
+                    end / cs
+                };
+                if first < last {
+                    match runs.last_mut() {
+                        Some((f, n)) if *f + *n == first => *n += last - first,
+                        _ => runs.push((first, last - first)),
+                    }
+                }
+            }
+            off += len;
+        }
+        let mut adopted = 0;
+        for (first, n) in runs {
+            let mut c = first;
+            while c < first + n {
+                let k = self.claim_run(c, first + n - c);
+                if k == 0 {
+                    c += 1;
+                    continue;
+                }
+                let claim = Claim {
+                    inner: self.clone(),
+                    first: c,
+                    n: k,
+                    armed: true,
+                };
+                let (o, l) = self.run_bytes(c, k);
+                match self.local.write_zeroes(o, l).await {
+                    Ok(()) => {
+                        claim.finish(LOCAL);
+                        adopted += k;
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            "cache: zeroing bytes {o}..{} locally: {}",
+                            o + l,
+                            e.chain()
+                        );
+                        return;
+                    }
+                }
+                c += k;
+            }
+        }
+        if adopted > 0 {
+            self.stats.zero_chunks.fetch_add(adopted, Relaxed);
+            tracing::info!("cache: {adopted} chunks read as zeros in the remote; not fetched");
+        }
+    }
+
     fn progress(&self) -> PullProgress {
         PullProgress {
             chunks: self.chunks,
@@ -1029,6 +1115,9 @@ impl Cache {
                 "cache: resumed {} ({local_count}/{chunks} chunks local, {dirty} dirty)",
                 dir.display()
             );
+        }
+        if inner.local_count.load(SeqCst) < chunks {
+            inner.adopt_zero_chunks().await;
         }
         let mut tasks = vec![tokio::spawn(pusher(inner.clone(), inner.stop.subscribe()))];
         if inner.cfg.pull {

@@ -35,6 +35,8 @@ pub struct CacheStats {
     pub push_errors: AtomicU64,
     /// Chunk-map checkpoints written.
     pub checkpoints: AtomicU64,
+    /// Chunks the remote reported as zeros, made local without reading them.
+    pub zero_chunks: AtomicU64,
     /// Gauge: the puller's in-flight window (requests).
     pub pull_window: AtomicU64,
     /// Gauge: the pusher's in-flight window (requests).
@@ -61,6 +63,7 @@ pub struct CacheStatsSnapshot {
     pub fetch_errors: u64,
     pub push_errors: u64,
     pub checkpoints: u64,
+    pub zero_chunks: u64,
     pub pull_window: u64,
     pub push_window: u64,
     pub min_rtt: Duration,
@@ -87,6 +90,7 @@ impl CacheStats {
             fetch_errors: self.fetch_errors.load(Relaxed),
             push_errors: self.push_errors.load(Relaxed),
             checkpoints: self.checkpoints.load(Relaxed),
+            zero_chunks: self.zero_chunks.load(Relaxed),
             pull_window: self.pull_window.load(Relaxed),
             push_window: self.push_window.load(Relaxed),
             min_rtt: Duration::from_micros(self.min_rtt_us.load(Relaxed)),
@@ -104,7 +108,7 @@ impl fmt::Display for CacheStatsSnapshot {
         write!(
             f,
             "local {}/{} chunks ({} dirty); hits {} ({} B), misses {} (p50 {:?}, p99 {:?}), shared waits {}; \
-             pulled {} B (demand {} B) in {} reads, pushed {} B in {} writes, {} remote flushes; \
+             pulled {} B (demand {} B) in {} reads, {} zero chunks not read, pushed {} B in {} writes, {} remote flushes; \
              errors: fetch {}, push {}; window pull {} push {}, min RTT {:?}; {} checkpoints",
             self.local_chunks,
             self.chunks,
@@ -118,6 +122,7 @@ impl fmt::Display for CacheStatsSnapshot {
             self.pulled_bytes + self.demand_bytes,
             self.demand_bytes,
             self.remote_reads,
+            self.zero_chunks,
             self.pushed_bytes,
             self.remote_writes,
             self.remote_flushes,

@@ -630,3 +630,39 @@ fn fuse_mmap_integrity() {
     rt.block_on(cache.close()).unwrap();
     rt.block_on(server.shutdown()).unwrap();
 }
+
+/// Chunks the remote reports as zeros (NBD base:allocation holes) are made local without a
+/// read; chunks with any data, even partly, are fetched; every byte matches the remote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_chunks_of_the_remote_are_not_fetched() {
+    let size = 32u64 << 20;
+    let mem = Arc::new(MemStore::new(size));
+    // Data in chunks 0 and 81 (64 KiB chunks), and an unaligned piece over chunks 160-161.
+    for (off, len, seed) in [
+        (0u64, 65536usize, 1u64),
+        ((5 << 20) + 65536, 65536, 2),
+        ((10 << 20) + 100, 70000, 3),
+    ] {
+        mem.write(off, random_bytes(seed, len)).await.unwrap();
+    }
+    let (_server, addr) = nbd_server(mem.clone() as DynStore).await;
+    let remote = nbd_remote(&addr, 1).await;
+    assert!(remote.caps().extents, "the NBD remote reports extents");
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(remote as DynStore, dir.path(), cfg(65536, false))
+        .await
+        .unwrap();
+    let s = cache.stats();
+    assert_eq!(s.zero_chunks, 512 - 4, "{s}");
+    assert_eq!(cache.progress().local_chunks, 512 - 4);
+    let mut got = vec![0u8; size as usize];
+    for (i, part) in got.chunks_mut(1 << 20).enumerate() {
+        cache.read((i as u64) << 20, part).await.unwrap();
+    }
+    let mut want = vec![0u8; size as usize];
+    mem.read(0, &mut want).await.unwrap();
+    assert!(got == want, "cache content differs from the remote");
+    let s = cache.stats();
+    assert_eq!(s.demand_bytes, 4 * 65536, "only data chunks are read: {s}");
+    cache.close().await.unwrap();
+}
