@@ -2,7 +2,7 @@
 //!
 //! Each direction of each connection is a *delay line* of kernel pipes: a reader splices
 //! whatever bytes the socket has into a pipe (collecting for at most 1/16 of the one-way delay,
-//! and never more than 1 ms or 1 MiB), stamps the piece with `arrival + rtt/2` (and, with a
+//! and never more than 1 ms or 1 MiB), stamps the piece with `first arrival + rtt/2` (and, with a
 //! bandwidth cap, with the time the shared link would have finished sending it), and queues it;
 //! a writer splices each piece into the other socket when its time comes. Payload never passes
 //! through user space, so the proxy costs little CPU (nbdcopy through it at RTT 0 runs as fast
@@ -33,6 +33,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 const PIECE: usize = 1 << 20;
+/// Half of the timer's 1 ms resolution.
+const TIMER_SLACK: Duration = Duration::from_micros(500);
 
 /// Proxy settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -335,7 +337,11 @@ async fn pipe(sh: Arc<Shared>, dir: usize, src: Arc<TcpStream>, dst: Arc<TcpStre
                 let mut len = 0usize;
                 let mut eof = false;
                 let mut sealed_at = None;
+                let mut first_at = None;
                 // Wait for the first bytes, then keep collecting for the coalescing interval.
+                // The piece is due `rtt/2` after its *first* bytes arrived, so collecting adds
+                // no delay to a lone message (a request, a small reply); later bytes of the
+                // piece travel at most the coalescing interval (1/16 of the delay) faster.
                 loop {
                     match splice_in(&src, &pipe, room - len) {
                         Ok(Some(0)) => {
@@ -346,6 +352,7 @@ async fn pipe(sh: Arc<Shared>, dir: usize, src: Arc<TcpStream>, dst: Arc<TcpStre
                             len += n;
                             let half = Duration::from_nanos(sh.rtt_ns.load(Relaxed) / 2);
                             let now = Instant::now();
+                            first_at.get_or_insert(now);
                             let until = *sealed_at.get_or_insert(now + coalesce_for(half));
                             if len >= room || now >= until {
                                 break;
@@ -377,7 +384,7 @@ async fn pipe(sh: Arc<Shared>, dir: usize, src: Arc<TcpStream>, dst: Arc<TcpStre
                         let mut p = permit;
                         p.split(len).unwrap_or(p)
                     };
-                    let now = Instant::now();
+                    let now = first_at.unwrap_or_else(Instant::now);
                     let half = Duration::from_nanos(sh.rtt_ns.load(Relaxed) / 2);
                     let bw = sh.bandwidth.load(Relaxed);
                     let due = if bw > 0 {
@@ -407,8 +414,13 @@ async fn pipe(sh: Arc<Shared>, dir: usize, src: Arc<TcpStream>, dst: Arc<TcpStre
             if *sh.blocked.borrow() {
                 wait_unblocked(&sh).await;
             }
-            if due > Instant::now() {
-                tokio::time::sleep_until(due).await;
+            // The timer wakes in the millisecond tick after its deadline (somewhere in
+            // [deadline, deadline + 1 ms)): aim half a tick early so the delay is right on
+            // average instead of always up to 1 ms long.
+            if let Some(aim) = due.checked_sub(TIMER_SLACK)
+                && aim > Instant::now()
+            {
+                tokio::time::sleep_until(aim).await;
             }
             let mut left = len;
             while left > 0 {
