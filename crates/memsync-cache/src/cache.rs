@@ -821,13 +821,22 @@ async fn pull_one(inner: Arc<Inner>, first: u64, n: u64) -> (Result<()>, Duratio
 
 struct Puller {
     inner: Arc<Inner>,
-    order: Vec<u64>,
-    cursor: usize,
+    /// Runs of chunk indices in pull order; a final sweep over every chunk follows them.
+    order: Vec<std::ops::Range<u64>>,
+    /// Position: the run being walked (`order.len()` is the final sweep) and the next chunk.
+    run: usize,
+    pos: u64,
     follow: Option<(u64, u64)>,
     unit: u64,
 }
 
 impl Puller {
+    /// Start the walk over (chunks skipped meanwhile are looked at again).
+    fn rewind(&mut self) {
+        self.run = 0;
+        self.pos = 0;
+    }
+
     fn next_run(&mut self) -> Option<(u64, u64)> {
         let inner = &self.inner;
         if inner.cfg.follow_demand {
@@ -849,21 +858,22 @@ impl Puller {
                 }
             }
         }
-        while self.cursor < self.order.len() {
-            let c = self.order[self.cursor];
-            if inner.st(c) != REMOTE {
-                self.cursor += 1;
+        while self.run <= self.order.len() {
+            let r = match self.order.get(self.run) {
+                Some(r) => r.start..r.end.min(inner.chunks),
+                None => 0..inner.chunks,
+            };
+            let mut c = self.pos.max(r.start);
+            while c < r.end && inner.st(c) != REMOTE {
+                c += 1;
+            }
+            if c >= r.end {
+                self.run += 1;
+                self.pos = 0;
                 continue;
             }
-            let mut m = 1;
-            while m < self.unit
-                && self.cursor + (m as usize) < self.order.len()
-                && self.order[self.cursor + m as usize] == c + m
-            {
-                m += 1;
-            }
-            let n = inner.claim_run(c, m);
-            self.cursor += n.max(1) as usize;
+            let n = inner.claim_run(c, self.unit.min(r.end - c));
+            self.pos = c + n.max(1);
             if n > 0 {
                 return Some((c, n));
             }
@@ -918,7 +928,7 @@ impl Puller {
                 }
                 if exhausted {
                     // Everything left is being fetched on demand, or failed: rescan shortly.
-                    self.cursor = 0;
+                    self.rewind();
                 }
                 tokio::select! {
                     _ = inner.pull_wake.notified() => {}
@@ -941,7 +951,7 @@ impl Puller {
                                     _ = tokio::time::sleep(pause) => {}
                                     _ = stop.changed() => {}
                                 }
-                                self.cursor = 0;
+                                self.rewind();
                             }
                         }
                     }
@@ -1125,7 +1135,8 @@ impl Cache {
             let p = Puller {
                 inner: inner.clone(),
                 order,
-                cursor: 0,
+                run: 0,
+                pos: 0,
                 follow: None,
                 unit: inner.cfg.chunks_per_request(),
             };

@@ -17,11 +17,10 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
 use std::time::Duration;
-
-use std::os::fd::OwnedFd;
 
 use parking_lot::Mutex;
 use rustix::net::{Shutdown, shutdown};
