@@ -442,6 +442,7 @@ impl Inner {
         let mut caps = Caps::basic();
         caps.read_only = self.remote.caps().read_only;
         caps.flush = true;
+        caps.trim = !caps.read_only;
         caps.preferred_io = self.cs.max(64 * 1024);
         caps.max_io = 32 << 20;
         caps
@@ -1320,5 +1321,12 @@ impl Store for Cache {
 
     async fn flush(&self) -> Result<()> {
         self.inner.flush().await
+    }
+
+    /// Discarding is zeroing here: the zeros are written back like any write, so the remote
+    /// ends up reading zeros too (a discard that left old data there would resurface after a
+    /// restart from another cache).
+    async fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes(offset, len).await
     }
 }

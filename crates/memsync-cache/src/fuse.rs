@@ -1,6 +1,7 @@
 //! A FUSE filesystem that exposes a store as one file, `MOUNTPOINT/NAME`.
 //!
-//! Any process can open, read, write and `mmap(MAP_SHARED)` the file. It is served in page-cache
+//! Any process can open, read, write and `mmap(MAP_SHARED)` the file, and punch holes in it or
+//! zero ranges of it with `fallocate(2)`. It is served in page-cache
 //! mode (not `direct_io`): reads fill the kernel page cache (kept across opens), writes through
 //! a shared mapping reach the store when the kernel writes the pages back (`msync`, `munmap`,
 //! `fsync`, or periodic writeback), and `fsync` on the file flushes the store (for a
@@ -259,6 +260,51 @@ impl Filesystem for Fs {
             return reply.ok();
         }
         match self.rt.block_on(self.store.flush()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    /// `fallocate(2)`: punching a hole (`FALLOC_FL_PUNCH_HOLE`, which Linux requires with
+    /// `KEEP_SIZE`) trims the store and `FALLOC_FL_ZERO_RANGE` zeroes it; the kernel writes back
+    /// and drops the page cache of the range around the call. Plain allocation within the file
+    /// is a no-op (the store has its fixed size); anything that would change the size, and the
+    /// other modes, are refused.
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        if ino != FILE_INO {
+            return reply.error(Errno::EISDIR);
+        }
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let op = mode & !libc::FALLOC_FL_KEEP_SIZE;
+        let end = offset.saturating_add(length);
+        if end > self.size && !keep {
+            return reply.error(Errno::EFBIG);
+        }
+        if op != 0 && self.read_only {
+            return reply.error(Errno::EROFS);
+        }
+        let end = end.min(self.size);
+        let len = end.saturating_sub(offset);
+        let r = match op {
+            0 => Ok(()),
+            libc::FALLOC_FL_PUNCH_HOLE if keep => self
+                .rt
+                .block_on(self.store.trim(offset.min(self.size), len)),
+            libc::FALLOC_FL_ZERO_RANGE => self
+                .rt
+                .block_on(self.store.write_zeroes(offset.min(self.size), len)),
+            _ => return reply.error(Errno::EOPNOTSUPP),
+        };
+        match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }

@@ -666,3 +666,80 @@ async fn zero_chunks_of_the_remote_are_not_fetched() {
     assert_eq!(s.demand_bytes, 4 * 65536, "only data chunks are read: {s}");
     cache.close().await.unwrap();
 }
+
+/// `fallocate` on the FUSE file: a punched hole and a zeroed range read as zeros through the
+/// file and, after fsync, in the remote; the bytes around them are intact; growing the file is
+/// refused.
+#[test]
+fn fuse_fallocate_punches_and_zeroes_through_to_the_remote() {
+    use rustix::fs::{FallocateFlags, fallocate};
+    use std::os::unix::fs::FileExt;
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is needed (and root)"
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let size = 8u64 << 20;
+    let mem = rt.block_on(filled_mem(size, 91));
+    let (_server, addr) = rt.block_on(nbd_server(mem.clone()));
+    let remote = rt.block_on(nbd_remote(&addr, 2));
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = tempfile::tempdir().unwrap();
+    let cache = Arc::new(
+        rt.block_on(Cache::open(remote, dir.path(), cfg(64 * 1024, true)))
+            .unwrap(),
+    );
+    let mount = memsync_cache::fuse::mount(
+        cache.clone(),
+        rt.handle().clone(),
+        mnt.path(),
+        memsync_cache::fuse::FuseOptions::default(),
+    )
+    .unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(mount.file_path())
+        .unwrap();
+    let mut want = vec![0u8; size as usize];
+    rt.block_on(mem.read(0, &mut want)).unwrap();
+    // Read everything first, so stale page cache would show if the kernel kept it.
+    let mut got = vec![0u8; size as usize];
+    f.read_exact_at(&mut got, 0).unwrap();
+    assert!(got == want);
+    let holes = [
+        (
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            1_000_000u64,
+            300_000u64,
+        ),
+        (FallocateFlags::ZERO_RANGE, 4_000_123, 70_001),
+        (
+            FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE,
+            size - 5000,
+            5000,
+        ),
+    ];
+    for (flags, off, len) in holes {
+        fallocate(&f, flags, off, len).unwrap_or_else(|e| panic!("{flags:?} {off}+{len}: {e}"));
+        want[off as usize..(off + len) as usize].fill(0);
+    }
+    f.read_exact_at(&mut got, 0).unwrap();
+    assert!(
+        got == want,
+        "the file does not read the zeroed ranges as zeros"
+    );
+    let e = fallocate(&f, FallocateFlags::empty(), size - 10, 100).unwrap_err();
+    assert_eq!(e, rustix::io::Errno::FBIG, "growing the file");
+    f.sync_all().unwrap();
+    let mut remote_now = vec![0u8; size as usize];
+    rt.block_on(mem.read(0, &mut remote_now)).unwrap();
+    assert!(remote_now == want, "the remote differs after fsync");
+    drop(f);
+    mount.unmount().unwrap();
+    rt.block_on(cache.close()).unwrap();
+}
