@@ -1014,3 +1014,33 @@ fn memsync_sys_pmd() -> usize {
         })
         .map_or(2 * MIB, |kb| kb * KIB)
 }
+
+/// A region created and touched by threads confined to one CPU (as under a one-CPU cpuset):
+/// every pinned handler lands on that CPU, and faults are still served, unpinned or pinned.
+#[test]
+fn faults_are_served_when_confined_to_one_cpu() {
+    let rx = spawn(|| {
+        let cpu = memsync_sys::current_cpu().unwrap();
+        memsync_sys::set_thread_affinity(&[cpu]).unwrap();
+        assert_eq!(memsync_sys::allowed_cpus().unwrap(), vec![cpu]);
+        for pin in [true, false] {
+            let (store, data) = random_store(4 * MIB, 21, None);
+            let region = LazyRegion::new(
+                store,
+                RegionConfig {
+                    pin_handlers: pin,
+                    handler_threads: 2,
+                    ..cfg(64 * KIB)
+                },
+            )
+            .unwrap();
+            let mut buf = vec![0u8; 4096];
+            for off in (0..4 * MIB).step_by(64 * KIB).rev() {
+                region.read_faulting(off + 100, &mut buf);
+                assert!(buf == data[off + 100..off + 100 + 4096], "pin {pin}: {off}");
+            }
+            assert!(region.stats().snapshot().faults > 0);
+        }
+    });
+    join(&rx);
+}
