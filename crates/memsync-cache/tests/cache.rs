@@ -35,6 +35,20 @@ fn cfg(chunk: u64, pull: bool) -> CacheConfig {
     }
 }
 
+/// A delay proxy on a free loopback port in front of `up`.
+async fn delay_proxy(up: &str, rtt: Duration) -> Proxy {
+    Proxy::start(
+        "127.0.0.1:0",
+        up,
+        ProxyConfig {
+            rtt,
+            ..ProxyConfig::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
 async fn bounded<T>(what: &str, limit: Duration, f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(limit, f)
         .await
@@ -404,16 +418,7 @@ async fn proxy_delays_without_limiting_throughput() {
         }
     });
     let rtt = Duration::from_millis(20);
-    let proxy = Proxy::start(
-        "127.0.0.1:0",
-        &up,
-        ProxyConfig {
-            rtt,
-            ..ProxyConfig::default()
-        },
-    )
-    .await
-    .unwrap();
+    let proxy = delay_proxy(&up, rtt).await;
     let paddr = proxy.local_addr();
     // Round trip.
     let mut s = tokio::net::TcpStream::connect(paddr).await.unwrap();
@@ -550,8 +555,18 @@ fn fuse_child_worker() {
     println!("child done");
 }
 
-#[test]
-fn fuse_mmap_integrity() {
+/// A FUSE file over a cache (64 KiB chunks, pull on, pushes only on flush) over memsync's NBD
+/// server exporting a memory store of random bytes.
+struct FuseFixture {
+    rt: tokio::runtime::Runtime,
+    mem: Arc<MemStore>,
+    server: Server,
+    cache: Arc<Cache>,
+    mount: memsync_cache::fuse::FuseMount,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+fn fuse_fixture(size: u64, seed: u64) -> FuseFixture {
     assert!(
         Path::new("/dev/fuse").exists(),
         "/dev/fuse is needed (and root)"
@@ -561,8 +576,7 @@ fn fuse_mmap_integrity() {
         .enable_all()
         .build()
         .unwrap();
-    let seed = 77u64;
-    let mem = rt.block_on(filled_mem(FUSE_SIZE, seed));
+    let mem = rt.block_on(filled_mem(size, seed));
     let (server, addr) = rt.block_on(nbd_server(mem.clone()));
     let remote = rt.block_on(nbd_remote(&addr, 2));
     let dir = tempfile::tempdir().unwrap();
@@ -580,6 +594,29 @@ fn fuse_mmap_integrity() {
         },
     )
     .unwrap();
+    FuseFixture {
+        rt,
+        mem,
+        server,
+        cache,
+        mount,
+        _dirs: (dir, mnt),
+    }
+}
+
+impl FuseFixture {
+    fn close(self) {
+        self.mount.unmount().unwrap();
+        self.rt.block_on(self.cache.close()).unwrap();
+        self.rt.block_on(self.server.shutdown()).unwrap();
+    }
+}
+
+#[test]
+fn fuse_mmap_integrity() {
+    let seed = 77u64;
+    let fx = fuse_fixture(FUSE_SIZE, seed);
+    let (rt, mem, mount) = (&fx.rt, &fx.mem, &fx.mount);
     let file = mount.file_path().to_path_buf();
     assert_eq!(std::fs::metadata(&file).unwrap().len(), FUSE_SIZE);
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
@@ -626,9 +663,7 @@ fn fuse_mmap_integrity() {
     // Plain read(2) through the file sees the same.
     let via_file = std::fs::read(&file).unwrap();
     assert!(via_file == want, "read(2) of the FUSE file differs");
-    mount.unmount().unwrap();
-    rt.block_on(cache.close()).unwrap();
-    rt.block_on(server.shutdown()).unwrap();
+    fx.close();
 }
 
 /// Chunks the remote reports as zeros (NBD base:allocation holes) are made local without a
@@ -674,32 +709,9 @@ async fn zero_chunks_of_the_remote_are_not_fetched() {
 fn fuse_fallocate_punches_and_zeroes_through_to_the_remote() {
     use rustix::fs::{FallocateFlags, fallocate};
     use std::os::unix::fs::FileExt;
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "/dev/fuse is needed (and root)"
-    );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
     let size = 8u64 << 20;
-    let mem = rt.block_on(filled_mem(size, 91));
-    let (_server, addr) = rt.block_on(nbd_server(mem.clone()));
-    let remote = rt.block_on(nbd_remote(&addr, 2));
-    let dir = tempfile::tempdir().unwrap();
-    let mnt = tempfile::tempdir().unwrap();
-    let cache = Arc::new(
-        rt.block_on(Cache::open(remote, dir.path(), cfg(64 * 1024, true)))
-            .unwrap(),
-    );
-    let mount = memsync_cache::fuse::mount(
-        cache.clone(),
-        rt.handle().clone(),
-        mnt.path(),
-        memsync_cache::fuse::FuseOptions::default(),
-    )
-    .unwrap();
+    let fx = fuse_fixture(size, 91);
+    let (rt, mem, mount) = (&fx.rt, &fx.mem, &fx.mount);
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -740,8 +752,7 @@ fn fuse_fallocate_punches_and_zeroes_through_to_the_remote() {
     rt.block_on(mem.read(0, &mut remote_now)).unwrap();
     assert!(remote_now == want, "the remote differs after fsync");
     drop(f);
-    mount.unmount().unwrap();
-    rt.block_on(cache.close()).unwrap();
+    fx.close();
 }
 
 /// Many connections through the proxy at once, in both directions, with writes of random sizes
@@ -762,16 +773,7 @@ async fn proxy_delivers_every_byte_in_order() {
         }
     });
     for rtt in [Duration::ZERO, Duration::from_millis(3)] {
-        let proxy = Proxy::start(
-            "127.0.0.1:0",
-            &up,
-            ProxyConfig {
-                rtt,
-                ..ProxyConfig::default()
-            },
-        )
-        .await
-        .unwrap();
+        let proxy = delay_proxy(&up, rtt).await;
         let paddr = proxy.local_addr();
         let mut tasks = tokio::task::JoinSet::new();
         for conn in 0..8u64 {

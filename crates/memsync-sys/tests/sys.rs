@@ -857,17 +857,7 @@ fn poison_raises_sigbus() {
         let out = run_test_process(&exe, "child_poison", |c| {
             c.env("MEMSYNC_SYS_CHILD", "poison");
         });
-        assert_eq!(
-            out.status.signal(),
-            Some(libc::SIGBUS),
-            "{}",
-            describe(&out)
-        );
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("poisoned; touching"),
-            "{}",
-            describe(&out)
-        );
+        assert_died_of_sigbus(&out, "poisoned; touching");
     } else {
         eprintln!("skipped: kernel lacks UFFD_FEATURE_POISON");
     }
@@ -1515,30 +1505,10 @@ fn sigbus_outside_the_region_is_not_swallowed() {
         return;
     }
     let out = run_sigbus_child("sigbus_eof");
-    assert_eq!(
-        out.status.signal(),
-        Some(libc::SIGBUS),
-        "{}",
-        describe(&out)
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("resolved; touching past EOF"),
-        "{}",
-        describe(&out)
-    );
+    assert_died_of_sigbus(&out, "resolved; touching past EOF");
     if Uffd::probe_features().unwrap().contains(Features::POISON) {
         let out = run_sigbus_child("sigbus_poison");
-        assert_eq!(
-            out.status.signal(),
-            Some(libc::SIGBUS),
-            "{}",
-            describe(&out)
-        );
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("resolved; touching a poisoned page"),
-            "{}",
-            describe(&out)
-        );
+        assert_died_of_sigbus(&out, "resolved; touching a poisoned page");
     } else {
         eprintln!("skipped: poisoned page: kernel lacks UFFD_FEATURE_POISON");
     }
@@ -1657,4 +1627,14 @@ fn child_sigbus_chain() {
     eprintln!("resolved; touching past EOF");
     let byte = m.read_vec(0, 1);
     panic!("reading past EOF returned {byte:?} (resolver {r:?}) instead of raising SIGBUS");
+}
+
+/// The child died of `SIGBUS` after printing `marker` (the step it reached).
+fn assert_died_of_sigbus(out: &std::process::Output, marker: &str) {
+    assert_eq!(out.status.signal(), Some(libc::SIGBUS), "{}", describe(out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(marker),
+        "{}",
+        describe(out)
+    );
 }
