@@ -1044,3 +1044,49 @@ fn faults_are_served_when_confined_to_one_cpu() {
     });
     join(&rx);
 }
+
+/// Store futures run on a shared runtime, answered within the handlers' spin (no delay) and
+/// after it (a delay layer: the handler parks and is woken): every byte is right.
+#[test]
+fn shared_runtime_with_spin_and_park() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    for delay in [Duration::ZERO, Duration::from_millis(2)] {
+        let (store, data) = random_store(4 * MIB, 33, None);
+        let fault = Fault::new(store);
+        fault.control().set_delay(OpSet::READ, delay);
+        let region = Arc::new(
+            LazyRegion::new(
+                Arc::new(fault),
+                RegionConfig {
+                    runtime: Some(runtime.handle().clone()),
+                    store_spin: Duration::from_micros(50),
+                    ..cfg(64 * KIB)
+                },
+            )
+            .unwrap(),
+        );
+        let data = Arc::new(data);
+        let rxs: Vec<_> = (0..3u64)
+            .map(|t| {
+                let (region, data) = (Arc::clone(&region), Arc::clone(&data));
+                spawn(move || {
+                    let mut rng = SmallRng::seed_from_u64(t);
+                    for _ in 0..40 {
+                        let off = rng.random_range(0..4 * MIB - 4096);
+                        let mut buf = vec![0u8; 4096];
+                        region.read_faulting(off, &mut buf);
+                        assert!(buf == data[off..off + 4096], "delay {delay:?}: {off}");
+                    }
+                })
+            })
+            .collect();
+        for rx in &rxs {
+            join(rx);
+        }
+        assert!(region.stats().snapshot().faults > 0);
+    }
+}
