@@ -729,8 +729,9 @@ impl Inner {
             return;
         }
         let cs = self.cs;
-        // One query per slice bounds the reply of a remote with many extents.
-        const SLICE: u64 = 1 << 30;
+        // One query per slice bounds the reply of a remote with many extents (the NBD client
+        // splits further as the protocol needs).
+        const SLICE: u64 = 64 << 30;
         let mut runs: Vec<(u64, u64)> = Vec::new();
         let mut off = 0;
         while off < self.size {
@@ -1177,21 +1178,33 @@ impl Cache {
                 dir.display()
             );
         }
-        if inner.local_count.load(SeqCst) < chunks {
-            inner.adopt_zero_chunks().await;
-        }
         let mut tasks = vec![tokio::spawn(pusher(inner.clone(), inner.stop.subscribe()))];
-        if inner.cfg.pull {
-            let order = inner.cfg.priority.order(chunks, cs, &inner.cfg.hints);
-            let p = Puller {
-                inner: inner.clone(),
-                order,
-                run: 0,
-                pos: 0,
-                follow: None,
-                unit: inner.cfg.chunks_per_request(),
-            };
-            tasks.push(tokio::spawn(p.run(inner.stop.subscribe())));
+        let puller = inner.cfg.pull.then(|| Puller {
+            inner: inner.clone(),
+            order: inner.cfg.priority.order(chunks, cs, &inner.cfg.hints),
+            run: 0,
+            pos: 0,
+            follow: None,
+            unit: inner.cfg.chunks_per_request(),
+        });
+        let adopt = inner.local_count.load(SeqCst) < chunks;
+        if adopt || puller.is_some() {
+            // Zero chunks are adopted in the background (over a long link the extent queries
+            // take round trips; reads are served meanwhile), then the pull starts, so it
+            // does not fetch what reads as zeros.
+            let inner = inner.clone();
+            tasks.push(tokio::spawn(async move {
+                if adopt {
+                    let mut stop = inner.stop.subscribe();
+                    tokio::select! {
+                        _ = inner.adopt_zero_chunks() => {}
+                        _ = stop.changed() => return,
+                    }
+                }
+                if let Some(p) = puller {
+                    p.run(inner.stop.subscribe()).await;
+                }
+            }));
         }
         if dirty > 0 {
             inner.push_wake.notify_one();

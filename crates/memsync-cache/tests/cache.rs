@@ -687,6 +687,11 @@ async fn zero_chunks_of_the_remote_are_not_fetched() {
     let cache = Cache::open(remote as DynStore, dir.path(), cfg(65536, false))
         .await
         .unwrap();
+    // Adoption runs in the background; it is quick here.
+    let t = Instant::now();
+    while cache.stats().zero_chunks < 512 - 4 && t.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let s = cache.stats();
     assert_eq!(s.zero_chunks, 512 - 4, "{s}");
     assert_eq!(cache.progress().local_chunks, 512 - 4);
