@@ -336,8 +336,8 @@ async fn pipe(sh: Arc<Shared>, dir: usize, src: Arc<TcpStream>, dst: Arc<TcpStre
                 let room = pipe.cap.min(PIECE);
                 let mut len = 0usize;
                 let mut eof = false;
-                let mut sealed_at = None;
-                let mut first_at = None;
+                // When the first bytes arrived, and the one-way delay then.
+                let mut first: Option<(Instant, Duration)> = None;
                 // Wait for the first bytes, then keep collecting for the coalescing interval.
                 // The piece is due `rtt/2` after its *first* bytes arrived, so collecting adds
                 // no delay to a lone message (a request, a small reply); later bytes of the
@@ -350,22 +350,23 @@ async fn pipe(sh: Arc<Shared>, dir: usize, src: Arc<TcpStream>, dst: Arc<TcpStre
                         }
                         Ok(Some(n)) => {
                             len += n;
-                            let half = Duration::from_nanos(sh.rtt_ns.load(Relaxed) / 2);
                             let now = Instant::now();
-                            first_at.get_or_insert(now);
-                            let until = *sealed_at.get_or_insert(now + coalesce_for(half));
-                            if len >= room || now >= until {
+                            let (at, half) = *first.get_or_insert_with(|| {
+                                (now, Duration::from_nanos(sh.rtt_ns.load(Relaxed) / 2))
+                            });
+                            if len >= room || now >= at + coalesce_for(half) {
                                 break;
                             }
                         }
-                        Ok(None) => match sealed_at {
+                        Ok(None) => match first {
                             None => {
                                 if src.readable().await.is_err() {
                                     eof = true;
                                     break;
                                 }
                             }
-                            Some(until) => {
+                            Some((at, half)) => {
+                                let until = at + coalesce_for(half);
                                 let ready = tokio::time::timeout_at(until, src.readable()).await;
                                 if !matches!(ready, Ok(Ok(()))) {
                                     break;
@@ -378,14 +379,12 @@ async fn pipe(sh: Arc<Shared>, dir: usize, src: Arc<TcpStream>, dst: Arc<TcpStre
                         }
                     }
                 }
-                if len > 0 {
+                if let Some((now, half)) = first {
                     // Hold budget for the bytes read, not for the whole piece.
                     let permit = {
                         let mut p = permit;
                         p.split(len).unwrap_or(p)
                     };
-                    let now = first_at.unwrap_or_else(Instant::now);
-                    let half = Duration::from_nanos(sh.rtt_ns.load(Relaxed) / 2);
                     let bw = sh.bandwidth.load(Relaxed);
                     let due = if bw > 0 {
                         let mut free = sh.link_free[dir].lock();

@@ -979,19 +979,6 @@ async fn connect_one(cfg: &ClientConfig) -> Result<(Conn, ExportInfo)> {
     }
 }
 
-/// Runs `f` when dropped.
-fn scopeguard(f: impl FnOnce()) -> impl Drop {
-    struct Guard<F: FnOnce()>(Option<F>);
-    impl<F: FnOnce()> Drop for Guard<F> {
-        fn drop(&mut self) {
-            if let Some(f) = self.0.take() {
-                f();
-            }
-        }
-    }
-    Guard(Some(f))
-}
-
 impl NbdStore {
     /// Connect, negotiate, and open more connections if the server allows multi-conn.
     pub async fn connect(cfg: ClientConfig) -> Result<Self> {
@@ -1011,17 +998,17 @@ impl NbdStore {
         // The extra connections negotiate while the first one does: over a long link each
         // handshake is several round trips, and doing them one after the other doubles the
         // time to open. They are kept only if the server allows multi-conn; otherwise they are
-        // dropped unused (a server that serves one client at a time never gets to them).
-        let extras: Vec<_> = (1..cfg.connections.max(1))
-            .map(|_| tokio::spawn(timed(cfg.clone())))
-            .collect();
-        let aborts: Vec<_> = extras.iter().map(|h| h.abort_handle()).collect();
-        let _abort_extras = scopeguard(move || aborts.iter().for_each(|a| a.abort()));
+        // dropped unused (a server that serves one client at a time never gets to them):
+        // dropping the set aborts whatever is still negotiating.
+        let mut extras = tokio::task::JoinSet::new();
+        for _ in 1..cfg.connections.max(1) {
+            extras.spawn(timed(cfg.clone()));
+        }
         let (first, info) = timed(cfg.clone()).await?;
         let mut conns = vec![first];
         if info.flags & TF_CAN_MULTI_CONN != 0 {
-            for h in extras {
-                match h.await {
+            while let Some(r) = extras.join_next().await {
+                match r {
                     Ok(Ok((c, _))) => conns.push(c),
                     Ok(Err(e)) => {
                         tracing::warn!("nbd: {desc}: an extra connection failed: {}", e.chain())

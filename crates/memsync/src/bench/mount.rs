@@ -78,10 +78,7 @@ fn nbdcopy_gbps(port: u16, size: u64) -> Result<f64> {
 /// Read the remote's image once before a timed read, so that every run finds it in the page
 /// cache and measures the path under test rather than the server's disk.
 fn warm(img: &Path) -> Result<()> {
-    let mut f = std::fs::File::open(img)?;
-    let mut buf = vec![0u8; 1 << 20];
-    while f.read(&mut buf)? > 0 {}
-    Ok(())
+    read_file_seq(img).map(|_| ())
 }
 
 fn make_image(path: &Path, size: u64) -> Result<()> {
