@@ -902,6 +902,83 @@ fn child_poison() {
 }
 
 // ---------------------------------------------------------------------------
+// A range that raises SIGBUS (the fallback for kernels without POISON)
+// ---------------------------------------------------------------------------
+
+/// A `SigbusFile` mapped over the middle of a registered range: a kernel
+/// access there fails with `EFAULT`, the pages around it stay registered,
+/// and a thread that was blocked on a fault in the range gets `SIGBUS` once
+/// woken (in a child process, which it kills).
+#[test]
+fn map_sigbus_raises_sigbus() {
+    let exe = std::env::current_exe().unwrap();
+    let out = run_test_process(&exe, "child_map_sigbus", |c| {
+        c.env("MEMSYNC_SYS_CHILD", "map_sigbus");
+    });
+    assert_died_of_sigbus(&out, "neighbours served; waking");
+}
+
+/// Child of `map_sigbus_raises_sigbus`: must die of SIGBUS.
+#[test]
+fn child_map_sigbus() {
+    if !is_child("map_sigbus") {
+        return;
+    }
+    let no_core = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit(2) reads one `rlimit` struct that outlives the call.
+    unsafe { libc::setrlimit(libc::RLIMIT_CORE, &raw const no_core) };
+    // No EVENT_UNMAP: with it, map_sigbus would wait for this thread to read
+    // the unmap event.
+    let uffd = uffd_or_skip("child_map_sigbus", Features::empty()).unwrap();
+    let m = Arc::new(Mapping::anonymous(3 * page()).unwrap());
+    uffd.register(&m, RegisterMode::MISSING).unwrap();
+    let blocked = {
+        let m = Arc::clone(&m);
+        spawn(move || m.read_vec(page() + 5, 1))
+    };
+    let (addr, _, _) = next_fault(&uffd);
+    assert_eq!(addr, m.addr() + page());
+    let file = memsync_sys::SigbusFile::new().unwrap();
+    m.map_sigbus(page(), page(), &file).unwrap();
+    drop(file);
+    let err = memsync_sys::read_after_fork(m.addr() + page(), 8, WAIT).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EFAULT), "{err}");
+    // The pages on both sides are still registered.
+    for k in [0, 2] {
+        let reader = {
+            let m = Arc::clone(&m);
+            spawn(move || m.read_vec(k * page(), 8))
+        };
+        let (addr, _, _) = next_fault(&uffd);
+        assert_eq!(addr, m.addr() + k * page());
+        let data = pattern(k as u8, page());
+        assert!(uffd.copy(addr, &data, CopyMode::empty()).unwrap().is_done());
+        assert_eq!(join(&reader), data[..8]);
+    }
+    eprintln!("neighbours served; waking");
+    uffd.wake(m.addr() + page(), page()).unwrap();
+    let byte = join(&blocked);
+    panic!("the woken access returned {byte:?} instead of raising SIGBUS");
+}
+
+/// `MADV_DONTFORK` hides a range from a forked child, `MADV_DOFORK` undoes it.
+#[test]
+fn dontfork_hides_a_range_from_a_child() {
+    let m = Mapping::anonymous(2 * page()).unwrap();
+    let data = pattern(9, 2 * page());
+    m.write_at(0, &data);
+    let read = || memsync_sys::read_after_fork(m.addr(), 2 * page(), WAIT);
+    assert_eq!(read().unwrap(), data);
+    m.advise(0, 2 * page(), Advice::DontFork).unwrap();
+    assert_eq!(read().unwrap_err().raw_os_error(), Some(libc::EFAULT));
+    m.advise(0, 2 * page(), Advice::DoFork).unwrap();
+    assert_eq!(read().unwrap(), data);
+}
+
+// ---------------------------------------------------------------------------
 // Non-cooperative events
 // ---------------------------------------------------------------------------
 
