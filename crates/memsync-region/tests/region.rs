@@ -574,6 +574,484 @@ fn failing_store_raises_sigbus() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("child: touching"));
 }
 
+/// A poisoned chunk still raises SIGBUS after `MADV_DONTNEED` dropped its
+/// pages (which removes poison markers), instead of faulting forever.
+#[test]
+fn poisoned_chunk_raises_sigbus_after_dontneed() {
+    const NAME: &str = "poisoned_chunk_raises_sigbus_after_dontneed";
+    let chunk = 64 * KIB;
+    if is_child(NAME) {
+        let (store, _) = random_store(MIB, 30, None);
+        let fault = Fault::new(store);
+        fault
+            .control()
+            .fail_range(OpSet::READ, chunk_range(1, chunk));
+        let region = LazyRegion::new(
+            Arc::new(fault),
+            RegionConfig {
+                fetch_deadline: Duration::from_millis(200),
+                retry_backoff: Duration::from_millis(5),
+                ..cfg(chunk)
+            },
+        )
+        .unwrap();
+        let mut b = [0u8; 1];
+        assert!(region.read_at(chunk, &mut b).unwrap_err().poisoned);
+        region.advise(chunk, chunk, Advice::DontNeed).unwrap();
+        eprintln!("child: dropped; touching");
+        region.read_faulting(chunk + 4096, &mut b);
+        eprintln!("child: the access returned {b:?} instead of raising SIGBUS");
+        std::process::exit(3);
+    }
+    let out = run_child(&std::env::current_exe().unwrap(), NAME, |_| {});
+    assert_eq!(
+        out.status.signal(),
+        Some(7 /* SIGBUS */),
+        "{}",
+        describe(&out)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("dropped; touching"));
+}
+
+/// Without `UFFDIO_POISON` (forced here; kernels before 6.6 have none), a
+/// chunk the store cannot deliver raises SIGBUS in the threads faulting on
+/// it once the deadline has passed, instead of faulting again forever, and
+/// the chunks around it still serve their data.
+#[test]
+fn failing_store_raises_sigbus_without_poison() {
+    const NAME: &str = "failing_store_raises_sigbus_without_poison";
+    let chunk = 64 * KIB;
+    if is_child(NAME) {
+        let (store, data) = random_store(4 * MIB, 23, None);
+        let fault = Fault::new(store);
+        fault
+            .control()
+            .fail_range(OpSet::READ, 5 * chunk as u64..6 * chunk as u64);
+        let region = Arc::new(
+            LazyRegion::new(
+                Arc::new(fault),
+                RegionConfig {
+                    use_poison: false,
+                    fetch_deadline: Duration::from_millis(300),
+                    retry_backoff: Duration::from_millis(5),
+                    ..cfg(chunk)
+                },
+            )
+            .unwrap(),
+        );
+        assert!(!region.uses_poison());
+        let mut buf = vec![0u8; chunk];
+        for c in [4, 6] {
+            region.read_faulting(c * chunk, &mut buf);
+            assert!(buf == data[c * chunk..(c + 1) * chunk], "chunk {c}");
+        }
+        eprintln!("child: neighbours ok; touching the failing chunk");
+        let rxs: Vec<_> = (0..3)
+            .map(|t| {
+                let region = Arc::clone(&region);
+                spawn(move || region.read_faulting(5 * chunk + t * 4096 + 7, &mut [0u8; 1]))
+            })
+            .collect();
+        for rx in &rxs {
+            join(rx);
+        }
+        eprintln!("child: the accesses returned instead of raising SIGBUS");
+        std::process::exit(3);
+    }
+    let out = run_child(&std::env::current_exe().unwrap(), NAME, |_| {});
+    assert_eq!(
+        out.status.signal(),
+        Some(7 /* SIGBUS */),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("neighbours ok"),
+        "{}",
+        describe(&out)
+    );
+}
+
+/// Without `UFFDIO_POISON`, a failed chunk is reported as poisoned only once
+/// its range really raises SIGBUS (it was replaced), later calls report it
+/// at once, and every other chunk still comes in through faults (the
+/// replacement split the registered range) and through `read_at`.
+#[test]
+fn failed_chunk_without_poison_is_reported_and_the_rest_serves() {
+    let chunk = 64 * KIB;
+    let size = 4 * MIB;
+    let (store, data) = random_store(size, 24, Some(7));
+    let fault = Fault::new(store);
+    fault
+        .control()
+        .fail_range(OpSet::READ, 5 * chunk as u64..6 * chunk as u64);
+    let region = LazyRegion::new(
+        Arc::new(fault),
+        RegionConfig {
+            use_poison: false,
+            fetch_deadline: Duration::from_millis(200),
+            retry_backoff: Duration::from_millis(5),
+            ..cfg(chunk)
+        },
+    )
+    .unwrap();
+    let mut b = [0u8; 8];
+    let err = region.read_at(5 * chunk + 10, &mut b).unwrap_err();
+    assert_eq!(err.chunk, 5);
+    assert!(err.poisoned && err.attempts > 1, "{err}");
+    assert_eq!(region.chunk_state(5), ChunkState::Poisoned);
+    assert!(region.read_at(5 * chunk, &mut b).unwrap_err().poisoned);
+    let mut buf = vec![0u8; chunk];
+    for c in (0..size / chunk).filter(|&c| c != 5) {
+        if c % 2 == 0 {
+            region.read_faulting(c * chunk, &mut buf);
+        } else {
+            region.read_at(c * chunk, &mut buf).unwrap();
+        }
+        assert!(buf == data[c * chunk..(c + 1) * chunk], "chunk {c}");
+    }
+    let s = region.stats().snapshot();
+    assert_eq!(s.chunks_poisoned, 1, "{s}");
+    assert_eq!(region.present_count(), size / chunk - 1);
+}
+
+/// A child created by `fork()` never takes the region's missing chunks for
+/// zeros (it would: the child does not inherit the userfaultfd
+/// registration): the region is not inherited at all, so the child's access
+/// fails, whether the chunk was fetched or not. The parent is unaffected.
+#[test]
+fn forked_child_does_not_read_missing_chunks_as_zeros() {
+    const EFAULT: i32 = 14;
+    let (store, data) = random_store(4 * MIB, 25, None);
+    let region = LazyRegion::new(store, cfg(64 * KIB)).unwrap();
+    let mut buf = vec![0u8; 4096];
+    region.read_at(0, &mut buf).unwrap();
+    for off in [MIB, 0] {
+        match memsync_sys::read_after_fork(region.addr() + off, 4096, WAIT) {
+            Ok(got) => panic!(
+                "the child read the region at {off} ({}: {})",
+                if got.iter().all(|&x| x == 0) {
+                    "zeros"
+                } else {
+                    "data"
+                },
+                region.chunk_state(off / (64 * KIB)) == ChunkState::Present
+            ),
+            Err(e) => assert_eq!(e.raw_os_error(), Some(EFAULT), "{e}"),
+        }
+    }
+    region.read_faulting(MIB, &mut buf);
+    assert!(buf == data[MIB..MIB + 4096]);
+}
+
+/// Installs that meet a pending `MADV_DONTNEED` (EAGAIN) read the pending
+/// events, faults of other threads included. Faults read that way by an
+/// inline fetch or by the background puller are served, not dropped: the
+/// faulting thread here touches only chunks that nothing else fetches.
+#[test]
+fn faults_read_by_inline_and_background_fetches_are_served() {
+    #[derive(Debug)]
+    struct EvenOnly;
+    impl PullPriority for EvenOnly {
+        fn next_chunk(&mut self, view: &PullView<'_>) -> Option<usize> {
+            (0..view.chunk_count()).step_by(2).find(|&i| view.wanted(i))
+        }
+    }
+    let chunk = 4 * KIB;
+    let size = 32 * MIB;
+    let (store, data) = random_store(size, 26, None);
+    let region = Arc::new(
+        LazyRegion::new(
+            store,
+            RegionConfig {
+                prefetch: true,
+                priority: Box::new(EvenOnly),
+                ..cfg(chunk)
+            },
+        )
+        .unwrap(),
+    );
+    let data = Arc::new(data);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let chunks = size / chunk;
+    let dropper = {
+        let (region, stop) = (Arc::clone(&region), Arc::clone(&stop));
+        spawn(move || {
+            let mut rng = SmallRng::seed_from_u64(1);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let c = 2 * rng.random_range(0..chunks / 2);
+                region.advise(c * chunk, chunk, Advice::DontNeed).unwrap();
+            }
+        })
+    };
+    let inline = {
+        let (region, stop, data) = (Arc::clone(&region), Arc::clone(&stop), Arc::clone(&data));
+        spawn(move || {
+            let mut rng = SmallRng::seed_from_u64(2);
+            let mut b = [0u8; 16];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let off = 2 * rng.random_range(0..chunks / 2) * chunk + 100;
+                region.read_at(off, &mut b).unwrap();
+                assert!(b == data[off..off + 16]);
+            }
+        })
+    };
+    let faulter = {
+        let (region, data) = (Arc::clone(&region), Arc::clone(&data));
+        spawn(move || {
+            let mut b = [0u8; 16];
+            // 64 odd chunks (each touch waits behind the others' events).
+            for c in (1..chunks).step_by(128) {
+                let off = c * chunk + 200;
+                region.read_faulting(off, &mut b);
+                assert!(b == data[off..off + 16], "chunk {c}");
+            }
+        })
+    };
+    let served = faulter.recv_timeout(WAIT);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    join(&dropper);
+    join(&inline);
+    assert!(
+        served.is_ok(),
+        "a fault was never served: {}",
+        region.stats().snapshot()
+    );
+}
+
+/// Waits until thread `tid` sleeps in a userfaultfd wait (a fault or an
+/// event waiting to be read), so its message is queued.
+fn wait_in_userfault(tid: u32) {
+    let path = format!("/proc/self/task/{tid}/wchan");
+    let t = Instant::now();
+    loop {
+        let wchan = std::fs::read_to_string(&path).unwrap_or_default();
+        if wchan.contains("userfault") {
+            return;
+        }
+        assert!(
+            t.elapsed() < WAIT,
+            "thread {tid} does not wait in userfaultfd (wchan {wchan:?})"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Runs `f` on a new thread and returns once that thread waits in
+/// userfaultfd (`f` faults, or drops pages and waits for the event to be read).
+fn spawn_blocked<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> mpsc::Receiver<T> {
+    let (tid_tx, tid_rx) = mpsc::channel();
+    let rx = spawn(move || {
+        tid_tx.send(memsync_sys::gettid()).unwrap();
+        f()
+    });
+    wait_in_userfault(tid_rx.recv_timeout(WAIT).unwrap());
+    rx
+}
+
+fn touch(region: &Arc<LazyRegion>, off: usize) -> impl FnOnce() -> u8 + Send + 'static {
+    let region = Arc::clone(region);
+    move || {
+        let mut b = [0u8; 1];
+        region.read_faulting(off, &mut b);
+        b[0]
+    }
+}
+
+fn chunk_range(c: usize, chunk: usize) -> std::ops::Range<u64> {
+    (c * chunk) as u64..((c + 1) * chunk) as u64
+}
+
+/// A handler whose install meets a pending `MADV_DONTNEED` reads the
+/// pending events, faults queued behind its own included; they are served.
+///
+/// The one timing assumption: the test issues the `MADV_DONTNEED` within
+/// the handler's 1 s retry backoff (checked: the install must have met it).
+#[test]
+fn faults_read_while_a_handler_drains_events_are_served() {
+    let chunk = 64 * KIB;
+    let (store, data) = random_store(MIB, 27, None);
+    let fault = Fault::new(store);
+    let control = fault.control();
+    let region = Arc::new(
+        LazyRegion::new(
+            Arc::new(fault),
+            RegionConfig {
+                handler_threads: 1,
+                retry_backoff: Duration::from_secs(1),
+                ..cfg(chunk)
+            },
+        )
+        .unwrap(),
+    );
+    region.read_at(0, &mut [0u8; 1]).unwrap();
+    // A stalled read of chunk 1 holds the handler while two faults queue up.
+    control.add_rule(FaultRule::stall(OpSet::READ).in_range(chunk_range(1, chunk)));
+    let p = spawn(touch(&region, chunk + 5));
+    rt().block_on(control.wait_stalled(1));
+    for c in [2, 3] {
+        control.add_rule(
+            FaultRule::fail(OpSet::READ)
+                .in_range(chunk_range(c, chunk))
+                .times(1),
+        );
+    }
+    let a = spawn_blocked(touch(&region, 2 * chunk + 9));
+    let b = spawn_blocked(touch(&region, 3 * chunk + 9));
+    control.release_stalls();
+    assert_eq!(join(&p), data[chunk + 5]);
+    // The first fault the handler serves failed once and waits out its
+    // backoff. Drop a page now: the event stays pending until that install
+    // meets it and reads the pending events, the other fault too.
+    let t = Instant::now();
+    while control.injected() == 0 {
+        assert!(t.elapsed() < WAIT, "no read failed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let d = {
+        let region = Arc::clone(&region);
+        spawn_blocked(move || region.advise(0, chunk, Advice::DontNeed).unwrap())
+    };
+    assert_eq!(join(&a), data[2 * chunk + 9]);
+    assert_eq!(join(&b), data[3 * chunk + 9]);
+    join(&d);
+    let s = region.stats().snapshot();
+    assert!(
+        s.install_retries > 0,
+        "no install met the pending event: {s}"
+    );
+    assert_eq!(s.removes, 1, "{s}");
+}
+
+/// Faults read by an inline fetch while it drains events (its install met a
+/// pending `MADV_DONTNEED`) are served, not dropped with the drained events.
+///
+/// As above, the `MADV_DONTNEED` must come within the 1 s retry backoff.
+#[test]
+fn faults_read_by_an_inline_fetch_are_served() {
+    let chunk = 64 * KIB;
+    let (store, data) = random_store(MIB, 28, None);
+    let fault = Fault::new(store);
+    let control = fault.control();
+    let region = Arc::new(
+        LazyRegion::new(
+            Arc::new(fault),
+            RegionConfig {
+                retry_backoff: Duration::from_secs(1),
+                standby_after: None,
+                // Longer than every wait here: a lost fault fails a join.
+                fetch_deadline: 2 * WAIT,
+                ..cfg(chunk)
+            },
+        )
+        .unwrap(),
+    );
+    region.read_at(0, &mut [0u8; 1]).unwrap();
+    let held = hold_handlers(&region, &control, chunk);
+    control.add_rule(
+        FaultRule::fail(OpSet::READ)
+            .in_range(chunk_range(3, chunk))
+            .times(1),
+    );
+    let inline = {
+        let region = Arc::clone(&region);
+        spawn(move || {
+            let mut b = [0u8; 1];
+            region.read_at(3 * chunk + 1, &mut b).unwrap();
+            b[0]
+        })
+    };
+    let t = Instant::now();
+    while control.injected() == 0 {
+        assert!(t.elapsed() < WAIT, "no read failed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // While the inline fetch waits out its backoff: a fault nobody reads yet,
+    // and a dropped page whose event the inline install will meet.
+    let f = spawn_blocked(touch(&region, 4 * chunk + 2));
+    let d = {
+        let region = Arc::clone(&region);
+        spawn_blocked(move || region.advise(0, chunk, Advice::DontNeed).unwrap())
+    };
+    assert_eq!(join(&inline), data[3 * chunk + 1]);
+    assert_eq!(join(&f), data[4 * chunk + 2]);
+    join(&d);
+    control.release_stalls();
+    for (rx, c) in held.iter().zip([1, 2]) {
+        assert_eq!(join(rx), data[c * chunk]);
+    }
+    let s = region.stats().snapshot();
+    assert!(
+        s.install_retries > 0,
+        "no install met the pending event: {s}"
+    );
+}
+
+/// Holds both handler threads of `region` in stalled reads of chunks 1 and
+/// 2 (one fault at a time, so that each handler reads one); release them
+/// with `control.release_stalls()`.
+fn hold_handlers(
+    region: &Arc<LazyRegion>,
+    control: &FaultControl,
+    chunk: usize,
+) -> Vec<mpsc::Receiver<u8>> {
+    [1, 2]
+        .into_iter()
+        .map(|c| {
+            control.add_rule(FaultRule::stall(OpSet::READ).in_range(chunk_range(c, chunk)));
+            let rx = spawn(touch(region, c * chunk));
+            rt().block_on(control.wait_stalled(c as u64));
+            rx
+        })
+        .collect()
+}
+
+/// Faults queued while every handler is busy are taken one at a time: a
+/// fault whose store read is slow does not hold up the fault queued behind
+/// it, which the other handler serves meanwhile.
+///
+/// The one timing assumption: the second fault is served within the first
+/// one's 1 s retry backoff.
+#[test]
+fn a_slow_fault_does_not_hold_up_the_next_one() {
+    let chunk = 64 * KIB;
+    let (store, data) = random_store(MIB, 29, None);
+    let fault = Fault::new(store);
+    let control = fault.control();
+    let region = Arc::new(
+        LazyRegion::new(
+            Arc::new(fault),
+            RegionConfig {
+                handler_threads: 2,
+                standby_after: None,
+                retry_backoff: Duration::from_secs(1),
+                // Longer than every wait here: a lost fault fails a join.
+                fetch_deadline: 2 * WAIT,
+                ..cfg(chunk)
+            },
+        )
+        .unwrap(),
+    );
+    let held = hold_handlers(&region, &control, chunk);
+    control.add_rule(
+        FaultRule::fail(OpSet::READ)
+            .in_range(chunk_range(3, chunk))
+            .times(1),
+    );
+    let slow = spawn_blocked(touch(&region, 3 * chunk + 1));
+    let next = spawn_blocked(touch(&region, 4 * chunk + 1));
+    control.release_stalls();
+    assert_eq!(join(&next), data[4 * chunk + 1]);
+    assert!(
+        slow.try_recv().is_err() && region.chunk_state(3) == ChunkState::Fetching,
+        "the fault behind the slow one was served only after it"
+    );
+    assert_eq!(join(&slow), data[3 * chunk + 1]);
+    for (rx, c) in held.iter().zip([1, 2]) {
+        assert_eq!(join(rx), data[c * chunk]);
+    }
+}
+
 /// A stalled chunk does not block faults on other chunks.
 #[test]
 fn slow_store_does_not_block_other_chunks() {
@@ -800,7 +1278,7 @@ proptest! {
     }
 
     #[test]
-    fn chunk_map_follows_its_model(ops in proptest::collection::vec((0usize..6, 0usize..40), 1..400)) {
+    fn chunk_map_follows_its_model(ops in proptest::collection::vec((0usize..7, 0usize..40), 1..400)) {
         let map = ChunkMap::new(40);
         let mut model = [ChunkState::Absent; 40];
         for (op, i) in ops {
@@ -831,8 +1309,13 @@ proptest! {
                 }
                 4 => {
                     let ok = map.poison(i);
-                    prop_assert_eq!(ok, cur == ChunkState::Fetching);
+                    prop_assert_eq!(ok, matches!(cur, ChunkState::Fetching | ChunkState::Absent));
                     if ok { model[i] = ChunkState::Poisoned; }
+                }
+                5 => {
+                    let ok = map.unpoison(i);
+                    prop_assert_eq!(ok, cur == ChunkState::Poisoned);
+                    if ok { model[i] = ChunkState::Absent; }
                 }
                 _ => {
                     let r = map.try_reclaim(i);
