@@ -362,71 +362,94 @@ fn background_pull_pause_resume_and_restart() {
     let (store, data) = random_store(16 * MIB, 12, None);
     let fault = Fault::new(store);
     let control = fault.control();
-    control.set_delay(OpSet::READ, Duration::from_millis(5));
     let region = LazyRegion::new(Arc::new(fault), cfg(256 * KIB)).unwrap();
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(region.progress().pulled_chunks, 0, "not started");
+    // Both pullers stall in their first read; pausing lets those finish and
+    // starts nothing after them.
+    control.stall(OpSet::READ, None);
     region.start_pull();
-    std::thread::sleep(Duration::from_millis(60));
+    rt().block_on(control.wait_stalled(2));
     region.pause_pull();
-    std::thread::sleep(Duration::from_millis(20));
-    let paused_at = region.progress().pulled_chunks;
-    assert!(paused_at > 0);
-    std::thread::sleep(Duration::from_millis(60));
-    assert_eq!(region.progress().pulled_chunks, paused_at, "paused");
-    assert!(!region.wait_pull(Duration::from_millis(10)));
+    control.release_stalls();
+    let t = Instant::now();
+    while region.progress().pulled_chunks < 2 {
+        assert!(t.elapsed() < WAIT, "{:?}", region.progress());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(!region.wait_pull(Duration::from_millis(100)));
+    assert_eq!(region.progress().pulled_chunks, 2, "paused");
+    assert!(!region.progress().running);
     region.resume_pull();
     assert!(region.wait_pull(WAIT));
     assert!(region.is_complete());
     assert_same(&region, &data);
+    // A restart after completion finds nothing left to pull.
+    region.start_pull();
+    assert!(region.wait_pull(WAIT));
+    assert_eq!(
+        region.progress().pulled_chunks,
+        region.geometry().chunks() as u64
+    );
 }
 
-/// Faults are served while the puller is busy with a slow store, and a
-/// fault on the chunk the puller is fetching waits for that fetch.
+/// Faults are served while the puller is stuck in a store read, and a fault
+/// on the chunk the puller is fetching waits for that fetch.
 #[test]
 fn faults_do_not_wait_behind_background_pull() {
     let (store, data) = random_store(16 * MIB, 13, None);
     let fault = Fault::new(store);
     let control = fault.control();
-    // The puller's first chunk stalls for a while.
-    control.add_rule(
-        FaultRule::stall(OpSet::READ)
-            .in_range(0..1)
-            .times(1)
-            .stall_timeout(Duration::from_millis(800)),
-    );
+    // The puller's first chunk stalls until released.
+    control.add_rule(FaultRule::stall(OpSet::READ).in_range(0..1));
     let region = Arc::new(
         LazyRegion::new(
             Arc::new(fault),
             RegionConfig {
                 prefetch: true,
+                pull_threads: 1,
                 ..cfg(MIB)
             },
         )
         .unwrap(),
     );
-    std::thread::sleep(Duration::from_millis(100));
+    rt().block_on(control.wait_stalled(1));
     assert_eq!(
         region.chunk_state(0),
         ChunkState::Fetching,
         "the puller is stuck on chunk 0"
     );
-    let t = Instant::now();
-    let mut b = vec![0u8; 100];
-    region.read_faulting(9 * MIB, &mut b);
-    assert!(b == data[9 * MIB..9 * MIB + 100]);
-    assert!(
-        t.elapsed() < Duration::from_millis(400),
-        "fault waited {:?}",
-        t.elapsed()
-    );
+    let other = {
+        let region = Arc::clone(&region);
+        spawn(move || {
+            let mut b = vec![0u8; 100];
+            region.read_faulting(9 * MIB, &mut b);
+            b
+        })
+    };
+    assert!(join(&other) == data[9 * MIB..9 * MIB + 100]);
+    assert_eq!(control.stalled(), 1, "served while the puller is stuck");
     // A fault on chunk 0 waits for the puller's fetch (no second read).
-    region.read_faulting(5, &mut b);
-    assert!(b == data[5..105]);
-    let s = region.stats().snapshot();
-    assert!(s.faults_waited >= 1, "{s}");
+    let same = {
+        let region = Arc::clone(&region);
+        spawn(move || {
+            let mut b = vec![0u8; 100];
+            region.read_faulting(5, &mut b);
+            b
+        })
+    };
+    let t = Instant::now();
+    while region.stats().snapshot().faults_waited == 0 {
+        assert!(t.elapsed() < WAIT, "{}", region.stats().snapshot());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(same.try_recv().is_err(), "waits for the stalled fetch");
+    control.release_stalls();
+    assert!(join(&same) == data[5..105]);
     assert!(region.wait_pull(WAIT));
     assert_same(&region, &data);
+    let s = region.stats().snapshot();
+    assert_eq!(s.chunks_fault, 1, "only chunk 9 came through a fault: {s}");
 }
 
 #[derive(Debug, Default)]
@@ -442,27 +465,26 @@ impl PullPriority for Reverse {
 fn custom_priority_is_used() {
     let (store, data) = random_store(8 * MIB, 14, None);
     let fault = Fault::new(store);
-    fault
-        .control()
-        .set_delay(OpSet::READ, Duration::from_millis(20));
+    let control = fault.control();
+    // The puller's first read stalls: it shows which chunk it chose first.
+    control.add_rule(FaultRule::stall(OpSet::READ).times(1));
     let region = LazyRegion::new(
         Arc::new(fault),
         RegionConfig {
             prefetch: true,
             priority: Box::new(Reverse),
-            // One chunk in flight: 70 ms of 20 ms reads pull at most the
-            // last four chunks if the order is followed.
             pull_threads: 1,
             ..cfg(MIB)
         },
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(70));
-    let present: Vec<usize> = region.present_chunks().iter().collect();
-    assert!(
-        !present.is_empty() && present.iter().all(|&i| i >= 4),
-        "{present:?}"
+    rt().block_on(control.wait_stalled(1));
+    let states: Vec<ChunkState> = (0..8).map(|i| region.chunk_state(i)).collect();
+    assert_eq!(
+        states,
+        [[ChunkState::Absent; 7].as_slice(), &[ChunkState::Fetching]].concat()
     );
+    control.release_stalls();
     assert!(region.wait_pull(WAIT));
     assert_same(&region, &data);
 }
@@ -819,24 +841,6 @@ fn faults_read_by_inline_and_background_fetches_are_served() {
     );
 }
 
-/// Waits until thread `tid` sleeps in a userfaultfd wait (a fault or an
-/// event waiting to be read), so its message is queued.
-fn wait_in_userfault(tid: u32) {
-    let path = format!("/proc/self/task/{tid}/wchan");
-    let t = Instant::now();
-    loop {
-        let wchan = std::fs::read_to_string(&path).unwrap_or_default();
-        if wchan.contains("userfault") {
-            return;
-        }
-        assert!(
-            t.elapsed() < WAIT,
-            "thread {tid} does not wait in userfaultfd (wchan {wchan:?})"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
 /// Runs `f` on a new thread and returns once that thread waits in
 /// userfaultfd (`f` faults, or drops pages and waits for the event to be read).
 fn spawn_blocked<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> mpsc::Receiver<T> {
@@ -845,7 +849,7 @@ fn spawn_blocked<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> m
         tid_tx.send(memsync_sys::gettid()).unwrap();
         f()
     });
-    wait_in_userfault(tid_rx.recv_timeout(WAIT).unwrap());
+    memsync_testkit::uffd::wait_in_userfault(tid_rx.recv_timeout(WAIT).unwrap(), WAIT);
     rx
 }
 
@@ -1059,11 +1063,7 @@ fn slow_store_does_not_block_other_chunks() {
     let fault = Fault::new(store);
     let control = fault.control();
     let chunk = 256 * KIB;
-    control.add_rule(
-        FaultRule::stall(OpSet::READ)
-            .in_range(0..chunk as u64)
-            .stall_timeout(Duration::from_secs(3)),
-    );
+    control.add_rule(FaultRule::stall(OpSet::READ).in_range(0..chunk as u64));
     let region = Arc::new(LazyRegion::new(Arc::new(fault), cfg(chunk)).unwrap());
     let slow = {
         let region = Arc::clone(&region);
@@ -1073,31 +1073,27 @@ fn slow_store_does_not_block_other_chunks() {
             b
         })
     };
-    std::thread::sleep(Duration::from_millis(50));
-    assert!(
-        slow.try_recv().is_err(),
-        "the stalled read is still waiting"
-    );
-    let t = Instant::now();
-    for k in 1..20 {
-        let mut b = [0u8; 16];
-        region.read_faulting(k * 300 * KIB, &mut b);
-        assert_eq!(b, data[k * 300 * KIB..k * 300 * KIB + 16]);
-    }
-    assert!(
-        t.elapsed() < Duration::from_millis(500),
-        "other chunks took {:?}",
-        t.elapsed()
-    );
+    rt().block_on(control.wait_stalled(1));
+    let others = {
+        let (region, data) = (Arc::clone(&region), data.clone());
+        spawn(move || {
+            for k in 1..20 {
+                let mut b = [0u8; 16];
+                region.read_faulting(k * 300 * KIB, &mut b);
+                assert_eq!(b, data[k * 300 * KIB..k * 300 * KIB + 16]);
+            }
+        })
+    };
+    join(&others);
     assert!(slow.try_recv().is_err(), "still stalled");
     control.release_stalls();
     assert_eq!(join(&slow), data[100..116]);
 }
 
-/// Dropping a region whose threads are stuck in store reads (puller and a
-/// fault handler) and with faults outstanding returns promptly.
+/// Dropping a region whose threads are stuck in store reads (the pullers)
+/// cancels those reads and returns.
 #[test]
-fn drop_while_fetching_is_prompt() {
+fn drop_while_fetching_returns() {
     let (store, _) = random_store(16 * MIB, 19, None);
     let fault = Fault::new(store);
     let control = fault.control();
@@ -1110,15 +1106,10 @@ fn drop_while_fetching_is_prompt() {
         },
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    rt().block_on(control.wait_stalled(2));
     assert_eq!(region.chunk_state(0), ChunkState::Fetching);
-    let t = Instant::now();
-    drop(region);
-    assert!(
-        t.elapsed() < Duration::from_secs(2),
-        "drop took {:?}",
-        t.elapsed()
-    );
+    join(&spawn(move || drop(region)));
+    assert_eq!(control.stalled(), 0, "the stalled reads were cancelled");
     // Many regions created and dropped in a row leak nothing that blocks.
     for k in 0..5 {
         let (store, data) = random_store(2 * MIB, 20 + k, None);
@@ -1373,18 +1364,33 @@ impl HugePages {
             .unwrap_or(0)
     }
 
-    /// `Err(reason)` if the pages cannot be had.
+    /// `Err(reason)` if this machine cannot give the pages: its kernel has
+    /// no huge pages, or it cannot find the memory for them. Panics where
+    /// the setup is at fault instead: not root under CI.
     fn reserve(n: u64) -> Result<Self, String> {
         if Self::free() >= n {
             return Ok(Self { old: None });
         }
-        let old: u64 = std::fs::read_to_string(Self::SYSCTL)
-            .map_err(|e| format!("reading {}: {e}", Self::SYSCTL))?
-            .trim()
-            .parse()
-            .map_err(|e| format!("parsing {}: {e}", Self::SYSCTL))?;
-        std::fs::write(Self::SYSCTL, format!("{}\n", old + n))
-            .map_err(|e| format!("raising {} (needs root): {e}", Self::SYSCTL))?;
+        let old: u64 = match std::fs::read_to_string(Self::SYSCTL) {
+            Ok(v) => v
+                .trim()
+                .parse()
+                .map_err(|e| format!("parsing {}: {e}", Self::SYSCTL))?,
+            Err(e) => {
+                return Err(format!(
+                    "the kernel has no huge pages ({}: {e})",
+                    Self::SYSCTL
+                ));
+            }
+        };
+        if let Err(e) = std::fs::write(Self::SYSCTL, format!("{}\n", old + n)) {
+            let why = format!("raising {} failed (needs root): {e}", Self::SYSCTL);
+            assert!(
+                !memsync_testkit::servers::in_ci(),
+                "{why} (CI is set: run the tests as root)"
+            );
+            return Err(why);
+        }
         let guard = Self { old: Some(old) };
         if Self::free() < n {
             return Err(format!(
@@ -1419,7 +1425,7 @@ fn hugetlb_region_integrity() {
     let _pages = match HugePages::reserve(5) {
         Ok(g) => g,
         Err(why) => {
-            eprintln!("SKIPPED hugetlb_region_integrity: {why}");
+            eprintln!("SKIPPED: hugetlb_region_integrity: {why}");
             return;
         }
     };

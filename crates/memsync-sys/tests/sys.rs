@@ -9,6 +9,7 @@
 //! and passes.
 
 use memsync_testkit::child::{self, TempDir, describe};
+use memsync_testkit::uffd::wait_in_userfault;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, PermissionsExt};
@@ -398,7 +399,7 @@ fn missing_fault_resolved_with_zeropage() {
 
 #[test]
 fn copy_exists_partial_progress_and_wake() {
-    let Some(uffd) = uffd_or_skip("copy_exists_partial_progress_and_wake", Features::empty())
+    let Some(uffd) = uffd_or_skip("copy_exists_partial_progress_and_wake", Features::THREAD_ID)
     else {
         return;
     };
@@ -459,11 +460,11 @@ fn copy_exists_partial_progress_and_wake() {
         let m = Arc::clone(&m);
         spawn(move || m.read_vec(5 * page(), page()))
     };
-    let (addr, _, _) = next_fault(&uffd);
+    let (addr, _, tid) = next_fault(&uffd);
     assert_eq!(addr, base + 5 * page());
-    // Give the faulting thread time to go to sleep: a copy racing with its
-    // last check of the page table would let it continue without a wake.
-    std::thread::sleep(Duration::from_millis(50));
+    // Wait until the faulting thread sleeps: a copy racing with its last
+    // check of the page table would let it continue without a wake.
+    wait_in_userfault(tid.expect("THREAD_ID gives the thread id"), WAIT);
     assert_eq!(
         uffd.copy(addr, &data, CopyMode::DONTWAKE).unwrap(),
         Install::Done(page())
@@ -477,8 +478,8 @@ fn copy_exists_partial_progress_and_wake() {
         let m = Arc::clone(&m);
         spawn(move || m.read_vec(6 * page(), 8))
     };
-    let (addr, _, _) = next_fault(&uffd);
-    std::thread::sleep(Duration::from_millis(50));
+    let (addr, _, tid) = next_fault(&uffd);
+    wait_in_userfault(tid.expect("THREAD_ID gives the thread id"), WAIT);
     assert_eq!(
         uffd.copy(addr, &data, CopyMode::DONTWAKE).unwrap(),
         Install::Done(page())
