@@ -522,24 +522,61 @@ fn follow_faults_and_sequential_orders() {
 // Failures
 // ---------------------------------------------------------------------------
 
-#[test]
-fn failing_store_reports_errors_through_the_api() {
-    let (store, data) = random_store(4 * MIB, 16, None);
+/// A region of `size` random bytes (`seed`) in `chunk`-byte chunks whose
+/// store fails every read of chunk `bad` (every chunk: `None`), giving up
+/// after 200 ms; `use_poison` as [`RegionConfig::use_poison`].
+fn region_failing(
+    size: usize,
+    seed: u64,
+    chunk: usize,
+    bad: Option<usize>,
+    use_poison: bool,
+) -> (LazyRegion, Vec<u8>) {
+    let (store, data) = random_store(size, seed, Some(7));
     let fault = Fault::new(store);
-    let control = fault.control();
-    control.fail_range(OpSet::READ, MIB as u64..MIB as u64 + 1);
+    match bad {
+        Some(c) => fault
+            .control()
+            .fail_range(OpSet::READ, chunk_range(c, chunk)),
+        None => fault.control().fail_always(OpSet::READ),
+    };
     let region = LazyRegion::new(
         Arc::new(fault),
         RegionConfig {
+            use_poison,
             fetch_deadline: Duration::from_millis(200),
             retry_backoff: Duration::from_millis(5),
-            ..cfg(MIB)
+            ..cfg(chunk)
         },
     )
     .unwrap();
+    (region, data)
+}
+
+/// Runs the child part `name` of this test binary and asserts that it died
+/// of SIGBUS after printing `marker`.
+fn assert_child_dies_of_sigbus(name: &str, marker: &str) {
+    let out = run_child(&std::env::current_exe().unwrap(), name, |_| {});
+    assert_eq!(
+        out.status.signal(),
+        Some(7 /* SIGBUS */),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(marker),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn failing_store_reports_errors_through_the_api() {
+    let (region, data) = region_failing(4 * MIB, 16, MIB, Some(1), true);
     let t = Instant::now();
     let mut b = [0u8; 8];
     let err = region.read_at(MIB + 10, &mut b).unwrap_err();
+    // The 200 ms deadline, with a margin scheduling noise cannot use up.
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     assert_eq!(err.chunk, 1);
     assert!(err.poisoned && err.attempts > 1, "{err}");
@@ -561,19 +598,7 @@ fn failing_store_reports_errors_through_the_api() {
 fn failing_store_raises_sigbus() {
     const NAME: &str = "failing_store_raises_sigbus";
     if is_child(NAME) {
-        let control = FaultControl::new();
-        let (store, _) = random_store(4 * MIB, 17, None);
-        let fault = Fault::with_control(store, control.clone());
-        control.fail_always(OpSet::READ);
-        let region = LazyRegion::new(
-            Arc::new(fault),
-            RegionConfig {
-                fetch_deadline: Duration::from_millis(300),
-                retry_backoff: Duration::from_millis(5),
-                ..cfg(64 * KIB)
-            },
-        )
-        .unwrap();
+        let (region, _) = region_failing(4 * MIB, 17, 64 * KIB, None, true);
         let mut b = [0u8; 1];
         eprintln!("child: touching");
         region.read_faulting(100 * KIB, &mut b);
@@ -581,19 +606,13 @@ fn failing_store_raises_sigbus() {
         std::process::exit(3);
     }
     let t = Instant::now();
-    let out = run_child(&std::env::current_exe().unwrap(), NAME, |_| {});
-    assert_eq!(
-        out.status.signal(),
-        Some(7 /* SIGBUS */),
-        "{}",
-        describe(&out)
-    );
+    assert_child_dies_of_sigbus(NAME, "child: touching");
+    // The 200 ms deadline plus a child process's start, with a wide margin.
     assert!(
         t.elapsed() < Duration::from_secs(10),
         "took {:?}",
         t.elapsed()
     );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("child: touching"));
 }
 
 /// A poisoned chunk still raises SIGBUS after `MADV_DONTNEED` dropped its
@@ -603,20 +622,7 @@ fn poisoned_chunk_raises_sigbus_after_dontneed() {
     const NAME: &str = "poisoned_chunk_raises_sigbus_after_dontneed";
     let chunk = 64 * KIB;
     if is_child(NAME) {
-        let (store, _) = random_store(MIB, 30, None);
-        let fault = Fault::new(store);
-        fault
-            .control()
-            .fail_range(OpSet::READ, chunk_range(1, chunk));
-        let region = LazyRegion::new(
-            Arc::new(fault),
-            RegionConfig {
-                fetch_deadline: Duration::from_millis(200),
-                retry_backoff: Duration::from_millis(5),
-                ..cfg(chunk)
-            },
-        )
-        .unwrap();
+        let (region, _) = region_failing(MIB, 30, chunk, Some(1), true);
         let mut b = [0u8; 1];
         assert!(region.read_at(chunk, &mut b).unwrap_err().poisoned);
         region.advise(chunk, chunk, Advice::DontNeed).unwrap();
@@ -625,14 +631,7 @@ fn poisoned_chunk_raises_sigbus_after_dontneed() {
         eprintln!("child: the access returned {b:?} instead of raising SIGBUS");
         std::process::exit(3);
     }
-    let out = run_child(&std::env::current_exe().unwrap(), NAME, |_| {});
-    assert_eq!(
-        out.status.signal(),
-        Some(7 /* SIGBUS */),
-        "{}",
-        describe(&out)
-    );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("dropped; touching"));
+    assert_child_dies_of_sigbus(NAME, "dropped; touching");
 }
 
 /// Without `UFFDIO_POISON` (forced here; kernels before 6.6 have none), a
@@ -644,23 +643,8 @@ fn failing_store_raises_sigbus_without_poison() {
     const NAME: &str = "failing_store_raises_sigbus_without_poison";
     let chunk = 64 * KIB;
     if is_child(NAME) {
-        let (store, data) = random_store(4 * MIB, 23, None);
-        let fault = Fault::new(store);
-        fault
-            .control()
-            .fail_range(OpSet::READ, 5 * chunk as u64..6 * chunk as u64);
-        let region = Arc::new(
-            LazyRegion::new(
-                Arc::new(fault),
-                RegionConfig {
-                    use_poison: false,
-                    fetch_deadline: Duration::from_millis(300),
-                    retry_backoff: Duration::from_millis(5),
-                    ..cfg(chunk)
-                },
-            )
-            .unwrap(),
-        );
+        let (region, data) = region_failing(4 * MIB, 23, chunk, Some(5), false);
+        let region = Arc::new(region);
         assert!(!region.uses_poison());
         let mut buf = vec![0u8; chunk];
         for c in [4, 6] {
@@ -680,18 +664,7 @@ fn failing_store_raises_sigbus_without_poison() {
         eprintln!("child: the accesses returned instead of raising SIGBUS");
         std::process::exit(3);
     }
-    let out = run_child(&std::env::current_exe().unwrap(), NAME, |_| {});
-    assert_eq!(
-        out.status.signal(),
-        Some(7 /* SIGBUS */),
-        "{}",
-        describe(&out)
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("neighbours ok"),
-        "{}",
-        describe(&out)
-    );
+    assert_child_dies_of_sigbus(NAME, "neighbours ok");
 }
 
 /// Without `UFFDIO_POISON`, a failed chunk is reported as poisoned only once
@@ -702,21 +675,7 @@ fn failing_store_raises_sigbus_without_poison() {
 fn failed_chunk_without_poison_is_reported_and_the_rest_serves() {
     let chunk = 64 * KIB;
     let size = 4 * MIB;
-    let (store, data) = random_store(size, 24, Some(7));
-    let fault = Fault::new(store);
-    fault
-        .control()
-        .fail_range(OpSet::READ, 5 * chunk as u64..6 * chunk as u64);
-    let region = LazyRegion::new(
-        Arc::new(fault),
-        RegionConfig {
-            use_poison: false,
-            fetch_deadline: Duration::from_millis(200),
-            retry_backoff: Duration::from_millis(5),
-            ..cfg(chunk)
-        },
-    )
-    .unwrap();
+    let (region, data) = region_failing(size, 24, chunk, Some(5), false);
     let mut b = [0u8; 8];
     let err = region.read_at(5 * chunk + 10, &mut b).unwrap_err();
     assert_eq!(err.chunk, 5);
@@ -862,8 +821,47 @@ fn touch(region: &Arc<LazyRegion>, off: usize) -> impl FnOnce() -> u8 + Send + '
     }
 }
 
+/// Drops the first `len` bytes of `region` (`MADV_DONTNEED`) on a new
+/// thread and returns once that thread waits for its event to be read.
+fn drop_pages_pending(region: &Arc<LazyRegion>, len: usize) -> mpsc::Receiver<()> {
+    let region = Arc::clone(region);
+    spawn_blocked(move || region.advise(0, len, Advice::DontNeed).unwrap())
+}
+
 fn chunk_range(c: usize, chunk: usize) -> std::ops::Range<u64> {
     (c * chunk) as u64..((c + 1) * chunk) as u64
+}
+
+/// For the tests that line up faults, fetches and events: a 1 MiB region in
+/// 64 KiB chunks with `handlers` handler threads (all polling), whose store
+/// the returned control steers. A failed read is retried after 1 s, and a
+/// fetch gives up only after every wait of these tests (so a fault that is
+/// never served fails a join, instead of turning into a SIGBUS).
+fn lined_up_region(seed: u64, handlers: usize) -> (Arc<LazyRegion>, FaultControl, Vec<u8>) {
+    let (store, data) = random_store(MIB, seed, None);
+    let fault = Fault::new(store);
+    let control = fault.control();
+    let region = LazyRegion::new(
+        Arc::new(fault),
+        RegionConfig {
+            handler_threads: handlers,
+            standby_after: None,
+            retry_backoff: Duration::from_secs(1),
+            fetch_deadline: 2 * WAIT,
+            ..cfg(64 * KIB)
+        },
+    )
+    .unwrap();
+    (Arc::new(region), control, data)
+}
+
+/// Waits until the control has failed a read.
+fn wait_injected(control: &FaultControl) {
+    let t = Instant::now();
+    while control.injected() == 0 {
+        assert!(t.elapsed() < WAIT, "no read failed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// A handler whose install meets a pending `MADV_DONTNEED` reads the
@@ -874,20 +872,7 @@ fn chunk_range(c: usize, chunk: usize) -> std::ops::Range<u64> {
 #[test]
 fn faults_read_while_a_handler_drains_events_are_served() {
     let chunk = 64 * KIB;
-    let (store, data) = random_store(MIB, 27, None);
-    let fault = Fault::new(store);
-    let control = fault.control();
-    let region = Arc::new(
-        LazyRegion::new(
-            Arc::new(fault),
-            RegionConfig {
-                handler_threads: 1,
-                retry_backoff: Duration::from_secs(1),
-                ..cfg(chunk)
-            },
-        )
-        .unwrap(),
-    );
+    let (region, control, data) = lined_up_region(27, 1);
     region.read_at(0, &mut [0u8; 1]).unwrap();
     // A stalled read of chunk 1 holds the handler while two faults queue up.
     control.add_rule(FaultRule::stall(OpSet::READ).in_range(chunk_range(1, chunk)));
@@ -907,15 +892,8 @@ fn faults_read_while_a_handler_drains_events_are_served() {
     // The first fault the handler serves failed once and waits out its
     // backoff. Drop a page now: the event stays pending until that install
     // meets it and reads the pending events, the other fault too.
-    let t = Instant::now();
-    while control.injected() == 0 {
-        assert!(t.elapsed() < WAIT, "no read failed");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let d = {
-        let region = Arc::clone(&region);
-        spawn_blocked(move || region.advise(0, chunk, Advice::DontNeed).unwrap())
-    };
+    wait_injected(&control);
+    let d = drop_pages_pending(&region, chunk);
     assert_eq!(join(&a), data[2 * chunk + 9]);
     assert_eq!(join(&b), data[3 * chunk + 9]);
     join(&d);
@@ -934,22 +912,7 @@ fn faults_read_while_a_handler_drains_events_are_served() {
 #[test]
 fn faults_read_by_an_inline_fetch_are_served() {
     let chunk = 64 * KIB;
-    let (store, data) = random_store(MIB, 28, None);
-    let fault = Fault::new(store);
-    let control = fault.control();
-    let region = Arc::new(
-        LazyRegion::new(
-            Arc::new(fault),
-            RegionConfig {
-                retry_backoff: Duration::from_secs(1),
-                standby_after: None,
-                // Longer than every wait here: a lost fault fails a join.
-                fetch_deadline: 2 * WAIT,
-                ..cfg(chunk)
-            },
-        )
-        .unwrap(),
-    );
+    let (region, control, data) = lined_up_region(28, 2);
     region.read_at(0, &mut [0u8; 1]).unwrap();
     let held = hold_handlers(&region, &control, chunk);
     control.add_rule(
@@ -965,18 +928,11 @@ fn faults_read_by_an_inline_fetch_are_served() {
             b[0]
         })
     };
-    let t = Instant::now();
-    while control.injected() == 0 {
-        assert!(t.elapsed() < WAIT, "no read failed");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_injected(&control);
     // While the inline fetch waits out its backoff: a fault nobody reads yet,
     // and a dropped page whose event the inline install will meet.
     let f = spawn_blocked(touch(&region, 4 * chunk + 2));
-    let d = {
-        let region = Arc::clone(&region);
-        spawn_blocked(move || region.advise(0, chunk, Advice::DontNeed).unwrap())
-    };
+    let d = drop_pages_pending(&region, chunk);
     assert_eq!(join(&inline), data[3 * chunk + 1]);
     assert_eq!(join(&f), data[4 * chunk + 2]);
     join(&d);
@@ -1019,23 +975,7 @@ fn hold_handlers(
 #[test]
 fn a_slow_fault_does_not_hold_up_the_next_one() {
     let chunk = 64 * KIB;
-    let (store, data) = random_store(MIB, 29, None);
-    let fault = Fault::new(store);
-    let control = fault.control();
-    let region = Arc::new(
-        LazyRegion::new(
-            Arc::new(fault),
-            RegionConfig {
-                handler_threads: 2,
-                standby_after: None,
-                retry_backoff: Duration::from_secs(1),
-                // Longer than every wait here: a lost fault fails a join.
-                fetch_deadline: 2 * WAIT,
-                ..cfg(chunk)
-            },
-        )
-        .unwrap(),
-    );
+    let (region, control, data) = lined_up_region(29, 2);
     let held = hold_handlers(&region, &control, chunk);
     control.add_rule(
         FaultRule::fail(OpSet::READ)

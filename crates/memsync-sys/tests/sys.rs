@@ -870,12 +870,7 @@ fn child_poison() {
     if !is_child("poison") {
         return;
     }
-    let no_core = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: setrlimit(2) reads one `rlimit` struct that outlives the call.
-    unsafe { libc::setrlimit(libc::RLIMIT_CORE, &raw const no_core) };
+    no_core_dump();
     let uffd = uffd_or_skip("child_poison", Features::POISON).unwrap();
     let m = Mapping::anonymous(2 * page()).unwrap();
     let ioctls = uffd.register(&m, RegisterMode::MISSING).unwrap();
@@ -925,12 +920,7 @@ fn child_map_sigbus() {
     if !is_child("map_sigbus") {
         return;
     }
-    let no_core = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: setrlimit(2) reads one `rlimit` struct that outlives the call.
-    unsafe { libc::setrlimit(libc::RLIMIT_CORE, &raw const no_core) };
+    no_core_dump();
     // No EVENT_UNMAP: with it, map_sigbus would wait for this thread to read
     // the unmap event.
     let uffd = uffd_or_skip("child_map_sigbus", Features::empty()).unwrap();
