@@ -522,35 +522,40 @@ fn follow_faults_and_sequential_orders() {
 // Failures
 // ---------------------------------------------------------------------------
 
-/// A region of `size` random bytes (`seed`) in `chunk`-byte chunks whose
-/// store fails every read of chunk `bad` (every chunk: `None`), giving up
-/// after 200 ms; `use_poison` as [`RegionConfig::use_poison`].
+/// A region of `size` random bytes (`seed`) built with `cfg` whose store
+/// fails every read of chunk `bad` (every chunk: `None`); a fetch gives up
+/// after 200 ms.
 fn region_failing(
     size: usize,
     seed: u64,
-    chunk: usize,
     bad: Option<usize>,
-    use_poison: bool,
+    cfg: RegionConfig,
 ) -> (LazyRegion, Vec<u8>) {
     let (store, data) = random_store(size, seed, Some(7));
     let fault = Fault::new(store);
     match bad {
         Some(c) => fault
             .control()
-            .fail_range(OpSet::READ, chunk_range(c, chunk)),
+            .fail_range(OpSet::READ, chunk_range(c, cfg.chunk_size)),
         None => fault.control().fail_always(OpSet::READ),
     };
     let region = LazyRegion::new(
         Arc::new(fault),
         RegionConfig {
-            use_poison,
             fetch_deadline: Duration::from_millis(200),
             retry_backoff: Duration::from_millis(5),
-            ..cfg(chunk)
+            ..cfg
         },
     )
     .unwrap();
     (region, data)
+}
+
+fn without_poison(chunk: usize) -> RegionConfig {
+    RegionConfig {
+        use_poison: false,
+        ..cfg(chunk)
+    }
 }
 
 /// Runs the child part `name` of this test binary and asserts that it died
@@ -572,7 +577,7 @@ fn assert_child_dies_of_sigbus(name: &str, marker: &str) {
 
 #[test]
 fn failing_store_reports_errors_through_the_api() {
-    let (region, data) = region_failing(4 * MIB, 16, MIB, Some(1), true);
+    let (region, data) = region_failing(4 * MIB, 16, Some(1), cfg(MIB));
     let t = Instant::now();
     let mut b = [0u8; 8];
     let err = region.read_at(MIB + 10, &mut b).unwrap_err();
@@ -598,7 +603,7 @@ fn failing_store_reports_errors_through_the_api() {
 fn failing_store_raises_sigbus() {
     const NAME: &str = "failing_store_raises_sigbus";
     if is_child(NAME) {
-        let (region, _) = region_failing(4 * MIB, 17, 64 * KIB, None, true);
+        let (region, _) = region_failing(4 * MIB, 17, None, cfg(64 * KIB));
         let mut b = [0u8; 1];
         eprintln!("child: touching");
         region.read_faulting(100 * KIB, &mut b);
@@ -622,7 +627,7 @@ fn poisoned_chunk_raises_sigbus_after_dontneed() {
     const NAME: &str = "poisoned_chunk_raises_sigbus_after_dontneed";
     let chunk = 64 * KIB;
     if is_child(NAME) {
-        let (region, _) = region_failing(MIB, 30, chunk, Some(1), true);
+        let (region, _) = region_failing(MIB, 30, Some(1), cfg(chunk));
         let mut b = [0u8; 1];
         assert!(region.read_at(chunk, &mut b).unwrap_err().poisoned);
         region.advise(chunk, chunk, Advice::DontNeed).unwrap();
@@ -643,7 +648,7 @@ fn failing_store_raises_sigbus_without_poison() {
     const NAME: &str = "failing_store_raises_sigbus_without_poison";
     let chunk = 64 * KIB;
     if is_child(NAME) {
-        let (region, data) = region_failing(4 * MIB, 23, chunk, Some(5), false);
+        let (region, data) = region_failing(4 * MIB, 23, Some(5), without_poison(chunk));
         let region = Arc::new(region);
         assert!(!region.uses_poison());
         let mut buf = vec![0u8; chunk];
@@ -670,30 +675,78 @@ fn failing_store_raises_sigbus_without_poison() {
 /// Without `UFFDIO_POISON`, a failed chunk is reported as poisoned only once
 /// its range really raises SIGBUS (it was replaced), later calls report it
 /// at once, and every other chunk still comes in through faults (the
-/// replacement split the registered range) and through `read_at`.
+/// replacement split the registered range) and through `read_at`; on
+/// anonymous and on memfd memory.
 #[test]
 fn failed_chunk_without_poison_is_reported_and_the_rest_serves() {
     let chunk = 64 * KIB;
     let size = 4 * MIB;
-    let (region, data) = region_failing(size, 24, chunk, Some(5), false);
-    let mut b = [0u8; 8];
-    let err = region.read_at(5 * chunk + 10, &mut b).unwrap_err();
-    assert_eq!(err.chunk, 5);
-    assert!(err.poisoned && err.attempts > 1, "{err}");
-    assert_eq!(region.chunk_state(5), ChunkState::Poisoned);
-    assert!(region.read_at(5 * chunk, &mut b).unwrap_err().poisoned);
-    let mut buf = vec![0u8; chunk];
-    for c in (0..size / chunk).filter(|&c| c != 5) {
-        if c % 2 == 0 {
-            region.read_faulting(c * chunk, &mut buf);
-        } else {
-            region.read_at(c * chunk, &mut buf).unwrap();
+    for backing in [Backing::Anonymous, Backing::Memfd] {
+        let (region, data) = region_failing(
+            size,
+            24,
+            Some(5),
+            RegionConfig {
+                backing,
+                ..without_poison(chunk)
+            },
+        );
+        let mut b = [0u8; 8];
+        let err = region.read_at(5 * chunk + 10, &mut b).unwrap_err();
+        assert_eq!(err.chunk, 5);
+        assert!(err.poisoned && err.attempts > 1, "{backing:?}: {err}");
+        assert_eq!(region.chunk_state(5), ChunkState::Poisoned);
+        assert!(region.read_at(5 * chunk, &mut b).unwrap_err().poisoned);
+        let mut buf = vec![0u8; chunk];
+        for c in (0..size / chunk).filter(|&c| c != 5) {
+            if c % 2 == 0 {
+                region.read_faulting(c * chunk, &mut buf);
+            } else {
+                region.read_at(c * chunk, &mut buf).unwrap();
+            }
+            assert!(
+                buf == data[c * chunk..(c + 1) * chunk],
+                "{backing:?}: chunk {c}"
+            );
         }
-        assert!(buf == data[c * chunk..(c + 1) * chunk], "chunk {c}");
+        let s = region.stats().snapshot();
+        assert_eq!(s.chunks_poisoned, 1, "{backing:?}: {s}");
+        assert_eq!(region.present_count(), size / chunk - 1);
     }
-    let s = region.stats().snapshot();
-    assert_eq!(s.chunks_poisoned, 1, "{s}");
-    assert_eq!(region.present_count(), size / chunk - 1);
+    // hugetlb memory, in chunks of one huge page.
+    let hpage = memsync_sys_pmd();
+    let _pages = match HugePages::reserve(4) {
+        Ok(g) => g,
+        Err(why) => {
+            eprintln!(
+                "SKIPPED: failed_chunk_without_poison_is_reported_and_the_rest_serves, hugetlb part: {why}"
+            );
+            return;
+        }
+    };
+    let (region, data) = region_failing(
+        4 * hpage,
+        25,
+        Some(1),
+        RegionConfig {
+            backing: Backing::Hugetlb,
+            ..without_poison(hpage)
+        },
+    );
+    assert!(
+        region
+            .read_at(hpage + 3, &mut [0u8; 1])
+            .unwrap_err()
+            .poisoned
+    );
+    let mut buf = vec![0u8; hpage];
+    for c in [0, 2, 3] {
+        region.read_faulting(c * hpage, &mut buf);
+        assert!(
+            buf == data[c * hpage..(c + 1) * hpage],
+            "hugetlb: chunk {c}"
+        );
+    }
 }
 
 /// A child created by `fork()` never takes the region's missing chunks for
@@ -1285,9 +1338,12 @@ fn claims_are_exclusive_across_threads() {
 // ---------------------------------------------------------------------------
 
 /// Reserves `n` more free huge pages (`vm.nr_hugepages`, root only) for the
-/// guard's lifetime and puts the old value back on drop.
+/// guard's lifetime and puts the old value back on drop. Guards exclude each
+/// other across processes (a file lock): tests run in parallel processes,
+/// and one putting the old value back must not take another's pages.
 struct HugePages {
     old: Option<u64>,
+    _lock: std::fs::File,
 }
 
 impl HugePages {
@@ -1308,8 +1364,21 @@ impl HugePages {
     /// no huge pages, or it cannot find the memory for them. Panics where
     /// the setup is at fault instead: not root under CI.
     fn reserve(n: u64) -> Result<Self, String> {
+        let path = std::env::temp_dir().join("memsync-test-hugepages.lock");
+        // Read-only when another user created it: flock needs no write access.
+        let lock = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .or_else(|_| std::fs::File::open(&path))
+            .and_then(|f| f.lock().map(|()| f))
+            .map_err(|e| format!("locking the huge page reservation: {e}"))?;
         if Self::free() >= n {
-            return Ok(Self { old: None });
+            return Ok(Self {
+                old: None,
+                _lock: lock,
+            });
         }
         let old: u64 = match std::fs::read_to_string(Self::SYSCTL) {
             Ok(v) => v
@@ -1331,7 +1400,10 @@ impl HugePages {
             );
             return Err(why);
         }
-        let guard = Self { old: Some(old) };
+        let guard = Self {
+            old: Some(old),
+            _lock: lock,
+        };
         if Self::free() < n {
             return Err(format!(
                 "the kernel found only {} free huge pages of {n} (memory fragmented?)",
