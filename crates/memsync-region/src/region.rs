@@ -888,7 +888,10 @@ impl Inner {
             }
             // One message at a time: a fault read here is served before the
             // next read, so faults read together would wait behind a slow
-            // store read while another handler could serve them.
+            // store read while another handler could serve them. The price,
+            // measured with 4 threads faulting random 4 KiB chunks from
+            // memory at once on 2 vCPUs: ~15% (~1.3 µs a fault) against
+            // reading up to 16 messages.
             let n = match self.uffd.read_events(&mut w.msg) {
                 Ok(n) => n,
                 Err(e) => {
