@@ -1148,10 +1148,10 @@ mod libc_errno {
 /// * The store must not change while the region lives (a chunk is fetched
 ///   at most once, at an unspecified time).
 /// * The mapping belongs to the region: do not `mremap`, `munmap` or
-///   `mprotect` it, nor undo its `MADV_DONTFORK`. (Moving it with `mremap` would leave the region
-///   serving the old addresses; the kernel would drop the userfaultfd
-///   registration of the moved range, so its missing pages would read as
-///   zeros instead of the store's data.)
+///   `mprotect` it, nor undo its `MADV_DONTFORK`. (Moving it with `mremap`
+///   would leave the region serving the old addresses; the kernel would
+///   drop the userfaultfd registration of the moved range, so its missing
+///   pages would read as zeros instead of the store's data.)
 #[derive(Debug)]
 pub struct LazyRegion {
     inner: Arc<Inner>,
