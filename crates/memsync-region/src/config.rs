@@ -17,7 +17,11 @@ pub enum Backing {
     /// faults: store data is written into the memfd's page cache and mapped
     /// with `UFFDIO_CONTINUE`. The memfd
     /// ([`LazyRegion::as_fd`](crate::LazyRegion::as_fd)) can be mapped by
-    /// another process, which sees every chunk this region has filled.
+    /// another process, which sees every chunk this region has filled. A
+    /// chunk not filled yet is a hole of the memfd there: it reads as zeros,
+    /// and a write into it is overwritten when the region fills the chunk.
+    /// Such a process should touch only chunks the region reports present
+    /// ([`LazyRegion::present_chunks`](crate::LazyRegion::present_chunks)).
     Memfd,
     /// Private anonymous memory backed by reserved huge pages
     /// (`MAP_HUGETLB`, the default huge page size, 2 MiB here), registered
@@ -58,10 +62,15 @@ pub struct RegionConfig {
     /// size (4 KiB) to 2 MiB... or larger. Default [`DEFAULT_CHUNK_SIZE`].
     pub chunk_size: usize,
     /// Fault-handler threads (dedicated OS threads, not async workers).
-    /// Default 2: on a 2-vCPU machine one handler can serve a fault while
-    /// another waits for a slow store read, and more only adds wake-ups.
-    /// By default only the first polls the userfaultfd and the others stand
-    /// by (see [`standby_after`](Self::standby_after)).
+    /// Default 2, whatever the number of CPUs: one handler can serve a fault
+    /// while another waits for a slow store read, and each further handler
+    /// polling the userfaultfd is one more thread woken by every fault. With
+    /// [`pin_handlers`](Self::pin_handlers) (the default) they are pinned to
+    /// the first two CPUs the process may use and all poll: one per CPU on a
+    /// 2-CPU machine (the only size measured), while on a larger machine a
+    /// fault from another CPU is answered across CPUs. Unpinned, only the
+    /// first polls and the others stand by (see
+    /// [`standby_after`](Self::standby_after)).
     pub handler_threads: usize,
     /// How long a handler keeps polling its userfaultfd without sleeping
     /// after its last event (adaptive spin-then-block). A sleeping handler
@@ -89,7 +98,9 @@ pub struct RegionConfig {
     /// one). `None`: every handler polls. Default 1 ms.
     pub standby_after: Option<Duration>,
     /// Pin handler thread `k` to the `k`-th CPU this thread may use
-    /// (`sched_setaffinity`). With one handler per CPU, a fault is always
+    /// (`sched_setaffinity`; with more handlers than CPUs, round robin).
+    /// With the default two handlers that is one per CPU only on a 2-CPU
+    /// machine. With one handler per CPU, a fault is always
     /// answered by the handler on the faulting thread's CPU, which runs as
     /// soon as the faulting thread blocks: no cross-CPU wake-up on the fault
     /// path (the other handlers wake too, find no event and sleep again).
@@ -121,6 +132,15 @@ pub struct RegionConfig {
     /// How long a fault may wait for the store (across retries) before its
     /// chunk is poisoned and the access gets `SIGBUS`. Default 30 s.
     pub fetch_deadline: Duration,
+    /// Poison a chunk the store failed to deliver with `UFFDIO_POISON` when
+    /// the kernel offers it (Linux 6.6+; detected from the `UFFDIO_API`
+    /// features and the ioctls `UFFDIO_REGISTER` reports for the region).
+    /// Without it, or with `false`, the chunk's range is replaced by a
+    /// mapping that raises `SIGBUS` on every access (see the crate docs,
+    /// "Failed chunks"): the same outcome for the application, at the cost
+    /// of a kernel mapping per run of failed chunks. Default `true`; `false`
+    /// forces the fallback (for tests of kernels without `UFFDIO_POISON`).
+    pub use_poison: bool,
     /// First retry delay after a failed store read; doubles up to 100 ms.
     /// Default 1 ms.
     pub retry_backoff: Duration,
@@ -174,6 +194,7 @@ impl Default for RegionConfig {
             priority: Box::new(Sequential::default()),
             pull_threads: 2,
             fetch_deadline: Duration::from_secs(30),
+            use_poison: true,
             retry_backoff: Duration::from_millis(1),
             zero_detect: true,
             inline_resolve: true,
@@ -200,6 +221,7 @@ impl std::fmt::Debug for RegionConfig {
             .field("priority", &self.priority)
             .field("pull_threads", &self.pull_threads)
             .field("fetch_deadline", &self.fetch_deadline)
+            .field("use_poison", &self.use_poison)
             .field("retry_backoff", &self.retry_backoff)
             .field("zero_detect", &self.zero_detect)
             .field("inline_resolve", &self.inline_resolve)

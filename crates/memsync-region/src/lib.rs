@@ -24,14 +24,21 @@
 //! (anonymous memory; the pages move, nothing is copied), `UFFDIO_COPY` as a
 //! fallback, `UFFDIO_ZEROPAGE` for chunks the store reports as zero, or a
 //! write into the memfd plus `UFFDIO_CONTINUE` (memfd backing). `EEXIST`
-//! pages are skipped and woken; `EAGAIN` drains pending events and retries.
-//! A store that fails or stalls is retried with backoff until
-//! [`RegionConfig::fetch_deadline`]; then the chunk is poisoned
-//! (`UFFDIO_POISON`, the access gets `SIGBUS`) and the error is recorded
+//! pages are skipped and woken; `EAGAIN` reads the pending events (any
+//! fault among them is served by the same thread after its install) and
+//! retries. A store that fails or stalls is retried with backoff until
+//! [`RegionConfig::fetch_deadline`]; then the chunk raises `SIGBUS` (see
+//! [Failed chunks](#failed-chunks)) and the error is recorded
 //! ([`LazyRegion::last_error`]) and logged. Partial data is never installed.
 //!
-//! Only one handler thread polls the userfaultfd; the others stand by and
-//! join in when it has been busy with one fault for
+//! By default two handler threads serve faults, pinned one to each of the
+//! first two CPUs the process may use ([`RegionConfig::pin_handlers`],
+//! [`RegionConfig::handler_threads`]): on a 2-CPU machine that is one per
+//! CPU, so the handler on the faulting thread's CPU runs the moment that
+//! thread blocks. Both poll the userfaultfd and each reads one message at
+//! a time, so a fault queued behind one whose store read is slow is taken
+//! by the other handler. Unpinned, only one handler polls; the others stand
+//! by and join in when it has been busy with one fault for
 //! [`RegionConfig::standby_after`] (a slow store read), so a fault wakes one
 //! thread, which the scheduler usually runs on the faulting thread's CPU the
 //! moment that thread blocks. Staging buffers whose pages moved into the
@@ -40,6 +47,61 @@
 //! just past the last fault without yielding to it (read-ahead), so a
 //! sequential reader's copy, page allocation and installs overlap on both
 //! CPUs.
+//!
+//! # Failed chunks
+//!
+//! A chunk the store cannot deliver before the deadline is never read as
+//! wrong bytes, and the threads faulting on it do not wait forever: its
+//! missing pages are made to raise `SIGBUS`, for good, then the waiting
+//! threads are woken and get it.
+//!
+//! * With `UFFDIO_POISON` (Linux 6.6+; detected from the `UFFDIO_API`
+//!   features and the ioctls `UFFDIO_REGISTER` reports for the region, see
+//!   [`RegionConfig::use_poison`] and [`LazyRegion::uses_poison`]), the
+//!   pages get poison markers.
+//! * Without it (e.g. Linux 6.1 LTS), or when it fails, the chunk's range is
+//!   replaced (`MAP_FIXED`) by a shared mapping of an empty memfd sealed
+//!   against growing ([`memsync_sys::SigbusFile`]): every access lies past
+//!   the end of the file, which raises a synchronous `SIGBUS`
+//!   (`BUS_ADRERR`, with the faulting address) in whichever thread touches
+//!   it, and a kernel access (e.g. `read(2)` into it) fails with `EFAULT`.
+//!   The costs: one kernel mapping per run of failed chunks (counted
+//!   against `vm.max_map_count`), local writes to pages of the chunk that
+//!   were present are dropped with it, and the region does not ask for
+//!   `UFFD_FEATURE_EVENT_UNMAP` (with it, that `mmap` would wait until a
+//!   handler reads the unmap event, and the handler doing it cannot).
+//! * Only if both fail is the chunk left absent: the error is logged and
+//!   recorded with `poisoned: false`, and the next access retries the store
+//!   with a new deadline.
+//!
+//! A chunk is [`Poisoned`](ChunkState::Poisoned) only once its pages raise
+//! `SIGBUS`; the safe accessors then report it as a [`ChunkError`] without
+//! touching it. A poisoned chunk whose pages were dropped since
+//! (`MADV_DONTNEED` removes poison markers) is poisoned again on its next
+//! fault.
+//!
+//! Rejected: sending `SIGBUS` to the faulting thread with `tgkill(2)` (the
+//! fault message carries its id with `UFFD_FEATURE_THREAD_ID`). That signal
+//! is asynchronous (`SI_TKILL`, no address): a `SIGBUS` handler that returns
+//! lets the thread fault again, one that inspects the address (JVMs,
+//! databases, [`memsync_sys::SigbusResolver`]) is misled, every other
+//! thread waiting on the chunk or touching it later needs a signal of its
+//! own, and a kernel access is interrupted instead of failing. Retrying
+//! until the store answers would leave the faulting thread waiting for as
+//! long as the store fails.
+//!
+//! # `fork()`
+//!
+//! The region is not inherited: its mapping is `MADV_DONTFORK`, so a child
+//! has nothing mapped there (an access raises `SIGSEGV`, a kernel access
+//! fails with `EFAULT`). A child that inherited it would read every chunk
+//! not fetched yet as zeros, because the child's copy is not registered
+//! with the userfaultfd. Serving the child's faults would need
+//! `UFFD_FEATURE_EVENT_FORK`, which needs `CAP_SYS_PTRACE`, and makes the
+//! forking thread wait inside `fork()`, holding the allocator's locks, until
+//! a handler reads the event, while the handlers allocate as they fetch: a
+//! `fork()` during a fetch would deadlock. A child that needs the data can
+//! map the memfd of a [`Backing::Memfd`] region, or open the store itself.
 //!
 //! Not used: `UFFD_FEATURE_SIGBUS` (resolving a fault in a `SIGBUS` handler
 //! on the faulting thread). Fetching from a [`Store`](memsync_core::Store)

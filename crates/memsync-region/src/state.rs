@@ -17,12 +17,10 @@ pub enum ChunkState {
     Fetching,
     /// Installed: the memory holds the store's data or local writes.
     Present,
-    /// The store failed until the deadline: the pages are poisoned and an
-    /// access raises `SIGBUS`.
+    /// The store failed until the deadline: the chunk's pages raise `SIGBUS`
+    /// (poisoned with `UFFDIO_POISON`, or replaced by a mapping that raises
+    /// it).
     Poisoned,
-    /// The application unmapped this part of the region; it is never
-    /// installed again.
-    Unmapped,
 }
 
 impl ChunkState {
@@ -32,7 +30,6 @@ impl ChunkState {
             Self::Fetching => 1,
             Self::Present => 2,
             Self::Poisoned => 3,
-            Self::Unmapped => 4,
         }
     }
 
@@ -41,8 +38,7 @@ impl ChunkState {
             0 => Self::Absent,
             1 => Self::Fetching,
             2 => Self::Present,
-            3 => Self::Poisoned,
-            _ => Self::Unmapped,
+            _ => Self::Poisoned,
         }
     }
 }
@@ -239,9 +235,21 @@ impl ChunkMap {
         let _ = self.cas(i, ChunkState::Fetching, ChunkState::Absent);
     }
 
-    /// Fetching → Poisoned.
+    /// Fetching or Absent → Poisoned: the fetcher gave up and made the
+    /// chunk's pages raise `SIGBUS` (a chunk invalidated during its fetch is
+    /// Absent by then, but its pages raise `SIGBUS` all the same). `false`
+    /// if the chunk was in neither state.
     pub fn poison(&self, i: usize) -> bool {
         self.cas(i, ChunkState::Fetching, ChunkState::Poisoned)
+            .or_else(|_| self.cas(i, ChunkState::Absent, ChunkState::Poisoned))
+            .is_ok()
+    }
+
+    /// Poisoned → Absent: the chunk's pages could not be made to raise
+    /// `SIGBUS` again, so the next touch fetches it from the store. `false`
+    /// if it was not poisoned.
+    pub fn unpoison(&self, i: usize) -> bool {
+        self.cas(i, ChunkState::Poisoned, ChunkState::Absent)
             .is_ok()
     }
 
@@ -261,16 +269,6 @@ impl ChunkMap {
                 }
                 other => return other,
             }
-        }
-    }
-
-    /// Any state → Unmapped.
-    pub fn unmap(&self, i: usize) {
-        let prev = ChunkState::from_u8(
-            self.states[i].swap(ChunkState::Unmapped.to_u8(), Ordering::AcqRel),
-        );
-        if prev == ChunkState::Present {
-            self.present.fetch_sub(1, Ordering::AcqRel);
         }
     }
 

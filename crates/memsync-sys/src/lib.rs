@@ -27,7 +27,8 @@
 //! * [`PagemapScanner`]: `PAGEMAP_SCAN` queries, and write-tracking with
 //!   [`Features::WP_ASYNC`] ([`ScanArgs::written_and_rearm`]).
 //! * [`Mapping`], [`madvise`], [`memfd_create`], [`ftruncate`],
-//!   [`page_size`], [`pmd_size`]: memory.
+//!   [`page_size`], [`pmd_size`]: memory; [`SigbusFile`] and
+//!   [`Mapping::map_sigbus`] make a range raise `SIGBUS` on any access.
 //! * [`Staging`]: a private buffer that is filled through a `&mut [u8]` and
 //!   then moved (`UFFDIO_MOVE`) or copied into a registered range.
 //! * [`send_fds`]/[`recv_fds`]: `SCM_RIGHTS`.
@@ -35,7 +36,7 @@
 //!   resolving MISSING faults on the faulting thread in a process-wide
 //!   `SIGBUS` handler (`UFFD_FEATURE_SIGBUS`) from data already in memory.
 //! * [`poll_readable`], [`gettid`], [`euid`]: small helpers for handler
-//!   threads and tests.
+//!   threads and tests; [`read_after_fork`]: what a forked child sees.
 //!
 //! # Errors
 //!
@@ -99,7 +100,8 @@ mod util;
 
 pub use fdpass::{MAX_FDS_PER_MESSAGE, recv_fds, send_fds};
 pub use mem::{
-    Advice, MapOptions, Mapping, MemfdFlags, ftruncate, madvise, memfd_create, page_size, pmd_size,
+    Advice, MapOptions, Mapping, MemfdFlags, SigbusFile, ftruncate, madvise, memfd_create,
+    page_size, pmd_size,
 };
 pub use pagemap::{PageCategories, PageRegion, PagemapScanner, ScanArgs, ScanFlags, ScanResult};
 pub use sigbus::{MAX_SIGBUS_REGIONS, SigbusResolver};
@@ -108,7 +110,9 @@ pub use uffd::{
     ApiInfo, ContinueMode, CopyMode, Event, Features, Install, Ioctls, MoveMode, OpenError,
     OpenFlags, PageFaultFlags, RegisterMode, Uffd, UffdMsg,
 };
-pub use util::{allowed_cpus, current_cpu, euid, gettid, poll_readable, set_thread_affinity};
+pub use util::{
+    allowed_cpus, current_cpu, euid, gettid, poll_readable, read_after_fork, set_thread_affinity,
+};
 
 // The handler-thread design relies on these being shareable.
 const _: () = {

@@ -512,6 +512,89 @@ impl Mapping {
             .ok_or_else(|| io::Error::other("mremap returned NULL"))?;
         Ok(())
     }
+
+    /// Makes every access to `off..off + len` raise `SIGBUS` from now on, by
+    /// mapping `file` over the range (`MAP_FIXED | MAP_SHARED`, read-write,
+    /// at file offset `off`, so that neighbouring ranges given the same file
+    /// merge into one kernel mapping). The pages that were there are
+    /// dropped.
+    ///
+    /// The range stops being registered with any userfaultfd. A thread
+    /// blocked on a fault there keeps waiting until it is woken
+    /// ([`Uffd::wake`](crate::Uffd::wake) still works on the range), then
+    /// faults again and gets the `SIGBUS`. If the range is registered with a
+    /// userfaultfd that has [`Features::EVENT_UNMAP`](crate::Features::EVENT_UNMAP),
+    /// this call blocks until a handler reads the resulting
+    /// [`Event::Unmap`](crate::Event::Unmap).
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` for a range that is not page aligned; the `mmap(2)`
+    /// error otherwise (`ENOMEM` when the process has reached
+    /// `vm.max_map_count` mappings). After an error the range is unchanged,
+    /// or on kernels before 6.12 possibly unmapped (accesses then raise
+    /// `SIGSEGV`).
+    ///
+    /// # Panics
+    ///
+    /// If `off..off + len` is out of bounds.
+    #[track_caller]
+    pub fn map_sigbus(&self, off: usize, len: usize, file: &SigbusFile) -> io::Result<()> {
+        self.check(off, len);
+        let page = page_size();
+        if !off.is_multiple_of(page) || !len.is_multiple_of(page) || len == 0 {
+            return Err(invalid("range to map over is not page aligned"));
+        }
+        let offset = libc::off_t::try_from(off).map_err(|_| invalid("offset too large"))?;
+        // SAFETY: the range lies inside this mapping, which owns it, and
+        // whose contents Rust never assumes to be stable (see the memory
+        // model): replacing its pages cannot invalidate any reference. The
+        // mapping's `Drop` unmaps the whole range, the new part included.
+        unsafe {
+            mmap_raw(
+                self.as_ptr().add(off).cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                file.fd.as_raw_fd(),
+                offset,
+            )
+        }
+        .map(drop)
+    }
+}
+
+/// An empty memfd sealed against growing (`F_SEAL_GROW`): every page of a
+/// shared mapping of it lies past the end of the file, for good, so any
+/// access raises a synchronous `SIGBUS` (`BUS_ADRERR`, with the address) in
+/// the accessing thread, and a kernel access (e.g. `read(2)` into it) fails
+/// with `EFAULT`. Map it over a range with [`Mapping::map_sigbus`]; the
+/// mappings keep the file alive, this value can be dropped.
+#[derive(Debug)]
+pub struct SigbusFile {
+    fd: OwnedFd,
+}
+
+impl SigbusFile {
+    /// Creates the file.
+    ///
+    /// # Errors
+    ///
+    /// The `memfd_create(2)` or `fcntl(2)` error.
+    pub fn new() -> io::Result<Self> {
+        let fd = memfd_create(
+            "memsync-sigbus",
+            MemfdFlags {
+                allow_sealing: true,
+                ..MemfdFlags::default()
+            },
+        )?;
+        let seals = libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+        // SAFETY: F_ADD_SEALS on an open descriptor this function owns takes
+        // an integer argument and touches no memory of the caller.
+        cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) })?;
+        Ok(Self { fd })
+    }
 }
 
 impl Drop for Mapping {
@@ -544,6 +627,12 @@ pub enum Advice {
     PopulateWrite,
     /// `MADV_WILLNEED`: read ahead.
     WillNeed,
+    /// `MADV_DONTFORK`: a child created by `fork(2)` gets nothing mapped
+    /// here (an access faults with `SIGSEGV`, a kernel access with
+    /// `EFAULT`) instead of a copy of the range.
+    DontFork,
+    /// `MADV_DOFORK`: undo [`DontFork`](Self::DontFork).
+    DoFork,
 }
 
 impl Advice {
@@ -556,6 +645,8 @@ impl Advice {
             Self::PopulateRead => libc::MADV_POPULATE_READ,
             Self::PopulateWrite => libc::MADV_POPULATE_WRITE,
             Self::WillNeed => libc::MADV_WILLNEED,
+            Self::DontFork => libc::MADV_DONTFORK,
+            Self::DoFork => libc::MADV_DOFORK,
         }
     }
 

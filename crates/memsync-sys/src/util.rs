@@ -197,6 +197,118 @@ pub fn set_thread_affinity(cpus: &[usize]) -> io::Result<()> {
     }
 }
 
+/// What a child forked from this process finds at `addr..addr + len` of its
+/// copy of the address space, for tests of what `fork(2)` does to a
+/// mapping (e.g. [`Advice::DontFork`](crate::Advice::DontFork), or a
+/// userfaultfd registration the child does not inherit).
+///
+/// The child copies the range into a pipe with `write(2)`, so it is the
+/// kernel that reads it: a range the child does not have mapped is an
+/// `EFAULT` error, not a crash. The child does nothing else (no allocation,
+/// no lock) and exits with `_exit(2)`.
+///
+/// # Errors
+///
+/// The child's `write(2)` error (`EFAULT` for an unmapped range); `TimedOut`
+/// if it has not finished after `timeout` (it is killed then); the
+/// `pipe(2)`, `fork(2)` or `waitpid(2)` error.
+pub fn read_after_fork(addr: usize, len: usize, timeout: Duration) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+    let deadline = Instant::now() + timeout;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2(2) writes two descriptors into the array, which is
+    // exactly two ints long.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: pipe2 just returned these descriptors, which nothing else owns.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: the child of a multi-threaded process may only make
+    // async-signal-safe calls: it only calls write(2) and _exit(2) on
+    // values computed before the fork.
+    let pid = cvt(unsafe { libc::fork() })?;
+    if pid == 0 {
+        let mut done = 0;
+        while done < len {
+            // SAFETY: write(2) only reads `[addr + done, addr + len)`
+            // through the kernel, which reports an unmapped address as
+            // EFAULT; nothing in this process refers to the child's copy.
+            let n = unsafe {
+                libc::write(
+                    wr.as_raw_fd(),
+                    (addr + done) as *const libc::c_void,
+                    (len - done).min(1 << 16),
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(libc::EIO);
+                if e == libc::EINTR {
+                    continue;
+                }
+                // SAFETY: _exit(2) ends the child without running any
+                // destructor or atexit handler of the parent's state.
+                unsafe { libc::_exit(e) };
+            }
+            done += n.unsigned_abs();
+        }
+        // SAFETY: as above.
+        unsafe { libc::_exit(0) };
+    }
+    drop(wr);
+    let mut pipe = std::fs::File::from(rd);
+    let mut data = Vec::with_capacity(len);
+    let mut buf = [0u8; 1 << 16];
+    let mut timed_out = false;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if !poll_one(pipe.as_fd(), Some(left))? {
+            timed_out = true;
+            break;
+        }
+        match pipe.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => data.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid(2) writes one int to `status`, which outlives the
+        // call; `pid` is our own unreaped child.
+        let r = unsafe { libc::waitpid(pid, &raw mut status, libc::WNOHANG) };
+        if r == pid {
+            break;
+        }
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if timed_out || Instant::now() > deadline {
+            // SAFETY: kill(2) only sends a signal, to our unreaped child,
+            // which the blocking waitpid below then reaps.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            // SAFETY: as above.
+            unsafe { libc::waitpid(pid, &raw mut status, 0) };
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the forked child did not finish in time",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if libc::WIFSIGNALED(status) {
+        return Err(io::Error::other(format!(
+            "the forked child was killed by signal {}",
+            libc::WTERMSIG(status)
+        )));
+    }
+    match libc::WEXITSTATUS(status) {
+        0 => Ok(data),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
 #[cfg(test)]
 mod affinity_tests {
     use super::*;

@@ -9,6 +9,7 @@
 //! and passes.
 
 use memsync_testkit::child::{self, TempDir, describe};
+use memsync_testkit::uffd::wait_in_userfault;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, PermissionsExt};
@@ -398,7 +399,7 @@ fn missing_fault_resolved_with_zeropage() {
 
 #[test]
 fn copy_exists_partial_progress_and_wake() {
-    let Some(uffd) = uffd_or_skip("copy_exists_partial_progress_and_wake", Features::empty())
+    let Some(uffd) = uffd_or_skip("copy_exists_partial_progress_and_wake", Features::THREAD_ID)
     else {
         return;
     };
@@ -459,11 +460,11 @@ fn copy_exists_partial_progress_and_wake() {
         let m = Arc::clone(&m);
         spawn(move || m.read_vec(5 * page(), page()))
     };
-    let (addr, _, _) = next_fault(&uffd);
+    let (addr, _, tid) = next_fault(&uffd);
     assert_eq!(addr, base + 5 * page());
-    // Give the faulting thread time to go to sleep: a copy racing with its
-    // last check of the page table would let it continue without a wake.
-    std::thread::sleep(Duration::from_millis(50));
+    // Wait until the faulting thread sleeps: a copy racing with its last
+    // check of the page table would let it continue without a wake.
+    wait_in_userfault(tid.expect("THREAD_ID gives the thread id"), WAIT);
     assert_eq!(
         uffd.copy(addr, &data, CopyMode::DONTWAKE).unwrap(),
         Install::Done(page())
@@ -477,8 +478,8 @@ fn copy_exists_partial_progress_and_wake() {
         let m = Arc::clone(&m);
         spawn(move || m.read_vec(6 * page(), 8))
     };
-    let (addr, _, _) = next_fault(&uffd);
-    std::thread::sleep(Duration::from_millis(50));
+    let (addr, _, tid) = next_fault(&uffd);
+    wait_in_userfault(tid.expect("THREAD_ID gives the thread id"), WAIT);
     assert_eq!(
         uffd.copy(addr, &data, CopyMode::DONTWAKE).unwrap(),
         Install::Done(page())
@@ -869,12 +870,7 @@ fn child_poison() {
     if !is_child("poison") {
         return;
     }
-    let no_core = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: setrlimit(2) reads one `rlimit` struct that outlives the call.
-    unsafe { libc::setrlimit(libc::RLIMIT_CORE, &raw const no_core) };
+    no_core_dump();
     let uffd = uffd_or_skip("child_poison", Features::POISON).unwrap();
     let m = Mapping::anonymous(2 * page()).unwrap();
     let ioctls = uffd.register(&m, RegisterMode::MISSING).unwrap();
@@ -899,6 +895,78 @@ fn child_poison() {
     eprintln!("poisoned; touching");
     let byte = m.read_vec(page(), 1);
     panic!("reading a poisoned page returned {byte:?} instead of raising SIGBUS");
+}
+
+// ---------------------------------------------------------------------------
+// A range that raises SIGBUS (the fallback for kernels without POISON)
+// ---------------------------------------------------------------------------
+
+/// A `SigbusFile` mapped over the middle of a registered range: a kernel
+/// access there fails with `EFAULT`, the pages around it stay registered,
+/// and a thread that was blocked on a fault in the range gets `SIGBUS` once
+/// woken (in a child process, which it kills).
+#[test]
+fn map_sigbus_raises_sigbus() {
+    let exe = std::env::current_exe().unwrap();
+    let out = run_test_process(&exe, "child_map_sigbus", |c| {
+        c.env("MEMSYNC_SYS_CHILD", "map_sigbus");
+    });
+    assert_died_of_sigbus(&out, "neighbours served; waking");
+}
+
+/// Child of `map_sigbus_raises_sigbus`: must die of SIGBUS.
+#[test]
+fn child_map_sigbus() {
+    if !is_child("map_sigbus") {
+        return;
+    }
+    no_core_dump();
+    // No EVENT_UNMAP: with it, map_sigbus would wait for this thread to read
+    // the unmap event.
+    let uffd = uffd_or_skip("child_map_sigbus", Features::empty()).unwrap();
+    let m = Arc::new(Mapping::anonymous(3 * page()).unwrap());
+    uffd.register(&m, RegisterMode::MISSING).unwrap();
+    let blocked = {
+        let m = Arc::clone(&m);
+        spawn(move || m.read_vec(page() + 5, 1))
+    };
+    let (addr, _, _) = next_fault(&uffd);
+    assert_eq!(addr, m.addr() + page());
+    let file = memsync_sys::SigbusFile::new().unwrap();
+    m.map_sigbus(page(), page(), &file).unwrap();
+    drop(file);
+    let err = memsync_sys::read_after_fork(m.addr() + page(), 8, WAIT).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EFAULT), "{err}");
+    // The pages on both sides are still registered.
+    for k in [0, 2] {
+        let reader = {
+            let m = Arc::clone(&m);
+            spawn(move || m.read_vec(k * page(), 8))
+        };
+        let (addr, _, _) = next_fault(&uffd);
+        assert_eq!(addr, m.addr() + k * page());
+        let data = pattern(k as u8, page());
+        assert!(uffd.copy(addr, &data, CopyMode::empty()).unwrap().is_done());
+        assert_eq!(join(&reader), data[..8]);
+    }
+    eprintln!("neighbours served; waking");
+    uffd.wake(m.addr() + page(), page()).unwrap();
+    let byte = join(&blocked);
+    panic!("the woken access returned {byte:?} instead of raising SIGBUS");
+}
+
+/// `MADV_DONTFORK` hides a range from a forked child, `MADV_DOFORK` undoes it.
+#[test]
+fn dontfork_hides_a_range_from_a_child() {
+    let m = Mapping::anonymous(2 * page()).unwrap();
+    let data = pattern(9, 2 * page());
+    m.write_at(0, &data);
+    let read = || memsync_sys::read_after_fork(m.addr(), 2 * page(), WAIT);
+    assert_eq!(read().unwrap(), data);
+    m.advise(0, 2 * page(), Advice::DontFork).unwrap();
+    assert_eq!(read().unwrap_err().raw_os_error(), Some(libc::EFAULT));
+    m.advise(0, 2 * page(), Advice::DoFork).unwrap();
+    assert_eq!(read().unwrap(), data);
 }
 
 // ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@
 pub mod child;
 pub mod contract;
 pub mod servers;
+pub mod uffd;
 
 pub use contract::{ContractOpts, Failure, Report};
 
