@@ -870,57 +870,6 @@ fn claims_are_exclusive_across_threads() {
 // hugetlb backing
 // ---------------------------------------------------------------------------
 
-/// Reserves `n` more free huge pages (`vm.nr_hugepages`, root only) for the
-/// guard's lifetime and puts the old value back on drop.
-struct HugePages {
-    old: Option<u64>,
-}
-
-impl HugePages {
-    const SYSCTL: &str = "/proc/sys/vm/nr_hugepages";
-
-    fn free() -> u64 {
-        std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|m| {
-                m.lines()
-                    .find_map(|l| l.strip_prefix("HugePages_Free:"))
-                    .and_then(|v| v.trim().parse().ok())
-            })
-            .unwrap_or(0)
-    }
-
-    /// `Err(reason)` if the pages cannot be had.
-    fn reserve(n: u64) -> Result<Self, String> {
-        if Self::free() >= n {
-            return Ok(Self { old: None });
-        }
-        let old: u64 = std::fs::read_to_string(Self::SYSCTL)
-            .map_err(|e| format!("reading {}: {e}", Self::SYSCTL))?
-            .trim()
-            .parse()
-            .map_err(|e| format!("parsing {}: {e}", Self::SYSCTL))?;
-        std::fs::write(Self::SYSCTL, format!("{}\n", old + n))
-            .map_err(|e| format!("raising {} (needs root): {e}", Self::SYSCTL))?;
-        let guard = Self { old: Some(old) };
-        if Self::free() < n {
-            return Err(format!(
-                "the kernel found only {} free huge pages of {n} (memory fragmented?)",
-                Self::free()
-            ));
-        }
-        Ok(guard)
-    }
-}
-
-impl Drop for HugePages {
-    fn drop(&mut self) {
-        if let Some(old) = self.old {
-            let _ = std::fs::write(Self::SYSCTL, format!("{old}\n"));
-        }
-    }
-}
-
 /// A hugetlb-backed region serves faults (whole huge pages by UFFDIO_COPY),
 /// zero chunks and a short last chunk, byte for byte.
 #[test]
@@ -933,10 +882,10 @@ fn hugetlb_region_integrity() {
     rt().block_on(store.write_zeroes(hpage as u64, hpage as u64))
         .unwrap();
     data[hpage..2 * hpage].fill(0);
-    let _pages = match HugePages::reserve(5) {
+    let _pages = match memsync_testkit::hugepages::HugePages::reserve(5) {
         Ok(g) => g,
         Err(why) => {
-            eprintln!("SKIPPED hugetlb_region_integrity: {why}");
+            memsync_testkit::skip::skip("hugetlb_region_integrity", &why);
             return;
         }
     };
