@@ -9,6 +9,11 @@ need() { # need COMMAND PACKAGE
 }
 need cc gcc
 need git git
+# The C library and kernel headers (gcc only recommends them, and --no-install-recommends skips
+# recommendations): the memsync-sys test that checks the ioctl numbers against
+# <linux/userfaultfd.h> needs them, and fails under CI without them.
+printf '#include <stdio.h>\n#include <linux/userfaultfd.h>\n' | cc -E -x c - >/dev/null 2>&1 ||
+  apt_pkgs+=(libc6-dev linux-libc-dev)
 # Peers used by the tests (later issues add theirs here).
 need qemu-img qemu-utils
 # NBD peers (issue 4): nbdkit, libnbd tools, and the Python binding nbdsh runs on
@@ -21,12 +26,28 @@ need nbdcopy libnbd-bin
 need redis-server redis-server
 need redis-cli redis-tools
 need redis-benchmark redis-tools
+# The third-party S3 client of the `stores` bench: boto3 for the python3 on PATH, from PyPI
+# where that python3 has pip, else Debian's python3-boto3.
+boto3_pip=false
+if ! python3 -c 'import boto3' >/dev/null 2>&1; then
+  if python3 -m pip --version >/dev/null 2>&1; then
+    boto3_pip=true
+  else
+    apt_pkgs+=(python3-boto3)
+  fi
+fi
 
 if ((${#apt_pkgs[@]})); then
   echo "setup: installing ${apt_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}"
+fi
+
+if $boto3_pip; then
+  echo "setup: installing boto3"
+  python3 -m pip install --quiet boto3 ||
+    python3 -m pip install --quiet --break-system-packages boto3
 fi
 
 # The test runner.

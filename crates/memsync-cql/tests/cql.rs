@@ -4,13 +4,18 @@
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contract_against_live_server() {
+    const TEST: &str = "contract_against_live_server";
     let Ok(ep) = std::env::var("MEMSYNC_CQL_ENDPOINT") else {
-        eprintln!("SKIPPED: MEMSYNC_CQL_ENDPOINT is not set (no Cassandra/ScyllaDB server here)");
+        // No Cassandra/ScyllaDB can be installed on this project's machines: a real lack, so
+        // a skip under CI too (scripts/test.sh compiles and lints the driver instead).
+        eprintln!("SKIPPED: {TEST}: MEMSYNC_CQL_ENDPOINT is not set (no CQL server here)");
         return;
     };
     if !memsync_cql::enabled() {
-        eprintln!(
-            "SKIPPED: built without the `scylla` feature (cargo test -p memsync-cql --features scylla)"
+        // A server was given but this build cannot use it: a setup mistake.
+        memsync_testkit::skip::skip(
+            TEST,
+            "built without the `scylla` feature (cargo test -p memsync-cql --features scylla)",
         );
         return;
     }

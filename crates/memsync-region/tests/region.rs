@@ -715,11 +715,12 @@ fn failed_chunk_without_poison_is_reported_and_the_rest_serves() {
     }
     // hugetlb memory, in chunks of one huge page.
     let hpage = memsync_sys_pmd();
-    let _pages = match HugePages::reserve(4) {
+    let _pages = match memsync_testkit::hugepages::HugePages::reserve(4) {
         Ok(g) => g,
         Err(why) => {
-            eprintln!(
-                "SKIPPED: failed_chunk_without_poison_is_reported_and_the_rest_serves, hugetlb part: {why}"
+            memsync_testkit::skip::skip(
+                "failed_chunk_without_poison_is_reported_and_the_rest_serves (hugetlb part)",
+                &why,
             );
             return;
         }
@@ -1337,91 +1338,6 @@ fn claims_are_exclusive_across_threads() {
 // hugetlb backing
 // ---------------------------------------------------------------------------
 
-/// Reserves `n` more free huge pages (`vm.nr_hugepages`, root only) for the
-/// guard's lifetime and puts the old value back on drop. Guards exclude each
-/// other across processes (a file lock): tests run in parallel processes,
-/// and one putting the old value back must not take another's pages.
-struct HugePages {
-    old: Option<u64>,
-    _lock: std::fs::File,
-}
-
-impl HugePages {
-    const SYSCTL: &str = "/proc/sys/vm/nr_hugepages";
-
-    fn free() -> u64 {
-        std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|m| {
-                m.lines()
-                    .find_map(|l| l.strip_prefix("HugePages_Free:"))
-                    .and_then(|v| v.trim().parse().ok())
-            })
-            .unwrap_or(0)
-    }
-
-    /// `Err(reason)` if this machine cannot give the pages: its kernel has
-    /// no huge pages, or it cannot find the memory for them. Panics where
-    /// the setup is at fault instead: not root under CI.
-    fn reserve(n: u64) -> Result<Self, String> {
-        let path = std::env::temp_dir().join("memsync-test-hugepages.lock");
-        // Read-only when another user created it: flock needs no write access.
-        let lock = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .or_else(|_| std::fs::File::open(&path))
-            .and_then(|f| f.lock().map(|()| f))
-            .map_err(|e| format!("locking the huge page reservation: {e}"))?;
-        if Self::free() >= n {
-            return Ok(Self {
-                old: None,
-                _lock: lock,
-            });
-        }
-        let old: u64 = match std::fs::read_to_string(Self::SYSCTL) {
-            Ok(v) => v
-                .trim()
-                .parse()
-                .map_err(|e| format!("parsing {}: {e}", Self::SYSCTL))?,
-            Err(e) => {
-                return Err(format!(
-                    "the kernel has no huge pages ({}: {e})",
-                    Self::SYSCTL
-                ));
-            }
-        };
-        if let Err(e) = std::fs::write(Self::SYSCTL, format!("{}\n", old + n)) {
-            let why = format!("raising {} failed (needs root): {e}", Self::SYSCTL);
-            assert!(
-                !memsync_testkit::servers::in_ci(),
-                "{why} (CI is set: run the tests as root)"
-            );
-            return Err(why);
-        }
-        let guard = Self {
-            old: Some(old),
-            _lock: lock,
-        };
-        if Self::free() < n {
-            return Err(format!(
-                "the kernel found only {} free huge pages of {n} (memory fragmented?)",
-                Self::free()
-            ));
-        }
-        Ok(guard)
-    }
-}
-
-impl Drop for HugePages {
-    fn drop(&mut self) {
-        if let Some(old) = self.old {
-            let _ = std::fs::write(Self::SYSCTL, format!("{old}\n"));
-        }
-    }
-}
-
 /// A hugetlb-backed region serves faults (whole huge pages by UFFDIO_COPY),
 /// zero chunks and a short last chunk, byte for byte.
 #[test]
@@ -1434,10 +1350,10 @@ fn hugetlb_region_integrity() {
     rt().block_on(store.write_zeroes(hpage as u64, hpage as u64))
         .unwrap();
     data[hpage..2 * hpage].fill(0);
-    let _pages = match HugePages::reserve(5) {
+    let _pages = match memsync_testkit::hugepages::HugePages::reserve(5) {
         Ok(g) => g,
         Err(why) => {
-            eprintln!("SKIPPED: hugetlb_region_integrity: {why}");
+            memsync_testkit::skip::skip("hugetlb_region_integrity", &why);
             return;
         }
     };

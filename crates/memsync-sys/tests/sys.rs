@@ -5,11 +5,13 @@
 //! and an environment variable (`MEMSYNC_SYS_CHILD`, `MEMSYNC_SYS_UNPRIV`);
 //! the `child_*` and `unprivileged_child` tests do nothing without it. Every
 //! wait is bounded, so a kernel or handler bug fails a test instead of
-//! hanging it. A test whose kernel feature is missing prints `skipped: ...`
-//! and passes.
+//! hanging it. A test whose kernel feature is missing prints `SKIPPED: ...`
+//! and passes, unless CI is set and the kernel is new enough to have it
+//! (`memsync_testkit::skip`).
 
 use memsync_testkit::child::{self, TempDir, describe};
 use memsync_testkit::uffd::wait_in_userfault;
+use memsync_testkit::skip;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, PermissionsExt};
@@ -62,13 +64,43 @@ fn flags() -> OpenFlags {
     }
 }
 
-/// Opens a userfaultfd with `features` enabled, or prints why the test is
-/// skipped and returns `None` if the kernel does not support them.
-fn uffd_or_skip(test: &str, features: Features) -> Option<Uffd> {
+/// The Linux version that introduced each userfaultfd feature.
+fn feature_since(f: Features) -> (u32, u32) {
+    [
+        (Features::PAGEFAULT_FLAG_WP, (5, 7)),
+        (Features::SIGBUS, (4, 14)),
+        (Features::THREAD_ID, (4, 14)),
+        (Features::MINOR_HUGETLBFS, (5, 13)),
+        (Features::MINOR_SHMEM, (5, 14)),
+        (Features::EXACT_ADDRESS, (5, 18)),
+        (Features::WP_HUGETLBFS_SHMEM, (5, 19)),
+        (Features::WP_UNPOPULATED, (6, 4)),
+        (Features::POISON, (6, 6)),
+        (Features::WP_ASYNC, (6, 7)),
+        (Features::MOVE, (6, 8)),
+    ]
+    .into_iter()
+    .find_map(|(g, v)| (g == f).then_some(v))
+    // The events and hugetlbfs/shmem MISSING support came with Linux 4.11.
+    .unwrap_or((4, 11))
+}
+
+/// Whether the kernel supports `features`; if not, skips `test` per
+/// `memsync_testkit::skip::kernel_feature` (a failure under CI on a kernel
+/// that should have them).
+fn kernel_has(test: &str, features: Features) -> bool {
     let supported = Uffd::probe_features().expect("probing userfaultfd features");
     let missing = features - supported;
-    if !missing.is_empty() {
-        eprintln!("skipped: {test}: kernel lacks userfaultfd features {missing:?}");
+    for (name, f) in missing.iter_names() {
+        skip::kernel_feature(test, &format!("UFFD_FEATURE_{name}"), feature_since(f));
+    }
+    missing.is_empty()
+}
+
+/// Opens a userfaultfd with `features` enabled, or skips the test ([`kernel_has`])
+/// and returns `None` if the kernel does not support them.
+fn uffd_or_skip(test: &str, features: Features) -> Option<Uffd> {
+    if !kernel_has(test, features) {
         return None;
     }
     let (uffd, info) = Uffd::with_features(flags(), features).expect("userfaultfd + UFFDIO_API");
@@ -162,16 +194,11 @@ fn regions(list: &[PageRegion], base: usize) -> Vec<(usize, usize)> {
 fn api_handshake_and_feature_probe() {
     let supported = Uffd::probe_features().unwrap();
     eprintln!("supported userfaultfd features: {supported:?}");
-    for (name, f) in [
-        ("MOVE", Features::MOVE),
-        ("POISON", Features::POISON),
-        ("WP_ASYNC", Features::WP_ASYNC),
-        ("MINOR_SHMEM", Features::MINOR_SHMEM),
-    ] {
-        if !supported.contains(f) {
-            eprintln!("skipped: feature {name} absent on this kernel");
-        }
-    }
+    // What memsync uses: absent only on kernels that predate it (see kernel_has).
+    kernel_has(
+        "api_handshake_and_feature_probe",
+        Features::MOVE | Features::POISON | Features::WP_ASYNC | Features::MINOR_SHMEM,
+    );
 
     let uffd = Uffd::open(OpenFlags {
         nonblock: true,
@@ -273,15 +300,22 @@ int main(void) {
     )
     .unwrap();
     let bin = dir.0.join("n");
-    let status = match Command::new("cc").arg("-o").arg(&bin).arg(&src).status() {
-        Ok(s) => s,
+    const TEST: &str = "ioctl_numbers_match_c_headers";
+    let out = match Command::new("cc").arg("-o").arg(&bin).arg(&src).output() {
+        Ok(o) => o,
         Err(e) => {
-            eprintln!("skipped: no C compiler ({e})");
+            skip::skip(TEST, &format!("no C compiler (cc: {e})"));
             return;
         }
     };
-    if !status.success() {
-        eprintln!("skipped: the C headers do not compile here");
+    if !out.status.success() {
+        skip::skip(
+            TEST,
+            &format!(
+                "the kernel headers do not compile here (libc6-dev, linux-libc-dev): {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        );
         return;
     }
     let out = Command::new(&bin).output().unwrap();
@@ -853,14 +887,12 @@ fn wp_async_dirty_tracking_with_pagemap_scan() {
 
 #[test]
 fn poison_raises_sigbus() {
-    if Uffd::probe_features().unwrap().contains(Features::POISON) {
+    if kernel_has("poison_raises_sigbus", Features::POISON) {
         let exe = std::env::current_exe().unwrap();
         let out = run_test_process(&exe, "child_poison", |c| {
             c.env("MEMSYNC_SYS_CHILD", "poison");
         });
         assert_died_of_sigbus(&out, "poisoned; touching");
-    } else {
-        eprintln!("skipped: kernel lacks UFFD_FEATURE_POISON");
     }
 }
 
@@ -1092,14 +1124,10 @@ fn remap_event_and_registration_follows() {
 #[test]
 fn fork_event() {
     if euid() != 0 {
-        eprintln!("skipped: fork_event: EVENT_FORK needs CAP_SYS_PTRACE");
+        skip::skip("fork_event", "EVENT_FORK needs CAP_SYS_PTRACE (root)");
         return;
     }
-    if !Uffd::probe_features()
-        .unwrap()
-        .contains(Features::EVENT_FORK)
-    {
-        eprintln!("skipped: kernel lacks UFFD_FEATURE_EVENT_FORK");
+    if !kernel_has("fork_event", Features::EVENT_FORK) {
         return;
     }
     let exe = std::env::current_exe().unwrap();
@@ -1357,7 +1385,7 @@ fn unprivileged_checks() {
         );
         assert_eq!(join(&reader), data);
     } else {
-        eprintln!("skipped: MOVE part: kernel lacks UFFD_FEATURE_MOVE");
+        kernel_has("unprivileged_user_mode_only (MOVE part)", Features::MOVE);
     }
 
     // PAGEMAP_SCAN works without privileges on the own process.
@@ -1481,13 +1509,7 @@ impl XorShift {
 }
 
 fn sigbus_supported(test: &str) -> bool {
-    let ok = Uffd::probe_features()
-        .expect("probing userfaultfd features")
-        .contains(Features::SIGBUS);
-    if !ok {
-        eprintln!("skipped: {test}: kernel lacks UFFD_FEATURE_SIGBUS");
-    }
-    ok
+    kernel_has(test, Features::SIGBUS)
 }
 
 /// A resolver over `pages` fresh pages whose source holds random bytes.
@@ -1574,11 +1596,12 @@ fn sigbus_outside_the_region_is_not_swallowed() {
     }
     let out = run_sigbus_child("sigbus_eof");
     assert_died_of_sigbus(&out, "resolved; touching past EOF");
-    if Uffd::probe_features().unwrap().contains(Features::POISON) {
+    if kernel_has(
+        "sigbus_outside_the_region_is_not_swallowed (poisoned page)",
+        Features::POISON,
+    ) {
         let out = run_sigbus_child("sigbus_poison");
         assert_died_of_sigbus(&out, "resolved; touching a poisoned page");
-    } else {
-        eprintln!("skipped: poisoned page: kernel lacks UFFD_FEATURE_POISON");
     }
     let out = run_sigbus_child("sigbus_chain");
     // The earlier handler exits with 40 + si_code (BUS_ADRERR = 2).

@@ -14,7 +14,9 @@
 
 pub mod child;
 pub mod contract;
+pub mod hugepages;
 pub mod servers;
+pub mod skip;
 pub mod uffd;
 
 pub use contract::{ContractOpts, Failure, Report};

@@ -3,7 +3,8 @@
 //! temporary directories, and killed when dropped. Every wait is bounded.
 //!
 //! A missing server binary skips the caller (with a printed reason) only outside CI: with
-//! `CI` set in the environment it panics, so a missing `scripts/setup.sh` step is caught.
+//! `CI` set in the environment it panics, so a missing `scripts/setup.sh` step is caught
+//! ([`crate::skip`]).
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -23,21 +24,16 @@ pub fn find_tool(name: &str) -> Option<PathBuf> {
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
 
-/// Whether we run in CI (`CI` is set and not `false`/`0`).
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
-
-/// Find a tool, or decide to skip: prints why and returns `None` outside CI; panics in CI.
+/// Find a tool, or decide to skip (see [`crate::skip`]): prints why and returns `None` outside
+/// CI; panics under CI.
 pub fn require_tool(name: &str, why: &str) -> Option<PathBuf> {
     if let Some(p) = find_tool(name) {
         return Some(p);
     }
-    let msg = format!("{name} is not installed (needed for {why}); run scripts/setup.sh");
-    if in_ci() {
-        panic!("{msg} (CI is set, so this is an error, not a skip)");
-    }
-    eprintln!("SKIPPED: {msg}");
+    crate::skip::skip(
+        why,
+        &format!("{name} is not installed; run scripts/setup.sh"),
+    );
     None
 }
 

@@ -181,7 +181,7 @@ pub struct CopyArgs {
     pub no_sparse: bool,
 }
 
-fn parse_size_arg(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size_arg(s: &str) -> Result<u64, String> {
     match parse_size(s) {
         Ok(0) => Err("must be greater than 0".into()),
         Ok(n) if n > 256 << 20 => Err("must be at most 256M".into()),

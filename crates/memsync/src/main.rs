@@ -80,6 +80,11 @@ enum Command {
     Map(map::MapArgs),
     /// List the store URL schemes this build supports.
     Stores,
+    /// Read a store from start to end with the NBD bench's client pattern (32 reads of 2 MiB
+    /// in flight), discarding the bytes: the `nbd` bench times it as a whole command beside
+    /// nbdcopy's `null:` sink.
+    #[command(hide = true)]
+    BenchNbdRead(bench::nbd::ReadArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -111,6 +116,7 @@ fn main() -> ExitCode {
         Command::Proxy(a) => proxy::proxy(&ctx, a),
         Command::Map(a) => map::map(&ctx, a),
         Command::Stores => cmd::stores(&ctx),
+        Command::BenchNbdRead(a) => bench::nbd::read_to_nowhere(&ctx, a),
     };
     let result = result.and_then(|()| ctx.write_metrics());
     match result {

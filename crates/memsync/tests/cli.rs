@@ -130,22 +130,37 @@ fn demo_runs_and_verifies() {
     assert!(stdout(&o).contains("verified"), "{}", stdout(&o));
 }
 
-#[test]
-fn bench_store_json_has_limits_and_ratios() {
+/// What `memsync bench SUITE --quick --json` printed, checked line by line: every field is
+/// there and finite; a measured figure lies within its min and max; a published one says so in
+/// its subject, has 0 runs and takes part in no ratio; a ratio names two subjects measured in
+/// its case, over as many rounds as both have samples. Returns each case's subjects (with
+/// their metrics) and each case's ratio subjects.
+struct BenchJson {
+    subjects: BTreeMap<String, BTreeSet<String>>,
+    ratios: BTreeMap<String, BTreeSet<String>>,
+}
+
+fn bench_json(suite: &str, runs: usize) -> BenchJson {
     let tmp = tempfile::tempdir().unwrap();
+    let runs_s = runs.to_string();
     let o = memsync(&[
         "bench",
-        "store",
+        suite,
         "--quick",
         "--json",
         "--runs",
-        "1",
+        &runs_s,
         "--scratch",
         tmp.path().to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "bench failed: {}", stderr(&o));
-    let mut subjects: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    let mut ratios = BTreeSet::new();
+    assert!(o.status.success(), "bench {suite} failed: {}", stderr(&o));
+    // (case, subject, metric) -> runs
+    let mut measured: BTreeMap<(String, String, String), u64> = BTreeMap::new();
+    let mut out = BenchJson {
+        subjects: BTreeMap::new(),
+        ratios: BTreeMap::new(),
+    };
+    let mut ratio_lines = Vec::new();
     for line in stdout(&o).lines() {
         let v: serde_json::Value =
             serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON: {line}: {e}"));
@@ -154,41 +169,158 @@ fn bench_store_json_has_limits_and_ratios() {
         ] {
             assert!(v.get(key).is_some(), "missing {key} in {line}");
         }
-        assert_eq!(v["suite"], "store");
+        assert_eq!(v["suite"], suite, "{line}");
         let case = v["case"].as_str().unwrap().to_owned();
-        let value = v["value"].as_f64().unwrap();
+        let subject = v["subject"].as_str().unwrap().to_owned();
+        let metric = v["metric"].as_str().unwrap().to_owned();
+        let value = v["value"].as_f64().unwrap_or(f64::NAN);
+        let n = v["runs"].as_u64().unwrap();
         assert!(value.is_finite() && value > 0.0, "bad value in {line}");
-        if v["metric"] == "ratio" {
-            ratios.insert(case);
+        if metric == "ratio" {
+            ratio_lines.push((case, subject, n, line.to_owned()));
+            continue;
+        }
+        if subject.contains("(published)") {
+            assert_eq!(n, 0, "a published figure is not measured here: {line}");
         } else {
+            assert!(n >= 1, "{line}");
             assert!(
                 v["min"].as_f64().unwrap() <= value && value <= v["max"].as_f64().unwrap(),
                 "{line}"
             );
-            subjects
-                .entry(case)
-                .or_default()
-                .insert(v["subject"].as_str().unwrap().to_owned());
         }
+        measured.insert((case.clone(), subject.clone(), metric), n);
+        out.subjects.entry(case).or_default().insert(subject);
     }
-    for store in ["mem", "file", "dir"] {
-        for kind in [
-            "seq-read-1M",
-            "seq-write-1M",
-            "rand-read-4K",
-            "rand-write-4K",
-        ] {
-            let case = format!("{store} {kind}");
-            let s = subjects
-                .get(&case)
-                .unwrap_or_else(|| panic!("no case {case}"));
+    for (case, subject, n, line) in ratio_lines {
+        let (pair, metric) = subject.split_once(' ').unwrap_or((&subject, ""));
+        let (a, b) = pair
+            .split_once('/')
+            .unwrap_or_else(|| panic!("a ratio of two subjects: {line}"));
+        for s in [a, b] {
             assert!(
-                s.contains("memsync") && s.len() == 2,
-                "{case} lacks its limit: {s:?}"
+                !s.contains("published"),
+                "a ratio against a published figure: {line}"
             );
-            assert!(ratios.contains(&case), "{case} has no ratio");
+            let runs_of = measured
+                .iter()
+                .find(|((c, sub, m), _)| {
+                    *c == case && sub == s && (metric.is_empty() || m == metric)
+                })
+                .map(|(_, r)| *r)
+                .unwrap_or_else(|| panic!("{s} is not measured in case {case}: {line}"));
+            assert_eq!(n, runs_of, "the ratio's rounds are {s}'s samples: {line}");
+        }
+        assert_eq!(n, runs as u64, "{line}");
+        out.ratios.entry(case).or_default().insert(subject);
+    }
+    out
+}
+
+impl BenchJson {
+    /// Assert that `case` was measured with `subject` and `peer` and has their ratio.
+    #[track_caller]
+    fn has_ratio(&self, case: &str, subject: &str, peer: &str) {
+        let s = self
+            .subjects
+            .get(case)
+            .unwrap_or_else(|| panic!("no case {case} in {:?}", self.subjects.keys()));
+        assert!(
+            s.contains(subject) && s.contains(peer),
+            "{case} lacks {subject} or {peer}: {s:?}"
+        );
+        let r = self.ratios.get(case).cloned().unwrap_or_default();
+        assert!(
+            r.iter()
+                .any(|x| x.starts_with(&format!("{subject}/{peer}"))),
+            "{case} has no ratio {subject}/{peer}: {r:?}"
+        );
+    }
+}
+
+#[test]
+fn bench_store_json_has_limits_and_ratios() {
+    let j = bench_json("store", 2);
+    for store in ["mem", "file", "dir"] {
+        for (kind, limit) in [
+            ("seq-read-1M", "pread"),
+            ("seq-write-1M", "pwrite"),
+            ("rand-read-4K", "pread"),
+            ("rand-write-4K", "pwrite"),
+        ] {
+            let limit = if store == "mem" { "memcpy" } else { limit };
+            j.has_ratio(&format!("{store} {kind}"), "memsync", limit);
         }
     }
+}
+
+#[test]
+fn bench_nbd_json_has_peers_and_ratios() {
+    let j = bench_json("nbd", 2);
+    for t in ["tcp", "unix"] {
+        for kind in ["write", "read", "4k-qd1"] {
+            j.has_ratio(&format!("{kind} {t}"), "memsync", "nbdkit");
+        }
+    }
+    j.has_ratio("client-read tcp", "memsync-client", "nbdcopy");
+}
+
+#[test]
+fn bench_lazy_json_has_limits_and_ratios() {
+    let j = bench_json("lazy", 2);
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    for s in ["lazy-2M", "lazy-2M-pull"] {
+        for limit in ["memcpy", "memcpy-fresh"] {
+            j.has_ratio("seq-first-touch-256M", s, &format!("{limit}-{cpus}thr"));
+        }
+        j.has_ratio("nbd-seq-first-touch-256M", s, "client-read-2M-qd2");
+    }
+    j.has_ratio("rand-4k-first-touch", "lazy-default", "anon-fault");
+    j.has_ratio("nbd-rand-4k-first-touch", "lazy-default", "client-4k-read");
+    j.has_ratio("nbd-4k-qd1", "memsync-client", "nbdcopy");
+}
+
+#[test]
+fn bench_mount_json_has_peers_and_ratios() {
+    let j = bench_json("mount", 2);
+    for rtt in [0, 10, 30] {
+        let case = format!("seq-read rtt={rtt}ms");
+        j.has_ratio(&case, "fuse", "nbdcopy");
+        j.has_ratio(&case, "fuse", "fuse-local-file");
+        j.has_ratio(&case, "lazy-region", "nbdcopy");
+        assert!(j.subjects[&case].contains("r3map (published)"), "{case}");
+    }
+    j.has_ratio("proxy-cost", "nbdcopy-proxy", "nbdcopy-direct");
+}
+
+#[test]
+fn bench_stores_json_has_peers_and_ratios() {
+    let j = bench_json("stores", 2);
+    j.has_ratio("seq_read_direct_dir_chunk1M", "memsync-dir", "pread");
+    j.has_ratio(
+        "seq_read_cache_dir_chunk1M",
+        "memsync-dir-cache1M",
+        "memsync-dir",
+    );
+    for chunk in ["256K", "1M"] {
+        j.has_ratio(
+            &format!("seq_read_direct_redis_chunk{chunk}"),
+            "memsync-redis",
+            "redis-benchmark",
+        );
+    }
+    for chunk in ["1M", "4M"] {
+        let case = format!("seq_read_direct_s3_chunk{chunk}");
+        j.has_ratio(&case, "memsync-s3", "boto3");
+        j.has_ratio(&case, "memsync-s3", "memsync-http-client");
+    }
+    assert!(
+        j.subjects
+            .keys()
+            .any(|c| c.starts_with("seq_read_cache_s3")),
+        "{:?}",
+        j.subjects.keys()
+    );
 }
 
 /// `memsync serve`: a child process killed on drop, with the address it printed.

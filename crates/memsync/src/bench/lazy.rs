@@ -1,16 +1,20 @@
 //! Suite `lazy`: lazy (userfaultfd post-copy) regions from a `mem:` store, beside the limits
-//! measured in the same run.
+//! measured in the same run. Every case measures its subjects in alternation
+//! ([`Bench::compare`]).
 //!
 //! - `seq-first-touch`: touch one byte of every page of a fresh region in order (GB/s of
-//!   region). Limits: a plain `memcpy` of the same size into memory touched beforehand, and
-//!   `memcpy-fresh`, the same into never touched memory advised for huge pages (the region must
-//!   allocate and zero its pages too). Subjects: 2 MiB chunks with and without the background
-//!   puller (following the faults), 64 KiB and (not with `--quick`) 4 KiB chunks.
+//!   region). Limits, on as many threads as this process may run on (the region's handlers,
+//!   pullers and allocation helper share those CPUs): `memcpy-Nthr`, a memcpy of the same size
+//!   into memory touched beforehand, and `memcpy-fresh-Nthr`, the same into never touched
+//!   memory advised for huge pages (the region must allocate and zero its pages too).
+//!   Subjects: 2 MiB chunks with and without the background puller (following the faults),
+//!   64 KiB and (not with `--quick`) 4 KiB chunks. The first run of each subject checks every
+//!   byte of the region against the store (BLAKE3, outside the timed part).
 //! - `rand-4k-first-touch`: fault latency of random first touches of distinct 4 KiB pages
 //!   (4 KiB chunks, no prefetch), measured on the touching thread: p50 and p99. Limit: a plain
 //!   anonymous first-touch fault measured the same way. Subjects are the places a fault can be
-//!   served: the default (one polling handler plus a standby), two polling handlers, one
-//!   handler, handlers pinned one per CPU, spinning handlers, and the inline path (the
+//!   served: the default (handlers pinned one per CPU), two polling handlers, one
+//!   handler, unpinned handlers with a standby, spinning handlers, and the inline path (the
 //!   touching thread fetches the chunk itself, no fault at all). `sigbus-on-thread` is an
 //!   experiment outside `LazyRegion`: a userfaultfd in `UFFD_FEATURE_SIGBUS` mode whose fault
 //!   the touching thread resolves itself, in a `SIGBUS` handler, with `UFFDIO_COPY` from a
@@ -19,10 +23,12 @@
 //! - `nbd-seq-first-touch` and `nbd-rand-4k-first-touch`: the same two from an NBD store on
 //!   loopback TCP (memsync's own NBD server serving a mem: store in this process, read through
 //!   memsync's NBD client). Limits: the client's own sequential read (2 MiB requests, two in
-//!   flight, like a fault handler beside the puller, and eight), nbdcopy reading the same
-//!   export, one 4 KiB read round trip through the client, and nbdcopy's one-request round trip
-//!   (`--request-size=4096 -C 1 -R 1`) against the same server (the nbdcopy figures only when
-//!   nbdcopy is installed).
+//!   flight, like a fault handler beside the puller, and eight) and one 4 KiB read round trip
+//!   through the client; nbdcopy reading the same export is shown beside them (a whole
+//!   command, so no ratio is taken against it here).
+//! - `nbd-4k-qd1`: one 4 KiB request in flight over one connection, the memsync client against
+//!   nbdcopy (`--request-size=4096 -C 1 -R 1`), both timed as whole commands reading the same
+//!   small export (µs per request).
 //!
 //! The host re-backs freed guest memory lazily here (free page reporting), so the first touch
 //! of fresh memory varies a lot from run to run: compare the medians of one run side by side.
@@ -40,7 +46,7 @@ use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::{RngCore, SeedableRng};
 
-use super::{Bench, gbps};
+use super::{Bench, Subject, gbps};
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
@@ -77,10 +83,57 @@ fn base_cfg(chunk: usize) -> RegionConfig {
     }
 }
 
+/// BLAKE3 of a store's contents.
+fn store_hash(store: &DynStore) -> Result<blake3::Hash> {
+    let rt = tokio::runtime::Builder::new_current_thread().build()?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; MIB];
+    let len = store.size() as usize;
+    for off in (0..len).step_by(MIB) {
+        let n = MIB.min(len - off);
+        rt.block_on(store.read(off as u64, &mut buf[..n]))?;
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize())
+}
+
+/// BLAKE3 of a region's contents (every chunk present: nothing is fetched).
+fn region_hash(region: &LazyRegion) -> Result<blake3::Hash> {
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; MIB];
+    for off in (0..region.len()).step_by(MIB) {
+        let n = MIB.min(region.len() - off);
+        region.read_at(off, &mut buf[..n])?;
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize())
+}
+
+/// A sequential first touch subject: `seq_touch` per run, the first run also checking the
+/// region's bytes against `want`, the store's hash.
+fn seq_subject<'a>(
+    name: &str,
+    store: &'a DynStore,
+    want: blake3::Hash,
+    cfg: impl Fn() -> RegionConfig + 'a,
+) -> Subject<'a> {
+    let mut checked = false;
+    Subject::new(name, move || {
+        let v = seq_touch(store, &cfg, (!checked).then_some(want))?;
+        checked = true;
+        Ok(v)
+    })
+}
+
 /// Sequential first touch of a new region: GB/s of region, timed from asking for the region
 /// (its background pull starts at creation, so timing only the touches would credit it with
-/// work done before the clock started).
-fn seq_touch(store: &DynStore, cfg: impl Fn() -> RegionConfig) -> Result<f64> {
+/// work done before the clock started). With `want`, the region's bytes are then checked
+/// against it (untimed).
+fn seq_touch(
+    store: &DynStore,
+    cfg: impl Fn() -> RegionConfig,
+    want: Option<blake3::Hash>,
+) -> Result<f64> {
     let t = Instant::now();
     let region = LazyRegion::new(Arc::clone(store), cfg()).context("creating the region")?;
     let len = region.len();
@@ -95,28 +148,65 @@ fn seq_touch(store: &DynStore, cfg: impl Fn() -> RegionConfig) -> Result<f64> {
         std::thread::sleep(Duration::from_millis(1));
     }
     anyhow::ensure!(region.is_complete(), "region incomplete after a full touch");
+    if let Some(want) = want {
+        let got = region_hash(&region)?;
+        anyhow::ensure!(
+            got == want,
+            "the region's bytes differ from the store's (BLAKE3 {got}, store {want})"
+        );
+    }
     Ok(gbps(len as u64, el))
 }
 
-fn memcpy_limit(len: usize) -> f64 {
+/// The CPUs this process may run on: the threads of the memcpy limits.
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Copy `src` into `dst` on `threads` threads, each a contiguous part: the time from their
+/// common start to the last one's end.
+fn par_copy(dst: &mut [u8], src: &[u8], threads: usize) -> Duration {
+    let part = dst.len().div_ceil(threads.max(1)).max(1);
+    let n = dst.len().div_ceil(part);
+    let start = std::sync::Barrier::new(n + 1);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = dst
+            .chunks_mut(part)
+            .zip(src.chunks(part))
+            .map(|(d, sr)| {
+                let start = &start;
+                s.spawn(move || {
+                    start.wait();
+                    d.copy_from_slice(sr);
+                })
+            })
+            .collect();
+        start.wait();
+        let t = Instant::now();
+        for w in workers {
+            let _ = w.join();
+        }
+        t.elapsed()
+    })
+}
+
+/// A memcpy of `len` bytes on `threads` threads into memory touched beforehand.
+fn memcpy_limit(len: usize, threads: usize) -> f64 {
     let src = vec![1u8; len];
     let mut dst = vec![0u8; len];
     dst.iter_mut().step_by(PAGE).for_each(|b| *b = 2);
-    let t = Instant::now();
-    dst.copy_from_slice(&src);
-    let el = t.elapsed();
+    let el = par_copy(&mut dst, &src, threads);
     std::hint::black_box(&dst);
     gbps(len as u64, el)
 }
 
-/// A memcpy of `len` bytes into fresh, never touched memory advised for transparent huge
-/// pages: what a lazy region must do at least (allocate and zero its pages, then copy).
-fn memcpy_fresh_limit(len: usize) -> Result<f64> {
+/// A memcpy of `len` bytes on `threads` threads into fresh, never touched memory advised for
+/// transparent huge pages: what a lazy region must do at least (allocate and zero its pages,
+/// then copy).
+fn memcpy_fresh_limit(len: usize, threads: usize) -> Result<f64> {
     let src = vec![1u8; len];
     let mut dst = memsync_sys::Staging::new(len).context("mapping a buffer")?;
-    let t = Instant::now();
-    dst.as_mut_slice()[..len].copy_from_slice(&src);
-    let el = t.elapsed();
+    let el = par_copy(&mut dst.as_mut_slice()[..len], &src, threads);
     std::hint::black_box(dst.as_slice());
     Ok(gbps(len as u64, el))
 }
@@ -241,22 +331,19 @@ fn quantile(samples: &mut [f64], q: f64) -> f64 {
     samples[i]
 }
 
-fn report(
-    bench: &mut Bench,
-    case: &str,
-    subject: &str,
-    f: &mut dyn FnMut(u64) -> Result<Vec<f64>>,
-) -> Result<(f64, f64)> {
-    let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
-    for r in 0..bench.config.runs() {
-        let mut lat = f(r as u64)?;
-        p50s.push(quantile(&mut lat, 0.5));
-        p99s.push(quantile(&mut lat, 0.99));
-    }
-    let p50 = bench.record(case, subject, "p50", "us", &p50s);
-    let p99 = bench.record(case, subject, "p99", "us", &p99s);
-    Ok((p50, p99))
+/// A latency subject: each run gives the latencies (µs) of one batch of touches, seeded by
+/// the run's number (every subject touches the same pages in the same round); reported as
+/// p50 and p99.
+fn lat_subject<'a>(name: &str, mut f: impl FnMut(u64) -> Result<Vec<f64>> + 'a) -> Subject<'a> {
+    let mut round = 0;
+    Subject::multi(name, move || {
+        let mut lat = f(round)?;
+        round += 1;
+        Ok(vec![quantile(&mut lat, 0.5), quantile(&mut lat, 0.99)])
+    })
 }
+
+const LATENCY: &[(&str, &str)] = &[("p50", "us"), ("p99", "us")];
 
 /// Builds a region configuration (a subject of a case).
 type MakeCfg = fn() -> RegionConfig;
@@ -274,6 +361,8 @@ pub fn run(bench: &mut Bench) -> Result<()> {
     let len = if quick { 256 * MIB } else { 1 << 30 };
     let rand_n = if quick { 5_000 } else { 20_000 };
     let store = filled_store(len)?;
+    let want = store_hash(&store)?;
+    let threads = cpus();
 
     // Sequential first touch.
     let case = if quick {
@@ -281,31 +370,25 @@ pub fn run(bench: &mut Bench) -> Result<()> {
     } else {
         "seq-first-touch-1G"
     };
-    let limit = bench.measure(case, "memcpy", "throughput", "GB/s", || {
-        Ok(memcpy_limit(len))
-    })?;
-    let fresh = bench.measure(case, "memcpy-fresh", "throughput", "GB/s", || {
-        memcpy_fresh_limit(len)
-    })?;
-    let m = bench.measure(case, "lazy-2M", "throughput", "GB/s", || {
-        seq_touch(&store, || base_cfg(2 * MIB))
-    })?;
-    bench.ratio(case, "memcpy (pull off)", "GB/s", m, limit);
-    bench.ratio(case, "memcpy-fresh (pull off)", "GB/s", m, fresh);
-    let m = bench.measure(case, "lazy-2M-pull", "throughput", "GB/s", || {
-        seq_touch(&store, || pull_cfg(2 * MIB))
-    })?;
-    bench.ratio(case, "memcpy (pull on)", "GB/s", m, limit);
-    bench.ratio(case, "memcpy-fresh (pull on)", "GB/s", m, fresh);
+    let (memcpy, fresh) = (
+        format!("memcpy-{threads}thr"),
+        format!("memcpy-fresh-{threads}thr"),
+    );
+    let mut subjects = vec![
+        Subject::new(&memcpy, || Ok(memcpy_limit(len, threads))),
+        Subject::new(&fresh, || memcpy_fresh_limit(len, threads)),
+        seq_subject("lazy-2M", &store, want, || base_cfg(2 * MIB)),
+        seq_subject("lazy-2M-pull", &store, want, || pull_cfg(2 * MIB)),
+    ];
     // hugetlb backing, if enough huge pages are reserved (the suite does not change sysctls).
     let free_huge = hugetlb_free_bytes();
     if free_huge >= len + 2 * MIB {
-        bench.measure(case, "lazy-2M-hugetlb", "throughput", "GB/s", || {
-            seq_touch(&store, || RegionConfig {
+        subjects.push(seq_subject("lazy-2M-hugetlb", &store, want, || {
+            RegionConfig {
                 backing: memsync_region::Backing::Hugetlb,
                 ..base_cfg(2 * MIB)
-            })
-        })?;
+            }
+        }));
     } else {
         eprintln!(
             "lazy: skipping lazy-2M-hugetlb: {} MiB of free huge pages, {} MiB needed (as root: \
@@ -315,26 +398,18 @@ pub fn run(bench: &mut Bench) -> Result<()> {
             len / (2 * MIB) + 1
         );
     }
-    bench.measure(case, "lazy-64K", "throughput", "GB/s", || {
-        seq_touch(&store, || base_cfg(64 * KIB))
-    })?;
+    subjects.push(seq_subject("lazy-64K", &store, want, || base_cfg(64 * KIB)));
     if !quick {
-        bench.measure(case, "lazy-4K", "throughput", "GB/s", || {
-            seq_touch(&store, || base_cfg(4 * KIB))
-        })?;
+        subjects.push(seq_subject("lazy-4K", &store, want, || base_cfg(4 * KIB)));
+    }
+    let c = bench.compare(case, &[("throughput", "GB/s")], subjects)?;
+    for m in ["lazy-2M", "lazy-2M-pull"] {
+        bench.ratio(&c, m, &memcpy, "throughput")?;
+        bench.ratio(&c, m, &fresh, "throughput")?;
     }
 
     // Random 4 KiB first touches: where the fault is served.
     let case = "rand-4k-first-touch";
-    let (anon50, anon99) = report(bench, case, "anon-fault", &mut |s| {
-        anon_touch(len, rand_n, s)
-    })?;
-    // The default configuration is the memsync figure compared with the limit.
-    let (m50, m99) = report(bench, case, "lazy-default", &mut |s| {
-        rand_touch(&store, rand_n, s, false, base_cfg(4 * KIB))
-    })?;
-    bench.ratio(case, "anon-fault-p50", "us", m50, anon50);
-    bench.ratio(case, "anon-fault-p99", "us", m99, anon99);
     let variants: [(&str, MakeCfg); 5] = [
         ("lazy-block-2thr-polling", || RegionConfig {
             handler_threads: 2,
@@ -370,29 +445,42 @@ pub fn run(bench: &mut Bench) -> Result<()> {
             ..base_cfg(4 * KIB)
         }),
     ];
+    let store = &store;
+    let source = sigbus_source(store)?;
+    let mut subjects = vec![
+        lat_subject("anon-fault", |s| anon_touch(len, rand_n, s)),
+        // The default configuration is the memsync figure compared with the limit.
+        lat_subject("lazy-default", |s| {
+            rand_touch(store, rand_n, s, false, base_cfg(4 * KIB))
+        }),
+    ];
     for (name, cfg) in variants {
-        report(bench, case, name, &mut |s| {
-            rand_touch(&store, rand_n, s, false, cfg())
-        })?;
+        subjects.push(lat_subject(name, move |s| {
+            rand_touch(store, rand_n, s, false, cfg())
+        }));
     }
-    let (i50, _) = report(bench, case, "lazy-inline", &mut |s| {
-        rand_touch(&store, rand_n, s, true, base_cfg(4 * KIB))
-    })?;
-    bench.ratio(case, "anon-fault-p50 (inline)", "us", i50, anon50);
+    subjects.push(lat_subject("lazy-inline", |s| {
+        rand_touch(store, rand_n, s, true, base_cfg(4 * KIB))
+    }));
     // The experiment: the touching thread resolves its own fault in a SIGBUS handler.
-    if let Some(source) = sigbus_source(&store)? {
-        let (s50, _) = report(bench, case, "sigbus-on-thread", &mut |s| {
-            sigbus_touch(&source, rand_n, s)
-        })?;
-        bench.ratio(case, "anon-fault-p50 (sigbus)", "us", s50, anon50);
-        bench.ratio(case, "lazy-default-p50 (sigbus)", "us", s50, m50);
+    if let Some(source) = &source {
+        subjects.push(lat_subject("sigbus-on-thread", |s| {
+            sigbus_touch(source, rand_n, s)
+        }));
     }
     if !quick {
-        report(bench, case, "lazy-default-64K", &mut |s| {
-            rand_touch(&store, rand_n, s, false, base_cfg(64 * KIB))
-        })?;
+        subjects.push(lat_subject("lazy-default-64K", |s| {
+            rand_touch(store, rand_n, s, false, base_cfg(64 * KIB))
+        }));
     }
-    drop(store);
+    let c = bench.compare(case, LATENCY, subjects)?;
+    bench.ratio(&c, "lazy-default", "anon-fault", "p50")?;
+    bench.ratio(&c, "lazy-default", "anon-fault", "p99")?;
+    bench.ratio(&c, "lazy-inline", "anon-fault", "p50")?;
+    if source.is_some() {
+        bench.ratio(&c, "sigbus-on-thread", "anon-fault", "p50")?;
+        bench.ratio(&c, "sigbus-on-thread", "lazy-default", "p50")?;
+    }
 
     nbd_cases(bench, len, rand_n)
 }
@@ -444,43 +532,6 @@ fn client_4k_reads(
     Ok(lat)
 }
 
-fn nbdcopy_available() -> bool {
-    std::process::Command::new("nbdcopy")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-/// nbdcopy reading a whole export with one 4 KiB request in flight: µs per request, or
-/// `None` if nbdcopy is not installed.
-fn nbdcopy_4k(url: &str, size: usize) -> Result<Option<f64>> {
-    let t = Instant::now();
-    let o = match std::process::Command::new("nbdcopy")
-        .args([
-            "--request-size=4096",
-            "-C",
-            "1",
-            "-R",
-            "1",
-            "--no-extents",
-            url,
-            "null:",
-        ])
-        .output()
-    {
-        Ok(o) => o,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).context("running nbdcopy"),
-    };
-    let el = t.elapsed();
-    anyhow::ensure!(
-        o.status.success(),
-        "nbdcopy failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    Ok(Some(el.as_secs_f64() * 1e6 / (size / PAGE) as f64))
-}
-
 /// The same two cases from an NBD store on loopback TCP: memsync's NBD server serving a mem:
 /// store in this process, read through memsync's NBD client.
 fn nbd_cases(bench: &mut Bench, len: usize, rand_n: usize) -> Result<()> {
@@ -491,7 +542,8 @@ fn nbd_cases(bench: &mut Bench, len: usize, rand_n: usize) -> Result<()> {
         .build()?;
     let data = Arc::new(MemStore::new(len as u64));
     fill(&data, len)?;
-    // A small export for nbdcopy, which always copies a whole export.
+    let want = store_hash(&(data.clone() as DynStore))?;
+    // A small export for the whole-export 4 KiB round trips.
     let small_len = 16 * MIB;
     let small = Arc::new(MemStore::with_chunk_size(small_len as u64, PAGE as u64)?);
     fill(&small, small_len)?;
@@ -521,63 +573,67 @@ fn nbd_cases(bench: &mut Bench, len: usize, rand_n: usize) -> Result<()> {
     } else {
         "nbd-seq-first-touch-1G"
     };
-    let limit = bench.measure(case, "client-read-2M-qd2", "throughput", "GB/s", || {
-        client_seq_read(&rt, &store, 2)
-    })?;
-    bench.measure(case, "client-read-2M-qd8", "throughput", "GB/s", || {
-        client_seq_read(&rt, &store, 8)
-    })?;
-    if nbdcopy_available() {
-        // The same server read by a C client with many requests in flight.
-        bench.measure(case, "nbdcopy-read", "throughput", "GB/s", || {
-            let t = Instant::now();
-            let o = std::process::Command::new("nbdcopy")
-                .args([url.as_str(), "null:"])
-                .output()
-                .context("running nbdcopy")?;
-            anyhow::ensure!(
-                o.status.success(),
-                "nbdcopy failed: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            Ok(gbps(len as u64, t.elapsed()))
-        })?;
-    }
-    let m = bench.measure(case, "lazy-2M", "throughput", "GB/s", || {
-        seq_touch(&store, || nbd_cfg(base_cfg(2 * MIB)))
-    })?;
-    bench.ratio(case, "client-read (pull off)", "GB/s", m, limit);
-    let m = bench.measure(case, "lazy-2M-pull", "throughput", "GB/s", || {
-        seq_touch(&store, || nbd_cfg(pull_cfg(2 * MIB)))
-    })?;
-    bench.ratio(case, "client-read (pull on)", "GB/s", m, limit);
+    let (rt, store) = (&rt, &store);
+    let c = bench.compare(
+        case,
+        &[("throughput", "GB/s")],
+        vec![
+            Subject::new("client-read-2M-qd2", || client_seq_read(rt, store, 2)),
+            Subject::new("client-read-2M-qd8", || client_seq_read(rt, store, 8)),
+            // The same server read by a C client with many requests in flight (a whole
+            // command: start-up and handshakes included, so it is shown, not divided by).
+            Subject::new("nbdcopy-read", || {
+                let el = super::nbd::timed_command(
+                    std::process::Command::new("nbdcopy").args([url.as_str(), "null:"]),
+                )
+                .context("running nbdcopy (scripts/setup.sh installs it)")?;
+                Ok(gbps(len as u64, el))
+            }),
+            seq_subject("lazy-2M", store, want, || nbd_cfg(base_cfg(2 * MIB))),
+            seq_subject("lazy-2M-pull", store, want, || nbd_cfg(pull_cfg(2 * MIB))),
+        ],
+    )?;
+    bench.ratio(&c, "lazy-2M", "client-read-2M-qd2", "throughput")?;
+    bench.ratio(&c, "lazy-2M-pull", "client-read-2M-qd2", "throughput")?;
 
     let case = "nbd-rand-4k-first-touch";
     let n = rand_n / 2;
-    let (c50, c99) = report(bench, case, "client-4k-read", &mut |s| {
-        client_4k_reads(&rt, &store, n, s)
-    })?;
-    let (m50, m99) = report(bench, case, "lazy-default", &mut |s| {
-        rand_touch(&store, n, s, false, nbd_cfg(base_cfg(4 * KIB)))
-    })?;
-    bench.ratio(case, "client-4k-read-p50", "us", m50, c50);
-    bench.ratio(case, "client-4k-read-p99", "us", m99, c99);
-    let (i50, _) = report(bench, case, "lazy-inline", &mut |s| {
-        rand_touch(&store, n, s, true, nbd_cfg(base_cfg(4 * KIB)))
-    })?;
-    bench.ratio(case, "client-4k-read-p50 (inline)", "us", i50, c50);
+    let c = bench.compare(
+        case,
+        LATENCY,
+        vec![
+            lat_subject("client-4k-read", |s| client_4k_reads(rt, store, n, s)),
+            lat_subject("lazy-default", |s| {
+                rand_touch(store, n, s, false, nbd_cfg(base_cfg(4 * KIB)))
+            }),
+            lat_subject("lazy-inline", |s| {
+                rand_touch(store, n, s, true, nbd_cfg(base_cfg(4 * KIB)))
+            }),
+        ],
+    )?;
+    bench.ratio(&c, "lazy-default", "client-4k-read", "p50")?;
+    bench.ratio(&c, "lazy-default", "client-4k-read", "p99")?;
+    bench.ratio(&c, "lazy-inline", "client-4k-read", "p50")?;
+
+    // One 4 KiB request in flight on one connection through the whole small export: the
+    // memsync client and nbdcopy, both timed as whole commands.
+    let case = "nbd-4k-qd1";
     let small_url = format!("nbd://127.0.0.1:{port}/small");
-    if nbdcopy_available() {
-        let k = bench.measure(case, "nbdcopy-4k-qd1", "latency", "us", || {
-            nbdcopy_4k(&small_url, small_len)?.context("nbdcopy vanished")
-        })?;
-        bench.ratio(case, "nbdcopy-4k-qd1 (p50 vs mean)", "us", m50, k);
-    } else {
-        eprintln!(
-            "lazy: nbdcopy not installed, skipping the nbdcopy reference (scripts/setup.sh installs it)"
-        );
-    }
-    drop(store);
+    let per_request = |el: Duration| el.as_secs_f64() * 1e6 / (small_len / PAGE) as f64;
+    bench.pair(
+        case,
+        ("latency", "us"),
+        Subject::new("memsync-client", || {
+            let el = super::nbd::memsync_read_command(
+                &format!("{small_url}?connections=1"),
+                &["--request-size", "4K", "--in-flight", "1"],
+            )?;
+            Ok(per_request(el))
+        }),
+        Subject::new("nbdcopy", || {
+            Ok(per_request(super::nbd::nbdcopy_4k_qd1(&small_url)?))
+        }),
+    )?;
     rt.block_on(server.shutdown())?;
     Ok(())
 }

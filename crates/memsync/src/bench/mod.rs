@@ -15,6 +15,7 @@ pub mod stores;
 use std::io::Write;
 use std::time::Duration;
 
+use anyhow::{Context as _, Result};
 use serde_json::json;
 
 /// How a suite run is configured.
@@ -88,6 +89,77 @@ fn higher_is_better(unit: &str) -> bool {
     !matches!(unit, "us" | "ns" | "ms" | "s")
 }
 
+/// One subject of a compared case: its name and one run of it, which gives one value per metric
+/// of the case.
+pub struct Subject<'a> {
+    name: String,
+    run: Box<dyn FnMut() -> Result<Vec<f64>> + 'a>,
+}
+
+impl<'a> Subject<'a> {
+    /// A subject of a case with one metric.
+    pub fn new(name: impl Into<String>, mut run: impl FnMut() -> Result<f64> + 'a) -> Self {
+        Subject {
+            name: name.into(),
+            run: Box::new(move || Ok(vec![run()?])),
+        }
+    }
+
+    /// A subject of a case with several metrics: each run returns one value per metric, in
+    /// the case's order.
+    pub fn multi(name: impl Into<String>, run: impl FnMut() -> Result<Vec<f64>> + 'a) -> Self {
+        Subject {
+            name: name.into(),
+            run: Box::new(run),
+        }
+    }
+}
+
+impl std::fmt::Debug for Subject<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subject").field("name", &self.name).finish()
+    }
+}
+
+/// The samples of a compared case ([`Bench::compare`]): every subject ran once per round, so
+/// all have the same number of samples, taken in alternation. Ratios come only from here.
+#[derive(Debug)]
+pub struct Compared {
+    case: String,
+    metrics: Vec<(String, String)>,
+    /// Per subject: its name and, per metric, one sample per round.
+    samples: Vec<(String, Vec<Vec<f64>>)>,
+}
+
+impl Compared {
+    /// The subjects, in the order they were given.
+    pub fn subjects(&self) -> impl Iterator<Item = &str> {
+        self.samples.iter().map(|(s, _)| s.as_str())
+    }
+
+    fn metric_index(&self, metric: &str) -> Result<usize> {
+        self.metrics
+            .iter()
+            .position(|(m, _)| m == metric)
+            .with_context(|| format!("case {}: no metric {metric}", self.case))
+    }
+
+    /// One sample per round of `subject`'s `metric`.
+    pub fn samples(&self, subject: &str, metric: &str) -> Result<&[f64]> {
+        let m = self.metric_index(metric)?;
+        self.samples
+            .iter()
+            .find(|(s, _)| s == subject)
+            .map(|(_, v)| &v[m][..])
+            .with_context(|| format!("case {}: no subject {subject}", self.case))
+    }
+
+    /// The median of `subject`'s `metric`.
+    pub fn median(&self, subject: &str, metric: &str) -> Result<f64> {
+        Ok(median(self.samples(subject, metric)?))
+    }
+}
+
 impl Bench {
     pub fn new(suite: &str, config: BenchConfig) -> Self {
         Bench {
@@ -96,7 +168,8 @@ impl Bench {
         }
     }
 
-    /// Record a case from per-run samples and print it.
+    /// Record a figure from per-run samples and print it: a case without a peer, or a detail of
+    /// a compared one. It takes part in no ratio.
     pub fn record(
         &mut self,
         case: &str,
@@ -123,50 +196,117 @@ impl Bench {
         value
     }
 
-    /// Run `f` `runs()` times; each call returns one sample.
-    pub fn measure(
+    /// Measure `subjects` in alternation and record each: round `r` of `runs()` runs every
+    /// subject once, starting with subject `r mod n`, so that each goes first equally often
+    /// and a load change on this shared machine hits all alike (measuring all of one subject's
+    /// runs before another's turned a load change into a difference between them). `metrics`
+    /// are the (metric, unit) pairs each run returns. Ratios between the subjects are then
+    /// printed with [`ratio`](Self::ratio).
+    pub fn compare(
         &mut self,
         case: &str,
-        subject: &str,
-        metric: &str,
-        unit: &str,
-        mut f: impl FnMut() -> anyhow::Result<f64>,
-    ) -> anyhow::Result<f64> {
-        let mut samples = Vec::with_capacity(self.config.runs());
-        for _ in 0..self.config.runs() {
-            samples.push(f()?);
+        metrics: &[(&str, &str)],
+        mut subjects: Vec<Subject<'_>>,
+    ) -> Result<Compared> {
+        let n = subjects.len();
+        let rounds = self.config.runs();
+        let mut samples: Vec<Vec<Vec<f64>>> =
+            vec![vec![Vec::with_capacity(rounds); metrics.len()]; n];
+        for r in 0..rounds {
+            for k in 0..n {
+                let i = (r + k) % n;
+                let s = &mut subjects[i];
+                let v = (s.run)().with_context(|| format!("{case}: {}", s.name))?;
+                anyhow::ensure!(
+                    v.len() == metrics.len(),
+                    "{case}: {} gave {} values for {} metrics",
+                    s.name,
+                    v.len(),
+                    metrics.len()
+                );
+                for (m, x) in v.into_iter().enumerate() {
+                    samples[i][m].push(x);
+                }
+            }
         }
-        Ok(self.record(case, subject, metric, unit, &samples))
+        let c = Compared {
+            case: case.to_owned(),
+            metrics: metrics
+                .iter()
+                .map(|(m, u)| ((*m).to_owned(), (*u).to_owned()))
+                .collect(),
+            samples: subjects.into_iter().map(|s| s.name).zip(samples).collect(),
+        };
+        for (subject, per_metric) in &c.samples {
+            for ((metric, unit), v) in c.metrics.iter().zip(per_metric) {
+                self.record(case, subject, metric, unit, v);
+            }
+        }
+        Ok(c)
     }
 
-    /// Report `memsync / peer` for a case (for latency units the ratio is peer / memsync, so a
-    /// ratio above 1 always means memsync is better).
-    pub fn ratio(
+    /// [`compare`](Self::compare) two subjects of one metric and print the ratio of the first
+    /// to the second.
+    pub fn pair(
         &mut self,
         case: &str,
-        peer: &str,
-        unit: &str,
-        memsync: f64,
-        peer_value: f64,
-    ) -> f64 {
-        let r = if higher_is_better(unit) {
-            memsync / peer_value
+        (metric, unit): (&str, &str),
+        subject: Subject<'_>,
+        peer: Subject<'_>,
+    ) -> Result<f64> {
+        let (a, b) = (subject.name.clone(), peer.name.clone());
+        let c = self.compare(case, &[(metric, unit)], vec![subject, peer])?;
+        self.ratio(&c, &a, &b, metric)
+    }
+
+    /// Print the ratio `subject / peer` of `metric` in a compared case (`peer / subject` for
+    /// latency units, so that a ratio above 1 always means the subject is better): the ratio
+    /// of the medians, over the real number of rounds, with the lowest and highest ratio of one
+    /// round. Only same-run figures have ratios: published ones never do
+    /// ([`published`](Self::published)).
+    pub fn ratio(&mut self, c: &Compared, subject: &str, peer: &str, metric: &str) -> Result<f64> {
+        let unit = &c.metrics[c.metric_index(metric)?].1;
+        let (a, b) = (c.samples(subject, metric)?, c.samples(peer, metric)?);
+        let of = |x: f64, y: f64| {
+            if higher_is_better(unit) { x / y } else { y / x }
+        };
+        let per_round: Vec<f64> = a.iter().zip(b).map(|(&x, &y)| of(x, y)).collect();
+        let r = of(median(a), median(b));
+        let name = if c.metrics.len() > 1 {
+            format!("{subject}/{peer} {metric}")
         } else {
-            peer_value / memsync
+            format!("{subject}/{peer}")
         };
         let m = Measurement {
             suite: self.suite.clone(),
-            case: case.to_owned(),
-            subject: format!("memsync/{peer}"),
+            case: c.case.clone(),
+            subject: name,
             metric: "ratio".to_owned(),
             value: r,
             unit: "x".to_owned(),
-            runs: self.config.runs(),
-            min: r,
-            max: r,
+            runs: per_round.len(),
+            min: per_round.iter().copied().fold(f64::INFINITY, f64::min),
+            max: per_round.iter().copied().fold(f64::NEG_INFINITY, f64::max),
         };
         self.print(&m);
-        r
+        Ok(r)
+    }
+
+    /// Print a figure published elsewhere (not measured here), for reading beside the same-run
+    /// ones: its subject says `published`, its run count is 0, and no ratio uses it.
+    pub fn published(&mut self, case: &str, subject: &str, metric: &str, unit: &str, value: f64) {
+        let m = Measurement {
+            suite: self.suite.clone(),
+            case: case.to_owned(),
+            subject: format!("{subject} (published)"),
+            metric: metric.to_owned(),
+            value,
+            unit: unit.to_owned(),
+            runs: 0,
+            min: value,
+            max: value,
+        };
+        self.print(&m);
     }
 
     fn print(&self, m: &Measurement) {
@@ -176,8 +316,14 @@ impl Bench {
         } else if m.metric == "ratio" {
             let _ = writeln!(
                 out,
-                "{:<8} {:<28} {:<16} ratio {:>10.3}",
-                m.suite, m.case, m.subject, m.value
+                "{:<8} {:<28} {:<16} ratio {:>10.3}   (per round {:.3}..{:.3}, {} rounds)",
+                m.suite, m.case, m.subject, m.value, m.min, m.max, m.runs
+            );
+        } else if m.runs == 0 {
+            let _ = writeln!(
+                out,
+                "{:<8} {:<28} {:<16} {:<10} {:>10.3} {:<5} (not measured here)",
+                m.suite, m.case, m.subject, m.metric, m.value, m.unit
             );
         } else {
             let _ = writeln!(
@@ -205,14 +351,14 @@ impl Drop for Proc {
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
-pub fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
 /// Wait (up to 10 s) until something accepts connections on 127.0.0.1:`port`.
-pub fn wait_tcp(port: u16) -> anyhow::Result<()> {
+pub fn wait_tcp(port: u16) -> Result<()> {
     for _ in 0..1000 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return Ok(());
@@ -257,16 +403,77 @@ mod tests {
         assert!(median(&[]).is_nan());
     }
 
+    fn quiet(runs: usize) -> Bench {
+        Bench::new(
+            "t",
+            BenchConfig {
+                quick: true,
+                json: true,
+                runs: Some(runs),
+                scratch: std::env::temp_dir(),
+            },
+        )
+    }
+
     #[test]
     fn ratio_direction() {
-        let cfg = BenchConfig {
-            quick: true,
-            json: true,
-            runs: Some(1),
-            scratch: std::env::temp_dir(),
+        let mut b = quiet(1);
+        let c = b
+            .compare(
+                "c",
+                &[("throughput", "GB/s"), ("latency", "us")],
+                vec![
+                    Subject::multi("m", || Ok(vec![2.0, 2.0])),
+                    Subject::multi("p", || Ok(vec![4.0, 4.0])),
+                ],
+            )
+            .unwrap();
+        assert_eq!(b.ratio(&c, "m", "p", "throughput").unwrap(), 0.5);
+        assert_eq!(b.ratio(&c, "m", "p", "latency").unwrap(), 2.0);
+        assert!(b.ratio(&c, "m", "nobody", "latency").is_err());
+        assert!(b.ratio(&c, "m", "p", "p50").is_err());
+    }
+
+    /// Every subject runs once per round, the first one rotating, and has one sample per round.
+    #[test]
+    fn compare_alternates_subjects() {
+        let order = std::cell::RefCell::new(Vec::new());
+        let mut b = quiet(4);
+        let subject = |name: &'static str| {
+            let order = &order;
+            Subject::new(name, move || {
+                order.borrow_mut().push(name);
+                Ok(order.borrow().len() as f64)
+            })
         };
-        let mut b = Bench::new("t", cfg);
-        assert_eq!(b.ratio("c", "p", "GB/s", 2.0, 4.0), 0.5);
-        assert_eq!(b.ratio("c", "p", "us", 2.0, 4.0), 2.0);
+        let c = b
+            .compare(
+                "c",
+                &[("throughput", "GB/s")],
+                vec![subject("a"), subject("b"), subject("c")],
+            )
+            .unwrap();
+        assert_eq!(
+            order.borrow().join(""),
+            ["abc", "bca", "cab", "abc"].concat()
+        );
+        assert_eq!(c.samples("a", "throughput").unwrap(), [1.0, 6.0, 8.0, 10.0]);
+        assert_eq!(c.samples("c", "throughput").unwrap().len(), 4);
+        // The ratio of the medians: a's is (6 + 8) / 2, c's (5 + 7) / 2.
+        assert_eq!(c.median("c", "throughput").unwrap(), 6.0);
+        assert_eq!(b.ratio(&c, "a", "c", "throughput").unwrap(), 7.0 / 6.0);
+    }
+
+    #[test]
+    fn a_subject_with_the_wrong_number_of_metrics_fails() {
+        let mut b = quiet(1);
+        let e = b
+            .compare(
+                "c",
+                &[("p50", "us"), ("p99", "us")],
+                vec![Subject::new("m", || Ok(1.0))],
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("1 values for 2 metrics"), "{e}");
     }
 }

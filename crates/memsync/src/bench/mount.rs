@@ -4,11 +4,12 @@
 //! each RTT (0, 10, 30 ms) a `memsync proxy` child in front of it. Cases:
 //! - `seq-read rtt=N`: a fresh cache (1 MiB chunks, pull on) read sequentially to the end,
 //!   through the FUSE file (1 MiB `read(2)` calls) and through a lazy userfaultfd region over
-//!   the cache (faulting reads), timed from opening the cache. Beside it: nbdcopy reading the
-//!   same export through the same proxy (a client with many requests in flight: the peer),
-//!   the predecessor's published managed-mount figure, and the FUSE ceiling of this machine
-//!   (the same file through FUSE from a local store, no cache, no network). `fuse-after-first-byte`
-//!   is the same read timed from its first byte (connections set up, first chunk in).
+//!   the cache (faulting reads), timed from opening the cache. Beside it, in alternation:
+//!   nbdcopy reading the same export through the same proxy (a client with many requests in
+//!   flight: the peer), and the FUSE ceiling of this machine (the same file through FUSE from a
+//!   local store, no cache, no network). `fuse-after-first-byte` is the FUSE read timed from
+//!   its first byte (connections set up, first chunk in). The predecessor's managed-mount
+//!   figure is printed as `r3map (published)`: not measured here, so no ratio uses it.
 //! - `first-access rtt=N`: the first 4 KiB read of a chunk that is not local (pull off).
 //! - `mmap-write rtt=N`: random 4 KiB writes through a shared mapping of the FUSE file (cache
 //!   pulled completely first), then `fsync`: MB/s including the fsync, MB/s of the writes alone
@@ -16,6 +17,8 @@
 //!   duration (time to durable in the remote: FUSE writeback, local fdatasync, push, remote
 //!   flush).
 //! - `proxy-cost`: nbdcopy directly against the server vs. through the proxy at RTT 0.
+//!
+//! Cases with a peer or limit measure all their subjects in alternation ([`Bench::compare`]).
 //!
 //! On this VM memory the guest frees is handed back to the host (virtio-balloon free page
 //! reporting), and the next first touch of it faults on the host: a run whose 1 GiB of cache
@@ -36,7 +39,7 @@ use memsync_core::DynStore;
 use memsync_region::{LazyRegion, RegionConfig};
 use rand::{Rng, RngCore, SeedableRng};
 
-use super::{Bench, Proc, free_port, gbps, wait_tcp};
+use super::{Bench, Proc, Subject, free_port, gbps, wait_tcp};
 use crate::cmd::Context;
 use crate::mount::remote_pair;
 
@@ -258,22 +261,6 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
     wait_tcp(sport)?;
     let runs = b.config.runs();
 
-    // The FUSE ceiling of this machine, and nbdcopy directly.
-    let limit = b.measure(
-        "seq-read limit",
-        "fuse-local-file",
-        "throughput",
-        "GB/s",
-        || {
-            warm(&img)?;
-            fuse_local_limit(ctx, &scratch, &img, size)
-        },
-    )?;
-    let direct = b.measure("proxy-cost", "nbdcopy-direct", "throughput", "GB/s", || {
-        warm(&img)?;
-        nbdcopy_gbps(sport, size)
-    })?;
-
     for rtt in [0u64, 10, 30] {
         let pport = free_port()?;
         let _proxy = spawn_self(&[
@@ -286,21 +273,50 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
             &format!("{rtt}ms"),
         ])?;
         wait_tcp(pport)?;
-        let case = format!("seq-read rtt={rtt}ms");
-        let peer = b.measure(&case, "nbdcopy", "throughput", "GB/s", || {
-            warm(&img)?;
-            nbdcopy_gbps(pport, size)
-        })?;
         if rtt == 0 {
-            b.ratio("proxy-cost", "nbdcopy-direct", "GB/s", peer, direct);
+            let c = b.compare(
+                "proxy-cost",
+                &[("throughput", "GB/s")],
+                vec![
+                    Subject::new("nbdcopy-proxy", || {
+                        warm(&img)?;
+                        nbdcopy_gbps(pport, size)
+                    }),
+                    Subject::new("nbdcopy-direct", || {
+                        warm(&img)?;
+                        nbdcopy_gbps(sport, size)
+                    }),
+                ],
+            )?;
+            b.ratio(&c, "nbdcopy-proxy", "nbdcopy-direct", "throughput")?;
         }
+        let case = format!("seq-read rtt={rtt}ms");
         let mut steady = Vec::new();
-        let fuse = b.measure(&case, "fuse", "throughput", "GB/s", || {
-            warm(&img)?;
-            let (all, st) = fuse_seq(ctx, &scratch, pport, size)?;
-            steady.push(st);
-            Ok(all)
-        })?;
+        let c = b.compare(
+            &case,
+            &[("throughput", "GB/s")],
+            vec![
+                Subject::new("fuse", || {
+                    warm(&img)?;
+                    let (all, st) = fuse_seq(ctx, &scratch, pport, size)?;
+                    steady.push(st);
+                    Ok(all)
+                }),
+                Subject::new("lazy-region", || {
+                    warm(&img)?;
+                    region_seq(ctx, &scratch, pport, size)
+                }),
+                Subject::new("nbdcopy", || {
+                    warm(&img)?;
+                    nbdcopy_gbps(pport, size)
+                }),
+                // The FUSE ceiling of this machine.
+                Subject::new("fuse-local-file", || {
+                    warm(&img)?;
+                    fuse_local_limit(ctx, &scratch, &img, size)
+                }),
+            ],
+        )?;
         b.record(
             &case,
             "fuse-after-first-byte",
@@ -308,22 +324,10 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
             "GB/s",
             &steady,
         );
-        let region = b.measure(&case, "lazy-region", "throughput", "GB/s", || {
-            warm(&img)?;
-            region_seq(ctx, &scratch, pport, size)
-        })?;
-        let pred = r3map_managed(rtt);
-        b.record(&case, "r3map-published", "throughput", "GB/s", &[pred]);
-        b.ratio(&case, "nbdcopy", "GB/s", fuse, peer);
-        b.ratio(&case, "r3map-published", "GB/s", fuse, pred);
-        b.ratio(&case, "fuse-local-file", "GB/s", fuse, limit);
-        b.ratio(
-            &format!("{case} region"),
-            "r3map-published",
-            "GB/s",
-            region,
-            pred,
-        );
+        b.published(&case, "r3map", "throughput", "GB/s", r3map_managed(rtt));
+        b.ratio(&c, "fuse", "nbdcopy", "throughput")?;
+        b.ratio(&c, "fuse", "fuse-local-file", "throughput")?;
+        b.ratio(&c, "lazy-region", "nbdcopy", "throughput")?;
 
         // First access: pull off, a new chunk each time.
         let case = format!("first-access rtt={rtt}ms");
@@ -411,11 +415,9 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
             );
             b.record(&case, "fuse-mmap", "fsync-to-durable", "ms", &durable);
             if rtt == 0 {
-                // The predecessor's figure has no durability step: compare it with the writes
-                // alone, and show the cost of making them durable in the remote separately.
-                b.record(&case, "r3map-published", "write", "MB/s", &[230.0]);
-                let v = super::median(&write_only);
-                b.ratio(&case, "r3map-published (writes only)", "MB/s", v, 230.0);
+                // The predecessor's figure has no durability step: read it beside the writes
+                // alone (write-before-fsync).
+                b.published(&case, "r3map", "write-before-fsync", "MB/s", 230.0);
             }
         }
     }

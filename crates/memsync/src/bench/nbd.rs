@@ -6,7 +6,12 @@
 //! - `read`: nbdcopy reads the whole export to `null:` (GB/s).
 //! - `4k-qd1`: nbdcopy with `--request-size=4096 -C 1 -R 1` (µs per request).
 //! - `client-read`: the memsync NBD client reads the nbdkit export, against nbdcopy reading the
-//!   same export to `null:` (GB/s).
+//!   same export to `null:` (GB/s). Both are timed the same way, as whole commands from start to
+//!   exit (process start-up, connections and handshakes included): nbdcopy, and `memsync
+//!   bench-nbd-read` (a hidden command that reads a store to nowhere). The bytes the memsync
+//!   client reads are checked against the source file once, outside the timed runs.
+//!
+//! Every case measures memsync and its peer in alternation ([`Bench::compare`]).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -15,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use rand::{RngCore, SeedableRng};
 
-use super::{Bench, Proc, free_port, gbps, wait_tcp};
+use super::{Bench, Proc, Subject, free_port, gbps, wait_tcp};
 use crate::cmd::Context;
 
 fn wait_unix(p: &Path) -> Result<()> {
@@ -40,20 +45,109 @@ fn nbdkit(args: &[&str]) -> Result<Proc> {
 
 /// Run nbdcopy; returns the wall time.
 fn nbdcopy(args: &[&str]) -> Result<Duration> {
+    timed_command(Command::new("nbdcopy").args(args))
+        .context("running nbdcopy (install libnbd-bin with scripts/setup.sh)")
+}
+
+/// Run a command to its exit: the wall time from spawning it, or its error output.
+pub fn timed_command(cmd: &mut Command) -> Result<Duration> {
     let t = Instant::now();
-    let o = Command::new("nbdcopy")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("running nbdcopy (install libnbd-bin with scripts/setup.sh)")?;
+    let o = cmd.stdin(Stdio::null()).output()?;
     let el = t.elapsed();
     if !o.status.success() {
         bail!(
-            "nbdcopy {args:?} failed: {}",
+            "{cmd:?} failed ({}): {}",
+            o.status,
             String::from_utf8_lossy(&o.stderr)
         );
     }
     Ok(el)
+}
+
+/// `memsync bench-nbd-read URL`: a client read timed as a whole command, like nbdcopy's.
+#[derive(Debug, clap::Args)]
+pub struct ReadArgs {
+    /// The store to read from start to end (the bytes go nowhere).
+    pub url: String,
+    /// Bytes per read.
+    #[arg(long, default_value = "2M", value_parser = crate::cmd::parse_size_arg)]
+    pub request_size: u64,
+    /// Reads in flight, each with a buffer of its own.
+    #[arg(long, default_value_t = 32)]
+    pub in_flight: u64,
+}
+
+/// Read a whole store with reads in flight into buffers that are allocated and touched once
+/// (nbdcopy's `null:` sink neither allocates nor zeroes per request, so neither does this).
+pub fn read_to_nowhere(ctx: &Context, a: ReadArgs) -> Result<()> {
+    anyhow::ensure!(
+        a.request_size > 0 && a.in_flight > 0,
+        "--request-size and --in-flight must be positive"
+    );
+    ctx.rt.block_on(async {
+        let store = ctx
+            .registry
+            .open(&a.url)
+            .await
+            .with_context(|| format!("opening {}", a.url))?;
+        read_all(&store, a.request_size, a.in_flight, |_, _| Ok(())).await
+    })
+}
+
+/// Read `store` from start to end with `in_flight` reads of `piece` bytes at once, handing
+/// each piece (offset, bytes) to `seen`.
+async fn read_all(
+    store: &memsync_core::DynStore,
+    piece: u64,
+    in_flight: u64,
+    seen: impl Fn(u64, &[u8]) -> Result<()> + Sync,
+) -> Result<()> {
+    let size = store.size();
+    let seen = &seen;
+    futures_util::future::try_join_all((0..in_flight).map(|r| {
+        let s = store.clone();
+        async move {
+            let mut buf = vec![1u8; piece as usize];
+            let mut i = r;
+            while i * piece < size {
+                let off = i * piece;
+                let n = (size - off).min(piece) as usize;
+                s.read(off, &mut buf[..n]).await?;
+                seen(off, &buf[..n])?;
+                i += in_flight;
+            }
+            anyhow::Ok(())
+        }
+    }))
+    .await?;
+    Ok(())
+}
+
+/// Time `memsync bench-nbd-read URL ARGS...` as a whole command.
+pub fn memsync_read_command(url: &str, args: &[&str]) -> Result<Duration> {
+    let exe = std::env::current_exe()?;
+    timed_command(Command::new(exe).arg("bench-nbd-read").arg(url).args(args))
+}
+
+/// Check once, outside the timed runs, that the memsync client reads `url` as `src` holds it.
+fn verify_client_read(ctx: &Context, url: &str, src: &Path) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(src)?;
+    ctx.rt.block_on(async {
+        let store = ctx.registry.open(url).await?;
+        anyhow::ensure!(
+            store.size() == file.metadata()?.len(),
+            "{url} has another size than {}",
+            src.display()
+        );
+        read_all(&store, 2 << 20, 32, |off, got| {
+            let mut want = vec![0u8; got.len()];
+            file.read_exact_at(&mut want, off)?;
+            anyhow::ensure!(got == want, "{url}: the client read wrong bytes at {off}");
+            Ok(())
+        })
+        .await
+    })
 }
 
 struct Targets {
@@ -146,19 +240,17 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
         ("unix", &t.memsync_unix, &t.nbdkit_unix),
     ] {
         let case = format!("write {transport}");
-        measure_pair(
+        pair(
             b,
             &case,
-            ("memsync", "nbdkit"),
             ("throughput", "GB/s"),
             || Ok(gb(nbdcopy(&[&src_s, ms])?)),
             || Ok(gb(nbdcopy(&[&src_s, kit])?)),
         )?;
         let case = format!("read {transport}");
-        measure_pair(
+        pair(
             b,
             &case,
-            ("memsync", "nbdkit"),
             ("throughput", "GB/s"),
             || Ok(gb(nbdcopy(&[ms, "null:"])?)),
             || Ok(gb(nbdcopy(&[kit, "null:"])?)),
@@ -187,103 +279,56 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
         ("unix", &t2.memsync_unix, &t2.nbdkit_unix),
     ] {
         let case = format!("4k-qd1 {transport}");
-        let lat = |uri: &str| -> Result<f64> {
-            let el = nbdcopy(&[
-                "--request-size=4096",
-                "-C",
-                "1",
-                "-R",
-                "1",
-                "--no-extents",
-                uri,
-                "null:",
-            ])?;
-            Ok(el.as_secs_f64() * 1e6 / n as f64)
-        };
-        measure_pair(
-            b,
-            &case,
-            ("memsync", "nbdkit"),
-            ("latency", "us"),
-            || lat(ms),
-            || lat(kit),
-        )?;
+        let lat =
+            |uri: &str| -> Result<f64> { Ok(nbdcopy_4k_qd1(uri)?.as_secs_f64() * 1e6 / n as f64) };
+        pair(b, &case, ("latency", "us"), || lat(ms), || lat(kit))?;
     }
-    // The memsync client reading the nbdkit export, against nbdcopy doing the same.
+    // The memsync client reading the nbdkit export, against nbdcopy doing the same: both as
+    // whole commands.
     let case = "client-read tcp";
     let url = format!("{}?connections=4", t.nbdkit_tcp);
-    let store = ctx
-        .rt
-        .block_on(ctx.registry.open(&url))
-        .with_context(|| format!("opening {url}"))?;
-    // 32 reads of 2 MiB in flight, each reader task with a buffer of its own that is reused
-    // from run to run (and touched beforehand): nbdcopy's `null:` sink neither allocates nor
-    // zeroes, so neither should the measured loop.
-    const PIECE: u64 = 2 << 20;
-    const READERS: u64 = 32;
-    let mut bufs: Vec<Vec<u8>> = (0..READERS).map(|_| vec![1u8; PIECE as usize]).collect();
-    let client = || {
-        let s = store.clone();
-        let mine = std::mem::take(&mut bufs);
-        let (el, back) = ctx.rt.block_on(async move {
-            let t = Instant::now();
-            let back = futures_util::future::try_join_all(mine.into_iter().zip(0..READERS).map(
-                |(mut buf, r)| {
-                    let s = s.clone();
-                    async move {
-                        let mut i = r;
-                        while i < size / PIECE {
-                            s.read(i * PIECE, &mut buf).await?;
-                            i += READERS;
-                        }
-                        anyhow::Ok(buf)
-                    }
-                },
-            ))
-            .await?;
-            anyhow::Ok((t.elapsed(), back))
-        })?;
-        bufs = back;
-        Ok(gb(el))
-    };
-    measure_pair(
-        b,
+    verify_client_read(ctx, &url, &src)?;
+    b.pair(
         case,
-        ("memsync-client", "nbdcopy"),
         ("throughput", "GB/s"),
-        client,
-        || Ok(gb(nbdcopy(&[&t.nbdkit_tcp, "null:"])?)),
+        Subject::new("memsync-client", || {
+            Ok(gb(memsync_read_command(&url, &[])?))
+        }),
+        Subject::new("nbdcopy", || Ok(gb(nbdcopy(&[&t.nbdkit_tcp, "null:"])?))),
     )?;
     Ok(())
 }
 
-/// Measure memsync and its peer alternately (in the order m k, k m, m k, ...), so that a load
-/// change on this shared machine hits both alike, then record both and their ratio. Measuring
-/// all of one subject's runs before the other's turned a load change during the case into a
-/// difference between the subjects.
-fn measure_pair(
+/// memsync against nbdkit, both driven the same way, in alternation; records both and the
+/// ratio.
+fn pair(
     b: &mut Bench,
     case: &str,
-    (subject, peer): (&str, &str),
-    (metric, unit): (&str, &str),
-    mut fm: impl FnMut() -> Result<f64>,
-    mut fk: impl FnMut() -> Result<f64>,
-) -> Result<(f64, f64)> {
-    let n = b.config.runs();
-    let (mut ms, mut ks) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    for i in 0..n {
-        if i % 2 == 0 {
-            ms.push(fm()?);
-            ks.push(fk()?);
-        } else {
-            ks.push(fk()?);
-            ms.push(fm()?);
-        }
-    }
-    let m = b.record(case, subject, metric, unit, &ms);
-    let k = b.record(case, peer, metric, unit, &ks);
-    b.ratio(case, peer, unit, m, k);
-    Ok((m, k))
+    metric: (&str, &str),
+    fm: impl FnMut() -> Result<f64>,
+    fk: impl FnMut() -> Result<f64>,
+) -> Result<f64> {
+    b.pair(
+        case,
+        metric,
+        Subject::new("memsync", fm),
+        Subject::new("nbdkit", fk),
+    )
+}
+
+/// nbdcopy reading the whole export at `uri` with one 4 KiB request in flight on one
+/// connection, every request a real read: the wall time of the command.
+pub fn nbdcopy_4k_qd1(uri: &str) -> Result<Duration> {
+    nbdcopy(&[
+        "--request-size=4096",
+        "-C",
+        "1",
+        "-R",
+        "1",
+        "--no-extents",
+        uri,
+        "null:",
+    ])
 }
 
 fn tempfile_dir(base: &Path) -> Result<TempDir> {

@@ -2,8 +2,9 @@
 //!
 //! For every store (`mem:`, `file:`, `dir:`) it measures sequential 1 MiB reads and writes
 //! (GB/s) and random 4 KiB reads and writes at queue depth 1 (µs per operation). The limit is
-//! measured in the same run on the same data: `memcpy` for `mem:`, and `pread`/`pwrite` on one
-//! plain file for `file:` and `dir:` (what the page cache gives without a store in the way).
+//! measured in the same run on the same data, in alternation with the store: `memcpy` for
+//! `mem:`, and `pread`/`pwrite` on one plain file for `file:` and `dir:` (what the page cache
+//! gives without a store in the way).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -16,7 +17,7 @@ use memsync_core::{DynStore, Registry};
 use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
 
-use super::{Bench, gbps};
+use super::{Bench, Subject, gbps};
 
 const SEQ_IO: usize = 1 << 20;
 const RAND_IO: usize = 4096;
@@ -117,110 +118,127 @@ fn run_store(
         store.flush().await
     })
     .with_context(|| format!("filling {label}"))?;
-    let mut off = 0;
-    while off < total {
+    let seq_offsets: Vec<u64> = (0..total).step_by(SEQ_IO).collect();
+    for &off in &seq_offsets {
         limit.write_at(off, &block)?;
-        off += SEQ_IO as u64;
     }
 
     // Sequential read.
-    let case = format!("{label} seq-read-1M");
     let mut buf = vec![0u8; SEQ_IO];
-    let m = bench.measure(&case, "memsync", "throughput", "GB/s", || {
-        let t = Instant::now();
-        rt.block_on(async {
-            let mut off = 0;
-            while off < total {
-                store.read(off, &mut buf).await?;
-                off += SEQ_IO as u64;
-            }
-            Ok::<(), memsync_core::StoreError>(())
-        })?;
-        Ok(gbps(total, t.elapsed()))
-    })?;
-    anyhow::ensure!(buf[..] == block[..], "{label}: read back different data");
-    let p = bench.measure(&case, limit_name, "throughput", "GB/s", || {
-        let t = Instant::now();
-        let mut off = 0;
-        while off < total {
-            limit.read_at(off, &mut buf)?;
-            off += SEQ_IO as u64;
-        }
-        Ok(gbps(total, t.elapsed()))
-    })?;
-    bench.ratio(&case, limit_name, "GB/s", m, p);
+    let mut lbuf = vec![0u8; SEQ_IO];
+    let lim = &*limit;
+    bench.pair(
+        &format!("{label} seq-read-1M"),
+        ("throughput", "GB/s"),
+        Subject::new("memsync", || {
+            let el = timed(rt, &store, Op::Read(&mut buf), &seq_offsets)?;
+            anyhow::ensure!(buf[..] == block[..], "{label}: read back different data");
+            Ok(gbps(total, el))
+        }),
+        Subject::new(limit_name, || {
+            let el = timed_limit(&mut |off| lim.read_at(off, &mut lbuf), &seq_offsets)?;
+            Ok(gbps(total, el))
+        }),
+    )?;
 
     // Sequential write.
     let wname = limit.write_name();
-    let case = format!("{label} seq-write-1M");
-    let m = bench.measure(&case, "memsync", "throughput", "GB/s", || {
-        let t = Instant::now();
-        rt.block_on(async {
-            let mut off = 0;
-            while off < total {
-                store.write(off, block.clone()).await?;
-                off += SEQ_IO as u64;
-            }
-            Ok::<(), memsync_core::StoreError>(())
-        })?;
-        Ok(gbps(total, t.elapsed()))
-    })?;
-    let p = bench.measure(&case, wname, "throughput", "GB/s", || {
-        let t = Instant::now();
-        let mut off = 0;
-        while off < total {
-            limit.write_at(off, &block)?;
-            off += SEQ_IO as u64;
-        }
-        Ok(gbps(total, t.elapsed()))
-    })?;
-    bench.ratio(&case, wname, "GB/s", m, p);
+    bench.pair(
+        &format!("{label} seq-write-1M"),
+        ("throughput", "GB/s"),
+        Subject::new("memsync", || {
+            let el = timed(rt, &store, Op::Write(&block), &seq_offsets)?;
+            Ok(gbps(total, el))
+        }),
+        Subject::new(wname, || {
+            let el = timed_limit(&mut |off| limit.write_at(off, &block), &seq_offsets)?;
+            Ok(gbps(total, el))
+        }),
+    )?;
 
     // Random 4 KiB reads and writes, one at a time: µs per operation.
     let offsets = random_offsets(total, sz.rand_ops, 42);
-    let n = offsets.len() as f64;
+    let per_op = |el: std::time::Duration| el.as_secs_f64() * 1e6 / offsets.len() as f64;
     let mut small = vec![0u8; RAND_IO];
-    let case = format!("{label} rand-read-4K");
-    let m = bench.measure(&case, "memsync", "latency", "us", || {
-        let t = Instant::now();
-        rt.block_on(async {
-            for &o in &offsets {
-                store.read(o, &mut small).await?;
-            }
-            Ok::<(), memsync_core::StoreError>(())
-        })?;
-        Ok(t.elapsed().as_secs_f64() * 1e6 / n)
-    })?;
-    let p = bench.measure(&case, limit_name, "latency", "us", || {
-        let t = Instant::now();
-        for &o in &offsets {
-            limit.read_at(o, &mut small)?;
-        }
-        Ok(t.elapsed().as_secs_f64() * 1e6 / n)
-    })?;
-    bench.ratio(&case, limit_name, "us", m, p);
-
-    let case = format!("{label} rand-write-4K");
+    let mut lsmall = vec![0u8; RAND_IO];
+    let lim = &*limit;
+    bench.pair(
+        &format!("{label} rand-read-4K"),
+        ("latency", "us"),
+        Subject::new("memsync", || {
+            Ok(per_op(timed(rt, &store, Op::Read(&mut small), &offsets)?))
+        }),
+        Subject::new(limit_name, || {
+            Ok(per_op(timed_limit(
+                &mut |o| lim.read_at(o, &mut lsmall),
+                &offsets,
+            )?))
+        }),
+    )?;
     let small_block = block.slice(..RAND_IO);
-    let m = bench.measure(&case, "memsync", "latency", "us", || {
-        let t = Instant::now();
-        rt.block_on(async {
-            for &o in &offsets {
-                store.write(o, small_block.clone()).await?;
-            }
-            Ok::<(), memsync_core::StoreError>(())
-        })?;
-        Ok(t.elapsed().as_secs_f64() * 1e6 / n)
-    })?;
-    let p = bench.measure(&case, wname, "latency", "us", || {
-        let t = Instant::now();
-        for &o in &offsets {
-            limit.write_at(o, &small_block)?;
-        }
-        Ok(t.elapsed().as_secs_f64() * 1e6 / n)
-    })?;
-    bench.ratio(&case, wname, "us", m, p);
+    bench.pair(
+        &format!("{label} rand-write-4K"),
+        ("latency", "us"),
+        Subject::new("memsync", || {
+            Ok(per_op(timed(
+                rt,
+                &store,
+                Op::Write(&small_block),
+                &offsets,
+            )?))
+        }),
+        Subject::new(wname, || {
+            Ok(per_op(timed_limit(
+                &mut |o| limit.write_at(o, &small_block),
+                &offsets,
+            )?))
+        }),
+    )?;
     Ok(())
+}
+
+/// A store operation done at each offset of a case.
+enum Op<'b> {
+    Read(&'b mut [u8]),
+    Write(&'b Bytes),
+}
+
+/// The time to do `op` on `store` at each of `offsets` in turn.
+fn timed(
+    rt: &tokio::runtime::Runtime,
+    store: &DynStore,
+    op: Op<'_>,
+    offsets: &[u64],
+) -> Result<std::time::Duration> {
+    let t = Instant::now();
+    rt.block_on(async {
+        match op {
+            Op::Read(buf) => {
+                for &o in offsets {
+                    store.read(o, buf).await?;
+                }
+            }
+            Op::Write(data) => {
+                for &o in offsets {
+                    store.write(o, data.clone()).await?;
+                }
+            }
+        }
+        Ok::<(), memsync_core::StoreError>(())
+    })?;
+    Ok(t.elapsed())
+}
+
+/// The time to run the limit's operation `op` at each of `offsets` in turn.
+fn timed_limit(
+    op: &mut dyn FnMut(u64) -> Result<()>,
+    offsets: &[u64],
+) -> Result<std::time::Duration> {
+    let t = Instant::now();
+    for &o in offsets {
+        op(o)?;
+    }
+    Ok(t.elapsed())
 }
 
 fn plain_file(path: &Path, size: u64) -> Result<File> {
