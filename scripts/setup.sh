@@ -21,6 +21,10 @@ need nbdcopy libnbd-bin
 need redis-server redis-server
 need redis-cli redis-tools
 need redis-benchmark redis-tools
+# Delta sync (issue 13): rsync is the peer of the `sync` bench; `ip` makes the network
+# namespaces of the sync tests.
+need rsync rsync
+need ip iproute2
 
 if ((${#apt_pkgs[@]})); then
   echo "setup: installing ${apt_pkgs[*]}"

@@ -346,7 +346,8 @@ impl Msg {
                     return Err(ProtoError::Invalid("error message length"));
                 }
                 need(&b, n, "error")?;
-                let m = String::from_utf8_lossy(&b.split_to(n)).into_owned();
+                let m = String::from_utf8(b.split_to(n).to_vec())
+                    .map_err(|_| ProtoError::Invalid("error message (not UTF-8)"))?;
                 (Msg::Error(m), "error")
             }
             other => return Err(ProtoError::Type(other)),
