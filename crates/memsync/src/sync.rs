@@ -184,15 +184,21 @@ pub fn sync(ctx: &Context, a: SyncArgs) -> Result<()> {
         store: src.clone(),
         index: index(src_url).map(|p| IndexFile::for_file(&p)),
     };
+    // Stores open on their own runtime call, outside the block below.
+    let local_dst: Option<DynStore> = if is_peer_url(dst_url) {
+        None
+    } else {
+        Some(ctx.open(dst_url)?)
+    };
     ctx.rt.block_on(async {
-        let dest: Arc<dyn Dest> = if is_peer_url(dst_url) {
-            let addr = PeerAddr::parse(dst_url)?;
-            RemoteDest::connect(&addr, src.size(), a.chunk, true)
-                .await
-                .with_context(|| format!("connecting to {dst_url}"))?
-        } else {
-            let dst: DynStore = ctx.open(dst_url)?;
-            Arc::new(LocalDest::new(dst, a.chunk, index(dst_url).as_deref())?)
+        let dest: Arc<dyn Dest> = match local_dst {
+            None => {
+                let addr = PeerAddr::parse(dst_url)?;
+                RemoteDest::connect(&addr, src.size(), a.chunk, true)
+                    .await
+                    .with_context(|| format!("connecting to {dst_url}"))?
+            }
+            Some(dst) => Arc::new(LocalDest::new(dst, a.chunk, index(dst_url).as_deref())?),
         };
         let opts = SyncOptions { window: a.window };
         let bar = Bar(crate::cmd::progress(src.size(), "hash"));
