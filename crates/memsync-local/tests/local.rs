@@ -658,7 +658,8 @@ fn opening_a_file_store_leaves_the_file_times_alone() {
     let before = times(&path);
     // Past one tick of the clock that stamps file times.
     std::thread::sleep(std::time::Duration::from_millis(30));
-    let store = memsync_local::FileStore::open(&path, memsync_local::FileOptions::default()).unwrap();
+    let store =
+        memsync_local::FileStore::open(&path, memsync_local::FileOptions::default()).unwrap();
     assert_eq!(times(&path), before);
     assert!(memsync_core::Store::caps(&store).trim);
 }

@@ -67,6 +67,11 @@ pub trait Dest: Send + Sync + fmt::Debug {
     /// Make everything applied durable (and persist the index). A commit point: more patches
     /// may follow.
     async fn commit(&self) -> Result<DestStats>;
+    /// This destination as a store in this process, if it is one: the sender then compares
+    /// bytes exactly instead of exchanging page digests (see [`LocalDest::apply_exact`]).
+    fn as_local(&self) -> Option<&LocalDest> {
+        None
+    }
     /// Bytes sent to and received from a remote destination so far.
     fn wire(&self) -> (u64, u64) {
         (0, 0)
@@ -198,6 +203,43 @@ impl LocalDest {
         }
     }
 
+    /// Chunk `i` of this store, for a sender comparing bytes exactly.
+    pub async fn read_chunk(&self, i: u64) -> Result<bytes::BytesMut> {
+        let data = digest::read_chunk(&*self.store, self.layout, i).await?;
+        self.read.fetch_add(data.len() as u64, Relaxed);
+        Ok(data)
+    }
+
+    /// Write runs that a sender in this process computed by comparing the new chunk with this
+    /// store's bytes exactly (read by [`LocalDest::read_chunk`]), so the chunk then holds the
+    /// bytes with digest `digest` without checking it again. Like every sync, this assumes
+    /// nobody else writes the destination meanwhile.
+    pub async fn apply_exact(&self, i: u64, digest: Digest, runs: &[Run]) -> Result<()> {
+        if i >= self.layout.chunks() {
+            return Err(StoreError::backend(format!("no chunk {i}")));
+        }
+        let (base, len) = self.layout.chunk(i);
+        check_runs(runs, len)?;
+        self.write_chunk(i, base, digest, runs).await
+    }
+
+    async fn write_chunk(&self, i: u64, base: u64, want: Digest, runs: &[Run]) -> Result<()> {
+        self.wrote.store(true, Relaxed);
+        if let Err(e) = self.write_runs(base, runs).await {
+            self.broken.store(true, Relaxed);
+            if let Some(d) = self.digests.lock().as_mut() {
+                // Unknown now; never saved (broken), and never matches a real digest by chance
+                // in this run since no BLAKE3 output is known to be all 0xff.
+                d[i as usize] = [0xff; 32];
+            }
+            return Err(e.context(format!("writing chunk {i}")));
+        }
+        if let Some(d) = self.digests.lock().as_mut() {
+            d[i as usize] = want;
+        }
+        Ok(())
+    }
+
     async fn write_runs(&self, base: u64, runs: &[Run]) -> Result<()> {
         for r in runs {
             let off = base + r.off as u64;
@@ -280,20 +322,12 @@ impl Dest for LocalDest {
         if got != want {
             return Ok(PatchOutcome::Mismatch);
         }
-        self.wrote.store(true, Relaxed);
-        if let Err(e) = self.write_runs(base, &runs).await {
-            self.broken.store(true, Relaxed);
-            if let Some(d) = self.digests.lock().as_mut() {
-                // Unknown now; never saved (broken), and never matches a real digest by chance
-                // in this run since no BLAKE3 output is known to be all 0xff.
-                d[i as usize] = [0xff; 32];
-            }
-            return Err(e.context(format!("writing chunk {i}")));
-        }
-        if let Some(d) = self.digests.lock().as_mut() {
-            d[i as usize] = want;
-        }
+        self.write_chunk(i, base, want, &runs).await?;
         Ok(PatchOutcome::Applied)
+    }
+
+    fn as_local(&self) -> Option<&LocalDest> {
+        Some(self)
     }
 
     async fn commit(&self) -> Result<DestStats> {

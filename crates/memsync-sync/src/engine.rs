@@ -105,9 +105,20 @@ pub struct Pushed {
     pub unchanged: bool,
 }
 
-/// Runs of pages of `data` whose digests differ from `theirs` (`None`: the other chunk is all
-/// zeros). Adjacent pages merge; zero pages become zero runs without data.
-pub fn diff_runs(data: &bytes::Bytes, theirs: Option<&[u64]>) -> Vec<Run> {
+/// What the destination's chunk is known to be, page by page.
+#[derive(Clone, Copy, Debug)]
+pub enum Theirs<'a> {
+    /// All zeros.
+    Zero,
+    /// Its page digests.
+    Pages(&'a [u64]),
+    /// Its bytes.
+    Bytes(&'a [u8]),
+}
+
+/// Runs of pages of `data` that differ from `theirs`. Adjacent pages merge; zero pages become
+/// zero runs without data.
+pub fn diff_runs(data: &bytes::Bytes, theirs: Theirs<'_>) -> Vec<Run> {
     let page = PAGE as usize;
     let mut runs: Vec<Run> = Vec::new();
     // (start, end, zero) of the run being built.
@@ -123,12 +134,13 @@ pub fn diff_runs(data: &bytes::Bytes, theirs: Option<&[u64]>) -> Vec<Run> {
     };
     for (p, chunk) in data.chunks(page).enumerate() {
         let zero = digest::is_zero(chunk);
-        let differs = match theirs {
-            None => !zero,
-            Some(t) => t.get(p) != Some(&twox_hash::XxHash3_64::oneshot(chunk)),
-        };
         let s = p * page;
         let e = s + chunk.len();
+        let differs = match theirs {
+            Theirs::Zero => !zero,
+            Theirs::Pages(t) => t.get(p) != Some(&twox_hash::XxHash3_64::oneshot(chunk)),
+            Theirs::Bytes(b) => b.get(s..e) != Some(chunk),
+        };
         if !differs {
             flush(&mut cur, &mut runs);
             continue;
@@ -156,6 +168,9 @@ pub async fn push_chunk(
     dest_digest: Option<Digest>,
 ) -> Result<Pushed> {
     let zero_there = dest_digest.is_some_and(|d| d == layout.zero_digest(i));
+    if let Some(local) = dest.as_local() {
+        return push_local(src, layout, local, i, dest_digest, zero_there).await;
+    }
     // Ask for the destination's page digests first; the read follows, so no chunk waits in
     // memory for an answer.
     let theirs = if zero_there {
@@ -188,15 +203,12 @@ pub async fn push_chunk(
             data: None,
         }]
     } else {
-        diff_runs(&data, theirs.as_deref())
+        match &theirs {
+            Some(t) => diff_runs(&data, Theirs::Pages(t)),
+            None => diff_runs(&data, Theirs::Zero),
+        }
     };
-    let sum = |runs: &[Run]| {
-        runs.iter().fold((0, 0), |(d, z), r| match r.data {
-            Some(_) => (d + r.len as u64, z),
-            None => (d, z + r.len as u64),
-        })
-    };
-    let (mut data_bytes, zero_bytes) = sum(&runs);
+    let (mut data_bytes, zero_bytes) = run_bytes(&runs);
     let mut resent_whole = false;
     if dest.patch(i, want, runs).await? == PatchOutcome::Mismatch {
         // The page digests hid a difference (or the destination changed): send it all.
@@ -219,6 +231,49 @@ pub async fn push_chunk(
         zero_bytes,
         resent_whole,
         unchanged: false,
+    })
+}
+
+fn run_bytes(runs: &[Run]) -> (u64, u64) {
+    runs.iter().fold((0, 0), |(d, z), r| match r.data {
+        Some(_) => (d + r.len as u64, z),
+        None => (d, z + r.len as u64),
+    })
+}
+
+/// [`push_chunk`] to a store in this process: pages are compared byte for byte, which is exact,
+/// so no page digests and no second strong check are needed.
+async fn push_local(
+    src: &DynStore,
+    layout: Layout,
+    local: &crate::dest::LocalDest,
+    i: u64,
+    dest_digest: Option<Digest>,
+    zero_there: bool,
+) -> Result<Pushed> {
+    let data = digest::read_chunk(&**src, layout, i).await?.freeze();
+    let want = digest::chunk_digest(&data);
+    if dest_digest == Some(want) {
+        return Ok(Pushed {
+            digest: want,
+            unchanged: true,
+            ..Pushed::default()
+        });
+    }
+    let runs = if zero_there {
+        diff_runs(&data, Theirs::Zero)
+    } else {
+        let old = local.read_chunk(i).await?;
+        diff_runs(&data, Theirs::Bytes(&old))
+    };
+    local.apply_exact(i, want, &runs).await?;
+    let (data_bytes, zero_bytes) = run_bytes(&runs);
+    Ok(Pushed {
+        digest: want,
+        data_bytes,
+        zero_bytes,
+        resent_whole: false,
+        unchanged: runs.is_empty(),
     })
 }
 
@@ -431,7 +486,7 @@ mod tests {
         theirs[1] ^= 1;
         theirs[2] ^= 1;
         theirs[4] ^= 1;
-        let runs = diff_runs(&data, Some(&theirs));
+        let runs = diff_runs(&data, Theirs::Pages(&theirs));
         assert_eq!(runs.len(), 2);
         assert_eq!((runs[0].off, runs[0].len), (4096, 8192));
         assert!(runs[0].data.is_some());
@@ -440,7 +495,7 @@ mod tests {
             (4 * 4096, 4096, None)
         );
         // Against an all-zero chunk only non-zero pages go, as two runs around the zero page.
-        let runs = diff_runs(&data, None);
+        let runs = diff_runs(&data, Theirs::Zero);
         assert_eq!(runs.len(), 2);
         assert_eq!((runs[0].off, runs[0].len), (0, 4 * 4096));
         assert_eq!((runs[1].off, runs[1].len), (5 * 4096, 4096));

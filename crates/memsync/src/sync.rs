@@ -126,7 +126,11 @@ fn print_report(r: &Report, json: bool) {
         format_size(r.src_scan.holes),
         r.src_index,
         format_size(r.dest.scan.hashed),
-        if r.dest.index_used { ", index used" } else { "" }
+        if r.dest.index_used {
+            ", index used"
+        } else {
+            ""
+        }
     );
     outln!(
         "  sent {} of data, {} zeroed without data{}",
@@ -172,14 +176,12 @@ pub fn sync(ctx: &Context, a: SyncArgs) -> Result<()> {
         bail!("sync needs SRC and DST (or --listen ADDR STORE)");
     };
     if a.tls_cert.is_some() {
-        bail!("--tls-cert/--tls-key are for a peer (--listen); a client uses memsyncs://...?tls-ca=FILE");
+        bail!(
+            "--tls-cert/--tls-key are for a peer (--listen); a client uses memsyncs://...?tls-ca=FILE"
+        );
     }
     let src = ctx.open(src_url)?;
-    let index = |u: &str| {
-        (!a.no_index)
-            .then(|| file_of(u))
-            .flatten()
-    };
+    let index = |u: &str| (!a.no_index).then(|| file_of(u)).flatten();
     let source = Source {
         store: src.clone(),
         index: index(src_url).map(|p| IndexFile::for_file(&p)),

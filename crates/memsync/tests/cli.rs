@@ -787,21 +787,38 @@ fn sync_file_to_file_then_an_unchanged_resync_hashes_nothing() {
     assert_same("after sync", &std::fs::read(&dst).unwrap(), &new);
     // One page + one chunk + the single byte's page + the zeroed tail (sent as zeros).
     assert_eq!(r["updated_chunks"], 4, "{r}");
-    assert_eq!(r["data_bytes"], 3 * 4096 + (64 << 10) - 4096, "{r}");
+    assert_eq!(r["data_bytes"], 3 * 4096 + (64 << 10), "{r}");
     std::thread::sleep(std::time::Duration::from_millis(30));
     let r = sync_json(&[&s, &d]);
-    let r = if r["src_index"] == "used" { r } else { sync_json(&[&s, &d]) };
+    let r = if r["src_index"] == "used" {
+        r
+    } else {
+        sync_json(&[&s, &d])
+    };
     assert_eq!(
-        (&r["src_hashed"], &r["dst_hashed"], &r["src_index"], &r["dst_index_used"]),
+        (
+            &r["src_hashed"],
+            &r["dst_hashed"],
+            &r["src_index"],
+            &r["dst_index_used"]
+        ),
         (&0.into(), &0.into(), &"used".into(), &true.into()),
         "{r}"
     );
     // A text report by default.
     let o = memsync(&["sync", &s, &d]);
-    assert!(stdout(&o).contains("0 of 128 chunks differed"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("0 of 128 chunks differed"),
+        "{}",
+        stdout(&o)
+    );
     // Sizes must match; the error says so.
     let o = memsync(&["sync", &s, "mem:1M"]);
-    assert!(!o.status.success() && stderr(&o).contains("equal sizes"), "{}", stderr(&o));
+    assert!(
+        !o.status.success() && stderr(&o).contains("equal sizes"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// Two network namespaces joined by a veth pair, removed on drop.
@@ -830,14 +847,29 @@ impl Netns {
             b_addr: format!("10.213.{octet}.2"),
         };
         let (va, vb) = (format!("va{id}"), format!("vb{id}"));
-        let up = made
-            && ok(&["link", "add", &va, "netns", &a, "type", "veth", "peer", "name", &vb, "netns", &b])
-            && ok(&["-n", &a, "addr", "add", &format!("10.213.{octet}.1/24"), "dev", &va])
-            && ok(&["-n", &b, "addr", "add", &format!("{}/24", n.b_addr), "dev", &vb])
-            && ok(&["-n", &a, "link", "set", &va, "up"])
-            && ok(&["-n", &b, "link", "set", &vb, "up"])
-            && ok(&["-n", &a, "link", "set", "lo", "up"])
-            && ok(&["-n", &b, "link", "set", "lo", "up"]);
+        let up =
+            made && ok(&[
+                "link", "add", &va, "netns", &a, "type", "veth", "peer", "name", &vb, "netns", &b,
+            ]) && ok(&[
+                "-n",
+                &a,
+                "addr",
+                "add",
+                &format!("10.213.{octet}.1/24"),
+                "dev",
+                &va,
+            ]) && ok(&[
+                "-n",
+                &b,
+                "addr",
+                "add",
+                &format!("{}/24", n.b_addr),
+                "dev",
+                &vb,
+            ]) && ok(&["-n", &a, "link", "set", &va, "up"])
+                && ok(&["-n", &b, "link", "set", &vb, "up"])
+                && ok(&["-n", &a, "link", "set", "lo", "up"])
+                && ok(&["-n", &b, "link", "set", "lo", "up"]);
         if !up {
             drop(n);
             assert!(
@@ -1025,10 +1057,14 @@ fn sync_cut_by_killing_the_proxy_leaves_chunks_old_or_new_and_a_rerun_completes(
     assert!(stderr(&o).contains("run it again"), "{}", stderr(&o));
     let r: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     let in_list = |key: &str, i: u64| {
-        r[key].as_array().unwrap().iter().any(|x| match x.as_array() {
-            Some(p) => p[0].as_u64().unwrap() <= i && i < p[1].as_u64().unwrap(),
-            None => x.as_u64() == Some(i),
-        })
+        r[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| match x.as_array() {
+                Some(p) => p[0].as_u64().unwrap() <= i && i < p[1].as_u64().unwrap(),
+                None => x.as_u64() == Some(i),
+            })
     };
     // Give the peer a moment to finish what arrived whole.
     std::thread::sleep(std::time::Duration::from_millis(300));
@@ -1036,7 +1072,10 @@ fn sync_cut_by_killing_the_proxy_leaves_chunks_old_or_new_and_a_rerun_completes(
     let (mut n_old, mut n_new) = (0, 0);
     for i in 0..(size / c) as u64 {
         let s = i as usize * c;
-        let (is_old, is_new) = (got[s..s + c] == old[s..s + c], got[s..s + c] == new[s..s + c]);
+        let (is_old, is_new) = (
+            got[s..s + c] == old[s..s + c],
+            got[s..s + c] == new[s..s + c],
+        );
         assert!(is_old || is_new, "chunk {i} is neither old nor new");
         if !in_list("pending_chunks", i) {
             assert!(is_new, "chunk {i} reported updated but is not new");
@@ -1046,7 +1085,10 @@ fn sync_cut_by_killing_the_proxy_leaves_chunks_old_or_new_and_a_rerun_completes(
         n_old += is_old as u32;
         n_new += is_new as u32;
     }
-    assert!(n_old > 0 && n_new > 0, "old {n_old}, new {n_new}: the cut missed the transfer");
+    assert!(
+        n_old > 0 && n_new > 0,
+        "old {n_old}, new {n_new}: the cut missed the transfer"
+    );
     // The rerun, directly to the peer, sends the rest.
     let r = sync_json(&[&src_url, &format!("memsync://{addr}")]);
     assert_eq!(r["updated_chunks"], n_old, "{r}");

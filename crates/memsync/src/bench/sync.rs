@@ -185,7 +185,10 @@ fn cases(
                 let (t, n) = (s.run)()?;
                 let got = hash_file(&s.dst)?;
                 if got != want {
-                    bail!("{case}: {} left a destination that differs from the source", s.name);
+                    bail!(
+                        "{case}: {} left a destination that differs from the source",
+                        s.name
+                    );
                 }
                 secs[k].push(t);
                 bytes[k].push(n as f64);
@@ -313,7 +316,14 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
             subject_rsync(&src, &rdir.join("r4.img"), rurl("r4.img"), true),
             subject_rsync(&src, &rdir.join("rd.img"), rurl("rd.img"), false),
         ];
-        cases(b, &format!("peer rtt={rtt_ms}ms"), &src, size, &subjects, &mut rng)?;
+        cases(
+            b,
+            &format!("peer rtt={rtt_ms}ms"),
+            &src,
+            size,
+            &subjects,
+            &mut rng,
+        )?;
     }
 
     push(b, ctx, d, size)?;
@@ -354,7 +364,10 @@ fn cli_unchanged(b: &mut Bench, src: &Path, dst: &Path) -> Result<()> {
             .output()?;
         let el = t.elapsed().as_secs_f64();
         if !o.status.success() {
-            bail!("memsync sync failed: {}", String::from_utf8_lossy(&o.stderr));
+            bail!(
+                "memsync sync failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
         }
         let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
         if v["src_hashed"] != 0 || v["dst_hashed"] != 0 {
@@ -363,12 +376,23 @@ fn cli_unchanged(b: &mut Bench, src: &Path, dst: &Path) -> Result<()> {
         Ok(el)
     };
     run()?;
-    b.measure("local 0% (memsync sync process)", "memsync", "time", "s", run)?;
+    b.measure(
+        "local 0% (memsync sync process)",
+        "memsync",
+        "time",
+        "s",
+        run,
+    )?;
     Ok(())
 }
 
 /// Writes random 4 KiB pages to `store` at `rate` bytes/s until `stop`; counts into `written`.
-async fn dirty(store: DynStore, rate: u64, written: Arc<AtomicU64>, stop: Arc<AtomicBool>) -> Result<()> {
+async fn dirty(
+    store: DynStore,
+    rate: u64,
+    written: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> Result<()> {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(rate);
     let pages = store.size() / 4096;
     let t = Instant::now();
@@ -381,7 +405,9 @@ async fn dirty(store: DynStore, rate: u64, written: Arc<AtomicU64>, stop: Arc<At
         }
         rng.fill_bytes(&mut page);
         let off = rng.random_range(0..pages) * 4096;
-        store.write(off, bytes::Bytes::copy_from_slice(&page)).await?;
+        store
+            .write(off, bytes::Bytes::copy_from_slice(&page))
+            .await?;
         total += 4096;
         written.fetch_add(4096, Relaxed);
     }
@@ -409,13 +435,26 @@ fn push(b: &mut Bench, ctx: &Context, d: &Path, size: u64) -> Result<()> {
                     (file.clone(), Rescan::new(file, CHUNK)?)
                 };
                 let dest = RemoteDest::connect(&PeerAddr::parse(&url)?, size, CHUNK, true).await?;
-                let source = Source { store: store.clone(), index: None };
-                let (pusher, _) =
-                    Pusher::start(source, dest.clone(), changes, SyncOptions::default(), &NoProgress)
-                        .await?;
+                let source = Source {
+                    store: store.clone(),
+                    index: None,
+                };
+                let (pusher, _) = Pusher::start(
+                    source,
+                    dest.clone(),
+                    changes,
+                    SyncOptions::default(),
+                    &NoProgress,
+                )
+                .await?;
                 let written = Arc::new(AtomicU64::new(0));
                 let stop = Arc::new(AtomicBool::new(false));
-                let w = tokio::spawn(dirty(store.clone(), rate_mb * 1_000_000, written.clone(), stop.clone()));
+                let w = tokio::spawn(dirty(
+                    store.clone(),
+                    rate_mb * 1_000_000,
+                    written.clone(),
+                    stop.clone(),
+                ));
                 for _ in 0..b.config.runs() {
                     tokio::time::sleep(interval).await;
                     let n = written.swap(0, Relaxed);
