@@ -15,13 +15,14 @@ use crate::index::{IndexFile, IndexStatus};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SyncOptions {
     /// Chunks patched at once (many, so that a long link stays busy: each chunk costs two
-    /// round trips, but they overlap).
+    /// round trips to a peer, but they overlap; a chunk waiting for its page digests holds no
+    /// data).
     pub window: usize,
 }
 
 impl Default for SyncOptions {
     fn default() -> Self {
-        SyncOptions { window: 1024 }
+        SyncOptions { window: 4096 }
     }
 }
 

@@ -43,8 +43,8 @@ pub struct SyncArgs {
     /// Do not read or write the digest index next to local files.
     #[arg(long)]
     pub no_index: bool,
-    /// Chunks in flight.
-    #[arg(long, default_value_t = 1024)]
+    /// Chunks in flight (each costs two round trips to a peer; many overlap them).
+    #[arg(long, default_value_t = 4096)]
     pub window: usize,
     /// Keep pushing: after the first sync, a round every DURATION (and on SIGUSR1) that finds
     /// changed chunks by hashing the source, until SIGINT/SIGTERM, then a final round.
