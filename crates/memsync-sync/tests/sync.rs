@@ -144,6 +144,9 @@ async fn sync_once(src: &DynStore, dst_url: &str, dst: Option<DynStore>) -> Repo
         .unwrap_or_else(|e| panic!("sync to {dst_url}: {e}"))
 }
 
+/// The URL of the `k`th store of one kind.
+type UrlOf = Box<dyn Fn(usize) -> String>;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_pair_of_store_kinds_ends_byte_identical() {
     let size: usize = (1 << 20) + 12345; // a short last chunk and a short last page
@@ -152,7 +155,7 @@ async fn every_pair_of_store_kinds_ends_byte_identical() {
     let (_nbd, nbd_url) = nbd_server(size as u64).await;
     let redis = RedisServer::start();
     let s3 = S3Server::start();
-    let mut kinds: Vec<(String, Box<dyn Fn(usize) -> String>)> = Vec::new();
+    let mut kinds: Vec<(String, UrlOf)> = Vec::new();
     let d = dir.path().to_owned();
     kinds.push(("mem".into(), Box::new(move |_| format!("mem:{size}"))));
     let d2 = d.clone();
