@@ -36,6 +36,10 @@ if ! python3 -c 'import boto3' >/dev/null 2>&1; then
     apt_pkgs+=(python3-boto3)
   fi
 fi
+# Delta sync (issue 13): rsync is the peer of the `sync` bench; `ip` makes the network
+# namespaces of the sync tests.
+need rsync rsync
+need ip iproute2
 
 if ((${#apt_pkgs[@]})); then
   echo "setup: installing ${apt_pkgs[*]}"

@@ -179,7 +179,7 @@ impl FileStore {
         }
         let punch_hole = if opts.read_only {
             false
-        } else if block_device {
+        } else if block_device || punches_holes(&file) {
             true
         } else {
             // Punching past the end of the file changes nothing but tells whether the file
@@ -279,6 +279,15 @@ impl FileStore {
             Err(e) => Err(self.err("lseek", what, 0, e.into())),
         }
     }
+}
+
+/// The file is on a file system known to punch holes (ext2/3/4, xfs, btrfs, tmpfs, f2fs). On
+/// those the probe is skipped: a punch updates the file's mtime and ctime even when it punches
+/// nothing, and merely opening a store must not look like a change to tools that compare file
+/// times (memsync's own sync index, rsync, make, backups).
+fn punches_holes(file: &File) -> bool {
+    const KNOWN: [u64; 5] = [0xEF53, 0x5846_5342, 0x9123_683E, 0x0102_1994, 0xF2F5_2010];
+    rustix::fs::fstatfs(file).is_ok_and(|s| KNOWN.contains(&(s.f_type as u64)))
 }
 
 fn unsupported(e: Errno) -> bool {

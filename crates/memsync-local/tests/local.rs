@@ -642,3 +642,24 @@ mod model {
         }
     }
 }
+
+/// Opening a writable file store must not change the file's mtime or ctime (the punch-hole
+/// probe did, so every open looked like a change to anything that compares file times).
+#[test]
+fn opening_a_file_store_leaves_the_file_times_alone() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.img");
+    std::fs::write(&path, vec![1u8; 1 << 16]).unwrap();
+    let times = |p: &std::path::Path| {
+        let m = std::fs::metadata(p).unwrap();
+        (m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec())
+    };
+    let before = times(&path);
+    // Past one tick of the clock that stamps file times.
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    let store =
+        memsync_local::FileStore::open(&path, memsync_local::FileOptions::default()).unwrap();
+    assert_eq!(times(&path), before);
+    assert!(memsync_core::Store::caps(&store).trim);
+}

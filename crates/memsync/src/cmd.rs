@@ -94,7 +94,7 @@ impl Context {
     }
 }
 
-fn progress(len: u64, what: &str) -> ProgressBar {
+pub(crate) fn progress(len: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
     pb.set_style(
         ProgressStyle::with_template(
@@ -351,6 +351,7 @@ pub fn bench(ctx: &Context, a: BenchArgs) -> Result<()> {
         "nbd" => bench::nbd::run(&mut b, ctx),
         "lazy" => bench::lazy::run(&mut b),
         "mount" => bench::mount::run(&mut b, ctx),
+        "sync" => bench::sync::run(&mut b, ctx),
         other => bail!("unknown suite {other:?}"),
     }
 }

@@ -8,6 +8,7 @@ mod map;
 mod mount;
 mod proxy;
 mod serve;
+mod sync;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -78,6 +79,10 @@ enum Command {
     /// the cache's statistics after closing it. Run it again with the same DIR and nothing that
     /// is already local is fetched from STORE.
     Map(map::MapArgs),
+    /// Delta sync: make DST equal to SRC sending only what differs (BLAKE3 chunk digests on each
+    /// side, 4 KiB page deltas, a digest index next to local files); or serve a store as a sync
+    /// peer (--listen); or keep pushing changes (--every).
+    Sync(sync::SyncArgs),
     /// List the store URL schemes this build supports.
     Stores,
     /// Read a store from start to end with the NBD bench's client pattern (32 reads of 2 MiB
@@ -113,6 +118,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => cmd::bench(&ctx, a),
         Command::Serve(a) => serve::serve(&ctx, a),
         Command::Mount(a) => mount::mount(&ctx, a),
+        Command::Sync(a) => sync::sync(&ctx, a),
         Command::Proxy(a) => proxy::proxy(&ctx, a),
         Command::Map(a) => map::map(&ctx, a),
         Command::Stores => cmd::stores(&ctx),

@@ -882,3 +882,347 @@ fn closed_stdout_is_not_a_panic() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+// ---- memsync sync (issue 13) ----
+
+fn sync_json(args: &[&str]) -> serde_json::Value {
+    let o = memsync(&[&["sync", "--json"][..], args].concat());
+    assert!(o.status.success(), "sync {args:?}: {}", stderr(&o));
+    serde_json::from_str(stdout(&o).trim()).expect("one JSON report")
+}
+
+/// Change every kind of thing the issue lists in a copy of `v`.
+fn changed(v: &[u8], seed: u64) -> Vec<u8> {
+    let mut w = v.to_vec();
+    let r = random(seed, 64 << 10);
+    w[100] ^= 1; // a single byte
+    w[3 << 20..(3 << 20) + 4096].copy_from_slice(&r[..4096]); // a page
+    w[5 << 20..(5 << 20) + (64 << 10)].copy_from_slice(&r); // a whole chunk
+    let n = w.len();
+    w[n - 10000..].fill(0); // zeros at the end
+    w
+}
+
+#[test]
+fn sync_file_to_file_then_an_unchanged_resync_hashes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    let old = random(31, 8 << 20);
+    std::fs::write(&dst, &old).unwrap();
+    let new = changed(&old, 32);
+    std::fs::write(&src, &new).unwrap();
+    let (s, d) = (
+        format!("file:{}", src.display()),
+        format!("file:{}", dst.display()),
+    );
+    let r = sync_json(&[&s, &d]);
+    assert_same("after sync", &std::fs::read(&dst).unwrap(), &new);
+    // One page + one chunk + the single byte's page + the zeroed tail (sent as zeros).
+    assert_eq!(r["updated_chunks"], 4, "{r}");
+    assert_eq!(r["data_bytes"], 3 * 4096 + (64 << 10), "{r}");
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    let r = sync_json(&[&s, &d]);
+    let r = if r["src_index"] == "used" {
+        r
+    } else {
+        sync_json(&[&s, &d])
+    };
+    assert_eq!(
+        (
+            &r["src_hashed"],
+            &r["dst_hashed"],
+            &r["src_index"],
+            &r["dst_index_used"]
+        ),
+        (&0.into(), &0.into(), &"used".into(), &true.into()),
+        "{r}"
+    );
+    // A text report by default.
+    let o = memsync(&["sync", &s, &d]);
+    assert!(
+        stdout(&o).contains("0 of 128 chunks differed"),
+        "{}",
+        stdout(&o)
+    );
+    // Sizes must match; the error says so.
+    let o = memsync(&["sync", &s, "mem:1M"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("equal sizes"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// Two network namespaces joined by a veth pair, removed on drop.
+struct Netns {
+    a: String,
+    b: String,
+    b_addr: String,
+}
+
+impl Netns {
+    fn create() -> Option<Netns> {
+        let id = std::process::id() % 100_000;
+        let (a, b) = (format!("msa{id}"), format!("msb{id}"));
+        let octet = 1 + id % 250;
+        let ok = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        };
+        let made = ok(&["netns", "add", &a]) && ok(&["netns", "add", &b]);
+        let n = Netns {
+            a: a.clone(),
+            b: b.clone(),
+            b_addr: format!("10.213.{octet}.2"),
+        };
+        let (va, vb) = (format!("va{id}"), format!("vb{id}"));
+        let up =
+            made && ok(&[
+                "link", "add", &va, "netns", &a, "type", "veth", "peer", "name", &vb, "netns", &b,
+            ]) && ok(&[
+                "-n",
+                &a,
+                "addr",
+                "add",
+                &format!("10.213.{octet}.1/24"),
+                "dev",
+                &va,
+            ]) && ok(&[
+                "-n",
+                &b,
+                "addr",
+                "add",
+                &format!("{}/24", n.b_addr),
+                "dev",
+                &vb,
+            ]) && ok(&["-n", &a, "link", "set", &va, "up"])
+                && ok(&["-n", &b, "link", "set", &vb, "up"])
+                && ok(&["-n", &a, "link", "set", "lo", "up"])
+                && ok(&["-n", &b, "link", "set", "lo", "up"]);
+        if !up {
+            drop(n);
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "network namespaces cannot be made (needs root and iproute2: scripts/setup.sh)"
+            );
+            eprintln!("SKIPPED: network namespaces cannot be made here (needs root and iproute2)");
+            return None;
+        }
+        Some(n)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
+        }
+    }
+}
+
+/// A `memsync sync --listen` peer started with `prefix` (e.g. `ip netns exec B`); returns it and
+/// the address it printed.
+fn sync_peer(prefix: &[&str], args: &[&str]) -> (Serve, String) {
+    use std::io::BufRead;
+    let exe = env!("CARGO_BIN_EXE_memsync");
+    let mut cmd = match prefix.split_first() {
+        Some((p, rest)) => {
+            let mut c = Command::new(p);
+            c.args(rest).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
+    let mut child = cmd
+        .args(["sync", "--listen"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the sync peer");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.rsplit(' ').next().unwrap().trim().to_owned();
+    assert!(addr.contains(':'), "peer printed {line:?}");
+    (
+        Serve {
+            child,
+            uri: addr.clone(),
+        },
+        addr,
+    )
+}
+
+fn make_certs(dir: &std::path::Path, name: &str) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec![name.to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca_cert, &ca_key)
+        .unwrap();
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+}
+
+#[test]
+fn sync_between_network_namespaces_over_tcp_and_tls() {
+    let Some(ns) = Netns::create() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path(), "peer.test");
+    let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
+    let old = random(41, 8 << 20);
+    std::fs::write(&dst, &old).unwrap();
+    let dst_url = format!("file:{}", dst.display());
+    let src_url = format!("file:{}", src.display());
+    let in_a = ["ip", "netns", "exec", ns.a.as_str()];
+    let in_b = ["ip", "netns", "exec", ns.b.as_str()];
+    let client = |peer: &str| {
+        let o = Command::new(in_a[0])
+            .args(&in_a[1..])
+            .arg(env!("CARGO_BIN_EXE_memsync"))
+            .args(["sync", "--json", &src_url, peer])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "sync to {peer}: {}", stderr(&o));
+        serde_json::from_str::<serde_json::Value>(stdout(&o).trim()).unwrap()
+    };
+    // TCP.
+    let (p, addr) = sync_peer(&in_b, &[&format!("{}:0", ns.b_addr), &dst_url]);
+    let new = changed(&old, 42);
+    std::fs::write(&src, &new).unwrap();
+    let r = client(&format!("memsync://{addr}"));
+    assert!(r["wire_sent"].as_u64().unwrap() > 0, "{r}");
+    assert_same("over TCP", &std::fs::read(&dst).unwrap(), &new);
+    drop(p);
+    // TLS, the certificate names the peer; the client resolves nothing (tls-hostname).
+    let d = dir.path();
+    let (p, addr) = sync_peer(
+        &in_b,
+        &[
+            &format!("{}:0", ns.b_addr),
+            &dst_url,
+            "--tls-cert",
+            &d.join("cert.pem").display().to_string(),
+            "--tls-key",
+            &d.join("key.pem").display().to_string(),
+        ],
+    );
+    let newer = changed(&new, 43);
+    std::fs::write(&src, &newer).unwrap();
+    let url = format!(
+        "memsyncs://{addr}?tls-ca={}&tls-hostname=peer.test",
+        d.join("ca.pem").display()
+    );
+    let r = client(&url);
+    assert!(r["updated_chunks"].as_u64().unwrap() > 0, "{r}");
+    assert_same("over TLS", &std::fs::read(&dst).unwrap(), &newer);
+    // A client that does not trust the peer's certificate gets an error, not data.
+    let other = tempfile::tempdir().unwrap();
+    make_certs(other.path(), "peer.test");
+    let o = Command::new(in_a[0])
+        .args(&in_a[1..])
+        .arg(env!("CARGO_BIN_EXE_memsync"))
+        .args(["sync", &src_url])
+        .arg(format!(
+            "memsyncs://{addr}?tls-ca={}&tls-hostname=peer.test",
+            other.path().join("ca.pem").display()
+        ))
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "an untrusted peer was accepted");
+    drop(p);
+}
+
+#[test]
+fn sync_cut_by_killing_the_proxy_leaves_chunks_old_or_new_and_a_rerun_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
+    let size = 16 << 20;
+    let old = random(51, size);
+    let new = random(52, size);
+    std::fs::write(&dst, &old).unwrap();
+    std::fs::write(&src, &new).unwrap();
+    let (_peer, addr) = sync_peer(&[], &["127.0.0.1:0", &format!("file:{}", dst.display())]);
+    // 32 Mbit/s: the 16 MiB take about 4 s, the cut comes after 1.
+    let mut proxy = Command::new(env!("CARGO_BIN_EXE_memsync"))
+        .args(["proxy", "--to", &addr, "--bandwidth", "32M"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(proxy.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let paddr = line.split_whitespace().nth(2).unwrap().to_owned();
+    let src_url = format!("file:{}", src.display());
+    let client = Command::new(env!("CARGO_BIN_EXE_memsync"))
+        .args(["sync", "--json", &src_url, &format!("memsync://{paddr}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Cut once the peer has written some chunks (not at a fixed time: the machine is shared).
+    let c = 64 << 10;
+    let some_new = || {
+        let got = std::fs::read(&dst).unwrap();
+        (0..size / c).any(|i| got[i * c..(i + 1) * c] == new[i * c..(i + 1) * c])
+    };
+    while !some_new() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    proxy.kill().unwrap();
+    proxy.wait().unwrap();
+    let o = client.wait_with_output().unwrap();
+    assert!(!o.status.success(), "the cut must fail the sync");
+    assert!(stderr(&o).contains("run it again"), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let in_list = |key: &str, i: u64| {
+        r[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| match x.as_array() {
+                Some(p) => p[0].as_u64().unwrap() <= i && i < p[1].as_u64().unwrap(),
+                None => x.as_u64() == Some(i),
+            })
+    };
+    // Give the peer a moment to finish what arrived whole.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let got = std::fs::read(&dst).unwrap();
+    let (mut n_old, mut n_new) = (0, 0);
+    for i in 0..(size / c) as u64 {
+        let s = i as usize * c;
+        let (is_old, is_new) = (
+            got[s..s + c] == old[s..s + c],
+            got[s..s + c] == new[s..s + c],
+        );
+        assert!(is_old || is_new, "chunk {i} is neither old nor new");
+        if !in_list("pending_chunks", i) {
+            assert!(is_new, "chunk {i} reported updated but is not new");
+        } else if !in_list("uncertain_chunks", i) {
+            assert!(is_old, "chunk {i} reported pending but is not old");
+        }
+        n_old += is_old as u32;
+        n_new += is_new as u32;
+    }
+    assert!(
+        n_old > 0 && n_new > 0,
+        "old {n_old}, new {n_new}: the cut missed the transfer"
+    );
+    // The rerun, directly to the peer, sends the rest.
+    let r = sync_json(&[&src_url, &format!("memsync://{addr}")]);
+    assert_eq!(r["updated_chunks"], n_old, "{r}");
+    assert_same("after the rerun", &std::fs::read(&dst).unwrap(), &new);
+}

@@ -11,6 +11,7 @@ pub mod mount;
 pub mod nbd;
 pub mod store;
 pub mod stores;
+pub mod sync;
 
 use std::io::Write;
 use std::time::Duration;
@@ -385,6 +386,10 @@ pub const SUITES: &[(&str, &str)] = &[
     (
         "lazy",
         "lazy userfaultfd regions from a mem: store: sequential first touch vs memcpy, random 4 KiB fault latency vs an anonymous fault",
+    ),
+    (
+        "sync",
+        "delta sync of a 1 GiB file with 0/1/10% of random 4 KiB pages changed, local and to a peer through the delay proxy at 0 and 30 ms RTT, vs rsync -B4096 --inplace --no-whole-file and rsync's default, same run; continuous push rounds vs dirty rate",
     ),
     (
         "mount",

@@ -1,0 +1,389 @@
+//! The receiving side of a sync: a [`Dest`] answers digest queries and applies patches. A
+//! [`LocalDest`] does it on a store in this process; the peer server wraps one, and
+//! [`crate::peer::RemoteDest`] speaks to it over the network.
+//!
+//! **What a patch guarantees.** A patch carries the changed byte runs of one chunk and the strong
+//! digest of the whole new chunk. The receiver builds the new chunk in memory (its current bytes
+//! with the runs applied), checks the BLAKE3 digest, and only then writes the runs. So a chunk
+//! whose page digests collided, or whose patch was built against other bytes, is never written
+//! wrong: the answer is [`PatchOutcome::Mismatch`] and the sender sends the whole chunk. While the
+//! runs of one chunk are being written, a reader of the store can see some of them and not others;
+//! once `patch` returns, the chunk is entirely new.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+
+use bytes::Bytes;
+use memsync_core::{DynStore, Result, StoreError, async_trait};
+use parking_lot::Mutex;
+
+use crate::digest::{self, Digest, Layout, ScanStats};
+use crate::index::{FileState, IndexFile, IndexStatus};
+
+/// A run of bytes within a chunk: new data, or zeros (sent without data).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Run {
+    /// Offset within the chunk.
+    pub off: u32,
+    /// Length in bytes.
+    pub len: u32,
+    /// The bytes (`len` of them), or `None` for zeros.
+    pub data: Option<Bytes>,
+}
+
+/// What became of a patch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PatchOutcome {
+    /// Written; the chunk now has the patch's digest.
+    Applied,
+    /// The patched chunk would not have had the patch's digest; nothing was written.
+    Mismatch,
+}
+
+/// Counters of a destination (also sent back by a peer at the end).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DestStats {
+    pub scan: ScanStats,
+    /// Bytes read to answer page-digest queries and to check patches.
+    pub read: u64,
+    /// Bytes of data written, and bytes made zero.
+    pub written: u64,
+    pub zeroed: u64,
+    /// The digests came from the persisted index.
+    pub index_used: bool,
+}
+
+/// The receiving side of a sync.
+#[async_trait]
+pub trait Dest: Send + Sync + fmt::Debug {
+    fn layout(&self) -> Layout;
+    /// The strong digest of every chunk (from an index where one is valid).
+    async fn digests(&self) -> Result<Vec<Digest>>;
+    /// The page digests of chunk `i`.
+    async fn page_digests(&self, i: u64) -> Result<Vec<u64>>;
+    /// Apply runs to chunk `i` if the result has digest `digest` (see the module docs).
+    async fn patch(&self, i: u64, digest: Digest, runs: Vec<Run>) -> Result<PatchOutcome>;
+    /// Make everything applied durable (and persist the index). A commit point: more patches
+    /// may follow.
+    async fn commit(&self) -> Result<DestStats>;
+    /// This destination as a store in this process, if it is one: the sender then compares
+    /// bytes exactly instead of exchanging page digests (see [`LocalDest::apply_exact`]).
+    fn as_local(&self) -> Option<&LocalDest> {
+        None
+    }
+    /// Bytes sent to and received from a remote destination so far.
+    fn wire(&self) -> (u64, u64) {
+        (0, 0)
+    }
+}
+
+/// Check runs against a chunk of `len` bytes: in bounds, data lengths right, ordered.
+pub fn check_runs(runs: &[Run], len: u64) -> Result<()> {
+    let mut pos = 0u64;
+    for r in runs {
+        let end = r.off as u64 + r.len as u64;
+        if (r.off as u64) < pos || end > len || r.len == 0 {
+            return Err(StoreError::backend(format!(
+                "patch run {}+{} is out of order or outside the chunk of {len} bytes",
+                r.off, r.len
+            )));
+        }
+        if r.data.as_ref().is_some_and(|d| d.len() != r.len as usize) {
+            return Err(StoreError::backend("patch run data length differs"));
+        }
+        pos = end;
+    }
+    Ok(())
+}
+
+/// A destination store in this process, optionally with a persisted index (a `file:` store).
+pub struct LocalDest {
+    store: DynStore,
+    layout: Layout,
+    index: Option<IndexFile>,
+    /// Digests of what the store holds, once known; `None` entries are unknown.
+    digests: Mutex<Option<Vec<Digest>>>,
+    index_status: Mutex<IndexStatus>,
+    /// A write failed: some chunk may be half-written, so no index may be saved.
+    broken: AtomicBool,
+    wrote: AtomicBool,
+    scan: Mutex<ScanStats>,
+    read: AtomicU64,
+    written: AtomicU64,
+    zeroed: AtomicU64,
+}
+
+impl fmt::Debug for LocalDest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalDest")
+            .field("store", &self.store)
+            .field("layout", &self.layout)
+            .field("index", &self.index)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Chunks checked by reading when an index is otherwise valid: a cheap guard against changes
+/// the file times do not show.
+const SAMPLES: u64 = 8;
+
+/// Load `index` for `store` and check a sample of chunks against it. Returns the digests if
+/// the index is trusted.
+pub async fn load_checked(
+    index: &IndexFile,
+    store: &DynStore,
+    layout: Layout,
+) -> Result<Vec<Digest>, IndexStatus> {
+    let digests = index.load(layout)?;
+    let n = layout.chunks();
+    if n > 0 {
+        // A different sample each time: a change the times missed is found sooner or later.
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() as u64);
+        let budget = (SAMPLES * 64 * 1024 / layout.chunk_size).clamp(1, SAMPLES);
+        for k in 0..budget.min(n) {
+            let i = (seed
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                .wrapping_add(k * 7919))
+                % n;
+            let data = digest::read_chunk(&**store, layout, i)
+                .await
+                .map_err(|e| IndexStatus::Stale(format!("sample read: {}", e.chain())))?;
+            if digest::chunk_digest(&data) != digests[i as usize] {
+                return Err(IndexStatus::Stale(format!(
+                    "chunk {i} differs from the index although the file times match"
+                )));
+            }
+        }
+    }
+    Ok(digests)
+}
+
+impl LocalDest {
+    /// A destination on `store`, cut into chunks of `chunk_size`, with the index of `file`
+    /// if given (the path of a `file:` store).
+    pub fn new(store: DynStore, chunk_size: u64, file: Option<&std::path::Path>) -> Result<Self> {
+        let layout = Layout::new(store.size(), chunk_size)?;
+        if store.caps().read_only {
+            return Err(StoreError::ReadOnly);
+        }
+        Ok(LocalDest {
+            store,
+            layout,
+            index: file.map(IndexFile::for_file),
+            digests: Mutex::new(None),
+            index_status: Mutex::new(IndexStatus::None),
+            broken: AtomicBool::new(false),
+            wrote: AtomicBool::new(false),
+            scan: Mutex::new(ScanStats::default()),
+            read: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            zeroed: AtomicU64::new(0),
+        })
+    }
+
+    pub fn store(&self) -> &DynStore {
+        &self.store
+    }
+
+    /// Why the index was or was not used.
+    pub fn index_status(&self) -> IndexStatus {
+        self.index_status.lock().clone()
+    }
+
+    fn stats(&self) -> DestStats {
+        DestStats {
+            scan: *self.scan.lock(),
+            read: self.read.load(Relaxed),
+            written: self.written.load(Relaxed),
+            zeroed: self.zeroed.load(Relaxed),
+            index_used: *self.index_status.lock() == IndexStatus::Used,
+        }
+    }
+
+    /// Chunk `i` of this store, for a sender comparing bytes exactly.
+    pub async fn read_chunk(&self, i: u64) -> Result<bytes::BytesMut> {
+        let data = digest::read_chunk(&*self.store, self.layout, i).await?;
+        self.read.fetch_add(data.len() as u64, Relaxed);
+        Ok(data)
+    }
+
+    /// Write runs that a sender in this process computed by comparing the new chunk with this
+    /// store's bytes exactly (read by [`LocalDest::read_chunk`]), so the chunk then holds the
+    /// bytes with digest `digest` without checking it again. Like every sync, this assumes
+    /// nobody else writes the destination meanwhile.
+    pub async fn apply_exact(&self, i: u64, digest: Digest, runs: &[Run]) -> Result<()> {
+        if i >= self.layout.chunks() {
+            return Err(StoreError::backend(format!("no chunk {i}")));
+        }
+        let (base, len) = self.layout.chunk(i);
+        check_runs(runs, len)?;
+        self.write_chunk(i, base, digest, runs).await
+    }
+
+    async fn write_chunk(&self, i: u64, base: u64, want: Digest, runs: &[Run]) -> Result<()> {
+        self.wrote.store(true, Relaxed);
+        if let Err(e) = self.write_runs(base, runs).await {
+            self.broken.store(true, Relaxed);
+            if let Some(d) = self.digests.lock().as_mut() {
+                // Unknown now; never saved (broken), and never matches a real digest by chance
+                // in this run since no BLAKE3 output is known to be all 0xff.
+                d[i as usize] = [0xff; 32];
+            }
+            return Err(e.context(format!("writing chunk {i}")));
+        }
+        if let Some(d) = self.digests.lock().as_mut() {
+            d[i as usize] = want;
+        }
+        Ok(())
+    }
+
+    async fn write_runs(&self, base: u64, runs: &[Run]) -> Result<()> {
+        for r in runs {
+            let off = base + r.off as u64;
+            match &r.data {
+                Some(d) => {
+                    self.store.write(off, d.clone()).await?;
+                    self.written.fetch_add(r.len as u64, Relaxed);
+                }
+                None => {
+                    self.store.write_zeroes(off, r.len as u64).await?;
+                    self.zeroed.fetch_add(r.len as u64, Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Dest for LocalDest {
+    fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    async fn digests(&self) -> Result<Vec<Digest>> {
+        if let Some(d) = self.digests.lock().clone() {
+            return Ok(d);
+        }
+        if let Some(index) = &self.index {
+            match load_checked(index, &self.store, self.layout).await {
+                Ok(d) => {
+                    *self.index_status.lock() = IndexStatus::Used;
+                    *self.digests.lock() = Some(d.clone());
+                    return Ok(d);
+                }
+                Err(status) => *self.index_status.lock() = status,
+            }
+        }
+        let (d, stats) = digest::scan(&*self.store, self.layout, &|_| {}).await?;
+        *self.scan.lock() = stats;
+        *self.digests.lock() = Some(d.clone());
+        Ok(d)
+    }
+
+    async fn page_digests(&self, i: u64) -> Result<Vec<u64>> {
+        if i >= self.layout.chunks() {
+            return Err(StoreError::backend(format!("no chunk {i}")));
+        }
+        let data = digest::read_chunk(&*self.store, self.layout, i).await?;
+        self.read.fetch_add(data.len() as u64, Relaxed);
+        Ok(digest::page_digests(&data))
+    }
+
+    async fn patch(&self, i: u64, want: Digest, runs: Vec<Run>) -> Result<PatchOutcome> {
+        if i >= self.layout.chunks() {
+            return Err(StoreError::backend(format!("no chunk {i}")));
+        }
+        let (base, len) = self.layout.chunk(i);
+        check_runs(&runs, len)?;
+        // Build the new chunk in memory and check it before writing anything. A patch that
+        // replaces the whole chunk needs no read.
+        let whole = runs.len() == 1 && runs[0].off == 0 && runs[0].len as u64 == len;
+        let got = if whole {
+            match &runs[0].data {
+                Some(d) => digest::chunk_digest(d),
+                None => self.layout.zero_digest(i),
+            }
+        } else {
+            let mut chunk = digest::read_chunk(&*self.store, self.layout, i).await?;
+            self.read.fetch_add(len, Relaxed);
+            for r in &runs {
+                let dst = &mut chunk[r.off as usize..(r.off + r.len) as usize];
+                match &r.data {
+                    Some(d) => dst.copy_from_slice(d),
+                    None => dst.fill(0),
+                }
+            }
+            digest::chunk_digest(&chunk)
+        };
+        if got != want {
+            return Ok(PatchOutcome::Mismatch);
+        }
+        self.write_chunk(i, base, want, &runs).await?;
+        Ok(PatchOutcome::Applied)
+    }
+
+    fn as_local(&self) -> Option<&LocalDest> {
+        Some(self)
+    }
+
+    async fn commit(&self) -> Result<DestStats> {
+        self.store.flush().await?;
+        let Some(index) = &self.index else {
+            return Ok(self.stats());
+        };
+        let digests = self.digests.lock().clone();
+        match digests {
+            Some(d) if !self.broken.load(Relaxed) => {
+                let unchanged =
+                    !self.wrote.load(Relaxed) && *self.index_status.lock() == IndexStatus::Used;
+                if !unchanged {
+                    let index = index.clone();
+                    let layout = self.layout;
+                    tokio::task::spawn_blocking(move || index.save(layout, &d, None))
+                        .await
+                        .map_err(|e| StoreError::backend(format!("index task: {e}")))?
+                        .map_err(|e| StoreError::io("saving the digest index", e))?;
+                }
+            }
+            _ => index.remove(),
+        }
+        Ok(self.stats())
+    }
+}
+
+/// The sending side's digests: from the index of a local file when it is trusted, else by a
+/// scan. Returns the digests, the scan counters, what happened with the index, and the file's
+/// state before the scan (to save the index afterwards only if the file did not change).
+pub async fn source_digests(
+    store: &DynStore,
+    layout: Layout,
+    index: Option<&IndexFile>,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<(
+    Vec<Digest>,
+    ScanStats,
+    IndexStatus,
+    Option<(FileState, i64)>,
+)> {
+    let mut status = IndexStatus::None;
+    let mut before = None;
+    if let Some(index) = index {
+        match load_checked(index, store, layout).await {
+            Ok(d) => {
+                progress(layout.size);
+                return Ok((d, ScanStats::default(), IndexStatus::Used, None));
+            }
+            Err(s) => status = s,
+        }
+        before = index.state_now().ok();
+    }
+    let (d, stats) = digest::scan(&**store, layout, progress).await?;
+    Ok((d, stats, status, before))
+}
+
+/// Shared handle used by the engine and the pusher.
+pub type DynDest = Arc<dyn Dest>;

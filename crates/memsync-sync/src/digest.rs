@@ -1,0 +1,266 @@
+//! Chunk and page digests, and the parallel scan that computes a store's chunk digests.
+//!
+//! Two levels:
+//! - every chunk has a strong digest, BLAKE3-256 of its bytes: two chunks are taken as equal
+//!   only when these match;
+//! - inside a chunk whose strong digests differ, 4 KiB pages are compared by xxh3-64, which is
+//!   ~3x cheaper than BLAKE3 per page here. A page-digest collision could hide a changed page,
+//!   so every patched chunk is checked against the source's strong digest before it is written
+//!   (see [`crate::dest`]); a mismatch sends the whole chunk. The weak digest only decides how
+//!   little to send, never whether the result is right.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use futures_util::{StreamExt, stream};
+use memsync_core::{Result, Store, StoreError};
+use parking_lot::Mutex;
+
+/// The unit of sub-chunk deltas.
+pub const PAGE: u64 = 4096;
+
+/// A strong chunk digest (BLAKE3-256).
+pub type Digest = [u8; 32];
+
+/// Smallest and largest chunk sizes (a power of two, a multiple of [`PAGE`]).
+pub const MIN_CHUNK: u64 = PAGE;
+pub const MAX_CHUNK: u64 = 16 << 20;
+
+/// The strong digest of a chunk's bytes.
+pub fn chunk_digest(data: &[u8]) -> Digest {
+    *blake3::hash(data).as_bytes()
+}
+
+/// xxh3-64 of each 4 KiB page of `data` (the last page may be shorter).
+pub fn page_digests(data: &[u8]) -> Vec<u64> {
+    data.chunks(PAGE as usize)
+        .map(twox_hash::XxHash3_64::oneshot)
+        .collect()
+}
+
+/// All bytes are zero.
+pub fn is_zero(data: &[u8]) -> bool {
+    // Compare 8 bytes at a time; the tail byte by byte.
+    let (words, tail) = data.split_at(data.len() & !7);
+    words
+        .chunks_exact(8)
+        .all(|w| u64::from_ne_bytes(w.try_into().unwrap_or([1; 8])) == 0)
+        && tail.iter().all(|&b| b == 0)
+}
+
+/// How a store of `size` bytes is cut into chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub size: u64,
+    pub chunk_size: u64,
+}
+
+impl Layout {
+    /// A layout; `chunk_size` must be a power of two in `MIN_CHUNK..=MAX_CHUNK`.
+    pub fn new(size: u64, chunk_size: u64) -> Result<Self> {
+        if !chunk_size.is_power_of_two() || !(MIN_CHUNK..=MAX_CHUNK).contains(&chunk_size) {
+            return Err(StoreError::Config(format!(
+                "chunk size {chunk_size} must be a power of two from {MIN_CHUNK} to {MAX_CHUNK}"
+            )));
+        }
+        Ok(Layout { size, chunk_size })
+    }
+
+    pub fn chunks(&self) -> u64 {
+        self.size.div_ceil(self.chunk_size)
+    }
+
+    /// Byte offset and length of chunk `i` (the last one may be short).
+    pub fn chunk(&self, i: u64) -> (u64, u64) {
+        let off = i * self.chunk_size;
+        (off, (self.size - off).min(self.chunk_size))
+    }
+
+    /// The digest of an all-zero chunk `i`.
+    pub fn zero_digest(&self, i: u64) -> Digest {
+        let (_, len) = self.chunk(i);
+        zero_digest(len)
+    }
+}
+
+/// The digest of `len` zero bytes (cached for the common lengths).
+pub fn zero_digest(len: u64) -> Digest {
+    static CACHE: Mutex<Vec<(u64, Digest)>> = Mutex::new(Vec::new());
+    let mut c = CACHE.lock();
+    if let Some((_, d)) = c.iter().find(|(l, _)| *l == len) {
+        return *d;
+    }
+    let d = chunk_digest(&vec![0u8; len as usize]);
+    if c.len() < 16 {
+        c.push((len, d));
+    }
+    d
+}
+
+/// What a scan did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScanStats {
+    /// Bytes read from the store.
+    pub read: u64,
+    /// Bytes hashed (read bytes; holes are neither read nor hashed).
+    pub hashed: u64,
+    /// Bytes known to be zero from the store's extents.
+    pub holes: u64,
+}
+
+/// Bytes per read and per hashing job: several chunks, so that small chunks still make large
+/// reads, and few enough that both cores get work.
+const PIECE: u64 = 4 << 20;
+
+/// A pool of read buffers: fresh 4 MiB buffers cost a page fault per 4 KiB on first touch.
+#[derive(Debug, Default)]
+struct Pool(Mutex<Vec<Vec<u8>>>);
+
+impl Pool {
+    fn get(&self, len: usize) -> Vec<u8> {
+        let mut b = self.0.lock().pop().unwrap_or_default();
+        b.resize(len, 0);
+        b
+    }
+    fn put(&self, b: Vec<u8>) {
+        let mut p = self.0.lock();
+        if p.len() < 16 {
+            p.push(b);
+        }
+    }
+}
+
+/// Which chunks of `first..first + n` read as zero according to the store's extents.
+async fn zero_chunks(store: &dyn Store, layout: Layout) -> Result<Vec<bool>> {
+    let n = layout.chunks() as usize;
+    let mut zero = vec![false; n];
+    if !store.caps().extents || n == 0 {
+        return Ok(zero);
+    }
+    // Count the zero bytes in each chunk; a chunk whose bytes are all zero needs no read.
+    let mut zero_bytes = vec![0u64; n];
+    let mut off = 0;
+    while off < layout.size {
+        let len = (layout.size - off).min(1 << 30);
+        for e in store.extents(off, len).await? {
+            if !e.kind.reads_zero() {
+                continue;
+            }
+            let mut p = e.offset;
+            while p < e.end() {
+                let i = p / layout.chunk_size;
+                let (co, cl) = layout.chunk(i);
+                let n = (co + cl).min(e.end()) - p;
+                zero_bytes[i as usize] += n;
+                p += n;
+            }
+        }
+        off += len;
+    }
+    for (i, z) in zero.iter_mut().enumerate() {
+        *z = zero_bytes[i] == layout.chunk(i as u64).1;
+    }
+    Ok(zero)
+}
+
+/// The strong digest of every chunk of `store`, read in 4 MiB pieces with several in flight
+/// and hashed on tokio's blocking pool (so both cores hash). Chunks the store reports as holes
+/// or zeros are neither read nor hashed. `progress` is called with bytes covered.
+pub async fn scan(
+    store: &dyn Store,
+    layout: Layout,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<(Vec<Digest>, ScanStats)> {
+    let zero = zero_chunks(store, layout).await?;
+    let mut digests = vec![[0u8; 32]; zero.len()];
+    let mut stats = ScanStats::default();
+    // Pieces: runs of non-zero chunks, at most PIECE bytes each.
+    let per_piece = (PIECE / layout.chunk_size).max(1);
+    let mut pieces = Vec::new();
+    let mut i = 0u64;
+    while i < layout.chunks() {
+        if zero[i as usize] {
+            digests[i as usize] = layout.zero_digest(i);
+            let len = layout.chunk(i).1;
+            stats.holes += len;
+            progress(len);
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < layout.chunks() && !zero[i as usize] && i - start < per_piece {
+            i += 1;
+        }
+        pieces.push(start..i);
+    }
+    let pool = Arc::new(Pool::default());
+    let concurrency = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
+    let mut s = stream::iter(pieces)
+        .map(|r| {
+            let pool = pool.clone();
+            async move {
+                let (off, _) = layout.chunk(r.start);
+                let (lo, ll) = layout.chunk(r.end - 1);
+                let len = lo + ll - off;
+                let mut buf = pool.get(len as usize);
+                store
+                    .read(off, &mut buf)
+                    .await
+                    .map_err(|e| e.context(format!("reading {off}+{len} to hash it")))?;
+                let cs = layout.chunk_size as usize;
+                let out = tokio::task::spawn_blocking(move || {
+                    let d: Vec<Digest> = buf.chunks(cs).map(chunk_digest).collect();
+                    pool.put(buf);
+                    d
+                })
+                .await
+                .map_err(|e| StoreError::backend(format!("hashing task failed: {e}")))?;
+                Ok::<_, StoreError>((r, len, out))
+            }
+        })
+        .buffer_unordered(concurrency);
+    while let Some(res) = s.next().await {
+        let (r, len, d) = res?;
+        for (k, i) in r.enumerate() {
+            digests[i as usize] = d[k];
+        }
+        stats.read += len;
+        stats.hashed += len;
+        progress(len);
+    }
+    Ok((digests, stats))
+}
+
+/// Read chunk `i` of `store` into a new buffer.
+pub async fn read_chunk(store: &dyn Store, layout: Layout, i: u64) -> Result<BytesMut> {
+    let (off, len) = layout.chunk(i);
+    let mut buf = BytesMut::zeroed(len as usize);
+    store
+        .read(off, &mut buf)
+        .await
+        .map_err(|e| e.context(format!("reading chunk {i} ({off}+{len})")))?;
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_and_zero() {
+        assert!(Layout::new(100, 3000).is_err());
+        assert!(Layout::new(100, 1 << 30).is_err());
+        let l = Layout::new(10_000, 4096).unwrap();
+        assert_eq!(l.chunks(), 3);
+        assert_eq!(l.chunk(2), (8192, 1808));
+        assert_eq!(l.zero_digest(2), chunk_digest(&[0u8; 1808]));
+        assert!(is_zero(&[0u8; 13]));
+        let mut v = vec![0u8; 4099];
+        v[4098] = 1;
+        assert!(!is_zero(&v));
+        v[4098] = 0;
+        v[3] = 1;
+        assert!(!is_zero(&v));
+        assert_eq!(page_digests(&v).len(), 2);
+    }
+}

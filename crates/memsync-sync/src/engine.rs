@@ -1,0 +1,505 @@
+//! One sync: compare chunk digests of both sides, then send only what differs, page by page.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use memsync_core::{DynStore, Result, StoreError};
+use tokio::sync::Semaphore;
+
+use crate::dest::{DestStats, DynDest, PatchOutcome, Run, source_digests};
+use crate::digest::{self, Digest, Layout, PAGE, ScanStats};
+use crate::index::{IndexFile, IndexStatus};
+
+/// Sync settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncOptions {
+    /// Chunks patched at once (many, so that a long link stays busy: each chunk costs two
+    /// round trips to a peer, but they overlap; a chunk waiting for its page digests holds no
+    /// data).
+    pub window: usize,
+}
+
+impl Default for SyncOptions {
+    fn default() -> Self {
+        SyncOptions { window: 4096 }
+    }
+}
+
+/// The default chunk size: with 1% of random pages changed, 64 KiB chunks keep both the digest
+/// lists and the page-digest queries small (about 10% of the changed bytes together).
+pub const DEFAULT_CHUNK: u64 = 64 << 10;
+
+/// Where a sync reads from.
+#[derive(Clone, Debug)]
+pub struct Source {
+    pub store: DynStore,
+    /// The index of the store's file (for a `file:` store), if indexing is on.
+    pub index: Option<IndexFile>,
+}
+
+/// Progress callbacks (the CLI draws a bar).
+pub trait Progress: Send + Sync {
+    /// A new phase of `total` bytes (or chunks) begins.
+    fn phase(&self, name: &str, total: u64);
+    fn inc(&self, n: u64);
+}
+
+/// No progress output.
+#[derive(Debug)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn phase(&self, _: &str, _: u64) {}
+    fn inc(&self, _: u64) {}
+}
+
+/// What a sync did.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub size: u64,
+    pub chunk_size: u64,
+    pub chunks: u64,
+    /// Source: bytes read and hashed, bytes skipped as holes, what happened with its index.
+    pub src_scan: ScanStats,
+    pub src_index: String,
+    /// Destination counters (from the peer, for a remote destination).
+    pub dest: DestStats,
+    /// Chunks whose digests differed, and those now updated.
+    pub differing: u64,
+    pub updated: u64,
+    /// Chunks sent whole after a patch failed its strong check.
+    pub resent_whole: u64,
+    /// Bytes of data sent, and bytes zeroed without sending data.
+    pub data_bytes: u64,
+    pub zero_bytes: u64,
+    /// Bytes on the wire in each direction (remote destinations).
+    pub wire_sent: u64,
+    pub wire_received: u64,
+    /// Chunks that differed and are not confirmed updated (after an error): each still holds
+    /// its old bytes, except as said in `uncertain`.
+    pub pending: Vec<Range<u64>>,
+    /// Chunks whose patch was being written when the error happened: their runs may be
+    /// partly written.
+    pub uncertain: Vec<u64>,
+    pub hash_time: Duration,
+    pub elapsed: Duration,
+}
+
+/// A failed sync: the error and what had been done.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", error.chain())]
+pub struct SyncError {
+    pub error: StoreError,
+    pub report: Box<Report>,
+}
+
+/// What pushing one chunk did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Pushed {
+    /// The digest the destination chunk now has.
+    pub digest: Digest,
+    pub data_bytes: u64,
+    pub zero_bytes: u64,
+    pub resent_whole: bool,
+    /// The chunk already had these bytes; nothing was sent.
+    pub unchanged: bool,
+}
+
+/// What the destination's chunk is known to be, page by page.
+#[derive(Clone, Copy, Debug)]
+pub enum Theirs<'a> {
+    /// All zeros.
+    Zero,
+    /// Its page digests.
+    Pages(&'a [u64]),
+    /// Its bytes.
+    Bytes(&'a [u8]),
+}
+
+/// Runs of pages of `data` that differ from `theirs`. Adjacent pages merge; zero pages become
+/// zero runs without data.
+pub fn diff_runs(data: &bytes::Bytes, theirs: Theirs<'_>) -> Vec<Run> {
+    let page = PAGE as usize;
+    let mut runs: Vec<Run> = Vec::new();
+    // (start, end, zero) of the run being built.
+    let mut cur: Option<(usize, usize, bool)> = None;
+    let flush = |cur: &mut Option<(usize, usize, bool)>, runs: &mut Vec<Run>| {
+        if let Some((s, e, zero)) = cur.take() {
+            runs.push(Run {
+                off: s as u32,
+                len: (e - s) as u32,
+                data: (!zero).then(|| data.slice(s..e)),
+            });
+        }
+    };
+    for (p, chunk) in data.chunks(page).enumerate() {
+        let zero = digest::is_zero(chunk);
+        let s = p * page;
+        let e = s + chunk.len();
+        let differs = match theirs {
+            Theirs::Zero => !zero,
+            Theirs::Pages(t) => t.get(p) != Some(&twox_hash::XxHash3_64::oneshot(chunk)),
+            Theirs::Bytes(b) => b.get(s..e) != Some(chunk),
+        };
+        if !differs {
+            flush(&mut cur, &mut runs);
+            continue;
+        }
+        match &mut cur {
+            Some((_, end, z)) if *z == zero => *end = e,
+            _ => {
+                flush(&mut cur, &mut runs);
+                cur = Some((s, e, zero));
+            }
+        }
+    }
+    flush(&mut cur, &mut runs);
+    runs
+}
+
+/// Push chunk `i` of `src` to `dest`, which holds `dest_digest` there if known. Reads the chunk
+/// once; the digest sent is that of the bytes read, so a source changing meanwhile still leaves
+/// the destination with bytes the source really had.
+pub async fn push_chunk(
+    src: &DynStore,
+    layout: Layout,
+    dest: &DynDest,
+    i: u64,
+    dest_digest: Option<Digest>,
+) -> Result<Pushed> {
+    let zero_there = dest_digest.is_some_and(|d| d == layout.zero_digest(i));
+    if let Some(local) = dest.as_local() {
+        return push_local(src, layout, local, i, dest_digest, zero_there).await;
+    }
+    // Ask for the destination's page digests first; the read follows, so no chunk waits in
+    // memory for an answer.
+    let theirs = if zero_there {
+        None
+    } else {
+        Some(dest.page_digests(i).await?)
+    };
+    let data = digest::read_chunk(&**src, layout, i).await?.freeze();
+    let want = digest::chunk_digest(&data);
+    if dest_digest == Some(want) {
+        return Ok(Pushed {
+            digest: want,
+            unchanged: true,
+            ..Pushed::default()
+        });
+    }
+    if let Some(t) = &theirs
+        && t.len() as u64 != data.len().div_ceil(PAGE as usize) as u64
+    {
+        return Err(StoreError::backend(format!(
+            "destination sent {} page digests for chunk {i} of {} bytes",
+            t.len(),
+            data.len()
+        )));
+    }
+    let runs = if digest::is_zero(&data) {
+        vec![Run {
+            off: 0,
+            len: data.len() as u32,
+            data: None,
+        }]
+    } else {
+        match &theirs {
+            Some(t) => diff_runs(&data, Theirs::Pages(t)),
+            None => diff_runs(&data, Theirs::Zero),
+        }
+    };
+    let (mut data_bytes, zero_bytes) = run_bytes(&runs);
+    let mut resent_whole = false;
+    if dest.patch(i, want, runs).await? == PatchOutcome::Mismatch {
+        // The page digests hid a difference (or the destination changed): send it all.
+        resent_whole = true;
+        let whole = vec![Run {
+            off: 0,
+            len: data.len() as u32,
+            data: Some(data.clone()),
+        }];
+        data_bytes += data.len() as u64;
+        if dest.patch(i, want, whole).await? != PatchOutcome::Applied {
+            return Err(StoreError::backend(format!(
+                "destination refused the whole chunk {i} with its own digest"
+            )));
+        }
+    }
+    Ok(Pushed {
+        digest: want,
+        data_bytes,
+        zero_bytes,
+        resent_whole,
+        unchanged: false,
+    })
+}
+
+fn run_bytes(runs: &[Run]) -> (u64, u64) {
+    runs.iter().fold((0, 0), |(d, z), r| match r.data {
+        Some(_) => (d + r.len as u64, z),
+        None => (d, z + r.len as u64),
+    })
+}
+
+/// [`push_chunk`] to a store in this process: pages are compared byte for byte, which is exact,
+/// so no page digests and no second strong check are needed.
+async fn push_local(
+    src: &DynStore,
+    layout: Layout,
+    local: &crate::dest::LocalDest,
+    i: u64,
+    dest_digest: Option<Digest>,
+    zero_there: bool,
+) -> Result<Pushed> {
+    let data = digest::read_chunk(&**src, layout, i).await?.freeze();
+    let want = digest::chunk_digest(&data);
+    if dest_digest == Some(want) {
+        return Ok(Pushed {
+            digest: want,
+            unchanged: true,
+            ..Pushed::default()
+        });
+    }
+    let runs = if zero_there {
+        diff_runs(&data, Theirs::Zero)
+    } else {
+        let old = local.read_chunk(i).await?;
+        diff_runs(&data, Theirs::Bytes(&old))
+    };
+    local.apply_exact(i, want, &runs).await?;
+    let (data_bytes, zero_bytes) = run_bytes(&runs);
+    Ok(Pushed {
+        digest: want,
+        data_bytes,
+        zero_bytes,
+        resent_whole: false,
+        unchanged: runs.is_empty(),
+    })
+}
+
+/// Collapse sorted chunk numbers into ranges.
+pub fn ranges(mut v: Vec<u64>) -> Vec<Range<u64>> {
+    v.sort_unstable();
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for i in v {
+        match out.last_mut() {
+            Some(r) if r.end == i => r.end += 1,
+            _ => out.push(i..i + 1),
+        }
+    }
+    out
+}
+
+/// Sync `src` into `dest` (same size). See the crate docs for what a reader of the destination
+/// may observe and what an interrupted sync leaves.
+pub async fn sync(
+    src: &Source,
+    dest: DynDest,
+    opts: SyncOptions,
+    progress: &dyn Progress,
+) -> Result<Report, SyncError> {
+    sync_held(src, dest, opts, progress).await.map(|(r, _)| r)
+}
+
+/// [`sync`], also returning the digest of every chunk the destination now holds.
+pub async fn sync_held(
+    src: &Source,
+    dest: DynDest,
+    opts: SyncOptions,
+    progress: &dyn Progress,
+) -> Result<(Report, Vec<Digest>), SyncError> {
+    let t0 = Instant::now();
+    let layout = dest.layout();
+    let mut report = Report {
+        size: layout.size,
+        chunk_size: layout.chunk_size,
+        chunks: layout.chunks(),
+        ..Report::default()
+    };
+    let fail = |error: StoreError, report: &Report| SyncError {
+        error,
+        report: Box::new(report.clone()),
+    };
+    if src.store.size() != layout.size {
+        let e = StoreError::Config(format!(
+            "the source has {} bytes and the destination {}: sync needs equal sizes",
+            src.store.size(),
+            layout.size
+        ));
+        return Err(fail(e, &report));
+    }
+    progress.phase("hash", layout.size);
+    let inc = |n| progress.inc(n);
+    let (s, d) = tokio::join!(
+        source_digests(&src.store, layout, src.index.as_ref(), &inc),
+        dest.digests()
+    );
+    let (src_digests, scan, status, before) = s.map_err(|e| fail(e, &report))?;
+    let dst_digests = d.map_err(|e| fail(e.context("destination digests"), &report))?;
+    report.src_scan = scan;
+    report.src_index = status_text(&status);
+    report.hash_time = t0.elapsed();
+    if dst_digests.len() != src_digests.len() {
+        let e = StoreError::backend(format!(
+            "destination sent {} digests for {} chunks",
+            dst_digests.len(),
+            src_digests.len()
+        ));
+        return Err(fail(e, &report));
+    }
+    let differing: Vec<u64> = (0..layout.chunks())
+        .filter(|&i| src_digests[i as usize] != dst_digests[i as usize])
+        .collect();
+    report.differing = differing.len() as u64;
+    progress.phase("send", differing.len() as u64);
+
+    let work = differing
+        .iter()
+        .map(|&i| (i, Some(dst_digests[i as usize])))
+        .collect();
+    let (done, error) =
+        push_chunks(&src.store, layout, &dest, work, opts.window, Some(progress)).await;
+    let mut held = dst_digests;
+    for (i, p) in &done {
+        report.data_bytes += p.data_bytes;
+        report.zero_bytes += p.zero_bytes;
+        report.resent_whole += p.resent_whole as u64;
+        report.updated += (!p.unchanged) as u64;
+        held[*i as usize] = p.digest;
+    }
+    let (ws, wr) = dest.wire();
+    report.wire_sent = ws;
+    report.wire_received = wr;
+    if let Some((e, started)) = error {
+        let done: std::collections::HashSet<u64> = done.into_iter().map(|(i, _)| i).collect();
+        report.pending = ranges(
+            differing
+                .iter()
+                .copied()
+                .filter(|i| !done.contains(i))
+                .collect(),
+        );
+        // A chunk whose patch was sent and not answered may have been applied (a patch is
+        // applied whole or not at all by a live peer; a local write error can leave part).
+        report.uncertain = started;
+        report.elapsed = t0.elapsed();
+        return Err(fail(e, &report));
+    }
+    match dest.commit().await {
+        Ok(stats) => report.dest = stats,
+        Err(e) => return Err(fail(e.context("committing the destination"), &report)),
+    }
+    let (ws, wr) = dest.wire();
+    report.wire_sent = ws;
+    report.wire_received = wr;
+    if let (Some(index), Some(before)) = (&src.index, before) {
+        let index = index.clone();
+        let saved =
+            tokio::task::spawn_blocking(move || index.save(layout, &src_digests, Some(before)))
+                .await;
+        if let Ok(Err(e)) | Err(e) = saved.map_err(std::io::Error::other) {
+            tracing::warn!("could not save the source's digest index: {e}");
+        }
+    }
+    report.elapsed = t0.elapsed();
+    Ok((report, held))
+}
+
+/// Push chunks `(index, digest the destination holds if known)` with `window` in flight.
+/// Returns what was pushed and, after a failure, the first error and the chunks that were
+/// started but not confirmed. After a failure no new chunk starts; those in flight finish.
+pub async fn push_chunks(
+    src: &DynStore,
+    layout: Layout,
+    dest: &DynDest,
+    work: Vec<(u64, Option<Digest>)>,
+    window: usize,
+    progress: Option<&dyn Progress>,
+) -> (Vec<(u64, Pushed)>, Option<(StoreError, Vec<u64>)>) {
+    let sem = Arc::new(Semaphore::new(window.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut error: Option<StoreError> = None;
+    let mut done = Vec::new();
+    let mut started = std::collections::BTreeSet::new();
+    let mut next = work.into_iter();
+    loop {
+        // Start chunks while the window has room and nothing failed.
+        while error.is_none() {
+            let Ok(permit) = sem.clone().try_acquire_owned() else {
+                break;
+            };
+            let Some((i, have)) = next.next() else {
+                drop(permit);
+                break;
+            };
+            started.insert(i);
+            let (store, dest) = (src.clone(), dest.clone());
+            tasks.spawn(async move {
+                let r = push_chunk(&store, layout, &dest, i, have).await;
+                drop(permit);
+                (i, r)
+            });
+        }
+        let Some(joined) = tasks.join_next().await else {
+            break;
+        };
+        match joined {
+            Ok((i, Ok(p))) => {
+                done.push((i, p));
+                started.remove(&i);
+                if let Some(pr) = progress {
+                    pr.inc(1);
+                }
+            }
+            Ok((i, Err(e))) => {
+                error.get_or_insert(e.context(format!("chunk {i}")));
+            }
+            Err(e) => {
+                error.get_or_insert(StoreError::backend(format!("chunk task failed: {e}")));
+            }
+        }
+    }
+    (done, error.map(|e| (e, started.into_iter().collect())))
+}
+
+fn status_text(s: &IndexStatus) -> String {
+    match s {
+        IndexStatus::None => "none".into(),
+        IndexStatus::Missing => "missing".into(),
+        IndexStatus::Stale(why) => format!("stale: {why}"),
+        IndexStatus::Used => "used".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn runs_merge_pages_and_send_zeros_without_data() {
+        let mut v = vec![1u8; 6 * 4096];
+        v[4 * 4096..5 * 4096].fill(0);
+        let data = Bytes::from(v.clone());
+        let mut theirs = digest::page_digests(&v);
+        // Pages 1, 2 differ (one data run), page 4 is zero and differs (zero run).
+        theirs[1] ^= 1;
+        theirs[2] ^= 1;
+        theirs[4] ^= 1;
+        let runs = diff_runs(&data, Theirs::Pages(&theirs));
+        assert_eq!(runs.len(), 2);
+        assert_eq!((runs[0].off, runs[0].len), (4096, 8192));
+        assert!(runs[0].data.is_some());
+        assert_eq!(
+            (runs[1].off, runs[1].len, runs[1].data.clone()),
+            (4 * 4096, 4096, None)
+        );
+        // Against an all-zero chunk only non-zero pages go, as two runs around the zero page.
+        let runs = diff_runs(&data, Theirs::Zero);
+        assert_eq!(runs.len(), 2);
+        assert_eq!((runs[0].off, runs[0].len), (0, 4 * 4096));
+        assert_eq!((runs[1].off, runs[1].len), (5 * 4096, 4096));
+        assert_eq!(ranges(vec![5, 1, 2, 3, 7]), vec![1..4, 5..6, 7..8]);
+    }
+}

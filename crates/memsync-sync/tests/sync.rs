@@ -1,0 +1,603 @@
+//! memsync-sync end to end: every pair of store kinds (local, NBD, Redis, S3, a sync peer over
+//! TCP and TLS), the persisted index, sub-chunk deltas, a cut in the middle, continuous push.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use memsync_core::{Bytes, DynStore, Registry, Store, StoreExt};
+use memsync_sync::dest::{Dest, PatchOutcome, Run};
+use memsync_sync::digest::{self, Layout};
+use memsync_sync::index::IndexFile;
+use memsync_sync::{
+    ChangeSource, LocalDest, NoProgress, Peer, PeerAddr, PeerConfig, Pusher, RemoteDest, Report,
+    Rescan, Source, SyncOptions, Tracked, sync,
+};
+use memsync_testkit::servers::{RedisServer, S3_ACCESS_KEY, S3_SECRET_KEY, S3Server};
+use rand::{Rng, RngCore, SeedableRng, rngs::SmallRng};
+
+const CHUNK: u64 = 64 << 10;
+
+fn registry() -> Registry {
+    let mut r = Registry::new();
+    memsync_local::register(&mut r);
+    memsync_nbd::register(&mut r);
+    memsync_redis::register(&mut r);
+    memsync_s3::register(&mut r);
+    r
+}
+
+/// Random contents with holes, then every kind of change the issue lists.
+fn base(seed: u64, size: usize) -> Vec<u8> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut v = vec![0u8; size];
+    rng.fill_bytes(&mut v);
+    // Holes: a whole chunk and a few pages of zeros.
+    let c = CHUNK as usize;
+    v[c..2 * c].fill(0);
+    v[5 * 4096..7 * 4096].fill(0);
+    v
+}
+
+fn mutate(seed: u64, v: &mut [u8]) {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let n = v.len();
+    for _ in 0..5 {
+        let i = rng.random_range(0..n);
+        v[i] ^= 0x5a; // single bytes
+    }
+    for _ in 0..3 {
+        let p = rng.random_range(0..n / 4096) * 4096; // whole pages
+        let end = (p + 4096).min(n);
+        rng.fill_bytes(&mut v[p..end]);
+    }
+    let c = CHUNK as usize;
+    rng.fill_bytes(&mut v[3 * c..4 * c]); // a whole chunk
+    v[c..c + 100].fill(7); // data into the hole
+    v[n - 3000..].fill(0); // zeros at the end
+    v[8 * c..9 * c].fill(0); // a chunk becomes a hole
+}
+
+async fn fill(store: &DynStore, data: &[u8]) {
+    store.write(0, Bytes::copy_from_slice(data)).await.unwrap();
+    store.flush().await.unwrap();
+}
+
+async fn contents(store: &DynStore) -> Vec<u8> {
+    store
+        .read_bytes(0, store.size() as usize)
+        .await
+        .unwrap()
+        .to_vec()
+}
+
+fn assert_same(what: &str, got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!("{what}: first difference at byte {i}");
+    }
+}
+
+/// A memsync NBD server over a mem store, on loopback.
+async fn nbd_server(size: u64) -> (memsync_nbd::Server, String) {
+    let store: DynStore = Arc::new(memsync_local::MemStore::new(size));
+    let srv = memsync_nbd::Server::new(memsync_nbd::ServerConfig::new(vec![
+        memsync_nbd::Export::new("e", store),
+    ]))
+    .unwrap();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    srv.listen_tcp(l);
+    (srv, format!("nbd://127.0.0.1:{port}/e"))
+}
+
+/// A sync peer over a file store, on loopback; returns its URL and the file.
+async fn peer(
+    dir: &std::path::Path,
+    size: u64,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> (String, std::path::PathBuf, tokio::task::JoinHandle<()>) {
+    let file = dir.join(format!("peer-{}.img", rand::random::<u32>()));
+    let store: DynStore = Arc::new(
+        memsync_local::FileStore::open(&file, memsync_local::FileOptions::with_size(size)).unwrap(),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let tls_on = tls.is_some();
+    let p = Peer::new(
+        store,
+        PeerConfig {
+            tls,
+            index_file: Some(file.clone()),
+        },
+    );
+    let h = tokio::spawn(async move {
+        let _ = p.serve(l).await;
+    });
+    let url = if tls_on {
+        format!(
+            "memsyncs://localhost:{port}?tls-ca={}",
+            dir.join("ca-cert.pem").display()
+        )
+    } else {
+        format!("memsync://127.0.0.1:{port}")
+    };
+    (url, file, h)
+}
+
+async fn dest_for(url: &str, store: Option<DynStore>, size: u64) -> Arc<dyn Dest> {
+    if memsync_sync::is_peer_url(url) {
+        let a = PeerAddr::parse(url).unwrap();
+        RemoteDest::connect(&a, size, CHUNK, true).await.unwrap()
+    } else {
+        Arc::new(LocalDest::new(store.unwrap(), CHUNK, None).unwrap())
+    }
+}
+
+async fn sync_once(src: &DynStore, dst_url: &str, dst: Option<DynStore>) -> Report {
+    let dest = dest_for(dst_url, dst, src.size()).await;
+    let source = Source {
+        store: src.clone(),
+        index: None,
+    };
+    sync(&source, dest, SyncOptions::default(), &NoProgress)
+        .await
+        .unwrap_or_else(|e| panic!("sync to {dst_url}: {e}"))
+}
+
+/// The URL of the `k`th store of one kind.
+type UrlOf = Box<dyn Fn(usize) -> String>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_pair_of_store_kinds_ends_byte_identical() {
+    let size: usize = (1 << 20) + 12345; // a short last chunk and a short last page
+    let dir = tempfile::tempdir().unwrap();
+    let reg = registry();
+    let (_nbd, nbd_url) = nbd_server(size as u64).await;
+    let redis = RedisServer::start();
+    let s3 = S3Server::start();
+    let mut kinds: Vec<(String, UrlOf)> = Vec::new();
+    let d = dir.path().to_owned();
+    kinds.push(("mem".into(), Box::new(move |_| format!("mem:{size}"))));
+    let d2 = d.clone();
+    kinds.push((
+        "file".into(),
+        Box::new(move |k| format!("file:{}/f{k}.img?size={size}", d2.display())),
+    ));
+    let d3 = d.clone();
+    kinds.push((
+        "dir".into(),
+        Box::new(move |k| format!("dir:{}/d{k}?size={size}&chunk=16K", d3.display())),
+    ));
+    kinds.push(("nbd".into(), Box::new(move |_| nbd_url.clone())));
+    if let Some(r) = &redis {
+        let port = r.port();
+        kinds.push((
+            "redis".into(),
+            Box::new(move |k| {
+                format!("redis://127.0.0.1:{port}?size={size}&chunk=64K&prefix=s{k}")
+            }),
+        ));
+    }
+    if let Some(s) = &s3 {
+        let ep = s.endpoint();
+        kinds.push((
+            "s3".into(),
+            Box::new(move |k| {
+                format!("s3://sync/p{k}?size={size}&chunk=256K&create&endpoint={ep}&access_key={S3_ACCESS_KEY}&secret_key={S3_SECRET_KEY}")
+            }),
+        ));
+    }
+    let mut k = 0;
+    for (si, (sname, surl)) in kinds.iter().enumerate() {
+        // Destinations: every kind, and a sync peer.
+        for (di, dname) in kinds
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .chain(["peer"])
+            .enumerate()
+        {
+            if si == di {
+                continue; // the shared NBD export cannot be both sides
+            }
+            k += 1;
+            let what = format!("{sname} -> {dname}");
+            eprintln!("sync {what}");
+            let src = reg.open(&surl(k * 2)).await.unwrap();
+            let mut want = base(k as u64, size);
+            let (dst_url, dst, peer_file, _h) = if dname == "peer" {
+                let (url, file, h) = peer(dir.path(), size as u64, None).await;
+                std::fs::write(&file, &want).unwrap();
+                (url, None, Some(file), Some(h))
+            } else {
+                let u = kinds[di].1(k * 2 + 1);
+                let s = reg.open(&u).await.unwrap();
+                fill(&s, &want).await;
+                (u, Some(s), None, None)
+            };
+            mutate(k as u64 + 1000, &mut want);
+            fill(&src, &want).await;
+            let r = sync_once(&src, &dst_url, dst.clone()).await;
+            assert!(r.updated > 0 && r.updated < r.chunks, "{what}: {r:?}");
+            let got = match (&dst, &peer_file) {
+                (Some(s), _) => contents(s).await,
+                (None, Some(f)) => std::fs::read(f).unwrap(),
+                (None, None) => unreachable!(),
+            };
+            assert_same(&what, &got, &want);
+            let again = sync_once(&src, &dst_url, dst).await;
+            assert_eq!(
+                (again.differing, again.data_bytes),
+                (0, 0),
+                "{what}: {again:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_destination_is_byte_identical_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 3 << 20;
+    let (url, file, _h) = peer(dir.path(), size as u64, None).await;
+    let mut want = base(7, size);
+    std::fs::write(&file, &want).unwrap();
+    mutate(8, &mut want);
+    let src: DynStore = Arc::new(memsync_local::MemStore::new(size as u64));
+    fill(&src, &want).await;
+    let r = sync_once(&src, &url, None).await;
+    assert!(r.wire_sent > r.data_bytes, "{r:?}");
+    assert_same("peer file", &std::fs::read(&file).unwrap(), &want);
+    // The peer saved its index: the next sync hashes nothing there.
+    let r = sync_once(&src, &url, None).await;
+    assert!(r.dest.index_used, "{r:?}");
+    assert_eq!(r.dest.scan.hashed, 0, "{r:?}");
+}
+
+fn make_certs(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let p = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    let cert = p.signed_by(&key, &ca_cert, &ca_key).unwrap();
+    std::fs::write(dir.join("ca-cert.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(dir.join("server-cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("server-key.pem"), key.serialize_pem()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_over_tls_and_a_plain_client_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let tls = memsync_nbd::server_tls_config(
+        &dir.path().join("server-cert.pem"),
+        &dir.path().join("server-key.pem"),
+    )
+    .unwrap();
+    let size = 1 << 20;
+    let (url, file, _h) = peer(dir.path(), size as u64, Some(tls)).await;
+    let mut want = base(3, size);
+    mutate(4, &mut want);
+    let src: DynStore = Arc::new(memsync_local::MemStore::new(size as u64));
+    fill(&src, &want).await;
+    let r = sync_once(&src, &url, None).await;
+    assert!(r.updated > 0);
+    assert_same("tls peer", &std::fs::read(&file).unwrap(), &want);
+    // The same port without TLS: the handshake fails, the client gets an error, not data.
+    let plain = url
+        .replace("memsyncs://localhost", "memsync://127.0.0.1")
+        .split('?')
+        .next()
+        .unwrap()
+        .to_owned();
+    let a = PeerAddr::parse(&plain).unwrap();
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        RemoteDest::connect(&a, size as u64, CHUNK, true),
+    )
+    .await
+    .expect("a plain client must not hang");
+    assert!(r.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_skips_hashing_and_is_invalidated_by_any_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 2 << 20;
+    let (sf, df) = (dir.path().join("src.img"), dir.path().join("dst.img"));
+    let mut want = base(11, size);
+    std::fs::write(&sf, &want).unwrap();
+    std::fs::write(&df, vec![0u8; size]).unwrap();
+    let open = |p: &std::path::Path| -> DynStore {
+        Arc::new(memsync_local::FileStore::open(p, memsync_local::FileOptions::default()).unwrap())
+    };
+    let run = |src: DynStore, dst: DynStore| {
+        let (sf, df) = (sf.clone(), df.clone());
+        async move {
+            let source = Source {
+                store: src,
+                index: Some(IndexFile::for_file(&sf)),
+            };
+            let dest = Arc::new(LocalDest::new(dst, CHUNK, Some(&df)).unwrap());
+            sync(&source, dest, SyncOptions::default(), &NoProgress)
+                .await
+                .unwrap()
+        }
+    };
+    // The source index is only saved when its file changed more than a tick before the scan.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let r1 = run(open(&sf), open(&df)).await;
+    assert!(r1.src_scan.hashed > 0 && r1.updated > 0, "{r1:?}");
+    assert_same("first", &std::fs::read(&df).unwrap(), &want);
+    let r2 = run(open(&sf), open(&df)).await;
+    assert_eq!(
+        (
+            r2.src_scan.hashed,
+            r2.dest.scan.hashed,
+            r2.src_index.as_str(),
+            r2.dest.index_used
+        ),
+        (0, 0, "used", true),
+        "{r2:?}"
+    );
+    // Change one byte and put the old mtime back: ctime still tells.
+    let mtime = std::fs::metadata(&sf).unwrap().modified().unwrap();
+    want[12345] ^= 1;
+    std::fs::write(&sf, &want).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&sf)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let r3 = run(open(&sf), open(&df)).await;
+    assert!(r3.src_index.starts_with("stale"), "{r3:?}");
+    assert_eq!((r3.updated, r3.data_bytes), (1, 4096), "{r3:?}");
+    assert_same("after one byte", &std::fs::read(&df).unwrap(), &want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_changed_page_in_a_large_chunk_sends_one_page() {
+    let size = 8 << 20;
+    let src: DynStore = Arc::new(memsync_local::MemStore::new(size));
+    let dst: DynStore = Arc::new(memsync_local::MemStore::new(size));
+    let v = base(5, size as usize);
+    fill(&src, &v).await;
+    fill(&dst, &v).await;
+    src.write(3 * (1 << 20) + 8192, Bytes::from(vec![9u8; 4096]))
+        .await
+        .unwrap();
+    let dest = Arc::new(LocalDest::new(dst.clone(), 1 << 20, None).unwrap());
+    let source = Source {
+        store: src.clone(),
+        index: None,
+    };
+    let r = sync(&source, dest, SyncOptions::default(), &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.differing, r.updated, r.data_bytes),
+        (1, 1, 4096),
+        "{r:?}"
+    );
+    assert_same("1 MiB chunks", &contents(&dst).await, &contents(&src).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patch_that_does_not_give_its_digest_writes_nothing() {
+    let size = 1 << 20;
+    let dst: DynStore = Arc::new(memsync_local::MemStore::new(size));
+    let old = base(2, size as usize);
+    fill(&dst, &old).await;
+    let d = LocalDest::new(dst.clone(), CHUNK, None).unwrap();
+    // Runs that would make chunk 0 something other than what the digest says.
+    let runs = vec![Run {
+        off: 4096,
+        len: 4096,
+        data: Some(Bytes::from(vec![1u8; 4096])),
+    }];
+    assert_eq!(
+        d.patch(0, [0u8; 32], runs.clone()).await.unwrap(),
+        PatchOutcome::Mismatch
+    );
+    assert_same("untouched", &contents(&dst).await, &old);
+    // The right digest applies it.
+    let mut new = old[..CHUNK as usize].to_vec();
+    new[4096..8192].fill(1);
+    let want = digest::chunk_digest(&new);
+    assert_eq!(d.patch(0, want, runs).await.unwrap(), PatchOutcome::Applied);
+    assert_eq!(&contents(&dst).await[..CHUNK as usize], &new[..]);
+    // Runs outside the chunk are an error, not a write.
+    let bad = vec![Run {
+        off: CHUNK as u32 - 10,
+        len: 20,
+        data: None,
+    }];
+    assert!(d.patch(0, want, bad).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_in_the_middle_leaves_each_chunk_old_or_new_and_a_rerun_completes() {
+    use memsync_cache::proxy::{Proxy, ProxyConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let size: usize = 16 << 20;
+    let (url, file, _h) = peer(dir.path(), size as u64, None).await;
+    let old = base(21, size);
+    std::fs::write(&file, &old).unwrap();
+    let mut new = old.clone();
+    SmallRng::seed_from_u64(22).fill_bytes(&mut new);
+    let src: DynStore = Arc::new(memsync_local::MemStore::new(size as u64));
+    fill(&src, &new).await;
+    // 4 MB/s through the proxy: the cut lands while chunks are in flight.
+    let upstream = url.trim_start_matches("memsync://").to_owned();
+    let proxy = Proxy::start(
+        "127.0.0.1:0",
+        &upstream,
+        ProxyConfig {
+            bandwidth: Some(4 << 20),
+            ..ProxyConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let purl = format!("memsync://{}", proxy.local_addr());
+    let a = PeerAddr::parse(&purl).unwrap();
+    let dest = RemoteDest::connect(&a, size as u64, CHUNK, true)
+        .await
+        .unwrap();
+    let source = Source {
+        store: src.clone(),
+        index: None,
+    };
+    let task =
+        tokio::spawn(async move { sync(&source, dest, SyncOptions::default(), &NoProgress).await });
+    // Cut once some chunks have gone through.
+    while proxy.stats().up_bytes < (3 << 20) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proxy.cut_all();
+    let err = task.await.unwrap().expect_err("the cut must fail the sync");
+    let r = &err.report;
+    assert!(r.updated > 0 && !r.pending.is_empty(), "{r:?}");
+    // Wait for the peer to finish what it received whole (it commits at the end).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let on_disk = std::fs::read(&file).unwrap();
+    let layout = Layout::new(size as u64, CHUNK).unwrap();
+    let pending: std::collections::HashSet<u64> =
+        r.pending.iter().flat_map(|x| x.clone()).collect();
+    let (mut n_old, mut n_new) = (0, 0);
+    for i in 0..layout.chunks() {
+        let (o, l) = layout.chunk(i);
+        let (o, l) = (o as usize, l as usize);
+        let got = &on_disk[o..o + l];
+        let is_new = got == &new[o..o + l];
+        let is_old = got == &old[o..o + l];
+        assert!(is_new || is_old, "chunk {i} is neither old nor new");
+        if !pending.contains(&i) {
+            assert!(is_new, "chunk {i} reported done but not new");
+        } else if !r.uncertain.contains(&i) {
+            assert!(
+                is_old,
+                "chunk {i} reported pending (not in flight) but not old"
+            );
+        }
+        n_old += is_old as u32;
+        n_new += is_new as u32;
+    }
+    assert!(n_old > 0 && n_new > 0, "old {n_old} new {n_new}");
+    // A rerun (direct) completes and sends only what is still old.
+    let r2 = sync_once(&src, &url, None).await;
+    assert_eq!(r2.updated, n_old as u64, "{r2:?}");
+    assert_same("after rerun", &std::fs::read(&file).unwrap(), &new);
+}
+
+/// Writes random pages at random places until told to stop.
+fn writer(
+    store: DynStore,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut rng = SmallRng::seed_from_u64(99);
+        let mut n = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let pages = store.size() / 4096;
+            let off = rng.random_range(0..pages) * 4096;
+            let mut b = vec![0u8; 4096];
+            if rng.random_bool(0.9) {
+                rng.fill_bytes(&mut b);
+            }
+            store.write(off, Bytes::from(b)).await.unwrap();
+            n += 1;
+            if n % 64 == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        n
+    })
+}
+
+async fn continuous(
+    src: DynStore,
+    changes: Arc<dyn ChangeSource>,
+    dst_url: &str,
+    dst: Option<DynStore>,
+) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let w = writer(src.clone(), stop.clone());
+    let dest = dest_for(dst_url, dst, src.size()).await;
+    let source = Source {
+        store: src.clone(),
+        index: None,
+    };
+    let (pusher, first) = Pusher::start(source, dest, changes, SyncOptions::default(), &NoProgress)
+        .await
+        .unwrap();
+    assert!(first.updated > 0);
+    let mut busy = 0;
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let r = pusher.round().await.unwrap();
+        busy += (r.updated > 0) as u32;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = w.await.unwrap();
+    assert!(
+        writes > 0 && busy > 0,
+        "writes {writes}, busy rounds {busy}"
+    );
+    pusher.round().await.unwrap();
+    // One more round after a quiet one finds nothing.
+    let r = pusher.round().await.unwrap();
+    assert_eq!(r.updated, 0, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continuous_push_with_write_tracking_to_a_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4 << 20;
+    let (url, file, _h) = peer(dir.path(), size, None).await;
+    let mem: DynStore = Arc::new(memsync_local::MemStore::new(size));
+    fill(&mem, &base(1, size as usize)).await;
+    let tracked = Tracked::new(mem.clone(), 4096);
+    let changes: Arc<dyn ChangeSource> = tracked.clone();
+    continuous(tracked, changes, &url, None).await;
+    assert_same(
+        "peer after final round",
+        &std::fs::read(&file).unwrap(),
+        &contents(&mem).await,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continuous_push_by_hashing_to_a_local_store() {
+    let size = 4 << 20;
+    let src: DynStore = Arc::new(memsync_local::MemStore::new(size));
+    let dst: DynStore = Arc::new(memsync_local::MemStore::new(size));
+    fill(&src, &base(2, size as usize)).await;
+    let changes: Arc<dyn ChangeSource> = Rescan::new(src.clone(), CHUNK).unwrap();
+    continuous(src.clone(), changes, "mem", Some(dst.clone())).await;
+    assert_same(
+        "after final round",
+        &contents(&dst).await,
+        &contents(&src).await,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracked_marks_after_the_write_and_takes_atomically() {
+    let mem: DynStore = Arc::new(memsync_local::MemStore::new(1 << 20));
+    let t = Tracked::new(mem, 4096);
+    assert!(t.take_changes().await.unwrap().is_empty());
+    t.write(5000, Bytes::from_static(b"x")).await.unwrap();
+    t.write_zeroes(8192, 8192).await.unwrap();
+    t.write((1 << 20) - 1, Bytes::from_static(b"y"))
+        .await
+        .unwrap();
+    assert_eq!(
+        t.take_changes().await.unwrap(),
+        vec![4096..16384, (1 << 20) - 4096..1 << 20]
+    );
+    assert!(t.take_changes().await.unwrap().is_empty());
+}

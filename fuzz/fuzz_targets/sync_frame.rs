@@ -1,0 +1,17 @@
+//! Sync protocol frames and the persisted digest index: never a panic; what parses round-trips.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use memsync_sync::{index, proto};
+
+fuzz_target!(|data: &[u8]| {
+    if data.len() >= 4 {
+        let _ = proto::frame_len(data[..4].try_into().unwrap());
+    }
+    if let Ok(m) = proto::Msg::decode(bytes::Bytes::copy_from_slice(data)) {
+        let f = m.encode();
+        assert_eq!(proto::Msg::decode(f.slice(4..)).unwrap(), m);
+    }
+    if let Ok(d) = index::parse(data) {
+        assert_eq!(index::encode(&d), data);
+    }
+});
