@@ -10,8 +10,8 @@
 //! (`memsync_testkit::skip`).
 
 use memsync_testkit::child::{self, TempDir, describe};
-use memsync_testkit::uffd::wait_in_userfault;
 use memsync_testkit::skip;
+use memsync_testkit::uffd::wait_in_userfault;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, PermissionsExt};
