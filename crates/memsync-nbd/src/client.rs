@@ -8,7 +8,7 @@
 //! requests are spread round-robin over several connections, and large reads are split into
 //! several requests in flight.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -311,10 +311,16 @@ enum Done {
 /// A request waiting for its reply.
 #[derive(Default)]
 struct Slot {
-    /// The request's offset.
+    /// The request's command, offset and length.
+    typ: u16,
     offset: u64,
+    len: u64,
     /// For reads: the length of the caller's buffer.
     read_len: Option<usize>,
+    /// For reads: the ranges of the buffer that data and hole chunks have claimed (start to
+    /// end, disjoint), and their total. A successful read must have claimed all of it.
+    covered: BTreeMap<usize, usize>,
+    covered_bytes: usize,
     /// Hole chunks read on the owner's behalf: ranges of its buffer to zero.
     holes: Vec<(usize, usize)>,
     descriptors: Option<Vec<Descriptor>>,
@@ -448,6 +454,20 @@ struct State {
     slots: HashMap<u64, Slot>,
 }
 
+impl Slot {
+    /// Claim `start..end` of the read buffer for a content chunk: chunks may not overlap.
+    fn cover(&mut self, start: usize, end: usize) -> io::Result<()> {
+        if let Some((_, &e)) = self.covered.range(..end).next_back()
+            && e > start
+        {
+            return Err(bad_data("content chunks overlap"));
+        }
+        self.covered.insert(start, end);
+        self.covered_bytes += end - start;
+        Ok(())
+    }
+}
+
 impl State {
     /// Wake one waiting request, so that someone reads the socket.
     fn wake_successor(&mut self) {
@@ -483,6 +503,7 @@ struct Conn {
     st: parking_lot::Mutex<State>,
     dead: AtomicBool,
     cookie: AtomicU64,
+    structured: bool,
     extended: bool,
     meta: Option<u32>,
     max_payload: u64,
@@ -601,6 +622,7 @@ impl Conn {
             }),
             dead: AtomicBool::new(false),
             cookie: AtomicU64::new(1),
+            structured: info.structured,
             extended: info.extended,
             meta: info.meta,
             max_payload: info.max.into(),
@@ -649,7 +671,9 @@ impl Conn {
             st.slots.insert(
                 cookie,
                 Slot {
+                    typ,
                     offset,
+                    len,
                     read_len: buf.as_ref().map(|b| b.len()),
                     ..Slot::default()
                 },
@@ -752,6 +776,20 @@ impl Conn {
                 StoreError::io("nbd request", e).context(format!("nbd server: {msg}"))
             });
         }
+        if let Some(n) = slot.read_len
+            && slot.covered_bytes != n
+        {
+            // A reply that leaves part of the buffer unwritten would hand the caller whatever
+            // the buffer held before.
+            return Err(
+                StoreError::io("nbd read", io::Error::from_raw_os_error(EIO as i32)).context(
+                    format!(
+                        "nbd server: the read reply covered {} of {n} bytes",
+                        slot.covered_bytes
+                    ),
+                ),
+            );
+        }
         if let Some(b) = buf {
             for (s, e) in slot.holes {
                 b[s..e].fill(0);
@@ -799,18 +837,27 @@ impl Conn {
             r.fill(hl).await?;
             let h = parse_reply_header(&r.buffered()[..hl]).map_err(|e| bad_data(e.to_string()))?;
             let cookie = h.cookie();
-            let (roff, read_len, cancelled) = {
+            let (rtyp, roff, rlen, read_len, cancelled) = {
                 let st = self.st.lock();
                 match st.slots.get(&cookie) {
-                    Some(s) if !s.done => (s.offset, s.read_len, s.cancelled),
+                    Some(s) if !s.done => (s.typ, s.offset, s.len, s.read_len, s.cancelled),
                     _ => return Err(bad_data(format!("reply for unknown cookie {cookie}"))),
                 }
             };
             match h {
                 ReplyHeader::Simple { error, .. } => {
+                    if self.extended {
+                        return Err(bad_data("simple reply after extended headers"));
+                    }
+                    if self.structured && rtyp == CMD_READ {
+                        return Err(bad_data("simple reply to a read after structured replies"));
+                    }
                     r.consume(hl);
                     match (error, read_len) {
                         (0, Some(n)) => {
+                            if let Some(s) = self.st.lock().slots.get_mut(&cookie) {
+                                s.cover(0, n)?;
+                            }
                             r.parked = Some(Parked {
                                 cookie,
                                 discard: cancelled,
@@ -831,8 +878,20 @@ impl Conn {
                     }
                 }
                 ReplyHeader::Chunk {
-                    flags, typ, len, ..
+                    flags,
+                    typ,
+                    len,
+                    offset,
+                    ..
                 } => {
+                    if !self.structured {
+                        return Err(bad_data("structured reply chunk that was not negotiated"));
+                    }
+                    if offset.is_some() != self.extended {
+                        return Err(bad_data(
+                            "reply header kind does not match the negotiated headers",
+                        ));
+                    }
                     if len > self.max_payload + 64 * 1024 {
                         return Err(bad_data(format!("reply chunk of {len} bytes")));
                     }
@@ -851,6 +910,9 @@ impl Conn {
                         r.consume(hl + 8);
                         let (pos, end) = chunk_range(off, len - 8, roff, n)
                             .ok_or_else(|| bad_data("data chunk outside the request"))?;
+                        if let Some(s) = self.st.lock().slots.get_mut(&cookie) {
+                            s.cover(pos, end)?;
+                        }
                         r.parked = Some(Parked {
                             cookie,
                             discard: cancelled,
@@ -867,7 +929,13 @@ impl Conn {
                             return Err(bad_data(format!("reply for unknown cookie {cookie}")));
                         };
                         match typ {
-                            REPLY_TYPE_NONE => {}
+                            REPLY_TYPE_NONE => {
+                                if len != 0 || !last {
+                                    return Err(bad_data(
+                                        "NONE chunk with a payload or without DONE",
+                                    ));
+                                }
+                            }
                             REPLY_TYPE_OFFSET_HOLE => {
                                 let (off, hn) = parse_offset_hole(payload)
                                     .map_err(|e| bad_data(e.to_string()))?;
@@ -878,19 +946,35 @@ impl Conn {
                                 };
                                 let rg = chunk_range(off, hn.into(), roff, n)
                                     .ok_or_else(|| bad_data("hole chunk outside the request"))?;
+                                s.cover(rg.0, rg.1)?;
                                 s.holes.push(rg);
                             }
                             REPLY_TYPE_BLOCK_STATUS | REPLY_TYPE_BLOCK_STATUS_EXT => {
-                                let (id, d) =
-                                    parse_block_status(payload, typ == REPLY_TYPE_BLOCK_STATUS_EXT)
-                                        .map_err(|e| bad_data(e.to_string()))?;
-                                if Some(id) == self.meta {
-                                    s.descriptors = Some(d);
+                                let ext = typ == REPLY_TYPE_BLOCK_STATUS_EXT;
+                                if rtyp != CMD_BLOCK_STATUS || ext != self.extended {
+                                    return Err(bad_data(format!(
+                                        "block status chunk of type {typ} for command {rtyp}"
+                                    )));
+                                }
+                                let (id, d) = parse_block_status(payload, ext)
+                                    .map_err(|e| bad_data(e.to_string()))?;
+                                if Some(id) != self.meta {
+                                    return Err(bad_data(format!(
+                                        "block status for context {id}, which was not selected"
+                                    )));
+                                }
+                                if s.descriptors.replace(d).is_some() {
+                                    return Err(bad_data("two block status chunks for a context"));
                                 }
                             }
                             t if is_error_chunk(t) => {
                                 let e = parse_error_chunk(t, payload)
                                     .map_err(|e| bad_data(e.to_string()))?;
+                                if let Some(o) = e.offset
+                                    && (rtyp == CMD_FLUSH || o < roff || o - roff >= rlen.max(1))
+                                {
+                                    return Err(bad_data("error offset outside the request"));
+                                }
                                 s.error.get_or_insert((e.error, e.message));
                             }
                             t => return Err(bad_data(format!("unknown reply chunk type {t}"))),
@@ -1282,7 +1366,8 @@ impl NbdStore {
     }
 }
 
-fn host_port(url: &StoreUrl) -> Result<(String, u16)> {
+/// The host and port of an `nbd://` or `nbds://` URL; the port defaults to [`DEFAULT_PORT`].
+pub(crate) fn host_port(url: &StoreUrl) -> Result<(String, u16)> {
     let a = url.authority.as_deref().unwrap_or("");
     if a.is_empty() {
         return Err(url.error("host", "missing (e.g. nbd://127.0.0.1:10809/export)"));
@@ -1293,7 +1378,7 @@ fn host_port(url: &StoreUrl) -> Result<(String, u16)> {
             p.parse::<u16>()
                 .map_err(|_| url.error("port", format!("{p:?} is not a port number")))?,
         ),
-        _ => (a.to_owned(), 10809),
+        _ => (a.to_owned(), DEFAULT_PORT),
     };
     Ok((host, port))
 }

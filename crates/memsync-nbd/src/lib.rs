@@ -14,5 +14,5 @@ pub mod server;
 pub mod transport;
 
 pub use client::{ClientConfig, NbdAddr, NbdStore, register};
-pub use server::{Export, Server, ServerConfig, TlsMode};
+pub use server::{Export, ListenAddr, Server, ServerConfig, ServerStats, TlsMode, bind_unix};
 pub use transport::{client_tls_config, server_tls_config};

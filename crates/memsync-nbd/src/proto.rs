@@ -167,6 +167,11 @@ pub const MAX_QUERIES: u32 = 128;
 pub const MAX_INFO_REQUESTS: u16 = 64;
 /// Default largest request payload (read or write).
 pub const DEFAULT_MAX_PAYLOAD: u32 = 32 << 20;
+/// Payloads up to this size should not be treated as an attack even beyond the advertised
+/// maximum (the protocol's 2^25): a server answers them with an error instead of hanging up.
+pub const PORTABLE_MAX_PAYLOAD: u64 = 1 << 25;
+/// The TCP port of `nbd://HOST` without one (the NBD URI spec's).
+pub const DEFAULT_PORT: u16 = 10809;
 /// Bytes of zeros after an EXPORT_NAME reply without NO_ZEROES.
 pub const EXPORT_NAME_ZEROES: usize = 124;
 
@@ -743,11 +748,20 @@ pub fn truncate_str(s: &str, max: usize) -> &str {
 }
 
 /// Parse an error chunk payload of type `typ`. Unknown error types (bit 15 set) parse as
-/// errors without offset, as the spec asks.
+/// errors without offset, as the spec asks; their payload may go on after the message (fields
+/// this parser does not know), whereas the two known types must end exactly where their fields
+/// do.
 pub fn parse_error_chunk(typ: u16, payload: &[u8]) -> Result<ErrorChunk, ProtoError> {
     let mut c = Cursor::new(payload, "error chunk");
     let error = c.u32()?;
     let ml = c.u16()? as usize;
+    if ml > MAX_STRING {
+        return Err(ProtoError::TooLong {
+            what: "error message",
+            len: ml as u64,
+            max: MAX_STRING as u64,
+        });
+    }
     let msg = c.take(ml)?;
     let message = String::from_utf8_lossy(msg).into_owned();
     let offset = if typ == REPLY_TYPE_ERROR_OFFSET {
@@ -755,6 +769,9 @@ pub fn parse_error_chunk(typ: u16, payload: &[u8]) -> Result<ErrorChunk, ProtoEr
     } else {
         None
     };
+    if matches!(typ, REPLY_TYPE_ERROR | REPLY_TYPE_ERROR_OFFSET) && c.remaining() != 0 {
+        return Err(ProtoError::Invalid("error chunk length"));
+    }
     if error == 0 {
         return Err(ProtoError::Invalid("error chunk with error 0"));
     }
@@ -809,8 +826,9 @@ pub fn parse_block_status(payload: &[u8], ext: bool) -> Result<(u32, Vec<Descrip
     for _ in 0..count {
         let (len, flags) = if ext {
             let l = c.u64()?;
-            let f = c.u64()?;
-            (l, f as u32)
+            let f = u32::try_from(c.u64()?)
+                .map_err(|_| ProtoError::Invalid("block status flags beyond 32 bits"))?;
+            (l, f)
         } else {
             (c.u32()?.into(), c.u32()?)
         };
@@ -868,6 +886,15 @@ mod tests {
         assert!(parse_option(OPT_GO, &[0xff, 0xff, 0xff, 0xff]).is_err());
         assert!(parse_block_status(&[0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0], false).is_err());
         assert!(parse_error_chunk(REPLY_TYPE_ERROR, &[0, 0, 0, 5, 0, 9]).is_err());
+        // Known error types end with their fields; an unknown one may carry more.
+        assert!(parse_error_chunk(REPLY_TYPE_ERROR, &[0, 0, 0, 5, 0, 1, b'x', 0]).is_err());
+        assert!(parse_error_chunk(REPLY_TYPE_ERROR, &[0, 0, 0, 5, 0, 1, b'x']).is_ok());
+        assert!(parse_error_chunk(REPLY_TYPE_ERROR_OFFSET, &[0, 0, 0, 5, 0, 0, 0]).is_err());
+        assert!(parse_error_chunk((1 << 15) + 9, &[0, 0, 0, 5, 0, 1, b'x', 0]).is_ok());
+        let mut ext = vec![0, 0, 0, 1, 0, 0, 0, 1];
+        ext.extend_from_slice(&4096u64.to_be_bytes());
+        ext.extend_from_slice(&(1u64 << 32).to_be_bytes());
+        assert!(parse_block_status(&ext, true).is_err());
         assert_eq!(truncate_str("héllo", 2), "h");
     }
 

@@ -14,12 +14,15 @@
 
 use std::future::Future;
 use std::io;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use memsync_core::{Caps, DynStore, ExtentKind, StoreError};
+use memsync_core::{Caps, DynStore, ExtentKind, StoreError, StoreUrl};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, watch};
@@ -87,8 +90,17 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Requests in flight per connection; the server stops reading when it is reached.
     pub max_in_flight: usize,
-    /// Largest READ/WRITE payload (advertised as the maximum block size).
+    /// Largest READ/WRITE payload (advertised as the maximum block size). A larger WRITE up
+    /// to [`PORTABLE_MAX_PAYLOAD`] is skipped and failed with `NBD_EINVAL`; beyond that the
+    /// connection is closed.
     pub max_payload: u32,
+    /// Bytes of WRITE payloads held in memory at once, over all connections: a request takes
+    /// its share before its payload is read, and the server stops reading from a connection
+    /// until there is room. At least `max_payload`.
+    pub payload_budget: usize,
+    /// Time a client has from connecting to the end of option negotiation (TLS included);
+    /// then it is disconnected and its connection slot freed.
+    pub handshake_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -100,21 +112,170 @@ impl ServerConfig {
             max_connections: 128,
             max_in_flight: 64,
             max_payload: DEFAULT_MAX_PAYLOAD,
+            payload_budget: 256 << 20,
+            handshake_timeout: Duration::from_secs(10),
         }
     }
+}
+
+/// Counters of a running server.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Connections being served (negotiating or in transmission).
+    pub connections: usize,
+    /// WRITE payload bytes held right now (being read, or waiting for the store).
+    pub payload_bytes: usize,
+    /// The most `payload_bytes` has been since the server started.
+    pub payload_peak: usize,
 }
 
 struct Inner {
     cfg: ServerConfig,
     conns: Arc<Semaphore>,
+    /// [`ServerConfig::payload_budget`], one permit per byte.
+    budget: Arc<Semaphore>,
+    payload_bytes: AtomicUsize,
+    payload_peak: AtomicUsize,
     shutdown: watch::Sender<bool>,
 }
 
-/// A running server. Add listeners with [`Server::listen_tcp`] / [`Server::listen_unix`],
-/// stop it with [`Server::shutdown`].
+/// One WRITE payload's share of the budget, from before its bytes are read until the store
+/// has taken them.
+struct PayloadCharge {
+    inner: Arc<Inner>,
+    bytes: usize,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl PayloadCharge {
+    fn new(inner: &Arc<Inner>, permit: OwnedSemaphorePermit) -> Self {
+        let bytes = permit.num_permits();
+        let now = inner.payload_bytes.fetch_add(bytes, Ordering::SeqCst) + bytes;
+        inner.payload_peak.fetch_max(now, Ordering::SeqCst);
+        PayloadCharge {
+            inner: inner.clone(),
+            bytes,
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for PayloadCharge {
+    fn drop(&mut self) {
+        self.inner
+            .payload_bytes
+            .fetch_sub(self.bytes, Ordering::SeqCst);
+    }
+}
+
+/// A running server. Add listeners with [`Server::listen`] (or [`Server::listen_tcp`] /
+/// [`Server::listen_unix`]), stop it with [`Server::shutdown`]. Dropping it stops it too,
+/// without waiting: the listeners close at once and the connections end after their requests
+/// in flight.
 pub struct Server {
     inner: Arc<Inner>,
     accept_loops: parking_lot::Mutex<Vec<JoinHandle<()>>>,
+    /// Unix sockets bound by [`Server::listen`], removed when the server stops.
+    sockets: parking_lot::Mutex<Vec<BoundSocket>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.inner.shutdown.send(true);
+        for h in self.accept_loops.get_mut().drain(..) {
+            h.abort();
+        }
+        for b in self.sockets.get_mut().drain(..) {
+            b.remove();
+        }
+    }
+}
+
+/// Where a server listens, from `nbd://HOST[:PORT]` (port [`DEFAULT_PORT`] if omitted, host
+/// 127.0.0.1 if that is omitted too) or `nbd+unix:///?socket=PATH`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// `HOST:PORT`, as given to `bind`.
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl ListenAddr {
+    pub fn parse(s: &str) -> memsync_core::Result<Self> {
+        let u = StoreUrl::parse(s)?;
+        match u.scheme.as_str() {
+            "nbd" => {
+                if u.authority.as_deref().unwrap_or("").is_empty() {
+                    return Ok(ListenAddr::Tcp(format!("127.0.0.1:{DEFAULT_PORT}")));
+                }
+                let (host, port) = crate::client::host_port(&u)?;
+                Ok(ListenAddr::Tcp(format!("{host}:{port}")))
+            }
+            "nbd+unix" => {
+                if u.authority.as_deref().is_some_and(|a| !a.is_empty()) {
+                    return Err(
+                        u.error("host", "nbd+unix takes no host (nbd+unix:///?socket=PATH)")
+                    );
+                }
+                match u.param("socket") {
+                    Some(p) if !p.is_empty() => Ok(ListenAddr::Unix(PathBuf::from(p))),
+                    _ => Err(u.error(
+                        "query parameter \"socket\"",
+                        "missing (nbd+unix:///?socket=PATH)",
+                    )),
+                }
+            }
+            other => Err(u.error("scheme", format!("{other:?} is not nbd or nbd+unix"))),
+        }
+    }
+}
+
+/// A unix socket a server bound, identified by its inode so that a file put there by someone
+/// else since is left alone.
+struct BoundSocket {
+    path: PathBuf,
+    id: (u64, u64),
+}
+
+impl BoundSocket {
+    fn remove(&self) {
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Bind a unix socket listener at `path`. A socket file there that nobody listens on (left by
+/// a server that died) is replaced; anything else there (a regular file, a directory, a socket
+/// someone listens on) is an error and is left as it is.
+pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    let err = |kind, what: &str| io::Error::new(kind, format!("{}: {what}", path.display()));
+    let with_path = |e: io::Error| err(e.kind(), &e.to_string());
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(err(
+                    io::ErrorKind::AddrInUse,
+                    "a server is listening on this socket",
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path).map_err(with_path)?;
+            }
+            Err(e) => return Err(err(e.kind(), &format!("checking the existing socket: {e}"))),
+        },
+        Ok(_) => {
+            return Err(err(
+                io::ErrorKind::AlreadyExists,
+                "exists and is not a socket (not replacing it)",
+            ));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(with_path(e)),
+    }
+    UnixListener::bind(path).map_err(with_path)
 }
 
 impl std::fmt::Debug for Server {
@@ -142,16 +303,55 @@ impl Server {
         if cfg.tls_mode != TlsMode::Off && cfg.tls.is_none() {
             return Err(inval("TLS mode needs a certificate and key"));
         }
+        if cfg.payload_budget < cfg.max_payload as usize
+            || cfg.payload_budget > Semaphore::MAX_PERMITS
+        {
+            return Err(inval(
+                "the payload budget must be at least the maximum payload",
+            ));
+        }
         let (tx, _) = watch::channel(false);
         let conns = Arc::new(Semaphore::new(cfg.max_connections.max(1)));
+        let budget = Arc::new(Semaphore::new(cfg.payload_budget));
         Ok(Server {
             inner: Arc::new(Inner {
                 cfg,
                 conns,
+                budget,
+                payload_bytes: AtomicUsize::new(0),
+                payload_peak: AtomicUsize::new(0),
                 shutdown: tx,
             }),
             accept_loops: parking_lot::Mutex::new(Vec::new()),
+            sockets: parking_lot::Mutex::new(Vec::new()),
         })
+    }
+
+    /// Bind `addr` and serve the connections accepted there; returns the URL served (with the
+    /// port the system chose for port 0). A unix socket is bound with [`bind_unix`] and
+    /// removed when the server stops.
+    pub async fn listen(&self, addr: &ListenAddr) -> io::Result<String> {
+        match addr {
+            ListenAddr::Tcp(a) => {
+                let l = TcpListener::bind(a)
+                    .await
+                    .map_err(|e| io::Error::new(e.kind(), format!("listening on {a}: {e}")))?;
+                let url = format!("nbd://{}", l.local_addr()?);
+                self.listen_tcp(l);
+                Ok(url)
+            }
+            ListenAddr::Unix(p) => {
+                use std::os::unix::fs::MetadataExt;
+                let l = bind_unix(p)?;
+                let m = std::fs::symlink_metadata(p)?;
+                self.sockets.lock().push(BoundSocket {
+                    path: p.clone(),
+                    id: (m.dev(), m.ino()),
+                });
+                self.listen_unix(l);
+                Ok(format!("nbd+unix:///?socket={}", p.display()))
+            }
+        }
     }
 
     /// Serve connections accepted on a TCP listener (sets TCP_NODELAY on each).
@@ -209,6 +409,14 @@ impl Server {
         self.inner.cfg.max_connections.max(1) - self.inner.conns.available_permits()
     }
 
+    pub fn stats(&self) -> ServerStats {
+        ServerStats {
+            connections: self.connections(),
+            payload_bytes: self.inner.payload_bytes.load(Ordering::SeqCst),
+            payload_peak: self.inner.payload_peak.load(Ordering::SeqCst),
+        }
+    }
+
     /// Stop accepting, let every connection finish its in-flight requests, then flush every
     /// export's store.
     pub async fn shutdown(&self) -> memsync_core::Result<()> {
@@ -216,6 +424,9 @@ impl Server {
         let loops: Vec<_> = std::mem::take(&mut *self.accept_loops.lock());
         for h in loops {
             let _ = h.await;
+        }
+        for b in std::mem::take(&mut *self.sockets.lock()) {
+            b.remove();
         }
         let n = self.inner.cfg.max_connections.max(1) as u32;
         // Every connection holds a permit until it is done.
@@ -255,56 +466,64 @@ enum HsEnd {
     Go(usize),
 }
 
-async fn serve_conn<S: Transport>(inner: Arc<Inner>, mut s: S, _permit: OwnedSemaphorePermit) {
+/// A connection that has finished negotiating: the stream, what was negotiated, the export.
+enum Ready<S> {
+    Plain(S, Negotiated, usize),
+    Tls(Box<tokio_rustls::server::TlsStream<S>>, Negotiated, usize),
+}
+
+async fn serve_conn<S: Transport>(inner: Arc<Inner>, s: S, _permit: OwnedSemaphorePermit) {
+    // The whole handshake has one deadline: a client that stops talking (or talks forever)
+    // must not keep its connection slot.
+    let limit = inner.cfg.handshake_timeout;
+    match tokio::time::timeout(limit, handshake(&inner, s)).await {
+        Ok(Some(Ready::Plain(s, neg, i))) => transmission(inner, s, neg, i).await,
+        Ok(Some(Ready::Tls(t, neg, i))) => transmission(inner, *t, neg, i).await,
+        Ok(None) => {}
+        Err(_) => info!("nbd: closing a connection that did not finish negotiating in {limit:?}"),
+    }
+}
+
+async fn handshake<S: Transport>(inner: &Inner, mut s: S) -> Option<Ready<S>> {
     let mut neg = Negotiated::default();
     // Greeting.
     let mut g = BytesMut::with_capacity(18);
     g.put_u64(NBDMAGIC);
     g.put_u64(IHAVEOPT);
     g.put_u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
-    if s.write_all(&g).await.is_err() {
-        return;
-    }
-    let cflags = match read_u32(&mut s).await {
-        Ok(f) => f,
-        Err(_) => return,
-    };
+    s.write_all(&g).await.ok()?;
+    let cflags = read_u32(&mut s).await.ok()?;
     if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
         debug!("nbd: unknown client flags {cflags:#x}");
-        return;
+        return None;
     }
     neg.no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
-    match negotiate(&inner, &mut s, &mut neg, false).await {
-        Ok(HsEnd::Go(i)) => transmission(inner, s, neg, i).await,
+    match negotiate(inner, &mut s, &mut neg, false).await {
+        Ok(HsEnd::Go(i)) => Some(Ready::Plain(s, neg, i)),
         Ok(HsEnd::StartTls) => {
-            let Some(cfg) = inner.cfg.tls.clone() else {
-                return;
-            };
+            let cfg = inner.cfg.tls.clone()?;
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-            let mut t =
-                match tokio::time::timeout(std::time::Duration::from_secs(30), acceptor.accept(s))
-                    .await
-                {
-                    Ok(Ok(t)) => t,
-                    Ok(Err(e)) => {
-                        info!("nbd: TLS handshake failed: {e}");
-                        return;
-                    }
-                    Err(_) => return,
-                };
+            let mut t = match acceptor.accept(s).await {
+                Ok(t) => t,
+                Err(e) => {
+                    info!("nbd: TLS handshake failed: {e}");
+                    return None;
+                }
+            };
             // Options negotiated before TLS do not carry over.
             let mut neg = Negotiated {
                 no_zeroes: neg.no_zeroes,
                 ..Default::default()
             };
-            match negotiate(&inner, &mut t, &mut neg, true).await {
-                Ok(HsEnd::Go(i)) => transmission(inner, t, neg, i).await,
+            match negotiate(inner, &mut t, &mut neg, true).await {
+                Ok(HsEnd::Go(i)) => Some(Ready::Tls(Box::new(t), neg, i)),
                 _ => {
                     let _ = t.shutdown().await;
+                    None
                 }
             }
         }
-        Ok(HsEnd::Close) | Err(_) => {}
+        Ok(HsEnd::Close) | Err(_) => None,
     }
 }
 
@@ -888,36 +1107,65 @@ async fn transmission<S: Transport>(inner: Arc<Inner>, s: S, neg: Negotiated, ex
         if req.typ == CMD_DISC {
             break;
         }
-        let mut payload = None;
-        if req.typ == CMD_WRITE {
-            if req.len > conn.max_payload.into() {
-                // Skip the payload and fail the request, unless it is absurd.
-                if req.len > u32::MAX.into() || rx.skip(req.len).await.is_err() {
-                    break;
-                }
-                let rep = conn.error(&req, EOVERFLOW, "write larger than the maximum block size");
-                pending.extend_from_slice(&rep);
-                continue;
+        if req.typ == CMD_WRITE && req.len > conn.max_payload.into() {
+            // The client broke the advertised limit. Up to the size the protocol asks servers
+            // to tolerate, the payload is skipped (never buffered) and the request fails;
+            // beyond it the connection ends.
+            if req.len > PORTABLE_MAX_PAYLOAD || rx.skip(req.len).await.is_err() {
+                info!("nbd: closing connection: a write of {} bytes", req.len);
+                break;
             }
-            let len = req.len as usize;
-            if rx.buffered() < len && !pending.is_empty() {
-                if write_reply(&w, &pending).await.is_err() {
+            let rep = conn.error(&req, EINVAL, "write larger than the maximum payload");
+            pending.extend_from_slice(&rep);
+            continue;
+        }
+        // Every wait below may last until other requests finish: the replies ready so far go
+        // out first.
+        let permit = match sem.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                if flush_pending(&w, &mut pending).await.is_err() {
                     break;
                 }
-                pending.clear();
+                let Ok(p) = sem.clone().acquire_owned().await else {
+                    break;
+                };
+                p
+            }
+        };
+        let mut payload = None;
+        let mut charge = None;
+        if req.typ == CMD_WRITE && req.len > 0 {
+            let len = req.len as usize;
+            // The payload's share of the global budget is taken before a byte of it is read.
+            let n = req.len as u32;
+            let p = match inner.budget.clone().try_acquire_many_owned(n) {
+                Ok(p) => p,
+                Err(_) => {
+                    if flush_pending(&w, &mut pending).await.is_err() {
+                        break;
+                    }
+                    let Ok(p) = inner.budget.clone().acquire_many_owned(n).await else {
+                        break;
+                    };
+                    p
+                }
+            };
+            charge = Some(PayloadCharge::new(&inner, p));
+            if rx.buffered() < len && flush_pending(&w, &mut pending).await.is_err() {
+                break;
             }
             match rx.payload(len).await {
                 Ok(p) => payload = Some(p),
                 Err(_) => break,
             }
         }
-        let Ok(permit) = sem.clone().acquire_owned().await else {
-            break;
-        };
         let mut fut: Pin<Box<dyn Future<Output = Reply> + Send>> =
             Box::pin(handle(conn.clone(), req, payload));
         match poll_once(fut.as_mut()) {
             Poll::Ready(rep) => {
+                drop(fut);
+                drop(charge);
                 drop(permit);
                 if rep.len() < BATCH {
                     pending.extend_from_slice(&rep);
@@ -943,6 +1191,9 @@ async fn transmission<S: Transport>(inner: Arc<Inner>, s: S, neg: Negotiated, ex
                 let w = w.clone();
                 tokio::spawn(async move {
                     let rep = fut.await;
+                    // The store has the payload: its budget is free for the next one, even
+                    // if the client is slow to take the reply.
+                    drop(charge);
                     let _ = write_reply(&w, &rep).await;
                     drop(permit);
                 });
@@ -963,6 +1214,18 @@ async fn transmission<S: Transport>(inner: Arc<Inner>, s: S, neg: Negotiated, ex
 /// served right here, with no task hop.
 fn poll_once(f: Pin<&mut (dyn Future<Output = Reply> + Send)>) -> Poll<Reply> {
     f.poll(&mut Context::from_waker(Waker::noop()))
+}
+
+/// Write the batched replies, if any.
+async fn flush_pending<W: AsyncWrite + Unpin>(
+    w: &Mutex<W>,
+    pending: &mut BytesMut,
+) -> io::Result<()> {
+    if !pending.is_empty() {
+        write_reply(w, pending).await?;
+        pending.clear();
+    }
+    Ok(())
 }
 
 async fn write_reply<W: AsyncWrite + Unpin>(w: &Mutex<W>, buf: &[u8]) -> io::Result<()> {
@@ -1041,7 +1304,7 @@ async fn handle(c: Arc<Conn>, req: Request, payload: Option<Bytes>) -> Reply {
     if req.typ == CMD_READ && req.flags & !allowed_flags(&c, req.typ) == 0 {
         if req.len > c.max_payload.into() {
             return c
-                .error(&req, EOVERFLOW, "read larger than the maximum block size")
+                .error(&req, EOVERFLOW, "read larger than the maximum payload")
                 .into();
         }
         if !c.in_range(&req) {
@@ -1330,4 +1593,38 @@ async fn block_status(c: &Conn, req: &Request) -> BytesMut {
     );
     b.extend_from_slice(&p);
     b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses_default_to_the_nbd_port() {
+        let p = |s: &str| ListenAddr::parse(s).unwrap();
+        assert_eq!(
+            p("nbd://"),
+            ListenAddr::Tcp(format!("127.0.0.1:{DEFAULT_PORT}"))
+        );
+        assert_eq!(
+            p("nbd://localhost"),
+            ListenAddr::Tcp("localhost:10809".into())
+        );
+        assert_eq!(p("nbd://0.0.0.0:0"), ListenAddr::Tcp("0.0.0.0:0".into()));
+        assert_eq!(p("nbd://[::1]"), ListenAddr::Tcp("[::1]:10809".into()));
+        assert_eq!(p("nbd://[::1]:99"), ListenAddr::Tcp("[::1]:99".into()));
+        assert_eq!(
+            p("nbd+unix:///?socket=/tmp/x.sock"),
+            ListenAddr::Unix("/tmp/x.sock".into())
+        );
+        for bad in [
+            "nbd+unix:///",
+            "nbd+unix://host/?socket=/x",
+            "nbd://h:99999",
+            "nbds://h",
+            "file:/x",
+        ] {
+            assert!(ListenAddr::parse(bad).is_err(), "{bad}");
+        }
+    }
 }

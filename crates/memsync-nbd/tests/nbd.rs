@@ -1069,3 +1069,322 @@ async fn reads_see_trims_and_writes_after_cached_extents() {
     assert!(buf[4096..4096 + (128 << 10)] == data[..128 << 10]);
     assert!(buf[4096 + (128 << 10)..].iter().all(|&b| b == 0));
 }
+
+// ---------------------------------------------------------------- peers that misbehave
+
+/// Every malformed reply from a server is an error, never data: a read answered with too
+/// little (or nothing), overlapping or out-of-range chunks, a wrong cookie, a bad error chunk,
+/// a chunk type or header kind that was not negotiated. The server is a raw-socket one that
+/// does a real handshake and then answers every read with the reply the export name picks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_refuses_malformed_read_replies() {
+    use memsync_testkit::nbd::{Bad, BrokenNbd, byte_at};
+    let srv = BrokenNbd::start().unwrap();
+    let (off, len) = (8192u64, 64 * 1024usize);
+    for &bad in Bad::ALL {
+        let mut cfg = ClientConfig::new(
+            NbdAddr::Tcp {
+                host: "127.0.0.1".into(),
+                port: srv.port(),
+            },
+            bad.name(),
+        );
+        cfg.connections = 1;
+        cfg.extended_headers = false;
+        let c = NbdStore::connect(cfg).await.unwrap();
+        assert_eq!(c.negotiated(), (false, true, false), "{bad:?}");
+        // What the buffer held before must never come back as the export's bytes.
+        let mut buf = vec![0xee; len];
+        let r = tokio::time::timeout(Duration::from_secs(30), c.read(off, &mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{bad:?}: the read hung"));
+        if bad == Bad::Good {
+            r.unwrap();
+            let want: Vec<u8> = (off..off + len as u64).map(byte_at).collect();
+            assert!(buf == want, "good: wrong bytes");
+        } else {
+            let e = r.expect_err(&format!("{bad:?} was accepted"));
+            if matches!(bad, Bad::NoData | Bad::HalfData) {
+                // The connection is fine; the reply was short: EIO for this request.
+                assert_eq!(e.errno(), 5, "{bad:?}: {}", e.chain());
+                assert!(
+                    format!("{}", e.chain()).contains("covered"),
+                    "{}",
+                    e.chain()
+                );
+            }
+        }
+    }
+}
+
+/// A store that holds every write until the gate opens, and counts the writes waiting.
+#[derive(Debug)]
+struct GatedWrites {
+    inner: DynStore,
+    gate: tokio::sync::watch::Receiver<bool>,
+}
+
+#[memsync_core::async_trait]
+impl Store for GatedWrites {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn caps(&self) -> memsync_core::Caps {
+        self.inner.caps()
+    }
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> memsync_core::Result<()> {
+        self.inner.read(offset, buf).await
+    }
+    async fn write(&self, offset: u64, data: Bytes) -> memsync_core::Result<()> {
+        let mut g = self.gate.clone();
+        let _ = g.wait_for(|open| *open).await;
+        self.inner.write(offset, data).await
+    }
+    async fn flush(&self) -> memsync_core::Result<()> {
+        self.inner.flush().await
+    }
+}
+
+fn one_conn(port: u16) -> ClientConfig {
+    let mut cfg = ClientConfig::new(
+        NbdAddr::Tcp {
+            host: "127.0.0.1".into(),
+            port,
+        },
+        "",
+    );
+    cfg.connections = 1;
+    cfg
+}
+
+/// WRITE payloads take their share of a global byte budget before they are read: however many
+/// writes several connections send while the store is stuck, the payload bytes the server
+/// holds never exceed the budget, and every byte lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_payloads_stay_within_the_global_budget() {
+    const PIECE: usize = 256 * 1024;
+    const BUDGET: usize = 4 * PIECE;
+    let mem = mem(32 << 20);
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let store: DynStore = Arc::new(GatedWrites {
+        inner: mem.clone(),
+        gate,
+    });
+    let mut cfg = ServerConfig::new(vec![Export::new("", store)]);
+    cfg.max_payload = PIECE as u32;
+    cfg.payload_budget = BUDGET;
+    cfg.max_in_flight = 64;
+    let s = start(cfg).await;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(Arc::new(NbdStore::connect(one_conn(s.port)).await.unwrap()));
+    }
+    let writers: Vec<_> = clients
+        .iter()
+        .enumerate()
+        .map(|(ci, c)| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let ws = (0..16).map(|i| {
+                    let n = ci * 16 + i;
+                    let c = c.clone();
+                    async move {
+                        c.write((n * PIECE) as u64, random(n as u64, PIECE).into())
+                            .await
+                    }
+                });
+                futures_util::future::try_join_all(ws).await.map(|_| ())
+            })
+        })
+        .collect();
+    // The store holds the first writes; wait until the budget is used up, then give the
+    // clients time to push more at the server.
+    for i in 0.. {
+        if s.server.stats().payload_bytes >= BUDGET {
+            break;
+        }
+        assert!(
+            i < 10_000,
+            "the budget never filled: {:?}",
+            s.server.stats()
+        );
+        assert!(
+            writers.iter().all(|w| !w.is_finished()),
+            "a writer ended early"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = s.server.stats();
+    assert!(held.payload_peak <= BUDGET, "{held:?}");
+    open.send(true).unwrap();
+    for w in writers {
+        tokio::time::timeout(LIMIT, w)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+    let st = s.server.stats();
+    assert!(st.payload_peak <= BUDGET, "{st:?}");
+    assert_eq!(st.payload_peak, BUDGET, "the budget was never full: {st:?}");
+    assert_eq!(st.payload_bytes, 0, "{st:?}");
+    for n in 0..64 {
+        let got = mem.read_bytes((n * PIECE) as u64, PIECE).await.unwrap();
+        assert!(got[..] == random(n as u64, PIECE)[..], "piece {n} differs");
+    }
+}
+
+/// A WRITE beyond the advertised maximum payload: up to the protocol's 32 MiB it is skipped
+/// and fails with EINVAL (the connection lives on); beyond that the connection is closed
+/// before anything is buffered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_writes_fail_or_disconnect() {
+    let store = mem(1 << 20);
+    let mut cfg = ServerConfig::new(vec![Export::new("", store.clone())]);
+    cfg.max_payload = 64 * 1024;
+    let s = start(cfg).await;
+    let mut a = raw_handshake(s.port, "", false).await;
+    let big = vec![7u8; 128 * 1024];
+    let r = raw_request(&mut a, CMD_WRITE, 0, 0, big.len() as u64, &big).await;
+    assert_eq!(
+        r,
+        ReplyHeader::Simple {
+            error: EINVAL,
+            cookie: 42
+        }
+    );
+    assert_eq!(store.read_bytes(0, 4).await.unwrap()[..], [0; 4]);
+    let r = raw_request(&mut a, CMD_WRITE, 0, 0, 4, b"abcd").await;
+    assert_eq!(
+        r,
+        ReplyHeader::Simple {
+            error: 0,
+            cookie: 42
+        }
+    );
+    // 64 MiB announced: the server hangs up instead of reading it.
+    let mut b = BytesMut::new();
+    encode_request(
+        &mut b,
+        &Request {
+            flags: 0,
+            typ: CMD_WRITE,
+            cookie: 43,
+            offset: 0,
+            len: 64 << 20,
+        },
+        false,
+    );
+    a.write_all(&b).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(LIMIT, a.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the connection should close");
+}
+
+/// A client that connects and then says nothing is disconnected when the handshake time is
+/// up, and its connection slot goes to the next client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_clients_are_disconnected_and_free_their_slot() {
+    let mut cfg = ServerConfig::new(vec![Export::new("", mem(1 << 20))]);
+    cfg.max_connections = 1;
+    cfg.handshake_timeout = Duration::from_millis(200);
+    let s = start(cfg).await;
+    for stage in ["after connecting", "after the client flags"] {
+        let mut silent = TcpStream::connect(("127.0.0.1", s.port)).await.unwrap();
+        let mut g = [0u8; 18];
+        silent.read_exact(&mut g).await.unwrap();
+        if stage == "after the client flags" {
+            silent
+                .write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
+                .await
+                .unwrap();
+        }
+        let mut b = [0u8; 16];
+        let n = tokio::time::timeout(LIMIT, silent.read(&mut b))
+            .await
+            .unwrap_or_else(|_| panic!("silent client {stage} still connected"))
+            .unwrap_or(0);
+        assert_eq!(n, 0, "{stage}");
+        wait_no_connections(&s.server).await;
+        // The one slot is free: a real client gets in and works.
+        let c = NbdStore::connect(one_conn(s.port)).await.unwrap();
+        c.write(0, Bytes::from_static(b"xy")).await.unwrap();
+        drop(c);
+        wait_no_connections(&s.server).await;
+    }
+}
+
+async fn wait_no_connections(server: &Server) {
+    for _ in 0..10_000 {
+        if server.stats().connections == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("connections never ended: {:?}", server.stats());
+}
+
+/// Dropping a server without `shutdown` stops its listeners: the port refuses connections
+/// and the unix socket it bound is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_server_stops_its_listeners() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let server = Server::new(ServerConfig::new(vec![Export::new("", mem(1 << 20))])).unwrap();
+    let url = server
+        .listen(&memsync_nbd::ListenAddr::parse("nbd://127.0.0.1:0").unwrap())
+        .await
+        .unwrap();
+    let port: u16 = url.rsplit_once(':').unwrap().1.parse().unwrap();
+    server
+        .listen(&memsync_nbd::ListenAddr::Unix(sock.clone()))
+        .await
+        .unwrap();
+    let _c = NbdStore::connect(one_conn(port)).await.unwrap();
+    drop(server);
+    let mut refused = false;
+    for _ in 0..2000 {
+        if TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        refused,
+        "still accepting on port {port} after the server was dropped"
+    );
+    assert!(!sock.exists(), "the unix socket is left behind");
+}
+
+/// Binding a unix socket replaces only a stale socket: a regular file or a socket somebody
+/// listens on is refused and left as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_sockets_replace_only_stale_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"precious").unwrap();
+    let e = memsync_nbd::bind_unix(&file).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+
+    let live = dir.path().join("live.sock");
+    let l = std::os::unix::net::UnixListener::bind(&live).unwrap();
+    let e = memsync_nbd::bind_unix(&live).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
+    let c = std::os::unix::net::UnixStream::connect(&live).unwrap();
+    l.accept().unwrap();
+    drop(c);
+
+    let stale = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let l = memsync_nbd::bind_unix(&stale).unwrap();
+    let c = tokio::net::UnixStream::connect(&stale).await.unwrap();
+    l.accept().await.unwrap();
+    drop(c);
+}

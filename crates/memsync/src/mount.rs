@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use memsync_cache::fuse::{FuseMount, FuseOptions};
 use memsync_cache::{Cache, CacheConfig, Opener, Reconnect};
 use memsync_core::size::parse_size;
-use memsync_core::{DynStore, Registry, StoreUrl};
+use memsync_core::{DynStore, Registry};
 
 use crate::cmd::Context;
 use memsync_core::size::parse_duration;
@@ -31,7 +31,8 @@ pub struct MountArgs {
     /// The file name inside the FUSE mount.
     #[arg(long, default_value = "data")]
     pub name: String,
-    /// Re-export the cache over NBD: nbd://HOST:PORT or nbd+unix:///?socket=PATH.
+    /// Re-export the cache over NBD: nbd://HOST[:PORT] (port 10809 by default) or
+    /// nbd+unix:///?socket=PATH (a file at PATH is replaced only if it is a stale socket).
     #[arg(long, value_name = "URL")]
     pub nbd: Option<String>,
     /// Chunk size, a power of two from 4K to 4M.
@@ -150,6 +151,12 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
         bail!("nothing to expose the mount with: give --fuse MOUNTPOINT and/or --nbd URL");
     }
     let chunk = cache_chunk("--chunk", &a.chunk)?;
+    // Checked before anything is opened: a bad --nbd fails at once.
+    let listen = a
+        .nbd
+        .as_deref()
+        .map(|u| memsync_nbd::ListenAddr::parse(u).with_context(|| format!("--nbd {u}")))
+        .transpose()?;
     let hints = a
         .hints
         .iter()
@@ -192,41 +199,14 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
             fuse = Some(m);
         }
         let mut server = None;
-        let mut unix_path = None;
-        if let Some(url) = &a.nbd {
+        if let Some(addr) = &listen {
             let cfg = memsync_nbd::ServerConfig::new(vec![memsync_nbd::Export::new(
                 "",
                 cache.clone() as DynStore,
             )]);
             let s = memsync_nbd::Server::new(cfg)?;
-            let u = StoreUrl::parse(url)?;
-            match u.scheme.as_str() {
-                "nbd" => {
-                    let addr = u
-                        .authority
-                        .clone()
-                        .filter(|a| !a.is_empty())
-                        .unwrap_or_else(|| "127.0.0.1:10809".into());
-                    let l = tokio::net::TcpListener::bind(&addr)
-                        .await
-                        .with_context(|| format!("listening on {addr}"))?;
-                    outln!("memsync: serving nbd://{}", l.local_addr()?);
-                    s.listen_tcp(l);
-                }
-                "nbd+unix" => {
-                    let p = PathBuf::from(
-                        u.param("socket")
-                            .context("--nbd nbd+unix needs ?socket=PATH")?,
-                    );
-                    let _ = std::fs::remove_file(&p);
-                    let l = tokio::net::UnixListener::bind(&p)
-                        .with_context(|| format!("listening on {}", p.display()))?;
-                    outln!("memsync: serving nbd+unix:///?socket={}", p.display());
-                    s.listen_unix(l);
-                    unix_path = Some(p);
-                }
-                other => bail!("--nbd {url}: scheme {other:?} is not nbd or nbd+unix"),
-            }
+            let url = s.listen(addr).await?;
+            outln!("memsync: serving {url}");
             server = Some(s);
         }
         {
@@ -272,9 +252,6 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
         }
         if let Some(s) = server.take() {
             s.shutdown().await.context("stopping the NBD server")?;
-        }
-        if let Some(p) = unix_path {
-            let _ = std::fs::remove_file(p);
         }
         let summary = close_cache(&cache).await?;
         eprintln!("memsync: stopped; {summary}");

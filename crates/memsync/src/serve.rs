@@ -5,8 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
-use memsync_core::StoreUrl;
-use memsync_nbd::{Export, Server, ServerConfig, TlsMode};
+use memsync_nbd::{Export, ListenAddr, Server, ServerConfig, TlsMode};
 
 use crate::cmd::Context;
 
@@ -15,8 +14,9 @@ pub struct ServeArgs {
     /// The store to export (the default export, named by --export NAME). May be omitted when
     /// every export is given as --export NAME=URL.
     pub store: Option<String>,
-    /// Where to listen: nbd://HOST:PORT or nbd+unix:///?socket=PATH (repeatable). Port 0 picks a
-    /// free port; the address served is printed on stdout.
+    /// Where to listen: nbd://HOST[:PORT] or nbd+unix:///?socket=PATH (repeatable). The port
+    /// defaults to 10809 and port 0 picks a free one; the address served is printed on stdout.
+    /// An existing file at PATH is replaced only if it is a socket nobody listens on.
     #[arg(long, default_value = "nbd://127.0.0.1:10809")]
     pub listen: Vec<String>,
     /// NAME: the export name of STORE (default: empty, the default export). NAME=URL: one more
@@ -44,39 +44,6 @@ pub struct ServeArgs {
     /// Requests in flight per connection.
     #[arg(long, default_value_t = 64)]
     pub max_in_flight: usize,
-}
-
-enum Listen {
-    Tcp(String),
-    Unix(PathBuf),
-}
-
-fn parse_listen(s: &str) -> Result<Listen> {
-    let u = StoreUrl::parse(s)?;
-    match u.scheme.as_str() {
-        "nbd" => {
-            let a = u.authority.clone().unwrap_or_default();
-            let a = if a.is_empty() {
-                "127.0.0.1:10809".to_owned()
-            } else {
-                a
-            };
-            let a = if a
-                .rsplit_once(':')
-                .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-            {
-                a
-            } else {
-                format!("{a}:10809")
-            };
-            Ok(Listen::Tcp(a))
-        }
-        "nbd+unix" => match u.param("socket") {
-            Some(p) if !p.is_empty() => Ok(Listen::Unix(PathBuf::from(p))),
-            _ => bail!("--listen {s}: nbd+unix needs ?socket=PATH"),
-        },
-        other => bail!("--listen {s}: scheme {other:?} is not nbd or nbd+unix"),
-    }
 }
 
 pub fn serve(ctx: &Context, a: ServeArgs) -> Result<()> {
@@ -121,34 +88,13 @@ pub fn serve(ctx: &Context, a: ServeArgs) -> Result<()> {
     let listens = a
         .listen
         .iter()
-        .map(|s| parse_listen(s))
+        .map(|s| ListenAddr::parse(s).with_context(|| format!("--listen {s}")))
         .collect::<Result<Vec<_>>>()?;
     ctx.rt.block_on(async move {
         let server = Server::new(cfg)?;
-        let mut unix_paths = Vec::new();
-        for l in listens {
-            match l {
-                Listen::Tcp(addr) => {
-                    let l = tokio::net::TcpListener::bind(&addr)
-                        .await
-                        .with_context(|| format!("listening on {addr}"))?;
-                    outln!("memsync: serving nbd://{}", l.local_addr()?);
-                    server.listen_tcp(l);
-                }
-                Listen::Unix(p) => {
-                    if std::fs::symlink_metadata(&p).is_ok_and(|m| {
-                        use std::os::unix::fs::FileTypeExt;
-                        m.file_type().is_socket()
-                    }) {
-                        let _ = std::fs::remove_file(&p);
-                    }
-                    let l = tokio::net::UnixListener::bind(&p)
-                        .with_context(|| format!("listening on {}", p.display()))?;
-                    outln!("memsync: serving nbd+unix:///?socket={}", p.display());
-                    server.listen_unix(l);
-                    unix_paths.push(p);
-                }
-            }
+        for l in &listens {
+            let url = server.listen(l).await?;
+            outln!("memsync: serving {url}");
         }
         let _ = std::io::stdout().flush();
         use tokio::signal::unix::{SignalKind, signal};
@@ -163,9 +109,6 @@ pub fn serve(ctx: &Context, a: ServeArgs) -> Result<()> {
             .shutdown()
             .await
             .context("flushing the exported stores")?;
-        for p in unix_paths {
-            let _ = std::fs::remove_file(p);
-        }
         eprintln!("memsync: stopped");
         anyhow::Ok(())
     })

@@ -1226,3 +1226,137 @@ fn sync_cut_by_killing_the_proxy_leaves_chunks_old_or_new_and_a_rerun_completes(
     assert_eq!(r["updated_chunks"], n_old, "{r}");
     assert_same("after the rerun", &std::fs::read(&dst).unwrap(), &new);
 }
+
+// ---------------------------------------------------------------- NBD peers and listeners
+
+/// `memsync checksum` of an NBD export whose server answers reads with no data (or too little,
+/// or overlapping chunks) fails instead of hashing whatever the buffer held.
+#[test]
+fn checksum_fails_on_nbd_servers_that_send_no_data() {
+    use memsync_testkit::nbd::{Bad, BrokenNbd};
+    let srv = BrokenNbd::start().unwrap();
+    let o = memsync(&["checksum", &srv.url(Bad::Good)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for bad in [
+        Bad::NoData,
+        Bad::HalfData,
+        Bad::Overlap,
+        Bad::SimpleToRead,
+        Bad::BlockStatusToRead,
+    ] {
+        let o = memsync(&["checksum", &srv.url(bad)]);
+        assert!(
+            !o.status.success(),
+            "checksum of {bad:?} succeeded: {}",
+            stdout(&o)
+        );
+        assert!(stderr(&o).starts_with("memsync: error:"), "{}", stderr(&o));
+    }
+}
+
+/// Runs `memsync ARGS` until it prints its first line on stdout (then it is left running, in
+/// the returned guard) or exits (then its stderr is the error).
+fn start_or_exit(args: &[&str]) -> Result<Serve, String> {
+    use std::io::{BufRead, Read};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_memsync"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run memsync");
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = std::io::BufReader::new(out).lines();
+        if let Some(Ok(l)) = lines.next() {
+            let _ = tx.send(l);
+        }
+        for _ in lines {}
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+        Ok(line) => Ok(Serve { child, uri: line }),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            let mut e = String::new();
+            child.stderr.take().unwrap().read_to_string(&mut e).unwrap();
+            let status = child.wait().unwrap();
+            assert!(!status.success(), "memsync {args:?} printed nothing: {e}");
+            Err(e)
+        }
+        Err(_) => {
+            let _ = child.kill();
+            panic!("memsync {args:?} neither printed nor exited");
+        }
+    }
+}
+
+/// `serve --listen` and `mount --nbd` on a unix socket path: a regular file there is refused
+/// and kept, so is a socket somebody listens on; a stale socket is replaced.
+#[test]
+fn nbd_unix_listeners_replace_only_stale_sockets() {
+    let dir = tempfile::tempdir().unwrap();
+    let cmds: [(&str, Vec<String>); 2] = [
+        (
+            "serve",
+            vec!["serve".into(), "mem:1M".into(), "--listen".into()],
+        ),
+        (
+            "mount",
+            vec![
+                "mount".into(),
+                "mem:1M".into(),
+                "--cache".into(),
+                dir.path().join("cache").display().to_string(),
+                "--nbd".into(),
+            ],
+        ),
+    ];
+    for (name, prefix) in &cmds {
+        let run = |path: &std::path::Path| {
+            let url = format!("nbd+unix:///?socket={}", path.display());
+            let mut args: Vec<&str> = prefix.iter().map(String::as_str).collect();
+            args.push(&url);
+            start_or_exit(&args)
+        };
+        let file = dir.path().join(format!("{name}-file"));
+        std::fs::write(&file, b"precious").unwrap();
+        let e = run(&file).err().expect("a regular file must be refused");
+        assert!(e.contains("not a socket"), "{name}: {e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"precious", "{name}");
+
+        let live = dir.path().join(format!("{name}-live.sock"));
+        let l = std::os::unix::net::UnixListener::bind(&live).unwrap();
+        let e = run(&live).err().expect("a live socket must be refused");
+        assert!(e.contains("a server is listening"), "{name}: {e}");
+        let c = std::os::unix::net::UnixStream::connect(&live).unwrap();
+        l.accept().unwrap();
+        drop(c);
+
+        let stale = dir.path().join(format!("{name}-stale.sock"));
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        let s = run(&stale).unwrap_or_else(|e| panic!("{name}: stale socket: {e}"));
+        assert!(s.uri.contains("nbd+unix://"), "{name}: {}", s.uri);
+        run_ok(
+            "nbdinfo",
+            &[&format!("nbd+unix:///?socket={}", stale.display())],
+        );
+    }
+}
+
+/// `mount --nbd nbd://HOST` without a port listens on 10809, like `serve` (an address of its
+/// own on loopback, so that nothing else here is on that port).
+#[test]
+fn mount_nbd_without_a_port_listens_on_10809() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let s = start_or_exit(&[
+        "mount",
+        "mem:1M",
+        "--cache",
+        cache.to_str().unwrap(),
+        "--nbd",
+        "nbd://127.0.0.3",
+    ])
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s.uri, "memsync: serving nbd://127.0.0.3:10809");
+    run_ok("nbdinfo", &["nbd://127.0.0.3:10809"]);
+}
