@@ -1081,6 +1081,8 @@ async fn client_refuses_malformed_read_replies() {
     use memsync_testkit::nbd::{Bad, BrokenNbd, byte_at};
     let srv = BrokenNbd::start().unwrap();
     let (off, len) = (8192u64, 64 * 1024usize);
+    // Every case runs, and the failures are reported together.
+    let mut wrong = Vec::new();
     for &bad in Bad::ALL {
         let mut cfg = ClientConfig::new(
             NbdAddr::Tcp {
@@ -1095,26 +1097,31 @@ async fn client_refuses_malformed_read_replies() {
         assert_eq!(c.negotiated(), (false, true, false), "{bad:?}");
         // What the buffer held before must never come back as the export's bytes.
         let mut buf = vec![0xee; len];
-        let r = tokio::time::timeout(Duration::from_secs(30), c.read(off, &mut buf))
-            .await
-            .unwrap_or_else(|_| panic!("{bad:?}: the read hung"));
-        if bad == Bad::Good {
-            r.unwrap();
-            let want: Vec<u8> = (off..off + len as u64).map(byte_at).collect();
-            assert!(buf == want, "good: wrong bytes");
-        } else {
-            let e = r.expect_err(&format!("{bad:?} was accepted"));
-            if matches!(bad, Bad::NoData | Bad::HalfData) {
-                // The connection is fine; the reply was short: EIO for this request.
-                assert_eq!(e.errno(), 5, "{bad:?}: {}", e.chain());
-                assert!(
-                    format!("{}", e.chain()).contains("covered"),
-                    "{}",
-                    e.chain()
-                );
+        let Ok(r) = tokio::time::timeout(Duration::from_secs(30), c.read(off, &mut buf)).await
+        else {
+            wrong.push(format!("{bad:?}: the read hung"));
+            continue;
+        };
+        match (bad, r) {
+            (Bad::Good, Ok(())) => {
+                let want: Vec<u8> = (off..off + len as u64).map(byte_at).collect();
+                if buf != want {
+                    wrong.push("Good: wrong bytes".into());
+                }
             }
+            (Bad::Good, Err(e)) => wrong.push(format!("Good: {}", e.chain())),
+            (_, Ok(())) => wrong.push(format!("{bad:?} was accepted")),
+            (Bad::NoData | Bad::HalfData, Err(e)) => {
+                // The connection is fine; the reply was short: EIO for this request.
+                let chain = format!("{}", e.chain());
+                if e.errno() != 5 || !chain.contains("covered") {
+                    wrong.push(format!("{bad:?}: {chain}"));
+                }
+            }
+            (_, Err(_)) => {}
         }
     }
+    assert!(wrong.is_empty(), "{wrong:#?}");
 }
 
 /// A store that holds every write until the gate opens, and counts the writes waiting.
