@@ -1113,7 +1113,7 @@ async fn client_refuses_malformed_read_replies() {
             (_, Ok(())) => wrong.push(format!("{bad:?} was accepted")),
             (Bad::NoData | Bad::HalfData, Err(e)) => {
                 // The connection is fine; the reply was short: EIO for this request.
-                let chain = format!("{}", e.chain());
+                let chain = e.chain().to_string();
                 if e.errno() != 5 || !chain.contains("covered") {
                     wrong.push(format!("{bad:?}: {chain}"));
                 }
