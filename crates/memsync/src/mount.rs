@@ -52,6 +52,22 @@ pub struct MountArgs {
     /// FUSE request threads.
     #[arg(long, default_value_t = 4)]
     pub threads: usize,
+    /// Let users other than the one mounting reach the FUSE mount (by default the kernel refuses
+    /// them all); what they may do is set by --mode.
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Permission bits of the FUSE file, in octal (owner: the mounting user), e.g. 0640; with
+    /// --allow-other, 0666 lets every user read and write the remote.
+    #[arg(long, default_value = "0600", value_parser = parse_mode)]
+    pub mode: u32,
+}
+
+/// Parse permission bits in octal (`0600`, `644`).
+fn parse_mode(s: &str) -> Result<u32> {
+    u32::from_str_radix(s.strip_prefix("0o").unwrap_or(s), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .with_context(|| format!("--mode {s:?}: permission bits in octal, 0 to 0777"))
 }
 
 /// Parse `START-END` or `START+LEN` (sizes with K/M/G suffixes).
@@ -80,7 +96,7 @@ pub async fn open_cache(
 ) -> Result<Arc<Cache>> {
     let (remote, demand) = remote_pair(registry, url)
         .await
-        .with_context(|| format!("cannot open {url}"))?;
+        .with_context(|| format!("cannot open {}", memsync_core::redact(url)))?;
     let cfg = CacheConfig {
         demand_remote: Some(demand as DynStore),
         ..cfg
@@ -173,6 +189,8 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
             let opts = FuseOptions {
                 name: a.name.clone(),
                 threads: a.threads.max(1),
+                allow_other: a.allow_other,
+                mode: a.mode,
                 ..FuseOptions::default()
             };
             let store: DynStore = cache.clone();
