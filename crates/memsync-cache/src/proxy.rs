@@ -259,10 +259,15 @@ async fn handle(sh: Arc<Shared>, client: TcpStream) {
     // Tear down: the other direction may be blocked reading from a peer that waits for us, so
     // stop it, and shut both sockets so that both peers see the end now. The sockets close when
     // the aborted tasks let go of them.
-    a.abort();
-    b.abort();
-    let _ = a.await;
-    let _ = b.await;
+    // (A finished JoinHandle must not be polled again.)
+    if !a_done {
+        a.abort();
+        let _ = a.await;
+    }
+    if !b_done {
+        b.abort();
+        let _ = b.await;
+    }
     for s in [&client, &up] {
         let _ = shutdown(&**s, Shutdown::Both);
     }
