@@ -48,7 +48,8 @@ const PARAMS: &[&str] = &[
 pub fn register(reg: &mut Registry) {
     let help = "redis://HOST[:PORT][/DB]?size=1G[&chunk=64K&prefix=memsync&conns=4&timeout=10s]  \
                 one Redis key per chunk (rediss:// for TLS; redis+cluster://H:P,H:P or \
-                &cluster=true for Redis Cluster)";
+                &cluster=true for Redis Cluster); PREFIX:meta records size and chunk \
+                (init=auto|adopt|force)";
     reg.register(
         "redis",
         help,

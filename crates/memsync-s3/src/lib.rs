@@ -63,7 +63,8 @@ pub fn register(reg: &mut Registry) {
     reg.register(
         "s3",
         "s3://BUCKET[/PREFIX]?size=1G[&endpoint=http://HOST:PORT&region=&chunk=1M&conns=32&create]  \
-         one S3 object per chunk; s3://BUCKET?object=KEY maps one existing object read-only",
+         one S3 object per chunk, PREFIX/.memsync-meta records size and chunk \
+         (init=auto|adopt|force); s3://BUCKET?object=KEY maps one existing object read-only",
         |u: StoreUrl| async move { open(&u).await },
     );
 }
