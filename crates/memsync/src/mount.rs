@@ -305,6 +305,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn modes_are_octal_permission_bits() {
+        assert_eq!(parse_mode("0600").unwrap(), 0o600);
+        assert_eq!(parse_mode("644").unwrap(), 0o644);
+        assert_eq!(parse_mode("0o666").unwrap(), 0o666);
+        for bad in ["", "0800", "01777", "rw", "-1"] {
+            assert!(parse_mode(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn ranges() {
         assert_eq!(parse_range("0+1M").unwrap(), 0..1 << 20);
         assert_eq!(parse_range("4K-8K").unwrap(), 4096..8192);

@@ -633,6 +633,13 @@ fn mount_fuse_durable_after_sigkill_and_restart_refetches_nothing() {
     std::fs::create_dir_all(&mnt).unwrap();
 
     let m = mount_proc(&remote, &cache, &mnt);
+    // The file is the mounting user's alone unless `--allow-other`/`--mode` say otherwise.
+    {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(&m.file).unwrap();
+        assert_eq!(md.mode() & 0o777, 0o600, "mode of the FUSE file");
+        assert_eq!(md.uid(), memsync_sys::euid(), "owner of the FUSE file");
+    }
     // Everything becomes local; then writes, fsync (= flush to the remote), SIGKILL at once.
     assert!(
         std::fs::read(&m.file).unwrap() == want,
