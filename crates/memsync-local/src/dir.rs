@@ -512,6 +512,10 @@ impl Store for DirStore {
         self.inner.size
     }
 
+    fn identity(&self) -> Option<StoreId> {
+        self.inner.id
+    }
+
     fn caps(&self) -> Caps {
         let cs = self.inner.chunk_size;
         let mut caps = Caps::basic();

@@ -389,6 +389,14 @@ async fn dir_reopen_checks_metadata() {
     let after = DirStore::open(&d, DirOptions::default()).unwrap();
     assert_eq!(after.chunk_size(), 4096);
     assert!(after.id().is_some() && after.id() != before);
+    // The identity shows through the layers the URL opener and the CLI add.
+    let s = registry()
+        .open(&format!("dir:{}", d.display()))
+        .await
+        .unwrap();
+    let s = memsync_core::layers::Stats::new(s);
+    assert_eq!(s.identity(), after.id());
+    assert_eq!(registry().open("mem:1M").await.unwrap().identity(), None);
     // A new store needs a size.
     let e = DirStore::open(tmp.path().join("new"), DirOptions::default()).unwrap_err();
     assert!(e.to_string().contains("give size="), "{e}");

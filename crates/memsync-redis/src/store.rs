@@ -224,6 +224,10 @@ impl Store for RedisStore {
         self.size
     }
 
+    fn identity(&self) -> Option<StoreId> {
+        self.id
+    }
+
     fn caps(&self) -> Caps {
         let mut c = Caps::basic();
         c.block_size = 1;

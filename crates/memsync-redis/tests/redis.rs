@@ -68,6 +68,7 @@ async fn metadata_is_recorded_and_checked() {
         (1 << 20, 64 << 10, Some(id))
     );
     assert!(s.read_bytes(0, 1 << 20).await.unwrap() == data);
+    assert_eq!(s.identity(), Some(id));
     drop(s);
     for (q, want) in [
         ("&chunk=256K", "not chunk=262144"),

@@ -288,7 +288,8 @@ pub async fn open(u: &StoreUrl) -> Result<DynStore> {
     let meta = open_meta(&client, &c, u.size_param("chunk")?)
         .await
         .map_err(|e| e.context(format!("s3 store {u} (object {meta_key})")))?;
-    let inner = S3ChunkStore::new(client, c.prefix.clone(), meta.chunk_size, meta.size);
+    let inner = S3ChunkStore::new(client, c.prefix.clone(), meta.chunk_size, meta.size)
+        .with_identity(meta.id);
     let store = Chunked::new(inner, c.chunk)
         .map_err(|e| u.error("query parameter \"chunk\"", e))?
         .with_max_concurrency(c.conns);
@@ -313,9 +314,11 @@ const PROBE_CHUNKS: u64 = 4;
 /// differ.
 async fn open_meta(client: &S3Client, c: &S3Config, chunk: Option<u64>) -> Result<StoreMeta> {
     let key = meta_key(&c.prefix);
-    // One byte over the limit: a longer object fails the read instead of being cut.
+    // A ranged read of one byte over the limit: a longer record is refused by the parser (a
+    // whole-object read into a short buffer would fail as a transport error and be retried).
     let mut buf = vec![0u8; MAX_META_LEN + 1];
-    let found = match client.get_into(&key, None, &mut buf).await? {
+    let range = Some((0, buf.len() as u64));
+    let found = match client.get_into(&key, range, &mut buf).await? {
         Some(n) => Some(StoreMeta::parse(&buf[..n])?),
         None => None,
     };

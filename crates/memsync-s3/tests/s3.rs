@@ -157,9 +157,10 @@ async fn metadata_is_recorded_and_checked() {
     let rec = memsync_core::StoreMeta::parse(&std::fs::read(&rec_path).unwrap()).unwrap();
     assert_eq!((rec.size, rec.chunk_size), (1 << 20, 64 << 10));
     assert!(rec.id.is_some());
-    // Reopened without size: the record decides.
+    // Reopened without size: the record decides; the identity shows through the layers.
     let s = r.open(&url(&srv, "meta/vm")).await.unwrap();
     assert_eq!(s.size(), 1 << 20);
+    assert_eq!(s.identity(), rec.id);
     assert!(s.read_bytes(0, 1 << 20).await.unwrap() == data);
     drop(s);
     for (q, want) in [
