@@ -186,6 +186,13 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
         eprintln!("memsync: {}", cache_state(&cache));
         let mut fuse: Option<FuseMount> = None;
         if let Some(mp) = &a.fuse {
+            if a.allow_other && a.mode & 0o077 == 0 {
+                eprintln!(
+                    "memsync: note: --allow-other with mode {:04o} still keeps other users out; \
+                     give --mode (e.g. 0660 or 0666) to let them in",
+                    a.mode
+                );
+            }
             let opts = FuseOptions {
                 name: a.name.clone(),
                 threads: a.threads.max(1),
