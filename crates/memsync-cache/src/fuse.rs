@@ -1,7 +1,11 @@
 //! A FUSE filesystem that exposes a store as one file, `MOUNTPOINT/NAME`.
 //!
-//! Any process can open, read, write and `mmap(MAP_SHARED)` the file, and punch holes in it or
-//! zero ranges of it with `fallocate(2)`. It is served in page-cache
+//! The file belongs to the user who mounts it, mode 0600, and by default only that user can reach
+//! the mount at all (the kernel refuses everyone else, root included): the file is a live view of
+//! the remote, so a write by anyone reaches it. [`FuseOptions::allow_other`] lets other users in,
+//! and [`FuseOptions::mode`] sets the permission bits the kernel then checks
+//! (`default_permissions`). Whoever may, can open, read, write and `mmap(MAP_SHARED)` the file,
+//! and punch holes in it or zero ranges of it with `fallocate(2)`. It is served in page-cache
 //! mode (not `direct_io`): reads fill the kernel page cache (kept across opens), writes through
 //! a shared mapping reach the store when the kernel writes the pages back (`msync`, `munmap`,
 //! `fsync`, or periodic writeback), and `fsync` on the file flushes the store (for a
@@ -39,6 +43,12 @@ pub struct FuseOptions {
     pub max_readahead: u32,
     /// Serve the file read-only.
     pub read_only: bool,
+    /// Let users other than the one mounting reach the mount (`allow_other`); what they may do
+    /// is then decided by [`FuseOptions::mode`]. Off by default.
+    pub allow_other: bool,
+    /// Permission bits of the file (owner: the mounting user), checked by the kernel. Write
+    /// bits are dropped for a read-only file.
+    pub mode: u32,
 }
 
 impl Default for FuseOptions {
@@ -48,6 +58,8 @@ impl Default for FuseOptions {
             threads: 4,
             max_readahead: 4 << 20,
             read_only: false,
+            allow_other: false,
+            mode: 0o600,
         }
     }
 }
@@ -59,6 +71,8 @@ struct Fs {
     size: u64,
     read_only: bool,
     max_readahead: u32,
+    mode: u32,
+    allow_other: bool,
     uid: u32,
     gid: u32,
     time: SystemTime,
@@ -90,9 +104,10 @@ impl Fs {
                 FileType::RegularFile
             },
             perm: match (dir, self.read_only) {
-                (true, _) => 0o755,
-                (false, true) => 0o444,
-                (false, false) => 0o666,
+                (true, _) if self.allow_other => 0o755,
+                (true, _) => 0o700,
+                (false, true) => (self.mode & 0o555) as u16,
+                (false, false) => self.mode as u16,
             },
             nlink: if dir { 2 } else { 1 },
             uid: self.uid,
@@ -380,6 +395,8 @@ pub fn mount(
         rt,
         name: opts.name.clone(),
         max_readahead: opts.max_readahead,
+        mode: opts.mode & 0o777,
+        allow_other: opts.allow_other,
         uid: rustix::process::geteuid().as_raw(),
         gid: rustix::process::getegid().as_raw(),
         time: SystemTime::now(),
@@ -391,11 +408,17 @@ pub fn mount(
         MountOption::NoDev,
         MountOption::NoSuid,
         MountOption::NoAtime,
+        // The kernel checks the mode, owner and group of the file for every access.
+        MountOption::DefaultPermissions,
     ];
     if fs.read_only {
         cfg.mount_options.push(MountOption::RO);
     }
-    cfg.acl = SessionACL::All;
+    cfg.acl = if opts.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
     cfg.n_threads = Some(opts.threads.max(1));
     cfg.clone_fd = true;
     let session = fuser::spawn_mount(fs, mountpoint, &cfg)?;

@@ -10,8 +10,8 @@
 //! - [`Reconnect`]: reopens a remote store after its connection fails, so that the cache's
 //!   retries can succeed once the remote is back.
 //! - [`proxy`]: a user-space TCP delay proxy (RTT, bandwidth cap, cuts) for tests and benchmarks.
-//! - [`fuse`]: the cache (or any store) as a file `MOUNTPOINT/NAME` that any process can open,
-//!   read, write and `mmap(MAP_SHARED)`.
+//! - [`fuse`]: the cache (or any store) as a file `MOUNTPOINT/NAME` that the mounting user's
+//!   processes (others only when allowed) can open, read, write and `mmap(MAP_SHARED)`.
 //!
 //! ```no_run
 //! use std::sync::Arc;

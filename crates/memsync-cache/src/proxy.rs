@@ -9,8 +9,16 @@
 //! at RTT 0 ran within 10% of a direct connection when run alone, and at 0.6× of it inside
 //! `memsync bench mount` (0.5× with the earlier copying proxy). Many pieces are in flight at once, so throughput is
 //! limited by the bandwidth (or the CPU), not by the delay: a window of W bytes in flight moves
-//! W bytes per RTT, as over a real long link. The queue is bounded per direction
-//! ([`ProxyConfig::max_buffer`]), like a socket buffer.
+//! W bytes per RTT, as over a real long link. The queue is bounded per direction, like a socket
+//! buffer, in bytes ([`ProxyConfig::max_buffer`]) and in pieces ([`ProxyConfig::max_pieces`]:
+//! each piece holds a pipe, two file descriptors, and a trickle of tiny messages would otherwise
+//! open pipes until the process runs out of descriptors).
+//!
+//! A connection ends cleanly when each side has closed its sending half (each half-close is
+//! passed on once the delay line has drained). When a side fails (a send into it fails, or a
+//! read from it fails with an error such as a reset), the whole connection is torn down at once:
+//! both sockets are shut down and closed, so the other peer sees the end instead of sending
+//! into a line that nobody drains.
 //!
 //! Controls for failure tests: [`Proxy::cut_all`] closes every connection; [`Proxy::set_blocked`]
 //! makes the link a black hole (queued and new data waits, new connections are closed at once)
@@ -45,6 +53,10 @@ pub struct ProxyConfig {
     pub bandwidth: Option<u64>,
     /// Bytes queued per direction of a connection before the proxy stops reading.
     pub max_buffer: usize,
+    /// Pieces (each a kernel pipe) queued per direction of a connection before the proxy stops
+    /// reading. A piece collects for at most 1/16 of the one-way delay, so 64 pieces cover the
+    /// delay line at full speed.
+    pub max_pieces: usize,
 }
 
 impl Default for ProxyConfig {
@@ -53,6 +65,7 @@ impl Default for ProxyConfig {
             rtt: Duration::ZERO,
             bandwidth: None,
             max_buffer: 128 << 20,
+            max_pieces: 64,
         }
     }
 }
@@ -78,6 +91,7 @@ struct Shared {
     /// 0 = unlimited.
     bandwidth: AtomicU64,
     max_buffer: usize,
+    max_pieces: usize,
     blocked: watch::Sender<bool>,
     cut: watch::Sender<u64>,
     link_free: [Mutex<Instant>; 2],
@@ -113,6 +127,7 @@ impl Proxy {
             rtt_ns: AtomicU64::new(cfg.rtt.as_nanos() as u64),
             bandwidth: AtomicU64::new(cfg.bandwidth.unwrap_or(0)),
             max_buffer: cfg.max_buffer.max(PIECE),
+            max_pieces: cfg.max_pieces.max(1),
             blocked: watch::channel(false).0,
             cut: watch::channel(0).0,
             link_free: [Mutex::new(now), Mutex::new(now)],
@@ -225,17 +240,47 @@ async fn handle(sh: Arc<Shared>, client: TcpStream) {
     sh.live.fetch_add(1, Relaxed);
     let _live = LiveGuard(sh.clone());
     let (client, up) = (Arc::new(client), Arc::new(up));
-    let a = tokio::spawn(pipe(sh.clone(), 0, client.clone(), up.clone()));
-    let b = tokio::spawn(pipe(sh.clone(), 1, up, client));
-    let (aa, ba) = (a.abort_handle(), b.abort_handle());
-    tokio::select! {
-        _ = async { let _ = a.await; let _ = b.await; } => {}
-        _ = cut.changed() => {
-            sh.cut_count.fetch_add(1, Relaxed);
-            aa.abort();
-            ba.abort();
+    let mut a = tokio::spawn(pipe(sh.clone(), 0, client.clone(), up.clone()));
+    let mut b = tokio::spawn(pipe(sh.clone(), 1, up.clone(), client.clone()));
+    let (mut a_done, mut b_done) = (false, false);
+    while !(a_done && b_done) {
+        let end = tokio::select! {
+            r = &mut a, if !a_done => { a_done = true; r.unwrap_or(End::Failed) }
+            r = &mut b, if !b_done => { b_done = true; r.unwrap_or(End::Failed) }
+            _ = cut.changed() => {
+                sh.cut_count.fetch_add(1, Relaxed);
+                End::Failed
+            }
+        };
+        if end == End::Failed {
+            break;
         }
     }
+    // Tear down: the other direction may be blocked reading from a peer that waits for us, so
+    // stop it, and shut both sockets so that both peers see the end now. The sockets close when
+    // the aborted tasks let go of them.
+    // (A finished JoinHandle must not be polled again.)
+    if !a_done {
+        a.abort();
+        let _ = a.await;
+    }
+    if !b_done {
+        b.abort();
+        let _ = b.await;
+    }
+    for s in [&client, &up] {
+        let _ = shutdown(&**s, Shutdown::Both);
+    }
+}
+
+/// How one direction of a connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    /// The source closed its sending half; everything queued was delivered and the half-close
+    /// passed on.
+    Eof,
+    /// A send or receive failed: the connection is dead.
+    Failed,
 }
 
 async fn wait_unblocked(sh: &Shared) {
@@ -315,11 +360,13 @@ fn coalesce_for(half: Duration) -> Duration {
 }
 
 /// One direction: a delay line from `src` to `dst`.
-async fn pipe(sh: Arc<Shared>, dir: usize, src: Arc<TcpStream>, dst: Arc<TcpStream>) {
+async fn pipe(sh: Arc<Shared>, dir: usize, src: Arc<TcpStream>, dst: Arc<TcpStream>) -> End {
     let budget = Arc::new(Semaphore::new(sh.max_buffer));
     let pool = Arc::new(Pool::default());
+    // The channel's bound caps the pipes of this direction: `max_pieces` queued, one being
+    // filled, one being sent.
     let (tx, mut rx) =
-        mpsc::unbounded_channel::<(Instant, Pipe, usize, tokio::sync::OwnedSemaphorePermit)>();
+        mpsc::channel::<(Instant, Pipe, usize, tokio::sync::OwnedSemaphorePermit)>(sh.max_pieces);
     let reader = {
         let sh = sh.clone();
         let budget = budget.clone();
@@ -327,15 +374,18 @@ async fn pipe(sh: Arc<Shared>, dir: usize, src: Arc<TcpStream>, dst: Arc<TcpStre
         async move {
             loop {
                 let Ok(permit) = budget.clone().acquire_many_owned(PIECE as u32).await else {
-                    return;
+                    return End::Failed;
                 };
-                let Ok(pipe) = pool.get() else {
-                    tracing::warn!("proxy: cannot create a pipe; closing the connection");
-                    return;
+                let pipe = match pool.get() {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!("proxy: cannot create a pipe ({e}); closing the connection");
+                        return End::Failed;
+                    }
                 };
                 let room = pipe.cap.min(PIECE);
                 let mut len = 0usize;
-                let mut eof = false;
+                let mut end = None;
                 // When the first bytes arrived, and the one-way delay then.
                 let mut first: Option<(Instant, Duration)> = None;
                 // Wait for the first bytes, then keep collecting for the coalescing interval.
@@ -345,7 +395,7 @@ async fn pipe(sh: Arc<Shared>, dir: usize, src: Arc<TcpStream>, dst: Arc<TcpStre
                 loop {
                     match splice_in(&src, &pipe, room - len) {
                         Ok(Some(0)) => {
-                            eof = true;
+                            end = Some(End::Eof);
                             break;
                         }
                         Ok(Some(n)) => {
@@ -361,7 +411,7 @@ async fn pipe(sh: Arc<Shared>, dir: usize, src: Arc<TcpStream>, dst: Arc<TcpStre
                         Ok(None) => match first {
                             None => {
                                 if src.readable().await.is_err() {
-                                    eof = true;
+                                    end = Some(End::Failed);
                                     break;
                                 }
                             }
@@ -374,7 +424,7 @@ async fn pipe(sh: Arc<Shared>, dir: usize, src: Arc<TcpStream>, dst: Arc<TcpStre
                             }
                         },
                         Err(_) => {
-                            eof = true;
+                            end = Some(End::Failed);
                             break;
                         }
                     }
@@ -398,12 +448,12 @@ async fn pipe(sh: Arc<Shared>, dir: usize, src: Arc<TcpStream>, dst: Arc<TcpStre
                     } else {
                         now + half
                     };
-                    if tx.send((due, pipe, len, permit)).is_err() {
-                        return;
+                    if tx.send((due, pipe, len, permit)).await.is_err() {
+                        return End::Failed;
                     }
                 }
-                if eof {
-                    return;
+                if let Some(end) = end {
+                    return end;
                 }
             }
         }
@@ -435,14 +485,14 @@ async fn pipe(sh: Arc<Shared>, dir: usize, src: Arc<TcpStream>, dst: Arc<TcpStre
                     .map_err(io::Error::from)
                 });
                 match r {
-                    Ok(0) => return,
+                    Ok(0) => return End::Failed,
                     Ok(n) => left -= n,
                     Err(e) if would_block(&e) => {
                         if dst.writable().await.is_err() {
-                            return;
+                            return End::Failed;
                         }
                     }
-                    Err(_) => return,
+                    Err(_) => return End::Failed,
                 }
             }
             sh.bytes[dir].fetch_add(len as u64, Relaxed);
@@ -450,6 +500,17 @@ async fn pipe(sh: Arc<Shared>, dir: usize, src: Arc<TcpStream>, dst: Arc<TcpStre
             drop(permit);
         }
         let _ = shutdown(&*dst, Shutdown::Write);
+        End::Eof
     };
-    tokio::join!(reader, writer);
+    tokio::pin!(reader, writer);
+    // A writer that fails must stop its reader too: otherwise the reader keeps taking the
+    // source's bytes until the budget runs out and then waits forever, and the source's peer
+    // never learns that its data goes nowhere.
+    tokio::select! {
+        w = &mut writer => w,
+        r = &mut reader => match r {
+            End::Eof => writer.await,
+            End::Failed => End::Failed,
+        },
+    }
 }

@@ -567,6 +567,17 @@ struct FuseFixture {
 }
 
 fn fuse_fixture(size: u64, seed: u64) -> FuseFixture {
+    fuse_fixture_with(
+        size,
+        seed,
+        memsync_cache::fuse::FuseOptions {
+            name: "disk".into(),
+            ..Default::default()
+        },
+    )
+}
+
+fn fuse_fixture_with(size: u64, seed: u64, opts: memsync_cache::fuse::FuseOptions) -> FuseFixture {
     assert!(
         Path::new("/dev/fuse").exists(),
         "/dev/fuse is needed (and root)"
@@ -584,16 +595,8 @@ fn fuse_fixture(size: u64, seed: u64) -> FuseFixture {
     let mut c = cfg(64 * 1024, true);
     c.push_interval = Duration::from_secs(3600);
     let cache = Arc::new(rt.block_on(Cache::open(remote, dir.path(), c)).unwrap());
-    let mount = memsync_cache::fuse::mount(
-        cache.clone(),
-        rt.handle().clone(),
-        mnt.path(),
-        memsync_cache::fuse::FuseOptions {
-            name: "disk".into(),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let mount =
+        memsync_cache::fuse::mount(cache.clone(), rt.handle().clone(), mnt.path(), opts).unwrap();
     FuseFixture {
         rt,
         mem,
@@ -664,6 +667,110 @@ fn fuse_mmap_integrity() {
     let via_file = std::fs::read(&file).unwrap();
     assert!(via_file == want, "read(2) of the FUSE file differs");
     fx.close();
+}
+
+/// The child of `fuse_mount_is_private_unless_opened_to_others`, run as nobody: tries to open
+/// the FUSE file for reading and for writing, and expects `MEMSYNC_FUSE_NOBODY_EXPECT`.
+#[test]
+fn fuse_as_nobody_child() {
+    let Ok(path) = std::env::var("MEMSYNC_FUSE_NOBODY_FILE") else {
+        return;
+    };
+    let expect = std::env::var("MEMSYNC_FUSE_NOBODY_EXPECT").unwrap();
+    assert_ne!(memsync_sys::euid(), 0, "the child must run unprivileged");
+    let r = std::fs::File::open(&path);
+    let w = std::fs::OpenOptions::new().write(true).open(&path);
+    match expect.as_str() {
+        "denied" => {
+            for (what, res) in [("read", r), ("write", w)] {
+                let e = res
+                    .err()
+                    .unwrap_or_else(|| panic!("nobody opened it for {what}"));
+                assert_eq!(
+                    e.kind(),
+                    std::io::ErrorKind::PermissionDenied,
+                    "{what}: {e}"
+                );
+            }
+        }
+        "allowed" => {
+            use std::os::unix::fs::FileExt;
+            let mut buf = [0u8; 16];
+            r.unwrap().read_exact_at(&mut buf, 0).unwrap();
+            let w = w.unwrap();
+            w.write_all_at(b"nobody was here", 0).unwrap();
+            w.sync_all().unwrap();
+        }
+        other => panic!("unknown expectation {other}"),
+    }
+    println!("nobody child ok: {expect}");
+}
+
+/// By default only the mounting user can reach the FUSE file: nobody can neither read nor write
+/// it (and so cannot reach the remote). `allow_other` alone lets others reach the mount but the
+/// file's mode 0600 still keeps them out; `allow_other` with mode 0666 lets them read and write.
+#[test]
+fn fuse_mount_is_private_unless_opened_to_others() {
+    const TEST: &str = "fuse_mount_is_private_unless_opened_to_others";
+    if memsync_sys::euid() != 0 {
+        return memsync_testkit::skip::skip(TEST, "mounting FUSE and switching users need root");
+    }
+    // The cargo target directory may not be traversable by nobody: run a copy.
+    let dir = memsync_testkit::child::TempDir::new("fuse-nobody");
+    let exe = dir.0.join("cache-test");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let seed = 91;
+    for (allow_other, mode, expect) in [
+        (false, None, "denied"),
+        (true, None, "denied"),
+        (true, Some(0o666), "allowed"),
+    ] {
+        let mut opts = memsync_cache::fuse::FuseOptions {
+            name: "disk".into(),
+            allow_other,
+            ..Default::default()
+        };
+        if let Some(m) = mode {
+            opts.mode = m;
+        }
+        let fx = fuse_fixture_with(1 << 20, seed, opts);
+        let file = fx.mount.file_path().to_path_buf();
+        // The owner (root, who mounted it) always can.
+        assert_eq!(std::fs::read(&file).unwrap().len(), 1 << 20);
+        let out = memsync_testkit::child::run_test_binary(
+            &exe,
+            "fuse_as_nobody_child",
+            Duration::from_secs(120),
+            |c| {
+                use std::os::unix::process::CommandExt;
+                c.uid(65534)
+                    .gid(65534)
+                    .current_dir(&dir.0)
+                    .env("TMPDIR", &dir.0)
+                    .env("MEMSYNC_FUSE_NOBODY_FILE", &file)
+                    .env("MEMSYNC_FUSE_NOBODY_EXPECT", expect);
+            },
+        );
+        let what = format!(
+            "allow_other={allow_other} mode={mode:?}: {}",
+            memsync_testkit::child::describe(&out)
+        );
+        assert!(out.status.success(), "{what}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(&format!("nobody child ok: {expect}")),
+            "{what}"
+        );
+        let head = fx.rt.block_on(fx.mem.read_bytes(0, 15)).unwrap();
+        let original = random_bytes(seed, 15);
+        if expect == "allowed" {
+            assert_eq!(&head[..], b"nobody was here", "{what}");
+        } else {
+            assert_eq!(&head[..], &original[..], "the remote changed: {what}");
+        }
+        fx.close();
+    }
 }
 
 /// Chunks the remote reports as zeros (NBD base:allocation holes) are made local without a
@@ -818,5 +925,146 @@ async fn proxy_delivers_every_byte_in_order() {
         .await;
         let st = proxy.stats();
         assert_eq!(st.up_bytes, st.down_bytes, "{st:?}");
+    }
+}
+
+/// When one side of a proxied connection dies, the other side sees the end: its sends fail
+/// instead of blocking forever on a delay line that nobody drains (the dead side's writer used
+/// to stop while its reader kept taking bytes until the budget ran out, then waited forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_a_dead_peer_ends_the_connection_for_the_other_side() {
+    for dead in ["upstream", "client"] {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up = l.local_addr().unwrap().to_string();
+        let cfg = ProxyConfig {
+            max_buffer: 1 << 20,
+            ..ProxyConfig::default()
+        };
+        let proxy = Proxy::start("127.0.0.1:0", &up, cfg).await.unwrap();
+        let client = tokio::net::TcpStream::connect(proxy.local_addr())
+            .await
+            .unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        let (victim, mut sender) = if dead == "upstream" {
+            (server, client)
+        } else {
+            (client, server)
+        };
+        drop(victim);
+        let block = vec![7u8; 64 << 10];
+        let what = format!("sending after the {dead} died");
+        let (sent, e) = bounded(&what, Duration::from_secs(60), async {
+            let mut sent = 0u64;
+            loop {
+                if let Err(e) = sender.write_all(&block).await {
+                    return (sent, e);
+                }
+                sent += block.len() as u64;
+            }
+        })
+        .await;
+        assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ),
+            "{what}: {e} after {sent} bytes"
+        );
+        bounded(
+            "the proxy lets go of the connection",
+            Duration::from_secs(60),
+            async {
+                while proxy.connections() > 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+        )
+        .await;
+    }
+}
+
+/// Pipes (two descriptors each) held by a connection's delay line stay bounded by
+/// `max_pieces`, even when a trickle of tiny messages meets a peer that does not read (each
+/// message used to become its own piece, so the proxy opened pipes until it ran out of
+/// descriptors); and once the peer reads, every byte arrives in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_pipes_per_connection_are_bounded() {
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+    /// Pipes open in this process (two descriptors each).
+    fn pipes() -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|p| p.to_string_lossy().starts_with("pipe:"))
+            .count()
+            / 2
+    }
+    const MAX_PIECES: usize = 8;
+    const FILL: usize = 16 << 20;
+    const MSGS: usize = 1000;
+    const MSG: usize = 100;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap().to_string();
+    let base = pipes();
+    let cfg = ProxyConfig {
+        max_pieces: MAX_PIECES,
+        ..ProxyConfig::default()
+    };
+    let proxy = Proxy::start("127.0.0.1:0", &up, cfg).await.unwrap();
+    let mut client = tokio::net::TcpStream::connect(proxy.local_addr())
+        .await
+        .unwrap();
+    let (mut server, _) = l.accept().await.unwrap();
+    let progress = Arc::new(AtomicUsize::new(0));
+    let p = progress.clone();
+    // The upstream reads nothing yet: the fill backs the line up, then each small message,
+    // sent alone, is a piece of its own.
+    let sender = tokio::spawn(async move {
+        client.write_all(&vec![1u8; FILL]).await.unwrap();
+        for i in 0..MSGS {
+            client.write_all(&[(i % 251) as u8; MSG]).await.unwrap();
+            p.store(i + 1, Relaxed);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        client.shutdown().await.unwrap();
+        client
+    });
+    // Watch until every message is out or the sender has been stuck for a while (the proxy
+    // stopped reading: the bound at work).
+    let mut most = 0;
+    let mut last = (usize::MAX, Instant::now());
+    loop {
+        most = most.max(pipes().saturating_sub(base));
+        let n = progress.load(Relaxed);
+        if n == MSGS {
+            break;
+        }
+        if n != last.0 {
+            last = (n, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // Per direction: MAX_PIECES queued, one filling, one sending.
+    let bound = 2 * (MAX_PIECES + 2);
+    assert!(
+        most <= bound,
+        "{most} pipes open for one connection (bound {bound}; {} messages sent)",
+        progress.load(Relaxed)
+    );
+    let mut got = Vec::new();
+    bounded("reading everything", Duration::from_secs(60), async {
+        server.read_to_end(&mut got).await.unwrap();
+    })
+    .await;
+    let _client = sender.await.unwrap();
+    assert_eq!(got.len(), FILL + MSGS * MSG);
+    assert!(got[..FILL].iter().all(|&b| b == 1));
+    for (i, m) in got[FILL..].chunks(MSG).enumerate() {
+        assert!(
+            m.iter().all(|&b| b == (i % 251) as u8),
+            "message {i} differs"
+        );
     }
 }

@@ -17,14 +17,16 @@
 
 pub mod error;
 pub mod layers;
+pub mod meta;
 pub mod range;
 pub mod size;
 pub mod store;
 pub mod url;
 
 pub use error::{Result, StoreError};
+pub use meta::{MetaInit, StoreId, StoreMeta};
 pub use store::{Caps, DynStore, Extent, ExtentKind, Store, StoreExt, check_range, check_write};
-pub use url::{Registry, StoreUrl};
+pub use url::{Registry, StoreUrl, redact};
 
 /// Re-exported so that store implementations use the same `async_trait` and `Bytes`.
 pub use async_trait::async_trait;

@@ -127,6 +127,13 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// What the store supports; see [`Caps`].
     fn caps(&self) -> Caps;
 
+    /// The identity recorded when the store was created ([`crate::StoreMeta`]), for stores that
+    /// keep one (`dir:`, Redis, S3); layers pass their store's on. Lets a user of the store (a
+    /// cache, a sync index) tell whether it is still the store it was set up for.
+    fn identity(&self) -> Option<crate::StoreId> {
+        None
+    }
+
     /// Fill `buf` with the bytes at `offset..offset + buf.len()`.
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
 
@@ -193,6 +200,9 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     }
     fn caps(&self) -> Caps {
         (**self).caps()
+    }
+    fn identity(&self) -> Option<crate::StoreId> {
+        (**self).identity()
     }
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         (**self).read(offset, buf).await

@@ -34,20 +34,140 @@ pub struct StoreUrl {
     pub params: Vec<(String, String)>,
 }
 
+/// Shown in place of a secret.
+pub const REDACTED: &str = "***";
+
+// Both print the URL with its secrets redacted (see [`redact`]): a URL ends up in logs, error
+// messages and metrics labels.
 impl fmt::Debug for StoreUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "StoreUrl({:?})", self.original)
+        write!(f, "StoreUrl({:?})", redact(&self.original))
     }
 }
 
 impl fmt::Display for StoreUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.original)
+        f.write_str(&redact(&self.original))
     }
 }
 
+/// Whether a query parameter named `name` carries a secret (`password=`, `secret_key=`,
+/// `session_token=`, `key=`, ...). Errs on the side of hiding.
+pub fn is_secret_param(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    [
+        "pass",
+        "secret",
+        "token",
+        "key",
+        "auth",
+        "credential",
+        "signature",
+    ]
+    .iter()
+    .any(|w| n.contains(w))
+}
+
+/// `user:password@host` with the password replaced (and a lone `user@` kept).
+fn redact_authority(a: &str) -> String {
+    match a.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:{REDACTED}@{host}"),
+            None => a.to_owned(),
+        },
+        None => a.to_owned(),
+    }
+}
+
+/// A URL with the password of its userinfo (`scheme://user:PASSWORD@host`) replaced, and the
+/// values of secret query parameters ([`is_secret_param`]) replaced, also in a URL nested in a
+/// parameter (`endpoint=http://user:pw@host`). Works on any string, parseable or not, and
+/// never panics (every cut is at an ASCII delimiter). Use it wherever a URL is shown or logged.
+pub fn redact(url: &str) -> String {
+    let (head, query) = match url.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (url, None),
+    };
+    let mut out = String::with_capacity(url.len());
+    match head.split_once("://") {
+        Some((scheme, rest)) => {
+            let (auth, path) = match rest.find('/') {
+                Some(i) => rest.split_at(i),
+                None => (rest, ""),
+            };
+            out.push_str(scheme);
+            out.push_str("://");
+            out.push_str(&redact_authority(auth));
+            out.push_str(path);
+        }
+        None => out.push_str(head),
+    }
+    if let Some(q) = query {
+        out.push('?');
+        for (i, pair) in q.split('&').enumerate() {
+            if i > 0 {
+                out.push('&');
+            }
+            match pair.split_once('=') {
+                Some((k, v)) => {
+                    let name = percent_decode_lossy(k);
+                    out.push_str(k);
+                    out.push('=');
+                    if is_secret_param(&name) {
+                        out.push_str(REDACTED);
+                    } else if v.contains("://") {
+                        out.push_str(&redact(v));
+                    } else if percent_decode_lossy(v).contains("://") {
+                        // An escaped nested URL: shown decoded, so that its password can go.
+                        out.push_str(&redact(&percent_decode_lossy(v)));
+                    } else {
+                        out.push_str(v);
+                    }
+                }
+                None => out.push_str(pair),
+            }
+        }
+    }
+    out
+}
+
+fn percent_decode_lossy(s: &str) -> String {
+    if !s.contains('%') {
+        return s.to_owned();
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b[i], hex) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+fn prefix_of(s: &str, max: usize) -> &str {
+    let end = (0..=max.min(s.len()))
+        .rev()
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(0);
+    &s[..end]
+}
+
 fn url_err(url: &str, part: &str, why: impl fmt::Display) -> StoreError {
-    StoreError::Config(format!("bad store URL {url:?}: {part}: {why}"))
+    StoreError::Config(format!("bad store URL {:?}: {part}: {why}", redact(url)))
 }
 
 fn percent_decode(url: &str, part: &str, s: &str) -> Result<String> {
@@ -79,7 +199,7 @@ impl StoreUrl {
     pub fn parse(s: &str) -> Result<Self> {
         if s.len() > MAX_URL_LEN {
             return Err(url_err(
-                &s[..64],
+                &format!("{}...", prefix_of(s, 64)),
                 "length",
                 format!("longer than {MAX_URL_LEN} bytes"),
             ));
@@ -127,7 +247,10 @@ impl StoreUrl {
             return Err(url_err(
                 s,
                 "host",
-                format!("{a:?} is not a valid host[:port]"),
+                format!(
+                    "{:?} is not a valid host[:port] (put credentials in parameters)",
+                    redact_authority(a)
+                ),
             ));
         }
         let path = percent_decode(s, "path", path)?;
@@ -364,6 +487,61 @@ mod tests {
         assert!(StoreUrl::parse(&"a:".repeat(3000)).is_err());
     }
 
+    #[test]
+    fn overlong_url_cut_inside_a_character_is_an_error() {
+        // The error quotes the first 64 bytes; here byte 64 falls inside 'é'.
+        for pad in [62, 63, 64] {
+            let s = format!("dir:{}é{}", "a".repeat(pad - 4), "b".repeat(MAX_URL_LEN));
+            let e = StoreUrl::parse(&s).unwrap_err().to_string();
+            assert!(e.contains("length") && e.len() < 300, "{e}");
+        }
+        let s = format!("x:{}", "€".repeat(MAX_URL_LEN));
+        assert!(StoreUrl::parse(&s).is_err());
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        for (url, want) in [
+            (
+                "redis://h:6379?size=1M&password=hunter2&prefix=p",
+                "redis://h:6379?size=1M&password=***&prefix=p",
+            ),
+            (
+                "s3://b/p?size=1M&access_key=AK&secret_key=S%2Fx&session_token=T",
+                "s3://b/p?size=1M&access_key=***&secret_key=***&session_token=***",
+            ),
+            ("redis://u:pw@h:1/0?x=1", "redis://u:***@h:1/0?x=1"),
+            ("redis://u@h", "redis://u@h"),
+            (
+                "s3://b?endpoint=http://u:pw@h:9000&size=1M",
+                "s3://b?endpoint=http://u:***@h:9000&size=1M",
+            ),
+            (
+                "s3://b?endpoint=http%3A%2F%2Fu%3Apw%40h&size=1M",
+                "s3://b?endpoint=http://u:***@h&size=1M",
+            ),
+            (
+                "rediss://h?key=/k.pem&PassWord=x",
+                "rediss://h?key=***&PassWord=***",
+            ),
+            ("mem:1G", "mem:1G"),
+            ("dir:/x?size=1G&chunk=64K", "dir:/x?size=1G&chunk=64K"),
+        ] {
+            assert_eq!(redact(url), want, "{url}");
+        }
+        let u = StoreUrl::parse("redis://h?size=1M&password=hunter2").unwrap();
+        assert!(!format!("{u} {u:?}").contains("hunter2"));
+        assert_eq!(u.param("password"), Some("hunter2"));
+        // Errors about a URL quote it redacted.
+        let e = StoreUrl::parse("redis://u:hunter2@h?password=hunter2&x=%zz").unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        let e = u.error("size", "bad").to_string();
+        assert!(!e.contains("hunter2"), "{e}");
+        let long = format!("redis://h?password=hunter2&p={}", "x".repeat(MAX_URL_LEN));
+        let e = StoreUrl::parse(&long).unwrap_err().to_string();
+        assert!(!e.contains("hunter"), "{e}");
+    }
+
     #[tokio::test]
     async fn unknown_scheme_lists_known() {
         let mut r = Registry::new();
@@ -381,6 +559,17 @@ mod tests {
         #[test]
         fn parse_never_panics(s in "\\PC{0,64}") {
             let _ = StoreUrl::parse(&s);
+        }
+
+        #[test]
+        fn redact_never_panics_nor_shows_a_secret(
+            s in "\\PC{0,40}",
+            secret in "[A-Za-z0-9]{12}",
+            name in "(password|secret_key|session_token|key)",
+        ) {
+            let _ = redact(&s);
+            let url = format!("redis://h?{name}={secret}&{s}");
+            prop_assert!(!redact(&url).contains(&secret));
         }
 
         #[test]

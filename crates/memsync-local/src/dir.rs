@@ -9,19 +9,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use memsync_core::size::format_size;
+use memsync_core::meta::{MAX_META_LEN, resolve};
 use memsync_core::{
-    Bytes, Caps, Extent, ExtentKind, Result, Store, StoreError, async_trait, check_range,
-    range::chunk_pieces,
+    Bytes, Caps, Extent, ExtentKind, MetaInit, Result, Store, StoreError, StoreId, StoreMeta,
+    async_trait, check_range, range::chunk_pieces,
 };
 use parking_lot::{Mutex, RwLock};
 
 use crate::mem::push_extent;
 use crate::util::{blocking, is_zero, usize_of};
 
-/// Name of the metadata file written when a directory store is created.
+/// Name of the metadata file ([`StoreMeta`]) written when a directory store is created.
 pub(crate) const META_FILE: &str = "memsync-dir.meta";
-const META_FORMAT: &str = "memsync-dir 1";
 /// Striped per-chunk locks: chunk `i` uses stripe `i % LOCK_STRIPES`.
 const LOCK_STRIPES: usize = 256;
 const MAX_CHUNK: u64 = 1 << 30;
@@ -40,6 +39,9 @@ pub struct DirOptions {
     pub chunk_size: Option<u64>,
     /// Most chunk files kept open at once (least recently used are closed first).
     pub max_open: usize,
+    /// What to do about the metadata file (create/verify, adopt chunk files without one, or
+    /// rewrite it).
+    pub init: MetaInit,
 }
 
 impl Default for DirOptions {
@@ -48,6 +50,7 @@ impl Default for DirOptions {
             size: None,
             chunk_size: None,
             max_open: DirStore::DEFAULT_MAX_OPEN,
+            init: MetaInit::Auto,
         }
     }
 }
@@ -72,14 +75,21 @@ impl DirOptions {
         self.max_open = max_open;
         self
     }
+
+    /// Set what to do about the metadata file.
+    pub fn init(mut self, init: MetaInit) -> Self {
+        self.init = init;
+        self
+    }
 }
 
 /// A store kept as one file per chunk in a directory (`dir:PATH?size=1G&chunk=64K`).
 ///
 /// Chunk `i` lives in a file named by `i` in 16 hex digits (`0000000000001a2f`). A missing file
 /// reads as zeros: files are created on the first non-zero write, and removed again by `trim`,
-/// `write_zeroes` and writes of an all-zero chunk. A metadata file (`memsync-dir.meta`) records the
-/// size and chunk size, and reopening with different values fails.
+/// `write_zeroes` and writes of an all-zero chunk. A metadata file (`memsync-dir.meta`, a
+/// [`StoreMeta`]) records the size, chunk size and an identity; reopening with different values
+/// fails unless [`DirOptions::init`] says to rewrite it.
 ///
 /// Any byte range works: a request is split at chunk boundaries and each piece is one
 /// `pread`/`pwrite` at its offset in the chunk file, so small requests cost one system call and
@@ -113,6 +123,7 @@ pub struct DirStore {
 }
 
 struct Inner {
+    id: Option<StoreId>,
     dir: PathBuf,
     size: u64,
     chunk_size: u64,
@@ -196,52 +207,6 @@ fn parse_chunk_name(name: &str) -> Option<u64> {
     }
 }
 
-struct Meta {
-    size: u64,
-    chunk_size: u64,
-}
-
-fn parse_meta(dir: &Path, text: &str) -> Result<Meta> {
-    let bad = |why: &str| {
-        StoreError::Config(format!(
-            "dir store {}: bad {META_FILE}: {why}",
-            dir.display()
-        ))
-    };
-    let mut format = None;
-    let mut size = None;
-    let mut chunk = None;
-    for line in text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-    {
-        let (k, v) = line
-            .split_once('=')
-            .ok_or_else(|| bad(&format!("line {line:?}")))?;
-        let num = || {
-            v.trim()
-                .parse::<u64>()
-                .map_err(|_| bad(&format!("{k} value {v:?}")))
-        };
-        match k.trim() {
-            "format" => format = Some(v.trim().to_owned()),
-            "size" => size = Some(num()?),
-            "chunk" => chunk = Some(num()?),
-            _ => {} // Later versions may add keys.
-        }
-    }
-    if format.as_deref() != Some(META_FORMAT) {
-        return Err(bad(&format!(
-            "format is {format:?}, expected {META_FORMAT:?}"
-        )));
-    }
-    match (size, chunk) {
-        (Some(size), Some(chunk_size)) => Ok(Meta { size, chunk_size }),
-        _ => Err(bad("size or chunk missing")),
-    }
-}
-
 impl DirStore {
     /// The default chunk size, 64 KiB.
     pub const DEFAULT_CHUNK_SIZE: u64 = 64 * 1024;
@@ -260,67 +225,67 @@ impl DirStore {
         }
         std::fs::create_dir_all(dir).map_err(|e| ioe("create directory", e))?;
         let meta_path = dir.join(META_FILE);
-        let (size, chunk_size) = match std::fs::read_to_string(&meta_path) {
-            Ok(text) => {
-                let meta = parse_meta(dir, &text)?;
-                if let Some(c) = opts.chunk_size.filter(|&c| c != meta.chunk_size) {
-                    return Err(cfg(format!(
-                        "was created with chunk={} ({}), not chunk={c} ({})",
-                        meta.chunk_size,
-                        format_size(meta.chunk_size),
-                        format_size(c)
-                    )));
+        let found =
+            match std::fs::File::open(&meta_path) {
+                Ok(f) => {
+                    use std::io::Read as _;
+                    let mut b = Vec::new();
+                    // One byte over the limit is enough to tell that it is too long.
+                    f.take(MAX_META_LEN as u64 + 1)
+                        .read_to_end(&mut b)
+                        .map_err(|e| ioe("read metadata", e))?;
+                    Some(StoreMeta::parse(&b).map_err(|e| {
+                        e.context(format!("dir store {}: {META_FILE}", dir.display()))
+                    })?)
                 }
-                if let Some(s) = opts.size.filter(|&s| s != meta.size) {
-                    return Err(cfg(format!(
-                        "was created with size={} ({}), not size={s} ({})",
-                        meta.size,
-                        format_size(meta.size),
-                        format_size(s)
-                    )));
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => return Err(ioe("read metadata", e)),
+            };
+        let has_chunks = found.is_none() && {
+            let entries = std::fs::read_dir(dir).map_err(|e| ioe("list directory", e))?;
+            let mut any = false;
+            for entry in entries {
+                let entry = entry.map_err(|e| ioe("list directory", e))?;
+                if entry
+                    .file_name()
+                    .to_str()
+                    .and_then(parse_chunk_name)
+                    .is_some()
+                {
+                    any = true;
+                    break;
                 }
-                (meta.size, meta.chunk_size)
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let size = opts.size.ok_or_else(|| {
-                    cfg(format!(
-                        "holds no store ({META_FILE} missing); give size= to create one"
-                    ))
-                })?;
-                let chunk_size = opts.chunk_size.unwrap_or(Self::DEFAULT_CHUNK_SIZE);
-                Self::validate(dir, chunk_size)?;
-                let entries = std::fs::read_dir(dir).map_err(|e| ioe("list directory", e))?;
-                for entry in entries {
-                    let entry = entry.map_err(|e| ioe("list directory", e))?;
-                    if entry
-                        .file_name()
-                        .to_str()
-                        .and_then(parse_chunk_name)
-                        .is_some()
-                    {
-                        return Err(cfg(format!(
-                            "holds chunk files but no {META_FILE}; refusing to guess its layout"
-                        )));
-                    }
-                }
-                let text = format!(
-                    "# memsync directory store: one file per chunk. Do not edit.\nformat={META_FORMAT}\nsize={size}\nchunk={chunk_size}\n"
-                );
-                let tmp = dir.join(format!("{META_FILE}.tmp"));
-                let mut f = File::create(&tmp).map_err(|e| ioe("write metadata", e))?;
-                f.write_all(text.as_bytes())
-                    .and_then(|()| f.sync_all())
-                    .and_then(|()| std::fs::rename(&tmp, &meta_path))
-                    .and_then(|()| File::open(dir)?.sync_all())
-                    .map_err(|e| ioe("write metadata", e))?;
-                tracing::debug!(dir = %dir.display(), size, chunk_size, "created dir store");
-                (size, chunk_size)
-            }
-            Err(e) => return Err(ioe("read metadata", e)),
+            any
         };
+        let r = resolve(
+            found,
+            has_chunks,
+            opts.size,
+            opts.chunk_size,
+            Self::DEFAULT_CHUNK_SIZE,
+            opts.init,
+        )
+        .map_err(|e| match e {
+            StoreError::Config(why) => cfg(format!("{why} ({META_FILE})")),
+            e => e,
+        })?;
+        let (size, chunk_size) = (r.meta.size, r.meta.chunk_size);
+        if r.write {
+            Self::validate(dir, chunk_size)?;
+            let tmp = dir.join(format!("{META_FILE}.tmp"));
+            let mut f = File::create(&tmp).map_err(|e| ioe("write metadata", e))?;
+            f.write_all(r.meta.encode().as_bytes())
+                .and_then(|()| f.sync_all())
+                .and_then(|()| std::fs::rename(&tmp, &meta_path))
+                .and_then(|()| File::open(dir)?.sync_all())
+                .map_err(|e| ioe("write metadata", e))?;
+            tracing::debug!(dir = %dir.display(), size, chunk_size, "wrote dir store metadata");
+        }
         Self::validate(dir, chunk_size)?;
         Ok(DirStore {
             inner: Arc::new(Inner {
+                id: r.meta.id,
                 dir: dir.to_owned(),
                 size,
                 chunk_size,
@@ -356,6 +321,12 @@ impl DirStore {
     /// The chunk size (also `caps().block_size`).
     pub fn chunk_size(&self) -> u64 {
         self.inner.chunk_size
+    }
+
+    /// The identity recorded when the store was created (none for a store created before
+    /// memsync recorded one).
+    pub fn id(&self) -> Option<StoreId> {
+        self.inner.id
     }
 
     /// Number of chunk files currently held open by the cache.
@@ -541,6 +512,10 @@ impl Store for DirStore {
         self.inner.size
     }
 
+    fn identity(&self) -> Option<StoreId> {
+        self.inner.id
+    }
+
     fn caps(&self) -> Caps {
         let cs = self.inner.chunk_size;
         let mut caps = Caps::basic();
@@ -658,19 +633,5 @@ mod tests {
         assert!(c.get(1).is_some() && c.get(3).is_some());
         c.remove(1);
         assert_eq!((c.map.len(), c.order.len()), (1, 1));
-    }
-
-    #[test]
-    fn meta_parsing() {
-        let d = Path::new("/x");
-        let m = parse_meta(
-            d,
-            "# c\nformat=memsync-dir 1\nsize=4096\nchunk=512\nfuture=1\n",
-        )
-        .unwrap();
-        assert_eq!((m.size, m.chunk_size), (4096, 512));
-        assert!(parse_meta(d, "format=memsync-dir 2\nsize=1\nchunk=1").is_err());
-        assert!(parse_meta(d, "format=memsync-dir 1\nsize=1").is_err());
-        assert!(parse_meta(d, "garbage").is_err());
     }
 }

@@ -11,8 +11,8 @@ use crate::{DirOptions, DirStore, FileOptions, FileStore, MemStore};
 ///
 /// - `mem:SIZE` or `mem:?size=SIZE`, optional `chunk=` (default 64K): [`MemStore`].
 /// - `file:PATH` or `file:///PATH`, optional `size=`, `create`, `readonly`: [`FileStore`].
-/// - `dir:PATH?size=SIZE`, optional `chunk=` (default 64K), `max_open=` (default 256):
-///   [`DirStore`], wrapped so that it accepts any byte range.
+/// - `dir:PATH?size=SIZE`, optional `chunk=` (default 64K), `max_open=` (default 256),
+///   `init=` ([`memsync_core::MetaInit`]): [`DirStore`].
 ///
 /// Every opener rejects unknown query parameters, and errors name the bad part of the URL.
 pub fn register(reg: &mut Registry) {
@@ -28,7 +28,8 @@ pub fn register(reg: &mut Registry) {
     );
     reg.register(
         "dir",
-        "dir:PATH?size=1G[&chunk=64K&max_open=256]  a directory with one file per chunk",
+        "dir:PATH?size=1G[&chunk=64K&max_open=256&init=auto|adopt|force]  a directory with one \
+         file per chunk",
         open_dir,
     );
 }
@@ -91,13 +92,14 @@ async fn open_file(url: StoreUrl) -> Result<DynStore> {
 }
 
 async fn open_dir(url: StoreUrl) -> Result<DynStore> {
-    url.ensure_params(&["size", "chunk", "max_open"])?;
+    url.ensure_params(&["size", "chunk", "max_open", "init"])?;
     let path = path_of(&url)?;
     let max_open = url.count_param("max_open", DirStore::DEFAULT_MAX_OPEN, 1 << 20)?;
     let opts = DirOptions {
         size: url.size_param("size")?,
         chunk_size: url.size_param("chunk")?,
         max_open,
+        init: memsync_core::MetaInit::from_url(&url)?,
     };
     Ok(Arc::new(DirStore::open(path, opts)?))
 }

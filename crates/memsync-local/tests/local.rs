@@ -367,7 +367,36 @@ async fn dir_reopen_checks_metadata() {
     std::fs::create_dir(&other).unwrap();
     std::fs::write(other.join("0000000000000000"), b"x").unwrap();
     let e = DirStore::open(&other, DirOptions::with_size(MIB)).unwrap_err();
-    assert!(e.to_string().contains("no memsync-dir.meta"), "{e}");
+    assert!(
+        e.to_string().contains("no store metadata") && e.to_string().contains("init=adopt"),
+        "{e}"
+    );
+    // ... unless adopted: then it gets a record, and the chunk reads back.
+    let s = DirStore::open(
+        &other,
+        DirOptions::with_size(MIB).init(memsync_core::MetaInit::Adopt),
+    )
+    .unwrap();
+    assert_eq!(s.read_bytes(0, 1).await.unwrap()[..], b"x"[..]);
+    assert!(s.id().is_some());
+    drop(s);
+    // init=force rewrites the record (a new identity) with the URL's geometry.
+    let before = DirStore::open(&d, DirOptions::default()).unwrap().id();
+    let url = format!("dir:{}?chunk=4K&init=force", d.display());
+    let s = registry().open(&url).await.unwrap();
+    assert_eq!(s.caps().preferred_io, 4096);
+    drop(s);
+    let after = DirStore::open(&d, DirOptions::default()).unwrap();
+    assert_eq!(after.chunk_size(), 4096);
+    assert!(after.id().is_some() && after.id() != before);
+    // The identity shows through the layers the URL opener and the CLI add.
+    let s = registry()
+        .open(&format!("dir:{}", d.display()))
+        .await
+        .unwrap();
+    let s = memsync_core::layers::Stats::new(s);
+    assert_eq!(s.identity(), after.id());
+    assert_eq!(registry().open("mem:1M").await.unwrap().identity(), None);
     // A new store needs a size.
     let e = DirStore::open(tmp.path().join("new"), DirOptions::default()).unwrap_err();
     assert!(e.to_string().contains("give size="), "{e}");

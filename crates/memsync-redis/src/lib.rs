@@ -11,7 +11,10 @@
 //! rediss+cluster://...                                     (Redis Cluster over TLS)
 //! ```
 //!
-//! Chunk `i` lives in the string key `PREFIX:i`; see [`RedisStore`] for the command mapping.
+//! Chunk `i` lives in the string key `PREFIX:i`; see [`RedisStore`] for the command mapping. The
+//! key `PREFIX:meta` records the size, chunk size and identity ([`memsync_core::StoreMeta`]):
+//! written when the store is created, checked on every open (`size=` may then be left out), and
+//! rewritten only with `init=force` (`init=adopt` records it for chunks written without one).
 //! `user=`/`password=` (or the environment variable `MEMSYNC_REDIS_PASSWORD`) authenticate.
 
 pub mod client;
@@ -23,7 +26,7 @@ mod store;
 use std::sync::Arc;
 use std::time::Duration;
 
-use memsync_core::{DynStore, Registry, Result, StoreError, StoreUrl};
+use memsync_core::{DynStore, MetaInit, Registry, Result, StoreError, StoreUrl};
 
 pub use client::{Client, ClientOpts};
 pub use conn::{ConnOpts, Tls};
@@ -38,14 +41,15 @@ pub const DEFAULT_PREFIX: &str = "memsync";
 
 const PARAMS: &[&str] = &[
     "size", "chunk", "prefix", "conns", "pipeline", "timeout", "user", "password", "cluster", "ca",
-    "cert", "key", "tls_name",
+    "cert", "key", "tls_name", "init",
 ];
 
 /// Register `redis`, `rediss`, `redis+cluster` and `rediss+cluster`.
 pub fn register(reg: &mut Registry) {
     let help = "redis://HOST[:PORT][/DB]?size=1G[&chunk=64K&prefix=memsync&conns=4&timeout=10s]  \
                 one Redis key per chunk (rediss:// for TLS; redis+cluster://H:P,H:P or \
-                &cluster=true for Redis Cluster)";
+                &cluster=true for Redis Cluster); PREFIX:meta records size and chunk \
+                (init=auto|adopt|force)";
     reg.register(
         "redis",
         help,
@@ -79,9 +83,12 @@ pub struct RedisConfig {
     pub cluster: bool,
     pub tls: bool,
     pub db: u32,
-    pub size: u64,
-    pub chunk: u64,
+    /// `None`: the recorded size.
+    pub size: Option<u64>,
+    /// `None`: the recorded chunk size, or [`DEFAULT_CHUNK`] for a new store.
+    pub chunk: Option<u64>,
     pub prefix: String,
+    pub init: MetaInit,
     pub conns: usize,
     pub pipeline: usize,
     pub timeout: Duration,
@@ -154,11 +161,11 @@ impl RedisConfig {
         if cluster && db != 0 {
             return Err(u.error("path", "Redis Cluster has only database 0"));
         }
-        let size = u
-            .size_param("size")?
-            .ok_or_else(|| u.error("query parameter \"size\"", "missing (e.g. size=1G)"))?;
-        let chunk = u.size_param("chunk")?.unwrap_or(DEFAULT_CHUNK);
-        if chunk == 0 || chunk > MAX_CHUNK {
+        let size = u.size_param("size")?;
+        let chunk = u.size_param("chunk")?;
+        if let Some(chunk) = chunk
+            && (chunk == 0 || chunk > MAX_CHUNK)
+        {
             return Err(u.error(
                 "query parameter \"chunk\"",
                 format!("{chunk} must be between 1 and {MAX_CHUNK} bytes"),
@@ -195,6 +202,7 @@ impl RedisConfig {
             size,
             chunk,
             prefix,
+            init: MetaInit::from_url(u)?,
             conns,
             pipeline,
             timeout,
@@ -276,13 +284,11 @@ pub async fn open(u: &StoreUrl) -> Result<RedisStore> {
     let client = Client::connect(c.seeds.clone(), opts)
         .await
         .map_err(|e| StoreError::backend_with(format!("cannot open {u}"), e))?;
-    Ok(RedisStore::new(
-        Arc::new(client),
-        c.prefix,
-        c.chunk,
-        c.size,
-        u.to_string(),
-    ))
+    let client = Arc::new(client);
+    let meta = store::open_meta(&client, &c)
+        .await
+        .map_err(|e| e.context(format!("redis store {u} (key {}:meta)", c.prefix)))?;
+    Ok(RedisStore::new(client, c.prefix, meta, u.to_string()))
 }
 
 /// The host part of `host:port` (brackets of IPv6 literals removed).
@@ -306,7 +312,7 @@ mod tests {
     fn urls() {
         let c = cfg("redis://127.0.0.1:7000/3?size=1G&chunk=1M&prefix=vm1").unwrap();
         assert_eq!(c.seeds, vec!["127.0.0.1:7000"]);
-        assert_eq!((c.db, c.size, c.chunk), (3, 1 << 30, 1 << 20));
+        assert_eq!((c.db, c.size, c.chunk), (3, Some(1 << 30), Some(1 << 20)));
         assert_eq!(c.prefix, "vm1");
         assert!(!c.cluster && !c.tls);
         let c = cfg("redis+cluster://a:1,b:2?size=1M").unwrap();
@@ -325,7 +331,8 @@ mod tests {
             ("redis://h:0?size=1M", "port"),
             ("redis://h:99999?size=1M", "port"),
             ("redis://h/x?size=1M", "path"),
-            ("redis://h", "size"),
+            ("redis://h?size=x", "size"),
+            ("redis://h?init=maybe", "init"),
             ("redis://h?size=1M&chunk=0", "chunk"),
             ("redis://h?size=1M&chunck=1", "chunck"),
             ("redis://a:1,b:2?size=1M", "host"),

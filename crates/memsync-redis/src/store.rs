@@ -4,13 +4,103 @@ use std::fmt;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use memsync_core::meta::resolve;
 use memsync_core::range::chunk_pieces;
 use memsync_core::{
-    Caps, Extent, ExtentKind, Result, Store, StoreError, async_trait, check_range, check_write,
+    Caps, Extent, ExtentKind, MetaInit, Result, Store, StoreError, StoreId, StoreMeta, async_trait,
+    check_range, check_write,
 };
 
+use crate::RedisConfig;
 use crate::client::{Client, ClientError, Cmd};
 use crate::resp::Value;
+
+/// How many of the first chunk keys are probed for data written without a metadata record.
+const PROBE_CHUNKS: u64 = 16;
+
+/// Read, check, and if needed write the store's metadata record `PREFIX:meta`.
+pub(crate) async fn open_meta(client: &Client, c: &RedisConfig) -> Result<StoreMeta> {
+    let key = format!("{}:meta", c.prefix);
+    let one = |cmd: Cmd| async move {
+        let mut v = client
+            .run(&[cmd])
+            .await
+            .map_err(|e| client_err("metadata", e))?;
+        match v.pop() {
+            Some(Value::Error(e)) => Err(StoreError::backend(format!(
+                "redis metadata command failed: {}",
+                String::from_utf8_lossy(&e)
+            ))),
+            Some(v) => Ok(v),
+            None => Err(StoreError::backend("redis: no reply to a metadata command")),
+        }
+    };
+    let get = || one(Cmd::keyed(&[b"GET", key.as_bytes()], key.as_bytes()));
+    let parse = |v: Value| match v {
+        Value::Nil => Ok(None),
+        Value::Bulk(b) => StoreMeta::parse(&b).map(Some),
+        other => Err(StoreError::backend(format!(
+            "redis: unexpected reply {other:?} to GET of the metadata"
+        ))),
+    };
+    let found = parse(get().await?)?;
+    let has_chunks = if found.is_none() && c.init == MetaInit::Auto {
+        let cmds: Vec<Cmd> = (0..PROBE_CHUNKS)
+            .map(|i| {
+                let k = format!("{}:{i}", c.prefix);
+                Cmd::keyed(&[b"EXISTS", k.as_bytes()], k.as_bytes())
+            })
+            .collect();
+        let vals = client
+            .run(&cmds)
+            .await
+            .map_err(|e| client_err("metadata", e))?;
+        vals.iter().any(|v| matches!(v, Value::Int(n) if *n > 0))
+    } else {
+        false
+    };
+    let r = resolve(
+        found,
+        has_chunks,
+        c.size,
+        c.chunk,
+        crate::DEFAULT_CHUNK,
+        c.init,
+    )?;
+    if r.meta.chunk_size == 0 || r.meta.chunk_size > crate::MAX_CHUNK {
+        return Err(StoreError::Config(format!(
+            "chunk={} must be between 1 and {} bytes",
+            r.meta.chunk_size,
+            crate::MAX_CHUNK
+        )));
+    }
+    if !r.write {
+        return Ok(r.meta);
+    }
+    let text = r.meta.encode();
+    let mut args: Vec<&[u8]> = vec![b"SET", key.as_bytes(), text.as_bytes()];
+    if c.init != MetaInit::Force {
+        // Two openers creating the same store at once: one record wins, the other verifies it.
+        args.push(b"NX");
+    }
+    match one(Cmd::keyed(&args, key.as_bytes())).await? {
+        Value::Nil => {
+            let m = parse(get().await?)?
+                .ok_or_else(|| StoreError::backend("redis: the metadata vanished while created"))?;
+            m.check(c.size, c.chunk)?;
+            Ok(m)
+        }
+        _ => {
+            tracing::debug!(
+                key,
+                size = r.meta.size,
+                chunk = r.meta.chunk_size,
+                "wrote redis store metadata"
+            );
+            Ok(r.meta)
+        }
+    }
+}
 
 /// A store keeping chunk `i` in the Redis string `PREFIX:i`.
 ///
@@ -28,6 +118,7 @@ pub struct RedisStore {
     prefix: String,
     chunk: u64,
     size: u64,
+    id: Option<StoreId>,
     desc: String,
 }
 
@@ -46,20 +137,20 @@ fn client_err(op: &str, e: ClientError) -> StoreError {
 }
 
 impl RedisStore {
-    pub(crate) fn new(
-        client: Arc<Client>,
-        prefix: String,
-        chunk: u64,
-        size: u64,
-        desc: String,
-    ) -> Self {
+    pub(crate) fn new(client: Arc<Client>, prefix: String, meta: StoreMeta, desc: String) -> Self {
         RedisStore {
             client,
             prefix,
-            chunk,
-            size,
+            chunk: meta.chunk_size,
+            size: meta.size,
+            id: meta.id,
             desc,
         }
+    }
+
+    /// The identity recorded in `PREFIX:meta` when the store was created.
+    pub fn id(&self) -> Option<StoreId> {
+        self.id
     }
 
     /// The Redis key of chunk `index`.
@@ -131,6 +222,10 @@ impl RedisStore {
 impl Store for RedisStore {
     fn size(&self) -> u64 {
         self.size
+    }
+
+    fn identity(&self) -> Option<StoreId> {
+        self.id
     }
 
     fn caps(&self) -> Caps {

@@ -36,6 +36,73 @@ async fn single_node_contract() {
     assert!(n.trim().parse::<u64>().unwrap() > 0, "{n}");
 }
 
+async fn open_err(url: &str) -> String {
+    match memsync_redis::open(&StoreUrl::parse(url).unwrap()).await {
+        Ok(_) => panic!("{url} opened"),
+        Err(e) => e.chain(),
+    }
+}
+
+/// The key `PREFIX:meta` records size, chunk size and identity at creation and is checked on
+/// every open: the same keys read with another chunk size used to come back scrambled, silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_is_recorded_and_checked() {
+    let Some(srv) = RedisServer::start() else {
+        return;
+    };
+    let base = format!("redis://127.0.0.1:{}?prefix=m", srv.port());
+    let data = memsync_testkit::random_bytes(5, 1 << 20);
+    let s = open(&format!("{base}&size=1M&chunk=64K")).await;
+    s.write(0, data.clone()).await.unwrap();
+    let id = s.id().expect("an identity");
+    drop(s);
+    let rec = srv.cli(&["get", "m:meta"]).unwrap();
+    assert!(
+        rec.contains("chunk=65536") && rec.contains(&format!("id={id}")),
+        "{rec}"
+    );
+    // Reopened without size or chunk: the record decides.
+    let s = open(&base).await;
+    assert_eq!(
+        (s.size(), s.chunk_size(), s.id()),
+        (1 << 20, 64 << 10, Some(id))
+    );
+    assert!(s.read_bytes(0, 1 << 20).await.unwrap() == data);
+    assert_eq!(s.identity(), Some(id));
+    drop(s);
+    for (q, want) in [
+        ("&chunk=256K", "not chunk=262144"),
+        ("&chunk=16K&size=1M", "not chunk=16384"),
+        ("&size=2M", "not size=2097152"),
+    ] {
+        let e = open_err(&format!("{base}{q}")).await;
+        assert!(e.contains(want) && e.contains("m:meta"), "{q}: {e}");
+    }
+    // Chunks without a record (written before memsync kept one): refused, unless adopted.
+    srv.cli(&["del", "m:meta"]).unwrap();
+    let e = open_err(&format!("{base}&size=1M&chunk=64K")).await;
+    assert!(e.contains("init=adopt"), "{e}");
+    let s = open(&format!("{base}&size=1M&chunk=64K&init=adopt")).await;
+    assert!(s.id().is_some() && s.id() != Some(id));
+    assert!(s.read_bytes(0, 1 << 20).await.unwrap() == data);
+    drop(s);
+    // init=force rewrites it; what the URL leaves out is kept.
+    let s = open(&format!("{base}&chunk=16K&init=force")).await;
+    assert_eq!((s.size(), s.chunk_size()), (1 << 20, 16 << 10));
+    drop(s);
+    assert_eq!(open(&base).await.chunk_size(), 16 << 10);
+    // A damaged record is an error, never a guess.
+    srv.cli(&["set", "m:meta", "garbage"]).unwrap();
+    let e = open_err(&base).await;
+    assert!(e.contains("bad store metadata"), "{e}");
+    srv.cli(&["set", "m:meta", &"#".repeat(5000)]).unwrap();
+    let e = open_err(&base).await;
+    assert!(e.contains("longer than"), "{e}");
+    // A new prefix with no size cannot be created.
+    let e = open_err(&format!("redis://127.0.0.1:{}?prefix=new", srv.port())).await;
+    assert!(e.contains("give size="), "{e}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_keys_read_zero_and_trim_deletes() {
     let Some(srv) = RedisServer::start() else {
@@ -122,7 +189,7 @@ async fn connection_loss_is_retried_then_reported() {
 async fn bad_urls_name_the_part() {
     let r = registry();
     for (url, part) in [
-        ("redis://127.0.0.1:1?chunk=4K", "size"),
+        ("redis://127.0.0.1:1?size=4Q", "size"),
         ("redis://127.0.0.1:notaport?size=1M", "port"),
         ("redis://127.0.0.1:6379?size=1M&bogus=1", "bogus"),
         ("rediss://127.0.0.1:6379?size=1M&ca=/nonexistent.pem", "ca"),

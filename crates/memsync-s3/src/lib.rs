@@ -8,6 +8,11 @@
 //! s3://BUCKET?object=KEY[&endpoint=...&chunk=8M]               one existing object, read-only
 //! ```
 //!
+//! A chunked store keeps its size, chunk size and identity ([`memsync_core::StoreMeta`]) in the
+//! object `PREFIX/.memsync-meta`: written when the store is created, checked on every open
+//! (`size=` may then be left out), rewritten only with `init=force` (`init=adopt` records it for
+//! chunks written without one).
+//!
 //! Credentials: `access_key=`/`secret_key=`/`session_token=` in the URL, else the environment
 //! variables `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`; with neither,
 //! requests are sent unsigned (anonymous). Region: `region=`, else `AWS_REGION` /
@@ -24,7 +29,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use memsync_core::layers::Chunked;
-use memsync_core::{DynStore, Registry, Result, StoreError, StoreUrl};
+use memsync_core::meta::{MAX_META_LEN, resolve};
+use memsync_core::{DynStore, MetaInit, Registry, Result, StoreError, StoreMeta, StoreUrl};
 
 pub use client::S3Client;
 pub use sigv4::Credentials;
@@ -49,6 +55,7 @@ const PARAMS: &[&str] = &[
     "access_key",
     "secret_key",
     "session_token",
+    "init",
 ];
 
 /// Register the `s3` scheme.
@@ -56,7 +63,8 @@ pub fn register(reg: &mut Registry) {
     reg.register(
         "s3",
         "s3://BUCKET[/PREFIX]?size=1G[&endpoint=http://HOST:PORT&region=&chunk=1M&conns=32&create]  \
-         one S3 object per chunk; s3://BUCKET?object=KEY maps one existing object read-only",
+         one S3 object per chunk, PREFIX/.memsync-meta records size and chunk \
+         (init=auto|adopt|force); s3://BUCKET?object=KEY maps one existing object read-only",
         |u: StoreUrl| async move { open(&u).await },
     );
 }
@@ -73,6 +81,7 @@ pub struct S3Config {
     pub conns: usize,
     pub timeout: Duration,
     pub create: bool,
+    pub init: MetaInit,
     pub object: Option<String>,
     pub creds: Option<Credentials>,
 }
@@ -135,9 +144,6 @@ impl S3Config {
             }
             (Some(_), None) if !prefix.is_empty() => {
                 return Err(u.error("path", "give the whole key in object=, not in the path"));
-            }
-            (None, None) => {
-                return Err(u.error("query parameter \"size\"", "missing (e.g. size=1G)"));
             }
             _ => {}
         }
@@ -205,6 +211,7 @@ impl S3Config {
             conns,
             timeout,
             create,
+            init: MetaInit::from_url(u)?,
             object,
             creds,
         })
@@ -277,12 +284,82 @@ pub async fn open(u: &StoreUrl) -> Result<DynStore> {
             .await
             .map_err(|e| e.context(format!("cannot open {u}")))?;
     }
-    let size = c.size.unwrap_or(0);
-    let inner = S3ChunkStore::new(client, c.prefix.clone(), c.chunk, size);
+    let meta_key = meta_key(&c.prefix);
+    let meta = open_meta(&client, &c, u.size_param("chunk")?)
+        .await
+        .map_err(|e| e.context(format!("s3 store {u} (object {meta_key})")))?;
+    let inner = S3ChunkStore::new(client, c.prefix.clone(), meta.chunk_size, meta.size)
+        .with_identity(meta.id);
     let store = Chunked::new(inner, c.chunk)
         .map_err(|e| u.error("query parameter \"chunk\"", e))?
         .with_max_concurrency(c.conns);
     Ok(Arc::new(store))
+}
+
+/// The object holding a chunked store's metadata record: `PREFIX/.memsync-meta`.
+pub fn meta_key(prefix: &str) -> String {
+    if prefix.is_empty() {
+        ".memsync-meta".into()
+    } else {
+        format!("{prefix}/.memsync-meta")
+    }
+}
+
+/// How many of the first chunk objects are probed for data written without a metadata record.
+const PROBE_CHUNKS: u64 = 4;
+
+/// Read, check, and if needed write the metadata record of a chunked store. S3 has no
+/// create-if-absent here, so two openers creating one store at the same moment could both write
+/// a record; the last one stays, and both have the same size and chunk unless their URLs
+/// differ.
+async fn open_meta(client: &S3Client, c: &S3Config, chunk: Option<u64>) -> Result<StoreMeta> {
+    let key = meta_key(&c.prefix);
+    // A ranged read of one byte over the limit: a longer record is refused by the parser (a
+    // whole-object read into a short buffer would fail as a transport error and be retried).
+    let mut buf = vec![0u8; MAX_META_LEN + 1];
+    let range = Some((0, buf.len() as u64));
+    let found = match client.get_into(&key, range, &mut buf).await? {
+        Some(n) => Some(StoreMeta::parse(&buf[..n])?),
+        None => None,
+    };
+    let has_chunks = if found.is_none() && c.init == MetaInit::Auto {
+        let chunk_key = |i: u64| {
+            if c.prefix.is_empty() {
+                i.to_string()
+            } else {
+                format!("{}/{i}", c.prefix)
+            }
+        };
+        let heads = (0..PROBE_CHUNKS).map(|i| {
+            let k = chunk_key(i);
+            async move { client.head(&k).await }
+        });
+        futures_util::future::try_join_all(heads)
+            .await?
+            .iter()
+            .any(Option::is_some)
+    } else {
+        false
+    };
+    let r = resolve(found, has_chunks, c.size, chunk, DEFAULT_CHUNK, c.init)?;
+    if r.meta.chunk_size == 0 || r.meta.chunk_size > 1 << 30 {
+        return Err(StoreError::Config(format!(
+            "chunk={} must be between 1 byte and 1 GiB",
+            r.meta.chunk_size
+        )));
+    }
+    if r.write {
+        client
+            .put(&key, bytes::Bytes::from(r.meta.encode()))
+            .await?;
+        tracing::debug!(
+            key,
+            size = r.meta.size,
+            chunk = r.meta.chunk_size,
+            "wrote S3 store metadata"
+        );
+    }
+    Ok(r.meta)
 }
 
 #[cfg(test)]
@@ -313,7 +390,7 @@ mod tests {
         for (url, part) in [
             ("s3://B?size=1M", "bucket"),
             ("s3://?size=1M", "bucket"),
-            ("s3://bkt", "size"),
+            ("s3://bkt?size=1M&init=yes", "init"),
             ("s3://bkt?size=1M&endpoint=ftp://x", "endpoint"),
             ("s3://bkt?size=1M&endpoint=http://x:0", "endpoint"),
             ("s3://bkt?size=1M&chunk=0", "chunk"),

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::future::try_join_all;
 use memsync_core::range::chunk_pieces;
-use memsync_core::{Caps, Result, Store, StoreError, async_trait, check_range, check_write};
+use memsync_core::{
+    Caps, Result, Store, StoreError, StoreId, async_trait, check_range, check_write,
+};
 
 use crate::client::S3Client;
 
@@ -19,6 +21,7 @@ pub struct S3ChunkStore {
     prefix: String,
     chunk: u64,
     size: u64,
+    id: Option<StoreId>,
 }
 
 impl fmt::Debug for S3ChunkStore {
@@ -39,7 +42,14 @@ impl S3ChunkStore {
             prefix,
             chunk,
             size,
+            id: None,
         }
+    }
+
+    /// The identity to report (the one in the store's metadata record).
+    pub fn with_identity(mut self, id: Option<StoreId>) -> Self {
+        self.id = id;
+        self
     }
 
     /// The object key of chunk `index`.
@@ -73,6 +83,10 @@ impl S3ChunkStore {
 impl Store for S3ChunkStore {
     fn size(&self) -> u64 {
         self.size
+    }
+
+    fn identity(&self) -> Option<StoreId> {
+        self.id
     }
 
     fn caps(&self) -> Caps {

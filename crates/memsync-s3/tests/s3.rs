@@ -130,13 +130,86 @@ async fn connection_loss_is_retried_then_reported() {
     assert_eq!(&s.read_bytes(0, 7).await.unwrap()[..], b"retried");
 }
 
+/// The object `PREFIX/.memsync-meta` records size, chunk size and identity at creation and is
+/// checked on every open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_is_recorded_and_checked() {
+    let Some(srv) = S3Server::start() else { return };
+    let r = registry();
+    let open_err = |u: String| {
+        let r = r.clone();
+        async move {
+            match r.open(&u).await {
+                Ok(_) => panic!("{u} opened"),
+                Err(e) => e.chain(),
+            }
+        }
+    };
+    let data = memsync_testkit::random_bytes(6, 1 << 20);
+    let s = r
+        .open(&url(&srv, "meta/vm?size=1M&chunk=64K&create"))
+        .await
+        .unwrap();
+    s.write(0, data.clone()).await.unwrap();
+    s.flush().await.unwrap();
+    drop(s);
+    let rec_path = srv.bucket_dir("meta").join("vm/.memsync-meta");
+    let rec = memsync_core::StoreMeta::parse(&std::fs::read(&rec_path).unwrap()).unwrap();
+    assert_eq!((rec.size, rec.chunk_size), (1 << 20, 64 << 10));
+    assert!(rec.id.is_some());
+    // Reopened without size: the record decides; the identity shows through the layers.
+    let s = r.open(&url(&srv, "meta/vm")).await.unwrap();
+    assert_eq!(s.size(), 1 << 20);
+    assert_eq!(s.identity(), rec.id);
+    assert!(s.read_bytes(0, 1 << 20).await.unwrap() == data);
+    drop(s);
+    for (q, want) in [
+        ("meta/vm?chunk=256K", "not chunk=262144"),
+        ("meta/vm?chunk=16K", "not chunk=16384"),
+        ("meta/vm?size=2M", "not size=2097152"),
+    ] {
+        let e = open_err(url(&srv, q)).await;
+        assert!(e.contains(want) && e.contains(".memsync-meta"), "{q}: {e}");
+    }
+    // Chunk objects without a record: refused, unless adopted.
+    let c = client(&url(&srv, "meta/vm?size=1M"));
+    c.delete("vm/.memsync-meta").await.unwrap();
+    let e = open_err(url(&srv, "meta/vm?size=1M&chunk=64K")).await;
+    assert!(e.contains("init=adopt"), "{e}");
+    let s = r
+        .open(&url(&srv, "meta/vm?size=1M&chunk=64K&init=adopt"))
+        .await
+        .unwrap();
+    assert!(s.read_bytes(0, 1 << 20).await.unwrap() == data);
+    drop(s);
+    let adopted = memsync_core::StoreMeta::parse(&std::fs::read(&rec_path).unwrap()).unwrap();
+    assert!(adopted.id.is_some() && adopted.id != rec.id);
+    // init=force rewrites it, keeping what the URL leaves out.
+    r.open(&url(&srv, "meta/vm?chunk=16K&init=force"))
+        .await
+        .unwrap();
+    let forced = memsync_core::StoreMeta::parse(&std::fs::read(&rec_path).unwrap()).unwrap();
+    assert_eq!((forced.size, forced.chunk_size), (1 << 20, 16 << 10));
+    // A damaged or oversized record is an error, never a guess.
+    c.put("vm/.memsync-meta", Bytes::from_static(b"garbage"))
+        .await
+        .unwrap();
+    let e = open_err(url(&srv, "meta/vm")).await;
+    assert!(e.contains("bad store metadata"), "{e}");
+    c.put("vm/.memsync-meta", Bytes::from(vec![b'#'; 5000]))
+        .await
+        .unwrap();
+    let e = open_err(url(&srv, "meta/vm")).await;
+    assert!(e.contains("longer than"), "{e}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_urls_and_credentials() {
     let Some(srv) = S3Server::start() else { return };
     let r = registry();
     for (u, part) in [
         ("s3://Bad_Bucket?size=1M".to_owned(), "bucket"),
-        ("s3://ok-bucket".to_owned(), "size"),
+        (url(&srv, "nosize?create"), "give size="),
         (
             "s3://ok-bucket?size=1M&endpoint=127.0.0.1:1".to_owned(),
             "endpoint",

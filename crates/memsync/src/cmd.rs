@@ -11,7 +11,7 @@ use futures_util::{StreamExt, stream};
 use indicatif::{ProgressBar, ProgressStyle};
 use memsync_core::layers::Stats;
 use memsync_core::size::{format_size, parse_size};
-use memsync_core::{DynStore, ExtentKind, Registry, Store};
+use memsync_core::{DynStore, ExtentKind, Registry, Store, redact};
 use parking_lot::Mutex;
 use rand::{RngCore, SeedableRng};
 
@@ -56,7 +56,7 @@ impl Context {
         let store = self
             .rt
             .block_on(self.registry.open(url))
-            .with_context(|| format!("cannot open {url}"))?;
+            .with_context(|| format!("cannot open {}", redact(url)))?;
         Ok(self.track(url, store))
     }
 
@@ -84,9 +84,10 @@ impl Context {
         };
         let mut text = String::new();
         for (url, stats) in self.opened.lock().iter() {
+            // A URL's password or keys must not end up in a metrics file.
             let label = format!(
                 "store=\"{}\"",
-                url.replace('\\', "\\\\").replace('"', "\\\"")
+                redact(url).replace('\\', "\\\\").replace('"', "\\\"")
             );
             text.push_str(&stats.render_prometheus("memsync_store", &label));
         }
@@ -117,7 +118,7 @@ pub struct InfoArgs {
 pub fn info(ctx: &Context, a: InfoArgs) -> Result<()> {
     let store = ctx.open(&a.store)?;
     let caps = store.caps();
-    outln!("store:        {}", a.store);
+    outln!("store:        {}", redact(&a.store));
     outln!(
         "size:         {} ({} bytes)",
         format_size(store.size()),
@@ -314,7 +315,7 @@ pub fn checksum(ctx: &Context, a: ChecksumArgs) -> Result<()> {
     let pb = progress(store.size(), "checksum");
     let h = ctx.rt.block_on(checksum_store(&store, &pb))?;
     pb.finish_and_clear();
-    outln!("{h}  {}", a.store);
+    outln!("{h}  {}", redact(&a.store));
     Ok(())
 }
 

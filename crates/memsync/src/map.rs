@@ -93,8 +93,8 @@ pub fn map(ctx: &Context, a: MapArgs) -> Result<()> {
         ..RegionConfig::default()
     };
     let t0 = Instant::now();
-    let region =
-        LazyRegion::new(store, cfg).with_context(|| format!("mapping {} lazily", a.store))?;
+    let region = LazyRegion::new(store, cfg)
+        .with_context(|| format!("mapping {} lazily", memsync_core::redact(&a.store)))?;
     let created = t0.elapsed();
     let len = region.len();
     let pb = ProgressBar::new(len as u64);
@@ -131,7 +131,7 @@ pub fn map(ctx: &Context, a: MapArgs) -> Result<()> {
     let _ = region.wait_pull(Duration::from_millis(10));
     let s = region.stats().snapshot();
     let p = region.progress();
-    outln!("{}  {}", hasher.finalize(), a.store);
+    outln!("{}  {}", hasher.finalize(), memsync_core::redact(&a.store));
     outln!(
         "mapped {} in chunks of {} ({}), created in {:.1} ms; touched and hashed in {:.3} s: {:.2} GB/s",
         format_size(len as u64),

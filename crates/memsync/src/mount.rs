@@ -53,6 +53,22 @@ pub struct MountArgs {
     /// FUSE request threads.
     #[arg(long, default_value_t = 4)]
     pub threads: usize,
+    /// Let users other than the one mounting reach the FUSE mount (by default the kernel refuses
+    /// them all); what they may do is set by --mode.
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Permission bits of the FUSE file, in octal (owner: the mounting user), e.g. 0640; with
+    /// --allow-other, 0666 lets every user read and write the remote.
+    #[arg(long, default_value = "0600", value_parser = parse_mode)]
+    pub mode: u32,
+}
+
+/// Parse permission bits in octal (`0600`, `644`).
+fn parse_mode(s: &str) -> Result<u32> {
+    u32::from_str_radix(s.strip_prefix("0o").unwrap_or(s), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .with_context(|| format!("--mode {s:?}: permission bits in octal, 0 to 0777"))
 }
 
 /// Parse `START-END` or `START+LEN` (sizes with K/M/G suffixes).
@@ -81,7 +97,7 @@ pub async fn open_cache(
 ) -> Result<Arc<Cache>> {
     let (remote, demand) = remote_pair(registry, url)
         .await
-        .with_context(|| format!("cannot open {url}"))?;
+        .with_context(|| format!("cannot open {}", memsync_core::redact(url)))?;
     let cfg = CacheConfig {
         demand_remote: Some(demand as DynStore),
         ..cfg
@@ -177,9 +193,18 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
         eprintln!("memsync: {}", cache_state(&cache));
         let mut fuse: Option<FuseMount> = None;
         if let Some(mp) = &a.fuse {
+            if a.allow_other && a.mode & 0o077 == 0 {
+                eprintln!(
+                    "memsync: note: --allow-other with mode {:04o} still keeps other users out; \
+                     give --mode (e.g. 0660 or 0666) to let them in",
+                    a.mode
+                );
+            }
             let opts = FuseOptions {
                 name: a.name.clone(),
                 threads: a.threads.max(1),
+                allow_other: a.allow_other,
+                mode: a.mode,
                 ..FuseOptions::default()
             };
             let store: DynStore = cache.clone();
@@ -262,6 +287,16 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn modes_are_octal_permission_bits() {
+        assert_eq!(parse_mode("0600").unwrap(), 0o600);
+        assert_eq!(parse_mode("644").unwrap(), 0o644);
+        assert_eq!(parse_mode("0o666").unwrap(), 0o666);
+        for bad in ["", "0800", "01777", "rw", "-1"] {
+            assert!(parse_mode(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn ranges() {

@@ -198,7 +198,7 @@ pub fn sync(ctx: &Context, a: SyncArgs) -> Result<()> {
                 let addr = PeerAddr::parse(dst_url)?;
                 RemoteDest::connect(&addr, src.size(), a.chunk, true)
                     .await
-                    .with_context(|| format!("connecting to {dst_url}"))?
+                    .with_context(|| format!("connecting to {}", memsync_core::redact(dst_url)))?
             }
             Some(dst) => Arc::new(LocalDest::new(dst, a.chunk, index(dst_url).as_deref())?),
         };
@@ -280,7 +280,11 @@ fn listen(ctx: &Context, a: SyncArgs) -> Result<()> {
         let l = tokio::net::TcpListener::bind(&addr)
             .await
             .with_context(|| format!("listening on {addr}"))?;
-        outln!("memsync: sync peer for {store_url} on {}", l.local_addr()?);
+        outln!(
+            "memsync: sync peer for {} on {}",
+            memsync_core::redact(store_url),
+            l.local_addr()?
+        );
         let _ = std::io::stdout().flush();
         use tokio::signal::unix::{SignalKind, signal};
         let mut int = signal(SignalKind::interrupt())?;

@@ -116,6 +116,97 @@ fn copy_file_to_dir_and_checksums_match() {
     assert!(stdout(&info).contains("hole"), "{}", stdout(&info));
 }
 
+/// The same Redis keys (default prefix) read back with another chunk size used to give a
+/// different checksum each time, all with exit 0. Now the store records its geometry: a
+/// mismatch fails and says what it was created with, and the right one (or none) reads back.
+#[test]
+fn redis_store_read_with_another_chunk_size_fails_clearly() {
+    let Some(srv) = memsync_testkit::servers::RedisServer::start() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src.img");
+    let size = 1 << 20;
+    let data = random(61, size);
+    std::fs::write(&src, &data).unwrap();
+    let url = |q: &str| format!("redis://127.0.0.1:{}?{q}", srv.port());
+    let o = memsync(&[
+        "copy",
+        &format!("file:{}", src.display()),
+        &url(&format!("size={size}&chunk=64K")),
+    ]);
+    assert!(o.status.success(), "copy: {}", stderr(&o));
+    let want = blake3::hash(&data).to_hex().to_string();
+    for chunk in ["256K", "16K"] {
+        let o = memsync(&["checksum", &url(&format!("size={size}&chunk={chunk}"))]);
+        assert!(
+            !o.status.success(),
+            "chunk={chunk} read the 64K store: {}",
+            stdout(&o)
+        );
+        let e = stderr(&o);
+        assert!(
+            e.contains("was created with chunk=65536") && e.contains("memsync:meta"),
+            "chunk={chunk}: {e}"
+        );
+    }
+    for q in [format!("size={size}&chunk=64K"), String::new()] {
+        let o = memsync(&["checksum", &url(&q)]);
+        assert!(o.status.success(), "{q}: {}", stderr(&o));
+        assert_eq!(stdout(&o).split_whitespace().next().unwrap(), want, "{q}");
+    }
+}
+
+/// Passwords and secret keys in a store URL appear neither in error messages nor in the
+/// `--metrics` file nor in what a command prints.
+#[test]
+fn secrets_in_store_urls_are_redacted() {
+    use memsync_testkit::servers::{S3_ACCESS_KEY, S3_SECRET_KEY, S3Server};
+    let tmp = tempfile::tempdir().unwrap();
+    // An error (nothing listens on port 1).
+    let secret = "hunter2-redis-password";
+    let o = memsync(&[
+        "info",
+        &format!("redis://127.0.0.1:1?size=1M&timeout=300ms&password={secret}"),
+    ]);
+    assert!(!o.status.success());
+    let all = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(all.contains("cannot open"), "{all}");
+    assert!(!all.contains(secret), "the password leaked: {all}");
+    // A malformed URL's error quotes it redacted too.
+    let o = memsync(&["info", &format!("redis://h?password={secret}&size=1Q")]);
+    let all = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(!o.status.success() && all.contains("size"), "{all}");
+    assert!(!all.contains(secret), "the password leaked: {all}");
+    // A working S3 store: the metrics, the output and the logs keep its secret key out.
+    let Some(srv) = S3Server::start() else { return };
+    let url = format!(
+        "s3://redact/vm?size=1M&create&endpoint={}&access_key={S3_ACCESS_KEY}&secret_key={S3_SECRET_KEY}",
+        srv.endpoint()
+    );
+    let metrics = tmp.path().join("m.prom");
+    let o = memsync(&[
+        "-vv",
+        "--metrics",
+        metrics.to_str().unwrap(),
+        "checksum",
+        &url,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let prom = std::fs::read_to_string(&metrics).unwrap();
+    assert!(prom.contains("s3://redact/vm"), "{prom}");
+    for (what, text) in [
+        ("metrics", prom),
+        ("stdout", stdout(&o)),
+        ("stderr", stderr(&o)),
+    ] {
+        assert!(
+            !text.contains(S3_SECRET_KEY),
+            "the secret key leaked into {what}: {text}"
+        );
+    }
+}
+
 #[test]
 fn copy_refuses_smaller_destination() {
     let o = memsync(&["copy", "mem:2M", "mem:1M"]);
@@ -542,6 +633,13 @@ fn mount_fuse_durable_after_sigkill_and_restart_refetches_nothing() {
     std::fs::create_dir_all(&mnt).unwrap();
 
     let m = mount_proc(&remote, &cache, &mnt);
+    // The file is the mounting user's alone unless `--allow-other`/`--mode` say otherwise.
+    {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(&m.file).unwrap();
+        assert_eq!(md.mode() & 0o777, 0o600, "mode of the FUSE file");
+        assert_eq!(md.uid(), memsync_sys::euid(), "owner of the FUSE file");
+    }
     // Everything becomes local; then writes, fsync (= flush to the remote), SIGKILL at once.
     assert!(
         std::fs::read(&m.file).unwrap() == want,

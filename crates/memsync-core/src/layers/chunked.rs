@@ -376,6 +376,10 @@ impl<S: Store> Store for Chunked<S> {
     /// Byte-addressable; `preferred_io` is the chunk size and `max_io` one full round of
     /// concurrent chunk requests. Read-only, trim, fast-zero, extents, flush and multi-conn are
     /// the inner store's.
+    fn identity(&self) -> Option<crate::StoreId> {
+        self.inner.identity()
+    }
+
     fn caps(&self) -> Caps {
         let inner = self.inner.caps();
         Caps {

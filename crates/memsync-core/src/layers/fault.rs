@@ -538,6 +538,10 @@ impl<S: Store> Store for Fault<S> {
         self.inner.caps()
     }
 
+    fn identity(&self) -> Option<crate::StoreId> {
+        self.inner.identity()
+    }
+
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.control
             .before(OpKind::Read, Some((offset, buf.len() as u64)))

@@ -677,6 +677,10 @@ impl<S: Store> Store for Stats<S> {
         self.inner.caps()
     }
 
+    fn identity(&self) -> Option<crate::StoreId> {
+        self.inner.identity()
+    }
+
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let len = buf.len() as u64;
         let t = self.handle.start(OpKind::Read);
