@@ -425,6 +425,16 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// The meta file is outside bytes: any content parses to a value or an error.
+        #[test]
+        fn meta_parse_never_panics(s in "(memsync-cache 2\n)?((size|chunk|region|remote) [0-9a-z:/-]{0,24}\n){0,6}.{0,16}") {
+            if let Ok(id) = DirIdentity::parse(&s) {
+                proptest::prop_assert!(id.chunk > 0 && id.region % id.chunk == 0);
+            }
+        }
+    }
+
     #[test]
     fn reopen_checks_the_identity_and_reinit_checks_dirty_chunks() {
         let d = tempfile::tempdir().unwrap();
