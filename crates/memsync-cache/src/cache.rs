@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::config::CacheConfig;
-use crate::map::{MAP_DIRTY, MAP_PRESENT, MapFile, open_dir};
+use crate::map::{DirIdentity, IntentFile, MAP_DIRTY, MAP_PRESENT, MapFile, open_dir};
 use crate::stats::{CacheStats, CacheStatsSnapshot};
 use crate::window::{Window, WindowLimits};
 
@@ -25,6 +25,16 @@ const FETCHING: u8 = 1;
 const LOCAL: u8 = 2;
 const DIRTY: u8 = 3;
 const PUSHING: u8 = 4;
+
+// Write-intent states of a region (see `Inner::ensure_intent`).
+/// Not recorded in the intent file.
+const I_NONE: u8 = 0;
+/// A writer waits for it to be recorded.
+const I_WANT: u8 = 1;
+/// Durable in the intent file.
+const I_SET: u8 = 2;
+/// A checkpoint is deciding whether to clear it (writers take the slow path meanwhile).
+const I_CLEARING: u8 = 3;
 
 const SHARDS: usize = 64;
 const NO_CHUNK: u64 = u64::MAX;
@@ -100,6 +110,18 @@ pub(crate) struct Inner {
     pull_wake: Notify,
     push_wake: Notify,
     map: Arc<MapFile>,
+    /// Chunks per write-intent region.
+    region_chunks: u64,
+    /// Write-intent state per region (`I_*`).
+    intent: Box<[AtomicU8]>,
+    /// User writes in progress per region (between the intent check and marking DIRTY).
+    writers: Box<[AtomicU32]>,
+    /// User writes ever started per region: a checkpoint clears an intent only if none started
+    /// since its snapshot (the local data of a later one may not be durable).
+    wcount: Box<[AtomicU64]>,
+    intent_file: Arc<IntentFile>,
+    /// Serialises writes of the intent file; writers queue here for a group commit.
+    intent_io: tokio::sync::Mutex<()>,
     /// The change count the last checkpoint saved.
     saved: tokio::sync::Mutex<u64>,
     changes: AtomicU64,
@@ -159,6 +181,29 @@ impl Drop for DemandGuard<'_> {
     fn drop(&mut self) {
         self.0.demand_active.fetch_sub(1, SeqCst);
         self.0.pull_wake.notify_one();
+    }
+}
+
+/// A run written to the remote, not yet flushed there.
+struct Pushed {
+    first: u64,
+    /// The write generation of each chunk captured for the push.
+    gens: Vec<u64>,
+    /// The remote's session before the write.
+    session: u64,
+}
+
+/// Counts a user write as in progress in its regions until dropped.
+struct WriterGuard<'a> {
+    inner: &'a Inner,
+    regions: std::ops::RangeInclusive<u64>,
+}
+
+impl Drop for WriterGuard<'_> {
+    fn drop(&mut self) {
+        for r in self.regions.clone() {
+            self.inner.writers[r as usize].fetch_sub(1, SeqCst);
+        }
     }
 }
 
@@ -430,6 +475,19 @@ impl Inner {
                 _ => self.wait_chunk(c, deadline).await?,
             }
         }
+        // Before the local copy changes, its regions are recorded as possibly differing from
+        // the remote (the map may still call these chunks clean; see `crate::map`).
+        let regions = first / self.region_chunks..=last / self.region_chunks;
+        // `writers` before `wcount`: a checkpoint reads them in the other order (see there).
+        for r in regions.clone() {
+            self.writers[r as usize].fetch_add(1, SeqCst);
+            self.wcount[r as usize].fetch_add(1, SeqCst);
+        }
+        let _writing = WriterGuard {
+            inner: self,
+            regions: regions.clone(),
+        };
+        self.ensure_intent(regions).await?;
         self.write_local(offset, data)
             .await
             .map_err(|e| e.context("cache: writing the local copy"))?;
@@ -445,6 +503,104 @@ impl Inner {
                 .fetch_update(SeqCst, SeqCst, |s| present(s).then_some(DIRTY));
         }
         self.changes.fetch_add(1, SeqCst);
+        Ok(())
+    }
+
+    /// Make sure the intent of every region in `regions` is durable. Fast when it is (one
+    /// atomic load per region). Otherwise the regions are marked wanted and the writer queues
+    /// for the intent file: whoever holds it writes every region wanted at that moment with one
+    /// `fdatasync`, so writers arriving during a sync are served together by the next one.
+    /// The caller has counted itself in `writers` for these regions before calling.
+    async fn ensure_intent(&self, regions: std::ops::RangeInclusive<u64>) -> Result<()> {
+        if regions
+            .clone()
+            .all(|r| self.intent[r as usize].load(SeqCst) == I_SET)
+        {
+            return Ok(());
+        }
+        for r in regions.clone() {
+            let _ = self.intent[r as usize].compare_exchange(I_NONE, I_WANT, SeqCst, SeqCst);
+        }
+        let _io = self.intent_io.lock().await;
+        let mut need = false;
+        for r in regions {
+            let i = &self.intent[r as usize];
+            // CLEARING is only seen while a checkpoint holds `intent_io`, not here.
+            if i.load(SeqCst) != I_SET {
+                let _ = i.compare_exchange(I_NONE, I_WANT, SeqCst, SeqCst);
+                need = true;
+            }
+        }
+        if !need {
+            return Ok(());
+        }
+        let mut wanted = Vec::new();
+        let image: Vec<u8> = self
+            .intent
+            .iter()
+            .enumerate()
+            .map(|(r, i)| match i.load(SeqCst) {
+                I_SET => 1,
+                I_WANT => {
+                    wanted.push(r);
+                    1
+                }
+                _ => 0,
+            })
+            .collect();
+        let file = self.intent_file.clone();
+        tokio::task::spawn_blocking(move || file.store(&image, true))
+            .await
+            .map_err(|e| StoreError::backend(format!("cache: intent task: {e}")))?
+            .map_err(|e| e.context("cache: recording a write intent"))?;
+        for r in wanted {
+            let _ = self.intent[r].compare_exchange(I_WANT, I_SET, SeqCst, SeqCst);
+        }
+        self.stats.intent_syncs.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    fn region_clean(&self, r: usize) -> bool {
+        let first = r as u64 * self.region_chunks;
+        let end = (first + self.region_chunks).min(self.chunks);
+        (first..end).all(|c| !matches!(self.st(c), DIRTY | PUSHING))
+    }
+
+    /// After a checkpoint made the map and the local data durable: clear the intent of regions
+    /// that were clean with no write in progress at its snapshot (`cands`: region and its write
+    /// count then) and still are, with no write started since. A writer that counted itself in
+    /// `writers` before the CLEARING store is seen here; one that counts itself after sees
+    /// CLEARING (or NONE) and waits for the intent file (which this holds).
+    async fn clear_intents(&self, cands: Vec<(usize, u64)>) -> Result<()> {
+        if cands.is_empty() {
+            return Ok(());
+        }
+        let _io = self.intent_io.lock().await;
+        let mut cleared = false;
+        for (r, wc) in cands {
+            let i = &self.intent[r];
+            if i.compare_exchange(I_SET, I_CLEARING, SeqCst, SeqCst)
+                .is_err()
+            {
+                continue;
+            }
+            let quiet = self.writers[r].load(SeqCst) == 0
+                && self.wcount[r].load(SeqCst) == wc
+                && self.region_clean(r);
+            i.store(if quiet { I_NONE } else { I_SET }, SeqCst);
+            cleared |= quiet;
+        }
+        if cleared {
+            let image: Vec<u8> = self
+                .intent
+                .iter()
+                .map(|i| u8::from(matches!(i.load(SeqCst), I_SET | I_WANT)))
+                .collect();
+            let file = self.intent_file.clone();
+            tokio::task::spawn_blocking(move || file.store(&image, false))
+                .await
+                .map_err(|e| StoreError::backend(format!("cache: intent task: {e}")))??;
+        }
         Ok(())
     }
 
@@ -478,11 +634,7 @@ impl Inner {
     /// write it to the remote. The generations are captured after the claim and before the data
     /// is read; a writer bumps the generation before setting DIRTY, so every write with a
     /// generation at most the captured one is in the data sent.
-    async fn push_one(
-        self: Arc<Self>,
-        first: u64,
-        n: u64,
-    ) -> (Result<Option<(u64, Vec<u64>)>>, Duration) {
+    async fn push_one(self: Arc<Self>, first: u64, n: u64) -> (Result<Option<Pushed>>, Duration) {
         let t0 = Instant::now();
         let mut k = 0;
         while k < n
@@ -499,6 +651,8 @@ impl Inner {
             .map(|c| self.wgen[c as usize].load(SeqCst))
             .collect();
         let (off, len) = self.run_bytes(first, k);
+        // Taken before the write: at most the session that acknowledges it (see `push_round`).
+        let session = self.remote.session();
         let res = async {
             let mut buf = self.take_buf(len as usize);
             self.local
@@ -524,7 +678,14 @@ impl Inner {
         match res {
             Ok(()) => {
                 self.stats.pushed_bytes.fetch_add(len, Relaxed);
-                (Ok(Some((first, gens))), t0.elapsed())
+                (
+                    Ok(Some(Pushed {
+                        first,
+                        gens,
+                        session,
+                    })),
+                    t0.elapsed(),
+                )
             }
             Err(e) => {
                 self.stats.push_errors.fetch_add(1, Relaxed);
@@ -543,7 +704,7 @@ impl Inner {
     /// Push runs with a pipelined window, then flush the remote, then mark them durable.
     async fn push_round(self: &Arc<Self>, runs: Vec<(u64, u64)>) -> Result<u64> {
         let mut set = JoinSet::new();
-        let mut done: Vec<(u64, Vec<u64>)> = Vec::new();
+        let mut done: Vec<Pushed> = Vec::new();
         let mut first_err: Option<StoreError> = None;
         let mut it = runs.into_iter().peekable();
         // The window counts requests; the bytes in flight are bounded as if every request were
@@ -597,7 +758,7 @@ impl Inner {
                 }
             }
         }
-        let count = done.iter().map(|(_, g)| g.len() as u64).sum();
+        let count = done.iter().map(|p| p.gens.len() as u64).sum();
         if !done.is_empty() {
             self.stats.remote_flushes.fetch_add(1, Relaxed);
             let limit = self.cfg.fetch_timeout.max(Duration::from_secs(5)) * 3;
@@ -608,20 +769,37 @@ impl Inner {
                     after_ms: limit.as_millis() as u64,
                 }),
             };
+            // Taken after the flush: at least the session that flushed. A write acknowledged
+            // in an older session (a connection lost before the flush) is not covered by it
+            // unless the remote is multi-conn: it stays dirty and is pushed again.
+            let flushed_in = self.remote.session();
+            let multi_conn = self.remote.caps().multi_conn;
             match r {
                 Ok(()) => {
-                    for (first, gens) in &done {
-                        for (i, g) in gens.iter().enumerate() {
-                            let c = (*first as usize) + i;
+                    let mut stale = 0;
+                    for p in &done {
+                        if !multi_conn && p.session != flushed_in {
+                            self.unpush(p.first, p.gens.len() as u64);
+                            stale += p.gens.len();
+                            continue;
+                        }
+                        for (i, g) in p.gens.iter().enumerate() {
+                            let c = (p.first as usize) + i;
                             self.pushed[c].fetch_max(*g, SeqCst);
                             let _ = self.state[c].compare_exchange(PUSHING, LOCAL, SeqCst, SeqCst);
                         }
                     }
                     self.changes.fetch_add(1, SeqCst);
+                    if stale > 0 {
+                        self.stats.repushes.fetch_add(stale as u64, Relaxed);
+                        first_err.get_or_insert(StoreError::backend(format!(
+                            "cache: {stale} chunks were acknowledged on a remote connection that was lost before a flush; pushing them again"
+                        )));
+                    }
                 }
                 Err(e) => {
-                    for (first, gens) in &done {
-                        self.unpush(*first, gens.len() as u64);
+                    for p in &done {
+                        self.unpush(p.first, p.gens.len() as u64);
                     }
                     first_err.get_or_insert(e);
                 }
@@ -641,6 +819,15 @@ impl Inner {
         if ch == *saved {
             return Ok(());
         }
+        // Regions whose intent may be cleared once this checkpoint is durable: no write in
+        // progress, and their write count taken before the snapshot (a writer counts itself in
+        // `writers` and then in `wcount`: one missed by the `writers` load here changes the
+        // count after it was taken, and `clear_intents` sees that).
+        let cands: Vec<(usize, u64)> = (0..self.intent.len())
+            .filter(|&r| self.intent[r].load(SeqCst) == I_SET)
+            .map(|r| (r, self.wcount[r].load(SeqCst)))
+            .filter(|&(r, _)| self.writers[r].load(SeqCst) == 0)
+            .collect();
         let snap: Vec<u8> = self
             .state
             .iter()
@@ -648,6 +835,16 @@ impl Inner {
                 LOCAL => MAP_PRESENT,
                 DIRTY | PUSHING => MAP_PRESENT | MAP_DIRTY,
                 _ => 0,
+            })
+            .collect();
+        let cands: Vec<(usize, u64)> = cands
+            .into_iter()
+            .filter(|&(r, _)| {
+                let first = r as u64 * self.region_chunks;
+                let end = ((first + self.region_chunks).min(self.chunks)) as usize;
+                snap[first as usize..end]
+                    .iter()
+                    .all(|&b| b & MAP_DIRTY == 0)
             })
             .collect();
         self.local
@@ -660,7 +857,7 @@ impl Inner {
             .map_err(|e| StoreError::backend(format!("cache: checkpoint task: {e}")))??;
         *saved = ch;
         self.stats.checkpoints.fetch_add(1, Relaxed);
-        Ok(())
+        self.clear_intents(cands).await
     }
 
     async fn flush(self: &Arc<Self>) -> Result<()> {
@@ -830,6 +1027,61 @@ impl Inner {
             size: self.size,
         }
     }
+}
+
+/// A reopened cache directory must be the remote's: compare a few chunks the map calls clean
+/// (first, middle and last of them; 4 KiB each) with the remote. They differ when the directory
+/// was made for another remote that has the same size, or when the remote was changed behind
+/// the cache's back; either way the cache would serve wrong bytes. A remote that cannot be read
+/// now is not held against it (the cache works offline).
+async fn check_clean_sample(
+    remote: &DynStore,
+    local: &DynStore,
+    state: &[AtomicU8],
+    cs: u64,
+    size: u64,
+    dir: &Path,
+    limit: Duration,
+) -> Result<()> {
+    let clean: Vec<u64> = (0..state.len() as u64)
+        .filter(|&c| state[c as usize].load(Relaxed) == LOCAL)
+        .collect();
+    let Some(&first) = clean.first() else {
+        return Ok(());
+    };
+    let mut picks = vec![first, clean[clean.len() / 2], clean[clean.len() - 1]];
+    picks.dedup();
+    let probes = picks.into_iter().map(|c| async move {
+        let off = c * cs;
+        let len = (size - off).min(4096) as usize;
+        let mut theirs = vec![0u8; len];
+        let mut ours = vec![0u8; len];
+        local
+            .read(off, &mut ours)
+            .await
+            .map_err(|e| e.context("cache: reading the local copy"))?;
+        match tokio::time::timeout(limit, remote.read(off, &mut theirs)).await {
+            Ok(Ok(())) if theirs != ours => Err(StoreError::Config(format!(
+                "cache directory {}: the remote's bytes at {off}..{} differ from the cache's clean copy of them: it was made for another remote, or the remote was changed behind its back; use another directory or start it over with --cache-reinit (CacheConfig::reinit)",
+                dir.display(),
+                off + len as u64
+            ))),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::warn!(
+                    "cache: cannot compare a clean chunk with the remote now: {}",
+                    e.chain()
+                );
+                Ok(())
+            }
+            Err(_) => {
+                tracing::warn!("cache: cannot compare a clean chunk with the remote now: timeout");
+                Ok(())
+            }
+        }
+    });
+    futures_util::future::try_join_all(probes).await?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1117,20 +1369,40 @@ impl Cache {
         let size = remote.size();
         let cs = cfg.chunk_size;
         let chunks = size.div_ceil(cs);
-        let opened = open_dir(&dir, size, cs)?;
+        let want = DirIdentity {
+            size,
+            chunk: cs,
+            region: cfg.intent_region.max(cs),
+            remote: cfg.remote_id.clone(),
+        };
+        let dir2 = dir.clone();
+        let reinit = cfg.reinit;
+        let opened = tokio::task::spawn_blocking(move || open_dir(&dir2, &want, reinit))
+            .await
+            .map_err(|e| StoreError::backend(format!("cache: open task: {e}")))??;
+        let region_chunks = opened.identity.region / cs;
         let local: DynStore = Arc::new(FileStore::open(
             dir.join("data"),
             FileOptions::with_size(size),
         )?);
         let mut local_count = 0;
         let mut dirty = 0;
+        let mut suspect = 0;
         let state: Box<[AtomicU8]> = opened
             .bytes
             .iter()
-            .map(|&b| {
+            .enumerate()
+            .map(|(c, &b)| {
+                let intent = opened.intent_bytes[c / region_chunks as usize] != 0;
                 if b & MAP_DIRTY != 0 {
                     local_count += 1;
                     dirty += 1;
+                    AtomicU8::new(DIRTY)
+                } else if b & MAP_PRESENT != 0 && intent {
+                    // Written after the last checkpoint, perhaps: the remote gets it again.
+                    local_count += 1;
+                    dirty += 1;
+                    suspect += 1;
                     AtomicU8::new(DIRTY)
                 } else if b & MAP_PRESENT != 0 {
                     local_count += 1;
@@ -1140,6 +1412,16 @@ impl Cache {
                 }
             })
             .collect();
+        let intent: Box<[AtomicU8]> = opened
+            .intent_bytes
+            .iter()
+            .map(|&b| AtomicU8::new(if b != 0 { I_SET } else { I_NONE }))
+            .collect();
+        let regions = intent.len();
+        let any_intent = opened.intent_bytes.iter().any(|&b| b != 0);
+        if opened.resumed {
+            check_clean_sample(&remote, &local, &state, cs, size, &dir, cfg.fetch_timeout).await?;
+        }
         // Dirty chunks found on reopen get a generation above what was pushed.
         let wgen: Box<[AtomicU64]> = state
             .iter()
@@ -1165,8 +1447,15 @@ impl Cache {
             pull_wake: Notify::new(),
             push_wake: Notify::new(),
             map: Arc::new(opened.map),
+            region_chunks,
+            intent,
+            writers: (0..regions).map(|_| AtomicU32::new(0)).collect(),
+            wcount: (0..regions).map(|_| AtomicU64::new(0)).collect(),
+            intent_file: Arc::new(opened.intent),
+            intent_io: tokio::sync::Mutex::new(()),
             saved: tokio::sync::Mutex::new(0),
-            changes: AtomicU64::new(0),
+            // Intents found set are cleared by the first checkpoint that finds them clean.
+            changes: AtomicU64::new(u64::from(any_intent)),
             local_count: AtomicU64::new(local_count),
             demand_active: AtomicUsize::new(0),
             last_demand: AtomicU64::new(NO_CHUNK),
@@ -1185,7 +1474,7 @@ impl Cache {
         });
         if opened.resumed {
             tracing::info!(
-                "cache: resumed {} ({local_count}/{chunks} chunks local, {dirty} dirty)",
+                "cache: resumed {} ({local_count}/{chunks} chunks local, {dirty} dirty, of which {suspect} written since the last checkpoint perhaps)",
                 dir.display()
             );
         }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use memsync_core::{DynStore, Result, StoreError};
 
+use crate::map::Reinit;
 use crate::window::WindowLimits;
 
 /// Smallest chunk size.
@@ -130,6 +131,17 @@ pub struct CacheConfig {
     /// A separate remote (e.g. another connection) for demand misses, so that they do not
     /// queue behind the background pull.
     pub demand_remote: Option<DynStore>,
+    /// Bytes per write-intent region (a power of two; at least one chunk). Before the first
+    /// write to a region since its chunks were last clean, one small durable write records
+    /// that the region may differ from the remote (see [`crate::map`]); later writes to it cost
+    /// nothing extra. Fixed when the cache directory is created.
+    pub intent_region: u64,
+    /// The remote's identity, recorded in a new cache directory and checked when it is
+    /// reopened (e.g. the URL without credentials). `None`: not recorded or checked (the size,
+    /// chunk size and a sample of clean chunks still are).
+    pub remote_id: Option<String>,
+    /// Start the cache directory over instead of refusing one made for another remote.
+    pub reinit: Reinit,
 }
 
 impl Default for CacheConfig {
@@ -152,6 +164,9 @@ impl Default for CacheConfig {
             fetch_timeout: Duration::from_secs(10),
             flush_timeout: Duration::from_secs(300),
             demand_remote: None,
+            intent_region: 16 << 20,
+            remote_id: None,
+            reinit: Reinit::No,
         }
     }
 }
@@ -163,6 +178,12 @@ impl CacheConfig {
         if !(MIN_CHUNK..=MAX_CHUNK).contains(&c) || !c.is_power_of_two() {
             return Err(StoreError::Config(format!(
                 "cache: chunk size {c} must be a power of two from 4 KiB to 4 MiB"
+            )));
+        }
+        if !self.intent_region.is_power_of_two() {
+            return Err(StoreError::Config(format!(
+                "cache: intent region {} must be a power of two",
+                self.intent_region
             )));
         }
         if self.fetch_timeout.is_zero() {

@@ -34,6 +34,7 @@ pub mod window;
 
 pub use cache::{Cache, ChunkState, PullProgress};
 pub use config::{CacheConfig, HintsFirst, PullPriority, Sequential};
+pub use map::Reinit;
 pub use proxy::{Proxy, ProxyConfig, ProxyStats};
 pub use reconnect::{Opener, Reconnect};
 pub use stats::{CacheStats, CacheStatsSnapshot};

@@ -6,10 +6,17 @@
 //! read-only, unsupported, configuration), and opens a new one on the next request. Failed
 //! reconnects are rate-limited so that a dead remote costs one connection attempt per interval,
 //! not one per request. The cache above retries; this layer only makes retrying possible.
+//!
+//! Each connection is a new [`Store::session`]: a flush on a new connection says nothing about
+//! writes acknowledged on an older one unless the store advertises multi-conn (see
+//! [`Store::session`]); the cache pushes such writes again.
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU64,
+    Ordering::{Relaxed, SeqCst},
+};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,6 +38,10 @@ pub struct Reconnect {
     caps: Caps,
     desc: String,
     reconnects: AtomicU64,
+    /// The session of the newest connection (1 for the first). Only changed under the `cur`
+    /// lock together with `cur`, and read under it: a session read before a request is at
+    /// most the one that serves it, one read after at least.
+    session: AtomicU64,
     retry_interval: Duration,
 }
 
@@ -64,6 +75,7 @@ impl Reconnect {
             connecting: tokio::sync::Mutex::new(()),
             last_failure: Mutex::new(None),
             reconnects: AtomicU64::new(0),
+            session: AtomicU64::new(1),
             retry_interval: Duration::from_millis(100),
         })
     }
@@ -105,7 +117,9 @@ impl Reconnect {
                 self.reconnects.fetch_add(1, Relaxed);
                 tracing::info!("{}: reconnected", self.desc);
                 *self.last_failure.lock() = None;
-                *self.cur.lock() = Some(s.clone());
+                let mut cur = self.cur.lock();
+                self.session.fetch_add(1, SeqCst);
+                *cur = Some(s.clone());
                 Ok(s)
             }
             Err(e) => {
@@ -161,6 +175,11 @@ impl Store for Reconnect {
     }
     async fn flush(&self) -> Result<()> {
         through!(self, s => s.flush().await)
+    }
+    /// The newest connection's session (a dropped connection's until the next one opens).
+    fn session(&self) -> u64 {
+        let _cur = self.cur.lock();
+        self.session.load(SeqCst)
     }
     async fn trim(&self, offset: u64, len: u64) -> Result<()> {
         through!(self, s => s.trim(offset, len).await)

@@ -33,8 +33,13 @@ pub struct CacheStats {
     pub fetch_errors: AtomicU64,
     /// Failed pushes (retried later).
     pub push_errors: AtomicU64,
+    /// Chunks pushed again because the connection that acknowledged them was lost before a
+    /// flush (see `memsync_core::Store::session`).
+    pub repushes: AtomicU64,
     /// Chunk-map checkpoints written.
     pub checkpoints: AtomicU64,
+    /// Durable writes of the write-intent file (each serves every writer waiting for it).
+    pub intent_syncs: AtomicU64,
     /// Chunks the remote reported as zeros, made local without reading them.
     pub zero_chunks: AtomicU64,
     /// Gauge: the puller's in-flight window (requests).
@@ -62,7 +67,9 @@ pub struct CacheStatsSnapshot {
     pub remote_flushes: u64,
     pub fetch_errors: u64,
     pub push_errors: u64,
+    pub repushes: u64,
     pub checkpoints: u64,
+    pub intent_syncs: u64,
     pub zero_chunks: u64,
     pub pull_window: u64,
     pub push_window: u64,
@@ -89,7 +96,9 @@ impl CacheStats {
             remote_flushes: self.remote_flushes.load(Relaxed),
             fetch_errors: self.fetch_errors.load(Relaxed),
             push_errors: self.push_errors.load(Relaxed),
+            repushes: self.repushes.load(Relaxed),
             checkpoints: self.checkpoints.load(Relaxed),
+            intent_syncs: self.intent_syncs.load(Relaxed),
             zero_chunks: self.zero_chunks.load(Relaxed),
             pull_window: self.pull_window.load(Relaxed),
             push_window: self.push_window.load(Relaxed),
@@ -109,7 +118,7 @@ impl fmt::Display for CacheStatsSnapshot {
             f,
             "local {}/{} chunks ({} dirty); hits {} ({} B), misses {} (p50 {:?}, p99 {:?}), shared waits {}; \
              pulled {} B (demand {} B) in {} reads, {} zero chunks not read, pushed {} B in {} writes, {} remote flushes; \
-             errors: fetch {}, push {}; window pull {} push {}, min RTT {:?}; {} checkpoints",
+             errors: fetch {}, push {}, pushed again after a lost connection {}; window pull {} push {}, min RTT {:?}; {} checkpoints, {} intent syncs",
             self.local_chunks,
             self.chunks,
             self.dirty_chunks,
@@ -128,10 +137,12 @@ impl fmt::Display for CacheStatsSnapshot {
             self.remote_flushes,
             self.fetch_errors,
             self.push_errors,
+            self.repushes,
             self.pull_window,
             self.push_window,
             self.min_rtt,
-            self.checkpoints
+            self.checkpoints,
+            self.intent_syncs
         )
     }
 }

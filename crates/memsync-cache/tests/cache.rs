@@ -170,11 +170,17 @@ async fn restart_resumes_without_refetching() {
     let got = cache.read_bytes(0, size as usize).await.unwrap();
     assert!(got == want, "data differs after restart");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(
-        stats.snapshot().get(OpKind::Read).ops,
-        0,
-        "nothing refetched after restart"
+    // Nothing refetched: the only remote reads are the reopen's comparison of three clean
+    // 4 KiB samples with the remote (that the directory is this remote's).
+    let snap = stats.snapshot();
+    let reads = snap.get(OpKind::Read);
+    assert!(
+        reads.ops <= 3 && reads.bytes <= 3 * 4096,
+        "refetched after restart: {} reads, {} bytes",
+        reads.ops,
+        reads.bytes
     );
+    assert_eq!(cache.stats().remote_reads, 0, "{}", cache.stats());
     cache.close().await.unwrap();
 }
 
@@ -269,22 +275,23 @@ async fn remote_cut_through_the_proxy() {
 
     proxy.set_blocked(true);
     proxy.cut_all();
-    // Local chunks keep working.
-    let t = Instant::now();
+    // Local chunks keep working, without asking the remote.
+    let reads = cache.stats().remote_reads;
     assert_eq!(
         cache.read_bytes(1 << 20, 65536).await.unwrap(),
         head.slice(1 << 20..(1 << 20) + 65536)
     );
-    assert!(t.elapsed() < Duration::from_millis(200));
-    // Missing chunks fail with EIO within the fetch timeout (plus scheduling slack).
-    let t = Instant::now();
-    let e = cache.read_bytes(10 << 20, 4096).await.unwrap_err();
-    let el = t.elapsed();
+    assert_eq!(cache.stats().remote_reads, reads);
+    // Missing chunks fail with EIO (after the fetch timeout; bounded only against a hang, with
+    // a margin no scheduling delay reaches).
+    let e = bounded(
+        "a read of a missing chunk",
+        fetch_timeout + Duration::from_secs(30),
+        cache.read_bytes(10 << 20, 4096),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.errno(), libc_eio(), "{}", e.chain());
-    assert!(
-        el < fetch_timeout + Duration::from_millis(500),
-        "EIO after {el:?}"
-    );
     // Writes to local chunks are acknowledged; the flush waits for the remote.
     let data = random_bytes(55, 100_000);
     cache.write(500_000, data.clone()).await.unwrap();
@@ -360,7 +367,7 @@ async fn nbdkit_as_the_remote() {
     let t = Instant::now();
     while std::net::TcpStream::connect(&addr).is_err() {
         assert!(
-            t.elapsed() < Duration::from_secs(10),
+            t.elapsed() < Duration::from_secs(60),
             "nbdkit did not start"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -432,8 +439,10 @@ async fn proxy_delays_without_limiting_throughput() {
         best = best.min(t.elapsed());
     }
     drop(s);
+    // At least the RTT (the delay is applied); the upper bound only catches a runaway delay,
+    // with a margin no scheduling noise reaches.
     assert!(
-        best >= rtt - Duration::from_millis(1) && best < rtt * 4,
+        best >= rtt - Duration::from_millis(1) && best < rtt + Duration::from_secs(5),
         "ping through the proxy took {best:?}"
     );
     // Bulk: far more than a window of data per RTT; at RTT 0 for comparison.
@@ -464,10 +473,11 @@ async fn proxy_delays_without_limiting_throughput() {
     proxy.set_rtt(Duration::ZERO);
     let gbps0 = bulk(paddr).await;
     eprintln!("proxy bulk throughput: {gbps:.2} GB/s at RTT {rtt:?}, {gbps0:.2} GB/s at RTT 0");
-    // Stop-and-wait at 256 KiB pieces would give 256 KiB / 20 ms = 13 MB/s; the bound is loose
-    // because this 2-vCPU machine is shared with concurrent builds.
+    // Stop-and-wait at 256 KiB pieces would give 256 KiB / 20 ms = 13 MB/s: the bound is
+    // more than twice that and far below what any pipelining does (0.5+ GB/s here), so only a
+    // delay line that stops pipelining fails it, not a loaded machine.
     assert!(
-        gbps > 0.12,
+        gbps > 0.03,
         "the delay line limits throughput: {gbps:.3} GB/s"
     );
 }
@@ -796,7 +806,7 @@ async fn zero_chunks_of_the_remote_are_not_fetched() {
         .unwrap();
     // Adoption runs in the background; it is quick here.
     let t = Instant::now();
-    while cache.stats().zero_chunks < 512 - 4 && t.elapsed() < Duration::from_secs(10) {
+    while cache.stats().zero_chunks < 512 - 4 && t.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let s = cache.stats();
@@ -1066,5 +1076,419 @@ async fn proxy_pipes_per_connection_are_bounded() {
             m.iter().all(|&b| b == (i % 251) as u8),
             "message {i} differs"
         );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Crash safety of writes to clean chunks (write intents), the cache directory's identity, and
+// flushes across a reconnect (issue 10, items 1, 4 and 8).
+// ---------------------------------------------------------------------------------------------
+
+/// Settings under which nothing happens by itself: no pull, push or checkpoint unless asked.
+fn quiet_cfg(chunk: u64) -> CacheConfig {
+    CacheConfig {
+        push_interval: Duration::from_secs(3600),
+        checkpoint_interval: Duration::from_secs(3600),
+        ..cfg(chunk, false)
+    }
+}
+
+/// A write to a chunk the map already records as present and clean, then a crash before the
+/// next checkpoint: on reopen the write is pushed, so the remote and the cache agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_to_a_clean_chunk_survives_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4u64 << 20;
+    let mem = filled_mem(size, 8).await;
+    let data = random_bytes(88, 4096);
+    {
+        let cache = Cache::open(mem.clone(), dir.path(), quiet_cfg(65536))
+            .await
+            .unwrap();
+        let all = cache.read_bytes(0, size as usize).await.unwrap();
+        assert_eq!(all, mem.read_bytes(0, size as usize).await.unwrap());
+        cache.checkpoint().await.unwrap(); // the map: every chunk present and clean
+        cache.write(1_000_000, data.clone()).await.unwrap();
+        assert_eq!(cache.stats().intent_syncs, 1);
+        // Crash: dropped without close, flush or checkpoint.
+    }
+    assert_ne!(mem.read_bytes(1_000_000, 4096).await.unwrap(), data);
+    let stats = Arc::new(Stats::new(mem.clone() as DynStore));
+    let cache = Cache::open(stats.clone(), dir.path(), quiet_cfg(65536))
+        .await
+        .unwrap();
+    assert_eq!(cache.read_bytes(1_000_000, 4096).await.unwrap(), data);
+    bounded("flush", Duration::from_secs(30), cache.flush())
+        .await
+        .unwrap();
+    assert!(
+        mem.read_bytes(1_000_000, 4096).await.unwrap() == data,
+        "the write to a clean chunk never reached the remote"
+    );
+    // Only the intent region's chunks are pushed again, and nothing is fetched.
+    assert_eq!(stats.snapshot().get(OpKind::Read).ops, 0);
+    cache.close().await.unwrap();
+    // A clean close clears the intents: reopening pushes nothing.
+    let stats = Arc::new(Stats::new(mem.clone() as DynStore));
+    let cache = Cache::open(stats.clone(), dir.path(), quiet_cfg(65536))
+        .await
+        .unwrap();
+    assert_eq!(cache.progress().dirty_chunks, 0);
+    cache.close().await.unwrap();
+    assert_eq!(stats.snapshot().get(OpKind::Write).ops, 0);
+}
+
+/// One durable intent write serves every later write to its region until the region is clean
+/// and checkpointed again; a write to another region needs its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_intent_sync_per_region_until_it_is_clean_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 8u64 << 20;
+    let mem = filled_mem(size, 9).await;
+    let c = CacheConfig {
+        intent_region: 1 << 20,
+        ..quiet_cfg(65536)
+    };
+    let cache = Cache::open(mem.clone(), dir.path(), c).await.unwrap();
+    for i in 0..16u64 {
+        cache
+            .write(i * 65536 + 7, random_bytes(i, 3000))
+            .await
+            .unwrap();
+    }
+    assert_eq!(cache.stats().intent_syncs, 1, "{}", cache.stats());
+    cache.write(3 << 20, random_bytes(1, 10)).await.unwrap();
+    assert_eq!(cache.stats().intent_syncs, 2);
+    // Pushed, flushed and checkpointed: the intents are cleared, the next write sets one again.
+    cache.flush().await.unwrap();
+    cache.checkpoint().await.unwrap();
+    cache.write(5, random_bytes(2, 10)).await.unwrap();
+    assert_eq!(cache.stats().intent_syncs, 3);
+    // Concurrent first writes to many regions share syncs.
+    let cache = Arc::new(cache);
+    let tasks: Vec<_> = (0..8u64)
+        .map(|r| {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.write(r << 20, random_bytes(r, 100)).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert!(cache.stats().intent_syncs <= 3 + 7, "{}", cache.stats());
+    cache.close().await.unwrap();
+}
+
+/// A cache directory records its remote: another remote (by identity, or by content when the
+/// identity is not known) is refused with a clear error; `Reinit` starts it over, but not while
+/// it holds writes not yet pushed, unless forced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_directory_refuses_another_remote() {
+    use memsync_cache::Reinit;
+    let dir = tempfile::tempdir().unwrap();
+    let size = 2u64 << 20;
+    let a = filled_mem(size, 10).await;
+    let b = filled_mem(size, 11).await;
+    let with = |id: &str, reinit: Reinit| CacheConfig {
+        remote_id: Some(id.into()),
+        reinit,
+        ..quiet_cfg(65536)
+    };
+    let cache = Cache::open(a.clone(), dir.path(), with("nbd://a/", Reinit::No))
+        .await
+        .unwrap();
+    cache.read_bytes(0, size as usize).await.unwrap();
+    cache.close().await.unwrap();
+    // Another identity.
+    let e = Cache::open(b.clone(), dir.path(), with("nbd://b/", Reinit::No))
+        .await
+        .unwrap_err()
+        .chain();
+    assert!(
+        e.contains("nbd://a/") && e.contains("--cache-reinit"),
+        "{e}"
+    );
+    // The same identity (or none), but other bytes: the clean sample differs.
+    for id in [Some("nbd://a/"), None] {
+        let c = CacheConfig {
+            remote_id: id.map(Into::into),
+            ..quiet_cfg(65536)
+        };
+        let e = Cache::open(b.clone(), dir.path(), c)
+            .await
+            .unwrap_err()
+            .chain();
+        assert!(e.contains("differ from the cache's clean copy"), "{e}");
+    }
+    // The right remote still opens.
+    let cache = Cache::open(a.clone(), dir.path(), with("nbd://a/", Reinit::No))
+        .await
+        .unwrap();
+    // With a write not pushed, a reinit for b is refused unless forced.
+    let fault = Fault::new(a.clone() as DynStore);
+    fault.control().fail_always(OpSet::WRITE);
+    drop(cache);
+    let cache = Cache::open(Arc::new(fault), dir.path(), with("nbd://a/", Reinit::No))
+        .await
+        .unwrap();
+    cache.write(0, random_bytes(3, 100)).await.unwrap();
+    cache.checkpoint().await.unwrap();
+    drop(cache);
+    let e = Cache::open(b.clone(), dir.path(), with("nbd://b/", Reinit::IfClean))
+        .await
+        .unwrap_err()
+        .chain();
+    assert!(e.contains("not yet pushed") && e.contains("force"), "{e}");
+    let cache = Cache::open(b.clone(), dir.path(), with("nbd://b/", Reinit::Force))
+        .await
+        .unwrap();
+    assert_eq!(cache.progress().local_chunks, 0);
+    assert_eq!(
+        cache.read_bytes(0, size as usize).await.unwrap(),
+        b.read_bytes(0, size as usize).await.unwrap()
+    );
+    cache.close().await.unwrap();
+}
+
+/// A store whose writes are volatile until a flush, as an NBD server's may be: `lose_unflushed`
+/// drops every write not flushed yet (the server's connection, or the server, went away).
+/// Not multi-conn: a flush covers only what it has seen.
+#[derive(Debug)]
+struct Volatile {
+    base: Arc<MemStore>,
+    pending: parking_lot::Mutex<Vec<(u64, Bytes)>>,
+    refuse_writes: std::sync::atomic::AtomicBool,
+}
+
+impl Volatile {
+    fn new(base: Arc<MemStore>) -> Arc<Self> {
+        Arc::new(Volatile {
+            base,
+            pending: parking_lot::Mutex::new(Vec::new()),
+            refuse_writes: Default::default(),
+        })
+    }
+    fn lose_unflushed(&self) {
+        self.pending.lock().clear();
+    }
+}
+
+#[memsync_core::async_trait]
+impl Store for Volatile {
+    fn size(&self) -> u64 {
+        self.base.size()
+    }
+    fn caps(&self) -> memsync_core::Caps {
+        let mut caps = memsync_core::Caps::basic();
+        caps.multi_conn = false;
+        caps.flush = true;
+        caps
+    }
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> memsync_core::Result<()> {
+        self.base.read(offset, buf).await?;
+        for (o, d) in self.pending.lock().iter() {
+            let (s, e) = (
+                offset.max(*o),
+                (offset + buf.len() as u64).min(o + d.len() as u64),
+            );
+            if s < e {
+                buf[(s - offset) as usize..(e - offset) as usize]
+                    .copy_from_slice(&d[(s - o) as usize..(e - o) as usize]);
+            }
+        }
+        Ok(())
+    }
+    async fn write(&self, offset: u64, data: Bytes) -> memsync_core::Result<()> {
+        if self.refuse_writes.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(memsync_core::StoreError::backend("writes refused"));
+        }
+        self.pending.lock().push((offset, data));
+        Ok(())
+    }
+    async fn flush(&self) -> memsync_core::Result<()> {
+        let p = std::mem::take(&mut *self.pending.lock());
+        for (o, d) in p {
+            self.base.write(o, d).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Between the cache's push and its flush the connection is lost and the server forgets what
+/// was not flushed (no multi-conn): the flush on the new connection must not count for the
+/// old one's writes, so they are pushed again and reach the remote.
+/// Returns the remote's durable store, the data written, whether the flush succeeded and how
+/// many chunks were pushed again.
+async fn cut_between_push_and_flush(refuse_after_cut: bool) -> (Arc<MemStore>, Bytes, bool, u64) {
+    let size = 4u64 << 20;
+    let base = filled_mem(size, 12).await;
+    let vol = Volatile::new(base.clone());
+    let (server, addr) = nbd_server(vol.clone() as DynStore).await;
+    let proxy = delay_proxy(&addr, Duration::ZERO).await;
+    let remote = nbd_remote(&proxy.local_addr().to_string(), 1).await;
+    assert!(!remote.caps().multi_conn);
+    // The cache's remote: before each flush (once armed), the connection is cut and the
+    // server loses its unflushed writes.
+    struct CutBeforeFlush {
+        inner: Arc<Reconnect>,
+        armed: std::sync::atomic::AtomicBool,
+        cut: Box<dyn Fn() + Send + Sync>,
+    }
+    impl std::fmt::Debug for CutBeforeFlush {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "CutBeforeFlush({:?})", self.inner)
+        }
+    }
+    #[memsync_core::async_trait]
+    impl Store for CutBeforeFlush {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn caps(&self) -> memsync_core::Caps {
+            self.inner.caps()
+        }
+        fn session(&self) -> u64 {
+            self.inner.session()
+        }
+        async fn read(&self, offset: u64, buf: &mut [u8]) -> memsync_core::Result<()> {
+            self.inner.read(offset, buf).await
+        }
+        async fn write(&self, offset: u64, data: Bytes) -> memsync_core::Result<()> {
+            self.inner.write(offset, data).await
+        }
+        async fn flush(&self) -> memsync_core::Result<()> {
+            if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                (self.cut)();
+                self.inner.disconnect();
+            }
+            self.inner.flush().await
+        }
+    }
+    let p2 = Arc::new(proxy);
+    let (vol2, p3) = (vol.clone(), p2.clone());
+    let wrapped = Arc::new(CutBeforeFlush {
+        inner: remote.clone(),
+        armed: std::sync::atomic::AtomicBool::new(false),
+        cut: Box::new(move || {
+            p3.cut_all();
+            vol2.lose_unflushed();
+            if refuse_after_cut {
+                vol2.refuse_writes
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = quiet_cfg(65536);
+    c.flush_timeout = Duration::from_secs(3);
+    let cache = Cache::open(wrapped.clone(), dir.path(), c).await.unwrap();
+    let data = random_bytes(99, 100_000);
+    cache.write(300_000, data.clone()).await.unwrap();
+    wrapped
+        .armed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let r = bounded("flush", Duration::from_secs(60), cache.flush()).await;
+    assert!(remote.reconnects() >= 1);
+    if r.is_err() {
+        assert!(
+            cache.progress().dirty_chunks >= 2,
+            "failed, but marked clean"
+        );
+    }
+    let repushes = cache.stats().repushes;
+    drop(cache);
+    server.shutdown().await.unwrap();
+    (base, data, r.is_ok(), repushes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_acked_on_a_lost_connection_are_pushed_again() {
+    let (base, data, ok, repushes) = cut_between_push_and_flush(false).await;
+    assert!(ok, "the flush failed");
+    assert!(
+        base.read_bytes(300_000, data.len()).await.unwrap() == data,
+        "the flush returned, but writes acknowledged on the lost connection are not in the remote"
+    );
+    assert!(repushes >= 2, "{repushes}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_on_a_new_connection_does_not_cover_the_old_ones_writes() {
+    // The new connection refuses writes: the lost ones cannot be pushed again, so the flush
+    // must fail rather than report them durable.
+    let (base, data, ok, _) = cut_between_push_and_flush(true).await;
+    assert!(base.read_bytes(300_000, data.len()).await.unwrap() != data);
+    assert!(
+        !ok,
+        "the flush reported success for writes the remote lost with the old connection"
+    );
+}
+
+/// The cost of write intents, measured (not asserted): random 4 KiB writes, each the first to
+/// its clean chunk, with the intent per 16 MiB region (the design), per chunk (a durable dirty
+/// mark before each first write) and already set (what a write cost before intents existed).
+/// `cargo nextest run -p memsync-cache -E 'test(first_write_cost)' --run-ignored only --no-capture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run it by hand"]
+async fn first_write_cost() {
+    use rand::{Rng, SeedableRng};
+    let size = 256u64 << 20;
+    let mem = Arc::new(MemStore::new(size));
+    let cs = 65536u64;
+    let n = 1000usize;
+    for (name, region, writers) in [
+        ("intent per 16 MiB region, 1 writer", 16u64 << 20, 1usize),
+        ("intent per chunk, 1 writer", cs, 1),
+        ("intent per 16 MiB region, 8 writers", 16 << 20, 8),
+        ("intent per chunk, 8 writers", cs, 8),
+    ] {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let c = CacheConfig {
+            intent_region: region,
+            pull: true,
+            ..quiet_cfg(cs)
+        };
+        let cache = Arc::new(Cache::open(mem.clone(), dir.path(), c).await.unwrap());
+        assert!(cache.wait_pulled(Duration::from_secs(120)).await);
+        cache.checkpoint().await.unwrap();
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(1);
+        let mut chunks: Vec<u64> = (0..size / cs).collect();
+        for i in 0..chunks.len() {
+            let j = rng.random_range(i..chunks.len());
+            chunks.swap(i, j);
+        }
+        chunks.truncate(n);
+        let data = random_bytes(5, 4096);
+        let run = |chunks: Vec<u64>| {
+            let cache = cache.clone();
+            let data = data.clone();
+            async move {
+                let per = chunks.len().div_ceil(writers);
+                let t = Instant::now();
+                let tasks: Vec<_> = chunks
+                    .chunks(per)
+                    .map(|part| {
+                        let (cache, data, part) = (cache.clone(), data.clone(), part.to_vec());
+                        tokio::spawn(async move {
+                            for c in part {
+                                cache.write(c * cs + 4096, data.clone()).await.unwrap();
+                            }
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await.unwrap();
+                }
+                t.elapsed() / chunks.len() as u32
+            }
+        };
+        let first = run(chunks.clone()).await;
+        let syncs = cache.stats().intent_syncs;
+        let again = run(chunks).await;
+        eprintln!(
+            "{name}: first write to a clean chunk {first:?} per write ({syncs} intent syncs for {n} writes); \
+             a write with the intent already set {again:?}"
+        );
+        cache.close().await.unwrap();
     }
 }

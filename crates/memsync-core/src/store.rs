@@ -144,6 +144,17 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Make every completed write durable.
     async fn flush(&self) -> Result<()>;
 
+    /// The session (connection) that answers requests now. A store that reconnects after a
+    /// failure (`memsync_cache::Reconnect`) starts a new session each time, and a `flush` in
+    /// one session makes durable only the writes completed in that session, unless
+    /// `caps().multi_conn` (NBD guarantees nothing more: writes acknowledged on a connection
+    /// that died before its flush may be lost). A caller that needs to know takes the session
+    /// before each write and after the flush, and writes again what was written in another.
+    /// Stores without sessions always return 0; layers forward it.
+    fn session(&self) -> u64 {
+        0
+    }
+
     /// Discard a range; later reads return zeros. Only if `caps().trim`.
     async fn trim(&self, offset: u64, len: u64) -> Result<()> {
         let _ = (offset, len);
@@ -212,6 +223,9 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     }
     async fn flush(&self) -> Result<()> {
         (**self).flush().await
+    }
+    fn session(&self) -> u64 {
+        (**self).session()
     }
     async fn trim(&self, offset: u64, len: u64) -> Result<()> {
         (**self).trim(offset, len).await

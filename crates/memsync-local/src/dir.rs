@@ -17,7 +17,7 @@ use memsync_core::{
 use parking_lot::{Mutex, RwLock};
 
 use crate::mem::push_extent;
-use crate::util::{blocking, is_zero, usize_of};
+use crate::util::{StickyFsync, blocking, is_zero, usize_of};
 
 /// Name of the metadata file ([`StoreMeta`]) written when a directory store is created.
 pub(crate) const META_FILE: &str = "memsync-dir.meta";
@@ -136,6 +136,7 @@ struct Inner {
     /// Serialises flushes, so that a flush never returns while an earlier one still syncs
     /// chunks that it took from the dirty set.
     flushing: tokio::sync::Mutex<()>,
+    fsync_failed: StickyFsync,
 }
 
 impl fmt::Debug for DirStore {
@@ -299,6 +300,7 @@ impl DirStore {
                 dirty: Mutex::new(BTreeSet::new()),
                 dir_dirty: AtomicBool::new(false),
                 flushing: tokio::sync::Mutex::new(()),
+                fsync_failed: StickyFsync::default(),
             }),
         })
     }
@@ -549,8 +551,12 @@ impl Store for DirStore {
         Ok(())
     }
 
+    /// fsync the chunks written since the last flush, then the directory. Once an fsync
+    /// failed, every later flush fails too (see `StickyFsync`).
     async fn flush(&self) -> Result<()> {
         let _serial = self.inner.flushing.lock().await;
+        let what = format!("dir store {}: flush", self.inner.dir.display());
+        self.inner.fsync_failed.check(&what)?;
         let mut dirty = std::mem::take(&mut *self.inner.dirty.lock());
         let dir_dirty = self.inner.dir_dirty.swap(false, Ordering::Relaxed);
         if dirty.is_empty() && !dir_dirty {
@@ -559,11 +565,22 @@ impl Store for DirStore {
         let inner = Arc::clone(&self.inner);
         blocking("flush", move || {
             let r = inner.sync(&mut dirty, dir_dirty);
-            if r.is_err() {
-                // Try again next time.
-                inner.dirty.lock().append(&mut dirty);
-                if dir_dirty {
-                    inner.dir_dirty.store(true, Ordering::Relaxed);
+            if let Err(e) = &r {
+                if matches!(
+                    e.root(),
+                    StoreError::Io {
+                        op: "fdatasync" | "fsync",
+                        ..
+                    }
+                ) {
+                    // Not "try again next time": the failed file's dirty pages may be gone.
+                    inner.fsync_failed.record(e);
+                } else {
+                    // Nothing was lost (e.g. a chunk file could not be opened): try again.
+                    inner.dirty.lock().append(&mut dirty);
+                    if dir_dirty {
+                        inner.dir_dirty.store(true, Ordering::Relaxed);
+                    }
                 }
             }
             r

@@ -16,7 +16,7 @@ use rustix::fs::{FallocateFlags, SeekFrom as RSeek};
 use rustix::io::Errno;
 
 use crate::mem::push_extent;
-use crate::util::{blocking, usize_of};
+use crate::util::{StickyFsync, blocking, usize_of};
 
 /// Block devices only accept `fallocate` on logical-block boundaries; 4096 is a multiple of
 /// every logical block size in use. The unaligned edges of a range are written as zeros.
@@ -93,6 +93,7 @@ pub struct FileStore {
     punch_hole: AtomicBool,
     /// `FALLOC_FL_ZERO_RANGE` has not failed with EOPNOTSUPP yet.
     zero_range: AtomicBool,
+    fsync_failed: Arc<StickyFsync>,
 }
 
 fn open_err(path: &Path, what: &str, e: io::Error) -> StoreError {
@@ -196,6 +197,7 @@ impl FileStore {
             block_device,
             punch_hole: AtomicBool::new(punch_hole),
             zero_range: AtomicBool::new(!opts.read_only),
+            fsync_failed: Arc::default(),
         })
     }
 
@@ -334,12 +336,17 @@ impl Store for FileStore {
             .map_err(|e| self.err("pwrite", offset, data.len() as u64, e))
     }
 
+    /// `fdatasync`. Once it failed, every later flush fails too (see `StickyFsync`).
     async fn flush(&self) -> Result<()> {
+        let what = format!("{}: flush", self.path.display());
+        self.fsync_failed.check(&what)?;
         let file = Arc::clone(&self.file);
-        let path = self.path.clone();
+        let sticky = Arc::clone(&self.fsync_failed);
         blocking("fdatasync", move || {
             file.sync_data().map_err(|e| {
-                StoreError::io("fdatasync", e).context(format!("{}: flush", path.display()))
+                let e = StoreError::io("fdatasync", e).context(what);
+                sticky.record(&e);
+                e
             })
         })
         .await

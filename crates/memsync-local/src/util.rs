@@ -37,6 +37,37 @@ where
     }
 }
 
+/// A failed `fsync` is final. The kernel may have dropped the dirty pages it could not write
+/// back (and reported the error once), so a later `fsync` can succeed without the data ever
+/// reaching the disk. Like PostgreSQL after "fsyncgate", a store whose `fsync` failed once fails
+/// every later flush: what it holds is unknown from then on.
+#[derive(Debug, Default)]
+pub(crate) struct StickyFsync(parking_lot::Mutex<Option<(i32, String)>>);
+
+impl StickyFsync {
+    /// The error every flush returns once an `fsync` of `what` failed.
+    pub(crate) fn check(&self, what: &str) -> memsync_core::Result<()> {
+        match &*self.0.lock() {
+            None => Ok(()),
+            Some((errno, first)) => Err(memsync_core::StoreError::io(
+                "fsync",
+                std::io::Error::from_raw_os_error(*errno),
+            )
+            .context(format!(
+                "{what}: an earlier fsync failed ({first}); writes made before it may be lost, so the contents are unknown and no flush can succeed any more"
+            ))),
+        }
+    }
+
+    /// Remember the first failure.
+    pub(crate) fn record(&self, e: &memsync_core::StoreError) {
+        let mut g = self.0.lock();
+        if g.is_none() {
+            *g = Some((e.errno(), e.chain()));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

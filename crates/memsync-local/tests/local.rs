@@ -692,3 +692,62 @@ fn opening_a_file_store_leaves_the_file_times_alone() {
     assert_eq!(times(&path), before);
     assert!(memsync_core::Store::caps(&store).trim);
 }
+
+// ---- a failed fsync is final (issue 10, "fsyncgate") ----------------------------------------
+
+/// A file system whose fsync fails on demand (`memsync_testkit::failfs`, FUSE), or `None` after
+/// the skip policy ran.
+fn failfs(test: &str) -> Option<(tempfile::TempDir, memsync_testkit::failfs::FailFs)> {
+    let mnt = tempfile::tempdir().unwrap();
+    match memsync_testkit::failfs::FailFs::mount(mnt.path()) {
+        Ok(fs) => Some((mnt, fs)),
+        Err(e) => {
+            memsync_testkit::skip::skip(
+                test,
+                &format!("cannot mount FUSE (root and /dev/fuse): {e}"),
+            );
+            None
+        }
+    }
+}
+
+/// After an fsync failed, the kernel may have dropped the writes it could not write back, and a
+/// second fsync succeeds without them: the store must keep failing every flush instead of
+/// reporting the lost data durable.
+async fn failed_fsync_is_sticky(store: &dyn Store, fs: &memsync_testkit::failfs::FailFs) {
+    store.write(0, random_bytes(1, 8192)).await.unwrap();
+    store.flush().await.unwrap();
+    store.write(4096, random_bytes(2, 4096)).await.unwrap();
+    fs.set_fail_fsync(true);
+    let e = store.flush().await.unwrap_err();
+    assert_eq!(e.errno(), 5, "{}", e.chain());
+    assert!(fs.failures() >= 1);
+    // The file system is healthy again, and what was lost would now "sync" fine.
+    fs.set_fail_fsync(false);
+    let e = store
+        .flush()
+        .await
+        .expect_err("a flush after a failed fsync reported success");
+    assert!(e.chain().contains("earlier fsync failed"), "{}", e.chain());
+    assert_eq!(e.errno(), 5);
+    store.write(0, random_bytes(3, 100)).await.unwrap();
+    assert!(store.flush().await.is_err(), "later flushes fail too");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_store_fsync_failure_is_sticky() {
+    let Some((_mnt, fs)) = failfs("file_store_fsync_failure_is_sticky") else {
+        return;
+    };
+    let store = FileStore::open(fs.path().join("disk.img"), FileOptions::with_size(MIB)).unwrap();
+    failed_fsync_is_sticky(&store, &fs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dir_store_fsync_failure_is_sticky() {
+    let Some((_mnt, fs)) = failfs("dir_store_fsync_failure_is_sticky") else {
+        return;
+    };
+    let store = DirStore::open(fs.path(), DirOptions::with_size(MIB).chunk_size(4096)).unwrap();
+    failed_fsync_is_sticky(&store, &fs).await;
+}

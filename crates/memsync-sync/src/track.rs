@@ -98,6 +98,9 @@ impl Store for Tracked {
     async fn flush(&self) -> Result<()> {
         self.inner.flush().await
     }
+    fn session(&self) -> u64 {
+        self.inner.session()
+    }
     async fn trim(&self, offset: u64, len: u64) -> Result<()> {
         let r = self.inner.trim(offset, len).await;
         self.mark(offset, len);

@@ -14,6 +14,7 @@
 
 pub mod child;
 pub mod contract;
+pub mod failfs;
 pub mod hugepages;
 pub mod nbd;
 pub mod servers;

@@ -15,7 +15,7 @@ use memsync_region::{Backing, FollowFaults, LazyRegion, RegionConfig};
 
 use crate::bench::gbps;
 use crate::cmd::Context;
-use crate::mount::{cache_chunk, cache_state, close_cache, open_cache};
+use crate::mount::{ReinitArgs, cache_chunk, cache_state, close_cache, open_cache};
 
 #[derive(Debug, Args)]
 pub struct MapArgs {
@@ -51,6 +51,8 @@ pub struct MapArgs {
     /// The cache's chunk size (with --cache): a power of two from 4K to 4M.
     #[arg(long, value_name = "SIZE", default_value = "1M", requires = "cache")]
     pub cache_chunk: String,
+    #[command(flatten)]
+    pub reinit: ReinitArgs,
 }
 
 fn parse_chunk(s: &str) -> Result<u64, String> {
@@ -68,6 +70,7 @@ pub fn map(ctx: &Context, a: MapArgs) -> Result<()> {
             let cfg = CacheConfig {
                 chunk_size: cache_chunk("--cache-chunk", &a.cache_chunk)?,
                 pull: true,
+                reinit: a.reinit.reinit(),
                 ..CacheConfig::default()
             };
             let cache = ctx

@@ -11,9 +11,9 @@ use anyhow::{Context as _, Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use memsync_cache::fuse::{FuseMount, FuseOptions};
-use memsync_cache::{Cache, CacheConfig, Opener, Reconnect};
+use memsync_cache::{Cache, CacheConfig, Opener, Reconnect, Reinit};
 use memsync_core::size::parse_size;
-use memsync_core::{DynStore, Registry};
+use memsync_core::{DynStore, Registry, StoreUrl};
 
 use crate::cmd::Context;
 use memsync_core::size::parse_duration;
@@ -61,6 +61,8 @@ pub struct MountArgs {
     /// --allow-other, 0666 lets every user read and write the remote.
     #[arg(long, default_value = "0600", value_parser = parse_mode)]
     pub mode: u32,
+    #[command(flatten)]
+    pub reinit: ReinitArgs,
 }
 
 /// Parse permission bits in octal (`0600`, `644`).
@@ -69,6 +71,29 @@ fn parse_mode(s: &str) -> Result<u32> {
         .ok()
         .filter(|m| *m <= 0o777)
         .with_context(|| format!("--mode {s:?}: permission bits in octal, 0 to 0777"))
+}
+
+/// Starting a cache directory over.
+#[derive(Debug, Args)]
+pub struct ReinitArgs {
+    /// Start the cache directory over (its local data is discarded) instead of refusing one
+    /// made for another remote, size or chunk size; refused while it may hold writes not yet
+    /// pushed to its remote.
+    #[arg(long)]
+    pub cache_reinit: bool,
+    /// With --cache-reinit: discard even writes not yet pushed to the directory's remote.
+    #[arg(long, requires = "cache_reinit")]
+    pub cache_reinit_force: bool,
+}
+
+impl ReinitArgs {
+    pub fn reinit(&self) -> Reinit {
+        match (self.cache_reinit, self.cache_reinit_force) {
+            (_, true) => Reinit::Force,
+            (true, false) => Reinit::IfClean,
+            (false, false) => Reinit::No,
+        }
+    }
 }
 
 /// Parse `START-END` or `START+LEN` (sizes with K/M/G suffixes).
@@ -87,8 +112,32 @@ pub fn parse_range(s: &str) -> Result<Range<u64>> {
     bail!("range {s:?}: expected START-END or START+LEN")
 }
 
+/// What a cache directory records as its remote: the URL's scheme, host, path and the query
+/// parameters that select data (`prefix`, `object`), never credentials (query parameters in
+/// store URLs) or tuning parameters
+/// (so `connections=4` or a new password do not make it another remote).
+pub fn remote_identity(url: &str) -> Result<String> {
+    let u = StoreUrl::parse(url)?;
+    let mut id = format!("{}:", u.scheme);
+    if let Some(a) = &u.authority {
+        id.push_str("//");
+        // Never the user's credentials: only the host part.
+        id.push_str(a.rsplit('@').next().unwrap_or(a));
+    }
+    id.push_str(&u.path);
+    let mut sep = '?';
+    for key in ["prefix", "object"] {
+        if let Some(v) = u.param(key) {
+            id.push_str(&format!("{sep}{key}={v}"));
+            sep = '&';
+        }
+    }
+    Ok(id)
+}
+
 /// Open (or resume) a managed cache of the remote `url` in `dir` (created if missing): the
-/// remotes come from [`remote_pair`], the second serving demand misses; the rest is `cfg`.
+/// remotes come from [`remote_pair`], the second serving demand misses; the directory records
+/// [`remote_identity`]; the rest is `cfg`.
 pub async fn open_cache(
     registry: &Registry,
     url: &str,
@@ -100,6 +149,7 @@ pub async fn open_cache(
         .with_context(|| format!("cannot open {}", memsync_core::redact(url)))?;
     let cfg = CacheConfig {
         demand_remote: Some(demand as DynStore),
+        remote_id: Some(remote_identity(url)?),
         ..cfg
     };
     let cache = Cache::open(remote as DynStore, dir, cfg)
@@ -186,6 +236,7 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
             hints,
             push_interval: a.push_interval,
             fetch_timeout: a.fetch_timeout,
+            reinit: a.reinit.reinit(),
             ..CacheConfig::default()
         };
         let cache = open_cache(&ctx.registry, &a.remote, &a.cache, cfg).await?;
@@ -304,6 +355,24 @@ mod tests {
         assert_eq!(parse_range("4K-8K").unwrap(), 4096..8192);
         assert!(parse_range("8K-4K").is_err());
         assert!(parse_range("x").is_err());
+    }
+
+    #[test]
+    fn remote_identity_keeps_what_selects_data_only() {
+        assert_eq!(
+            remote_identity("nbd://127.0.0.1:10809/disk?connections=4").unwrap(),
+            "nbd://127.0.0.1:10809/disk"
+        );
+        assert_eq!(
+            remote_identity("redis://h:6379/2?size=1G&prefix=vm1&timeout=3s&password=p").unwrap(),
+            "redis://h:6379/2?prefix=vm1"
+        );
+        assert_eq!(
+            remote_identity("s3://b/p?size=1G&secret_key=S&access_key=A&endpoint=http://e")
+                .unwrap(),
+            "s3://b/p"
+        );
+        assert_eq!(remote_identity("file:/x.img").unwrap(), "file:/x.img");
     }
 
     #[test]

@@ -703,6 +703,145 @@ fn mount_fuse_durable_after_sigkill_and_restart_refetches_nothing() {
     assert!(err.contains("memsync: stopped"), "{err}");
 }
 
+/// Issue 10, item 1: a write to a chunk the cache's map already records as present and clean,
+/// then SIGKILL before the next checkpoint. After a remount, fsync and a clean stop, the remote
+/// must hold the write (the map said "clean", so nothing pushed it before the fix).
+fn write_to_a_clean_chunk_then_sigkill(write: impl FnOnce(&std::path::Path, &mut Vec<u8>)) {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("remote.img");
+    let size = 4usize << 20;
+    let mut want = random(21, size);
+    std::fs::write(&img, &want).unwrap();
+    let srv = serve(&[
+        &format!("file:{}", img.display()),
+        "--listen",
+        "nbd://127.0.0.1:0",
+    ]);
+    let remote = format!("{}/", srv.uri);
+    let cache = dir.path().join("cache");
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+
+    let mut m = mount_proc(&remote, &cache, &mnt);
+    assert!(
+        std::fs::read(&m.file).unwrap() == want,
+        "first read differs"
+    );
+    // Wait for the checkpoint that records every chunk present and clean (the end of the pull
+    // makes one): polled, not timed.
+    let t = std::time::Instant::now();
+    while std::fs::read(cache.join("map")).unwrap() != vec![1u8; size / 65536] {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(60),
+            "no checkpoint recorded the chunks as present and clean"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    write(&m.file, &mut want);
+    m.child.kill().unwrap(); // SIGKILL: no flush, no checkpoint after the write
+    let _ = m.child.wait();
+    drop(m);
+    assert!(
+        std::fs::read(&img).unwrap() != want,
+        "the remote has the write already (the test would prove nothing)"
+    );
+
+    let mut m = mount_proc(&remote, &cache, &mnt);
+    assert!(
+        std::fs::read(&m.file).unwrap() == want,
+        "the mount lost the write"
+    );
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&m.file)
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    let pid = m.child.id().to_string();
+    run_ok("kill", &["-TERM", &pid]);
+    let status = m.child.wait().unwrap();
+    assert!(status.success(), "mount exited with {status}");
+    drop(m);
+    assert!(
+        std::fs::read(&img).unwrap() == want,
+        "after remount, fsync and stop the remote lacks the write made before SIGKILL"
+    );
+}
+
+#[test]
+fn mount_pwrite_to_a_clean_chunk_survives_sigkill() {
+    use std::os::unix::fs::FileExt;
+    write_to_a_clean_chunk_then_sigkill(|file, want| {
+        let f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
+        let d = random(22, 4096);
+        f.write_all_at(&d, 1 << 20).unwrap(); // reaches the cache before pwrite returns
+        want[1 << 20..(1 << 20) + 4096].copy_from_slice(&d);
+    });
+}
+
+#[test]
+fn mount_mmap_write_to_a_clean_chunk_survives_sigkill() {
+    use std::os::fd::AsFd;
+    write_to_a_clean_chunk_then_sigkill(|file, want| {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(file)
+            .unwrap();
+        let map = memsync_sys::Mapping::shared_fd(f.as_fd(), want.len(), 0).unwrap();
+        let d = random(23, 4096);
+        map.write_at(3 << 20, &d);
+        want[3 << 20..(3 << 20) + 4096].copy_from_slice(&d);
+        drop(map);
+        // close(2) writes the dirty pages back to the cache (FUSE flush), without an fsync.
+        drop(f);
+    });
+}
+
+/// Issue 10, item 4: a cache directory made for one remote is refused for another of the same
+/// size (before: it served the first one's bytes under the second's URL), and `--cache-reinit`
+/// starts it over.
+#[test]
+fn a_cache_directory_is_refused_for_another_remote() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 2usize << 20;
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    std::fs::write(&a, random(31, size)).unwrap();
+    std::fs::write(&b, random(32, size)).unwrap();
+    let (ua, ub) = (
+        format!("file:{}", a.display()),
+        format!("file:{}", b.display()),
+    );
+    let cache = dir.path().join("cache");
+    let map = |url: &str, extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_memsync"))
+            .args(["map", url, "--cache-chunk", "64K", "--cache"])
+            .arg(&cache)
+            .args(extra)
+            .output()
+            .expect("run memsync map")
+    };
+    let o = map(&ua, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        hash_of(&o, "map a"),
+        hash_of(&memsync(&["checksum", &ua]), "checksum")
+    );
+    let o = map(&ub, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains(&format!("file:{}", a.display())) && e.contains("--cache-reinit"),
+        "{e}"
+    );
+    let o = map(&ub, &["--cache-reinit"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        hash_of(&o, "map b"),
+        hash_of(&memsync(&["checksum", &ub]), "checksum")
+    );
+}
+
 /// The line of `memsync map --cache` output with the cache's statistics.
 fn cache_line(o: &Output) -> String {
     stdout(o)

@@ -403,6 +403,10 @@ impl<S: Store> Store for Chunked<S> {
             .await
     }
 
+    fn session(&self) -> u64 {
+        self.inner.session()
+    }
+
     async fn flush(&self) -> Result<()> {
         self.inner
             .flush()

@@ -556,6 +556,10 @@ impl<S: Store> Store for Fault<S> {
         self.inner.write(offset, data).await
     }
 
+    fn session(&self) -> u64 {
+        self.inner.session()
+    }
+
     async fn flush(&self) -> Result<()> {
         self.control.before(OpKind::Flush, None).await?;
         self.inner.flush().await

@@ -697,6 +697,10 @@ impl<S: Store> Store for Stats<S> {
         r.map_err(ctx(OpKind::Write, Some((offset, len))))
     }
 
+    fn session(&self) -> u64 {
+        self.inner.session()
+    }
+
     async fn flush(&self) -> Result<()> {
         let t = self.handle.start(OpKind::Flush);
         let r = self.inner.flush().await;
