@@ -135,14 +135,24 @@
 //! fault path.
 
 mod config;
+mod engine;
+mod error;
+mod exec;
+mod fault;
+mod installer;
 pub mod pull;
+mod puller;
 mod region;
+mod source;
 pub mod state;
 mod stats;
+mod worker;
 
 pub use config::{Backing, DEFAULT_CHUNK_SIZE, RegionConfig};
+pub use error::{ChunkError, Error};
 pub use memsync_sys::Advice;
 pub use pull::{FollowFaults, PullPriority, PullView, Sequential};
-pub use region::{ChunkError, Error, LazyRegion, PullProgress};
+pub use region::{LazyRegion, PullProgress};
+pub use source::{ChunkSource, FaultHooks, SourceFuture, StoreSource, WpAction};
 pub use state::{ChunkBitmap, ChunkMap, ChunkState, Geometry};
 pub use stats::{RegionStats, StatsSnapshot};
