@@ -171,42 +171,48 @@ fn cases(
         for s in subjects {
             (s.run)()?;
         }
-        let mut secs = vec![Vec::new(); subjects.len()];
-        let mut bytes = vec![Vec::new(); subjects.len()];
-        let mut changed = 0;
-        for _ in 0..b.config.runs() {
-            changed = if pct > 0.0 {
-                mutate(src, size, pct, rng)?
-            } else {
-                0
-            };
-            let want = hash_file(src)?;
-            for (k, s) in subjects.iter().enumerate() {
+        // One round runs every subject once (Bench::compare alternates their order); the first
+        // call of a round changes the source, so that every subject syncs the same change.
+        let calls = std::cell::Cell::new(0usize);
+        let round = std::cell::RefCell::new((0u64, blake3::Hash::from([0; 32])));
+        let rng = std::cell::RefCell::new(&mut *rng);
+        let n = subjects.len();
+        let mut list = Vec::new();
+        for s in subjects {
+            let (calls, round, rng, case) = (&calls, &round, &rng, &case);
+            list.push(super::Subject::multi(s.name.clone(), move || {
+                if calls.get() % n == 0 {
+                    let changed = if pct > 0.0 {
+                        mutate(src, size, pct, &mut rng.borrow_mut())?
+                    } else {
+                        0
+                    };
+                    *round.borrow_mut() = (changed, hash_file(src)?);
+                }
+                calls.set(calls.get() + 1);
+                let (changed, want) = *round.borrow();
                 let (t, n) = (s.run)()?;
-                let got = hash_file(&s.dst)?;
-                if got != want {
+                if hash_file(&s.dst)? != want {
                     bail!(
                         "{case}: {} left a destination that differs from the source",
                         s.name
                     );
                 }
-                secs[k].push(t);
-                bytes[k].push(n as f64);
-            }
+                let per = if changed > 0 {
+                    n as f64 / changed as f64
+                } else {
+                    f64::NAN
+                };
+                Ok(vec![t, n as f64 / 1e6, per])
+            }));
         }
-        let mut medians = Vec::new();
-        for (k, s) in subjects.iter().enumerate() {
-            medians.push(b.record(&case, &s.name, "time", "s", &secs[k]));
-            let mb: Vec<f64> = bytes[k].iter().map(|v| v / 1e6).collect();
-            let m = b.record(&case, &s.name, "bytes", "MB", &mb);
-            if changed > 0 {
-                let per: Vec<f64> = bytes[k].iter().map(|v| v / changed as f64).collect();
-                let _ = m;
-                b.record(&case, &s.name, "bytes/changed", "x", &per);
-            }
-        }
-        for (k, s) in subjects.iter().enumerate().skip(1) {
-            b.ratio(&case, &s.name, "s", medians[0], medians[k]);
+        let c = b.compare(
+            &case,
+            &[("time", "s"), ("bytes", "MB"), ("bytes/changed", "x")],
+            list,
+        )?;
+        for s in subjects.iter().skip(1) {
+            b.ratio(&c, &subjects[0].name, &s.name, "time")?;
         }
     }
     Ok(())
@@ -376,13 +382,16 @@ fn cli_unchanged(b: &mut Bench, src: &Path, dst: &Path) -> Result<()> {
         Ok(el)
     };
     run()?;
-    b.measure(
+    let samples = (0..b.config.runs())
+        .map(|_| run())
+        .collect::<Result<Vec<f64>>>()?;
+    b.record(
         "local 0% (memsync sync process)",
         "memsync",
         "time",
         "s",
-        run,
-    )?;
+        &samples,
+    );
     Ok(())
 }
 
