@@ -93,6 +93,17 @@ impl Core {
         }
     }
 
+    /// How data from the staging buffer is installed.
+    pub(crate) fn how(&self) -> How {
+        if self.cfg.memfd {
+            How::Continue
+        } else if self.use_move.load(Ordering::Relaxed) {
+            How::Move
+        } else {
+            How::Copy
+        }
+    }
+
     fn is_zero(&self, i: usize) -> bool {
         self.zero
             .get(i / 64)
@@ -135,12 +146,8 @@ impl Core {
             self.read_chunk(w, off, data_len, inst_len).and_then(|()| {
                 let how = if by == Fetcher::Repair {
                     How::Copy
-                } else if self.cfg.memfd {
-                    How::Continue
-                } else if self.use_move.load(Ordering::Relaxed) {
-                    How::Move
                 } else {
-                    How::Copy
+                    self.how()
                 };
                 self.install(w, off, dst, inst_len, how)
                     .map_err(Fail::Install)
@@ -475,7 +482,7 @@ impl EventHandler for Core {
                 self.stats.fault_latency.record(t0.elapsed());
             }
             // The fetcher's install wakes this fault.
-            Err(ChunkState::Fetching) => inc(&self.stats.faults_waited),
+            Err(ChunkState::Fetching | ChunkState::Dropping) => inc(&self.stats.faults_waited),
             Err(ChunkState::Present) => {
                 inc(&self.stats.faults_spurious);
                 if !self.cfg.memfd {

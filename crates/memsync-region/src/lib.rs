@@ -135,6 +135,7 @@
 //! fault path.
 
 mod config;
+mod drive;
 mod engine;
 mod error;
 mod exec;

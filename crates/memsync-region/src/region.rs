@@ -385,7 +385,7 @@ impl LazyRegion {
                     }
                     // Let the access fault; a handler fetches it.
                     ChunkState::Absent => break,
-                    ChunkState::Fetching => {
+                    ChunkState::Fetching | ChunkState::Dropping => {
                         if Instant::now() > wait_until {
                             break;
                         }
@@ -494,6 +494,66 @@ impl LazyRegion {
     /// If the range is outside the mapping.
     pub fn advise(&self, off: usize, len: usize, advice: Advice) -> io::Result<()> {
         self.inner.engine.map.advise(off, len, advice)
+    }
+
+    /// Installs `data` as chunk `chunk` (data that arrived from elsewhere,
+    /// e.g. pushed by a migration source or another host), if the chunk is
+    /// absent: `Ok(true)` when this call installed it. Races safely with
+    /// faults, the background puller and other calls: of a fetch and a
+    /// place of one chunk exactly one installs, a fault waiting on the
+    /// chunk is woken with the winner's bytes, and `Ok(false)` tells that
+    /// the chunk was not absent (present, being fetched, dropping or
+    /// poisoned) and nothing changed. To replace a present chunk,
+    /// [`invalidate`](Self::invalidate) it first.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` if `chunk` is not a chunk index or `data` is not the
+    /// chunk's data length ([`Geometry::chunk`]); the install's error.
+    pub fn place(&self, chunk: usize, data: &[u8]) -> io::Result<bool> {
+        let inner = &*self.inner;
+        if chunk >= inner.geo.chunks() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("chunk {chunk} out of range ({} chunks)", inner.geo.chunks()),
+            ));
+        }
+        let mut w = inner.take_worker()?;
+        let r = inner.place(&mut w, chunk, data);
+        inner.put_worker(w);
+        r
+    }
+
+    /// Drops the chunks overlapping `off..off + len`, whole, with any local
+    /// writes to them: they become absent, and the next touch faults and
+    /// fetches them from the source again. A fetch or place in progress is
+    /// waited for first; poisoned chunks are left as they are. Returns the
+    /// number of chunks dropped. Call it from a thread of your own, never
+    /// from a [`FaultHooks`] callback (the drop needs a handler thread).
+    ///
+    /// # Errors
+    ///
+    /// The `madvise(2)` error (the chunk then stays as it was).
+    ///
+    /// # Panics
+    ///
+    /// If the range is out of bounds.
+    #[track_caller]
+    pub fn invalidate(&self, off: usize, len: usize) -> io::Result<usize> {
+        self.check(off, len);
+        let inner = &*self.inner;
+        let mut n = 0;
+        let range = inner.geo.chunks_in(off, len);
+        for i in range.clone() {
+            if inner.drop_chunk(i, || Ok(()))? {
+                n += 1;
+            }
+        }
+        // Anonymous memory: the REMOVE event of each drop told the hooks.
+        if inner.cfg.memfd && !range.is_empty() {
+            inner.hooks.remove(range);
+        }
+        Ok(n)
     }
 
     /// The state of chunk `i`.

@@ -25,6 +25,9 @@ use proptest::prelude::*;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
+#[path = "region/engine.rs"]
+mod engine;
+
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
 /// Upper bound of every wait in these tests.

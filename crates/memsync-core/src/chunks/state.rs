@@ -20,6 +20,10 @@ pub enum ChunkState {
     /// `SIGBUS` (poisoned with `UFFDIO_POISON`, or replaced by a mapping
     /// that raises it).
     Poisoned,
+    /// A driver operation (invalidate, evict) owns the chunk and is
+    /// dropping its pages: faults wait for it as for a fetch, and a
+    /// `REMOVE` event (which that very drop raises) leaves it alone.
+    Dropping,
 }
 
 impl State for ChunkState {
@@ -31,6 +35,7 @@ impl State for ChunkState {
             Self::Fetching => 1,
             Self::Present => 2,
             Self::Poisoned => 3,
+            Self::Dropping => 4,
         }
     }
 
@@ -39,7 +44,8 @@ impl State for ChunkState {
             0 => Self::Absent,
             1 => Self::Fetching,
             2 => Self::Present,
-            _ => Self::Poisoned,
+            3 => Self::Poisoned,
+            _ => Self::Dropping,
         }
     }
 
@@ -49,6 +55,7 @@ impl State for ChunkState {
             Self::Fetching => "fetching",
             Self::Present => "present",
             Self::Poisoned => "poisoned",
+            Self::Dropping => "dropping",
         }
     }
 
@@ -57,7 +64,7 @@ impl State for ChunkState {
     }
 }
 
-use ChunkState::{Absent, Fetching, Poisoned, Present};
+use ChunkState::{Absent, Dropping, Fetching, Poisoned, Present};
 
 impl ChunkState {
     /// Absent → Fetching: take an absent chunk to fill it.
@@ -106,6 +113,27 @@ impl ChunkState {
     pub const INVALIDATE: Transition<Self> = Transition {
         name: "invalidate",
         from: &[Present, Fetching],
+        to: Absent,
+    };
+    /// Present or Absent → Dropping: a driver takes the chunk to drop its
+    /// pages (an absent chunk may still hold pages: those kept by a
+    /// partial drop).
+    pub const DROP: Transition<Self> = Transition {
+        name: "drop",
+        from: &[Present, Absent],
+        to: Dropping,
+    };
+    /// Dropping → Present: a drop given up before the pages went.
+    pub const KEEP: Transition<Self> = Transition {
+        name: "keep",
+        from: &[Dropping],
+        to: Present,
+    };
+    /// Dropping → Absent: the pages are gone; the next touch fetches the
+    /// chunk.
+    pub const DROPPED: Transition<Self> = Transition {
+        name: "dropped",
+        from: &[Dropping],
         to: Absent,
     };
 }
@@ -243,11 +271,16 @@ mod tests {
         assert!(m.unpoison(1));
         assert_eq!(m.apply(2, &ChunkState::FINISH), Err(Absent));
         assert_eq!(m.present_bitmap().count(), 0);
+        assert_eq!(m.apply(2, &ChunkState::DROP), Ok(Absent));
+        assert_eq!(m.invalidate(2), Dropping, "a REMOVE leaves a drop alone");
+        assert_eq!(m.try_claim(2), Err(Dropping));
+        assert_eq!(m.apply(2, &ChunkState::DROPPED), Ok(Dropping));
+        assert_eq!(m.try_claim(2), Ok(()));
     }
 
     #[test]
     fn every_state_round_trips_its_byte_and_has_a_name() {
-        for s in [Absent, Fetching, Present, Poisoned] {
+        for s in [Absent, Fetching, Present, Poisoned, Dropping] {
             assert_eq!(ChunkState::from_u8(s.to_u8()), s);
             assert!(!s.name().is_empty());
         }

@@ -1,0 +1,264 @@
+//! The engine's driver operations on real memory: `place`, `invalidate`,
+//! the fault hooks, over a source of this file (`VecSource`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use memsync_core::{Bytes, StoreError};
+use memsync_region::{
+    Backing, ChunkSource, ChunkState, FaultHooks, LazyRegion, RegionConfig, SourceFuture, WpAction,
+};
+use parking_lot::Mutex;
+
+use super::{KIB, cfg, join, spawn};
+
+/// A source holding its bytes in memory: counts reads, takes write-backs.
+#[derive(Debug)]
+pub struct VecSource {
+    pub data: Mutex<Vec<u8>>,
+    pub reads: AtomicUsize,
+    pub writes: AtomicUsize,
+}
+
+impl VecSource {
+    pub fn random(size: usize, seed: u64) -> Arc<Self> {
+        Arc::new(Self {
+            data: Mutex::new(memsync_testkit::random_bytes(seed, size).to_vec()),
+            reads: AtomicUsize::new(0),
+            writes: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn bytes(&self, off: usize, len: usize) -> Vec<u8> {
+        self.data.lock()[off..off + len].to_vec()
+    }
+}
+
+impl ChunkSource for VecSource {
+    fn size(&self) -> u64 {
+        self.data.lock().len() as u64
+    }
+
+    fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> SourceFuture<'a, ()> {
+        Box::pin(async move {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            let off = offset as usize;
+            buf.copy_from_slice(&self.data.lock()[off..off + buf.len()]);
+            Ok(())
+        })
+    }
+
+    fn write_back(&self, offset: u64, data: Bytes) -> SourceFuture<'_, ()> {
+        Box::pin(async move {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            let off = offset as usize;
+            self.data.lock()[off..off + data.len()].copy_from_slice(&data);
+            Ok::<(), StoreError>(())
+        })
+    }
+}
+
+/// Hooks that count what they are told.
+#[derive(Debug, Default)]
+pub struct Counting {
+    pub missing: AtomicUsize,
+    pub minor: AtomicUsize,
+    pub wp: AtomicUsize,
+    pub removed: AtomicUsize,
+}
+
+impl FaultHooks for Counting {
+    fn missing(&self, _chunk: usize) {
+        self.missing.fetch_add(1, Ordering::Relaxed);
+    }
+    fn minor(&self, _chunk: usize) {
+        self.minor.fetch_add(1, Ordering::Relaxed);
+    }
+    fn write_protect(&self, _chunk: usize, _addr: usize) -> WpAction {
+        self.wp.fetch_add(1, Ordering::Relaxed);
+        WpAction::Unprotect
+    }
+    fn remove(&self, chunks: std::ops::Range<usize>) {
+        self.removed.fetch_add(chunks.len(), Ordering::Relaxed);
+    }
+}
+
+fn region(src: &Arc<VecSource>, hooks: Arc<dyn FaultHooks>, c: RegionConfig) -> LazyRegion {
+    LazyRegion::with_source(Arc::clone(src) as Arc<dyn ChunkSource>, hooks, c).unwrap()
+}
+
+#[test]
+fn place_installs_an_absent_chunk_once_and_faults_see_it() {
+    let chunk = 64 * KIB;
+    let src = VecSource::random(8 * chunk + 100, 1);
+    let r = region(&src, Arc::new(()), cfg(chunk));
+    let placed = vec![0x5a; chunk];
+    assert!(r.place(3, &placed).unwrap(), "an absent chunk is installed");
+    assert_eq!(r.chunk_state(3), ChunkState::Present);
+    assert!(
+        !r.place(3, &[0x11; 64 * KIB]).unwrap(),
+        "a present chunk is left alone"
+    );
+    let mut got = vec![0u8; chunk];
+    r.read_faulting(3 * chunk, &mut got);
+    assert!(got == placed, "the placed bytes, not the source's");
+    assert_eq!(src.reads.load(Ordering::Relaxed), 0, "nothing was fetched");
+    // The short last chunk takes exactly its data length.
+    assert_eq!(
+        r.place(8, &[1; 64 * KIB]).unwrap_err().kind(),
+        std::io::ErrorKind::InvalidInput
+    );
+    assert!(r.place(8, &[7; 100]).unwrap());
+    let mut tail = [0u8; 100];
+    r.read_faulting(8 * chunk, &mut tail);
+    assert_eq!(tail, [7; 100]);
+    assert_eq!(
+        r.place(9, &[0; 1]).unwrap_err().kind(),
+        std::io::ErrorKind::InvalidInput
+    );
+    assert_eq!(r.stats().snapshot().chunks_placed, 2);
+}
+
+/// Faulting readers and placers race on every chunk: exactly one of the
+/// fetch and the place installs each chunk, and every reader sees the
+/// winner's bytes.
+#[test]
+fn place_races_faults_and_exactly_one_wins() {
+    for backing in [Backing::Anonymous, Backing::Memfd] {
+        let chunk = 16 * KIB;
+        let n = 64;
+        let src = VecSource::random(n * chunk, 2);
+        let r = Arc::new(region(
+            &src,
+            Arc::new(()),
+            RegionConfig {
+                backing,
+                ..cfg(chunk)
+            },
+        ));
+        let placed: Arc<Vec<u8>> = Arc::new(memsync_testkit::random_bytes(3, n * chunk).to_vec());
+        let readers: Vec<_> = (0..2)
+            .map(|t| {
+                let r = Arc::clone(&r);
+                spawn(move || {
+                    let mut seen = vec![0u8; n * chunk];
+                    for k in 0..n {
+                        let i = if t == 0 { k } else { n - 1 - k };
+                        r.read_faulting(i * chunk, &mut seen[i * chunk..(i + 1) * chunk]);
+                    }
+                    seen
+                })
+            })
+            .collect();
+        let placer = {
+            let (r, placed) = (Arc::clone(&r), Arc::clone(&placed));
+            spawn(move || {
+                (0..n)
+                    .map(|i| r.place(i, &placed[i * chunk..(i + 1) * chunk]).unwrap())
+                    .collect::<Vec<bool>>()
+            })
+        };
+        let seen: Vec<Vec<u8>> = readers.iter().map(join).collect();
+        let won = join(&placer);
+        let st = r.stats().snapshot();
+        let won_n = won.iter().filter(|&&w| w).count();
+        assert_eq!(st.chunks_placed as usize, won_n);
+        assert_eq!(
+            st.chunks_fault as usize + won_n,
+            n,
+            "{backing:?}: each chunk installed exactly once ({st})"
+        );
+        let truth = src.bytes(0, n * chunk);
+        for (i, &w) in won.iter().enumerate() {
+            let range = i * chunk..(i + 1) * chunk;
+            let want = if w {
+                &placed[range.clone()]
+            } else {
+                &truth[range.clone()]
+            };
+            for s in &seen {
+                assert!(
+                    &s[range.clone()] == want,
+                    "{backing:?}: chunk {i} (placed: {w})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn invalidate_drops_local_writes_and_refetches_from_the_source() {
+    for backing in [Backing::Anonymous, Backing::Memfd] {
+        let chunk = 64 * KIB;
+        let src = VecSource::random(4 * chunk, 4);
+        let hooks = Arc::new(Counting::default());
+        let r = region(
+            &src,
+            Arc::clone(&hooks) as Arc<dyn FaultHooks>,
+            RegionConfig {
+                backing,
+                ..cfg(chunk)
+            },
+        );
+        r.write_faulting(chunk + 10, b"local");
+        assert_eq!(hooks.missing.load(Ordering::Relaxed), 1);
+        assert_eq!(r.chunk_state(1), ChunkState::Present);
+        // Bytes 10..chunk+20 touch chunks 0 and 1: both dropped, whole.
+        assert_eq!(r.invalidate(10, chunk + 10).unwrap(), 2);
+        assert_eq!(r.chunk_state(1), ChunkState::Absent);
+        assert_eq!(r.present_count(), 0);
+        assert_eq!(hooks.removed.load(Ordering::Relaxed), 2, "{backing:?}");
+        let mut got = vec![0u8; chunk];
+        r.read_faulting(chunk, &mut got);
+        assert!(
+            got == src.bytes(chunk, chunk),
+            "{backing:?}: refetched, the local write is gone"
+        );
+        assert_eq!(hooks.missing.load(Ordering::Relaxed), 2);
+        // Invalidate, then place new data: a driver's update of a chunk.
+        src.data.lock()[chunk..2 * chunk].fill(9);
+        r.invalidate(chunk, 1).unwrap();
+        assert!(r.place(1, &[3; 64 * KIB]).unwrap());
+        r.read_faulting(chunk, &mut got);
+        assert!(got.iter().all(|&b| b == 3), "{backing:?}");
+        assert_eq!(r.stats().snapshot().chunks_dropped, 3);
+    }
+}
+
+/// Invalidations race with faulting readers: every read sees the source's
+/// bytes (the source does not change), never zeros or a torn chunk.
+#[test]
+fn invalidate_races_faults_without_wrong_bytes() {
+    let chunk = 16 * KIB;
+    let n = 32;
+    let src = VecSource::random(n * chunk, 5);
+    let r = Arc::new(region(&src, Arc::new(()), cfg(chunk)));
+    let truth = Arc::new(src.bytes(0, n * chunk));
+    let readers: Vec<_> = (0..2)
+        .map(|t| {
+            let (r, truth) = (Arc::clone(&r), Arc::clone(&truth));
+            spawn(move || {
+                let mut buf = vec![0u8; chunk];
+                for k in 0..400 {
+                    let i = (k * 7 + t * 3) % n;
+                    r.read_faulting(i * chunk, &mut buf);
+                    assert!(buf == truth[i * chunk..(i + 1) * chunk], "chunk {i}");
+                }
+            })
+        })
+        .collect();
+    let dropper = {
+        let r = Arc::clone(&r);
+        spawn(move || {
+            let mut dropped = 0;
+            for k in 0..200 {
+                dropped += r.invalidate((k * 5 % n) * chunk, chunk).unwrap();
+            }
+            dropped
+        })
+    };
+    for rx in &readers {
+        join(rx);
+    }
+    assert!(join(&dropper) > 0);
+}
