@@ -10,9 +10,13 @@
 use std::io;
 use std::time::Duration;
 
-use memsync_sys::Advice;
+use memsync_sys::{Advice, Features};
+
+use crate::config::WriteTracking;
 
 use crate::fault::Core;
+use crate::installer::Step;
+use crate::source::WpAction;
 use crate::state::ChunkState;
 use crate::stats::inc;
 use crate::worker::Worker;
@@ -40,7 +44,7 @@ impl Core {
         buf[..data_len].copy_from_slice(data);
         buf[data_len..].fill(0);
         let dst = self.base() + off;
-        let r = self.install(w, off, dst, inst_len, self.how());
+        let r = self.install(w, off, dst, inst_len, self.how(), self.wp_for(i));
         match r {
             Ok(()) => {
                 inc(&self.stats.chunks_placed);
@@ -111,12 +115,28 @@ impl Core {
             Advice::DontNeed
         };
         // This raises a REMOVE event, which a handler thread must read
-        // before the call returns; the handler leaves a dropping chunk
-        // alone.
+        // before the call returns. The handler leaves a dropping chunk
+        // alone but acknowledges it: until then the chunk stays dropping, so
+        // a late event cannot invalidate the chunk after it was fetched
+        // again.
+        self.remove_ack.clear(i);
         let r = self.engine.map.advise(off, inst_len, advice);
         if let Err(e) = r {
             undo(prev);
             return Err(e);
+        }
+        if self.engine.uffd.features().contains(Features::EVENT_REMOVE) {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !self.remove_ack.get(i) {
+                if self.stopping() || std::time::Instant::now() > deadline {
+                    tracing::warn!(
+                        chunk = i,
+                        "memsync-region: no REMOVE event seen for a dropped chunk"
+                    );
+                    break;
+                }
+                std::thread::yield_now();
+            }
         }
         inc(&self.stats.chunks_dropped);
         let _ = self.chunks.apply(i, &ChunkState::DROPPED);
@@ -124,5 +144,76 @@ impl Core {
         // again and fetch the chunk.
         let _ = self.engine.uffd.wake(self.base() + off, inst_len);
         Ok(())
+    }
+
+    /// A write hit write-protected chunk `i`: ask the hooks, then (by
+    /// default) lift the protection of the chunk, which wakes the writer.
+    pub(crate) fn on_wp_fault(&self, w: &mut Worker, i: usize, addr: usize) {
+        inc(&self.stats.wp_faults);
+        if self.hooks.write_protect(i, addr) == WpAction::Unprotect {
+            self.protected.clear(i);
+            let (off, _, inst_len) = self.geo.chunk(i);
+            let dst = self.base() + off;
+            let inst = self.installer();
+            if let Err(e) = self.until_done(
+                &mut w.ev,
+                Duration::from_secs(10),
+                "UFFDIO_WRITEPROTECT kept returning EAGAIN",
+                |_| inst.write_protect(dst, inst_len, false),
+            ) {
+                tracing::error!(chunk = i, error = %e, "memsync-region: lifting write protection failed");
+            }
+        }
+    }
+
+    /// Write-protects (`on`) or releases chunk `i` for a driver
+    /// ([`WriteTracking::Protect`]). Protection of a chunk that is being
+    /// filled waits for the fill (which may not have seen the protection
+    /// bit); an absent chunk is installed protected when it is fetched.
+    /// Releasing wakes writers held by [`WpAction::Hold`].
+    pub(crate) fn set_protection(&self, i: usize, on: bool) -> io::Result<()> {
+        if self.tracking != WriteTracking::Protect {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "protect/unprotect need RegionConfig::write_tracking = WriteTracking::Protect",
+            ));
+        }
+        let (off, _, inst_len) = self.geo.chunk(i);
+        let dst = self.base() + off;
+        if on {
+            self.protected.set(i);
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            let mut nap = Duration::from_micros(1);
+            while matches!(
+                self.chunks.get(i),
+                ChunkState::Fetching | ChunkState::Dropping
+            ) {
+                if self.stopping() {
+                    return Err(io::Error::other("the region is shutting down"));
+                }
+                std::thread::sleep(nap);
+                nap = (nap * 2).min(Duration::from_millis(1));
+            }
+        } else {
+            self.protected.clear(i);
+        }
+        // Called on a driver thread: a pending event (EAGAIN) is read by the
+        // handler threads, so just try again.
+        let inst = self.installer();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match inst.write_protect(dst, inst_len, on)? {
+                Step::Done => return Ok(()),
+                Step::Again { .. } if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                Step::Again { .. } => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "UFFDIO_WRITEPROTECT kept returning EAGAIN",
+                    ));
+                }
+            }
+        }
     }
 }

@@ -83,6 +83,7 @@ fn open_uffd(
     memfd: bool,
     hugetlb: bool,
     force_user_mode: Option<bool>,
+    wp: bool,
     wp_async: bool,
 ) -> Result<(Uffd, bool), Error> {
     let open = |user_mode_only| {
@@ -116,11 +117,11 @@ fn open_uffd(
     } else {
         Features::empty()
     };
+    if wp && (memfd || hugetlb) {
+        required |= Features::WP_HUGETLBFS_SHMEM;
+    }
     if wp_async {
         required |= Features::WP_ASYNC;
-        if memfd || hugetlb {
-            required |= Features::WP_HUGETLBFS_SHMEM;
-        }
     }
     if !supported.contains(required) {
         return Err(Error::Config(format!(
@@ -148,6 +149,7 @@ impl Engine {
             memfd_mode,
             hugetlb,
             setup.user_mode_only,
+            setup.wp,
             setup.wp && setup.wp_async,
         )?;
         let len = setup.map_len;

@@ -16,6 +16,7 @@ use memsync_core::StoreError;
 use memsync_sys::{Advice, Event, PageFaultFlags, SigbusFile};
 use parking_lot::Mutex;
 
+use crate::config::WriteTracking;
 use crate::engine::{Engine, EventHandler};
 use crate::error::ChunkError;
 use crate::installer::{How, Installer, Step};
@@ -23,6 +24,7 @@ use crate::source::{ChunkSource, FaultHooks};
 use crate::state::{ChunkMap, ChunkState, Geometry};
 use crate::stats::{RegionStats, add, inc};
 use crate::worker::{Events, StagePool, Worker};
+use memsync_core::chunks::AtomicChunkBitmap;
 
 pub(crate) const NO_FAULT: usize = usize::MAX;
 const MAX_BACKOFF: Duration = Duration::from_millis(100);
@@ -76,6 +78,11 @@ pub(crate) struct Core {
     /// Workers of inline fetches.
     pub(crate) pool: Mutex<Vec<Worker>>,
     pub(crate) stage: StagePool,
+    pub(crate) tracking: WriteTracking,
+    /// Chunks a driver write-protected ([`WriteTracking::Protect`]).
+    pub(crate) protected: AtomicChunkBitmap,
+    /// Set by the handler that read the `REMOVE` event of a driver's drop.
+    pub(crate) remove_ack: AtomicChunkBitmap,
 }
 
 impl Core {
@@ -101,6 +108,21 @@ impl Core {
             How::Move
         } else {
             How::Copy
+        }
+    }
+
+    /// Whether chunk `i` is installed write-protected: every chunk under
+    /// dirty tracking (fetched data is clean), a protected one otherwise.
+    pub(crate) fn wp_for(&self, i: usize) -> bool {
+        match self.tracking {
+            WriteTracking::Off => false,
+            WriteTracking::Dirty => true,
+            WriteTracking::Protect => {
+                // Pairs with the fence in `protect`: either this fetch sees
+                // the bit, or `protect` sees the chunk claimed and waits.
+                std::sync::atomic::fence(Ordering::SeqCst);
+                self.protected.get(i)
+            }
         }
     }
 
@@ -140,8 +162,9 @@ impl Core {
         let (off, data_len, inst_len) = self.geo.chunk(i);
         let dst = self.base() + off;
         let zero = self.is_zero(i);
+        let wp = self.wp_for(i);
         let res = if zero {
-            self.install_zero(w, off, dst, inst_len)
+            self.install_zero(w, off, dst, inst_len, wp)
         } else {
             self.read_chunk(w, off, data_len, inst_len).and_then(|()| {
                 let how = if by == Fetcher::Repair {
@@ -149,7 +172,7 @@ impl Core {
                 } else {
                     self.how()
                 };
-                self.install(w, off, dst, inst_len, how)
+                self.install(w, off, dst, inst_len, how, wp)
                     .map_err(Fail::Install)
             })
         };
@@ -378,22 +401,28 @@ impl Core {
         Ok(())
     }
 
-    fn install_zero(&self, w: &mut Worker, off: usize, dst: usize, len: usize) -> Result<(), Fail> {
-        if self.cfg.memfd {
+    fn install_zero(
+        &self,
+        w: &mut Worker,
+        off: usize,
+        dst: usize,
+        len: usize,
+        wp: bool,
+    ) -> Result<(), Fail> {
+        let how = if self.cfg.memfd {
             // shmem has no zero page: write zeros into the page cache.
+            How::Continue
+        } else if self.cfg.hugetlb || wp {
+            // hugetlb has no UFFDIO_ZEROPAGE, and it cannot write-protect:
+            // copy zeros.
+            How::Copy
+        } else {
+            How::Zero
+        };
+        if how != How::Zero {
             w.buf(len).fill(0);
-            return self
-                .install(w, off, dst, len, How::Continue)
-                .map_err(Fail::Install);
         }
-        if self.cfg.hugetlb {
-            // hugetlb has no UFFDIO_ZEROPAGE: copy zeros.
-            w.buf(len).fill(0);
-            return self
-                .install(w, off, dst, len, How::Copy)
-                .map_err(Fail::Install);
-        }
-        self.install(w, off, dst, len, How::Zero)
+        self.install(w, off, dst, len, how, wp)
             .map_err(Fail::Install)
     }
 
@@ -408,7 +437,14 @@ impl Core {
         dst: usize,
         len: usize,
         how: How,
+        wp: bool,
     ) -> io::Result<()> {
+        // MOVE cannot install write-protected pages.
+        let how = if wp && how == How::Move {
+            How::Copy
+        } else {
+            how
+        };
         let inst = self.installer();
         let r = if how == How::Continue {
             inst.fill_page_cache(&w.staging.as_slice()[w.cur..w.cur + len], off)
@@ -424,7 +460,7 @@ impl Core {
                 ev,
                 Duration::from_secs(10),
                 "install kept returning EAGAIN",
-                |from| inst.install(staging, *cur, dst, len, from, &mut cur_how),
+                |from| inst.install((staging, *cur), dst, len, from, &mut cur_how, wp),
             )
         });
         if how == How::Move {
@@ -448,16 +484,27 @@ impl EventHandler for Core {
     fn on_other(&self, ev: Event) {
         if let Event::Remove { start, end } = ev {
             inc(&self.stats.removes);
-            // Anonymous memory: the pages are gone, refetch on the next
-            // touch. memfd: MADV_DONTNEED keeps the page cache (the next
-            // touch is a MINOR fault); MADV_REMOVE punches a hole, which
-            // the next touch repairs (MISSING fault on a present chunk).
-            if !self.cfg.memfd
-                && let Some(r) = self.chunk_span(start, end)
-            {
-                for i in r.clone() {
+            let Some(r) = self.chunk_span(start, end) else {
+                return;
+            };
+            let mut theirs = false;
+            for i in r.clone() {
+                if self.chunks.get(i) == ChunkState::Dropping {
+                    // A driver's own drop: it waits for this acknowledgement
+                    // before the chunk may be fetched again, and tells the
+                    // hooks itself.
+                    self.remove_ack.set(i);
+                } else if !self.cfg.memfd {
+                    // Anonymous memory: the pages are gone, refetch on the
+                    // next touch. memfd: MADV_DONTNEED keeps the page cache
+                    // (the next touch is a MINOR fault); MADV_REMOVE punches
+                    // a hole, which the next touch repairs (MISSING fault on
+                    // a present chunk).
                     self.chunks.invalidate(i);
+                    theirs = true;
                 }
+            }
+            if theirs {
                 self.hooks.remove(r);
             }
         }
@@ -472,6 +519,10 @@ impl EventHandler for Core {
         }
         let uffd = &self.engine.uffd;
         let i = self.geo.chunk_of(addr - self.base());
+        if flags.contains(PageFaultFlags::WP) {
+            self.on_wp_fault(w, i, addr);
+            return;
+        }
         self.last_fault.store(i, Ordering::Relaxed);
         match self.chunks.try_claim(i) {
             Ok(()) => {
@@ -494,8 +545,9 @@ impl EventHandler for Core {
                     let (off, _, inst) = self.geo.chunk(i);
                     let dst = self.base() + off;
                     let installer = self.installer();
+                    let wp = self.wp_for(i);
                     let _ = self.until_done(&mut w.ev, Duration::from_secs(86400), "", |from| {
-                        installer.remap(dst, inst, from)
+                        installer.remap(dst, inst, from, wp)
                     });
                     let _ = uffd.wake(dst, inst);
                 } else if self.chunks.try_reclaim(i).is_ok() {

@@ -74,28 +74,41 @@ impl Installer<'_> {
         file.write_all_at(src, off as u64)
     }
 
-    /// Installs `len` bytes at `dst` from `staging[cur..]`, starting `from`
+    /// Installs `len` bytes at `dst` from `staging[cur..]` (write-protected
+    /// if `wp`), starting `from`
     /// bytes in, without waking the waiters (the caller wakes the range).
     /// Pages that already exist are skipped. A move the kernel refuses
     /// switches `how` to [`How::Copy`] (pages moved before the error exist
     /// and are skipped by the copy).
     pub(crate) fn install(
         &self,
-        staging: &mut Staging,
-        cur: usize,
+        (staging, cur): (&mut Staging, usize),
         dst: usize,
         len: usize,
         from: usize,
         how: &mut How,
+        wp: bool,
     ) -> io::Result<Step> {
         let mut pos = from;
+        // MOVE cannot install write-protected pages.
+        if wp && *how == How::Move {
+            *how = How::Copy;
+        }
+        let (copy, cont) = if wp {
+            (
+                CopyMode::DONTWAKE | CopyMode::WP,
+                ContinueMode::DONTWAKE | ContinueMode::WP,
+            )
+        } else {
+            (CopyMode::DONTWAKE, ContinueMode::DONTWAKE)
+        };
         while pos < len {
             let (d, n) = (dst + pos, len - pos);
             let r = match *how {
                 How::Move => staging.move_to(self.uffd, d, cur + pos, n, MoveMode::DONTWAKE),
-                How::Copy => staging.copy_to(self.uffd, d, cur + pos, n, CopyMode::DONTWAKE),
+                How::Copy => staging.copy_to(self.uffd, d, cur + pos, n, copy),
                 How::Zero => self.uffd.zeropage(d, n, true),
-                How::Continue => self.uffd.continue_range(d, n, ContinueMode::DONTWAKE),
+                How::Continue => self.uffd.continue_range(d, n, cont),
             };
             match r {
                 Ok(Install::Done(_)) => {
@@ -132,13 +145,15 @@ impl Installer<'_> {
 
     /// `UFFDIO_CONTINUE` (waking) over `dst..dst + len` from `from`: maps
     /// page-cache pages that are already there (a MINOR fault).
-    pub(crate) fn remap(&self, dst: usize, len: usize, from: usize) -> io::Result<Step> {
+    pub(crate) fn remap(&self, dst: usize, len: usize, from: usize, wp: bool) -> io::Result<Step> {
         let mut pos = from;
+        let mode = if wp {
+            ContinueMode::WP
+        } else {
+            ContinueMode::empty()
+        };
         while pos < len {
-            match self
-                .uffd
-                .continue_range(dst + pos, len - pos, ContinueMode::empty())?
-            {
+            match self.uffd.continue_range(dst + pos, len - pos, mode)? {
                 Install::Done(_) => pos = len,
                 Install::Exists => pos += self.page,
                 Install::Again { done } => return Ok(Step::Again { pos: pos + done }),
@@ -159,5 +174,20 @@ impl Installer<'_> {
             }
         }
         Ok(Step::Done)
+    }
+
+    /// `UFFDIO_WRITEPROTECT` on or off. `EAGAIN` becomes [`Step::Again`]
+    /// (from the start: the ioctl reports no progress).
+    pub(crate) fn write_protect(&self, dst: usize, len: usize, on: bool) -> io::Result<Step> {
+        let r = if on {
+            self.uffd.write_protect(dst, len)
+        } else {
+            self.uffd.write_unprotect(dst, len, false)
+        };
+        match r {
+            Ok(()) => Ok(Step::Done),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Step::Again { pos: 0 }),
+            Err(e) => Err(e),
+        }
     }
 }

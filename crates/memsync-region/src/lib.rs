@@ -149,7 +149,7 @@ pub mod state;
 mod stats;
 mod worker;
 
-pub use config::{Backing, DEFAULT_CHUNK_SIZE, RegionConfig};
+pub use config::{Backing, DEFAULT_CHUNK_SIZE, RegionConfig, WriteTracking};
 pub use error::{ChunkError, Error};
 pub use memsync_sys::Advice;
 pub use pull::{FollowFaults, PullPriority, PullView, Sequential};

@@ -13,7 +13,7 @@ use memsync_core::DynStore;
 use memsync_sys::{Advice, Features, SigbusFile, page_size};
 use parking_lot::Mutex;
 
-use crate::config::{Backing, RegionConfig};
+use crate::config::{Backing, RegionConfig, WriteTracking};
 use crate::engine::{Engine, EngineSetup};
 use crate::error::{ChunkError, Error, sys};
 use crate::exec::Exec;
@@ -23,6 +23,7 @@ use crate::source::{ChunkSource, FaultHooks, StoreSource};
 use crate::state::{ChunkBitmap, ChunkMap, ChunkState, Geometry};
 use crate::stats::RegionStats;
 use crate::worker::{StagePool, Worker, new_staging, staging_layout};
+use memsync_core::chunks::AtomicChunkBitmap;
 
 /// Background pull progress.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,8 +150,8 @@ impl LazyRegion {
             page,
             huge_pages: cfg.huge_pages,
             user_mode_only: cfg.user_mode_only,
-            wp: false,
-            wp_async: false,
+            wp: cfg.write_tracking != WriteTracking::Off,
+            wp_async: cfg.write_tracking == WriteTracking::Dirty,
             spin: cfg.spin,
             // Pinned handlers each serve their own CPU: all of them poll.
             standby_after: if cfg.pin_handlers {
@@ -206,6 +207,9 @@ impl LazyRegion {
             use_move: AtomicBool::new(use_move),
             pool: Mutex::new(Vec::new()),
             stage: StagePool::default(),
+            tracking: cfg.write_tracking,
+            protected: AtomicChunkBitmap::new(geo.chunks()),
+            remove_ack: AtomicChunkBitmap::new(geo.chunks()),
         });
         let mut region = Self {
             inner,
@@ -549,11 +553,52 @@ impl LazyRegion {
                 n += 1;
             }
         }
-        // Anonymous memory: the REMOVE event of each drop told the hooks.
-        if inner.cfg.memfd && !range.is_empty() {
+        if !range.is_empty() {
             inner.hooks.remove(range);
         }
         Ok(n)
+    }
+
+    /// Write-protects the chunks overlapping `off..off + len` (needs
+    /// [`WriteTracking::Protect`]): a write to one of them faults, and the
+    /// fault goes to [`FaultHooks::write_protect`], which lifts the
+    /// protection of that chunk (the default) or holds the writer until
+    /// [`unprotect`](Self::unprotect). Reads are not affected. Absent chunks
+    /// are installed protected when they are fetched or placed.
+    ///
+    /// # Errors
+    ///
+    /// `Unsupported` without [`WriteTracking::Protect`]; the ioctl's error.
+    ///
+    /// # Panics
+    ///
+    /// If the range is out of bounds.
+    #[track_caller]
+    pub fn protect(&self, off: usize, len: usize) -> io::Result<()> {
+        self.check(off, len);
+        for i in self.inner.geo.chunks_in(off, len) {
+            self.inner.set_protection(i, true)?;
+        }
+        Ok(())
+    }
+
+    /// Lifts the write protection of the chunks overlapping
+    /// `off..off + len` and wakes the writers held on them.
+    ///
+    /// # Errors
+    ///
+    /// As for [`protect`](Self::protect).
+    ///
+    /// # Panics
+    ///
+    /// If the range is out of bounds.
+    #[track_caller]
+    pub fn unprotect(&self, off: usize, len: usize) -> io::Result<()> {
+        self.check(off, len);
+        for i in self.inner.geo.chunks_in(off, len) {
+            self.inner.set_protection(i, false)?;
+        }
+        Ok(())
     }
 
     /// The state of chunk `i`.

@@ -144,3 +144,77 @@ mod tests {
         assert_eq!(b.iter().collect::<Vec<_>>(), vec![0, 1, 2]);
     }
 }
+
+/// A bitmap with one bit per chunk that threads set and clear at once
+/// (e.g. the chunks a driver write-protected).
+#[derive(Debug)]
+pub struct AtomicChunkBitmap {
+    words: Box<[std::sync::atomic::AtomicU64]>,
+    len: usize,
+}
+
+impl AtomicChunkBitmap {
+    /// `len` clear bits.
+    #[must_use]
+    pub fn new(len: usize) -> Self {
+        Self {
+            words: (0..len.div_ceil(64))
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
+            len,
+        }
+    }
+
+    /// Number of bits.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the bitmap has no bits.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether bit `i` is set (`false` past the end).
+    #[must_use]
+    pub fn get(&self, i: usize) -> bool {
+        i < self.len
+            && self.words[i / 64].load(std::sync::atomic::Ordering::SeqCst) & (1 << (i % 64)) != 0
+    }
+
+    /// Sets bit `i`; returns whether it was set before.
+    ///
+    /// # Panics
+    ///
+    /// If `i >= len()`.
+    pub fn set(&self, i: usize) -> bool {
+        assert!(i < self.len, "bit {i} out of range ({} bits)", self.len);
+        let m = 1 << (i % 64);
+        self.words[i / 64].fetch_or(m, std::sync::atomic::Ordering::SeqCst) & m != 0
+    }
+
+    /// Clears bit `i`; returns whether it was set before.
+    ///
+    /// # Panics
+    ///
+    /// If `i >= len()`.
+    pub fn clear(&self, i: usize) -> bool {
+        assert!(i < self.len, "bit {i} out of range ({} bits)", self.len);
+        let m = 1 << (i % 64);
+        self.words[i / 64].fetch_and(!m, std::sync::atomic::Ordering::SeqCst) & m != 0
+    }
+
+    /// A snapshot.
+    #[must_use]
+    pub fn snapshot(&self) -> ChunkBitmap {
+        ChunkBitmap::from_words(
+            self.words
+                .iter()
+                .map(|w| w.load(std::sync::atomic::Ordering::SeqCst))
+                .collect(),
+            self.len,
+        )
+    }
+}

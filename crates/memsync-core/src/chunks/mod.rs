@@ -14,7 +14,7 @@ mod order;
 mod state;
 mod table;
 
-pub use bitmap::ChunkBitmap;
+pub use bitmap::{AtomicChunkBitmap, ChunkBitmap};
 pub use geometry::Geometry;
 pub use order::{FollowFaults, PullPriority, PullView, Sequential};
 pub use state::{ChunkMap, ChunkState};

@@ -262,3 +262,129 @@ fn invalidate_races_faults_without_wrong_bytes() {
     }
     assert!(join(&dropper) > 0);
 }
+
+/// Hooks that hold the first write-protect fault until the test releases
+/// it, and report each one on a channel.
+#[derive(Debug)]
+struct Holding {
+    hold_first: bool,
+    seen: Mutex<Vec<usize>>,
+    tx: Mutex<std::sync::mpsc::Sender<usize>>,
+}
+
+impl FaultHooks for Holding {
+    fn write_protect(&self, chunk: usize, _addr: usize) -> WpAction {
+        let mut seen = self.seen.lock();
+        seen.push(chunk);
+        let _ = self.tx.lock().send(chunk);
+        if self.hold_first && seen.len() == 1 {
+            WpAction::Hold
+        } else {
+            WpAction::Unprotect
+        }
+    }
+}
+
+fn protect_cfg(chunk: usize, backing: Backing) -> RegionConfig {
+    RegionConfig {
+        backing,
+        write_tracking: memsync_region::WriteTracking::Protect,
+        ..cfg(chunk)
+    }
+}
+
+#[test]
+fn protect_delivers_write_faults_to_the_hook() {
+    for backing in [Backing::Anonymous, Backing::Memfd] {
+        let chunk = 64 * KIB;
+        let src = VecSource::random(4 * chunk, 6);
+        let hooks = Arc::new(Counting::default());
+        let r = region(
+            &src,
+            Arc::clone(&hooks) as Arc<dyn FaultHooks>,
+            protect_cfg(chunk, backing),
+        );
+        r.write_faulting(chunk, b"first");
+        // A present chunk and an absent one.
+        r.protect(chunk, chunk).unwrap();
+        r.protect(2 * chunk, 1).unwrap();
+        let mut got = vec![0u8; chunk];
+        r.read_faulting(chunk, &mut got);
+        assert_eq!(
+            hooks.wp.load(Ordering::Relaxed),
+            0,
+            "{backing:?}: reads do not fault"
+        );
+        r.write_faulting(chunk + 5, b"second");
+        assert_eq!(hooks.wp.load(Ordering::Relaxed), 1, "{backing:?}");
+        r.write_faulting(chunk + 20, b"third");
+        assert_eq!(
+            hooks.wp.load(Ordering::Relaxed),
+            1,
+            "{backing:?}: lifted for the chunk"
+        );
+        // The absent chunk was installed protected.
+        r.write_faulting(2 * chunk + 7, b"x");
+        assert_eq!(hooks.wp.load(Ordering::Relaxed), 2, "{backing:?}");
+        assert_eq!(hooks.missing.load(Ordering::Relaxed), 2);
+        let mut want = src.bytes(chunk, chunk);
+        want[..5].copy_from_slice(b"first");
+        want[5..11].copy_from_slice(b"second");
+        want[20..25].copy_from_slice(b"third");
+        r.read_faulting(chunk, &mut got);
+        assert!(got == want, "{backing:?}");
+        let mut b = [0u8; 1];
+        r.read_faulting(2 * chunk + 7, &mut b);
+        assert_eq!(&b, b"x");
+        assert_eq!(r.stats().snapshot().wp_faults, 2);
+    }
+}
+
+#[test]
+fn a_held_write_waits_until_unprotect() {
+    let chunk = 16 * KIB;
+    let src = VecSource::random(4 * chunk, 7);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let hooks = Arc::new(Holding {
+        hold_first: true,
+        seen: Mutex::new(Vec::new()),
+        tx: Mutex::new(tx),
+    });
+    let r = Arc::new(region(
+        &src,
+        Arc::clone(&hooks) as Arc<dyn FaultHooks>,
+        protect_cfg(chunk, Backing::Anonymous),
+    ));
+    r.protect(0, 4 * chunk).unwrap();
+    let writer = {
+        let r = Arc::clone(&r);
+        spawn(move || r.write_faulting(chunk + 3, b"held"))
+    };
+    assert_eq!(
+        rx.recv_timeout(super::WAIT).unwrap(),
+        1,
+        "the hook saw chunk 1"
+    );
+    // The writer is held: the chunk still reads as the source's bytes.
+    let mut got = [0u8; 4];
+    r.read_at(chunk + 3, &mut got).unwrap();
+    assert_eq!(got.as_slice(), &src.bytes(chunk + 3, 4)[..]);
+    assert!(writer.try_recv().is_err(), "the write is still held");
+    r.unprotect(chunk, 1).unwrap();
+    join(&writer);
+    r.read_at(chunk + 3, &mut got).unwrap();
+    assert_eq!(&got, b"held");
+    // Other chunks stay protected.
+    r.write_faulting(3 * chunk, b"y");
+    assert_eq!(rx.recv_timeout(super::WAIT).unwrap(), 3);
+}
+
+#[test]
+fn protect_needs_the_protect_mode() {
+    let src = VecSource::random(64 * KIB, 8);
+    let r = region(&src, Arc::new(()), cfg(16 * KIB));
+    assert_eq!(
+        r.protect(0, 1).unwrap_err().kind(),
+        std::io::ErrorKind::Unsupported
+    );
+}
