@@ -83,6 +83,8 @@ pub(crate) struct Core {
     pub(crate) protected: AtomicChunkBitmap,
     /// Set by the handler that read the `REMOVE` event of a driver's drop.
     pub(crate) remove_ack: AtomicChunkBitmap,
+    /// With [`WriteTracking::Dirty`].
+    pub(crate) dirty: Option<crate::dirty::DirtyTracker>,
 }
 
 impl Core {

@@ -135,6 +135,7 @@
 //! fault path.
 
 mod config;
+mod dirty;
 mod drive;
 mod engine;
 mod error;
@@ -150,6 +151,7 @@ mod stats;
 mod worker;
 
 pub use config::{Backing, DEFAULT_CHUNK_SIZE, RegionConfig, WriteTracking};
+pub use dirty::DirtyTracker;
 pub use error::{ChunkError, Error};
 pub use memsync_sys::Advice;
 pub use pull::{FollowFaults, PullPriority, PullView, Sequential};

@@ -14,6 +14,7 @@ use memsync_sys::{Advice, Features, SigbusFile, page_size};
 use parking_lot::Mutex;
 
 use crate::config::{Backing, RegionConfig, WriteTracking};
+use crate::dirty::DirtyTracker;
 use crate::engine::{Engine, EngineSetup};
 use crate::error::{ChunkError, Error, sys};
 use crate::exec::Exec;
@@ -181,6 +182,20 @@ impl LazyRegion {
             Vec::new()
         };
 
+        let dirty = if cfg.write_tracking == WriteTracking::Dirty {
+            // Unpopulated pages count as written until protected: protect
+            // them all (WP_UNPOPULATED leaves markers), so only writes show.
+            engine
+                .uffd
+                .write_protect(engine.base(), engine.map.len())
+                .map_err(sys("write-protecting the region for dirty tracking"))?;
+            Some(
+                DirtyTracker::over(engine.base(), geo.map_len(), geo.chunk_size(), None)
+                    .map_err(sys("opening /proc/self/pagemap"))?,
+            )
+        } else {
+            None
+        };
         let threads_n = cfg.handler_threads.max(1);
         let inner = Arc::new(Core {
             engine,
@@ -210,6 +225,7 @@ impl LazyRegion {
             tracking: cfg.write_tracking,
             protected: AtomicChunkBitmap::new(geo.chunks()),
             remove_ack: AtomicChunkBitmap::new(geo.chunks()),
+            dirty,
         });
         let mut region = Self {
             inner,
@@ -599,6 +615,43 @@ impl LazyRegion {
             self.inner.set_protection(i, false)?;
         }
         Ok(())
+    }
+
+    /// The chunks written since the last call (since the region was made,
+    /// the first time), as byte ranges of whole chunks (adjacent ones
+    /// merged, the last clamped to [`len`](Self::len)), re-armed in the same
+    /// `PAGEMAP_SCAN`: a write racing with the call is reported by this call
+    /// or the next, never lost. Fetched and placed chunks are clean; any
+    /// write, through a pointer or [`write_at`](Self::write_at), makes its
+    /// chunk dirty. Needs [`WriteTracking::Dirty`].
+    ///
+    /// # Errors
+    ///
+    /// `Unsupported` without [`WriteTracking::Dirty`]; the scan's error.
+    pub fn dirty_chunks(&self) -> io::Result<Vec<std::ops::Range<usize>>> {
+        let t = self.dirty_tracker()?;
+        let len = self.len();
+        Ok(t.collect()?
+            .into_iter()
+            .filter(|r| r.start < len)
+            .map(|r| r.start..r.end.min(len))
+            .collect())
+    }
+
+    /// The region's [`DirtyTracker`] (with [`WriteTracking::Dirty`]), e.g.
+    /// for [`DirtyTracker::collect_bitmap`]; its ranges are relative to the
+    /// mapping, which may reach past [`len`](Self::len) to a page boundary.
+    ///
+    /// # Errors
+    ///
+    /// `Unsupported` without [`WriteTracking::Dirty`].
+    pub fn dirty_tracker(&self) -> io::Result<&DirtyTracker> {
+        self.inner.dirty.as_ref().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::Unsupported,
+                "dirty tracking needs RegionConfig::write_tracking = WriteTracking::Dirty",
+            )
+        })
     }
 
     /// The state of chunk `i`.

@@ -388,3 +388,160 @@ fn protect_needs_the_protect_mode() {
         std::io::ErrorKind::Unsupported
     );
 }
+
+fn dirty_cfg(chunk: usize, backing: Backing) -> RegionConfig {
+    RegionConfig {
+        backing,
+        write_tracking: memsync_region::WriteTracking::Dirty,
+        ..cfg(chunk)
+    }
+}
+
+/// Dirty tracking needs Linux 6.7 (`WP_ASYNC`, `PAGEMAP_SCAN`).
+fn wp_async() -> bool {
+    let ok = memsync_sys::Uffd::probe_features()
+        .is_ok_and(|f| f.contains(memsync_sys::Features::WP_ASYNC));
+    if !ok {
+        memsync_testkit::skip::kernel_feature("dirty tracking", "UFFD_FEATURE_WP_ASYNC", (6, 7));
+    }
+    ok
+}
+
+#[test]
+fn dirty_chunks_reports_written_chunks_and_rearms() {
+    if !wp_async() {
+        return;
+    }
+    for backing in [Backing::Anonymous, Backing::Memfd] {
+        let chunk = 16 * KIB;
+        let n = 16;
+        let src = VecSource::random(n * chunk - 100, 9);
+        let r = region(&src, Arc::new(()), dirty_cfg(chunk, backing));
+        assert_eq!(
+            r.dirty_chunks().unwrap(),
+            vec![],
+            "{backing:?}: clean at first"
+        );
+        // Fetching (reading) and placing leave chunks clean.
+        let mut buf = vec![0u8; 3 * chunk];
+        r.read_faulting(0, &mut buf);
+        assert!(r.place(5, &vec![1; chunk]).unwrap());
+        assert_eq!(
+            r.dirty_chunks().unwrap(),
+            vec![],
+            "{backing:?}: fetched and placed are clean"
+        );
+        // Writes: through a fault of a missing chunk, and to present ones.
+        r.write_faulting(chunk + 7, b"a");
+        r.write_faulting(2 * chunk, b"b");
+        r.write_at(5 * chunk + chunk - 1, b"c").unwrap();
+        r.write_faulting(9 * chunk + 1, b"d");
+        r.write_at(n * chunk - 101, b"e").unwrap();
+        let len = r.len();
+        assert_eq!(
+            r.dirty_chunks().unwrap(),
+            vec![
+                chunk..3 * chunk,
+                5 * chunk..6 * chunk,
+                9 * chunk..10 * chunk,
+                15 * chunk..len
+            ],
+            "{backing:?}"
+        );
+        assert_eq!(r.dirty_chunks().unwrap(), vec![], "{backing:?}: re-armed");
+        r.write_faulting(2 * chunk + 100, b"f");
+        assert_eq!(
+            r.dirty_chunks().unwrap(),
+            vec![2 * chunk..3 * chunk],
+            "{backing:?}"
+        );
+    }
+}
+
+/// A tracker over a plain mapping: writer threads write random pages while
+/// the test collects; every page written is reported by the collect that
+/// follows its write (a shadow set of written pages must be covered).
+#[test]
+fn dirty_tracker_over_a_mapping_loses_no_write() {
+    if !wp_async() {
+        return;
+    }
+    use rand::{Rng, SeedableRng};
+    let page = memsync_sys::page_size();
+    let chunk = 4 * page;
+    let len = 256 * page;
+    let map = Arc::new(memsync_sys::Mapping::anonymous(len).unwrap());
+    let t = memsync_region::DirtyTracker::new(&map, chunk).unwrap();
+    assert_eq!(t.collect().unwrap(), vec![]);
+    for round in 0..20u64 {
+        let writers: Vec<_> = (0..2)
+            .map(|k| {
+                let map = Arc::clone(&map);
+                spawn(move || {
+                    let mut rng = rand::rngs::SmallRng::seed_from_u64(round * 2 + k);
+                    let mut written = Vec::new();
+                    for _ in 0..40 {
+                        let p = rng.random_range(0..len / page);
+                        map.write_at(p * page + rng.random_range(0..page), &[round as u8]);
+                        written.push(p * page / chunk);
+                    }
+                    written
+                })
+            })
+            .collect();
+        let mut shadow = std::collections::BTreeSet::new();
+        for w in &writers {
+            shadow.extend(join(w));
+        }
+        let got = t.collect_bitmap().unwrap();
+        for c in &shadow {
+            assert!(
+                got.get(*c),
+                "round {round}: chunk {c} was written but not reported"
+            );
+        }
+        assert_eq!(
+            got.count(),
+            shadow.len(),
+            "round {round}: only written chunks"
+        );
+    }
+    // Collects racing with writers: the union of the collects covers every
+    // write (a write during a scan is reported by that scan or the next).
+    let running = Arc::new(AtomicUsize::new(2));
+    let writers: Vec<_> = (0..2)
+        .map(|k| {
+            let (map, running) = (Arc::clone(&map), Arc::clone(&running));
+            spawn(move || {
+                let mut rng = rand::rngs::SmallRng::seed_from_u64(100 + k);
+                let written: Vec<usize> = (0..5000)
+                    .map(|_| {
+                        let p = rng.random_range(0..len / page);
+                        map.write_at(p * page, &[1]);
+                        p * page / chunk
+                    })
+                    .collect();
+                running.fetch_sub(1, Ordering::SeqCst);
+                written
+            })
+        })
+        .collect();
+    let mut union = memsync_core::chunks::ChunkBitmap::new(len / chunk);
+    let mut collects = 0;
+    loop {
+        let last = running.load(Ordering::SeqCst) == 0;
+        for c in t.collect_bitmap().unwrap().iter() {
+            union.set(c);
+        }
+        collects += 1;
+        if last {
+            break;
+        }
+    }
+    for w in &writers {
+        for c in join(w) {
+            assert!(union.get(c), "chunk {c} was written but never reported");
+        }
+    }
+    assert!(collects > 1);
+}
