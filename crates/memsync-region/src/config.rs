@@ -197,6 +197,15 @@ pub struct RegionConfig {
     pub store_spin: Duration,
     /// Which writes the region watches. Default [`WriteTracking::Off`].
     pub write_tracking: WriteTracking,
+    /// At most this many bytes resident (rounded down to whole chunks, at
+    /// least one): an evictor thread drops chunks beyond it, clean ones
+    /// first, and writes dirty ones back to the source first (see
+    /// [`ChunkSource::write_back`](crate::ChunkSource::write_back)). Chunks
+    /// are then installed write-protected so that their first write is
+    /// seen (one fault per chunk). Not with [`WriteTracking::Dirty`].
+    /// Change it with [`LazyRegion::set_budget`](crate::LazyRegion::set_budget).
+    /// Default `None` (no budget).
+    pub budget: Option<usize>,
     /// Run store futures with `Handle::block_on` on this runtime instead of
     /// a small current-thread runtime per handler thread (use it for stores
     /// whose I/O is bound to a particular runtime).
@@ -225,6 +234,7 @@ impl Default for RegionConfig {
             use_move: true,
             user_mode_only: None,
             write_tracking: WriteTracking::Off,
+            budget: None,
             runtime: None,
             store_spin: Duration::from_micros(50),
         }
@@ -254,6 +264,7 @@ impl std::fmt::Debug for RegionConfig {
             .field("user_mode_only", &self.user_mode_only)
             .field("store_spin", &self.store_spin)
             .field("write_tracking", &self.write_tracking)
+            .field("budget", &self.budget)
             .finish_non_exhaustive()
     }
 }

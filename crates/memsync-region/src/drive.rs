@@ -15,7 +15,6 @@ use memsync_sys::{Advice, Features};
 use crate::config::WriteTracking;
 
 use crate::fault::Core;
-use crate::installer::Step;
 use crate::source::WpAction;
 use crate::state::ChunkState;
 use crate::stats::inc;
@@ -40,6 +39,7 @@ impl Core {
         if self.chunks.try_claim(i).is_err() {
             return Ok(false);
         }
+        self.budget.claimed(i);
         let buf = w.buf(inst_len);
         buf[..data_len].copy_from_slice(data);
         buf[data_len..].fill(0);
@@ -48,7 +48,9 @@ impl Core {
         match r {
             Ok(()) => {
                 inc(&self.stats.chunks_placed);
-                let _ = self.chunks.finish(i);
+                if self.chunks.finish(i) {
+                    self.budget.installed(i, self.chunks.present_count());
+                }
                 let _ = self.engine.uffd.wake(dst, inst_len);
                 Ok(true)
             }
@@ -107,6 +109,22 @@ impl Core {
             undo(prev);
             return Err(e);
         }
+        if let Err(e) = self.zap(i) {
+            undo(prev);
+            return Err(e);
+        }
+        inc(&self.stats.chunks_dropped);
+        let _ = self.chunks.apply(i, &ChunkState::DROPPED);
+        // Faults that came in while the pages were going waited: they fault
+        // again and fetch the chunk.
+        let _ = self.engine.uffd.wake(self.base() + off, inst_len);
+        Ok(())
+    }
+
+    /// Drops the pages of chunk `i`, which the caller owns (`Dropping`),
+    /// and waits until a handler has seen the `REMOVE` event.
+    pub(crate) fn zap(&self, i: usize) -> io::Result<()> {
+        let (off, _, inst_len) = self.geo.chunk(i);
         // memfd: MADV_DONTNEED would keep the data in the page cache (the
         // next touch maps it again); punch it out instead.
         let advice = if self.cfg.memfd {
@@ -120,11 +138,7 @@ impl Core {
         // a late event cannot invalidate the chunk after it was fetched
         // again.
         self.remove_ack.clear(i);
-        let r = self.engine.map.advise(off, inst_len, advice);
-        if let Err(e) = r {
-            undo(prev);
-            return Err(e);
-        }
+        self.engine.map.advise(off, inst_len, advice)?;
         if self.engine.uffd.features().contains(Features::EVENT_REMOVE) {
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while !self.remove_ack.get(i) {
@@ -138,11 +152,6 @@ impl Core {
                 std::thread::yield_now();
             }
         }
-        inc(&self.stats.chunks_dropped);
-        let _ = self.chunks.apply(i, &ChunkState::DROPPED);
-        // Faults that came in while the pages were going waited: they fault
-        // again and fetch the chunk.
-        let _ = self.engine.uffd.wake(self.base() + off, inst_len);
         Ok(())
     }
 
@@ -150,7 +159,20 @@ impl Core {
     /// default) lift the protection of the chunk, which wakes the writer.
     pub(crate) fn on_wp_fault(&self, w: &mut Worker, i: usize, addr: usize) {
         inc(&self.stats.wp_faults);
-        if self.hooks.write_protect(i, addr) == WpAction::Unprotect {
+        // Under a budget the chunk is owned while its protection is lifted,
+        // so the evictor cannot copy it in between and drop the write that
+        // follows. A chunk someone else owns (the evictor, a fetch, another
+        // handler) is left alone: its owner wakes the writer when done, and
+        // the write faults again if the page is still protected.
+        let owned = self.budget.enabled && {
+            self.budget.dirty.set(i);
+            if self.chunks.try_reclaim(i).is_err() {
+                return;
+            }
+            true
+        };
+        let ask = self.tracking == WriteTracking::Protect && self.protected.get(i);
+        if !ask || self.hooks.write_protect(i, addr) == WpAction::Unprotect {
             self.protected.clear(i);
             let (off, _, inst_len) = self.geo.chunk(i);
             let dst = self.base() + off;
@@ -163,6 +185,11 @@ impl Core {
             ) {
                 tracing::error!(chunk = i, error = %e, "memsync-region: lifting write protection failed");
             }
+        }
+        if owned {
+            let _ = self.chunks.finish(i);
+            let (off, _, inst_len) = self.geo.chunk(i);
+            let _ = self.engine.uffd.wake(self.base() + off, inst_len);
         }
     }
 
@@ -197,23 +224,6 @@ impl Core {
         } else {
             self.protected.clear(i);
         }
-        // Called on a driver thread: a pending event (EAGAIN) is read by the
-        // handler threads, so just try again.
-        let inst = self.installer();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            match inst.write_protect(dst, inst_len, on)? {
-                Step::Done => return Ok(()),
-                Step::Again { .. } if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_micros(50));
-                }
-                Step::Again { .. } => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "UFFDIO_WRITEPROTECT kept returning EAGAIN",
-                    ));
-                }
-            }
-        }
+        self.protect_now(dst, inst_len, on)
     }
 }

@@ -85,6 +85,7 @@ pub(crate) struct Core {
     pub(crate) remove_ack: AtomicChunkBitmap,
     /// With [`WriteTracking::Dirty`].
     pub(crate) dirty: Option<crate::dirty::DirtyTracker>,
+    pub(crate) budget: crate::budget::Budget,
 }
 
 impl Core {
@@ -116,6 +117,10 @@ impl Core {
     /// Whether chunk `i` is installed write-protected: every chunk under
     /// dirty tracking (fetched data is clean), a protected one otherwise.
     pub(crate) fn wp_for(&self, i: usize) -> bool {
+        if self.budget.enabled {
+            // Clean until the first write, which faults and marks it dirty.
+            return true;
+        }
         match self.tracking {
             WriteTracking::Off => false,
             WriteTracking::Dirty => true,
@@ -161,6 +166,7 @@ impl Core {
     /// (`Fetching`). Leaves it `Present`, `Poisoned` (fault/inline paths
     /// after the deadline) or `Absent` (background failure, shutdown).
     pub(crate) fn fetch(&self, w: &mut Worker, i: usize, by: Fetcher) -> Result<(), ChunkError> {
+        self.budget.claimed(i);
         let (off, data_len, inst_len) = self.geo.chunk(i);
         let dst = self.base() + off;
         let zero = self.is_zero(i);
@@ -200,7 +206,9 @@ impl Core {
                 // and is fetched again on its next touch. Installs do not
                 // wake: the waiters are woken only once the chunk is marked
                 // present, so a returning access sees a consistent state.
-                let _ = self.chunks.finish(i);
+                if self.chunks.finish(i) {
+                    self.budget.installed(i, self.chunks.present_count());
+                }
                 let _ = uffd.wake(dst, inst_len);
                 Ok(())
             }
@@ -535,8 +543,14 @@ impl EventHandler for Core {
                 self.stats.fault_latency.record(t0.elapsed());
             }
             // The fetcher's install wakes this fault.
-            Err(ChunkState::Fetching | ChunkState::Dropping) => inc(&self.stats.faults_waited),
-            Err(ChunkState::Present) => {
+            Err(ChunkState::Dropping) if !flags.contains(PageFaultFlags::MINOR) => {
+                inc(&self.stats.faults_waited);
+            }
+            Err(ChunkState::Fetching) => inc(&self.stats.faults_waited),
+            // A MINOR fault of a dropping memfd chunk (the evictor reading
+            // it before it writes it back) is mapped again like a present
+            // one: nobody else would.
+            Err(ChunkState::Present | ChunkState::Dropping) => {
                 inc(&self.stats.faults_spurious);
                 if !self.cfg.memfd {
                     let _ = uffd.wake(addr, page);

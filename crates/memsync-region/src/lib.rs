@@ -134,6 +134,7 @@
 //! thread before touching it, which saves the cross-CPU wake-ups of the
 //! fault path.
 
+mod budget;
 mod config;
 mod dirty;
 mod drive;

@@ -13,6 +13,7 @@ use memsync_core::DynStore;
 use memsync_sys::{Advice, Features, SigbusFile, page_size};
 use parking_lot::Mutex;
 
+use crate::budget::Budget;
 use crate::config::{Backing, RegionConfig, WriteTracking};
 use crate::dirty::DirtyTracker;
 use crate::engine::{Engine, EngineSetup};
@@ -145,13 +146,19 @@ impl LazyRegion {
             Error::Config(format!("cannot map a store of {} bytes", source.size()))
         })?;
         let memfd_mode = cfg.backing == Backing::Memfd;
+        if cfg.budget.is_some() && cfg.write_tracking == WriteTracking::Dirty {
+            return Err(Error::Config(
+                "a budget needs synchronous write protection: not with WriteTracking::Dirty".into(),
+            ));
+        }
+        let budget_chunks = cfg.budget.map(|b| (b / cfg.chunk_size).max(1));
         let engine = Engine::open(EngineSetup {
             backing: cfg.backing,
             map_len: geo.map_len(),
             page,
             huge_pages: cfg.huge_pages,
             user_mode_only: cfg.user_mode_only,
-            wp: cfg.write_tracking != WriteTracking::Off,
+            wp: cfg.write_tracking != WriteTracking::Off || cfg.budget.is_some(),
             wp_async: cfg.write_tracking == WriteTracking::Dirty,
             spin: cfg.spin,
             // Pinned handlers each serve their own CPU: all of them poll.
@@ -226,6 +233,7 @@ impl LazyRegion {
             protected: AtomicChunkBitmap::new(geo.chunks()),
             remove_ack: AtomicChunkBitmap::new(geo.chunks()),
             dirty,
+            budget: Budget::new(geo.chunks(), budget_chunks),
         });
         let mut region = Self {
             inner,
@@ -285,6 +293,16 @@ impl LazyRegion {
                     .map_err(sys("spawning the staging thread"))?;
                 region.threads.push(h);
             }
+        }
+        if budget_chunks.is_some() {
+            let exec = Exec::new(cfg.runtime.as_ref(), Duration::ZERO)
+                .map_err(sys("creating the evictor's runtime"))?;
+            let inner = Arc::clone(&region.inner);
+            let h = std::thread::Builder::new()
+                .name("memsync-evict".into())
+                .spawn(move || inner.evictor_main(&exec))
+                .map_err(sys("spawning the evictor thread"))?;
+            region.threads.push(h);
         }
         for _ in 0..cfg.pull_threads.max(1) {
             // Background work does not spin: nobody waits for it.
@@ -654,6 +672,65 @@ impl LazyRegion {
         })
     }
 
+    /// Changes the budget (see [`RegionConfig::budget`]): at most `bytes`
+    /// resident, rounded down to whole chunks (at least one); `None` lifts
+    /// the limit. The evictor catches up in the background.
+    ///
+    /// # Errors
+    ///
+    /// `Unsupported` if the region was not built with a budget (its chunks
+    /// are not write-protected, so their writes cannot be seen).
+    pub fn set_budget(&self, bytes: Option<usize>) -> io::Result<()> {
+        let b = &self.inner.budget;
+        if !b.enabled {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the region was built without RegionConfig::budget",
+            ));
+        }
+        let chunk = self.inner.geo.chunk_size();
+        b.limit.store(
+            bytes.map_or(usize::MAX, |x| (x / chunk).max(1)),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        b.notify();
+        Ok(())
+    }
+
+    /// Evicts up to `n` chunks now, on this thread, as the evictor would
+    /// (clock order, clean first, dirty ones written back first). Returns
+    /// how many were evicted.
+    ///
+    /// # Errors
+    ///
+    /// `Unsupported` without a budget; the write-back's or `madvise(2)`'s
+    /// error.
+    pub fn evict(&self, n: usize) -> io::Result<usize> {
+        let inner = &*self.inner;
+        if !inner.budget.enabled {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the region was built without RegionConfig::budget",
+            ));
+        }
+        let w = inner.take_worker()?;
+        let mut done = 0;
+        let r = (|| {
+            while done < n && inner.evict_one(&w.exec)? {
+                done += 1;
+            }
+            Ok(done)
+        })();
+        inner.put_worker(w);
+        r
+    }
+
+    /// Bytes of the chunks present now.
+    #[must_use]
+    pub fn resident_bytes(&self) -> usize {
+        self.present_count() * self.inner.geo.chunk_size()
+    }
+
     /// The state of chunk `i`.
     ///
     /// # Panics
@@ -755,6 +832,7 @@ impl Drop for LazyRegion {
         let inner = &self.inner;
         inner.engine.stop();
         self.pull.notify();
+        inner.budget.notify();
         {
             let _e = inner.stage.empty.lock();
             inner.stage.cv.notify_all();

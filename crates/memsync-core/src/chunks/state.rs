@@ -123,6 +123,13 @@ impl ChunkState {
         from: &[Present, Absent],
         to: Dropping,
     };
+    /// Present → Dropping: the evictor takes a resident chunk to drop it
+    /// (after writing it back if dirty).
+    pub const EVICT: Transition<Self> = Transition {
+        name: "evict",
+        from: &[Present],
+        to: Dropping,
+    };
     /// Dropping → Present: a drop given up before the pages went.
     pub const KEEP: Transition<Self> = Transition {
         name: "keep",

@@ -18,6 +18,9 @@ pub struct VecSource {
     pub data: Mutex<Vec<u8>>,
     pub reads: AtomicUsize,
     pub writes: AtomicUsize,
+    /// Makes each write-back take a while, widening the window in which
+    /// writers race with an eviction.
+    pub slow_writes: std::sync::atomic::AtomicBool,
 }
 
 impl VecSource {
@@ -26,6 +29,7 @@ impl VecSource {
             data: Mutex::new(memsync_testkit::random_bytes(seed, size).to_vec()),
             reads: AtomicUsize::new(0),
             writes: AtomicUsize::new(0),
+            slow_writes: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -51,6 +55,9 @@ impl ChunkSource for VecSource {
     fn write_back(&self, offset: u64, data: Bytes) -> SourceFuture<'_, ()> {
         Box::pin(async move {
             self.writes.fetch_add(1, Ordering::Relaxed);
+            if self.slow_writes.load(Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_micros(300));
+            }
             let off = offset as usize;
             self.data.lock()[off..off + data.len()].copy_from_slice(&data);
             Ok::<(), StoreError>(())
@@ -527,13 +534,11 @@ fn dirty_tracker_over_a_mapping_loses_no_write() {
         })
         .collect();
     let mut union = memsync_core::chunks::ChunkBitmap::new(len / chunk);
-    let mut collects = 0;
     loop {
         let last = running.load(Ordering::SeqCst) == 0;
         for c in t.collect_bitmap().unwrap().iter() {
             union.set(c);
         }
-        collects += 1;
         if last {
             break;
         }
@@ -543,5 +548,119 @@ fn dirty_tracker_over_a_mapping_loses_no_write() {
             assert!(union.get(c), "chunk {c} was written but never reported");
         }
     }
-    assert!(collects > 1);
+}
+
+fn budget_cfg(chunk: usize, chunks: usize, backing: Backing) -> RegionConfig {
+    RegionConfig {
+        backing,
+        budget: Some(chunks * chunk),
+        ..cfg(chunk)
+    }
+}
+
+/// Waits (bounded) until the evictor has brought the region within its
+/// budget.
+fn settle(r: &LazyRegion, max: usize) {
+    let until = std::time::Instant::now() + super::WAIT;
+    while r.resident_bytes() > max {
+        assert!(
+            std::time::Instant::now() < until,
+            "the evictor did not catch up"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn budget_evicts_clean_chunks_and_writes_dirty_ones_back() {
+    for backing in [Backing::Anonymous, Backing::Memfd] {
+        let chunk = 16 * KIB;
+        let n = 32;
+        let src = VecSource::random(n * chunk, 10);
+        let mut shadow = src.bytes(0, n * chunk);
+        let r = region(&src, Arc::new(()), budget_cfg(chunk, 4, backing));
+        // Every third chunk is written, the others only read.
+        let mut buf = vec![0u8; chunk];
+        for i in 0..n {
+            if i % 3 == 0 {
+                let data = vec![i as u8 ^ 0xa5; 100];
+                r.write_at(i * chunk + 50, &data).unwrap();
+                shadow[i * chunk + 50..i * chunk + 150].copy_from_slice(&data);
+            } else {
+                r.read_at(i * chunk, &mut buf).unwrap();
+            }
+        }
+        settle(&r, 4 * chunk);
+        let st = r.stats().snapshot();
+        assert!(st.chunks_evicted >= (n - 4) as u64, "{backing:?}: {st}");
+        assert!(st.chunks_written_back > 0, "{backing:?}: {st}");
+        // Evicted dirty chunks reached the source; every chunk reads back
+        // as written, resident or refetched.
+        let mut all = vec![0u8; n * chunk];
+        r.read_faulting(0, &mut all);
+        assert!(all == shadow, "{backing:?}");
+        r.set_budget(Some(chunk)).unwrap();
+        settle(&r, chunk);
+        r.evict(n).unwrap();
+        assert_eq!(r.present_count(), 0, "{backing:?}");
+        assert!(
+            src.bytes(0, n * chunk) == shadow,
+            "{backing:?}: the source has every write"
+        );
+    }
+}
+
+/// Writers and the evictor race on a budget of two chunks: no write is
+/// lost (a shadow model of each writer's bytes, disjoint per writer).
+#[test]
+fn budget_eviction_loses_no_concurrent_write() {
+    use rand::{Rng, SeedableRng};
+    let chunk = 16 * KIB;
+    let n = 16;
+    let src = VecSource::random(n * chunk, 11);
+    src.slow_writes.store(true, Ordering::Relaxed);
+    let base = src.bytes(0, n * chunk);
+    let r = Arc::new(region(
+        &src,
+        Arc::new(()),
+        budget_cfg(chunk, 2, Backing::Anonymous),
+    ));
+    let mut shadow = base;
+    for round in 0..8u64 {
+        let writers: Vec<_> = (0..2usize)
+            .map(|t| {
+                let r = Arc::clone(&r);
+                spawn(move || {
+                    let mut rng = rand::rngs::SmallRng::seed_from_u64(round * 2 + t as u64);
+                    let mut mine = Vec::new();
+                    for k in 0..5_000u32 {
+                        // Writer t owns the even or odd bytes of every chunk.
+                        let off = rng.random_range(0..n * chunk / 2) * 2 + t;
+                        let b = (k as u8).wrapping_mul(7) | 1;
+                        r.write_faulting(off, &[b]);
+                        mine.push((off, b));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        for w in &writers {
+            for (off, b) in join(w) {
+                shadow[off] = b;
+            }
+        }
+    }
+    settle(&r, 2 * chunk);
+    let mut all = vec![0u8; n * chunk];
+    r.read_faulting(0, &mut all);
+    let st = r.stats().snapshot();
+    if let Some(p) = all.iter().zip(&shadow).position(|(a, b)| a != b) {
+        panic!("byte {p} lost a write ({st})");
+    }
+    assert!(st.chunks_evicted > 0 && st.chunks_written_back > 0);
+    r.evict(n).unwrap();
+    assert!(
+        src.bytes(0, n * chunk) == shadow,
+        "the source has every write"
+    );
 }
