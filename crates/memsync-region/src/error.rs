@@ -38,8 +38,8 @@ pub(crate) fn sys(context: &'static str) -> impl FnOnce(io::Error) -> Error {
 }
 
 /// A chunk the region could not fetch: reported by
-/// [`LazyRegion::last_error`], [`LazyRegion::errors`] and returned by
-/// [`LazyRegion::read_at`]/[`LazyRegion::write_at`].
+/// [`LazyRegion::last_error`](crate::LazyRegion::last_error), [`LazyRegion::errors`](crate::LazyRegion::errors) and returned by
+/// [`LazyRegion::read_at`](crate::LazyRegion::read_at)/[`LazyRegion::write_at`](crate::LazyRegion::write_at).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("chunk {chunk} (bytes {offset}+{len}) could not be fetched after {attempts} attempt(s){}: {message}", if *.poisoned { ", poisoned" } else { "" })]
 pub struct ChunkError {
