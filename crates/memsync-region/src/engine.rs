@@ -11,7 +11,9 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use memsync_sys::{
@@ -34,6 +36,8 @@ const STANDBY_IDLE_NS: u64 = 50_000_000;
 pub(crate) trait EventHandler: Send + Sync {
     /// The engine whose events these are.
     fn engine(&self) -> &Engine;
+    /// Where the engine counts (standby takeovers).
+    fn stats(&self) -> &RegionStats;
     /// Serves a fault read at `t0`.
     fn on_fault(&self, w: &mut Worker, addr: usize, flags: PageFaultFlags, t0: Instant);
     /// Serves any other event (at once: an install may be waiting for it).
@@ -270,6 +274,47 @@ impl Engine {
         }
     }
 
+    /// Starts one handler thread per worker: the first `spinning` spin
+    /// before they block, and with `pin`, handler `k` is pinned to the
+    /// `k`-th CPU this thread may use (under a cpuset they are not `0..n`;
+    /// if they cannot be read, nothing is pinned). Handler 0 is the primary.
+    /// On failure returns the threads already started with the error.
+    pub(crate) fn spawn_handlers<H: EventHandler + 'static>(
+        h: &Arc<H>,
+        workers: Vec<Worker>,
+        pin: bool,
+        spinning: usize,
+    ) -> Result<Vec<JoinHandle<()>>, (Vec<JoinHandle<()>>, io::Error)> {
+        let cpus = if pin {
+            memsync_sys::allowed_cpus().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let mut threads = Vec::new();
+        for (t, w) in workers.into_iter().enumerate() {
+            let h = Arc::clone(h);
+            let cpu = pin
+                .then(|| cpus.get(t % cpus.len().max(1)).copied())
+                .flatten();
+            let spin = t < spinning;
+            let r = std::thread::Builder::new()
+                .name(format!("memsync-fault-{t}"))
+                .spawn(move || {
+                    if let Some(cpu) = cpu
+                        && let Err(e) = memsync_sys::set_thread_affinity(&[cpu])
+                    {
+                        tracing::debug!(cpu, error = %e, "memsync-region: pinning a fault handler failed");
+                    }
+                    Self::handler_main(&*h, w, spin, t == 0);
+                });
+            match r {
+                Ok(j) => threads.push(j),
+                Err(e) => return Err((threads, e)),
+            }
+        }
+        Ok(threads)
+    }
+
     /// A handler thread's life: serve events until the region stops (the
     /// primary polls; with `standby_after`, the others stand by).
     pub(crate) fn handler_main<H: EventHandler + ?Sized>(
@@ -277,11 +322,10 @@ impl Engine {
         mut w: Worker,
         spin: bool,
         primary: bool,
-        stats: &RegionStats,
     ) {
         let eng = h.engine();
         match eng.standby_after {
-            Some(after) if !primary => eng.standby_main(h, w, after, stats),
+            Some(after) if !primary => eng.standby_main(h, w, after),
             _ => eng.serve(
                 h,
                 &mut w,
@@ -384,13 +428,7 @@ impl Engine {
     /// faulting thread's CPU) until the primary has been busy with one
     /// batch of events for `after` (e.g. a stalled store read); then it
     /// serves events beside it until the primary is free again.
-    fn standby_main<H: EventHandler + ?Sized>(
-        &self,
-        h: &H,
-        mut w: Worker,
-        after: Duration,
-        stats: &RegionStats,
-    ) {
+    fn standby_main<H: EventHandler + ?Sized>(&self, h: &H, mut w: Worker, after: Duration) {
         let after_ns = u64::try_from(after.as_nanos()).unwrap_or(u64::MAX);
         // Naps wake the other CPU: keep them rare (a takeover comes within
         // `after` + one nap; measured, 0.5 ms naps raised the random 4 KiB
@@ -403,7 +441,7 @@ impl Engine {
             let b = self.busy_since.load(Ordering::Acquire);
             let now = self.now_ns();
             if b != 0 && now.saturating_sub(b) >= after_ns {
-                inc(&stats.standby_takeovers);
+                inc(&h.stats().standby_takeovers);
                 let go = || self.busy_since.load(Ordering::Acquire) != 0;
                 self.serve(h, &mut w, false, false, &go, Duration::from_millis(1));
                 continue;

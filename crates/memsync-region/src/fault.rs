@@ -491,6 +491,10 @@ impl EventHandler for Core {
         &self.engine
     }
 
+    fn stats(&self) -> &RegionStats {
+        &self.stats
+    }
+
     fn on_other(&self, ev: Event) {
         if let Event::Remove { start, end } = ev {
             inc(&self.stats.removes);

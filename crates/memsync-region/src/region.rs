@@ -240,35 +240,28 @@ impl LazyRegion {
             pull: Arc::new(Puller::new(cfg.priority, cfg.prefetch)),
             threads: Vec::new(),
         };
-        // Pin to the CPUs this thread may use (under a cpuset they are not
-        // `0..n`); if they cannot be read, do not pin.
-        let cpus = if cfg.pin_handlers {
-            memsync_sys::allowed_cpus().unwrap_or_default()
-        } else {
-            Vec::new()
-        };
-        for t in 0..threads_n {
-            let w = Worker::new(geo.chunk_size(), cfg.runtime.as_ref(), cfg.store_spin)
-                .map_err(sys("creating a handler"))?;
-            let inner = Arc::clone(&region.inner);
-            let spin = t < cfg.spin_threads && !cfg.spin.is_zero();
-            let pin = cfg
-                .pin_handlers
-                .then(|| cpus.get(t % cpus.len().max(1)).copied())
-                .flatten();
-            let h = std::thread::Builder::new()
-                .name(format!("memsync-fault-{t}"))
-                .spawn(move || {
-                    if let Some(cpu) = pin
-                        && let Err(e) = memsync_sys::set_thread_affinity(&[cpu])
-                    {
-                        tracing::debug!(cpu, error = %e, "memsync-region: pinning a fault handler failed");
-                    }
-                    Engine::handler_main(&*inner, w, spin, t == 0, &inner.stats);
-                })
-                .map_err(sys("spawning a fault-handler thread"))?;
-            region.threads.push(h);
-        }
+        let workers = (0..threads_n)
+            .map(|_| Worker::new(geo.chunk_size(), cfg.runtime.as_ref(), cfg.store_spin))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(sys("creating a handler"))?;
+        let handlers = Engine::spawn_handlers(
+            &region.inner,
+            workers,
+            cfg.pin_handlers,
+            if cfg.spin.is_zero() {
+                0
+            } else {
+                cfg.spin_threads
+            },
+        );
+        // Threads started before a failure are joined by the region's drop.
+        let handlers = handlers.map_err(|(started, e)| {
+            region.threads.extend(started);
+            e
+        });
+        region
+            .threads
+            .extend(handlers.map_err(sys("spawning a fault-handler thread"))?);
         if use_move {
             // Spare staging buffers, populated ahead by a helper thread:
             // up to 16 MiB, at most 4 buffers.
