@@ -44,6 +44,9 @@ pub(crate) trait EventHandler: Send + Sync {
     fn on_other(&self, ev: Event);
 }
 
+/// The handler threads of an engine.
+pub(crate) type Handlers = Vec<JoinHandle<()>>;
+
 /// How the engine maps and registers its memory.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct EngineSetup {
@@ -284,7 +287,7 @@ impl Engine {
         workers: Vec<Worker>,
         pin: bool,
         spinning: usize,
-    ) -> Result<Vec<JoinHandle<()>>, (Vec<JoinHandle<()>>, io::Error)> {
+    ) -> Result<Handlers, (Handlers, io::Error)> {
         let cpus = if pin {
             memsync_sys::allowed_cpus().unwrap_or_default()
         } else {
