@@ -15,6 +15,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod chunks;
 pub mod error;
 pub mod layers;
 pub mod meta;

@@ -36,6 +36,28 @@ pub enum Backing {
     Hugetlb,
 }
 
+/// Which writes a region watches (registration with `UFFDIO_REGISTER_MODE_WP`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WriteTracking {
+    /// None (the default): the region is registered for MISSING (and on
+    /// memfd MINOR) faults only.
+    #[default]
+    Off,
+    /// Writes to chunks a driver write-protected
+    /// ([`LazyRegion::protect`](crate::LazyRegion::protect)) fault, and the
+    /// fault is delivered to [`FaultHooks::write_protect`](crate::FaultHooks::write_protect).
+    /// Chunks are installed with `UFFDIO_COPY` (not `MOVE`, which cannot
+    /// install write-protected pages) while protected.
+    Protect,
+    /// The kernel tracks which pages are written (`UFFD_FEATURE_WP_ASYNC`):
+    /// [`LazyRegion::dirty_chunks`](crate::LazyRegion::dirty_chunks) reads the
+    /// chunks written since the last call and re-arms them in one
+    /// `PAGEMAP_SCAN`. Fetched and placed chunks are installed
+    /// write-protected (clean) with `UFFDIO_COPY`/`CONTINUE`, never `MOVE`.
+    /// Linux 6.7+.
+    Dirty,
+}
+
 /// The default chunk size: 2 MiB, one transparent huge page.
 ///
 /// Measured here (`memsync bench lazy`, 1 GiB from a mem: store, 2 vCPUs
@@ -173,6 +195,17 @@ pub struct RegionConfig {
     /// --quick`, same code, 0 vs 50 µs; 150 µs gained nothing more and
     /// raised the p99).
     pub store_spin: Duration,
+    /// Which writes the region watches. Default [`WriteTracking::Off`].
+    pub write_tracking: WriteTracking,
+    /// At most this many bytes resident (rounded down to whole chunks, at
+    /// least one): an evictor thread drops chunks beyond it, clean ones
+    /// first, and writes dirty ones back to the source first (see
+    /// [`ChunkSource::write_back`](crate::ChunkSource::write_back)). Chunks
+    /// are then installed write-protected so that their first write is
+    /// seen (one fault per chunk). Not with [`WriteTracking::Dirty`].
+    /// Change it with [`LazyRegion::set_budget`](crate::LazyRegion::set_budget).
+    /// Default `None` (no budget).
+    pub budget: Option<usize>,
     /// Run store futures with `Handle::block_on` on this runtime instead of
     /// a small current-thread runtime per handler thread (use it for stores
     /// whose I/O is bound to a particular runtime).
@@ -200,6 +233,8 @@ impl Default for RegionConfig {
             inline_resolve: true,
             use_move: true,
             user_mode_only: None,
+            write_tracking: WriteTracking::Off,
+            budget: None,
             runtime: None,
             store_spin: Duration::from_micros(50),
         }
@@ -228,6 +263,8 @@ impl std::fmt::Debug for RegionConfig {
             .field("use_move", &self.use_move)
             .field("user_mode_only", &self.user_mode_only)
             .field("store_spin", &self.store_spin)
+            .field("write_tracking", &self.write_tracking)
+            .field("budget", &self.budget)
             .finish_non_exhaustive()
     }
 }

@@ -48,6 +48,29 @@
 //! sequential reader's copy, page allocation and installs overlap on both
 //! CPUs.
 //!
+//! # Driving a region
+//!
+//! The region is an engine that a driver (live migration, a shared region,
+//! a memory budget) can steer (the workspace's `ARCHITECTURE.md`, section
+//! "The region engine", shows its parts):
+//!
+//! * [`LazyRegion::with_source`]: missing chunks come from any
+//!   [`ChunkSource`] ([`StoreSource`] is the store-backed one), and
+//!   [`FaultHooks`] hear about missing, minor, write-protect faults and
+//!   removed pages (no-op defaults; `()` has none).
+//! * [`LazyRegion::place`] installs data that arrived from elsewhere,
+//!   racing safely with faults on the chunk (exactly one of the fetch and
+//!   the place installs); [`LazyRegion::invalidate`] drops chunks so that
+//!   the next touch fetches them again.
+//! * [`LazyRegion::protect`]/[`LazyRegion::unprotect`]
+//!   ([`WriteTracking::Protect`]) deliver writes to protected chunks to
+//!   [`FaultHooks::write_protect`].
+//! * [`LazyRegion::dirty_chunks`] ([`WriteTracking::Dirty`]) and
+//!   [`DirtyTracker`] over any mapping: the chunks written since the last
+//!   call, read and re-armed in one `PAGEMAP_SCAN`.
+//! * [`RegionConfig::budget`]: at most N bytes resident; a clock evictor
+//!   drops clean chunks first and writes dirty ones back first.
+//!
 //! # Failed chunks
 //!
 //! A chunk the store cannot deliver before the deadline is never read as
@@ -134,15 +157,29 @@
 //! thread before touching it, which saves the cross-CPU wake-ups of the
 //! fault path.
 
+mod budget;
 mod config;
+mod dirty;
+mod drive;
+mod engine;
+mod error;
+mod exec;
+mod fault;
+mod installer;
 pub mod pull;
+mod puller;
 mod region;
+mod source;
 pub mod state;
 mod stats;
+mod worker;
 
-pub use config::{Backing, DEFAULT_CHUNK_SIZE, RegionConfig};
+pub use config::{Backing, DEFAULT_CHUNK_SIZE, RegionConfig, WriteTracking};
+pub use dirty::DirtyTracker;
+pub use error::{ChunkError, Error};
 pub use memsync_sys::Advice;
 pub use pull::{FollowFaults, PullPriority, PullView, Sequential};
-pub use region::{ChunkError, Error, LazyRegion, PullProgress};
+pub use region::{LazyRegion, PullProgress};
+pub use source::{ChunkSource, FaultHooks, SourceFuture, StoreSource, WpAction};
 pub use state::{ChunkBitmap, ChunkMap, ChunkState, Geometry};
 pub use stats::{RegionStats, StatsSnapshot};

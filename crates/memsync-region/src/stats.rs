@@ -28,6 +28,11 @@ pub struct RegionStats {
     pub(crate) standby_takeovers: AtomicU64,
     pub(crate) staging_ready: AtomicU64,
     pub(crate) staging_cold: AtomicU64,
+    pub(crate) chunks_placed: AtomicU64,
+    pub(crate) chunks_dropped: AtomicU64,
+    pub(crate) wp_faults: AtomicU64,
+    pub(crate) chunks_evicted: AtomicU64,
+    pub(crate) chunks_written_back: AtomicU64,
     /// From reading a fault event to its chunk being installed (the
     /// handler's share of a fault; the faulting thread also pays the kernel's
     /// wake-up).
@@ -81,6 +86,11 @@ impl RegionStats {
             standby_takeovers: l(&self.standby_takeovers),
             staging_ready: l(&self.staging_ready),
             staging_cold: l(&self.staging_cold),
+            chunks_placed: l(&self.chunks_placed),
+            chunks_dropped: l(&self.chunks_dropped),
+            wp_faults: l(&self.wp_faults),
+            chunks_evicted: l(&self.chunks_evicted),
+            chunks_written_back: l(&self.chunks_written_back),
             fault_p50: self.fault_latency.quantile(0.5),
             fault_p99: self.fault_latency.quantile(0.99),
             fault_max: self.fault_latency.max(),
@@ -134,6 +144,17 @@ pub struct StatsSnapshot {
     /// Used-up staging buffers reused without such a replacement (none was
     /// ready: the next fill allocates its pages itself).
     pub staging_cold: u64,
+    /// Chunks installed by [`LazyRegion::place`](crate::LazyRegion::place).
+    pub chunks_placed: u64,
+    /// Chunks whose pages were dropped by
+    /// [`LazyRegion::invalidate`](crate::LazyRegion::invalidate) or the evictor.
+    pub chunks_dropped: u64,
+    /// Write-protect faults delivered to the hooks.
+    pub wp_faults: u64,
+    /// Chunks dropped by the evictor to stay within the budget.
+    pub chunks_evicted: u64,
+    /// Dirty chunks written back to the source before eviction.
+    pub chunks_written_back: u64,
     /// Fault-service latency, median.
     pub fault_p50: Duration,
     /// Fault-service latency, 99th percentile.

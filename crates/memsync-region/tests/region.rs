@@ -25,6 +25,11 @@ use proptest::prelude::*;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
+#[path = "region/contract.rs"]
+mod contract;
+#[path = "region/engine.rs"]
+mod engine;
+
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
 /// Upper bound of every wait in these tests.
@@ -1506,4 +1511,96 @@ fn shared_runtime_with_spin_and_park() {
         }
         assert!(region.stats().snapshot().faults > 0);
     }
+}
+
+// ---------------------------------------------------------------------------
+// Engine contract suite (tests/region/contract.rs) over several sources
+// ---------------------------------------------------------------------------
+
+fn vec_source(data: &[u8]) -> Arc<engine::VecSource> {
+    let s = engine::VecSource::random(data.len(), 0);
+    s.data.lock().copy_from_slice(data);
+    s
+}
+
+fn store_source(data: &[u8]) -> Arc<memsync_region::StoreSource> {
+    let store = Arc::new(MemStore::new(data.len() as u64));
+    rt().block_on(store.write(0, Bytes::copy_from_slice(data)))
+        .unwrap();
+    Arc::new(memsync_region::StoreSource(store))
+}
+
+fn dirty_supported() -> bool {
+    memsync_sys::Uffd::probe_features().is_ok_and(|f| f.contains(memsync_sys::Features::WP_ASYNC))
+}
+
+#[test]
+fn contract_protect_over_sources() {
+    use memsync_region::WriteTracking::Protect;
+    for backing in [Backing::Anonymous, Backing::Memfd] {
+        contract::run("vec/protect", &vec_source, backing, Protect, 1);
+        contract::run("store/protect", &store_source, backing, Protect, 2);
+    }
+}
+
+#[test]
+fn contract_dirty_over_sources() {
+    if !dirty_supported() {
+        memsync_testkit::skip::kernel_feature(
+            "contract_dirty_over_sources",
+            "UFFD_FEATURE_WP_ASYNC",
+            (6, 7),
+        );
+        return;
+    }
+    use memsync_region::WriteTracking::Dirty;
+    for backing in [Backing::Anonymous, Backing::Memfd] {
+        contract::run("vec/dirty", &vec_source, backing, Dirty, 3);
+        contract::run("store/dirty", &store_source, backing, Dirty, 4);
+    }
+}
+
+/// The contract as `nobody` (user-mode-only userfaultfd).
+#[test]
+fn contract_runs_as_a_non_root_user() {
+    const NAME: &str = "contract_runs_as_a_non_root_user";
+    let run = || {
+        use memsync_region::WriteTracking::{Dirty, Protect};
+        contract::run(
+            "nonroot/protect",
+            &vec_source,
+            Backing::Anonymous,
+            Protect,
+            5,
+        );
+        if dirty_supported() {
+            contract::run("nonroot/dirty", &vec_source, Backing::Anonymous, Dirty, 6);
+        }
+    };
+    if is_child(NAME) {
+        assert_ne!(memsync_sys::euid(), 0, "the child runs unprivileged");
+        run();
+        eprintln!("child: unprivileged contract ok");
+        return;
+    }
+    if memsync_sys::euid() != 0 {
+        run();
+        return;
+    }
+    let dir = TempDir::new("contract-nonroot");
+    let exe = dir.0.join("region-test");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = run_child(&exe, NAME, |c| {
+        c.uid(65534)
+            .gid(65534)
+            .current_dir(&dir.0)
+            .env("TMPDIR", &dir.0);
+    });
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unprivileged contract ok"),
+        "{}",
+        describe(&out)
+    );
 }

@@ -20,6 +20,12 @@
 //!   the touching thread resolves itself, in a `SIGBUS` handler, with `UFFDIO_COPY` from a
 //!   mapping that already holds the store's data (`memsync_sys::SigbusResolver`; a store that
 //!   answers at once), with its ratio to `anon-fault` and `lazy-default`.
+//! - `dirty-tracked-writer`: what dirty tracking costs a writer. A thread writes one byte to
+//!   every 4 KiB page of a populated anonymous mapping (no huge pages), ns per page, beside the
+//!   same writer on a mapping tracked by a `DirtyTracker` (`UFFD_FEATURE_WP_ASYNC`), re-armed
+//!   before every run with one `PAGEMAP_SCAN` (untimed), so every write takes the kernel's
+//!   write-protect fault: the tracker's worst case. Each run checks that the tracker reported
+//!   every chunk written by the previous run.
 //! - `nbd-seq-first-touch` and `nbd-rand-4k-first-touch`: the same two from an NBD store on
 //!   loopback TCP (memsync's own NBD server serving a mem: store in this process, read through
 //!   memsync's NBD client). Limits: the client's own sequential read (2 MiB requests, two in
@@ -40,7 +46,7 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use memsync_core::{DynStore, Store};
 use memsync_local::MemStore;
-use memsync_region::{FollowFaults, LazyRegion, RegionConfig};
+use memsync_region::{DirtyTracker, FollowFaults, LazyRegion, RegionConfig};
 use memsync_sys::{Features, MapOptions, Mapping, SigbusResolver, Uffd};
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
@@ -482,7 +488,63 @@ pub fn run(bench: &mut Bench) -> Result<()> {
         bench.ratio(&c, "sigbus-on-thread", "lazy-default", "p50")?;
     }
 
+    dirty_case(bench, if quick { 64 * MIB } else { 256 * MIB })?;
+
     nbd_cases(bench, len, rand_n)
+}
+
+/// A populated anonymous mapping of `len` bytes in 4 KiB pages.
+fn populated(len: usize) -> Result<Mapping> {
+    let map = Mapping::anonymous(len)?;
+    map.advise(0, len, memsync_sys::Advice::NoHugePage)?;
+    map.fill(0, len, 1);
+    Ok(map)
+}
+
+/// One byte written to every page of `map`: ns per page.
+fn write_pages(map: &Mapping, byte: u8) -> f64 {
+    let t = Instant::now();
+    for off in (0..map.len()).step_by(PAGE) {
+        map.write_at(off, &[byte]);
+    }
+    t.elapsed().as_nanos() as f64 / (map.len() / PAGE) as f64
+}
+
+fn dirty_case(bench: &mut Bench, len: usize) -> Result<()> {
+    let chunk = 64 * KIB;
+    let plain = populated(len)?;
+    let tracked = populated(len)?;
+    let tracker = match DirtyTracker::new(&tracked, chunk) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+            eprintln!("lazy: skipping dirty-tracked-writer: {e}");
+            return Ok(());
+        }
+        Err(e) => return Err(e).context("tracking a mapping"),
+    };
+    let (mut a, mut b) = (0u8, 0u8);
+    let mut first = true;
+    let subjects = vec![
+        Subject::new("untracked-writer", || {
+            a = a.wrapping_add(1);
+            Ok(write_pages(&plain, a))
+        }),
+        Subject::new("tracked-writer", || {
+            let dirty = tracker.collect_bitmap()?;
+            anyhow::ensure!(
+                first || dirty.count() == dirty.len(),
+                "the tracker reported {} of {} written chunks",
+                dirty.count(),
+                dirty.len()
+            );
+            first = false;
+            b = b.wrapping_add(1);
+            Ok(write_pages(&tracked, b))
+        }),
+    ];
+    let c = bench.compare("dirty-tracked-writer", &[("per-page", "ns")], subjects)?;
+    bench.ratio(&c, "tracked-writer", "untracked-writer", "per-page")?;
+    Ok(())
 }
 
 /// Sequential read of the whole store through the client: 2 MiB requests, two in flight.
