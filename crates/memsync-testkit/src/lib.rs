@@ -15,6 +15,7 @@
 pub mod child;
 pub mod contract;
 pub mod hugepages;
+pub mod netns;
 pub mod servers;
 pub mod skip;
 pub mod uffd;
