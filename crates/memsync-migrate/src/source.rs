@@ -68,7 +68,9 @@ pub enum Fallback {
 #[derive(Clone, Debug)]
 pub struct SourceConfig {
     pub mode: Mode,
-    /// The unit of tracking and transfer (a power of two, 4 KiB to 16 MiB).
+    /// The unit of tracking and transfer (a power of two, 4 KiB to 16 MiB). 4 KiB by default:
+    /// a random writer's 4 KiB write dirties a whole chunk, so larger chunks resend more
+    /// (at 50 MB/s of random pages, 64 KiB chunks sent 1.4x the region, 4 KiB ones 1.02x).
     pub chunk_size: u64,
     /// Switch over when the dirty bytes would take at most this long at the measured bandwidth.
     pub max_downtime: Duration,
@@ -94,7 +96,7 @@ impl Default for SourceConfig {
     fn default() -> Self {
         SourceConfig {
             mode: Mode::Precopy,
-            chunk_size: 64 << 10,
+            chunk_size: 4096,
             max_downtime: Duration::from_millis(300),
             max_passes: 30,
             max_growing_passes: 2,
@@ -207,6 +209,32 @@ async fn read_chunk(src: &DynStore, layout: Layout, i: u64) -> Result<Option<Byt
         .await
         .map_err(|e| e.context(format!("reading chunk {i}")))?;
     Ok((!is_zero(&buf)).then(|| Bytes::from(buf)))
+}
+
+/// Largest single read of consecutive chunks in a pass.
+const READ_RUN: u64 = 1 << 20;
+
+/// Read chunks `first..first + n` in one call; each is `None` if all zeros.
+async fn read_run(
+    src: &DynStore,
+    layout: Layout,
+    first: u64,
+    n: u64,
+) -> Result<Vec<(u64, Option<Bytes>)>> {
+    let (off, _) = layout.chunk(first);
+    let (last_off, last_len) = layout.chunk(first + n - 1);
+    let mut buf = vec![0u8; (last_off + last_len - off) as usize];
+    src.read(off, &mut buf)
+        .await
+        .map_err(|e| e.context(format!("reading chunks {first}..{}", first + n)))?;
+    let buf = Bytes::from(buf);
+    Ok((0..n)
+        .map(|k| {
+            let (o, l) = layout.chunk(first + k);
+            let piece = buf.slice((o - off) as usize..(o - off + l) as usize);
+            (first + k, (!is_zero(&piece)).then_some(piece))
+        })
+        .collect())
 }
 
 struct Source<'a> {
@@ -350,7 +378,7 @@ impl Source<'_> {
         }
         let (_bulk_r, mut bulk) = self.dial(Role::Bulk, false).await?;
         let may_postcopy = cfg.mode != Mode::Precopy || cfg.fallback == Fallback::Postcopy;
-        let mut urgent = if may_postcopy {
+        let urgent = if may_postcopy {
             Some(self.dial(Role::Urgent, false).await?)
         } else {
             None
@@ -458,14 +486,13 @@ impl Source<'_> {
                 m => return Err(err(format!("expected SWITCHED, got {}", m.name()))),
             }
         }
+        // The urgent connection stays open in a stop-and-copy too: the destination takes its
+        // close before the commit for a failure and would abort.
         let needed = if postcopy {
             dirty
         } else {
             ChunkSet::new(chunks)
         };
-        if !postcopy {
-            urgent = None;
-        }
         let rep = Report {
             mode: cfg.mode,
             size: self.layout.size,
@@ -508,12 +535,27 @@ impl Source<'_> {
     async fn send_set(&mut self, w: &mut BufWriter<BoxWrite>, set: &ChunkSet) -> Result<()> {
         let (src, layout, hash) = (self.src.clone(), self.layout, self.cfg.hash_sent);
         let changes = self.changes.clone();
-        let mut reads = futures_util::stream::iter(set.iter())
-            .map(|i| {
+        // Consecutive chunks are read together (up to READ_RUN bytes), so that small chunks
+        // (the 4 KiB default matches the tracking grain) cost few store calls.
+        let per_read = (READ_RUN / layout.chunk_size).max(1);
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for i in set.iter() {
+            match runs.last_mut() {
+                Some((f, n)) if *f + *n == i && *n < per_read => *n += 1,
+                _ => runs.push((i, 1)),
+            }
+        }
+        let mut reads = futures_util::stream::iter(runs)
+            .map(|(first, n)| {
                 let src = src.clone();
-                async move { read_chunk(&src, layout, i).await.map(|d| (i, d)) }
+                async move { read_run(&src, layout, first, n).await }
             })
-            .buffered(self.cfg.read_ahead.max(1));
+            .buffered(self.cfg.read_ahead.max(1))
+            .map(|r| match r {
+                Ok(v) => futures_util::stream::iter(v.into_iter().map(Ok).collect::<Vec<_>>()),
+                Err(e) => futures_util::stream::iter(vec![Err(e)]),
+            })
+            .flatten();
         let mut zeros: Option<(u64, u32)> = None;
         let io = |e| StoreError::backend_with("sending on the bulk connection", e);
         while let Some(r) = reads.next().await {
@@ -590,6 +632,8 @@ impl Source<'_> {
             cursor: AtomicU64::new(0),
             wake: Notify::new(),
             served: AtomicU64::new(0),
+            data: AtomicU64::new(0),
+            zero: AtomicU64::new(0),
         });
         self.progress.phase(
             "post-copy",
@@ -630,6 +674,8 @@ impl Source<'_> {
             match outcome {
                 Ok(()) => {
                     rep.urgent_served = post.served.load(Relaxed);
+                    self.data_chunks += post.data.load(Relaxed);
+                    self.zero_chunks += post.zero.load(Relaxed);
                     // DONE is a courtesy: the destination already holds everything.
                     let _ = send(&mut link.ctl_w, &Msg::Done, &self.sent).await;
                     let _ = link.ctl_w.shutdown().await;
@@ -734,6 +780,7 @@ impl Source<'_> {
                         return;
                     }
                 };
+                post.count(&m);
                 if let Err(e) = write_msg(&mut w, &m, &sent).await {
                     let _ = lost.send(format!("bulk: {e}"));
                     return;
@@ -771,6 +818,7 @@ impl Source<'_> {
                     },
                     Err(e) => break format!("reading the source: {}", e.chain()),
                 };
+                post.count(&m);
                 if let Err(e) = async {
                     write_msg(&mut w, &m, &sent).await?;
                     w.flush().await
@@ -796,6 +844,18 @@ struct Post {
     cursor: AtomicU64,
     wake: Notify,
     served: AtomicU64,
+    /// Chunks sent as bytes and as ZERO (both tasks, duplicates included).
+    data: AtomicU64,
+    zero: AtomicU64,
+}
+
+impl Post {
+    fn count(&self, m: &Msg) {
+        match m {
+            Msg::Chunk { .. } => self.data.fetch_add(1, Relaxed),
+            _ => self.zero.fetch_add(1, Relaxed),
+        };
+    }
 }
 
 struct Tasks(Vec<JoinHandle<()>>);

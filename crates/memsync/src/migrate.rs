@@ -53,7 +53,7 @@ pub struct MigrateArgs {
     #[arg(long, default_value_t = 1)]
     pub hybrid_passes: u32,
     /// The unit of tracking and transfer (a power of two, 4K to 16M).
-    #[arg(long, default_value = "64K", value_parser = parse_size_arg)]
+    #[arg(long, default_value = "4K", value_parser = parse_size_arg)]
     pub chunk: u64,
     /// The application to suspend (SIGSTOP) before the last copy and to continue (SIGCONT) if
     /// the migration aborts. After a successful migration it stays stopped.

@@ -147,6 +147,7 @@ async fn one(src: &DynStore, mode: Mode, rate: u64, rtt: Option<Duration>) -> Re
     let cfg = SourceConfig {
         mode,
         hybrid_passes: 1,
+        max_downtime: Duration::from_millis(20),
         ..SourceConfig::default()
     };
     let r = memsync_migrate::migrate(
@@ -237,14 +238,14 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
     }
     b.published(
         "postcopy-0MBps",
-        "qemu postcopy-preempt, 10 GbE (published)",
+        "qemu postcopy-preempt, 10 GbE",
         "fault-p50",
         "us",
         229.0,
     );
     b.published(
         "precopy-50MBps",
-        "qemu, one host, limit 300 ms (published)",
+        "qemu, one host, limit 300 ms",
         "downtime",
         "ms",
         483.0,
