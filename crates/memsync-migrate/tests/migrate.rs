@@ -837,3 +837,56 @@ async fn a_short_last_chunk_arrives_in_every_mode() {
         );
     }
 }
+
+/// Chained migrations: A to B in post-copy, then B (its target, as the store its application
+/// uses, tracked again) on to C in pre-copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chained_migrations_a_to_b_to_c() {
+    let size = 4 << 20;
+    let initial = random(9, size);
+    let a = Tracked::new(mem_with(&initial).await, PAGE);
+    let b = destination(
+        size as u64,
+        Arc::new(NoHooks),
+        DestConfig::default(),
+        "127.0.0.1:0",
+        |s| s,
+    )
+    .await;
+    let cfg = SourceConfig {
+        mode: Mode::Postcopy,
+        ..SourceConfig::default()
+    };
+    let dialer = Dialer::parse(&b.url).unwrap();
+    migrate(a.clone(), a, &dialer, &NoHooks, &cfg, &NoProgress)
+        .await
+        .unwrap();
+    b.task.await.unwrap().unwrap();
+    // B's application wrote one page after taking over.
+    let page = Bytes::from(vec![0x77u8; PAGE as usize]);
+    b.target.write(12 * PAGE, page.clone()).await.unwrap();
+    let mut expected = initial.clone();
+    expected[12 * PAGE as usize..13 * PAGE as usize].fill(0x77);
+    let from_b = Tracked::new(b.target.clone(), PAGE);
+    let c = destination(
+        size as u64,
+        Arc::new(NoHooks),
+        DestConfig::default(),
+        "127.0.0.1:0",
+        |s| s,
+    )
+    .await;
+    let dialer = Dialer::parse(&c.url).unwrap();
+    migrate(
+        from_b.clone(),
+        from_b,
+        &dialer,
+        &NoHooks,
+        &SourceConfig::default(),
+        &NoProgress,
+    )
+    .await
+    .unwrap();
+    c.task.await.unwrap().unwrap();
+    assert_same("C", &contents(&*c.store).await, &expected);
+}

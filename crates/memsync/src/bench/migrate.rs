@@ -2,7 +2,9 @@
 //! writer dirties random 4 KiB pages at 0, 50 and 500 MB/s, in each mode, over loopback TCP
 //! and through the delay proxy at 30 ms RTT; downtime, total time, bytes sent against the
 //! region, passes, and post-copy fault latency at the destination. Also the writer's
-//! throughput with and without write tracking.
+//! throughput with and without write tracking. The downtime limit is the pre-copy
+//! target, 20 ms; the downtime measured runs from the suspend until the destination says it
+//! resumed, so it includes two round trips (switch-over and commit, then the resume's answer).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -226,14 +228,13 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
             &col(|x| x.sent_ratio),
         );
         b.record(&case, "memsync", "passes", "passes", &col(|x| x.passes));
-        if mode != Mode::Precopy {
-            b.record(
-                &case,
-                "memsync",
-                "fault-p50",
-                "us",
-                &col(|x| x.fault_p50_us),
-            );
+        // Only runs that had faults have a latency (a hybrid with nothing dirty has none).
+        let faults: Vec<f64> = col(|x| x.fault_p50_us)
+            .into_iter()
+            .filter(|v| v.is_finite())
+            .collect();
+        if !faults.is_empty() {
+            b.record(&case, "memsync", "fault-p50", "us", &faults);
         }
     }
     b.published(
