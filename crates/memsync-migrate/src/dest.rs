@@ -29,6 +29,9 @@ pub struct DestConfig {
     pub recovery_timeout: Duration,
     /// Limit on a new connection's TLS handshake and HELLO.
     pub hello_timeout: Duration,
+    /// Before the commit: the migration fails if nothing arrives from the source for this long
+    /// (after it, a silent source is waited for: readers of missing chunks must not fail).
+    pub idle_timeout: Duration,
 }
 
 impl Default for DestConfig {
@@ -36,6 +39,7 @@ impl Default for DestConfig {
         DestConfig {
             recovery_timeout: Duration::from_secs(60),
             hello_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -79,11 +83,27 @@ enum Phase {
 
 struct Shared {
     target: Arc<dyn Target>,
+    start: Instant,
+    /// When a data connection last delivered a frame (ns after `start`).
+    active: AtomicU64,
     received: AtomicU64,
     postcopy: AtomicBool,
     layout: Mutex<Option<Layout>>,
     outstanding: Mutex<BTreeSet<u64>>,
     requests: tokio::sync::Mutex<mpsc::UnboundedReceiver<u64>>,
+}
+
+impl Shared {
+    fn touch(&self) {
+        self.active
+            .store(self.start.elapsed().as_nanos() as u64, Relaxed);
+    }
+
+    fn idle(&self) -> Duration {
+        self.start
+            .elapsed()
+            .saturating_sub(Duration::from_nanos(self.active.load(Relaxed)))
+    }
 }
 
 fn err(m: impl Into<String>) -> StoreError {
@@ -104,6 +124,8 @@ pub async fn receive(
     let (faults, requests) = Faults::new();
     let sh = Arc::new(Shared {
         target: target.clone(),
+        start: Instant::now(),
+        active: AtomicU64::new(0),
         received: AtomicU64::new(0),
         postcopy: AtomicBool::new(false),
         layout: Mutex::new(None),
@@ -245,6 +267,19 @@ impl Dest<'_> {
                         )));
                     }
                 },
+                None if self.phase < Phase::Committed => {
+                    match tokio::time::timeout(self.cfg.idle_timeout, rx.recv()).await {
+                        Ok(ev) => ev,
+                        // Chunks keep arriving during a long pass without an event here.
+                        Err(_) if self.sh.idle() < self.cfg.idle_timeout => continue,
+                        Err(_) => {
+                            return Err(err(format!(
+                                "nothing from the source for {:?} before the commit",
+                                self.cfg.idle_timeout
+                            )));
+                        }
+                    }
+                }
                 None => rx.recv().await,
             };
             let Some(ev) = ev else {
@@ -416,7 +451,10 @@ impl Dest<'_> {
         self.tasks.push(tokio::spawn(async move {
             let why = loop {
                 let m = match read_frame(&mut r, &sh.received).await {
-                    Ok(Some(m)) => m,
+                    Ok(Some(m)) => {
+                        sh.touch();
+                        m
+                    }
                     Ok(None) => break format!("the {role:?} connection closed"),
                     Err(e) => break format!("{role:?}: {e}"),
                 };

@@ -83,6 +83,10 @@ pub struct SourceConfig {
     pub hybrid_passes: u32,
     /// How long to keep trying to reconnect after a cut past the commit.
     pub recovery_timeout: Duration,
+    /// Longest wait for an answer on the control connection (a pass's RECEIVED includes the
+    /// time the destination takes to write the pass). Before the commit it aborts the
+    /// migration; after it, it counts as a cut.
+    pub reply_timeout: Duration,
     /// Report the BLAKE3 digest of every chunk sent to the change source (for [`Rescan`]
     /// sources, which compare contents; trackers ignore it).
     ///
@@ -103,6 +107,7 @@ impl Default for SourceConfig {
             fallback: Fallback::StopAndCopy,
             hybrid_passes: 1,
             recovery_timeout: Duration::from_secs(60),
+            reply_timeout: Duration::from_secs(60),
             hash_sent: false,
             read_ahead: 16,
         }
@@ -211,6 +216,21 @@ async fn read_chunk(src: &DynStore, layout: Layout, i: u64) -> Result<Option<Byt
     Ok((!is_zero(&buf)).then(|| Bytes::from(buf)))
 }
 
+/// Write one bulk frame; a write that makes no progress for `limit` is a stalled destination.
+async fn put(
+    w: &mut BufWriter<BoxWrite>,
+    m: &Msg,
+    sent: &AtomicU64,
+    limit: Duration,
+) -> Result<()> {
+    match tokio::time::timeout(limit, write_msg(w, m, sent)).await {
+        Ok(r) => r.map_err(|e| StoreError::backend_with("sending on the bulk connection", e)),
+        Err(_) => Err(err(format!(
+            "the bulk connection took no data for {limit:?} (destination stalled)"
+        ))),
+    }
+}
+
 /// Largest single read of consecutive chunks in a pass.
 const READ_RUN: u64 = 1 << 20;
 
@@ -289,6 +309,21 @@ impl fmt::Debug for Source<'_> {
 }
 
 impl Source<'_> {
+    /// Read one control frame, which must come within `reply_timeout`.
+    async fn reply(&self, r: &mut BoxRead, what: &str) -> Result<Msg> {
+        tokio::time::timeout(
+            self.cfg.reply_timeout,
+            expect_frame(r, &self.received, what),
+        )
+        .await
+        .map_err(|_| {
+            err(format!(
+                "no {what} from the destination within {:?}",
+                self.cfg.reply_timeout
+            ))
+        })?
+    }
+
     async fn dial(&self, role: Role, resume: bool) -> Result<(BoxRead, BufWriter<BoxWrite>)> {
         let c = self
             .dialer
@@ -304,7 +339,7 @@ impl Source<'_> {
             resume,
         };
         send(&mut w, &hello, &self.sent).await?;
-        match expect_frame(&mut r, &self.received, "WELCOME").await? {
+        match self.reply(&mut r, "WELCOME").await? {
             Msg::Welcome { version } if version == VERSION => Ok((r, w)),
             m => Err(err(format!("expected WELCOME, got {}", m.name()))),
         }
@@ -372,7 +407,7 @@ impl Source<'_> {
             chunk_size: self.layout.chunk_size,
         };
         send(&mut l.ctl_w, &geo, &self.sent).await?;
-        match expect_frame(&mut l.ctl_r, &self.received, "READY").await? {
+        match self.reply(&mut l.ctl_r, "READY").await? {
             Msg::Ready => {}
             m => return Err(err(format!("expected READY, got {}", m.name()))),
         }
@@ -403,7 +438,7 @@ impl Source<'_> {
             mark += 1;
             send(&mut bulk, &Msg::Mark { seq: mark }, &self.sent).await?;
             let l = link.as_mut().ok_or_else(|| err("no control connection"))?;
-            match expect_frame(&mut l.ctl_r, &self.received, "RECEIVED").await? {
+            match self.reply(&mut l.ctl_r, "RECEIVED").await? {
                 Msg::Received { seq } if seq == mark => {}
                 m => return Err(err(format!("expected RECEIVED {mark}, got {m:?}"))),
             }
@@ -480,7 +515,7 @@ impl Source<'_> {
         )
         .await?;
         loop {
-            match expect_frame(&mut l.ctl_r, &self.received, "SWITCHED").await? {
+            match self.reply(&mut l.ctl_r, "SWITCHED").await? {
                 Msg::Received { seq } if seq <= mark => {}
                 Msg::Switched => break,
                 m => return Err(err(format!("expected SWITCHED, got {}", m.name()))),
@@ -557,7 +592,7 @@ impl Source<'_> {
             })
             .flatten();
         let mut zeros: Option<(u64, u32)> = None;
-        let io = |e| StoreError::backend_with("sending on the bulk connection", e);
+        let limit = self.cfg.reply_timeout;
         while let Some(r) = reads.next().await {
             let (i, d) = r?;
             if hash {
@@ -574,9 +609,7 @@ impl Source<'_> {
                     zeros = match zeros {
                         Some((f, n)) if f + n as u64 == i && n < MAX_ZERO_RUN => Some((f, n + 1)),
                         Some((first, count)) => {
-                            write_msg(w, &Msg::Zero { first, count }, &self.sent)
-                                .await
-                                .map_err(io)?;
+                            put(w, &Msg::Zero { first, count }, &self.sent, limit).await?;
                             Some((i, 1))
                         }
                         None => Some((i, 1)),
@@ -585,20 +618,14 @@ impl Source<'_> {
                 Some(data) => {
                     self.data_chunks += 1;
                     if let Some((first, count)) = zeros.take() {
-                        write_msg(w, &Msg::Zero { first, count }, &self.sent)
-                            .await
-                            .map_err(io)?;
+                        put(w, &Msg::Zero { first, count }, &self.sent, limit).await?;
                     }
-                    write_msg(w, &Msg::Chunk { index: i, data }, &self.sent)
-                        .await
-                        .map_err(io)?;
+                    put(w, &Msg::Chunk { index: i, data }, &self.sent, limit).await?;
                 }
             }
         }
         if let Some((first, count)) = zeros {
-            write_msg(w, &Msg::Zero { first, count }, &self.sent)
-                .await
-                .map_err(io)?;
+            put(w, &Msg::Zero { first, count }, &self.sent, limit).await?;
         }
         Ok(())
     }
@@ -620,7 +647,7 @@ impl Source<'_> {
             tracing::warn!("migrate: sending COMMIT: {}", e.chain());
         }
         // RESUMED: the downtime ends.
-        match expect_frame(&mut link.ctl_r, &self.received, "RESUMED").await {
+        match self.reply(&mut link.ctl_r, "RESUMED").await {
             Ok(Msg::Resumed) => {}
             Ok(m) => return Err(err(format!("expected RESUMED, got {}", m.name()))),
             // The destination may have resumed; recovery tells.
@@ -727,7 +754,7 @@ impl Source<'_> {
         let (mut ctl_r, ctl_w) = self.dial(Role::Control, true).await?;
         let mut held = ChunkSet::new(self.layout.chunks());
         loop {
-            match expect_frame(&mut ctl_r, &self.received, "HELD").await? {
+            match self.reply(&mut ctl_r, "HELD").await? {
                 Msg::Held(s) => held.apply(&s).map_err(err)?,
                 Msg::HeldEnd { held: n } if n == held.count() => break,
                 Msg::HeldEnd { held: n } => {

@@ -407,7 +407,12 @@ async fn a_failure_before_the_commit_aborts_and_the_source_runs_on() {
     let initial = random(2, size as usize);
     // Two ways to fail: a cut of every connection during the first pass, and a destination
     // whose flush at the switch-over fails (after the source suspended).
-    for case in ["cut during a pass", "destination flush fails"] {
+    // A black-holed link (no error, no data) fails by the timeouts on both sides.
+    for case in [
+        "cut during a pass",
+        "destination flush fails",
+        "link black-holed",
+    ] {
         let raw = mem_with(&initial).await;
         let tracked = Tracked::new(raw.clone(), PAGE);
         let log = Arc::new(Log::default());
@@ -418,7 +423,10 @@ async fn a_failure_before_the_commit_aborts_and_the_source_runs_on() {
         let dest = destination(
             size,
             Arc::new(NoHooks),
-            DestConfig::default(),
+            DestConfig {
+                idle_timeout: Duration::from_millis(500),
+                ..DestConfig::default()
+            },
             "127.0.0.1:0",
             move |s| Arc::new(Fault::with_control(s, c2)),
         )
@@ -438,7 +446,10 @@ async fn a_failure_before_the_commit_aborts_and_the_source_runs_on() {
             control.fail_always(OpKind::Flush);
             proxy.set_bandwidth(None);
         }
-        let cfg = SourceConfig::default();
+        let cfg = SourceConfig {
+            reply_timeout: Duration::from_millis(500),
+            ..SourceConfig::default()
+        };
         let mig = migrate(
             tracked.clone(),
             tracked.clone(),
@@ -455,13 +466,37 @@ async fn a_failure_before_the_commit_aborts_and_the_source_runs_on() {
                 }
                 proxy.cut_all();
             }
+            if case == "link black-holed" {
+                while proxy.stats().up_bytes < 1 << 20 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                proxy.set_blocked(true);
+            }
         };
         let (r, ()) = tokio::join!(mig, cut);
         match r {
-            Err(MigrateError::Aborted(e)) => eprintln!("{case}: aborted: {}", e.chain()),
+            Err(MigrateError::Aborted(e)) => {
+                let want = match case {
+                    "cut during a pass" => "connection closed",
+                    "destination flush fails" => "injected fault in flush",
+                    _ => "within 500ms",
+                };
+                assert!(e.chain().contains(want), "{case}: {}", e.chain());
+            }
             other => panic!("{case}: expected an abort, got {other:?}"),
         }
-        assert!(dest.task.await.unwrap().is_err(), "{case}: destination");
+        let de = dest
+            .task
+            .await
+            .unwrap()
+            .expect_err("the destination fails too");
+        if case == "link black-holed" {
+            assert!(
+                de.chain().contains("nothing from the source"),
+                "{}",
+                de.chain()
+            );
+        }
         // Resumed if it had been suspended; and it keeps running: more writes arrive.
         assert_eq!(
             app.suspends.load(Ordering::Relaxed),

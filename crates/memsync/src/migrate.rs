@@ -73,6 +73,10 @@ pub struct MigrateArgs {
     /// How long either side waits for the other to come back after a cut past the commit.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub recovery_timeout: Duration,
+    /// Before the commit, how long a side waits for the other's answer (source) or for any
+    /// data (destination) before it aborts.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub timeout: Duration,
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -236,6 +240,7 @@ pub fn migrate(ctx: &Context, a: MigrateArgs) -> Result<()> {
         fallback: a.fallback,
         hybrid_passes: a.hybrid_passes,
         recovery_timeout: a.recovery_timeout,
+        reply_timeout: a.timeout,
         // The application writes behind memsync's back (a file it maps): changes are found by
         // comparing digests with what was sent.
         hash_sent: true,
@@ -305,6 +310,7 @@ fn listen(ctx: &Context, a: MigrateArgs) -> Result<()> {
     };
     let cfg = DestConfig {
         recovery_timeout: a.recovery_timeout,
+        idle_timeout: a.timeout,
         ..DestConfig::default()
     };
     ctx.rt.block_on(async {
