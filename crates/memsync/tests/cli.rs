@@ -1353,3 +1353,68 @@ fn migrate_abort_leaves_the_application_running() {
     std::thread::sleep(std::time::Duration::from_millis(50));
     assert_ne!(before, std::fs::read(&src).unwrap());
 }
+
+/// Post-copy through the CLI: the destination exports the migrating store over NBD when it
+/// takes over, and a reader (nbdcopy) there gets the source's bytes, waiting for missing
+/// chunks instead of reading stale ones.
+#[test]
+fn migrate_postcopy_to_an_nbd_export() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst, out) = (
+        dir.path().join("src.img"),
+        dir.path().join("dst.img"),
+        dir.path().join("out.img"),
+    );
+    std::fs::write(&src, random(63, 16 << 20)).unwrap();
+    std::fs::write(&dst, vec![0x55u8; 16 << 20]).unwrap();
+    let writer = PageWriter::start(&[], &src);
+    let mut dest = Command::new(env!("CARGO_BIN_EXE_memsync"))
+        .args(["migrate", "--listen", "127.0.0.1:0", "--nbd", "127.0.0.1:0"])
+        .arg(format!("file:{}", dst.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(dest.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let addr = first.rsplit(' ').next().unwrap().to_owned();
+    let src_url = format!("file:{}", src.display());
+    let pid = writer.0.id().to_string();
+    let source = std::thread::spawn(move || {
+        memsync(&[
+            "migrate",
+            "--json",
+            "--mode",
+            "postcopy",
+            "--pid",
+            &pid,
+            &src_url,
+            &format!("migrate://{addr}"),
+        ])
+    });
+    let nbd = loop {
+        let l = lines.next().expect("the destination's output").unwrap();
+        if let Some(a) = l.strip_prefix("memsync: NBD export on ") {
+            break a.to_owned();
+        }
+    };
+    let o = Command::new("nbdcopy")
+        .arg(format!("nbd://{nbd}"))
+        .arg(&out)
+        .output()
+        .expect("nbdcopy");
+    assert!(o.status.success(), "nbdcopy: {}", stderr(&o));
+    let o = source.join().unwrap();
+    assert!(o.status.success(), "source: {}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(r["postcopy"], true, "{r}");
+    assert_eq!(writer.state(), 'T');
+    let want = std::fs::read(&src).unwrap();
+    assert_same("read over NBD", &std::fs::read(&out).unwrap(), &want);
+    // The destination keeps exporting until told to stop; its file is complete.
+    let _ = Command::new("kill").arg(dest.id().to_string()).status();
+    let st = dest.wait().unwrap();
+    assert!(st.success(), "destination: {st}");
+    assert_same("destination file", &std::fs::read(&dst).unwrap(), &want);
+}
