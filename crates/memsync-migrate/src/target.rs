@@ -334,3 +334,59 @@ impl Store for StoreTarget {
         self.inner.extents(offset, len).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use memsync_local::MemStore;
+
+    /// After the switch-over a reader of a missing chunk asks for it and waits; a copy that
+    /// arrives after the application wrote the chunk is dropped, never written over it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_late_copy_never_overwrites_what_the_application_wrote() {
+        let inner: DynStore = Arc::new(MemStore::new(4 * 4096));
+        let t = StoreTarget::new(inner.clone());
+        t.prepare(Layout::new(4 * 4096, 4096).unwrap()).unwrap();
+        let (faults, mut requests) = Faults::new();
+        let mut missing = ChunkSet::new(4);
+        missing.insert(1);
+        missing.insert(3);
+        t.begin_postcopy(&missing, faults);
+        assert_eq!(Target::missing(&*t), 2);
+        // Present chunks are read at once; a write to a missing one waits for its chunk.
+        let mut b = [0u8; 8];
+        t.read(0, &mut b).await.unwrap();
+        let t2 = t.clone();
+        let w = tokio::spawn(async move { t2.write(4096 + 100, Bytes::from_static(b"app")).await });
+        assert_eq!(requests.recv().await, Some(1));
+        assert!(!w.is_finished());
+        assert!(
+            t.place(1, Some(Bytes::from(vec![1u8; 4096])))
+                .await
+                .unwrap()
+        );
+        w.await.unwrap().unwrap();
+        // The bulk stream's copy of chunk 1 arrives late: dropped.
+        assert!(
+            !t.place(1, Some(Bytes::from(vec![9u8; 4096])))
+                .await
+                .unwrap()
+        );
+        let mut c = vec![0u8; 4096];
+        inner.read(4096, &mut c).await.unwrap();
+        assert_eq!(&c[100..103], b"app");
+        assert!(c[..100].iter().all(|&x| x == 1));
+        // Zeros count as a copy too; then nothing is missing.
+        assert!(t.place(3, None).await.unwrap());
+        assert_eq!(Target::missing(&*t), 0);
+        assert_eq!(t.held().count(), 4);
+        // Out of range and wrong lengths are errors, not writes.
+        assert!(t.place(4, None).await.is_err());
+        t.begin_postcopy(&ChunkSet::full(4), Faults::new().0);
+        assert!(
+            t.place(0, Some(Bytes::from_static(b"short")))
+                .await
+                .is_err()
+        );
+    }
+}
