@@ -297,6 +297,12 @@ impl Dest<'_> {
                         return Ok(());
                     }
                 }
+                // Everything is held and the destination runs: a control connection that ends
+                // now (DONE lost) ends the migration here.
+                Ev::Control(..) if self.all_sent => {
+                    self.sh.target.flush().await?;
+                    return Ok(());
+                }
                 Ev::Control(_, Ok(None)) => {
                     if self.lost("the control connection closed")? {
                         paused_until =

@@ -484,11 +484,13 @@ impl Source<'_> {
 
         // Switch-over.
         let t_suspend = Instant::now();
+        // Marked first: a suspend that fails half way (SIGSTOP sent, the wait timed out) is
+        // resumed by the abort.
+        *suspended = true;
         self.hooks
             .suspend()
             .await
             .map_err(|e| e.context("suspending the application"))?;
-        *suspended = true;
         if cfg.mode != Mode::Postcopy {
             dirty.union_with(&self.take_dirty().await?);
         }
