@@ -429,10 +429,19 @@ impl Source<'_> {
             }
             let t = Instant::now();
             let sent0 = self.sent.load(Relaxed);
-            self.progress.phase(
-                &format!("pass {}", passes.len() + 1),
-                dirty.count() * self.layout.chunk_size,
-            );
+            // The bar shows the pass, and how fast the last one saw pages dirtied.
+            let name = match passes.last() {
+                Some(p) => format!(
+                    "pass {} (dirtied {:.0} MB/s)",
+                    passes.len() + 1,
+                    (p.dirty_after * self.layout.chunk_size) as f64
+                        / p.elapsed.as_secs_f64().max(1e-6)
+                        / 1e6
+                ),
+                None => "pass 1".to_owned(),
+            };
+            self.progress
+                .phase(&name, dirty.count() * self.layout.chunk_size);
             let n = dirty.count();
             self.send_set(&mut bulk, &dirty).await?;
             mark += 1;
