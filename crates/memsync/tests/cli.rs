@@ -294,6 +294,29 @@ fn bench_mount_json_has_peers_and_ratios() {
 }
 
 #[test]
+fn bench_migrate_json_has_every_case() {
+    let j = bench_json("migrate", 2);
+    for rate in ["0MBps", "50MBps", "500MBps", "50MBps-rtt30ms"] {
+        for mode in ["precopy", "postcopy", "hybrid"] {
+            let case = format!("{mode}-{rate}");
+            let s = j
+                .subjects
+                .get(&case)
+                .unwrap_or_else(|| panic!("no case {case}"));
+            assert!(s.contains("memsync"), "{case}: {s:?}");
+        }
+    }
+    assert!(
+        j.subjects["postcopy-0MBps"]
+            .iter()
+            .any(|s| s.contains("(published)")),
+        "{:?}",
+        j.subjects["postcopy-0MBps"]
+    );
+    j.has_ratio("tracking", "tracked", "untracked");
+}
+
+#[test]
 fn bench_stores_json_has_peers_and_ratios() {
     let j = bench_json("stores", 2);
     j.has_ratio("seq_read_direct_dir_chunk1M", "memsync-dir", "pread");

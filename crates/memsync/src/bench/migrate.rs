@@ -227,7 +227,9 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
             "x region",
             &col(|x| x.sent_ratio),
         );
-        b.record(&case, "memsync", "passes", "passes", &col(|x| x.passes));
+        if mode != Mode::Postcopy {
+            b.record(&case, "memsync", "passes", "passes", &col(|x| x.passes));
+        }
         // Only runs that had faults have a latency (a hybrid with nothing dirty has none).
         let faults: Vec<f64> = col(|x| x.fault_p50_us)
             .into_iter()
@@ -275,7 +277,7 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
     b.pair(
         "tracking",
         ("write", "MB/s"),
-        Subject::new("memsync tracked", || bytes_in(tracked.clone())),
+        Subject::new("tracked", || bytes_in(tracked.clone())),
         Subject::new("untracked", || bytes_in(src.clone())),
     )?;
     Ok(())
