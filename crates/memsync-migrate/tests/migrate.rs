@@ -925,3 +925,84 @@ async fn chained_migrations_a_to_b_to_c() {
     c.task.await.unwrap().unwrap();
     assert_same("C", &contents(&*c.store).await, &expected);
 }
+
+/// A request that a cut swallows (sent into a black-holed link) is sent again after the
+/// reconnection: the reader gets its chunk long before the background stream would reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_lost_in_a_cut_is_sent_again() {
+    let size = 16usize << 20;
+    let initial = random(10, size);
+    let raw = mem_with(&initial).await;
+    // Every read of the source takes 5 ms: the background stream needs over a second for the
+    // region, an urgent answer 5 ms.
+    let control = FaultControl::new();
+    control.set_delay(OpKind::Read, Duration::from_millis(5));
+    let slow: DynStore = Arc::new(Fault::with_control(raw, control));
+    let tracked = Tracked::new(slow, PAGE);
+    let resumed = Arc::new(tokio::sync::Notify::new());
+    let dest = destination(
+        size as u64,
+        Arc::new(Wake(resumed.clone())),
+        DestConfig::default(),
+        "127.0.0.1:0",
+        |s| s,
+    )
+    .await;
+    let proxy = Arc::new(
+        Proxy::start(
+            "127.0.0.1:0",
+            dest.url.trim_start_matches("migrate://"),
+            ProxyConfig::default(),
+        )
+        .await
+        .unwrap(),
+    );
+    let dialer = Dialer::parse(&format!("migrate://{}", proxy.local_addr())).unwrap();
+    let cfg = SourceConfig {
+        mode: Mode::Postcopy,
+        chunk_size: 64 << 10,
+        ..SourceConfig::default()
+    };
+    let target = dest.target.clone();
+    let p = proxy.clone();
+    let reader = tokio::spawn(async move {
+        resumed.notified().await;
+        // The request goes out on the urgent connection into a black hole...
+        p.set_blocked(true);
+        let held = target.held();
+        let last = (0..held.len()).rev().find(|&i| !held.contains(i)).unwrap();
+        let t: DynStore = target.clone();
+        let read = tokio::spawn(async move {
+            let mut b = vec![0u8; 4096];
+            t.read(last * (64 << 10), &mut b).await.map(|()| b)
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!read.is_finished(), "read through a black hole");
+        // ...then the connections break and come back.
+        p.cut_all();
+        p.set_blocked(false);
+        let page = read.await.unwrap().expect("read after the reconnection");
+        (last, page, target.missing())
+    });
+    let report = migrate(
+        tracked.clone(),
+        tracked.clone(),
+        &dialer,
+        &NoHooks,
+        &cfg,
+        &NoProgress,
+    )
+    .await
+    .expect("migration across the cut");
+    dest.task.await.unwrap().expect("destination");
+    let (last, page, missing_then) = reader.await.unwrap();
+    let off = last as usize * (64 << 10);
+    assert_eq!(&page[..], &initial[off..off + 4096]);
+    // The last chunk came on the urgent path, not at the end of the background stream.
+    assert!(
+        missing_then > 100,
+        "{missing_then} chunks were missing at the read"
+    );
+    assert!(report.reconnects >= 1, "{report:?}");
+    assert_same("after the cut", &contents(&*dest.store).await, &initial);
+}
