@@ -111,6 +111,8 @@ struct Post {
 
 /// A [`Target`] over any store, and the [`Store`] the destination's application uses: reads
 /// and writes of a missing chunk wait until it arrives (asking the source for it first).
+/// Expose it only once the destination resumes (the `resume` hook): before the switch-over its
+/// contents are a mix of passes.
 pub struct StoreTarget {
     inner: DynStore,
     layout: parking_lot::RwLock<Option<Layout>>,
