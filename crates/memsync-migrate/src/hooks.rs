@@ -134,3 +134,56 @@ impl Hooks for CommandHooks {
         run("resume", &self.resume).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(pid: u32) -> char {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        s.rsplit_once(')')
+            .unwrap()
+            .1
+            .trim_start()
+            .chars()
+            .next()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn signals_stop_and_continue_a_process() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let h = SignalHooks::new(child.id() as i32);
+        h.suspend().await.unwrap();
+        // suspend returns only once the process is stopped.
+        assert_eq!(state(child.id()), 'T');
+        h.resume().await.unwrap();
+        while state(child.id()) == 'T' {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // A process that is gone: a clear error.
+        let e = h.suspend().await.unwrap_err();
+        assert!(
+            e.chain().contains("SIGSTOP") || e.chain().contains("STOP"),
+            "{}",
+            e.chain()
+        );
+    }
+
+    #[tokio::test]
+    async fn commands_must_succeed() {
+        let h = CommandHooks {
+            suspend: Some("true".into()),
+            resume: Some("exit 3".into()),
+        };
+        h.suspend().await.unwrap();
+        let e = h.resume().await.unwrap_err();
+        assert!(e.chain().contains("exit 3"), "{}", e.chain());
+        NoHooks.suspend().await.unwrap();
+    }
+}
