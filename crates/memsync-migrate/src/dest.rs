@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::hooks::Hooks;
-use crate::net::{BoxRead, BoxWrite, Conn, Listener, read_frame, send, write_msg};
+use crate::net::{BoxRead, BoxWrite, Conn, Listener, read_frame, read_hello, send, write_msg};
 use crate::proto::{MAX_ZERO_RUN, Msg, Role, VERSION};
 use crate::set::ChunkSet;
 use crate::target::{Faults, Target};
@@ -152,7 +152,7 @@ pub async fn receive(
                 let sh = sh.clone();
                 tokio::spawn(async move {
                     let mut c = c;
-                    match tokio::time::timeout(timeout, read_frame(&mut c.r, &sh.received)).await {
+                    match tokio::time::timeout(timeout, read_hello(&mut c.r, &sh.received)).await {
                         Ok(Ok(Some(h @ Msg::Hello { .. }))) => {
                             let _ = tx.send(Ev::Conn(h, c));
                         }

@@ -277,6 +277,23 @@ pub async fn read_frame<R: AsyncRead + Unpin + ?Sized>(
     r: &mut R,
     count: &AtomicU64,
 ) -> io::Result<Option<Msg>> {
+    read_frame_max(r, count, crate::proto::MAX_FRAME).await
+}
+
+/// The first frame of a connection: a HELLO is small, and nothing larger is buffered for a
+/// peer that has not said who it is.
+pub async fn read_hello<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    count: &AtomicU64,
+) -> io::Result<Option<Msg>> {
+    read_frame_max(r, count, 64).await
+}
+
+async fn read_frame_max<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    count: &AtomicU64,
+    max: usize,
+) -> io::Result<Option<Msg>> {
     let mut prefix = [0u8; 4];
     match r.read_exact(&mut prefix).await {
         Ok(_) => {}
@@ -284,6 +301,11 @@ pub async fn read_frame<R: AsyncRead + Unpin + ?Sized>(
         Err(e) => return Err(e),
     }
     let n = frame_len(prefix).map_err(invalid)?;
+    if n > max {
+        return Err(invalid(format!(
+            "a first frame of {n} bytes (a HELLO has 21)"
+        )));
+    }
     let mut body = BytesMut::zeroed(n);
     r.read_exact(&mut body).await?;
     count.fetch_add(4 + n as u64, Relaxed);

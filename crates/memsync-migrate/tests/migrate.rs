@@ -1006,3 +1006,55 @@ async fn a_request_lost_in_a_cut_is_sent_again() {
     assert!(report.reconnects >= 1, "{report:?}");
     assert_same("after the cut", &contents(&*dest.store).await, &initial);
 }
+
+/// Strangers on the destination's port (garbage, a huge length prefix, a frame that is no
+/// HELLO, a connection for an unknown session) are turned away; a real migration still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_are_turned_away_and_a_migration_still_works() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let size = 1 << 20;
+    let initial = random(11, size);
+    let dest = destination(
+        size as u64,
+        Arc::new(NoHooks),
+        DestConfig::default(),
+        "127.0.0.1:0",
+        |s| s,
+    )
+    .await;
+    let addr = dest.url.trim_start_matches("migrate://").to_owned();
+    let mut bulk_hello = memsync_migrate::proto::Msg::Hello {
+        version: memsync_migrate::proto::VERSION,
+        role: memsync_migrate::proto::Role::Bulk,
+        session: 42,
+        resume: false,
+    }
+    .encode()
+    .to_vec();
+    let not_hello = memsync_migrate::proto::Msg::Done.encode().to_vec();
+    for bytes in [
+        vec![0xffu8; 4],
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        not_hello,
+        std::mem::take(&mut bulk_hello),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(&bytes).await.unwrap();
+        // Closed (after an ABORT for the ones that parse), never left hanging.
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.unwrap();
+    }
+    let tracked = Tracked::new(mem_with(&initial).await, PAGE);
+    migrate(
+        tracked.clone(),
+        tracked,
+        &Dialer::parse(&dest.url).unwrap(),
+        &NoHooks,
+        &SourceConfig::default(),
+        &NoProgress,
+    )
+    .await
+    .unwrap();
+    dest.task.await.unwrap().unwrap();
+    assert_same("after strangers", &contents(&*dest.store).await, &initial);
+}
