@@ -17,6 +17,7 @@ pub mod contract;
 pub mod failfs;
 pub mod hugepages;
 pub mod nbd;
+pub mod netns;
 pub mod servers;
 pub mod skip;
 pub mod uffd;

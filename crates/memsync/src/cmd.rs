@@ -353,6 +353,7 @@ pub fn bench(ctx: &Context, a: BenchArgs) -> Result<()> {
         "lazy" => bench::lazy::run(&mut b),
         "mount" => bench::mount::run(&mut b, ctx),
         "sync" => bench::sync::run(&mut b, ctx),
+        "migrate" => bench::migrate::run(&mut b, ctx),
         other => bail!("unknown suite {other:?}"),
     }
 }

@@ -5,6 +5,7 @@ mod out;
 mod bench;
 mod cmd;
 mod map;
+mod migrate;
 mod mount;
 mod proxy;
 mod serve;
@@ -83,6 +84,9 @@ enum Command {
     /// side, 4 KiB page deltas, a digest index next to local files); or serve a store as a sync
     /// peer (--listen); or keep pushing changes (--every).
     Sync(sync::SyncArgs),
+    /// Live migration of a store (e.g. the file another program maps): pre-copy, post-copy or
+    /// hybrid to a destination (`--listen` on the other side), with a final report.
+    Migrate(migrate::MigrateArgs),
     /// List the store URL schemes this build supports.
     Stores,
     /// Read a store from start to end with the NBD bench's client pattern (32 reads of 2 MiB
@@ -121,6 +125,7 @@ fn main() -> ExitCode {
         Command::Sync(a) => sync::sync(&ctx, a),
         Command::Proxy(a) => proxy::proxy(&ctx, a),
         Command::Map(a) => map::map(&ctx, a),
+        Command::Migrate(a) => migrate::migrate(&ctx, a),
         Command::Stores => cmd::stores(&ctx),
         Command::BenchNbdRead(a) => bench::nbd::read_to_nowhere(&ctx, a),
     };

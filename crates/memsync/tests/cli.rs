@@ -385,6 +385,29 @@ fn bench_mount_json_has_peers_and_ratios() {
 }
 
 #[test]
+fn bench_migrate_json_has_every_case() {
+    let j = bench_json("migrate", 2);
+    for rate in ["0MBps", "50MBps", "500MBps", "50MBps-rtt30ms"] {
+        for mode in ["precopy", "postcopy", "hybrid"] {
+            let case = format!("{mode}-{rate}");
+            let s = j
+                .subjects
+                .get(&case)
+                .unwrap_or_else(|| panic!("no case {case}"));
+            assert!(s.contains("memsync"), "{case}: {s:?}");
+        }
+    }
+    assert!(
+        j.subjects["postcopy-0MBps"]
+            .iter()
+            .any(|s| s.contains("(published)")),
+        "{:?}",
+        j.subjects["postcopy-0MBps"]
+    );
+    j.has_ratio("tracking", "tracked", "untracked");
+}
+
+#[test]
 fn bench_stores_json_has_peers_and_ratios() {
     let j = bench_json("stores", 2);
     j.has_ratio("seq_read_direct_dir_chunk1M", "memsync-dir", "pread");
@@ -1190,75 +1213,7 @@ fn sync_file_to_file_then_an_unchanged_resync_hashes_nothing() {
     );
 }
 
-/// Two network namespaces joined by a veth pair, removed on drop.
-struct Netns {
-    a: String,
-    b: String,
-    b_addr: String,
-}
-
-impl Netns {
-    fn create() -> Option<Netns> {
-        let id = std::process::id() % 100_000;
-        let (a, b) = (format!("msa{id}"), format!("msb{id}"));
-        let octet = 1 + id % 250;
-        let ok = |args: &[&str]| {
-            Command::new("ip")
-                .args(args)
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false)
-        };
-        let made = ok(&["netns", "add", &a]) && ok(&["netns", "add", &b]);
-        let n = Netns {
-            a: a.clone(),
-            b: b.clone(),
-            b_addr: format!("10.213.{octet}.2"),
-        };
-        let (va, vb) = (format!("va{id}"), format!("vb{id}"));
-        let up =
-            made && ok(&[
-                "link", "add", &va, "netns", &a, "type", "veth", "peer", "name", &vb, "netns", &b,
-            ]) && ok(&[
-                "-n",
-                &a,
-                "addr",
-                "add",
-                &format!("10.213.{octet}.1/24"),
-                "dev",
-                &va,
-            ]) && ok(&[
-                "-n",
-                &b,
-                "addr",
-                "add",
-                &format!("{}/24", n.b_addr),
-                "dev",
-                &vb,
-            ]) && ok(&["-n", &a, "link", "set", &va, "up"])
-                && ok(&["-n", &b, "link", "set", &vb, "up"])
-                && ok(&["-n", &a, "link", "set", "lo", "up"])
-                && ok(&["-n", &b, "link", "set", "lo", "up"]);
-        if !up {
-            drop(n);
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "network namespaces cannot be made (needs root and iproute2: scripts/setup.sh)"
-            );
-            eprintln!("SKIPPED: network namespaces cannot be made here (needs root and iproute2)");
-            return None;
-        }
-        Some(n)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for n in [&self.a, &self.b] {
-            let _ = Command::new("ip").args(["netns", "del", n]).output();
-        }
-    }
-}
+use memsync_testkit::netns::Netns;
 
 /// A `memsync sync --listen` peer started with `prefix` (e.g. `ip netns exec B`); returns it and
 /// the address it printed.
@@ -1313,7 +1268,9 @@ fn make_certs(dir: &std::path::Path, name: &str) {
 
 #[test]
 fn sync_between_network_namespaces_over_tcp_and_tls() {
-    let Some(ns) = Netns::create() else { return };
+    let Some(ns) = Netns::create("sync_between_network_namespaces_over_tcp_and_tls", 0) else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     make_certs(dir.path(), "peer.test");
     let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
@@ -1596,4 +1553,262 @@ fn mount_nbd_without_a_port_listens_on_10809() {
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(s.uri, "memsync: serving nbd://127.0.0.3:10809");
     run_ok("nbdinfo", &["nbd://127.0.0.3:10809"]);
+}
+
+/// A process that writes random 4 KiB pages into `file` until killed (one thread, so SIGSTOP
+/// stops every write). Started with `prefix` (e.g. `ip netns exec A`).
+struct PageWriter(std::process::Child);
+
+impl PageWriter {
+    fn start(prefix: &[&str], file: &std::path::Path) -> PageWriter {
+        use std::io::BufRead;
+        let script = "import os, random, sys, time\n\
+            fd = os.open(sys.argv[1], os.O_WRONLY)\n\
+            pages = os.fstat(fd).st_size // 4096\n\
+            r = random.Random(5)\n\
+            print('ready', flush=True)\n\
+            while True:\n\
+            \x20   os.pwrite(fd, os.urandom(4096), r.randrange(pages) * 4096)\n\
+            \x20   time.sleep(0.0002)\n";
+        let mut cmd = match prefix.split_first() {
+            Some((p, rest)) => {
+                let mut c = Command::new(p);
+                c.args(rest).arg("python3");
+                c
+            }
+            None => Command::new("python3"),
+        };
+        let mut child = cmd
+            .args(["-c", script])
+            .arg(file)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready");
+        PageWriter(child)
+    }
+
+    /// The process's state letter from /proc (T: stopped).
+    fn state(&self) -> char {
+        let s = std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).unwrap();
+        s.rsplit_once(')')
+            .unwrap()
+            .1
+            .trim_start()
+            .chars()
+            .next()
+            .unwrap()
+    }
+}
+
+impl Drop for PageWriter {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A `memsync migrate --listen` destination started with `prefix`; returns it and its address.
+fn migrate_dest(prefix: &[&str], args: &[&str]) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let exe = env!("CARGO_BIN_EXE_memsync");
+    let mut cmd = match prefix.split_first() {
+        Some((p, rest)) => {
+            let mut c = Command::new(p);
+            c.args(rest).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
+    let mut child = cmd
+        .args(["migrate", "--json", "--listen"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the migration destination");
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr = line.rsplit(' ').next().unwrap().trim().to_owned();
+    assert!(addr.contains(':'), "destination printed {line:?}");
+    // Keep the rest of stdout for the report.
+    child.stdout = None;
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut out, &mut rest);
+        rest
+    });
+    (child, addr)
+}
+
+/// Migrate a file that another process keeps writing (suspended by SIGSTOP at the switch-over),
+/// in every mode; the destination file ends equal to the source's at the stop. `src_prefix`
+/// and `dst_prefix` run each side (e.g. in a network namespace); `listen` is the destination's
+/// address.
+fn migrate_a_written_file(src_prefix: &[&str], dst_prefix: &[&str], listen: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    for mode in ["precopy", "postcopy", "hybrid"] {
+        let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
+        std::fs::write(&src, random(61, 8 << 20)).unwrap();
+        std::fs::write(&dst, vec![0x55u8; 8 << 20]).unwrap();
+        let writer = PageWriter::start(src_prefix, &src);
+        let (mut dest, addr) =
+            migrate_dest(dst_prefix, &[listen, &format!("file:{}", dst.display())]);
+        let o = Command::new(
+            src_prefix
+                .first()
+                .copied()
+                .unwrap_or(env!("CARGO_BIN_EXE_memsync")),
+        )
+        .args(if src_prefix.is_empty() {
+            &[][..]
+        } else {
+            &src_prefix[1..]
+        })
+        .args(if src_prefix.is_empty() {
+            vec![]
+        } else {
+            vec![env!("CARGO_BIN_EXE_memsync")]
+        })
+        .args([
+            "migrate",
+            "--json",
+            "--mode",
+            mode,
+            "--max-downtime",
+            "50ms",
+        ])
+        .arg("--pid")
+        .arg(writer.0.id().to_string())
+        .arg(format!("file:{}", src.display()))
+        .arg(format!("migrate://{addr}"))
+        .output()
+        .unwrap();
+        assert!(o.status.success(), "{mode}: {}", stderr(&o));
+        let r: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+        assert_eq!(r["mode"], mode, "{r}");
+        assert_eq!(r["postcopy"], mode != "precopy", "{r}");
+        assert!(r["downtime_ms"].as_f64().unwrap() > 0.0, "{r}");
+        let st = dest.wait().unwrap();
+        assert!(st.success(), "{mode}: destination {st}");
+        // Stopped at the switch-over, and still stopped: its file is what was migrated.
+        assert_eq!(writer.state(), 'T', "{mode}");
+        assert_same(
+            mode,
+            &std::fs::read(&dst).unwrap(),
+            &std::fs::read(&src).unwrap(),
+        );
+    }
+}
+
+#[test]
+fn migrate_a_file_another_process_writes() {
+    migrate_a_written_file(&[], &[], "127.0.0.1:0");
+}
+
+#[test]
+fn migrate_between_network_namespaces() {
+    let Some(ns) = Netns::create("migrate_between_network_namespaces", 1) else {
+        return;
+    };
+    let listen = format!("{}:0", ns.b_addr);
+    migrate_a_written_file(&Netns::exec_in(&ns.a), &Netns::exec_in(&ns.b), &listen);
+}
+
+/// An abort before the switch-over (the destination refuses: another size) leaves the
+/// application running and its file unchanged by memsync.
+#[test]
+fn migrate_abort_leaves_the_application_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
+    std::fs::write(&src, random(62, 4 << 20)).unwrap();
+    std::fs::write(&dst, vec![0u8; 2 << 20]).unwrap();
+    let writer = PageWriter::start(&[], &src);
+    let (mut dest, addr) = migrate_dest(&[], &["127.0.0.1:0", &format!("file:{}", dst.display())]);
+    let o = memsync(&[
+        "migrate",
+        "--pid",
+        &writer.0.id().to_string(),
+        &format!("file:{}", src.display()),
+        &format!("migrate://{addr}"),
+    ]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("aborted") && e.contains("equal sizes"), "{e}");
+    assert!(!dest.wait().unwrap().success());
+    assert_ne!(writer.state(), 'T');
+    // Still writing.
+    let before = std::fs::read(&src).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_ne!(before, std::fs::read(&src).unwrap());
+}
+
+/// Post-copy through the CLI: the destination exports the migrating store over NBD when it
+/// takes over, and a reader (nbdcopy) there gets the source's bytes, waiting for missing
+/// chunks instead of reading stale ones.
+#[test]
+fn migrate_postcopy_to_an_nbd_export() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst, out) = (
+        dir.path().join("src.img"),
+        dir.path().join("dst.img"),
+        dir.path().join("out.img"),
+    );
+    std::fs::write(&src, random(63, 16 << 20)).unwrap();
+    std::fs::write(&dst, vec![0x55u8; 16 << 20]).unwrap();
+    let writer = PageWriter::start(&[], &src);
+    let mut dest = Command::new(env!("CARGO_BIN_EXE_memsync"))
+        .args(["migrate", "--listen", "127.0.0.1:0", "--nbd", "127.0.0.1:0"])
+        .arg(format!("file:{}", dst.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(dest.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let addr = first.rsplit(' ').next().unwrap().to_owned();
+    let src_url = format!("file:{}", src.display());
+    let pid = writer.0.id().to_string();
+    let source = std::thread::spawn(move || {
+        memsync(&[
+            "migrate",
+            "--json",
+            "--mode",
+            "postcopy",
+            "--pid",
+            &pid,
+            &src_url,
+            &format!("migrate://{addr}"),
+        ])
+    });
+    let nbd = loop {
+        let l = lines.next().expect("the destination's output").unwrap();
+        if let Some(a) = l.strip_prefix("memsync: NBD export on ") {
+            break a.to_owned();
+        }
+    };
+    let o = Command::new("nbdcopy")
+        .arg(format!("nbd://{nbd}"))
+        .arg(&out)
+        .output()
+        .expect("nbdcopy");
+    assert!(o.status.success(), "nbdcopy: {}", stderr(&o));
+    let o = source.join().unwrap();
+    assert!(o.status.success(), "source: {}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(r["postcopy"], true, "{r}");
+    assert_eq!(writer.state(), 'T');
+    let want = std::fs::read(&src).unwrap();
+    assert_same("read over NBD", &std::fs::read(&out).unwrap(), &want);
+    // The destination keeps exporting until told to stop; its file is complete.
+    let _ = Command::new("kill").arg(dest.id().to_string()).status();
+    let st = dest.wait().unwrap();
+    assert!(st.success(), "destination: {st}");
+    assert_same("destination file", &std::fs::read(&dst).unwrap(), &want);
 }

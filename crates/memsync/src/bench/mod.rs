@@ -7,6 +7,7 @@
 //! `{"suite","case","subject","metric","value","unit","runs","min","max"}`.
 
 pub mod lazy;
+pub mod migrate;
 pub mod mount;
 pub mod nbd;
 pub mod store;
@@ -390,6 +391,10 @@ pub const SUITES: &[(&str, &str)] = &[
     (
         "sync",
         "delta sync of a 1 GiB file with 0/1/10% of random 4 KiB pages changed, local and to a peer through the delay proxy at 0 and 30 ms RTT, vs rsync -B4096 --inplace --no-whole-file and rsync's default, same run; continuous push rounds vs dirty rate",
+    ),
+    (
+        "migrate",
+        "live migration of a 1 GiB store while a writer dirties random 4 KiB pages at 0/50/500 MB/s: pre-copy, post-copy, hybrid, also at 30 ms RTT through the delay proxy (downtime, total, bytes sent per region byte, passes, post-copy fault p50); the writer with and without write tracking; QEMU's published figures beside",
     ),
     (
         "mount",

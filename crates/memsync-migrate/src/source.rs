@@ -1,0 +1,907 @@
+//! The source side: pre-copy passes over what a [`ChangeSource`] reports dirty, the switch-over
+//! decision, stop-and-copy or post-copy, and recovery after a cut. The state machine is drawn
+//! in `PROTOCOL.md`.
+
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use memsync_core::{DynStore, Result, StoreError};
+use memsync_sync::digest::{Layout, chunk_digest, is_zero};
+use memsync_sync::{ChangeSource, Progress};
+use parking_lot::Mutex;
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
+
+use crate::hooks::Hooks;
+use crate::net::{BoxRead, BoxWrite, Dialer, expect_frame, read_frame, send, write_msg};
+use crate::proto::{MAX_ZERO_RUN, Msg, Role, VERSION};
+use crate::set::ChunkSet;
+
+/// How the migration moves the region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Passes while the application runs, then stop-and-copy of the rest (or the fallback when
+    /// the passes do not converge).
+    Precopy,
+    /// Suspend at once, resume at the destination, and send everything after (urgent chunks
+    /// first).
+    Postcopy,
+    /// `hybrid_passes` pre-copy passes (fewer if they converge), then post-copy of the rest.
+    Hybrid,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Precopy => "precopy",
+            Mode::Postcopy => "postcopy",
+            Mode::Hybrid => "hybrid",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "precopy" | "pre-copy" => Some(Mode::Precopy),
+            "postcopy" | "post-copy" => Some(Mode::Postcopy),
+            "hybrid" => Some(Mode::Hybrid),
+            _ => None,
+        }
+    }
+}
+
+/// What pre-copy does when its passes do not converge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fallback {
+    /// Suspend and send the rest, however long it takes.
+    StopAndCopy,
+    /// Suspend, resume at the destination, and send the rest as post-copy.
+    Postcopy,
+}
+
+/// Source settings.
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    pub mode: Mode,
+    /// The unit of tracking and transfer (a power of two, 4 KiB to 16 MiB). 4 KiB by default:
+    /// a random writer's 4 KiB write dirties a whole chunk, so larger chunks resend more
+    /// (at 50 MB/s of random pages, 64 KiB chunks sent 1.4x the region, 4 KiB ones 1.02x).
+    pub chunk_size: u64,
+    /// Switch over when the dirty bytes would take at most this long at the measured bandwidth.
+    pub max_downtime: Duration,
+    /// KVM's rule: stop iterating after this many passes...
+    pub max_passes: u32,
+    /// ...or after this many passes whose dirty set grew.
+    pub max_growing_passes: u32,
+    pub fallback: Fallback,
+    /// Pre-copy passes before a hybrid migration turns to post-copy (the first is the full one).
+    pub hybrid_passes: u32,
+    /// How long to keep trying to reconnect after a cut past the commit.
+    pub recovery_timeout: Duration,
+    /// Longest wait for an answer on the control connection (a pass's RECEIVED includes the
+    /// time the destination takes to write the pass). Before the commit it aborts the
+    /// migration; after it, it counts as a cut.
+    pub reply_timeout: Duration,
+    /// Report the BLAKE3 digest of every chunk sent to the change source (for [`Rescan`]
+    /// sources, which compare contents; trackers ignore it).
+    ///
+    /// [`Rescan`]: memsync_sync::Rescan
+    pub hash_sent: bool,
+    /// Chunks read from the store at once.
+    pub read_ahead: usize,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig {
+            mode: Mode::Precopy,
+            chunk_size: 4096,
+            max_downtime: Duration::from_millis(300),
+            max_passes: 30,
+            max_growing_passes: 2,
+            fallback: Fallback::StopAndCopy,
+            hybrid_passes: 1,
+            recovery_timeout: Duration::from_secs(60),
+            reply_timeout: Duration::from_secs(60),
+            hash_sent: false,
+            read_ahead: 16,
+        }
+    }
+}
+
+/// One pre-copy pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pass {
+    /// Chunks sent (zero chunks included, as ZERO runs).
+    pub chunks: u64,
+    pub wire_bytes: u64,
+    pub elapsed: Duration,
+    /// Chunks found dirty after the pass.
+    pub dirty_after: u64,
+}
+
+/// Why the pre-copy passes ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SwitchReason {
+    /// The dirty rest fits the downtime limit at the measured bandwidth.
+    Converged,
+    /// Too many passes, or too many that grew (then the fallback applied).
+    NotConverged,
+    /// A hybrid migration's pre-copy passes were done.
+    HybridPasses,
+    /// Post-copy mode: no pre-copy passes.
+    Postcopy,
+}
+
+/// What a migration did, as the source saw it.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub mode: Mode,
+    pub size: u64,
+    pub chunk_size: u64,
+    pub passes: Vec<Pass>,
+    pub reason: SwitchReason,
+    /// Whether the rest went as post-copy.
+    pub postcopy: bool,
+    /// Chunks dirty (or never sent) at the switch-over.
+    pub remaining_chunks: u64,
+    /// From the suspend hook until the destination said it resumed the application.
+    pub downtime: Duration,
+    pub total: Duration,
+    /// Bytes written to all connections.
+    pub wire_sent: u64,
+    pub data_chunks: u64,
+    pub zero_chunks: u64,
+    /// Post-copy requests answered on the urgent connection.
+    pub urgent_served: u64,
+    /// The destination's fault statistics.
+    pub faults: u64,
+    pub fault_p50: Duration,
+    pub fault_p99: Duration,
+    pub reconnects: u32,
+}
+
+/// How a migration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// Before the commit: the destination never took over; the source store is unchanged and
+    /// the application was resumed (if it had been suspended).
+    #[error("migration aborted, the source continues unchanged: {}", .0.chain())]
+    Aborted(StoreError),
+    /// Before the commit, and resuming the application failed too.
+    #[error("migration aborted ({}), and resuming the application failed: {}", .0.chain(), .1.chain())]
+    ResumeFailed(StoreError, StoreError),
+    /// After the commit: the destination may run; the source keeps every chunk (its store is
+    /// untouched) and leaves the application suspended.
+    #[error(
+        "migration failed after the commit (the destination may be running; the source keeps \
+         every chunk and stays suspended): {}",
+        .0.chain()
+    )]
+    AfterCommit(StoreError),
+}
+
+fn err(m: impl Into<String>) -> StoreError {
+    StoreError::backend(m.into())
+}
+
+fn new_session() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+struct Link {
+    ctl_r: BoxRead,
+    ctl_w: BufWriter<BoxWrite>,
+}
+
+/// Read chunk `i`: `None` if it is all zeros.
+async fn read_chunk(src: &DynStore, layout: Layout, i: u64) -> Result<Option<Bytes>> {
+    let (off, len) = layout.chunk(i);
+    let mut buf = vec![0u8; len as usize];
+    src.read(off, &mut buf)
+        .await
+        .map_err(|e| e.context(format!("reading chunk {i}")))?;
+    Ok((!is_zero(&buf)).then(|| Bytes::from(buf)))
+}
+
+/// Write one bulk frame; a write that makes no progress for `limit` is a stalled destination.
+async fn put(
+    w: &mut BufWriter<BoxWrite>,
+    m: &Msg,
+    sent: &AtomicU64,
+    limit: Duration,
+) -> Result<()> {
+    match tokio::time::timeout(limit, write_msg(w, m, sent)).await {
+        Ok(r) => r.map_err(|e| StoreError::backend_with("sending on the bulk connection", e)),
+        Err(_) => Err(err(format!(
+            "the bulk connection took no data for {limit:?} (destination stalled)"
+        ))),
+    }
+}
+
+/// Largest single read of consecutive chunks in a pass.
+const READ_RUN: u64 = 1 << 20;
+
+/// Read chunks `first..first + n` in one call; each is `None` if all zeros.
+async fn read_run(
+    src: &DynStore,
+    layout: Layout,
+    first: u64,
+    n: u64,
+) -> Result<Vec<(u64, Option<Bytes>)>> {
+    let (off, _) = layout.chunk(first);
+    let (last_off, last_len) = layout.chunk(first + n - 1);
+    let mut buf = vec![0u8; (last_off + last_len - off) as usize];
+    src.read(off, &mut buf)
+        .await
+        .map_err(|e| e.context(format!("reading chunks {first}..{}", first + n)))?;
+    let buf = Bytes::from(buf);
+    Ok((0..n)
+        .map(|k| {
+            let (o, l) = layout.chunk(first + k);
+            let piece = buf.slice((o - off) as usize..(o - off + l) as usize);
+            (first + k, (!is_zero(&piece)).then_some(piece))
+        })
+        .collect())
+}
+
+struct Source<'a> {
+    src: DynStore,
+    changes: Arc<dyn ChangeSource>,
+    dialer: &'a Dialer,
+    hooks: &'a dyn Hooks,
+    cfg: &'a SourceConfig,
+    progress: &'a dyn Progress,
+    layout: Layout,
+    session: u64,
+    sent: Arc<AtomicU64>,
+    received: AtomicU64,
+    data_chunks: u64,
+    zero_chunks: u64,
+}
+
+/// Migrate `src` to the destination `dialer` reaches. `changes` must report every write to
+/// `src` made after this call starts (a [`Tracked`](memsync_sync::Tracked) layer the
+/// application writes through, or a [`Rescan`](memsync_sync::Rescan) with `hash_sent`); the
+/// hooks suspend the application before the last copy and resume it if the migration aborts.
+pub async fn migrate(
+    src: DynStore,
+    changes: Arc<dyn ChangeSource>,
+    dialer: &Dialer,
+    hooks: &dyn Hooks,
+    cfg: &SourceConfig,
+    progress: &dyn Progress,
+) -> std::result::Result<Report, MigrateError> {
+    let layout = Layout::new(src.size(), cfg.chunk_size).map_err(MigrateError::Aborted)?;
+    let mut s = Source {
+        src,
+        changes,
+        dialer,
+        hooks,
+        cfg,
+        progress,
+        layout,
+        session: new_session(),
+        sent: Arc::new(AtomicU64::new(0)),
+        received: AtomicU64::new(0),
+        data_chunks: 0,
+        zero_chunks: 0,
+    };
+    s.run().await
+}
+
+impl fmt::Debug for Source<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Source({:?} -> {:?})", self.src, self.dialer)
+    }
+}
+
+impl Source<'_> {
+    /// Read one control frame, which must come within `reply_timeout`.
+    async fn reply(&self, r: &mut BoxRead, what: &str) -> Result<Msg> {
+        tokio::time::timeout(
+            self.cfg.reply_timeout,
+            expect_frame(r, &self.received, what),
+        )
+        .await
+        .map_err(|_| {
+            err(format!(
+                "no {what} from the destination within {:?}",
+                self.cfg.reply_timeout
+            ))
+        })?
+    }
+
+    async fn dial(&self, role: Role, resume: bool) -> Result<(BoxRead, BufWriter<BoxWrite>)> {
+        let c = self
+            .dialer
+            .dial()
+            .await
+            .map_err(|e| StoreError::backend_with(format!("connecting ({role:?})"), e))?;
+        let mut w = BufWriter::with_capacity(256 << 10, c.w);
+        let mut r = c.r;
+        let hello = Msg::Hello {
+            version: VERSION,
+            role,
+            session: self.session,
+            resume,
+        };
+        send(&mut w, &hello, &self.sent).await?;
+        match self.reply(&mut r, "WELCOME").await? {
+            Msg::Welcome { version } if version == VERSION => Ok((r, w)),
+            m => Err(err(format!("expected WELCOME, got {}", m.name()))),
+        }
+    }
+
+    async fn run(&mut self) -> std::result::Result<Report, MigrateError> {
+        let start = Instant::now();
+        let mut suspended = false;
+        let mut link = None;
+        let r = self.before_commit(&mut suspended, &mut link).await;
+        let (mut rep, link, bulk, urgent, needed) = match r {
+            Ok(v) => v,
+            Err(e) => {
+                if let Some(l) = link.as_mut() {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        send(&mut l.ctl_w, &Msg::Abort(e.chain()), &self.sent),
+                    )
+                    .await;
+                }
+                if suspended && let Err(r) = self.hooks.resume().await {
+                    return Err(MigrateError::ResumeFailed(e, r));
+                }
+                return Err(MigrateError::Aborted(e));
+            }
+        };
+        let t_suspend = rep.1;
+        let r = self
+            .after_commit(link, bulk, urgent, needed, t_suspend, &mut rep.0)
+            .await;
+        let mut rep = rep.0;
+        r.map_err(MigrateError::AfterCommit)?;
+        rep.total = start.elapsed();
+        rep.wire_sent = self.sent.load(Relaxed);
+        rep.data_chunks = self.data_chunks;
+        rep.zero_chunks = self.zero_chunks;
+        Ok(rep)
+    }
+
+    /// Everything up to and including the COMMIT. Returns the report so far with the time of
+    /// the suspend, the connections, and the chunks the destination still needs.
+    #[allow(clippy::type_complexity)]
+    async fn before_commit(
+        &mut self,
+        suspended: &mut bool,
+        link: &mut Option<Link>,
+    ) -> Result<(
+        (Report, Instant),
+        Link,
+        BufWriter<BoxWrite>,
+        Option<(BoxRead, BufWriter<BoxWrite>)>,
+        ChunkSet,
+    )> {
+        let cfg = self.cfg;
+        let chunks = self.layout.chunks();
+        // Writes from here on are in the first dirty set. (A source that compares contents
+        // learns its baseline from what the passes send instead.)
+        if !cfg.hash_sent {
+            self.changes.take_changes().await?;
+        }
+        let (ctl_r, ctl_w) = self.dial(Role::Control, false).await?;
+        let l = link.insert(Link { ctl_r, ctl_w });
+        let geo = Msg::Geometry {
+            size: self.layout.size,
+            chunk_size: self.layout.chunk_size,
+        };
+        send(&mut l.ctl_w, &geo, &self.sent).await?;
+        match self.reply(&mut l.ctl_r, "READY").await? {
+            Msg::Ready => {}
+            m => return Err(err(format!("expected READY, got {}", m.name()))),
+        }
+        let (_bulk_r, mut bulk) = self.dial(Role::Bulk, false).await?;
+        let may_postcopy = cfg.mode != Mode::Precopy || cfg.fallback == Fallback::Postcopy;
+        let urgent = if may_postcopy {
+            Some(self.dial(Role::Urgent, false).await?)
+        } else {
+            None
+        };
+
+        let mut passes: Vec<Pass> = Vec::new();
+        let mut dirty = ChunkSet::full(chunks);
+        let mut mark = 0u64;
+        let mut growing = 0u32;
+        let reason = loop {
+            if cfg.mode == Mode::Postcopy {
+                break SwitchReason::Postcopy;
+            }
+            let t = Instant::now();
+            let sent0 = self.sent.load(Relaxed);
+            // The bar shows the pass, and how fast the last one saw pages dirtied.
+            let name = match passes.last() {
+                Some(p) => format!(
+                    "pass {} (dirtied {:.0} MB/s)",
+                    passes.len() + 1,
+                    (p.dirty_after * self.layout.chunk_size) as f64
+                        / p.elapsed.as_secs_f64().max(1e-6)
+                        / 1e6
+                ),
+                None => "pass 1".to_owned(),
+            };
+            self.progress
+                .phase(&name, dirty.count() * self.layout.chunk_size);
+            let n = dirty.count();
+            self.send_set(&mut bulk, &dirty).await?;
+            mark += 1;
+            send(&mut bulk, &Msg::Mark { seq: mark }, &self.sent).await?;
+            let l = link.as_mut().ok_or_else(|| err("no control connection"))?;
+            match self.reply(&mut l.ctl_r, "RECEIVED").await? {
+                Msg::Received { seq } if seq == mark => {}
+                m => return Err(err(format!("expected RECEIVED {mark}, got {m:?}"))),
+            }
+            let elapsed = t.elapsed();
+            let wire = self.sent.load(Relaxed) - sent0;
+            dirty = self.take_dirty().await?;
+            let prev = passes.last().map(|p| p.dirty_after);
+            passes.push(Pass {
+                chunks: n,
+                wire_bytes: wire,
+                elapsed,
+                dirty_after: dirty.count(),
+            });
+            // Bytes per second this pass achieved (the full round trip of its mark included).
+            let bw = wire as f64 / elapsed.as_secs_f64().max(1e-6);
+            let rest = (dirty.count() * self.layout.chunk_size) as f64;
+            let estimate = Duration::from_secs_f64(rest / bw.max(1.0));
+            tracing::info!(
+                "migrate: pass {} sent {n} chunks in {elapsed:?} ({:.1} MB/s); {} dirty, \
+                 estimated stop time {estimate:?}",
+                passes.len(),
+                bw / 1e6,
+                dirty.count()
+            );
+            if estimate <= cfg.max_downtime {
+                break SwitchReason::Converged;
+            }
+            if cfg.mode == Mode::Hybrid && passes.len() as u32 >= cfg.hybrid_passes.max(1) {
+                break SwitchReason::HybridPasses;
+            }
+            if prev.is_some_and(|p| dirty.count() > p) {
+                growing += 1;
+            }
+            if growing >= cfg.max_growing_passes || passes.len() as u32 >= cfg.max_passes {
+                break SwitchReason::NotConverged;
+            }
+        };
+        let postcopy = match reason {
+            SwitchReason::Postcopy | SwitchReason::HybridPasses => true,
+            SwitchReason::Converged => cfg.mode == Mode::Hybrid && !dirty.is_empty(),
+            SwitchReason::NotConverged => cfg.fallback == Fallback::Postcopy,
+        };
+
+        // Switch-over.
+        let t_suspend = Instant::now();
+        // Marked first: a suspend that fails half way (SIGSTOP sent, the wait timed out) is
+        // resumed by the abort.
+        *suspended = true;
+        self.hooks
+            .suspend()
+            .await
+            .map_err(|e| e.context("suspending the application"))?;
+        if cfg.mode != Mode::Postcopy {
+            dirty.union_with(&self.take_dirty().await?);
+        }
+        let remaining = dirty.count();
+        let l = link.as_mut().ok_or_else(|| err("no control connection"))?;
+        if postcopy {
+            for seg in dirty.segments() {
+                write_msg(&mut l.ctl_w, &Msg::Dirty(seg), &self.sent)
+                    .await
+                    .map_err(|e| StoreError::backend_with("sending DIRTY", e))?;
+            }
+        } else {
+            self.progress
+                .phase("stop-and-copy", remaining * self.layout.chunk_size);
+            self.send_set(&mut bulk, &dirty).await?;
+        }
+        mark += 1;
+        send(&mut bulk, &Msg::Mark { seq: mark }, &self.sent).await?;
+        let l = link.as_mut().ok_or_else(|| err("no control connection"))?;
+        send(
+            &mut l.ctl_w,
+            &Msg::Switchover { mark, postcopy },
+            &self.sent,
+        )
+        .await?;
+        loop {
+            match self.reply(&mut l.ctl_r, "SWITCHED").await? {
+                Msg::Received { seq } if seq <= mark => {}
+                Msg::Switched => break,
+                m => return Err(err(format!("expected SWITCHED, got {}", m.name()))),
+            }
+        }
+        // The urgent connection stays open in a stop-and-copy too: the destination takes its
+        // close before the commit for a failure and would abort.
+        let needed = if postcopy {
+            dirty
+        } else {
+            ChunkSet::new(chunks)
+        };
+        let rep = Report {
+            mode: cfg.mode,
+            size: self.layout.size,
+            chunk_size: self.layout.chunk_size,
+            passes,
+            reason,
+            postcopy,
+            remaining_chunks: remaining,
+            downtime: Duration::ZERO,
+            total: Duration::ZERO,
+            wire_sent: 0,
+            data_chunks: 0,
+            zero_chunks: 0,
+            urgent_served: 0,
+            faults: 0,
+            fault_p50: Duration::ZERO,
+            fault_p99: Duration::ZERO,
+            reconnects: 0,
+        };
+        let link = link.take().ok_or_else(|| err("no control connection"))?;
+        Ok(((rep, t_suspend), link, bulk, urgent, needed))
+    }
+
+    async fn take_dirty(&self) -> Result<ChunkSet> {
+        let mut s = ChunkSet::new(self.layout.chunks());
+        for r in self.changes.take_changes().await? {
+            if r.end <= r.start {
+                continue;
+            }
+            let first = r.start / self.layout.chunk_size;
+            let last = (r.end - 1) / self.layout.chunk_size;
+            for i in first..=last {
+                s.insert(i);
+            }
+        }
+        Ok(s)
+    }
+
+    /// Send every chunk of `set` on `w` (zero runs as ZERO), reading `read_ahead` at once.
+    async fn send_set(&mut self, w: &mut BufWriter<BoxWrite>, set: &ChunkSet) -> Result<()> {
+        let (src, layout, hash) = (self.src.clone(), self.layout, self.cfg.hash_sent);
+        let changes = self.changes.clone();
+        // Consecutive chunks are read together (up to READ_RUN bytes), so that small chunks
+        // (the 4 KiB default matches the tracking grain) cost few store calls.
+        let per_read = (READ_RUN / layout.chunk_size).max(1);
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for i in set.iter() {
+            match runs.last_mut() {
+                Some((f, n)) if *f + *n == i && *n < per_read => *n += 1,
+                _ => runs.push((i, 1)),
+            }
+        }
+        let mut reads = futures_util::stream::iter(runs)
+            .map(|(first, n)| {
+                let src = src.clone();
+                async move { read_run(&src, layout, first, n).await }
+            })
+            .buffered(self.cfg.read_ahead.max(1))
+            .map(|r| match r {
+                Ok(v) => futures_util::stream::iter(v.into_iter().map(Ok).collect::<Vec<_>>()),
+                Err(e) => futures_util::stream::iter(vec![Err(e)]),
+            })
+            .flatten();
+        let mut zeros: Option<(u64, u32)> = None;
+        let limit = self.cfg.reply_timeout;
+        while let Some(r) = reads.next().await {
+            let (i, d) = r?;
+            if hash {
+                let dig = match &d {
+                    Some(b) => chunk_digest(b),
+                    None => layout.zero_digest(i),
+                };
+                changes.pushed(layout, i, &[dig]);
+            }
+            self.progress.inc(layout.chunk(i).1);
+            match d {
+                None => {
+                    self.zero_chunks += 1;
+                    zeros = match zeros {
+                        Some((f, n)) if f + n as u64 == i && n < MAX_ZERO_RUN => Some((f, n + 1)),
+                        Some((first, count)) => {
+                            put(w, &Msg::Zero { first, count }, &self.sent, limit).await?;
+                            Some((i, 1))
+                        }
+                        None => Some((i, 1)),
+                    };
+                }
+                Some(data) => {
+                    self.data_chunks += 1;
+                    if let Some((first, count)) = zeros.take() {
+                        put(w, &Msg::Zero { first, count }, &self.sent, limit).await?;
+                    }
+                    put(w, &Msg::Chunk { index: i, data }, &self.sent, limit).await?;
+                }
+            }
+        }
+        if let Some((first, count)) = zeros {
+            put(w, &Msg::Zero { first, count }, &self.sent, limit).await?;
+        }
+        Ok(())
+    }
+
+    /// After the commit: wait for the destination to hold every chunk (post-copy: serve urgent
+    /// requests first and stream the rest), reconnecting after a cut.
+    async fn after_commit(
+        &mut self,
+        mut link: Link,
+        bulk: BufWriter<BoxWrite>,
+        urgent: Option<(BoxRead, BufWriter<BoxWrite>)>,
+        needed: ChunkSet,
+        t_suspend: Instant,
+        rep: &mut Report,
+    ) -> Result<()> {
+        // The commit point: from here on the source never resumes the application, even if
+        // sending COMMIT fails (its bytes may have arrived); recovery finds out.
+        if let Err(e) = send(&mut link.ctl_w, &Msg::Commit, &self.sent).await {
+            tracing::warn!("migrate: sending COMMIT: {}", e.chain());
+        }
+        // RESUMED: the downtime ends.
+        match self.reply(&mut link.ctl_r, "RESUMED").await {
+            Ok(Msg::Resumed) => {}
+            Ok(m) => return Err(err(format!("expected RESUMED, got {}", m.name()))),
+            // The destination may have resumed; recovery tells.
+            Err(e) => tracing::warn!("migrate: waiting for RESUMED: {}", e.chain()),
+        }
+        rep.downtime = t_suspend.elapsed();
+        let post = Arc::new(Post {
+            needed: Mutex::new(needed),
+            cursor: AtomicU64::new(0),
+            wake: Notify::new(),
+            served: AtomicU64::new(0),
+            data: AtomicU64::new(0),
+            zero: AtomicU64::new(0),
+        });
+        self.progress.phase(
+            "post-copy",
+            post.needed.lock().count() * self.layout.chunk_size,
+        );
+        let mut conns = Some((bulk, urgent));
+        loop {
+            let (bulk, urgent) = match conns.take() {
+                Some(c) => c,
+                None => {
+                    let (l, b, u) = self.reconnect(&post).await?;
+                    rep.reconnects += 1;
+                    link = l;
+                    (b, u)
+                }
+            };
+            let (lost_tx, mut lost_rx) = mpsc::unbounded_channel::<String>();
+            let mut tasks = vec![self.spawn_background(bulk, post.clone(), lost_tx.clone())];
+            if let Some((r, w)) = urgent {
+                tasks.push(self.spawn_urgent(r, w, post.clone(), lost_tx.clone()));
+            }
+            let _guard = Tasks(tasks);
+            let outcome = tokio::select! {
+                m = read_frame(&mut link.ctl_r, &self.received) => match m {
+                    Ok(Some(Msg::AllReceived { faults, p50_ns, p99_ns })) => {
+                        rep.faults = faults;
+                        rep.fault_p50 = Duration::from_nanos(p50_ns);
+                        rep.fault_p99 = Duration::from_nanos(p99_ns);
+                        Ok(())
+                    }
+                    Ok(Some(Msg::Abort(m))) => return Err(err(format!("the destination aborted: {m}"))),
+                    Ok(Some(m)) => return Err(err(format!("expected ALL_RECEIVED, got {}", m.name()))),
+                    Ok(None) => Err("the control connection closed".to_owned()),
+                    Err(e) => Err(format!("control: {e}")),
+                },
+                why = lost_rx.recv() => Err(why.unwrap_or_default()),
+            };
+            match outcome {
+                Ok(()) => {
+                    rep.urgent_served = post.served.load(Relaxed);
+                    self.data_chunks += post.data.load(Relaxed);
+                    self.zero_chunks += post.zero.load(Relaxed);
+                    // DONE is a courtesy: the destination already holds everything.
+                    let _ = send(&mut link.ctl_w, &Msg::Done, &self.sent).await;
+                    let _ = link.ctl_w.shutdown().await;
+                    return Ok(());
+                }
+                Err(why) => {
+                    tracing::warn!("migrate: {why}; reconnecting");
+                }
+            }
+        }
+    }
+
+    /// After a cut: a new control connection, the destination's HELD bitmap, new data
+    /// connections; until `recovery_timeout`.
+    async fn reconnect(
+        &mut self,
+        post: &Post,
+    ) -> Result<(
+        Link,
+        BufWriter<BoxWrite>,
+        Option<(BoxRead, BufWriter<BoxWrite>)>,
+    )> {
+        let deadline = Instant::now() + self.cfg.recovery_timeout;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            match self.try_reconnect(post).await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    last = e.chain();
+                    tracing::debug!("migrate: reconnecting: {last}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        Err(err(format!(
+            "could not reconnect within {:?}: {last}",
+            self.cfg.recovery_timeout
+        )))
+    }
+
+    async fn try_reconnect(
+        &mut self,
+        post: &Post,
+    ) -> Result<(
+        Link,
+        BufWriter<BoxWrite>,
+        Option<(BoxRead, BufWriter<BoxWrite>)>,
+    )> {
+        let (mut ctl_r, ctl_w) = self.dial(Role::Control, true).await?;
+        let mut held = ChunkSet::new(self.layout.chunks());
+        loop {
+            match self.reply(&mut ctl_r, "HELD").await? {
+                Msg::Held(s) => held.apply(&s).map_err(err)?,
+                Msg::HeldEnd { held: n } if n == held.count() => break,
+                Msg::HeldEnd { held: n } => {
+                    return Err(err(format!(
+                        "HELD_END says {n} chunks, the segments {}",
+                        held.count()
+                    )));
+                }
+                m => return Err(err(format!("expected HELD, got {}", m.name()))),
+            }
+        }
+        // Everything not held goes again, whatever was sent before the cut.
+        *post.needed.lock() = held.complement();
+        let (_r, bulk) = self.dial(Role::Bulk, true).await?;
+        let urgent = self.dial(Role::Urgent, true).await?;
+        Ok((Link { ctl_r, ctl_w }, bulk, Some(urgent)))
+    }
+
+    fn spawn_background(
+        &self,
+        mut w: BufWriter<BoxWrite>,
+        post: Arc<Post>,
+        lost: mpsc::UnboundedSender<String>,
+    ) -> JoinHandle<()> {
+        let (src, layout, sent) = (self.src.clone(), self.layout, self.sent.clone());
+        tokio::spawn(async move {
+            loop {
+                let next = {
+                    let mut n = post.needed.lock();
+                    let i = n.next_from(post.cursor.load(Relaxed));
+                    if let Some(i) = i {
+                        n.remove(i);
+                    }
+                    i
+                };
+                let Some(i) = next else {
+                    if let Err(e) = w.flush().await {
+                        let _ = lost.send(format!("bulk: {e}"));
+                        return;
+                    }
+                    post.wake.notified().await;
+                    continue;
+                };
+                post.cursor.store(i + 1, Relaxed);
+                let m = match read_chunk(&src, layout, i).await {
+                    Ok(Some(data)) => Msg::Chunk { index: i, data },
+                    Ok(None) => Msg::Zero { first: i, count: 1 },
+                    Err(e) => {
+                        let _ = lost.send(format!("reading the source: {}", e.chain()));
+                        return;
+                    }
+                };
+                post.count(&m);
+                if let Err(e) = write_msg(&mut w, &m, &sent).await {
+                    let _ = lost.send(format!("bulk: {e}"));
+                    return;
+                }
+            }
+        })
+    }
+
+    /// Answers each request as soon as it is read, from this task, on the urgent connection;
+    /// the background stream then continues after the faulted chunk.
+    fn spawn_urgent(
+        &self,
+        mut r: BoxRead,
+        mut w: BufWriter<BoxWrite>,
+        post: Arc<Post>,
+        lost: mpsc::UnboundedSender<String>,
+    ) -> JoinHandle<()> {
+        let (src, layout, sent) = (self.src.clone(), self.layout, self.sent.clone());
+        tokio::spawn(async move {
+            let count = AtomicU64::new(0);
+            let why = loop {
+                let index = match read_frame(&mut r, &count).await {
+                    Ok(Some(Msg::Request { index })) if index < layout.chunks() => index,
+                    Ok(Some(m)) => {
+                        break format!("unexpected {} on the urgent connection", m.name());
+                    }
+                    Ok(None) => break "the urgent connection closed".to_owned(),
+                    Err(e) => break format!("urgent: {e}"),
+                };
+                let m = match read_chunk(&src, layout, index).await {
+                    Ok(Some(data)) => Msg::Chunk { index, data },
+                    Ok(None) => Msg::Zero {
+                        first: index,
+                        count: 1,
+                    },
+                    Err(e) => break format!("reading the source: {}", e.chain()),
+                };
+                post.count(&m);
+                if let Err(e) = async {
+                    write_msg(&mut w, &m, &sent).await?;
+                    w.flush().await
+                }
+                .await
+                {
+                    break format!("urgent: {e}");
+                }
+                post.needed.lock().remove(index);
+                post.cursor.store(index + 1, Relaxed);
+                post.served.fetch_add(1, Relaxed);
+            };
+            let _ = lost.send(why);
+        })
+    }
+}
+
+/// The post-copy stream's state, shared by the background and urgent tasks.
+struct Post {
+    /// Chunks the destination may lack and the background stream has not sent yet.
+    needed: Mutex<ChunkSet>,
+    /// Where the background stream continues (after the last faulted chunk).
+    cursor: AtomicU64,
+    wake: Notify,
+    served: AtomicU64,
+    /// Chunks sent as bytes and as ZERO (both tasks, duplicates included).
+    data: AtomicU64,
+    zero: AtomicU64,
+}
+
+impl Post {
+    fn count(&self, m: &Msg) {
+        match m {
+            Msg::Chunk { .. } => self.data.fetch_add(1, Relaxed),
+            _ => self.zero.fetch_add(1, Relaxed),
+        };
+    }
+}
+
+struct Tasks(Vec<JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
