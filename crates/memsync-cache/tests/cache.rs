@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use memsync_cache::proxy::{Proxy, ProxyConfig};
 use memsync_cache::{Cache, CacheConfig, Reconnect};
-use memsync_core::layers::{Fault, OpKind, OpSet, Stats};
+use memsync_core::layers::{Inject, OpKind, OpSet, Stats};
 use memsync_core::{Bytes, DynStore, Store, StoreExt};
 use memsync_local::MemStore;
 use memsync_nbd::{ClientConfig, Export, NbdAddr, NbdStore, Server, ServerConfig};
@@ -103,7 +103,7 @@ async fn contract_with_pull_and_push() {
 async fn concurrent_misses_share_one_fetch() {
     let dir = tempfile::tempdir().unwrap();
     let mem = filled_mem(1 << 20, 2).await;
-    let fault = Fault::new(mem.clone() as DynStore);
+    let fault = Inject::new(mem.clone() as DynStore);
     fault
         .control()
         .set_delay(OpSet::READ, Duration::from_millis(100));
@@ -189,7 +189,7 @@ async fn dirty_chunks_survive_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let size = 4u64 << 20;
     let mem = filled_mem(size, 4).await;
-    let fault = Fault::new(mem.clone() as DynStore);
+    let fault = Inject::new(mem.clone() as DynStore);
     // The remote refuses writes: nothing can be pushed before the "crash".
     fault.control().fail_always(OpSet::WRITE);
     let data = random_bytes(44, 200_000);
@@ -1225,7 +1225,7 @@ async fn a_cache_directory_refuses_another_remote() {
         .await
         .unwrap();
     // With a write not pushed, a reinit for b is refused unless forced.
-    let fault = Fault::new(a.clone() as DynStore);
+    let fault = Inject::new(a.clone() as DynStore);
     fault.control().fail_always(OpSet::WRITE);
     drop(cache);
     let cache = Cache::open(Arc::new(fault), dir.path(), with("nbd://a/", Reinit::No))

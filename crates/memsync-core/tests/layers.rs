@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use memsync_core::layers::{Chunked, Fault, FaultError, OpKind, OpSet, Stats};
+use memsync_core::layers::{Chunked, Inject, InjectError, OpKind, OpSet, Stats};
 use memsync_core::{
     Bytes, Caps, DynStore, Extent, Result, Store, StoreError, StoreExt, async_trait, check_range,
 };
@@ -150,7 +150,7 @@ async fn stats_over_mem_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_without_faults_over_mem_store() {
-    let fault = Fault::new(MemStore::new(8 << 20));
+    let fault = Inject::new(MemStore::new(8 << 20));
     let control = fault.control();
     contract::run(fault, opts()).await;
     assert_eq!(control.injected(), 0);
@@ -159,14 +159,14 @@ async fn fault_without_faults_over_mem_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stats_chunked_fault_stack() {
-    // Stats(Chunked(Fault(DirStore))), with small random delays to shuffle the concurrency.
+    // Stats(Chunked(Inject(DirStore))), with small random delays to shuffle the concurrency.
     let tmp = tempfile::tempdir().unwrap();
     let dir = DirStore::open(
         tmp.path().join("d"),
         DirOptions::with_size(4 << 20).chunk_size(32 << 10),
     )
     .unwrap();
-    let fault = Fault::new(dir);
+    let fault = Inject::new(dir);
     let control = fault.control();
     control.set_jitter(OpSet::READ | OpSet::WRITE, Duration::from_micros(200));
     let stack = Stats::new(Chunked::new(fault, 32 << 10).unwrap());
@@ -183,19 +183,19 @@ async fn stats_chunked_fault_stack() {
 async fn stack_over_dyn_store() {
     // Layers over a type-erased store, and a type-erased stack.
     let inner: DynStore = Arc::new(MemStore::new(4 << 20));
-    let stack: DynStore = Arc::new(Stats::new(Chunked::new(Fault::new(inner), 8192).unwrap()));
+    let stack: DynStore = Arc::new(Stats::new(Chunked::new(Inject::new(inner), 8192).unwrap()));
     contract::run(stack, opts().random_ops(100)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_errors_propagate_with_context() {
     // An inner store that takes whole 64 KiB chunks only, so Chunked must read-modify-write.
-    let fault = Fault::new(Strict::new(1 << 20, 64 << 10));
+    let fault = Inject::new(Strict::new(1 << 20, 64 << 10));
     let control = fault.control();
     let stack = Stats::new(Chunked::new(fault, 64 << 10).unwrap());
 
     // An errno failure in chunk 12 of a read crossing chunks 11..=13.
-    control.set_default_error(FaultError::EIO);
+    control.set_default_error(InjectError::EIO);
     let rule = control.fail_range(OpSet::READ, 786_432..786_433);
     let e = assert_root_err(
         stack.read_bytes(700_000, 200_000).await,
@@ -214,7 +214,7 @@ async fn injected_errors_propagate_with_context() {
     control.remove_rule(rule);
 
     // An injected failure in the read half of a read-modify-write.
-    control.set_default_error(FaultError::Injected);
+    control.set_default_error(InjectError::Injected);
     control.fail_next(OpSet::READ, 1);
     let e = assert_root_err(
         stack.write(65_536 + 10, Bytes::from_static(b"x")).await,
@@ -232,8 +232,8 @@ async fn injected_errors_propagate_with_context() {
 
     // ETIMEDOUT from a flush keeps its errno through both layers.
     control.add_rule(
-        memsync_core::layers::FaultRule::fail(OpKind::Flush)
-            .error(FaultError::ETIMEDOUT)
+        memsync_core::layers::InjectRule::fail(OpKind::Flush)
+            .error(InjectError::ETIMEDOUT)
             .times(1),
     );
     let e = stack.flush().await.unwrap_err();
@@ -270,7 +270,7 @@ async fn injected_errors_propagate_with_context() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadline_on_a_stalled_chunk_releases_its_lock() {
-    let fault = Fault::new(Strict::new(1 << 20, 4096));
+    let fault = Inject::new(Strict::new(1 << 20, 4096));
     let control = fault.control();
     let stack = Arc::new(Chunked::new(fault, 4096).unwrap());
     control.stall(OpSet::READ, None);

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use memsync_cache::{Proxy, ProxyConfig};
-use memsync_core::layers::{Fault, FaultControl, OpKind};
+use memsync_core::layers::{Inject, InjectControl, OpKind};
 use memsync_core::{Bytes, DynStore, Result, Store, async_trait};
 use memsync_local::MemStore;
 use memsync_migrate::{
@@ -418,7 +418,7 @@ async fn a_failure_before_the_commit_aborts_and_the_source_runs_on() {
         let log = Arc::new(Log::default());
         let app = App::new();
         let writer = app.start(tracked.clone(), log.clone(), 3, Duration::from_millis(1), 4);
-        let control = FaultControl::new();
+        let control = InjectControl::new();
         let c2 = control.clone();
         let dest = destination(
             size,
@@ -428,7 +428,7 @@ async fn a_failure_before_the_commit_aborts_and_the_source_runs_on() {
                 ..DestConfig::default()
             },
             "127.0.0.1:0",
-            move |s| Arc::new(Fault::with_control(s, c2)),
+            move |s| Arc::new(Inject::with_control(s, c2)),
         )
         .await;
         let proxy = Proxy::start(
@@ -935,9 +935,9 @@ async fn a_request_lost_in_a_cut_is_sent_again() {
     let raw = mem_with(&initial).await;
     // Every read of the source takes 5 ms: the background stream needs over a second for the
     // region, an urgent answer 5 ms.
-    let control = FaultControl::new();
+    let control = InjectControl::new();
     control.set_delay(OpKind::Read, Duration::from_millis(5));
-    let slow: DynStore = Arc::new(Fault::with_control(raw, control));
+    let slow: DynStore = Arc::new(Inject::with_control(raw, control));
     let tracked = Tracked::new(slow, PAGE);
     let resumed = Arc::new(tokio::sync::Notify::new());
     let dest = destination(

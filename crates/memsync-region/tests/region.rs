@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use memsync_core::layers::{Fault, FaultControl, FaultRule, OpSet};
+use memsync_core::layers::{Inject, InjectControl, InjectRule, OpSet};
 use memsync_core::{Bytes, Store};
 use memsync_local::MemStore;
 use memsync_region::{
@@ -263,7 +263,7 @@ fn zero_ranges_are_installed_without_reading() {
 #[test]
 fn concurrent_faults_on_one_chunk_fetch_once() {
     let (store, data) = random_store(4 * MIB, 3, None);
-    let fault = Fault::new(store);
+    let fault = Inject::new(store);
     let control = fault.control();
     control.set_delay(OpSet::READ, Duration::from_millis(50));
     let region = Arc::new(LazyRegion::new(Arc::new(fault), cfg(2 * MIB)).unwrap());
@@ -365,7 +365,7 @@ fn background_pull_fills_everything() {
 #[test]
 fn background_pull_pause_resume_and_restart() {
     let (store, data) = random_store(16 * MIB, 12, None);
-    let fault = Fault::new(store);
+    let fault = Inject::new(store);
     let control = fault.control();
     let region = LazyRegion::new(Arc::new(fault), cfg(256 * KIB)).unwrap();
     std::thread::sleep(Duration::from_millis(50));
@@ -403,10 +403,10 @@ fn background_pull_pause_resume_and_restart() {
 #[test]
 fn faults_do_not_wait_behind_background_pull() {
     let (store, data) = random_store(16 * MIB, 13, None);
-    let fault = Fault::new(store);
+    let fault = Inject::new(store);
     let control = fault.control();
     // The puller's first chunk stalls until released.
-    control.add_rule(FaultRule::stall(OpSet::READ).in_range(0..1));
+    control.add_rule(InjectRule::stall(OpSet::READ).in_range(0..1));
     let region = Arc::new(
         LazyRegion::new(
             Arc::new(fault),
@@ -469,10 +469,10 @@ impl PullPriority for Reverse {
 #[test]
 fn custom_priority_is_used() {
     let (store, data) = random_store(8 * MIB, 14, None);
-    let fault = Fault::new(store);
+    let fault = Inject::new(store);
     let control = fault.control();
     // The puller's first read stalls: it shows which chunk it chose first.
-    control.add_rule(FaultRule::stall(OpSet::READ).times(1));
+    control.add_rule(InjectRule::stall(OpSet::READ).times(1));
     let region = LazyRegion::new(
         Arc::new(fault),
         RegionConfig {
@@ -537,7 +537,7 @@ fn region_failing(
     cfg: RegionConfig,
 ) -> (LazyRegion, Vec<u8>) {
     let (store, data) = random_store(size, seed, Some(7));
-    let fault = Fault::new(store);
+    let fault = Inject::new(store);
     match bad {
         Some(c) => fault
             .control()
@@ -896,9 +896,9 @@ fn chunk_range(c: usize, chunk: usize) -> std::ops::Range<u64> {
 /// the returned control steers. A failed read is retried after 1 s, and a
 /// fetch gives up only after every wait of these tests (so a fault that is
 /// never served fails a join, instead of turning into a SIGBUS).
-fn lined_up_region(seed: u64, handlers: usize) -> (Arc<LazyRegion>, FaultControl, Vec<u8>) {
+fn lined_up_region(seed: u64, handlers: usize) -> (Arc<LazyRegion>, InjectControl, Vec<u8>) {
     let (store, data) = random_store(MIB, seed, None);
-    let fault = Fault::new(store);
+    let fault = Inject::new(store);
     let control = fault.control();
     let region = LazyRegion::new(
         Arc::new(fault),
@@ -915,7 +915,7 @@ fn lined_up_region(seed: u64, handlers: usize) -> (Arc<LazyRegion>, FaultControl
 }
 
 /// Waits until the control has failed a read.
-fn wait_injected(control: &FaultControl) {
+fn wait_injected(control: &InjectControl) {
     let t = Instant::now();
     while control.injected() == 0 {
         assert!(t.elapsed() < WAIT, "no read failed");
@@ -934,12 +934,12 @@ fn faults_read_while_a_handler_drains_events_are_served() {
     let (region, control, data) = lined_up_region(27, 1);
     region.read_at(0, &mut [0u8; 1]).unwrap();
     // A stalled read of chunk 1 holds the handler while two faults queue up.
-    control.add_rule(FaultRule::stall(OpSet::READ).in_range(chunk_range(1, chunk)));
+    control.add_rule(InjectRule::stall(OpSet::READ).in_range(chunk_range(1, chunk)));
     let p = spawn(touch(&region, chunk + 5));
     rt().block_on(control.wait_stalled(1));
     for c in [2, 3] {
         control.add_rule(
-            FaultRule::fail(OpSet::READ)
+            InjectRule::fail(OpSet::READ)
                 .in_range(chunk_range(c, chunk))
                 .times(1),
         );
@@ -975,7 +975,7 @@ fn faults_read_by_an_inline_fetch_are_served() {
     region.read_at(0, &mut [0u8; 1]).unwrap();
     let held = hold_handlers(&region, &control, chunk);
     control.add_rule(
-        FaultRule::fail(OpSet::READ)
+        InjectRule::fail(OpSet::READ)
             .in_range(chunk_range(3, chunk))
             .times(1),
     );
@@ -1011,13 +1011,13 @@ fn faults_read_by_an_inline_fetch_are_served() {
 /// with `control.release_stalls()`.
 fn hold_handlers(
     region: &Arc<LazyRegion>,
-    control: &FaultControl,
+    control: &InjectControl,
     chunk: usize,
 ) -> Vec<mpsc::Receiver<u8>> {
     [1, 2]
         .into_iter()
         .map(|c| {
-            control.add_rule(FaultRule::stall(OpSet::READ).in_range(chunk_range(c, chunk)));
+            control.add_rule(InjectRule::stall(OpSet::READ).in_range(chunk_range(c, chunk)));
             let rx = spawn(touch(region, c * chunk));
             rt().block_on(control.wait_stalled(c as u64));
             rx
@@ -1037,7 +1037,7 @@ fn a_slow_fault_does_not_hold_up_the_next_one() {
     let (region, control, data) = lined_up_region(29, 2);
     let held = hold_handlers(&region, &control, chunk);
     control.add_rule(
-        FaultRule::fail(OpSet::READ)
+        InjectRule::fail(OpSet::READ)
             .in_range(chunk_range(3, chunk))
             .times(1),
     );
@@ -1059,10 +1059,10 @@ fn a_slow_fault_does_not_hold_up_the_next_one() {
 #[test]
 fn slow_store_does_not_block_other_chunks() {
     let (store, data) = random_store(8 * MIB, 18, None);
-    let fault = Fault::new(store);
+    let fault = Inject::new(store);
     let control = fault.control();
     let chunk = 256 * KIB;
-    control.add_rule(FaultRule::stall(OpSet::READ).in_range(0..chunk as u64));
+    control.add_rule(InjectRule::stall(OpSet::READ).in_range(0..chunk as u64));
     let region = Arc::new(LazyRegion::new(Arc::new(fault), cfg(chunk)).unwrap());
     let slow = {
         let region = Arc::clone(&region);
@@ -1094,7 +1094,7 @@ fn slow_store_does_not_block_other_chunks() {
 #[test]
 fn drop_while_fetching_returns() {
     let (store, _) = random_store(16 * MIB, 19, None);
-    let fault = Fault::new(store);
+    let fault = Inject::new(store);
     let control = fault.control();
     control.stall(OpSet::READ, None);
     let region = LazyRegion::new(
@@ -1478,7 +1478,7 @@ fn shared_runtime_with_spin_and_park() {
         .unwrap();
     for delay in [Duration::ZERO, Duration::from_millis(2)] {
         let (store, data) = random_store(4 * MIB, 33, None);
-        let fault = Fault::new(store);
+        let fault = Inject::new(store);
         fault.control().set_delay(OpSet::READ, delay);
         let region = Arc::new(
             LazyRegion::new(

@@ -648,8 +648,8 @@ mod tests {
 
     #[tokio::test]
     async fn inner_errors_name_the_chunk() {
-        use crate::layers::{Fault, OpSet};
-        let fault = Fault::new(VecStore::new(1 << 20, 65536));
+        use crate::layers::{Inject, OpSet};
+        let fault = Inject::new(VecStore::new(1 << 20, 65536));
         let control = fault.control();
         let c = Chunked::new(fault, 65536).unwrap();
         control.fail_range(OpSet::ALL, 786_432..786_433);

@@ -4,17 +4,17 @@
 //!   store that needs them (one file per chunk, an object store, ...).
 //! - [`Stats`] counts operations, bytes and errors and keeps latency histograms
 //!   ([`LatencyHistogram`]), rendered as a [`StatsSnapshot`] or in the Prometheus text format.
-//! - [`Fault`] delays, stalls and fails calls on command, for tests ([`FaultControl`]).
+//! - [`Inject`] delays, stalls and fails calls on command, for tests ([`InjectControl`]).
 //!
 //! Every layer is generic over its inner store, so layers stack in any order and work over a
 //! type-erased [`DynStore`](crate::DynStore) too:
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! use memsync_core::layers::{Chunked, Fault, Stats};
+//! use memsync_core::layers::{Chunked, Inject, Stats};
 //! use memsync_core::{DynStore, StoreExt};
 //! # async fn demo(dir_store: DynStore) -> memsync_core::Result<()> {
-//! let fault = Fault::new(dir_store);
+//! let fault = Inject::new(dir_store);
 //! let control = fault.control();
 //! let stats = Stats::new(Chunked::new(fault, 64 << 10)?);
 //! let metrics = stats.handle();
@@ -38,11 +38,11 @@ use crate::error::StoreError;
 use crate::store::{Extent, ExtentKind};
 
 pub mod chunked;
-pub mod fault;
+pub mod inject;
 pub mod stats;
 
 pub use chunked::Chunked;
-pub use fault::{Fault, FaultAction, FaultControl, FaultError, FaultRule, RuleId};
+pub use inject::{Inject, InjectAction, InjectControl, InjectError, InjectRule, RuleId};
 pub use stats::{LatencyHistogram, OpStats, Stats, StatsHandle, StatsSnapshot};
 
 /// The kinds of [`Store`](crate::Store) operation, as layers count and filter them.

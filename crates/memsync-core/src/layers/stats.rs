@@ -736,7 +736,7 @@ mod tests {
 
     use super::*;
     use crate::layers::test_store::VecStore;
-    use crate::layers::{Fault, OpSet};
+    use crate::layers::{Inject, OpSet};
     use crate::store::StoreExt;
 
     #[test]
@@ -873,7 +873,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn counts_ops_bytes_errors_and_latency() {
-        let fault = Fault::new(VecStore::new(1 << 16, 1));
+        let fault = Inject::new(VecStore::new(1 << 16, 1));
         let control = fault.control();
         control.set_delay(OpSet::READ, Duration::from_millis(3));
         let stats = Stats::new(fault);
@@ -933,7 +933,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn prometheus_text() {
-        let fault = Fault::new(VecStore::new(4096, 1));
+        let fault = Inject::new(VecStore::new(4096, 1));
         // Paused time advances in whole milliseconds.
         fault
             .control()

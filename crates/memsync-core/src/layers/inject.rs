@@ -1,4 +1,4 @@
-//! [`Fault`]: delay, stall and fail calls to a store on command, for tests.
+//! [`Inject`]: delay, stall and fail calls to a store on command, for tests.
 
 use std::io;
 use std::ops::Range;
@@ -15,44 +15,44 @@ use super::{OpKind, OpSet};
 use crate::error::{Result, StoreError};
 use crate::store::{Caps, Extent, Store};
 
-/// The error a failing [`FaultRule`] returns.
+/// The error a failing [`InjectRule`] returns.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum FaultError {
+pub enum InjectError {
     /// [`StoreError::Injected`] naming the operation.
     #[default]
     Injected,
-    /// [`StoreError::Io`] with this OS error number (see [`FaultError::EIO`] and friends).
+    /// [`StoreError::Io`] with this OS error number (see [`InjectError::EIO`] and friends).
     Errno(i32),
 }
 
-impl FaultError {
+impl InjectError {
     /// Input/output error.
-    pub const EIO: FaultError = FaultError::Errno(5);
+    pub const EIO: InjectError = InjectError::Errno(5);
     /// No space left on device.
-    pub const ENOSPC: FaultError = FaultError::Errno(28);
+    pub const ENOSPC: InjectError = InjectError::Errno(28);
     /// Connection reset by peer.
-    pub const ECONNRESET: FaultError = FaultError::Errno(104);
+    pub const ECONNRESET: InjectError = InjectError::Errno(104);
     /// Connection timed out.
-    pub const ETIMEDOUT: FaultError = FaultError::Errno(110);
+    pub const ETIMEDOUT: InjectError = InjectError::Errno(110);
 
     fn to_error(self, op: OpKind) -> StoreError {
         match self {
-            FaultError::Injected => StoreError::Injected { op: op.name() },
-            FaultError::Errno(errno) => {
+            InjectError::Injected => StoreError::Injected { op: op.name() },
+            InjectError::Errno(errno) => {
                 StoreError::io(op.name(), io::Error::from_raw_os_error(errno))
             }
         }
     }
 }
 
-/// What a [`FaultRule`] does to a call it applies to.
+/// What a [`InjectRule`] does to a call it applies to.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum FaultAction {
+pub enum InjectAction {
     /// Fail the call (after any delay or stall) with this error, or with the control's default
     /// error if `None`.
-    Fail(Option<FaultError>),
+    Fail(Option<InjectError>),
     /// Hold the call before it reaches the inner store until
-    /// [`FaultControl::release_stalls`] is called or, if given, the timeout passes; then it
+    /// [`InjectControl::release_stalls`] is called or, if given, the timeout passes; then it
     /// proceeds (and may still fail through another rule).
     Stall(Option<Duration>),
 }
@@ -67,32 +67,32 @@ pub enum FaultAction {
 /// that act on a call decide it, and later rules of the same action don't see the call.
 ///
 /// ```
-/// use memsync_core::layers::{FaultError, FaultRule, OpSet};
-/// let rule = FaultRule::fail(OpSet::WRITE).in_range(0..4096).skip(2).times(1).error(FaultError::EIO);
+/// use memsync_core::layers::{InjectError, InjectRule, OpSet};
+/// let rule = InjectRule::fail(OpSet::WRITE).in_range(0..4096).skip(2).times(1).error(InjectError::EIO);
 /// ```
 #[derive(Clone, Debug, PartialEq)]
-pub struct FaultRule {
+pub struct InjectRule {
     ops: OpSet,
     range: Option<Range<u64>>,
     skip: u64,
     times: Option<u64>,
     probability: f64,
-    action: FaultAction,
+    action: InjectAction,
 }
 
-impl FaultRule {
+impl InjectRule {
     /// A rule failing every call of the given kinds, with the control's default error.
     pub fn fail(ops: impl Into<OpSet>) -> Self {
-        FaultRule::new(ops.into(), FaultAction::Fail(None))
+        InjectRule::new(ops.into(), InjectAction::Fail(None))
     }
 
     /// A rule stalling every call of the given kinds until released.
     pub fn stall(ops: impl Into<OpSet>) -> Self {
-        FaultRule::new(ops.into(), FaultAction::Stall(None))
+        InjectRule::new(ops.into(), InjectAction::Stall(None))
     }
 
-    fn new(ops: OpSet, action: FaultAction) -> Self {
-        FaultRule {
+    fn new(ops: OpSet, action: InjectAction) -> Self {
+        InjectRule {
             ops,
             range: None,
             skip: 0,
@@ -127,8 +127,8 @@ impl FaultRule {
     }
 
     /// Fail with this error (for a failing rule).
-    pub fn error(mut self, error: FaultError) -> Self {
-        if let FaultAction::Fail(e) = &mut self.action {
+    pub fn error(mut self, error: InjectError) -> Self {
+        if let InjectAction::Fail(e) = &mut self.action {
             *e = Some(error);
         }
         self
@@ -136,7 +136,7 @@ impl FaultRule {
 
     /// Give up stalling after `timeout` and let the call proceed (for a stalling rule).
     pub fn stall_timeout(mut self, timeout: Duration) -> Self {
-        if let FaultAction::Stall(t) = &mut self.action {
+        if let InjectAction::Stall(t) = &mut self.action {
             *t = Some(timeout);
         }
         self
@@ -156,7 +156,7 @@ impl FaultRule {
     }
 }
 
-/// Identifies a rule added to a [`FaultControl`], to remove it again.
+/// Identifies a rule added to a [`InjectControl`], to remove it again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RuleId(u64);
 
@@ -190,11 +190,11 @@ impl Rng {
 
 #[derive(Debug)]
 struct State {
-    rules: Vec<(RuleId, FaultRule)>,
+    rules: Vec<(RuleId, InjectRule)>,
     next_id: u64,
     delay: [Duration; OpKind::COUNT],
     jitter: [Duration; OpKind::COUNT],
-    default_error: FaultError,
+    default_error: InjectError,
     rng: Rng,
 }
 
@@ -212,34 +212,34 @@ struct Shared {
 struct Plan {
     delay: Duration,
     stall: Option<(watch::Receiver<u64>, Option<Duration>)>,
-    fail: Option<FaultError>,
+    fail: Option<InjectError>,
 }
 
-/// The handle that drives a [`Fault`] layer at run time; cheap to clone and shareable between
-/// tasks and between several `Fault` layers.
+/// The handle that drives a [`Inject`] layer at run time; cheap to clone and shareable between
+/// tasks and between several `Inject` layers.
 ///
 /// All settings apply to calls that start after they are made. The RNG behind
-/// [`FaultRule::probability`] and jitter is seeded (default seed 0, see [`seed`](Self::seed)),
+/// [`InjectRule::probability`] and jitter is seeded (default seed 0, see [`seed`](Self::seed)),
 /// so a single-threaded test sees the same faults on every run.
 #[derive(Clone, Debug)]
-pub struct FaultControl(Arc<Shared>);
+pub struct InjectControl(Arc<Shared>);
 
-impl Default for FaultControl {
+impl Default for InjectControl {
     fn default() -> Self {
-        FaultControl::new()
+        InjectControl::new()
     }
 }
 
-impl FaultControl {
+impl InjectControl {
     /// A control with no delays and no rules.
     pub fn new() -> Self {
-        FaultControl(Arc::new(Shared {
+        InjectControl(Arc::new(Shared {
             state: Mutex::new(State {
                 rules: Vec::new(),
                 next_id: 0,
                 delay: [Duration::ZERO; OpKind::COUNT],
                 jitter: [Duration::ZERO; OpKind::COUNT],
-                default_error: FaultError::Injected,
+                default_error: InjectError::Injected,
                 rng: Rng::new(0),
             }),
             release: watch::Sender::new(0),
@@ -250,7 +250,7 @@ impl FaultControl {
     }
 
     /// Add a rule; it applies to calls that start from now on.
-    pub fn add_rule(&self, rule: FaultRule) -> RuleId {
+    pub fn add_rule(&self, rule: InjectRule) -> RuleId {
         let mut st = self.0.state.lock();
         let id = RuleId(st.next_id);
         st.next_id += 1;
@@ -271,28 +271,28 @@ impl FaultControl {
 
     /// Fail the next `n` calls of the given kinds (`n` in total, not per kind).
     pub fn fail_next(&self, ops: impl Into<OpSet>, n: u64) -> RuleId {
-        self.add_rule(FaultRule::fail(ops).times(n))
+        self.add_rule(InjectRule::fail(ops).times(n))
     }
 
     /// Fail every call of the given kinds until the rule is removed or [`clear`](Self::clear)ed.
     pub fn fail_always(&self, ops: impl Into<OpSet>) -> RuleId {
-        self.add_rule(FaultRule::fail(ops))
+        self.add_rule(InjectRule::fail(ops))
     }
 
     /// Fail each call of the given kinds with probability `p`.
     pub fn fail_with_probability(&self, ops: impl Into<OpSet>, p: f64) -> RuleId {
-        self.add_rule(FaultRule::fail(ops).probability(p))
+        self.add_rule(InjectRule::fail(ops).probability(p))
     }
 
     /// Fail every call of the given kinds whose byte range overlaps `range`.
     pub fn fail_range(&self, ops: impl Into<OpSet>, range: Range<u64>) -> RuleId {
-        self.add_rule(FaultRule::fail(ops).in_range(range))
+        self.add_rule(InjectRule::fail(ops).in_range(range))
     }
 
     /// Stall every call of the given kinds until [`release_stalls`](Self::release_stalls), or
     /// until `timeout` if given (then the call proceeds).
     pub fn stall(&self, ops: impl Into<OpSet>, timeout: Option<Duration>) -> RuleId {
-        let mut rule = FaultRule::stall(ops);
+        let mut rule = InjectRule::stall(ops);
         if let Some(t) = timeout {
             rule = rule.stall_timeout(t);
         }
@@ -303,7 +303,7 @@ impl FaultControl {
     pub fn release_stalls(&self) {
         let mut st = self.0.state.lock();
         st.rules
-            .retain(|(_, r)| !matches!(r.action, FaultAction::Stall(_)));
+            .retain(|(_, r)| !matches!(r.action, InjectAction::Stall(_)));
         self.0.release.send_modify(|g| *g += 1);
     }
 
@@ -324,8 +324,8 @@ impl FaultControl {
     }
 
     /// The error of failing rules that don't choose their own (initially
-    /// [`FaultError::Injected`]).
-    pub fn set_default_error(&self, error: FaultError) {
+    /// [`InjectError::Injected`]).
+    pub fn set_default_error(&self, error: InjectError) {
         self.0.state.lock().default_error = error;
     }
 
@@ -389,7 +389,7 @@ impl FaultControl {
         };
         let mut stall_decided = false;
         for (_, rule) in st.rules.iter_mut() {
-            let is_stall = matches!(rule.action, FaultAction::Stall(_));
+            let is_stall = matches!(rule.action, InjectAction::Stall(_));
             if (is_stall && stall_decided)
                 || (!is_stall && plan.fail.is_some())
                 || !rule.applies(op, range)
@@ -409,8 +409,8 @@ impl FaultControl {
                 *t -= 1;
             }
             match rule.action {
-                FaultAction::Fail(e) => plan.fail = Some(e.unwrap_or(st.default_error)),
-                FaultAction::Stall(timeout) => {
+                InjectAction::Fail(e) => plan.fail = Some(e.unwrap_or(st.default_error)),
+                InjectAction::Stall(timeout) => {
                     stall_decided = true;
                     // Subscribed under the lock: a release from now on wakes this call.
                     plan.stall = Some((self.0.release.subscribe(), timeout));
@@ -469,26 +469,26 @@ impl Drop for StallGuard<'_> {
     }
 }
 
-/// Delays, stalls and fails calls to the store it wraps, as told by its [`FaultControl`]; for
+/// Delays, stalls and fails calls to the store it wraps, as told by its [`InjectControl`]; for
 /// testing how the layers and frontends above cope with slow and failing stores.
 ///
 /// With no rules and no delays it passes every call straight through, capabilities included.
 /// Injected errors are [`StoreError::Injected`] (or [`StoreError::Io`] with a chosen errno,
-/// see [`FaultError`]) wrapped with the context `"fault layer: OP OFFSET+LEN"`; errors of the
+/// see [`InjectError`]) wrapped with the context `"fault layer: OP OFFSET+LEN"`; errors of the
 /// inner store pass through unchanged.
 ///
 /// # Example
 /// ```
 /// use std::time::Duration;
-/// use memsync_core::layers::{Fault, FaultError, OpKind, OpSet};
+/// use memsync_core::layers::{Inject, InjectError, OpKind, OpSet};
 /// use memsync_core::{DynStore, Store, StoreError};
 /// # async fn demo(inner: DynStore) {
-/// let store = Fault::new(inner);
+/// let store = Inject::new(inner);
 /// let control = store.control();
 /// control.set_delay(OpSet::ALL, Duration::from_millis(2));
 /// control.fail_next(OpSet::WRITE, 1);
 /// assert!(store.write(0, bytes::Bytes::from_static(b"x")).await.is_err());
-/// control.set_default_error(FaultError::ETIMEDOUT);
+/// control.set_default_error(InjectError::ETIMEDOUT);
 /// control.fail_always(OpSet::FLUSH);
 /// assert_eq!(store.flush().await.unwrap_err().errno(), 110);
 /// assert_eq!(control.injected_for(OpKind::Write), 1);
@@ -496,24 +496,24 @@ impl Drop for StallGuard<'_> {
 /// # }
 /// ```
 #[derive(Debug)]
-pub struct Fault<S> {
+pub struct Inject<S> {
     inner: S,
-    control: FaultControl,
+    control: InjectControl,
 }
 
-impl<S: Store> Fault<S> {
+impl<S: Store> Inject<S> {
     /// Wrap `inner` with a new control.
     pub fn new(inner: S) -> Self {
-        Fault::with_control(inner, FaultControl::new())
+        Inject::with_control(inner, InjectControl::new())
     }
 
     /// Wrap `inner`, driven by an existing control (shared with other layers).
-    pub fn with_control(inner: S, control: FaultControl) -> Self {
-        Fault { inner, control }
+    pub fn with_control(inner: S, control: InjectControl) -> Self {
+        Inject { inner, control }
     }
 
     /// The control handle.
-    pub fn control(&self) -> FaultControl {
+    pub fn control(&self) -> InjectControl {
         self.control.clone()
     }
 
@@ -529,7 +529,7 @@ impl<S: Store> Fault<S> {
 }
 
 #[async_trait]
-impl<S: Store> Store for Fault<S> {
+impl<S: Store> Store for Inject<S> {
     fn size(&self) -> u64 {
         self.inner.size()
     }
@@ -596,8 +596,8 @@ mod tests {
     use crate::layers::{Chunked, Stats};
     use crate::store::StoreExt;
 
-    fn store() -> (Fault<VecStore>, FaultControl) {
-        let f = Fault::new(VecStore::new(1 << 16, 1));
+    fn store() -> (Inject<VecStore>, InjectControl) {
+        let f = Inject::new(VecStore::new(1 << 16, 1));
         let c = f.control();
         (f, c)
     }
@@ -656,7 +656,7 @@ mod tests {
         }
         c.remove_rule(id);
         assert!(f.flush().await.is_ok());
-        c.add_rule(FaultRule::fail(OpKind::Write).skip(2).times(1));
+        c.add_rule(InjectRule::fail(OpKind::Write).skip(2).times(1));
         let results: Vec<bool> =
             futures_util::future::join_all((0..4).map(|i| f.write(i, Bytes::from_static(b"x"))))
                 .await
@@ -672,11 +672,11 @@ mod tests {
     #[tokio::test]
     async fn errno_errors() {
         let (f, c) = store();
-        c.set_default_error(FaultError::EIO);
+        c.set_default_error(InjectError::EIO);
         c.fail_next(OpSet::READ, 1);
         c.add_rule(
-            FaultRule::fail(OpSet::WRITE)
-                .error(FaultError::ETIMEDOUT)
+            InjectRule::fail(OpSet::WRITE)
+                .error(InjectError::ETIMEDOUT)
                 .times(1),
         );
         let e = f.read_bytes(0, 1).await.unwrap_err();
@@ -791,11 +791,11 @@ mod tests {
 
     #[tokio::test]
     async fn errors_keep_context_through_a_stack() {
-        // Stats over Chunked over Fault over a store that only takes whole 64 KiB chunks.
-        let fault = Fault::new(VecStore::new(1 << 20, 65536));
+        // Stats over Chunked over Inject over a store that only takes whole 64 KiB chunks.
+        let fault = Inject::new(VecStore::new(1 << 20, 65536));
         let control = fault.control();
         let stack = Stats::new(Chunked::new(fault, 65536).unwrap());
-        control.set_default_error(FaultError::EIO);
+        control.set_default_error(InjectError::EIO);
         control.fail_range(OpSet::READ, 786_432..786_433);
         let e = stack.read_bytes(786_000, 1000).await.unwrap_err();
         let chain = e.chain();
