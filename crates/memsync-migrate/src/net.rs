@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -120,25 +120,7 @@ impl Dialer {
                     .ok_or_else(|| url.error("host", "expected HOST:PORT"))?;
                 let mut d = Dialer::new(Endpoint::Tcp(addr.clone()));
                 if tls {
-                    let ca = url
-                        .param("tls-ca")
-                        .ok_or_else(|| url.error("tls-ca", "migrates needs tls-ca=FILE"))?;
-                    let cfg = memsync_nbd::client_tls_config(Path::new(ca))
-                        .map_err(|e| url.error("tls-ca", e))?;
-                    let host = url.param("tls-hostname").map_or_else(
-                        || {
-                            addr.rsplit_once(':')
-                                .map_or(addr.clone(), |(h, _)| h.to_owned())
-                        },
-                        str::to_owned,
-                    );
-                    let host = host
-                        .trim_start_matches('[')
-                        .trim_end_matches(']')
-                        .to_owned();
-                    let name = rustls_pki_types::ServerName::try_from(host)
-                        .map_err(|e| url.error("tls-hostname", e))?;
-                    d.tls = Some((cfg, name));
+                    d.tls = Some(memsync_nbd::client_tls_from_url(&url, &addr, "migrates")?);
                 }
                 Ok(d)
             }

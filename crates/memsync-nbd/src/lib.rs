@@ -15,4 +15,4 @@ pub mod transport;
 
 pub use client::{ClientConfig, NbdAddr, NbdStore, register};
 pub use server::{Export, ListenAddr, Server, ServerConfig, ServerStats, TlsMode, bind_unix};
-pub use transport::{client_tls_config, server_tls_config};
+pub use transport::{client_tls_config, client_tls_from_url, server_tls_config};

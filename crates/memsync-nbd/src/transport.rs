@@ -89,6 +89,38 @@ pub fn server_tls_config(cert: &Path, key: &Path) -> io::Result<Arc<rustls::Serv
 }
 
 /// A rustls client configuration trusting the CA certificates in a PEM file.
+/// The TLS client side of a peer URL (`memsyncs://`, `migrates://`): the CA from `tls-ca=FILE`
+/// (required; `scheme` names the URL scheme in the error) and the server name from
+/// `tls-hostname=` or else the host part of `addr` (`HOST:PORT`, brackets of an IPv6 literal
+/// removed).
+pub fn client_tls_from_url(
+    url: &memsync_core::StoreUrl,
+    addr: &str,
+    scheme: &str,
+) -> Result<
+    (
+        Arc<rustls::ClientConfig>,
+        rustls_pki_types::ServerName<'static>,
+    ),
+    memsync_core::StoreError,
+> {
+    let ca = url
+        .param("tls-ca")
+        .ok_or_else(|| url.error("tls-ca", format!("{scheme} needs tls-ca=FILE")))?;
+    let cfg = client_tls_config(Path::new(ca)).map_err(|e| url.error("tls-ca", e))?;
+    let host = url.param("tls-hostname").map_or_else(
+        || addr.rsplit_once(':').map_or(addr, |(h, _)| h).to_owned(),
+        str::to_owned,
+    );
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let name =
+        rustls_pki_types::ServerName::try_from(host).map_err(|e| url.error("tls-hostname", e))?;
+    Ok((cfg, name))
+}
+
 pub fn client_tls_config(ca: &Path) -> io::Result<Arc<rustls::ClientConfig>> {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;

@@ -301,25 +301,7 @@ impl PeerAddr {
             .filter(|a| !a.is_empty() && a.contains(':'))
             .ok_or_else(|| url.error("host", "expected HOST:PORT"))?;
         let tls = if tls {
-            let ca = url
-                .param("tls-ca")
-                .ok_or_else(|| url.error("tls-ca", "memsyncs needs tls-ca=FILE"))?;
-            let cfg = memsync_nbd::client_tls_config(std::path::Path::new(ca))
-                .map_err(|e| url.error("tls-ca", e))?;
-            let host = url.param("tls-hostname").map_or_else(
-                || {
-                    addr.rsplit_once(':')
-                        .map_or(addr.clone(), |(h, _)| h.to_owned())
-                },
-                str::to_owned,
-            );
-            let host = host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned();
-            let name = rustls_pki_types::ServerName::try_from(host)
-                .map_err(|e| url.error("tls-hostname", e))?;
-            Some((cfg, name))
+            Some(memsync_nbd::client_tls_from_url(&url, &addr, "memsyncs")?)
         } else {
             None
         };
