@@ -74,9 +74,8 @@ impl Pidfd {
         let fd = cvt(ret)?;
         let fd = i32::try_from(fd).map_err(|_| io::Error::other("pidfd out of range"))?;
         // SAFETY: the syscall returned a new descriptor that nothing else owns.
-        Ok(Self {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self { fd })
     }
 
     /// Whether the process has exited, waiting up to `timeout` (`None`:

@@ -1012,7 +1012,7 @@ impl Uffd {
                 let n = n.unsigned_abs() / size_of::<UffdMsg>();
                 if let Some(r) = &self.remap {
                     for msg in &mut buf[..n] {
-                        msg.to_local(r);
+                        msg.translate_to_local(r);
                     }
                 }
                 Ok(n)
@@ -1142,7 +1142,7 @@ impl UffdMsg {
 
     /// Rewrites the addresses of a fault or `REMOVE` message into the local
     /// addresses of `r` (see [`Uffd::with_remap`]).
-    fn to_local(&mut self, r: &Remap) {
+    fn translate_to_local(&mut self, r: &Remap) {
         match self.kind() {
             raw::UFFD_EVENT_PAGEFAULT => {
                 let a = usize::try_from(self.word(2))
@@ -1549,16 +1549,16 @@ mod remap_tests {
         let mut m = UffdMsg::default();
         m.bytes[0] = raw::UFFD_EVENT_PAGEFAULT;
         m.set_word(2, 0x9000);
-        m.to_local(&r);
+        m.translate_to_local(&r);
         assert!(matches!(m.event(), Event::PageFault { addr: 0x1000, .. }));
         m.bytes[0] = raw::UFFD_EVENT_PAGEFAULT;
         m.set_word(2, 0x3000);
-        m.to_local(&r);
+        m.translate_to_local(&r);
         assert!(matches!(m.event(), Event::PageFault { addr: 0, .. }));
         m.bytes[0] = raw::UFFD_EVENT_REMOVE;
         m.set_word(1, 0x8000);
         m.set_word(2, 0xa000);
-        m.to_local(&r);
+        m.translate_to_local(&r);
         assert!(matches!(
             m.event(),
             Event::Remove {
