@@ -176,8 +176,9 @@ impl ForeignRegion {
         }
         let geo = Geometry::new(size, chunk, page)
             .ok_or_else(|| Error::Config(format!("cannot serve a source of {size} bytes")))?;
-        let map = Mapping::placeholder(geo.map_len(), memsync_sys::pmd_size().max(page))
-            .map_err(sys("reserving address space for the other process's memory"))?;
+        let map = Mapping::placeholder(geo.map_len(), memsync_sys::pmd_size().max(page)).map_err(
+            sys("reserving address space for the other process's memory"),
+        )?;
         let base = map.addr();
         let remap = Remap::new(
             sorted
@@ -211,8 +212,8 @@ impl ForeignRegion {
         )?;
         // The received descriptor's features are the other process's
         // choice; UFFDIO_POISON only needs the kernel to have it.
-        let use_poison = cfg.use_poison
-            && Uffd::probe_features().is_ok_and(|f| f.contains(Features::POISON));
+        let use_poison =
+            cfg.use_poison && Uffd::probe_features().is_ok_and(|f| f.contains(Features::POISON));
         if !use_poison {
             tracing::warn!(
                 "memsync-region: no UFFDIO_POISON: a chunk the source cannot deliver stays missing and the next access retries"
