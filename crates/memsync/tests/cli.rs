@@ -5,7 +5,7 @@ use std::process::{Command, Output, Stdio};
 
 use rand::{RngCore, SeedableRng};
 
-#[path = "vmm/firecracker.rs"]
+#[path = "vmm/mod.rs"]
 mod vmm;
 
 fn memsync(args: &[&str]) -> Output {

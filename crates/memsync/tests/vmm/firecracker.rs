@@ -224,7 +224,7 @@ fn vmm_child_firecracker() {
 }
 
 fn snapshot(dir: &Path) -> (PathBuf, Vec<u8>) {
-    let mut data = super::random(1717, 2 * REGION);
+    let mut data = super::super::random(1717, 2 * REGION);
     // Some zero pages, as guest memory has.
     data[REGION..REGION + (1 << 20)].fill(0);
     let p = dir.join("mem.snap");
@@ -235,7 +235,7 @@ fn snapshot(dir: &Path) -> (PathBuf, Vec<u8>) {
 fn run_vmm(mode: &str, socket: &Path, snap: &Path) {
     let out = run_test_binary(
         &std::env::current_exe().unwrap(),
-        "vmm::vmm_child_firecracker",
+        "vmm::firecracker::vmm_child_firecracker",
         Duration::from_secs(120),
         |c| {
             c.env(CHILD, mode)
@@ -317,7 +317,7 @@ fn uffd_handler_serves_firecracker_from_redis_and_a_cache_over_nbd() {
     // A managed cache whose remote is an NBD export of the snapshot.
     let sock = tmp.path().join("nbd.sock");
     let url = format!("nbd+unix:///?socket={}", sock.display());
-    let _srv = super::serve(&[&format!("file:{}", snap.display()), "--listen", &url]);
+    let _srv = super::super::serve(&[&format!("file:{}", snap.display()), "--listen", &url]);
     let cache = tmp.path().join("cache");
     serve_and_check(
         &url,
@@ -334,8 +334,8 @@ fn uffd_handler_serves_firecracker_from_redis_and_a_cache_over_nbd() {
         redis.port(),
         2 * REGION
     );
-    let o = super::memsync(&["copy", &format!("file:{}", snap.display()), &rurl]);
-    assert!(o.status.success(), "{}", super::stderr(&o));
+    let o = super::super::memsync(&["copy", &format!("file:{}", snap.display()), &rurl]);
+    assert!(o.status.success(), "{}", super::super::stderr(&o));
     serve_and_check(&rurl, &[], tmp.path(), &snap, "full");
 }
 
