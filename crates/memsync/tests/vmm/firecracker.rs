@@ -141,6 +141,13 @@ fn firecracker(socket: &Path, snapshot: &Path, mode: &str) {
     uffd.register(&b, RegisterMode::MISSING).unwrap();
     let sock = connect(socket, &region_json(&[&a, &b], page), &uffd);
     let regions = [(&a, 0usize), (&b, REGION)];
+    if mode == "sigbus" {
+        // The store is gone: after the handler's deadline the page is poisoned and this
+        // access raises SIGBUS (the parent checks that this process died of it).
+        let mut buf = vec![0u8; 4096];
+        b.read_at(4096, &mut buf);
+        panic!("read a page the store could not deliver: {:?}", &buf[..8]);
+    }
     if mode == "exit" {
         let mut buf = vec![0u8; 4096];
         a.read_at(0, &mut buf);
@@ -214,7 +221,7 @@ fn firecracker(socket: &Path, snapshot: &Path, mode: &str) {
 
 #[test]
 fn vmm_child_firecracker() {
-    for mode in ["full", "exit", "huge"] {
+    for mode in ["full", "exit", "huge", "sigbus"] {
         if is_child(CHILD, mode) {
             let socket = PathBuf::from(std::env::var("VMM_SOCKET").unwrap());
             let snap = PathBuf::from(std::env::var("VMM_SNAPSHOT").unwrap());
@@ -337,6 +344,45 @@ fn uffd_handler_serves_firecracker_from_redis_and_a_cache_over_nbd() {
     let o = super::super::memsync(&["copy", &format!("file:{}", snap.display()), &rurl]);
     assert!(o.status.success(), "{}", super::super::stderr(&o));
     serve_and_check(&rurl, &[], tmp.path(), &snap, "full");
+}
+
+/// A store that fails until the deadline: the handler reports it and the vCPU touching the
+/// chunk gets SIGBUS (UFFDIO_POISON), never other bytes.
+#[test]
+fn uffd_handler_poisons_what_the_store_cannot_deliver() {
+    use std::os::unix::process::ExitStatusExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let (snap, _) = snapshot(tmp.path());
+    let sock = tmp.path().join("nbd.sock");
+    let url = format!("nbd+unix:///?socket={}", sock.display());
+    let mut srv = super::super::serve(&[&format!("file:{}", snap.display()), "--listen", &url]);
+    let socket = tmp.path().join("fc-sigbus.sock");
+    let h = HandlerProc::start(&socket, &url, &["--deadline", "1", "--no-pull"]);
+    let _ = srv.child.kill();
+    let _ = srv.child.wait();
+    let out = run_test_binary(
+        &std::env::current_exe().unwrap(),
+        "vmm::firecracker::vmm_child_firecracker",
+        Duration::from_secs(120),
+        |c| {
+            c.env(CHILD, "sigbus")
+                .env("VMM_SOCKET", &socket)
+                .env("VMM_SNAPSHOT", &snap);
+        },
+    );
+    assert_eq!(
+        out.status.signal(),
+        Some(7),
+        "the vCPU must get SIGBUS: {}",
+        memsync_testkit::child::describe(&out)
+    );
+    let (ok, out, err) = h.wait();
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("the VMM exited") && out.contains(" 1 chunk errors"),
+        "{out}{err}"
+    );
+    assert!(err.contains("chunk error"), "{err}");
 }
 
 /// Bad handshakes end the handler with one clear line, never a crash; the VMM here is this
