@@ -5,11 +5,11 @@ use std::fmt;
 use std::io;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use memsync_nbd::transport::Transport;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use crate::proto::{Msg, frame_len};
+use crate::proto::{MAX_FRAME, Msg};
 
 pub(crate) type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
 pub(crate) type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
@@ -92,19 +92,11 @@ pub(crate) async fn accepted(
 }
 
 /// Read one frame and decode it; `Ok(None)` at a clean end of the stream.
-pub(crate) async fn read_msg(r: &mut BoxRead) -> io::Result<Option<Msg>> {
-    let mut prefix = [0u8; 4];
-    match r.read_exact(&mut prefix).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    let n = frame_len(prefix).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    let mut body = BytesMut::zeroed(n);
-    r.read_exact(&mut body).await?;
-    Msg::decode(body.freeze())
-        .map(Some)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+pub(crate) async fn read_msg(
+    r: &mut BoxRead,
+    count: &std::sync::atomic::AtomicU64,
+) -> io::Result<Option<Msg>> {
+    memsync_core::wire::read_frame::<Msg, _>(r, count, MAX_FRAME).await
 }
 
 /// Write frames from `rx` until it closes, flushing whenever the queue is empty.

@@ -146,6 +146,8 @@ pub struct DsmStats {
     /// Write faults served without asking anyone (owner with no copies elsewhere).
     pub local_upgrades: AtomicU64,
     pub messages_sent: AtomicU64,
+    /// Bytes of the frames received.
+    pub bytes_received: AtomicU64,
     pub pages_sent: AtomicU64,
     pub invalidations_sent: AtomicU64,
     pub forwards: AtomicU64,
@@ -1280,7 +1282,7 @@ async fn connect(
                     continue;
                 }
             };
-            let n = check(net::read_msg(&mut r).await?)?;
+            let n = check(net::read_msg(&mut r, &shared.stats.bytes_received).await?)?;
             if n <= me || shared.peers[usize::from(n)].get().is_some() {
                 return Err(DsmError::Config(format!(
                     "unexpected connection from node {n}"
@@ -1311,7 +1313,7 @@ async fn connect(
                 w.flush().await?;
             }
             let (tx, rx) = mpsc::unbounded_channel();
-            let peer = check(net::read_msg(&mut r).await?)?;
+            let peer = check(net::read_msg(&mut r, &shared.stats.bytes_received).await?)?;
             if peer != n {
                 return Err(DsmError::Config(format!(
                     "{addr} is node {peer}, expected {n}"
@@ -1352,7 +1354,7 @@ fn start_peer(
     let s = Arc::clone(shared);
     shared.rt.spawn(async move {
         loop {
-            match net::read_msg(&mut r).await {
+            match net::read_msg(&mut r, &s.stats.bytes_received).await {
                 Ok(Some(m)) => s.dispatch(n, m),
                 Ok(None) => break,
                 Err(e) => {

@@ -3,6 +3,8 @@
 //! before it trusts it; a frame that breaks a rule is an error and ends the connection.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+pub use memsync_core::wire::ProtoError;
+use memsync_core::wire::{Frame, done, flag, need, truncate};
 
 /// "MEMSYNCD": the first bytes of every connection's HELLO.
 pub const MAGIC: &[u8; 8] = b"MEMSYNCD";
@@ -138,52 +140,6 @@ pub enum Msg {
     Ping { nonce: u64 },
     /// Answer to a PING.
     Pong { nonce: u64 },
-}
-
-/// Why a frame was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ProtoError {
-    #[error("frame of {0} bytes exceeds the limit")]
-    TooLong(usize),
-    #[error("empty frame")]
-    Empty,
-    #[error("unknown message type {0}")]
-    Type(u8),
-    #[error("truncated {0} message")]
-    Short(&'static str),
-    #[error("{0} message has {1} trailing bytes")]
-    Trailing(&'static str, usize),
-    #[error("bad magic in hello (not a memsync DSM peer)")]
-    Magic,
-    #[error("invalid {0}")]
-    Invalid(&'static str),
-}
-
-fn need(b: &Bytes, n: usize, what: &'static str) -> Result<(), ProtoError> {
-    if b.remaining() < n {
-        return Err(ProtoError::Short(what));
-    }
-    Ok(())
-}
-
-fn flag(v: u8) -> Result<bool, ProtoError> {
-    match v {
-        0 => Ok(false),
-        1 => Ok(true),
-        _ => Err(ProtoError::Invalid("flag")),
-    }
-}
-
-/// Truncate at a char boundary.
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut n = max;
-    while !s.is_char_boundary(n) {
-        n -= 1;
-    }
-    &s[..n]
 }
 
 fn node(v: u16) -> Result<NodeId, ProtoError> {
@@ -344,7 +300,7 @@ impl Msg {
                 let what = "HELLO";
                 need(&b, 8 + 2 + 2 + 2 + 1 + 4 + 8, what)?;
                 if &b.split_to(8)[..] != MAGIC {
-                    return Err(ProtoError::Magic);
+                    return Err(ProtoError::Magic("memsync DSM peer"));
                 }
                 if b.get_u16() != VERSION {
                     return Err(ProtoError::Invalid("protocol version"));
@@ -508,9 +464,7 @@ impl Msg {
             }
             t => return Err(ProtoError::Type(t)),
         };
-        if b.has_remaining() {
-            return Err(ProtoError::Trailing(what, b.remaining()));
-        }
+        done(&b, what)?;
         Ok(m)
     }
 
@@ -532,43 +486,28 @@ impl Msg {
     }
 }
 
+impl Frame for Msg {
+    const MAX_FRAME: usize = MAX_FRAME;
+
+    fn decode(body: Bytes) -> Result<Self, ProtoError> {
+        Msg::decode(body)
+    }
+}
+
 /// The body length from a frame's 4-byte prefix, checked against [`MAX_FRAME`].
 ///
 /// # Errors
 ///
 /// [`ProtoError::TooLong`] or [`ProtoError::Empty`].
 pub fn frame_len(prefix: [u8; 4]) -> Result<usize, ProtoError> {
-    let n = u32::from_be_bytes(prefix) as usize;
-    if n > MAX_FRAME {
-        return Err(ProtoError::TooLong(n));
-    }
-    if n == 0 {
-        return Err(ProtoError::Empty);
-    }
-    Ok(n)
+    memsync_core::wire::frame_len(prefix, MAX_FRAME)
 }
 
 /// Parses a stream of frames (as a receiver reads them) until the bytes end or one is refused;
 /// returns the messages decoded. The fuzz target drives this.
 #[must_use]
-pub fn decode_stream(mut b: Bytes) -> (Vec<Msg>, Option<ProtoError>) {
-    let mut out = Vec::new();
-    while b.len() >= 4 {
-        let prefix = [b[0], b[1], b[2], b[3]];
-        let n = match frame_len(prefix) {
-            Ok(n) => n,
-            Err(e) => return (out, Some(e)),
-        };
-        if b.len() < 4 + n {
-            break;
-        }
-        b.advance(4);
-        match Msg::decode(b.split_to(n)) {
-            Ok(m) => out.push(m),
-            Err(e) => return (out, Some(e)),
-        }
-    }
-    (out, None)
+pub fn decode_stream(b: Bytes) -> (Vec<Msg>, Option<ProtoError>) {
+    memsync_core::wire::decode_stream(b)
 }
 
 #[cfg(test)]
@@ -779,7 +718,7 @@ mod tests {
         bad[5] ^= 1;
         assert_eq!(
             Msg::decode(Bytes::from(bad[4..].to_vec())),
-            Err(ProtoError::Magic)
+            Err(ProtoError::Magic("memsync DSM peer"))
         );
         let mut bad = h.to_vec();
         let nodes_at = 4 + 1 + 8 + 2 + 2;
