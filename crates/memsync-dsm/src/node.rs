@@ -193,6 +193,34 @@ impl fmt::Debug for Shared {
     }
 }
 
+/// A reference to the region held by a task. The region's drop joins threads and drops
+/// runtimes, which must not happen on an async worker: if a task holds the last reference
+/// (the node was dropped meanwhile), the region is dropped on a thread of its own.
+struct RegionRef(Option<Arc<LazyRegion>>);
+
+impl RegionRef {
+    fn arc(&self) -> RegionRef {
+        RegionRef(self.0.clone())
+    }
+}
+
+impl std::ops::Deref for RegionRef {
+    type Target = LazyRegion;
+    fn deref(&self) -> &LazyRegion {
+        self.0.as_ref().expect("set until dropped")
+    }
+}
+
+impl Drop for RegionRef {
+    fn drop(&mut self) {
+        if let Some(r) = self.0.take().and_then(Arc::into_inner) {
+            let _ = std::thread::Builder::new()
+                .name("memsync-dsm-drop".into())
+                .spawn(move || drop(r));
+        }
+    }
+}
+
 fn err(page: u64, reason: impl Into<String>) -> StoreError {
     StoreError::backend(format!("DSM page {page}: {}", reason.into()))
 }
@@ -202,8 +230,11 @@ fn bit(n: NodeId) -> u64 {
 }
 
 impl Shared {
-    fn region(&self) -> Option<Arc<LazyRegion>> {
-        self.region.get().and_then(Weak::upgrade)
+    fn region(&self) -> Option<RegionRef> {
+        self.region
+            .get()
+            .and_then(Weak::upgrade)
+            .map(|r| RegionRef(Some(r)))
     }
 
     fn next_req(&self) -> u64 {
@@ -386,6 +417,8 @@ impl Shared {
     async fn read_fault(self: Arc<Self>, page: u64, buf: &mut [u8]) -> Result<(), StoreError> {
         let t0 = Instant::now();
         self.stats.read_faults.fetch_add(1, Relaxed);
+        // An inline fetch (the API's reads and writes) does not pass `missing`.
+        self.slot(page).st.lock().installing = false;
         let _g = self.slot(page).op.lock().await;
         let stash = {
             let mut st = self.slot(page).st.lock();
@@ -453,7 +486,12 @@ impl Shared {
                     Ok(())
                 }
             }
-            Msg::Error { reason, .. } => Err(err(page, reason)),
+            Msg::Error { code, reason, .. } => {
+                if code == ErrorCode::Lost {
+                    self.slot(page).st.lock().lost = true;
+                }
+                Err(err(page, reason))
+            }
             m => Err(err(page, format!("unexpected {}", m.name()))),
         };
         self.confirm(page, req);
@@ -563,7 +601,7 @@ impl Shared {
                         // Our read copy is the current data: nobody wrote since it was served.
                         ChunkState::Present => true,
                         ChunkState::Absent => {
-                            let r2 = Arc::clone(&region);
+                            let r2 = region.arc();
                             tokio::task::spawn_blocking(move || r2.place(page as usize, &data))
                                 .await
                                 .ok()
@@ -605,13 +643,7 @@ impl Shared {
     /// A write that did not get ownership: `true` to try again (after a pause), `false`
     /// past the deadline, when the page is marked lost and dropped, so the writer faults
     /// again as missing and that fault fails (`SIGBUS`).
-    async fn retry_write(
-        &self,
-        region: &Arc<LazyRegion>,
-        page: u64,
-        t0: Instant,
-        why: &str,
-    ) -> bool {
+    async fn retry_write(&self, region: &RegionRef, page: u64, t0: Instant, why: &str) -> bool {
         if t0.elapsed() < self.deadline && !self.stopping.load(Relaxed) {
             tracing::debug!(page, why, "memsync-dsm: write fault retried");
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -623,7 +655,7 @@ impl Shared {
             "memsync-dsm: write fault failed until the deadline"
         );
         self.slot(page).st.lock().lost = true;
-        let r2 = Arc::clone(region);
+        let r2 = region.arc();
         let off = page as usize * self.page;
         let len = self.page;
         let _ = tokio::task::spawn_blocking(move || r2.invalidate(off, len)).await;
@@ -777,7 +809,7 @@ impl Shared {
             }
             Want::Write => {
                 if region.chunk_state(page as usize) == ChunkState::Present {
-                    let r2 = Arc::clone(&region);
+                    let r2 = region.arc();
                     let len = self.page;
                     let _ = tokio::task::spawn_blocking(move || r2.invalidate(off, len)).await;
                 }
@@ -1044,8 +1076,6 @@ impl Node {
             chunk_size: cfg.page_size,
             handler_threads: cfg.handler_threads.max(1),
             prefetch: false,
-            // Reads and writes of the API fault too, so every fetch passes `missing`.
-            inline_resolve: false,
             zero_detect: false,
             write_tracking: WriteTracking::Protect,
             fetch_deadline: cfg.fault_deadline,
