@@ -396,7 +396,11 @@ fn jacobi(n: usize, scheme: Scheme) {
         }
     }
     let want = if ITERS.is_multiple_of(2) { &a } else { &b };
-    let at = if ITERS.is_multiple_of(2) { 0 } else { grid_bytes };
+    let at = if ITERS.is_multiple_of(2) {
+        0
+    } else {
+        grid_bytes
+    };
     for node in &nodes {
         let mut got = vec![0u8; grid_bytes];
         node.read(at, &mut got).unwrap();
@@ -417,4 +421,118 @@ fn jacobi_all_schemes() {
             jacobi(n, scheme);
         }
     }
+}
+
+/// The node of [`netns_counter`], run as a child process in a namespace: increments the
+/// counter, waits until every node's increments are in, prints the value, and keeps serving
+/// until its stdin closes (the parent closes it once every node has printed).
+#[test]
+fn child_node() {
+    if !memsync_testkit::child::is_child("DSM_CHILD", "node") {
+        return;
+    }
+    let var = |k: &str| std::env::var(k).unwrap();
+    let id: u16 = var("DSM_ID").parse().unwrap();
+    let peers: Vec<String> = var("DSM_PEERS").split(',').map(str::to_owned).collect();
+    let scheme: Scheme = var("DSM_SCHEME").parse().unwrap();
+    let adds: u64 = var("DSM_ADDS").parse().unwrap();
+    let n = peers.len() as u64;
+    let mut cfg = DsmConfig::new(id, peers, scheme, 4 * 4096);
+    cfg.connect_timeout = Duration::from_secs(30);
+    let node = Node::bind_and_start(cfg).unwrap();
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                for _ in 0..adds {
+                    node.atomic_u64(0).fetch_add(1, SeqCst);
+                    std::thread::yield_now();
+                }
+            });
+        }
+    });
+    while node.atomic_u64(0).load(SeqCst) < 2 * adds * n {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    println!("RESULT {}", node.atomic_u64(0).load(SeqCst));
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut rest);
+    drop(node);
+}
+
+/// N nodes as N processes in two network namespaces (joined by a veth pair; nodes alternate
+/// between them), for each scheme: the counter ends at exactly the sum.
+#[test]
+fn netns_counter() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let Some(ns) = memsync_testkit::netns::Netns::create("netns_counter", 16) else {
+        return;
+    };
+    let done = watchdog("netns_counter", 180);
+    let exe = std::env::current_exe().unwrap();
+    const ADDS: u64 = 500;
+    for scheme in Scheme::ALL {
+        for n in [2usize, 3] {
+            let place = |i: usize| {
+                if i % 2 == 0 {
+                    (&ns.a, &ns.a_addr)
+                } else {
+                    (&ns.b, &ns.b_addr)
+                }
+            };
+            let peers: Vec<String> = (0..n)
+                .map(|i| format!("{}:{}", place(i).1, 17000 + i))
+                .collect();
+            let mut kids: Vec<_> = (0..n)
+                .map(|i| {
+                    Command::new("ip")
+                        .args(["netns", "exec", place(i).0])
+                        .arg(&exe)
+                        .args(["--exact", "child_node", "--nocapture", "--test-threads=1"])
+                        .env("DSM_CHILD", "node")
+                        .env("DSM_ID", i.to_string())
+                        .env("DSM_PEERS", peers.join(","))
+                        .env("DSM_SCHEME", scheme.to_string())
+                        .env("DSM_ADDS", ADDS.to_string())
+                        .stdin(Stdio::piped())
+                        .stdout(Stdio::piped())
+                        .spawn()
+                        .unwrap()
+                })
+                .collect();
+            // Each child's stdout is read to its end (a closed pipe would fail the child).
+            let readers: Vec<_> = kids
+                .iter_mut()
+                .map(|k| {
+                    let out = std::io::BufReader::new(k.stdout.take().unwrap());
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    std::thread::spawn(move || {
+                        for l in out.lines().map_while(Result::ok) {
+                            // libtest prints the test's name on the same line.
+                            if let Some((_, v)) = l.split_once("RESULT ") {
+                                let _ = tx.send(v.trim().parse::<u64>().unwrap());
+                            }
+                        }
+                    });
+                    rx
+                })
+                .collect();
+            let results: Vec<u64> = readers
+                .iter()
+                .map(|rx| rx.recv().expect("the node printed no result"))
+                .collect();
+            for k in &mut kids {
+                drop(k.stdin.take());
+            }
+            for k in &mut kids {
+                assert!(k.wait().unwrap().success(), "{scheme} N={n}: a node failed");
+            }
+            let want = 2 * ADDS * n as u64;
+            assert!(
+                results.iter().all(|&r| r == want),
+                "{scheme} N={n}: {results:?}, expected {want}"
+            );
+        }
+    }
+    done.store(true, SeqCst);
 }
