@@ -474,7 +474,7 @@ fn netns_counter() {
     for scheme in Scheme::ALL {
         for n in [2usize, 3] {
             let place = |i: usize| {
-                if i % 2 == 0 {
+                if i.is_multiple_of(2) {
                     (&ns.a, &ns.a_addr)
                 } else {
                     (&ns.b, &ns.b_addr)
