@@ -173,7 +173,10 @@ pub(crate) struct Shared {
     peers: Box<[OnceLock<mpsc::UnboundedSender<Bytes>>]>,
     alive: Box<[AtomicBool]>,
     pending: Mutex<HashMap<u64, (NodeId, oneshot::Sender<Msg>)>>,
-    confirms: Mutex<HashMap<u64, (u64, oneshot::Sender<()>)>>,
+    /// At a manager: the request each busy page waits for (req, requester).
+    confirms: Mutex<HashMap<u64, (u64, NodeId, oneshot::Sender<()>)>>,
+    /// The nodes known to be down (a bit each).
+    down: tokio::sync::watch::Sender<u64>,
     next_req: AtomicU64,
     rt: tokio::runtime::Handle,
     backing: Option<DynStore>,
@@ -287,8 +290,8 @@ impl Shared {
             }
             Msg::Confirm { req, page, .. } => {
                 let mut c = self.confirms.lock();
-                if c.get(&page).is_some_and(|(r, _)| *r == req) {
-                    let (_, tx) = c.remove(&page).expect("checked");
+                if c.get(&page).is_some_and(|(r, _, _)| *r == req) {
+                    let (_, _, tx) = c.remove(&page).expect("checked");
                     let _ = tx.send(());
                 }
             }
@@ -687,10 +690,11 @@ impl Shared {
             return self.refuse(from, req, page, ErrorCode::Lost, "its owner is down");
         }
         let (tx, rx) = oneshot::channel();
-        self.confirms.lock().insert(page, (req, tx));
+        self.confirms.lock().insert(page, (req, from, tx));
         if want == Want::Write {
             ms.owner.store(from, Relaxed);
         }
+        let mut down = self.down.subscribe();
         self.send(
             owner,
             Msg::Forward {
@@ -701,10 +705,80 @@ impl Shared {
                 hops: 1,
             },
         );
-        if tokio::time::timeout(self.deadline * 2, rx).await.is_err() {
-            self.confirms.lock().remove(&page);
-            tracing::warn!(page, from, "memsync-dsm: no CONFIRM before the deadline");
+        let owner_died = async {
+            loop {
+                if *down.borrow_and_update() & bit(owner) != 0 {
+                    return;
+                }
+                if down.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        let confirmed = tokio::time::timeout(self.deadline * 2, rx);
+        tokio::select! {
+            r = confirmed => if r.is_err() {
+                self.confirms.lock().remove(&page);
+                tracing::warn!(page, from, "memsync-dsm: no CONFIRM before the deadline");
+            },
+            () = owner_died => {
+                // The page went down with its owner before it was served.
+                self.confirms.lock().remove(&page);
+                ms.owner.store(owner, Relaxed);
+                self.owner_died(page).await;
+                let reloaded = ms.owner.load(Relaxed) == self.me;
+                if !reloaded {
+                    self.refuse(from, req, page, ErrorCode::Lost, "its owner went down");
+                } else {
+                    // Served again from the reloaded page.
+                    drop(_g);
+                    return Box::pin(self.clone().manage(want, req, page, from)).await;
+                }
+            }
         }
+    }
+
+    /// At the manager of `page`, whose owner went down: the page is lost, or, with a backing
+    /// store, owned by the manager again and reloaded from the store's last flushed state,
+    /// after every copy elsewhere is dropped (the copyset went down with the owner).
+    async fn owner_died(self: &Arc<Self>, page: u64) {
+        let ms = &self.mslots[page as usize];
+        let owner = ms.owner.load(Relaxed);
+        if owner == self.me || self.alive[usize::from(owner)].load(Relaxed) {
+            return;
+        }
+        if self.backing.is_none() {
+            self.slot(page).st.lock().lost = true;
+            return;
+        }
+        let _g = self.slot(page).op.lock().await;
+        let version = {
+            let mut st = self.slot(page).st.lock();
+            st.version += 1;
+            st.owner = true;
+            st.access = Access::Invalid;
+            st.copyset = 0;
+            st.stash = None;
+            st.prob = self.me;
+            st.prob_v = st.version;
+            st.version
+        };
+        let everyone = (0..self.nodes as NodeId)
+            .filter(|&n| n != self.me)
+            .fold(0, |a, n| a | bit(n));
+        self.invalidate_copies(page, everyone, version).await;
+        if let Some(region) = self.region() {
+            let off = page as usize * self.page;
+            let len = self.page;
+            let r2 = region.arc();
+            let _ = tokio::task::spawn_blocking(move || r2.invalidate(off, len)).await;
+        }
+        ms.owner.store(self.me, Relaxed);
+        tracing::warn!(
+            page,
+            owner,
+            "memsync-dsm: page reloaded from the backing store"
+        );
     }
 
     fn refuse(self: &Arc<Self>, to: NodeId, req: u64, page: u64, code: ErrorCode, why: &str) {
@@ -895,20 +969,43 @@ impl Shared {
             return;
         }
         tracing::warn!(node = n, "memsync-dsm: node is down");
+        self.down.send_modify(|d| *d |= bit(n));
         self.pending.lock().retain(|_, (to, _)| *to != n);
-        for (p, ms) in self.mslots.iter().enumerate() {
-            if self.mgr.manager_of(p as u64) == Some(self.me) && ms.owner.load(Relaxed) == n {
-                if self.backing.is_some() {
-                    // Reloaded from the backing store by the manager itself.
-                    ms.owner.store(self.me, Relaxed);
-                    let mut st = self.slots[p].st.lock();
-                    st.owner = true;
-                    st.stash = None;
-                } else {
-                    self.slots[p].st.lock().lost = true;
+        // A request of the dead node holds its page until confirmed: release it.
+        self.confirms.lock().retain(|_, (_, from, _)| *from != n);
+        let s = Arc::clone(self);
+        self.rt.spawn(async move {
+            for p in 0..s.mslots.len() as u64 {
+                if s.mgr.manager_of(p) == Some(s.me)
+                    && s.mslots[p as usize].owner.load(Relaxed) == n
+                {
+                    s.owner_died(p).await;
                 }
             }
+        });
+    }
+
+    /// Writes every page this node owns and has data for to the backing store, then flushes
+    /// it: the state a page owned by a node that goes down is reloaded from.
+    async fn flush(self: &Arc<Self>) -> Result<(), StoreError> {
+        let Some(b) = &self.backing else {
+            return Err(StoreError::Config("the region has no backing store".into()));
+        };
+        let Some(region) = self.region() else {
+            return Ok(());
+        };
+        for p in 0..self.pages {
+            let _g = self.slot(p).op.lock().await;
+            let has = {
+                let st = self.slot(p).st.lock();
+                st.owner && (st.access != Access::Invalid || st.stash.is_some())
+            };
+            if has {
+                let data = self.snapshot(&region, p).await?;
+                b.write(p * self.page as u64, data).await?;
+            }
         }
+        b.flush().await
     }
 }
 
@@ -1064,6 +1161,7 @@ impl Node {
             alive: (0..nodes).map(|_| AtomicBool::new(true)).collect(),
             pending: Mutex::new(HashMap::new()),
             confirms: Mutex::new(HashMap::new()),
+            down: tokio::sync::watch::channel(0).0,
             next_req: AtomicU64::new(1),
             rt: rt.handle().clone(),
             backing: cfg.backing.clone(),
@@ -1230,6 +1328,18 @@ impl Node {
     #[must_use]
     pub fn atomic_u64(&self, off: usize) -> &std::sync::atomic::AtomicU64 {
         self.region().atomic_u64(off)
+    }
+
+    /// Writes the pages this node owns to the backing store and flushes it: after this node
+    /// goes down, its pages are reloaded from what it flushed last.
+    ///
+    /// # Errors
+    ///
+    /// No backing store, or the store's error.
+    pub fn flush(&self) -> Result<(), DsmError> {
+        let rt = self.rt.as_ref().expect("runtime lives as long as the node");
+        rt.block_on(self.shared.flush())
+            .map_err(|e| DsmError::Io(io::Error::other(e.chain())))
     }
 
     /// Whether node `n` is up (as far as this node knows).

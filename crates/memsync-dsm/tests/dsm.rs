@@ -25,6 +25,10 @@ fn watchdog(what: &'static str, secs: u64) -> Arc<std::sync::atomic::AtomicBool>
 }
 
 fn cluster(n: usize, scheme: Scheme, size: u64) -> Vec<Node> {
+    cluster_with(n, scheme, size, |_| {})
+}
+
+fn cluster_with(n: usize, scheme: Scheme, size: u64, tweak: impl Fn(&mut DsmConfig)) -> Vec<Node> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -43,6 +47,7 @@ fn cluster(n: usize, scheme: Scheme, size: u64) -> Vec<Node> {
             let mut cfg = DsmConfig::new(i as u16, peers.clone(), scheme, size);
             cfg.connect_timeout = Duration::from_secs(20);
             cfg.fault_deadline = Duration::from_secs(20);
+            tweak(&mut cfg);
             std::thread::spawn(move || Node::start(cfg, l))
         })
         .collect();
@@ -535,4 +540,81 @@ fn netns_counter() {
         }
     }
     done.store(true, SeqCst);
+}
+
+/// Kill one node of three mid-run: the others keep incrementing a counter on a page they can
+/// reach (its final value is exactly their sum), and the pages whose only copy was on the dead
+/// node are reported lost by the API, or, with a backing store, reloaded from what the dead
+/// node flushed last.
+fn node_loss(scheme: Scheme, backing: bool) {
+    const ADDS: u64 = 1500;
+    let done = watchdog("node_loss", 120);
+    let size = 8 * 4096u64;
+    let store: Option<memsync_core::DynStore> =
+        backing.then(|| Arc::new(memsync_local::MemStore::new(size)) as _);
+    let mut nodes = cluster_with(3, scheme, size, |cfg| {
+        cfg.fault_deadline = Duration::from_secs(2);
+        cfg.backing = store.clone();
+    });
+    // Node 2 becomes the only holder of pages 3 and 4 (managed by nodes 0 and 1).
+    nodes[2].write(3 * 4096, &[0xab; 4096]).unwrap();
+    nodes[2].write(4 * 4096, &[0xab; 4096]).unwrap();
+    if backing {
+        nodes[2].flush().unwrap();
+        // Not flushed: lost with the node.
+        nodes[2].write(4 * 4096 + 100, &[0xcd; 8]).unwrap();
+    }
+    let mut copy = [0u8; 8];
+    nodes[2].read(0, &mut copy).unwrap();
+    let barrier = Barrier::new(3);
+    let dead = nodes.pop().unwrap();
+    std::thread::scope(|s| {
+        for node in &nodes {
+            let barrier = &barrier;
+            s.spawn(move || {
+                for k in 0..ADDS {
+                    if k == ADDS / 3 {
+                        barrier.wait();
+                    }
+                    node.atomic_u64(0).fetch_add(1, SeqCst);
+                    std::thread::yield_now();
+                }
+            });
+        }
+        barrier.wait();
+        drop(dead);
+    });
+    for node in &nodes {
+        while node.is_up(2) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(node.atomic_u64(0).load(SeqCst), 2 * ADDS, "{scheme}");
+        for page in [3usize, 4] {
+            let mut buf = vec![0u8; 4096];
+            let r = node.read(page * 4096, &mut buf);
+            if backing {
+                r.unwrap_or_else(|e| panic!("{scheme}: page {page} at node {}: {e}", node.id()));
+                assert!(buf.iter().all(|&b| b == 0xab), "{scheme}: page {page}");
+            } else {
+                let e = r.expect_err("a lost page must be an error");
+                assert!(e.to_string().contains("page"), "{e}");
+            }
+        }
+    }
+    drop(nodes);
+    done.store(true, SeqCst);
+}
+
+#[test]
+fn node_loss_reported() {
+    for scheme in [Scheme::Centralized, Scheme::Fixed] {
+        node_loss(scheme, false);
+    }
+}
+
+#[test]
+fn node_loss_reloaded_from_backing() {
+    for scheme in [Scheme::Centralized, Scheme::Fixed] {
+        node_loss(scheme, true);
+    }
 }
