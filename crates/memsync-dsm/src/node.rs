@@ -174,7 +174,7 @@ pub(crate) struct Shared {
     alive: Box<[AtomicBool]>,
     pending: Mutex<HashMap<u64, (NodeId, oneshot::Sender<Msg>)>>,
     /// At a manager: the request each busy page waits for (req, requester).
-    confirms: Mutex<HashMap<u64, (u64, NodeId, oneshot::Sender<()>)>>,
+    confirms: Mutex<HashMap<u64, Confirmation>>,
     /// The nodes known to be down (a bit each).
     down: tokio::sync::watch::Sender<u64>,
     next_req: AtomicU64,
@@ -195,6 +195,9 @@ impl fmt::Debug for Shared {
             .finish_non_exhaustive()
     }
 }
+
+/// What a manager's busy page waits for: the request and its requester.
+type Confirmation = (u64, NodeId, oneshot::Sender<()>);
 
 /// A reference to the region held by a task. The region's drop joins threads and drops
 /// runtimes, which must not happen on an async worker: if a task holds the last reference
@@ -732,7 +735,7 @@ impl Shared {
                 } else {
                     // Served again from the reloaded page.
                     drop(_g);
-                    return Box::pin(self.clone().manage(want, req, page, from)).await;
+                    Box::pin(self.clone().manage(want, req, page, from)).await;
                 }
             }
         }
