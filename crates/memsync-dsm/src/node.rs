@@ -227,6 +227,17 @@ impl Drop for RegionRef {
     }
 }
 
+/// A pause while a fill of the page settles: a fill takes microseconds, and a timer sleeps a
+/// millisecond at least, so yield first.
+async fn settle_pause(tries: &mut u32) {
+    *tries += 1;
+    if *tries < 100 {
+        tokio::task::yield_now().await;
+    } else {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 fn err(page: u64, reason: impl Into<String>) -> StoreError {
     StoreError::backend(format!("DSM page {page}: {}", reason.into()))
 }
@@ -539,6 +550,7 @@ impl Shared {
         self.stats.write_faults.fetch_add(1, Relaxed);
         let Some(region) = self.region() else { return };
         let off = page as usize * self.page;
+        let mut tries = 0u32;
         loop {
             let g = self.slot(page).op.lock().await;
             let (owner, access, copyset) = {
@@ -549,7 +561,7 @@ impl Shared {
                 let cs = region.chunk_state(page as usize);
                 if matches!(cs, ChunkState::Fetching | ChunkState::Dropping) {
                     drop(g);
-                    tokio::time::sleep(Duration::from_micros(20)).await;
+                    settle_pause(&mut tries).await;
                     continue;
                 }
                 if cs != ChunkState::Present {
@@ -806,6 +818,7 @@ impl Shared {
             return self.refuse(from, req, page, ErrorCode::Shutdown, "node shutting down");
         };
         let off = page as usize * self.page;
+        let mut tries = 0u32;
         let g = loop {
             let g = self.slot(page).op.lock().await;
             let (owner, prob) = {
@@ -842,7 +855,7 @@ impl Shared {
                 ChunkState::Fetching | ChunkState::Dropping
             ) {
                 drop(g);
-                tokio::time::sleep(Duration::from_micros(20)).await;
+                settle_pause(&mut tries).await;
                 continue;
             }
             break g;
@@ -964,14 +977,21 @@ impl Shared {
 
     /// Node `n` went down: fail what waits for it, and mark the pages whose only copy was
     /// there lost (or reload them from the backing store).
-    fn node_down(self: &Arc<Self>, n: NodeId) {
+    fn node_down(self: &Arc<Self>, n: NodeId, clean: bool) {
         if !self.alive[usize::from(n)].swap(false, Relaxed) {
             return;
         }
         if self.stopping.load(Relaxed) {
             return;
         }
-        tracing::warn!(node = n, "memsync-dsm: node is down");
+        if clean {
+            tracing::info!(node = n, "memsync-dsm: node left (its connection ended)");
+        } else {
+            tracing::warn!(
+                node = n,
+                "memsync-dsm: node is down (its connection failed)"
+            );
+        }
         self.down.send_modify(|d| *d |= bit(n));
         self.pending.lock().retain(|_, (to, _)| *to != n);
         // A request of the dead node holds its page until confirmed: release it.
@@ -1491,23 +1511,23 @@ fn start_peer(
     shared.rt.spawn(async move {
         if let Err(e) = net::writer(w, rx).await {
             tracing::debug!(node = n, error = %e, "memsync-dsm: connection write failed");
+            s.node_down(n, false);
         }
-        s.node_down(n);
     });
     let s = Arc::clone(shared);
     shared.rt.spawn(async move {
-        loop {
+        let clean = loop {
             match net::read_msg(&mut r, &s.stats.bytes_received).await {
                 Ok(Some(m)) => s.dispatch(n, m),
-                Ok(None) => break,
+                Ok(None) => break true,
                 Err(e) => {
                     if !s.stopping.load(Relaxed) {
                         tracing::warn!(node = n, error = %e, "memsync-dsm: connection failed");
                     }
-                    break;
+                    break false;
                 }
             }
-        }
-        s.node_down(n);
+        };
+        s.node_down(n, clean);
     });
 }

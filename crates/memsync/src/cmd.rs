@@ -354,6 +354,7 @@ pub fn bench(ctx: &Context, a: BenchArgs) -> Result<()> {
         "mount" => bench::mount::run(&mut b, ctx),
         "sync" => bench::sync::run(&mut b, ctx),
         "migrate" => bench::migrate::run(&mut b, ctx),
+        "dsm" => bench::dsm::run(&mut b),
         other => bail!("unknown suite {other:?}"),
     }
 }

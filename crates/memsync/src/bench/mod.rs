@@ -6,6 +6,7 @@
 //! one JSON object per line:
 //! `{"suite","case","subject","metric","value","unit","runs","min","max"}`.
 
+pub mod dsm;
 pub mod lazy;
 pub mod migrate;
 pub mod mount;
@@ -395,6 +396,10 @@ pub const SUITES: &[(&str, &str)] = &[
     (
         "migrate",
         "live migration of a 1 GiB store while a writer dirties random 4 KiB pages at 0/50/500 MB/s: pre-copy, post-copy, hybrid, also at 30 ms RTT through the delay proxy (downtime, total, bytes sent per region byte, passes, post-copy fault p50); the writer with and without write tracking; QEMU's published figures beside",
+    ),
+    (
+        "dsm",
+        "distributed shared memory, nodes over loopback TCP, per manager scheme: read/write fault p50/p99 (0/1/3 copies to invalidate), messages per fault, forwarding chain, ping-pong of one page, false sharing, Jacobi on 1/2/4 nodes vs one process",
     ),
     (
         "mount",
