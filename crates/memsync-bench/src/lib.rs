@@ -12,6 +12,7 @@
 //! one JSON object per line:
 //! `{"suite","case","subject","metric","value","unit","runs","min","max"}`.
 
+pub mod dsm;
 pub mod lazy;
 pub mod migrate;
 pub mod mount;
@@ -52,6 +53,7 @@ pub fn run(suite: &str, config: BenchConfig, env: &Env<'_>) -> Result<()> {
         "sync" => sync::run(&mut b, env),
         "migrate" => migrate::run(&mut b, env),
         "vmm" => vmm::run(&mut b, env),
+        "dsm" => dsm::run(&mut b),
         other => bail!("unknown suite {other:?}"),
     }
 }
@@ -436,6 +438,10 @@ pub const SUITES: &[(&str, &str)] = &[
     (
         "vmm",
         "VM snapshot restore: memsync's Firecracker UFFD handler vs a minimal handler of the upstream example's design (one UFFDIO_COPY per 4 KiB fault from the file in memory), same file, same run: time to first fault served, random 4 KiB fault p50/p99; memsync from an NBD export; time until the whole memory is resident with the background pull vs faults only",
+    ),
+    (
+        "dsm",
+        "distributed shared memory, nodes over loopback TCP, per manager scheme: read/write fault p50/p99 (0/1/3 copies to invalidate), messages per fault, forwarding chain, ping-pong of one page, false sharing, Jacobi on 1/2/4 nodes vs one process",
     ),
     (
         "mount",

@@ -349,6 +349,20 @@ impl LazyRegion {
         self.inner.engine.user_mode_only
     }
 
+    /// The 8-byte word at offset `off` as an atomic (read-modify-write
+    /// instructions through the fault path: a missing page faults and is
+    /// fetched, a write to a protected one goes to the write-protect hook).
+    ///
+    /// # Panics
+    ///
+    /// If `off` is not 8-byte aligned or out of bounds.
+    #[track_caller]
+    #[must_use]
+    pub fn atomic_u64(&self, off: usize) -> &std::sync::atomic::AtomicU64 {
+        self.check(off, 8);
+        self.inner.engine.map.atomic_u64(off)
+    }
+
     /// Whether a chunk the store fails to deliver is poisoned with
     /// `UFFDIO_POISON` (`false`: its range is replaced by a mapping that
     /// raises `SIGBUS`; see [`RegionConfig::use_poison`]).

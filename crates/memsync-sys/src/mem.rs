@@ -7,7 +7,7 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 
 use crate::util::{cvt, cvt_r};
 
@@ -443,6 +443,32 @@ impl Mapping {
                 i += 1;
             }
         }
+    }
+
+    /// The 8-byte word at offset `off` as an [`AtomicU64`], for atomic
+    /// read-modify-write instructions on the mapping (e.g. a counter shared
+    /// through a distributed region). An access may block on a missing or
+    /// write-protected page, or raise `SIGBUS`, as any access (see the
+    /// [memory model](Mapping#memory-model)).
+    ///
+    /// # Panics
+    ///
+    /// If `off` is not a multiple of 8 or `off..off + 8` is out of bounds.
+    #[track_caller]
+    #[must_use]
+    pub fn atomic_u64(&self, off: usize) -> &AtomicU64 {
+        self.check(off, 8);
+        assert!(
+            off.is_multiple_of(8),
+            "offset {off:#x} is not 8-byte aligned"
+        );
+        let p = self.as_ptr().wrapping_add(off);
+        // SAFETY: `p..p + 8` is in bounds (checked above) of this live
+        // read-write mapping, 8-byte aligned (the mapping is page aligned),
+        // and the reference borrows `self`, so it cannot outlive the
+        // mapping. Safe code only ever accesses the mapping atomically, so
+        // an atomic view of the word cannot race with a non-atomic access.
+        unsafe { AtomicU64::from_ptr(p.cast::<u64>()) }
     }
 
     /// Reads `len` bytes at offset `off` into a new vector; see

@@ -4,6 +4,7 @@
 mod out;
 mod cmd;
 mod context;
+mod dsm;
 mod map;
 mod migrate;
 mod mount;
@@ -94,6 +95,9 @@ enum Command {
     /// Cloud Hypervisor on-demand restore: send a snapshot's configuration and state and serve
     /// its memory from a store, page by page, as the VM faults.
     ChRestore(vmm::ChRestoreArgs),
+    /// One node of a distributed shared memory region (Ivy: coherent pages across hosts),
+    /// until SIGINT/SIGTERM.
+    Dsm(dsm::DsmArgs),
     /// List the store URL schemes this build supports.
     Stores,
     /// Read a store from start to end with the NBD bench's client pattern (32 reads of 2 MiB
@@ -135,6 +139,7 @@ fn main() -> ExitCode {
         Command::Migrate(a) => migrate::migrate(&ctx, a),
         Command::UffdHandler(a) => vmm::uffd_handler(&ctx, a),
         Command::ChRestore(a) => vmm::ch_restore(&ctx, a),
+        Command::Dsm(a) => dsm::dsm(&ctx, a),
         Command::Stores => cmd::stores(&ctx),
         Command::BenchNbdRead(a) => cmd::bench_nbd_read(&ctx, a),
     };

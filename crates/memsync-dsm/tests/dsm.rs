@@ -1,0 +1,620 @@
+//! N nodes as N regions in one process, over loopback TCP, for every manager scheme.
+
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use memsync_dsm::{DsmConfig, Node, Scheme};
+
+/// Aborts the process if a test hangs (a protocol deadlock must fail, not stall CI).
+fn watchdog(what: &'static str, secs: u64) -> Arc<std::sync::atomic::AtomicBool> {
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d = Arc::clone(&done);
+    std::thread::spawn(move || {
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < Duration::from_secs(secs) {
+            if d.load(SeqCst) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("{what}: no progress after {secs} s (deadlock?)");
+        std::process::abort();
+    });
+    done
+}
+
+fn cluster(n: usize, scheme: Scheme, size: u64) -> Vec<Node> {
+    cluster_with(n, scheme, size, |_| {})
+}
+
+fn cluster_with(n: usize, scheme: Scheme, size: u64, tweak: impl Fn(&mut DsmConfig)) -> Vec<Node> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let listeners: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let peers: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let mut cfg = DsmConfig::new(i as u16, peers.clone(), scheme, size);
+            cfg.connect_timeout = Duration::from_secs(20);
+            cfg.fault_deadline = Duration::from_secs(20);
+            tweak(&mut cfg);
+            std::thread::spawn(move || Node::start(cfg, l))
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().unwrap().unwrap())
+        .collect()
+}
+
+fn counter(n: usize, scheme: Scheme) {
+    const THREADS: usize = 2;
+    const ADDS: u64 = 2000;
+    let done = watchdog("counter", 120);
+    let nodes = cluster(n, scheme, 16 * 4096);
+    let barrier = Barrier::new(n * THREADS);
+    std::thread::scope(|s| {
+        for node in &nodes {
+            for t in 0..THREADS {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    barrier.wait();
+                    for _ in 0..ADDS {
+                        node.atomic_u64(0).fetch_add(1, SeqCst);
+                        // A second counter on another page, touched from another word.
+                        node.atomic_u64(4096 * 3 + 8 * t).fetch_add(2, SeqCst);
+                        // Interleave the nodes, so the pages move back and forth.
+                        std::thread::yield_now();
+                    }
+                });
+            }
+        }
+    });
+    let want = (n * THREADS) as u64 * ADDS;
+    for node in &nodes {
+        assert_eq!(
+            node.atomic_u64(0).load(SeqCst),
+            want,
+            "node {} {scheme}",
+            node.id()
+        );
+        let two: u64 = (0..THREADS)
+            .map(|t| node.atomic_u64(4096 * 3 + 8 * t).load(SeqCst))
+            .sum();
+        assert_eq!(two, 2 * want, "node {} {scheme}", node.id());
+    }
+    let writes: u64 = nodes
+        .iter()
+        .map(|n| n.stats().write_faults.load(SeqCst))
+        .sum();
+    eprintln!("{scheme} N={n}: {writes} write faults");
+    drop(nodes);
+    done.store(true, SeqCst);
+}
+
+#[test]
+fn counter_centralized() {
+    for n in [2, 3, 4] {
+        counter(n, Scheme::Centralized);
+    }
+}
+
+#[test]
+fn counter_fixed() {
+    for n in [2, 3, 4] {
+        counter(n, Scheme::Fixed);
+    }
+}
+
+#[test]
+fn counter_dynamic() {
+    for n in [2, 3, 4] {
+        counter(n, Scheme::Dynamic);
+    }
+}
+
+/// Random reads and writes of a few pages from every node: per page, the union of every
+/// thread's observation order (reads and its own writes) and each writer's program order must
+/// be acyclic (one order of writes that every reader agrees with), every value read must have
+/// been written, and at the end every node reads the same value.
+fn consistency(n: usize, scheme: Scheme) {
+    use rand::{Rng, SeedableRng};
+    const THREADS: usize = 2;
+    const OPS: usize = 1500;
+    const PAGES: usize = 4;
+    let done = watchdog("consistency", 120);
+    let nodes = cluster(n, scheme, 8 * 4096);
+    let barrier = Barrier::new(n * THREADS);
+    // Per thread, per page: the values it saw, in order.
+    let logs: Vec<Vec<Vec<u64>>> = std::thread::scope(|s| {
+        let hs: Vec<_> = nodes
+            .iter()
+            .flat_map(|node| (0..THREADS).map(move |t| (node, t)))
+            .map(|(node, t)| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    let me = u64::from(node.id()) * THREADS as u64 + t as u64 + 1;
+                    let mut rng = rand::rngs::SmallRng::seed_from_u64(me * 7919);
+                    let mut seq = 0u64;
+                    let mut log = vec![Vec::new(); PAGES];
+                    barrier.wait();
+                    for _ in 0..OPS {
+                        let p = rng.random_range(0..PAGES);
+                        // Word 8 of the page: not at its start.
+                        let w = node.atomic_u64(p * 4096 + 64);
+                        if rng.random_bool(0.3) {
+                            seq += 1;
+                            let v = (me << 32) | seq;
+                            w.store(v, SeqCst);
+                            log[p].push(v);
+                        } else {
+                            log[p].push(w.load(SeqCst));
+                        }
+                        if rng.random_bool(0.2) {
+                            std::thread::yield_now();
+                        }
+                    }
+                    log
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for p in 0..PAGES {
+        let mut edges: std::collections::HashMap<u64, std::collections::HashSet<u64>> =
+            std::collections::HashMap::new();
+        let mut written = std::collections::HashSet::from([0u64]);
+        for log in &logs {
+            for &v in &log[p] {
+                if v >> 32 != 0 {
+                    written.insert(v);
+                }
+            }
+        }
+        for log in &logs {
+            for w in log[p].windows(2) {
+                assert!(
+                    written.contains(&w[1]),
+                    "{scheme} N={n} page {p}: read {:#x}, never written",
+                    w[1]
+                );
+                if w[0] != w[1] {
+                    edges.entry(w[0]).or_default().insert(w[1]);
+                }
+            }
+        }
+        // Each writer's writes to this page, in its program order, after the initial zero.
+        let mut mine: Vec<u64> = written.iter().copied().filter(|&v| v != 0).collect();
+        mine.sort_unstable();
+        for w in mine.windows(2) {
+            if w[0] >> 32 == w[1] >> 32 {
+                edges.entry(w[0]).or_default().insert(w[1]);
+            }
+        }
+        for &v in &mine {
+            edges.entry(0).or_default().insert(v);
+        }
+        for (ti, log) in logs.iter().enumerate() {
+            let mut last: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+            for (k, &v) in log[p].iter().enumerate() {
+                let (w, q) = (v >> 32, v & 0xffff_ffff);
+                if let Some(&prev) = last.get(&w) {
+                    assert!(
+                        q >= prev,
+                        "{scheme} N={n} page {p}: thread {ti} saw writer {w}'s write {q} after {prev} (op {k}): {:x?}",
+                        &log[p][k.saturating_sub(6)..(k + 2).min(log[p].len())]
+                    );
+                }
+                last.insert(w, q);
+            }
+        }
+        // Kahn: every value must come out, or the orders disagree (a cycle).
+        let mut indeg: std::collections::HashMap<u64, usize> =
+            written.iter().map(|&v| (v, 0)).collect();
+        for tos in edges.values() {
+            for t in tos {
+                *indeg.entry(*t).or_default() += 1;
+            }
+        }
+        let mut ready: Vec<u64> = indeg
+            .iter()
+            .filter(|(_, d)| **d == 0)
+            .map(|(v, _)| *v)
+            .collect();
+        let mut seen = 0;
+        while let Some(v) = ready.pop() {
+            seen += 1;
+            for t in edges.get(&v).into_iter().flatten() {
+                let d = indeg.get_mut(t).unwrap();
+                *d -= 1;
+                if *d == 0 {
+                    ready.push(*t);
+                }
+            }
+        }
+        if seen != indeg.len() {
+            // Show one offending pair: a thread that saw b after a while another saw a after b.
+            for (ti, log) in logs.iter().enumerate() {
+                for w in log[p].windows(2) {
+                    if w[0] == w[1] {
+                        continue;
+                    }
+                    for (tj, log2) in logs.iter().enumerate() {
+                        for w2 in log2[p].windows(2) {
+                            if w2[0] == w[1] && w2[1] == w[0] {
+                                eprintln!(
+                                    "thread {ti}: {:x} -> {:x}; thread {tj}: {:x} -> {:x}",
+                                    w[0], w[1], w2[0], w2[1]
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            eprintln!(
+                "left over: {:x?}",
+                indeg
+                    .iter()
+                    .filter(|(_, d)| **d > 0)
+                    .take(10)
+                    .collect::<Vec<_>>()
+            );
+        }
+        assert_eq!(
+            seen,
+            indeg.len(),
+            "{scheme} N={n} page {p}: the nodes saw the writes in different orders"
+        );
+        let finals: Vec<u64> = nodes
+            .iter()
+            .map(|node| node.atomic_u64(p * 4096 + 64).load(SeqCst))
+            .collect();
+        assert!(
+            finals.iter().all(|&v| v == finals[0]),
+            "{scheme} N={n} page {p}: final values differ: {finals:x?}"
+        );
+    }
+    drop(nodes);
+    done.store(true, SeqCst);
+}
+
+#[test]
+fn consistency_centralized() {
+    for n in [2, 3, 4] {
+        consistency(n, Scheme::Centralized);
+    }
+}
+
+#[test]
+fn consistency_fixed() {
+    for n in [2, 3, 4] {
+        consistency(n, Scheme::Fixed);
+    }
+}
+
+#[test]
+fn consistency_dynamic() {
+    for n in [2, 3, 4] {
+        consistency(n, Scheme::Dynamic);
+    }
+}
+
+const GRID: usize = 64;
+const ITERS: usize = 12;
+
+fn jacobi_step(src: &[f64], dst: &mut [f64], rows: std::ops::Range<usize>) {
+    for i in rows {
+        for j in 1..GRID - 1 {
+            dst[i * GRID + j] = 0.25
+                * (src[(i - 1) * GRID + j]
+                    + src[(i + 1) * GRID + j]
+                    + src[i * GRID + j - 1]
+                    + src[i * GRID + j + 1]);
+        }
+    }
+}
+
+fn jacobi_init() -> Vec<f64> {
+    let mut g = vec![0.0; GRID * GRID];
+    for j in 0..GRID {
+        g[j] = 100.0 + j as f64;
+        g[(GRID - 1) * GRID + j] = -50.0;
+    }
+    for i in 0..GRID {
+        g[i * GRID] = (i as f64).sin() * 10.0;
+        g[i * GRID + GRID - 1] = 7.0;
+    }
+    g
+}
+
+fn to_bytes(v: &[f64]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_ne_bytes()).collect()
+}
+
+fn from_bytes(b: &[u8]) -> Vec<f64> {
+    b.chunks_exact(8)
+        .map(|c| f64::from_ne_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// Jacobi iterations on a grid in the shared region, rows split across the nodes, a barrier
+/// (an atomic counter in the region) between iterations: the result is bit for bit one
+/// node's.
+fn jacobi(n: usize, scheme: Scheme) {
+    let done = watchdog("jacobi", 120);
+    let grid_bytes = GRID * GRID * 8;
+    // Two grids, then one page for the barrier counter.
+    let size = (2 * grid_bytes + 4096) as u64;
+    let nodes = cluster(n, scheme, size);
+    let bar = 2 * grid_bytes;
+    let init = jacobi_init();
+    nodes[0].write(0, &to_bytes(&init)).unwrap();
+    nodes[0].write(grid_bytes, &to_bytes(&init)).unwrap();
+    let interior = GRID - 2;
+    std::thread::scope(|s| {
+        for (k, node) in nodes.iter().enumerate() {
+            s.spawn(move || {
+                let rows = 1 + k * interior / n..1 + (k + 1) * interior / n;
+                for it in 0..ITERS {
+                    let (src, dst) = if it % 2 == 0 {
+                        (0, grid_bytes)
+                    } else {
+                        (grid_bytes, 0)
+                    };
+                    let mut a = vec![0u8; grid_bytes];
+                    node.read(src, &mut a).unwrap();
+                    let a = from_bytes(&a);
+                    let mut b = vec![0u8; grid_bytes];
+                    node.read(dst, &mut b).unwrap();
+                    let mut b = from_bytes(&b);
+                    jacobi_step(&a, &mut b, rows.clone());
+                    let row0 = rows.start * GRID;
+                    let row1 = rows.end * GRID;
+                    node.write(dst + row0 * 8, &to_bytes(&b[row0..row1]))
+                        .unwrap();
+                    node.atomic_u64(bar).fetch_add(1, SeqCst);
+                    let target = (n * (it + 1)) as u64;
+                    while node.atomic_u64(bar).load(SeqCst) < target {
+                        std::thread::sleep(Duration::from_micros(50));
+                    }
+                }
+            });
+        }
+    });
+    let mut a = init.clone();
+    let mut b = init;
+    for it in 0..ITERS {
+        if it % 2 == 0 {
+            jacobi_step(&a, &mut b, 1..GRID - 1);
+        } else {
+            jacobi_step(&b, &mut a, 1..GRID - 1);
+        }
+    }
+    let want = if ITERS.is_multiple_of(2) { &a } else { &b };
+    let at = if ITERS.is_multiple_of(2) {
+        0
+    } else {
+        grid_bytes
+    };
+    for node in &nodes {
+        let mut got = vec![0u8; grid_bytes];
+        node.read(at, &mut got).unwrap();
+        assert!(
+            from_bytes(&got) == *want,
+            "{scheme} N={n}: node {} differs from the one-node result",
+            node.id()
+        );
+    }
+    drop(nodes);
+    done.store(true, SeqCst);
+}
+
+#[test]
+fn jacobi_all_schemes() {
+    for scheme in Scheme::ALL {
+        for n in [2, 3, 4] {
+            jacobi(n, scheme);
+        }
+    }
+}
+
+/// The node of [`netns_counter`], run as a child process in a namespace: increments the
+/// counter, waits until every node's increments are in, prints the value, and keeps serving
+/// until its stdin closes (the parent closes it once every node has printed).
+#[test]
+fn child_node() {
+    if !memsync_testkit::child::is_child("DSM_CHILD", "node") {
+        return;
+    }
+    let var = |k: &str| std::env::var(k).unwrap();
+    let id: u16 = var("DSM_ID").parse().unwrap();
+    let peers: Vec<String> = var("DSM_PEERS").split(',').map(str::to_owned).collect();
+    let scheme: Scheme = var("DSM_SCHEME").parse().unwrap();
+    let adds: u64 = var("DSM_ADDS").parse().unwrap();
+    let n = peers.len() as u64;
+    let mut cfg = DsmConfig::new(id, peers, scheme, 4 * 4096);
+    cfg.connect_timeout = Duration::from_secs(30);
+    let node = Node::bind_and_start(cfg).unwrap();
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                for _ in 0..adds {
+                    node.atomic_u64(0).fetch_add(1, SeqCst);
+                    std::thread::yield_now();
+                }
+            });
+        }
+    });
+    while node.atomic_u64(0).load(SeqCst) < 2 * adds * n {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    println!("RESULT {}", node.atomic_u64(0).load(SeqCst));
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut rest);
+    drop(node);
+}
+
+/// N nodes as N processes in two network namespaces (joined by a veth pair; nodes alternate
+/// between them), for each scheme: the counter ends at exactly the sum.
+#[test]
+fn netns_counter() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let Some(ns) = memsync_testkit::netns::Netns::create("netns_counter", 16) else {
+        return;
+    };
+    let done = watchdog("netns_counter", 180);
+    let exe = std::env::current_exe().unwrap();
+    const ADDS: u64 = 500;
+    for scheme in Scheme::ALL {
+        for n in [2usize, 3] {
+            let place = |i: usize| {
+                if i.is_multiple_of(2) {
+                    (&ns.a, &ns.a_addr)
+                } else {
+                    (&ns.b, &ns.b_addr)
+                }
+            };
+            let peers: Vec<String> = (0..n)
+                .map(|i| format!("{}:{}", place(i).1, 17000 + i))
+                .collect();
+            let mut kids: Vec<_> = (0..n)
+                .map(|i| {
+                    Command::new("ip")
+                        .args(["netns", "exec", place(i).0])
+                        .arg(&exe)
+                        .args(["--exact", "child_node", "--nocapture", "--test-threads=1"])
+                        .env("DSM_CHILD", "node")
+                        .env("DSM_ID", i.to_string())
+                        .env("DSM_PEERS", peers.join(","))
+                        .env("DSM_SCHEME", scheme.to_string())
+                        .env("DSM_ADDS", ADDS.to_string())
+                        .stdin(Stdio::piped())
+                        .stdout(Stdio::piped())
+                        .spawn()
+                        .unwrap()
+                })
+                .collect();
+            // Each child's stdout is read to its end (a closed pipe would fail the child).
+            let readers: Vec<_> = kids
+                .iter_mut()
+                .map(|k| {
+                    let out = std::io::BufReader::new(k.stdout.take().unwrap());
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    std::thread::spawn(move || {
+                        for l in out.lines().map_while(Result::ok) {
+                            // libtest prints the test's name on the same line.
+                            if let Some((_, v)) = l.split_once("RESULT ") {
+                                let _ = tx.send(v.trim().parse::<u64>().unwrap());
+                            }
+                        }
+                    });
+                    rx
+                })
+                .collect();
+            let results: Vec<u64> = readers
+                .iter()
+                .map(|rx| rx.recv().expect("the node printed no result"))
+                .collect();
+            for k in &mut kids {
+                drop(k.stdin.take());
+            }
+            for k in &mut kids {
+                assert!(k.wait().unwrap().success(), "{scheme} N={n}: a node failed");
+            }
+            let want = 2 * ADDS * n as u64;
+            assert!(
+                results.iter().all(|&r| r == want),
+                "{scheme} N={n}: {results:?}, expected {want}"
+            );
+        }
+    }
+    done.store(true, SeqCst);
+}
+
+/// Kill one node of three mid-run: the others keep incrementing a counter on a page they can
+/// reach (its final value is exactly their sum), and the pages whose only copy was on the dead
+/// node are reported lost by the API, or, with a backing store, reloaded from what the dead
+/// node flushed last.
+fn node_loss(scheme: Scheme, backing: bool) {
+    const ADDS: u64 = 1500;
+    let done = watchdog("node_loss", 120);
+    let size = 8 * 4096u64;
+    let store: Option<memsync_core::DynStore> =
+        backing.then(|| Arc::new(memsync_local::MemStore::new(size)) as _);
+    let mut nodes = cluster_with(3, scheme, size, |cfg| {
+        cfg.fault_deadline = Duration::from_secs(2);
+        cfg.backing = store.clone();
+    });
+    // Node 2 becomes the only holder of pages 3 and 4 (managed by nodes 0 and 1).
+    nodes[2].write(3 * 4096, &[0xab; 4096]).unwrap();
+    nodes[2].write(4 * 4096, &[0xab; 4096]).unwrap();
+    if backing {
+        nodes[2].flush().unwrap();
+        // Not flushed: lost with the node.
+        nodes[2].write(4 * 4096 + 100, &[0xcd; 8]).unwrap();
+    }
+    let mut copy = [0u8; 8];
+    nodes[2].read(0, &mut copy).unwrap();
+    let barrier = Barrier::new(3);
+    let dead = nodes.pop().unwrap();
+    std::thread::scope(|s| {
+        for node in &nodes {
+            let barrier = &barrier;
+            s.spawn(move || {
+                for k in 0..ADDS {
+                    if k == ADDS / 3 {
+                        barrier.wait();
+                    }
+                    node.atomic_u64(0).fetch_add(1, SeqCst);
+                    std::thread::yield_now();
+                }
+            });
+        }
+        barrier.wait();
+        drop(dead);
+    });
+    for node in &nodes {
+        while node.is_up(2) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(node.atomic_u64(0).load(SeqCst), 2 * ADDS, "{scheme}");
+        for page in [3usize, 4] {
+            let mut buf = vec![0u8; 4096];
+            let r = node.read(page * 4096, &mut buf);
+            if backing {
+                r.unwrap_or_else(|e| panic!("{scheme}: page {page} at node {}: {e}", node.id()));
+                assert!(buf.iter().all(|&b| b == 0xab), "{scheme}: page {page}");
+            } else {
+                let e = r.expect_err("a lost page must be an error");
+                assert!(e.to_string().contains("page"), "{e}");
+            }
+        }
+    }
+    drop(nodes);
+    done.store(true, SeqCst);
+}
+
+#[test]
+fn node_loss_reported() {
+    for scheme in [Scheme::Centralized, Scheme::Fixed] {
+        node_loss(scheme, false);
+    }
+}
+
+#[test]
+fn node_loss_reloaded_from_backing() {
+    for scheme in [Scheme::Centralized, Scheme::Fixed] {
+        node_loss(scheme, true);
+    }
+}
