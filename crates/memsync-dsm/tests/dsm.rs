@@ -618,3 +618,75 @@ fn node_loss_reloaded_from_backing() {
         node_loss(scheme, true);
     }
 }
+
+fn make_certs(dir: &std::path::Path, name: &str, tag: &str) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec![name.to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca_cert, &ca_key)
+        .unwrap();
+    std::fs::write(dir.join(format!("ca{tag}.pem")), ca_cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("cert{tag}.pem")), cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("key{tag}.pem")), key.serialize_pem()).unwrap();
+}
+
+/// Nodes over TLS keep the counter exact; a node whose certificate another CA signed is not
+/// let in (the cluster does not start).
+#[test]
+fn tls_between_nodes() {
+    let done = watchdog("tls", 120);
+    let dir = memsync_testkit::child::TempDir::new("dsm-tls");
+    let d = dir.0.clone();
+    make_certs(&d, "dsm.test", "");
+    make_certs(&d, "dsm.test", "-other");
+    let tls = |tag: &str| {
+        memsync_dsm::DsmTls::from_files(
+            &d.join(format!("cert{tag}.pem")),
+            &d.join(format!("key{tag}.pem")),
+            &d.join(format!("ca{tag}.pem")),
+            "dsm.test",
+        )
+        .unwrap()
+    };
+    let nodes = cluster_with(2, Scheme::Fixed, 4 * 4096, |cfg| cfg.tls = Some(tls("")));
+    std::thread::scope(|s| {
+        for node in &nodes {
+            s.spawn(move || {
+                for _ in 0..500 {
+                    node.atomic_u64(8).fetch_add(1, SeqCst);
+                    std::thread::yield_now();
+                }
+            });
+        }
+    });
+    for node in &nodes {
+        assert_eq!(node.atomic_u64(8).load(SeqCst), 1000);
+    }
+    drop(nodes);
+    // Node 1 trusts another CA: its handshake with node 0 fails.
+    let listeners: Vec<_> = (0..2)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let peers: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    let hs: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let mut cfg = DsmConfig::new(i as u16, peers.clone(), Scheme::Fixed, 4 * 4096);
+            cfg.connect_timeout = Duration::from_secs(3);
+            cfg.tls = Some(tls(if i == 0 { "" } else { "-other" }));
+            std::thread::spawn(move || Node::start(cfg, l))
+        })
+        .collect();
+    let started: Vec<bool> = hs.into_iter().map(|h| h.join().unwrap().is_ok()).collect();
+    assert_eq!(started, [false, false], "nodes of different CAs connected");
+    done.store(true, SeqCst);
+}

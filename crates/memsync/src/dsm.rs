@@ -50,7 +50,8 @@ pub struct DsmArgs {
     #[arg(long, default_value = "localhost")]
     pub tls_name: String,
     /// Demo workload: add 1 to the shared counter at offset 0 this many times (atomic
-    /// instructions), print what this node then reads, and keep serving.
+    /// instructions), wait until every node has (N times this many), print the counter, and
+    /// keep serving.
     #[arg(long, value_name = "N")]
     pub counter: Option<u64>,
 }
@@ -84,10 +85,16 @@ pub fn dsm(ctx: &Context, a: DsmArgs) -> Result<()> {
         node.page_size()
     );
     if let Some(n) = a.counter {
+        let c = node.atomic_u64(0);
         for _ in 0..n {
-            node.atomic_u64(0).fetch_add(1, SeqCst);
+            c.fetch_add(1, SeqCst);
         }
-        println!("counter {}", node.atomic_u64(0).load(SeqCst));
+        // Every node adds as many: wait for the others, then show the sum.
+        let total = n * node.nodes() as u64;
+        while c.load(SeqCst) < total {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        println!("counter {}", c.load(SeqCst));
     }
     let flush_every = a.flush_every.map(std::time::Duration::from_secs);
     ctx.rt.block_on(async {

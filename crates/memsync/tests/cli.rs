@@ -1815,3 +1815,51 @@ fn migrate_postcopy_to_an_nbd_export() {
     assert!(st.success(), "destination: {st}");
     assert_same("destination file", &std::fs::read(&dst).unwrap(), &want);
 }
+
+/// `memsync dsm`: two nodes add to one counter in the shared region; both print the exact sum,
+/// and both stop cleanly on SIGTERM.
+#[test]
+fn dsm_two_nodes_count_exactly() {
+    use std::io::BufRead;
+    let ports: Vec<u16> = (0..2)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        })
+        .collect();
+    let peers = format!("127.0.0.1:{},127.0.0.1:{}", ports[0], ports[1]);
+    let mut kids: Vec<_> = (0..2)
+        .map(|i| {
+            Command::new(env!("CARGO_BIN_EXE_memsync"))
+                .args(["dsm", "--id", &i.to_string(), "--peers", &peers])
+                .args(["--manager", "fixed", "--size", "64K", "--counter", "1000"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for k in &mut kids {
+        let out = std::io::BufReader::new(k.stdout.take().unwrap());
+        let line = out
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.starts_with("counter "))
+            .expect("no counter line");
+        assert_eq!(line, "counter 2000");
+    }
+    for k in &mut kids {
+        let st = Command::new("kill")
+            .args(["-TERM", &k.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    for k in &mut kids {
+        let st = k.wait().unwrap();
+        assert!(st.success(), "{st:?}");
+    }
+}
