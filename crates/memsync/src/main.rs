@@ -2,8 +2,8 @@
 
 #[macro_use]
 mod out;
-mod bench;
 mod cmd;
+mod context;
 mod map;
 mod migrate;
 mod mount;
@@ -100,7 +100,7 @@ enum Command {
     /// in flight), discarding the bytes: the `nbd` bench times it as a whole command beside
     /// nbdcopy's `null:` sink.
     #[command(hide = true)]
-    BenchNbdRead(bench::nbd::ReadArgs),
+    BenchNbdRead(cmd::ReadArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -120,7 +120,7 @@ fn init_logging(verbose: u8) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
-    let ctx = cmd::Context::new(cli.metrics.clone());
+    let ctx = context::Context::new(cli.metrics.clone());
     let result = match cli.command {
         Command::Demo(a) => cmd::demo(&ctx, a),
         Command::Info(a) => cmd::info(&ctx, a),
@@ -136,7 +136,7 @@ fn main() -> ExitCode {
         Command::UffdHandler(a) => vmm::uffd_handler(&ctx, a),
         Command::ChRestore(a) => vmm::ch_restore(&ctx, a),
         Command::Stores => cmd::stores(&ctx),
-        Command::BenchNbdRead(a) => bench::nbd::read_to_nowhere(&ctx, a),
+        Command::BenchNbdRead(a) => cmd::bench_nbd_read(&ctx, a),
     };
     let result = result.and_then(|()| ctx.write_metrics());
     match result {

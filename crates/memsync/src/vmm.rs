@@ -8,13 +8,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context as _, Result};
 use clap::Args;
-use memsync_cache::CacheConfig;
+use memsync_cache::{CacheConfig, open_cache};
 use memsync_core::DynStore;
 use memsync_core::size::parse_size;
 use memsync_vmm::{ch, firecracker};
 
-use crate::cmd::Context;
-use crate::mount::{ReinitArgs, cache_chunk, cache_state, close_cache, open_cache};
+use crate::context::Context;
+use crate::mount::{ReinitArgs, cache_chunk, cache_state, close_cache};
 
 #[derive(Debug, Args)]
 pub struct UffdHandlerArgs {

@@ -20,8 +20,8 @@ use memsync_migrate::{
 use memsync_sync::{NoProgress, Tracked};
 use rand::{Rng, RngCore, SeedableRng};
 
-use super::{Bench, Subject};
-use crate::cmd::Context;
+use crate::Env;
+use crate::{Bench, Subject};
 
 const PAGE: u64 = 4096;
 
@@ -181,11 +181,11 @@ async fn one(src: &DynStore, mode: Mode, rate: u64, rtt: Option<Duration>) -> Re
     })
 }
 
-pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
+pub fn run(b: &mut Bench, env: &Env<'_>) -> Result<()> {
     let size: u64 = if b.config.quick { 64 << 20 } else { 1 << 30 };
     let runs = b.config.runs();
     let src: DynStore = Arc::new(MemStore::new(size));
-    ctx.rt.block_on(async {
+    env.rt.block_on(async {
         // Random contents with a hole of 1/8: zero chunks are not sent.
         let mut rng = rand::rngs::SmallRng::seed_from_u64(1);
         let mut buf = vec![0u8; 8 << 20];
@@ -215,7 +215,7 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
     for (case, mode, rate, rtt) in cases {
         let mut o: Vec<Outcome> = Vec::new();
         for _ in 0..runs {
-            o.push(ctx.rt.block_on(one(&src, mode, rate * 1_000_000, rtt))?);
+            o.push(env.rt.block_on(one(&src, mode, rate * 1_000_000, rtt))?);
         }
         let col = |f: fn(&Outcome) -> f64| o.iter().map(f).collect::<Vec<f64>>();
         b.record(&case, "memsync", "downtime", "ms", &col(|x| x.downtime_ms));
@@ -256,7 +256,7 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
 
     // What tracking costs the writer: random 4 KiB writes as fast as it goes, for 200 ms.
     let bytes_in = |store: DynStore| -> Result<f64> {
-        ctx.rt.block_on(async {
+        env.rt.block_on(async {
             let mut rng = rand::rngs::SmallRng::seed_from_u64(4);
             let page = Bytes::from(vec![1u8; PAGE as usize]);
             let pages = store.size() / PAGE;

@@ -26,8 +26,7 @@ use memsync_vmm::firecracker::{self, HandlerConfig};
 use rand::seq::SliceRandom;
 use rand::{RngCore, SeedableRng};
 
-use super::{Bench, Proc, Subject, free_port, median, wait_tcp};
-use crate::cmd::Context;
+use crate::{Bench, Env, Proc, Subject, free_port, median, wait_tcp};
 
 const PAGE: usize = 4096;
 
@@ -76,7 +75,7 @@ fn touch(map: &Mapping, t0: Instant, pages: &[usize]) -> Vec<f64> {
     vec![first, median(&lat), p99]
 }
 
-fn memsync_run(ctx: &Context, store: &DynStore, size: usize, pages: &[usize]) -> Result<Vec<f64>> {
+fn memsync_run(env: &Env<'_>, store: &DynStore, size: usize, pages: &[usize]) -> Result<Vec<f64>> {
     let t0 = Instant::now();
     let (map, _uffd, _a, b) = vmm(size)?;
     let hs = firecracker::receive_handshake(&b, Duration::from_secs(5))?;
@@ -86,7 +85,7 @@ fn memsync_run(ctx: &Context, store: &DynStore, size: usize, pages: &[usize]) ->
         HandlerConfig {
             chunk_size: PAGE,
             pull: false,
-            runtime: Some(ctx.rt.handle().clone()),
+            runtime: Some(env.rt.handle().clone()),
             ..HandlerConfig::default()
         },
     )?;
@@ -144,7 +143,7 @@ fn minimal_run(file: &Arc<Vec<u8>>, size: usize, pages: &[usize]) -> Result<Vec<
 
 /// ms until every page is resident: with the pull (one touch, then wait), or by touching
 /// every page in order.
-fn resident_run(ctx: &Context, store: &DynStore, size: usize, pull: bool) -> Result<f64> {
+fn resident_run(env: &Env<'_>, store: &DynStore, size: usize, pull: bool) -> Result<f64> {
     let t0 = Instant::now();
     let (map, _uffd, _a, b) = vmm(size)?;
     let hs = firecracker::receive_handshake(&b, Duration::from_secs(5))?;
@@ -153,7 +152,7 @@ fn resident_run(ctx: &Context, store: &DynStore, size: usize, pull: bool) -> Res
         store.clone(),
         HandlerConfig {
             pull,
-            runtime: Some(ctx.rt.handle().clone()),
+            runtime: Some(env.rt.handle().clone()),
             ..HandlerConfig::default()
         },
     )?;
@@ -173,7 +172,7 @@ fn resident_run(ctx: &Context, store: &DynStore, size: usize, pull: bool) -> Res
     Ok(t0.elapsed().as_secs_f64() * 1e3)
 }
 
-pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
+pub fn run(b: &mut Bench, env: &Env<'_>) -> Result<()> {
     let size: usize = if b.config.quick { 64 << 20 } else { 256 << 20 };
     let n = if b.config.quick { 500 } else { 2000 };
     let dir = tempfile::Builder::new()
@@ -188,7 +187,7 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
     pages.shuffle(&mut rand::rngs::SmallRng::seed_from_u64(5));
     pages.truncate(n);
     let file_url = format!("file:{}", path.display());
-    let file = ctx.open(&file_url)?;
+    let file = env.rt.block_on(env.registry.open(&file_url))?;
     let metrics = [
         ("first-fault", "us"),
         ("fault-p50", "us"),
@@ -198,7 +197,7 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
         "fault-4k-file",
         &metrics,
         vec![
-            Subject::multi("memsync", || memsync_run(ctx, &file, size, &pages)),
+            Subject::multi("memsync", || memsync_run(env, &file, size, &pages)),
             Subject::multi("minimal-copy", || minimal_run(&data, size, &pages)),
         ],
     )?;
@@ -209,7 +208,7 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
     // A remote store: memsync serving the file over NBD on loopback TCP.
     let port = free_port()?;
     let _srv = Proc(
-        Command::new(std::env::current_exe()?)
+        Command::new(&env.exe)
             .args([
                 "serve",
                 &file_url,
@@ -220,20 +219,22 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
             .spawn()?,
     );
     wait_tcp(port)?;
-    let nbd = ctx.open(&format!("nbd://127.0.0.1:{port}/"))?;
+    let nbd = env
+        .rt
+        .block_on(env.registry.open(&format!("nbd://127.0.0.1:{port}/")))?;
     b.compare(
         "fault-4k-nbd",
         &metrics,
         vec![Subject::multi("memsync-nbd", || {
-            memsync_run(ctx, &nbd, size, &pages)
+            memsync_run(env, &nbd, size, &pages)
         })],
     )?;
 
     b.pair(
         "resident",
         ("resident", "ms"),
-        Subject::new("pull", || resident_run(ctx, &file, size, true)),
-        Subject::new("fault-only", || resident_run(ctx, &file, size, false)),
+        Subject::new("pull", || resident_run(env, &file, size, true)),
+        Subject::new("fault-only", || resident_run(env, &file, size, false)),
     )?;
     Ok(())
 }
