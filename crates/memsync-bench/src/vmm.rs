@@ -108,24 +108,29 @@ fn minimal_run(file: &Arc<Vec<u8>>, size: usize, pages: &[usize]) -> Result<Vec<
     std::thread::scope(|s| {
         let (file, stop, uffd) = (file, &stop, &uffd);
         s.spawn(move || {
+            // Faults read while an install waited for a pending event, served next.
+            let mut pending = std::collections::VecDeque::new();
             while !stop.load(Ordering::Acquire) {
-                let Ok(Some(ev)) = uffd.next_event(Some(Duration::from_millis(10))) else {
-                    continue;
+                let page = match pending.pop_front() {
+                    Some(p) => p,
+                    None => match uffd.next_event(Some(Duration::from_millis(10))) {
+                        Ok(Some(Event::PageFault { addr, .. })) => addr & !(PAGE - 1),
+                        _ => continue,
+                    },
                 };
-                if let Event::PageFault { addr, .. } = ev {
-                    let page = addr & !(PAGE - 1);
-                    let off = page - base;
-                    loop {
-                        match uffd.copy(page, &file[off..off + PAGE], CopyMode::empty()) {
-                            Ok(Install::Exists) => {
-                                let _ = uffd.wake(page, PAGE);
-                                break;
-                            }
-                            Ok(Install::Again { .. }) => {
-                                let _ = uffd.read_event();
-                            }
-                            _ => break,
+                let off = page - base;
+                loop {
+                    match uffd.copy(page, &file[off..off + PAGE], CopyMode::empty()) {
+                        Ok(Install::Exists) => {
+                            let _ = uffd.wake(page, PAGE);
+                            break;
                         }
+                        Ok(Install::Again { .. }) => {
+                            if let Ok(Some(Event::PageFault { addr, .. })) = uffd.read_event() {
+                                pending.push_back(addr & !(PAGE - 1));
+                            }
+                        }
+                        _ => break,
                     }
                 }
             }
