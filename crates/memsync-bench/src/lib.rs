@@ -20,6 +20,9 @@ pub mod store;
 pub mod stores;
 pub mod sync;
 
+/// The TCP delay proxy the suites put between peers; `memsync proxy` runs it on its own.
+pub use memsync_testkit::proxy;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
