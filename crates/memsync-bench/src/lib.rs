@@ -19,6 +19,7 @@ pub mod nbd;
 pub mod store;
 pub mod stores;
 pub mod sync;
+pub mod vmm;
 
 /// The TCP delay proxy the suites put between peers; `memsync proxy` runs it on its own.
 pub use memsync_testkit::proxy;
@@ -53,6 +54,7 @@ pub fn run(suite: &str, config: BenchConfig, env: &Env<'_>) -> Result<()> {
         "mount" => mount::run(&mut b, env),
         "sync" => sync::run(&mut b, env),
         "migrate" => migrate::run(&mut b, env),
+        "vmm" => vmm::run(&mut b, env),
         other => bail!("unknown suite {other:?}"),
     }
 }
@@ -433,6 +435,10 @@ pub const SUITES: &[(&str, &str)] = &[
     (
         "migrate",
         "live migration of a 1 GiB store while a writer dirties random 4 KiB pages at 0/50/500 MB/s: pre-copy, post-copy, hybrid, also at 30 ms RTT through the delay proxy (downtime, total, bytes sent per region byte, passes, post-copy fault p50); the writer with and without write tracking; QEMU's published figures beside",
+    ),
+    (
+        "vmm",
+        "VM snapshot restore: memsync's Firecracker UFFD handler vs a minimal handler of the upstream example's design (one UFFDIO_COPY per 4 KiB fault from the file in memory), same file, same run: time to first fault served, random 4 KiB fault p50/p99; memsync from an NBD export; time until the whole memory is resident with the background pull vs faults only",
     ),
     (
         "mount",
