@@ -22,6 +22,9 @@ pub mod stores;
 pub mod sync;
 pub mod vmm;
 
+/// The TCP delay proxy the suites put between peers; `memsync proxy` runs it on its own.
+pub use memsync_testkit::proxy;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -11,13 +11,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
-use memsync_cache::{Proxy, ProxyConfig};
 use memsync_core::{Bytes, DynStore, Result as StoreResult, Store, async_trait};
 use memsync_local::MemStore;
 use memsync_migrate::{
     DestConfig, Dialer, Hooks, Listener, Mode, SourceConfig, StoreTarget, Target,
 };
 use memsync_sync::{NoProgress, Tracked};
+use memsync_testkit::proxy::{Proxy, ProxyConfig};
 use rand::{Rng, RngCore, SeedableRng};
 
 use crate::Env;

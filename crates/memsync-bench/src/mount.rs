@@ -33,9 +33,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use memsync_cache::fuse::{FuseMount, FuseOptions};
 use memsync_cache::{Cache, CacheConfig, remote_pair};
 use memsync_core::DynStore;
+use memsync_fuse::{FuseMount, FuseOptions};
 use memsync_region::{LazyRegion, RegionConfig};
 use rand::{Rng, RngCore, SeedableRng};
 
@@ -125,7 +125,7 @@ fn open_cache(
         ))
     })?;
     let fuse = if fuse {
-        Some(memsync_cache::fuse::mount(
+        Some(memsync_fuse::mount(
             cache.clone(),
             env.rt.handle().clone(),
             mdir.path(),
@@ -225,7 +225,7 @@ fn fuse_local_limit(env: &Env<'_>, scratch: &Path, img: &Path, size: u64) -> Res
         memsync_local::FileOptions::read_only(),
     )?);
     let mdir = tempfile::tempdir_in(scratch)?;
-    let m = memsync_cache::fuse::mount(
+    let m = memsync_fuse::mount(
         store,
         env.rt.handle().clone(),
         mdir.path(),

@@ -30,7 +30,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use memsync_cache::proxy::{Proxy, ProxyConfig};
 use memsync_core::DynStore;
 use memsync_local::{FileOptions, FileStore};
 use memsync_sync::index::IndexFile;
@@ -38,6 +37,7 @@ use memsync_sync::{
     ChangeSource, Dest, LocalDest, NoProgress, PeerAddr, Pusher, RemoteDest, Rescan, Source,
     SyncOptions, Tracked,
 };
+use memsync_testkit::proxy::{Proxy, ProxyConfig};
 use rand::{Rng, RngCore, SeedableRng};
 
 use crate::Env;

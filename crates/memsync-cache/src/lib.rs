@@ -9,26 +9,25 @@
 //!   pipelined with an adaptive [`window`].
 //! - [`Reconnect`]: reopens a remote store after its connection fails, so that the cache's
 //!   retries can succeed once the remote is back.
-//! - [`proxy`]: a user-space TCP delay proxy (RTT, bandwidth cap, cuts) for tests and benchmarks.
-//! - [`fuse`]: the cache (or any store) as a file `MOUNTPOINT/NAME` that the mounting user's
-//!   processes (others only when allowed) can open, read, write and `mmap(MAP_SHARED)`.
+//! - [`open_cache`]: a cache of a remote given by its URL, as `memsync mount` opens one.
+//!
+//! Frontends are not here: `memsync-fuse` exposes a cache (or any store) as a file, `memsync-nbd`
+//! as an export, `memsync-region` as memory.
 //!
 //! ```no_run
 //! use std::sync::Arc;
 //! use memsync_cache::{Cache, CacheConfig};
 //! # async fn demo(remote: memsync_core::DynStore) -> memsync_core::Result<()> {
 //! let cache = Arc::new(Cache::open(remote, "/var/cache/memsync/disk", CacheConfig::default()).await?);
-//! // ... use it as a Store, or mount it with memsync_cache::fuse::mount ...
+//! // ... use it as a Store, or mount it with memsync_fuse::mount ...
 //! cache.close().await?; // flush to the remote, save the chunk map
 //! # Ok(()) }
 //! ```
 
 mod cache;
 pub mod config;
-pub mod fuse;
 pub mod map;
 pub mod open;
-pub mod proxy;
 mod reconnect;
 mod stats;
 pub mod window;
@@ -37,7 +36,6 @@ pub use cache::{Cache, ChunkState, PullProgress};
 pub use config::{CacheConfig, HintsFirst, PullPriority, Sequential};
 pub use map::Reinit;
 pub use open::{open_cache, reconnecting, remote_identity, remote_pair};
-pub use proxy::{Proxy, ProxyConfig, ProxyStats};
 pub use reconnect::{Opener, Reconnect};
 pub use stats::{CacheStats, CacheStatsSnapshot};
 pub use window::{Window, WindowLimits};

@@ -7,13 +7,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use memsync_cache::proxy::{Proxy, ProxyConfig};
 use memsync_cache::{Cache, CacheConfig, Reconnect};
 use memsync_core::layers::{Inject, OpKind, OpSet, Stats};
 use memsync_core::{Bytes, DynStore, Store, StoreExt};
 use memsync_local::MemStore;
 use memsync_nbd::{ClientConfig, Export, NbdAddr, NbdStore, Server, ServerConfig};
 use memsync_testkit::contract::{self, ContractOpts};
+use memsync_testkit::proxy::{Proxy, ProxyConfig};
 use memsync_testkit::random_bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -572,7 +572,7 @@ struct FuseFixture {
     mem: Arc<MemStore>,
     server: Server,
     cache: Arc<Cache>,
-    mount: memsync_cache::fuse::FuseMount,
+    mount: memsync_fuse::FuseMount,
     _dirs: (tempfile::TempDir, tempfile::TempDir),
 }
 
@@ -580,14 +580,14 @@ fn fuse_fixture(size: u64, seed: u64) -> FuseFixture {
     fuse_fixture_with(
         size,
         seed,
-        memsync_cache::fuse::FuseOptions {
+        memsync_fuse::FuseOptions {
             name: "disk".into(),
             ..Default::default()
         },
     )
 }
 
-fn fuse_fixture_with(size: u64, seed: u64, opts: memsync_cache::fuse::FuseOptions) -> FuseFixture {
+fn fuse_fixture_with(size: u64, seed: u64, opts: memsync_fuse::FuseOptions) -> FuseFixture {
     assert!(
         Path::new("/dev/fuse").exists(),
         "/dev/fuse is needed (and root)"
@@ -605,8 +605,7 @@ fn fuse_fixture_with(size: u64, seed: u64, opts: memsync_cache::fuse::FuseOption
     let mut c = cfg(64 * 1024, true);
     c.push_interval = Duration::from_secs(3600);
     let cache = Arc::new(rt.block_on(Cache::open(remote, dir.path(), c)).unwrap());
-    let mount =
-        memsync_cache::fuse::mount(cache.clone(), rt.handle().clone(), mnt.path(), opts).unwrap();
+    let mount = memsync_fuse::mount(cache.clone(), rt.handle().clone(), mnt.path(), opts).unwrap();
     FuseFixture {
         rt,
         mem,
@@ -737,7 +736,7 @@ fn fuse_mount_is_private_unless_opened_to_others() {
         (true, None, "denied"),
         (true, Some(0o666), "allowed"),
     ] {
-        let mut opts = memsync_cache::fuse::FuseOptions {
+        let mut opts = memsync_fuse::FuseOptions {
             name: "disk".into(),
             allow_other,
             ..Default::default()

@@ -17,6 +17,7 @@
 
 pub mod chunks;
 pub mod error;
+pub mod exec;
 pub mod layers;
 pub mod meta;
 pub mod ops;

@@ -59,9 +59,9 @@ impl FileOptions {
 ///
 /// Reads and writes are positioned (`pread`/`pwrite`) on one shared descriptor, so concurrent
 /// requests do not serialise on a file position. They are made directly in the async fns, not
-/// through `spawn_blocking`: on the page cache a `pread` takes a few microseconds, while handing
-/// the call to another thread and waking the task again costs 20-25 µs across vCPUs. Only `flush`
-/// (`fdatasync`, milliseconds) goes to tokio's blocking pool.
+/// through `spawn_blocking`: a `pread` from the page cache costs less than handing the call to
+/// another thread and waking the task again across CPUs (`docs/perf.md`). Only `flush`
+/// (`fdatasync`, which waits for the device) goes to tokio's blocking pool.
 ///
 /// `trim` punches holes (`FALLOC_FL_PUNCH_HOLE`), `write_zeroes` uses `FALLOC_FL_ZERO_RANGE`
 /// (falling back to punching, then to writing zeros, where the file system lacks it), and

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use memsync_cache::{Proxy, ProxyConfig};
 use memsync_core::layers::{Inject, InjectControl, OpKind};
 use memsync_core::{Bytes, DynStore, Result, Store, async_trait};
 use memsync_local::MemStore;
@@ -15,6 +14,7 @@ use memsync_migrate::{
     SourceConfig, StoreTarget, SwitchReason, Target, migrate, receive,
 };
 use memsync_sync::{ChangeSource, NoProgress, Tracked};
+use memsync_testkit::proxy::{Proxy, ProxyConfig};
 use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 

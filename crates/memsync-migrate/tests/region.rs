@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use memsync_cache::{Proxy, ProxyConfig};
 use memsync_core::{Bytes, DynStore, Result, Store, async_trait};
 use memsync_local::MemStore;
 use memsync_migrate::{
@@ -16,6 +15,7 @@ use memsync_migrate::{
 };
 use memsync_region::{LazyRegion, RegionConfig, WriteTracking};
 use memsync_sync::NoProgress;
+use memsync_testkit::proxy::{Proxy, ProxyConfig};
 use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 

@@ -1164,6 +1164,54 @@ fn one_conn(port: u16) -> ClientConfig {
     cfg
 }
 
+/// The client's handshake on a stream the caller connected (as a kernel NBD device driver
+/// uses it): with structured replies and extended headers off it returns the export's size,
+/// flags and block sizes and leaves the stream in transmission with simple replies; with
+/// them on (over a unix socket) it negotiates both and `base:allocation`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_handshake_works_on_any_connected_stream() {
+    let store = mem(3 << 20);
+    let mut ro = Export::new("ro", store.clone());
+    ro.read_only = true;
+    let ts = start(ServerConfig::new(vec![ro])).await;
+    let data = random(11, 4096);
+    store.write(8192, Bytes::from(data.clone())).await.unwrap();
+
+    let mut cfg = one_conn(ts.port);
+    cfg.export = "ro".into();
+    cfg.structured = false;
+    cfg.extended_headers = false;
+    let mut s = TcpStream::connect(("127.0.0.1", ts.port)).await.unwrap();
+    let info = memsync_nbd::client::handshake(&mut s, &cfg).await.unwrap();
+    assert_eq!(info.size, 3 << 20);
+    assert_ne!(info.flags & TF_HAS_FLAGS, 0);
+    assert_ne!(info.flags & TF_READ_ONLY, 0);
+    assert!(!info.structured && !info.extended && info.meta.is_none());
+    assert!(info.min >= 1 && info.min <= info.preferred && info.preferred <= info.max);
+    let h = raw_request(&mut s, CMD_READ, 0, 8192, 4096, &[]).await;
+    assert!(matches!(h, ReplyHeader::Simple { error: 0, .. }), "{h:?}");
+    let mut got = vec![0u8; 4096];
+    s.read_exact(&mut got).await.unwrap();
+    assert!(
+        got == data,
+        "the read after the handshake returned other bytes"
+    );
+
+    let mut cfg = one_conn(ts.port);
+    cfg.export = "ro".into();
+    let mut u = tokio::net::UnixStream::connect(&ts.sock).await.unwrap();
+    let info = memsync_nbd::client::handshake(&mut u, &cfg).await.unwrap();
+    assert_eq!(info.size, 3 << 20);
+    assert!(info.structured && info.extended && info.meta.is_some());
+
+    cfg.export = "missing".into();
+    let mut s = TcpStream::connect(("127.0.0.1", ts.port)).await.unwrap();
+    let e = memsync_nbd::client::handshake(&mut s, &cfg)
+        .await
+        .unwrap_err();
+    assert!(e.chain().contains("unknown export"), "{}", e.chain());
+}
+
 /// WRITE payloads take their share of a global byte budget before they are read: however many
 /// writes several connections send while the store is stuck, the payload bytes the server
 /// holds never exceed the budget, and every byte lands.

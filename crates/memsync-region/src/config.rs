@@ -60,21 +60,14 @@ pub enum WriteTracking {
 
 /// The default chunk size: 2 MiB, one transparent huge page.
 ///
-/// Measured here (`memsync bench lazy`, 1 GiB from a mem: store, 2 vCPUs
-/// shared with other builds, medians of 7): sequential first touch through
-/// faults ran at 0.28 GB/s with 4 KiB chunks, 1.5 GB/s with 64 KiB and
-/// 5.1 GB/s with 2 MiB chunks (7.2 GB/s with the background puller
-/// following the faults; a memcpy into memory touched beforehand: 11.6 GB/s,
-/// into fresh memory: 2.8 GB/s). The per-fault cost (~10–25 µs of
-/// wake-ups) dominates small chunks; for 2 MiB chunks it is copying the
-/// data and allocating the fresh huge page it is read into (that page is
-/// then moved in with one `UFFDIO_MOVE`, ~10 µs). Allocation runs ahead on
-/// a helper thread (pre-populated staging buffers), but fresh memory is
-/// slow here: the host backs freed guest memory again lazily (free page
-/// reporting), 0.7–8 ms per huge page at times. Regions touched sparsely
-/// and randomly should use 4–64 KiB chunks (a 4 KiB random first touch
-/// then costs ~10 µs through a fault, ~4 µs through
-/// [`LazyRegion::read_at`](crate::LazyRegion::read_at)).
+/// Sequential first touch is fastest with large chunks: the per-fault cost
+/// (wake-ups) dominates small chunks; for 2 MiB chunks it is copying the
+/// data and allocating the fresh huge page it is read into (then moved in
+/// with one `UFFDIO_MOVE`). Allocation runs ahead on a helper thread
+/// (pre-populated staging buffers). Regions touched sparsely and randomly
+/// should use 4–64 KiB chunks, which make a random first touch cheaper,
+/// above all through [`LazyRegion::read_at`](crate::LazyRegion::read_at).
+/// Figures by chunk size: `docs/perf.md` (`memsync bench lazy`).
 pub const DEFAULT_CHUNK_SIZE: usize = 2 << 20;
 
 /// How a [`LazyRegion`](crate::LazyRegion) is built. Start from
@@ -96,16 +89,13 @@ pub struct RegionConfig {
     pub handler_threads: usize,
     /// How long a handler keeps polling its userfaultfd without sleeping
     /// after its last event (adaptive spin-then-block). A sleeping handler
-    /// costs a cross-vCPU wake-up (~20–25 µs here) per fault; a spinning one
-    /// answers sooner but burns a CPU, which on 2 vCPUs competes with the
-    /// application. Measured here (`memsync bench lazy`, random 4 KiB
-    /// faults, same run, loaded machine): one blocking handler p50 10.4 µs /
-    /// p99 18 µs; one handler spinning 30 µs 10.4 / 46 µs; two polling
-    /// handlers, one spinning 200 µs, 11.1 / 218 µs (the p99 is the spin
-    /// window: the toucher waits for the spinner to give up its CPU). A
-    /// blocking handler is usually run on the faulting thread's CPU as soon
-    /// as that thread blocks, so spinning buys nothing here: the default is
-    /// `Duration::ZERO` (block at once).
+    /// costs a cross-CPU wake-up per fault; a spinning one answers sooner
+    /// but burns a CPU, which on 2 CPUs competes with the application (the
+    /// faulting thread's p99 becomes the spin window while it waits for the
+    /// spinner to give up its CPU). A blocking handler is usually run on the
+    /// faulting thread's CPU as soon as that thread blocks, so spinning buys
+    /// nothing there: the default is `Duration::ZERO` (block at once).
+    /// Figures: `docs/perf.md`.
     pub spin: Duration,
     /// How many of the handler threads spin (the others always block).
     /// Default 1.
@@ -115,9 +105,9 @@ pub struct RegionConfig {
     /// userfaultfd, and the others stand by until it has been busy with one
     /// fault for this long (a slow or stalled store read), then serve faults
     /// beside it until it is free. Handlers that all poll the userfaultfd
-    /// are all woken by every fault; unpinned on 2 vCPUs that made random
-    /// 4 KiB faults slower on a loaded machine (p50 14 µs against 10 µs with
-    /// one). `None`: every handler polls. Default 1 ms.
+    /// are all woken by every fault, which made unpinned random 4 KiB faults
+    /// slower on a loaded 2-CPU machine (`docs/perf.md`). `None`: every
+    /// handler polls. Default 1 ms.
     pub standby_after: Option<Duration>,
     /// Pin handler thread `k` to the `k`-th CPU this thread may use
     /// (`sched_setaffinity`; with more handlers than CPUs, round robin).
@@ -126,12 +116,11 @@ pub struct RegionConfig {
     /// answered by the handler on the faulting thread's CPU, which runs as
     /// soon as the faulting thread blocks: no cross-CPU wake-up on the fault
     /// path (the other handlers wake too, find no event and sleep again).
-    /// Default `true`, measured (`memsync bench lazy --quick`, random 4 KiB
-    /// first touches from a `mem:` store, p50): pinned 13.8–19.9 µs on an
-    /// idle or a loaded machine; unpinned with a standby handler 10 µs when
-    /// the other vCPU is busy but 55–59 µs when it is idle, because the
-    /// scheduler then wakes the handler on the idle vCPU, and waking a
-    /// halted vCPU of this VM costs ~50 µs. Raise
+    /// Default `true`: pinned, random faults cost about the same on an idle
+    /// or a loaded machine; unpinned they are fast while the other CPU is
+    /// busy and several times slower when it is idle, because the scheduler
+    /// then wakes the handler on the idle CPU, and waking a halted (virtual)
+    /// CPU is slow (`docs/perf.md`). Raise
     /// [`handler_threads`](Self::handler_threads) to the number of CPUs the
     /// application faults from to keep this property on larger machines.
     pub pin_handlers: bool,
@@ -185,15 +174,14 @@ pub struct RegionConfig {
     /// region) fail with `EFAULT` instead of being served.
     pub user_mode_only: Option<bool>,
     /// With [`runtime`](Self::runtime): how long a fault handler (or an
-    /// inline read) spins for the store's answer before it sleeps. A sleeping
-    /// thread whose vCPU went idle pays a halted-vCPU wake-up (~50 µs on this
-    /// VM) when the answer comes, so a store that answers within the spin (a
-    /// loopback or LAN server) is served much sooner; a slower store costs at
-    /// most this much CPU per fetch. Background pullers never spin.
-    /// Default 50 µs: random 4 KiB faults from an NBD server on loopback
-    /// went from p50 88 µs to 57 µs on an idle VM (`memsync bench lazy
-    /// --quick`, same code, 0 vs 50 µs; 150 µs gained nothing more and
-    /// raised the p99).
+    /// inline read) spins for the store's answer before it sleeps
+    /// ([`memsync_core::exec::block_on`]). A sleeping thread whose CPU went
+    /// idle pays a halted-CPU wake-up when the answer comes, so a store that
+    /// answers within the spin (a loopback or LAN server) is served much
+    /// sooner; a slower store costs at most this much CPU per fetch.
+    /// Background pullers never spin. Default 50 µs, chosen with
+    /// `memsync bench lazy` (NBD random faults; `docs/perf.md`): a longer
+    /// spin gained nothing and raised the p99.
     pub store_spin: Duration,
     /// Which writes the region watches. Default [`WriteTracking::Off`].
     pub write_tracking: WriteTracking,

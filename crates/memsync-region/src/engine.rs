@@ -441,10 +441,8 @@ impl Engine {
             }
             // One message at a time: a fault read here is served before the
             // next read, so faults read together would wait behind a slow
-            // store read while another handler could serve them. The price,
-            // measured with 4 threads faulting random 4 KiB chunks from
-            // memory at once on 2 vCPUs: ~15% (~1.3 µs a fault) against
-            // reading up to 16 messages.
+            // store read while another handler could serve them. The price
+            // against reading up to 16 messages is in docs/perf.md.
             let n = match self.uffd.read_events(&mut w.ev.msg) {
                 Ok(n) => n,
                 Err(e) => {
@@ -492,8 +490,8 @@ impl Engine {
     fn standby_main<H: EventHandler + ?Sized>(&self, h: &H, mut w: Worker, after: Duration) {
         let after_ns = u64::try_from(after.as_nanos()).unwrap_or(u64::MAX);
         // Naps wake the other CPU: keep them rare (a takeover comes within
-        // `after` + one nap; measured, 0.5 ms naps raised the random 4 KiB
-        // fault p99 from ~18 to ~40 µs).
+        // `after` + one nap; shorter naps raised the random 4 KiB fault p99,
+        // docs/perf.md).
         let nap = (after * 4).max(Duration::from_millis(2));
         loop {
             if self.stopping() {

@@ -1,11 +1,9 @@
 //! Running store futures on a fault-handler thread: a private
-//! current-thread runtime, or a shared runtime polled by hand with a short
-//! spin before parking.
+//! current-thread runtime, or a shared runtime waited for with
+//! [`memsync_core::exec::block_on`] (a short spin before parking).
 
 use std::io;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Runs store futures: a private current-thread runtime or a shared handle
 /// (with how long to spin for the answer before sleeping).
@@ -32,13 +30,7 @@ impl Exec {
         match self {
             Self::Own(Some(rt)) => rt.block_on(f),
             Self::Own(None) => unreachable!("an executor used while it is dropped"),
-            Self::Shared(h, spin) if spin.is_zero() => h.block_on(f),
-            Self::Shared(h, spin) => {
-                // The runtime's workers drive its I/O and timers; this thread
-                // only polls the future, so any waker will do.
-                let _g = h.enter();
-                spin_block_on(f, *spin)
-            }
+            Self::Shared(h, spin) => memsync_core::exec::block_on(h, f, *spin),
         }
     }
 }
@@ -54,54 +46,6 @@ impl Drop for Exec {
             && let Some(rt) = rt.take()
         {
             rt.shutdown_background();
-        }
-    }
-}
-
-/// Wakes a thread that polls a future by hand: sets a flag it spins on and
-/// unparks it in case it gave up spinning.
-struct SpinWaker {
-    woken: AtomicBool,
-    thread: std::thread::Thread,
-}
-
-impl std::task::Wake for SpinWaker {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Ordering::Release);
-        self.thread.unpark();
-    }
-}
-
-/// Polls `f` to completion on this thread, spinning up to `spin` for each
-/// wake-up before parking. A parked thread whose vCPU went idle costs a
-/// halted-vCPU wake-up (~50 µs on this VM) when the answer comes; a store
-/// that answers within the spin (memory behind a loopback server, a LAN)
-/// is seen at once.
-fn spin_block_on<F: Future>(f: F, spin: Duration) -> F::Output {
-    let w = Arc::new(SpinWaker {
-        woken: AtomicBool::new(false),
-        thread: std::thread::current(),
-    });
-    let waker = std::task::Waker::from(Arc::clone(&w));
-    let mut cx = std::task::Context::from_waker(&waker);
-    let mut f = std::pin::pin!(f);
-    loop {
-        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-            return v;
-        }
-        let t0 = Instant::now();
-        while !w.woken.swap(false, Ordering::Acquire) {
-            if t0.elapsed() >= spin {
-                while !w.woken.swap(false, Ordering::Acquire) {
-                    std::thread::park();
-                }
-                break;
-            }
-            std::hint::spin_loop();
         }
     }
 }

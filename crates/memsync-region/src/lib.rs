@@ -138,19 +138,14 @@
 //! application's and with the `SIGBUS` of poisoned chunks. The safe
 //! accessors below resolve on the faulting thread without a signal.
 //!
-//! Measured (`memsync bench lazy --quick`, case `rand-4k-first-touch`,
-//! subject `sigbus-on-thread`: the experiment
-//! [`memsync_sys::SigbusResolver`], which `UFFDIO_COPY`s each 4 KiB page
-//! from a mapping already holding the data, the best case of a store that
-//! answers at once), on this 2-vCPU VM over two runs: a random first touch
-//! took 5.6 µs p50 and 8.4–8.6 µs p99, against 10.3 µs p50 (p99 34–66 µs)
-//! for the default handler threads from a `mem:` store, 3.6–3.8 µs p50 for
-//! the inline [`LazyRegion::read_at`] and 1.5–1.6 µs p50 for a plain
-//! anonymous first-touch fault. Resolving on the faulting thread thus
-//! halves the handler-thread latency and tightens its tail, but stays about
-//! 2 µs behind the inline path (the trap, signal delivery and return), and
-//! only for data already in memory: any store that must be asked still
-//! needs a thread.
+//! The experiment [`memsync_sys::SigbusResolver`] measures that alternative
+//! (`memsync bench lazy`, case `rand-4k-first-touch`, subject
+//! `sigbus-on-thread`; figures in `docs/perf.md`): it `UFFDIO_COPY`s each
+//! page from a mapping already holding the data, the best case of a store
+//! that answers at once. Resolving on the faulting thread beats the handler
+//! threads but stays behind the inline path (the trap, signal delivery and
+//! return), and only for data already in memory: any store that must be
+//! asked still needs a thread.
 //!
 //! The safe accessors ([`LazyRegion::read_at`], [`LazyRegion::write_at`])
 //! avoid the fault altogether: they fetch a missing chunk on the calling

@@ -420,7 +420,7 @@ async fn a_patch_that_does_not_give_its_digest_writes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_in_the_middle_leaves_each_chunk_old_or_new_and_a_rerun_completes() {
-    use memsync_cache::proxy::{Proxy, ProxyConfig};
+    use memsync_testkit::proxy::{Proxy, ProxyConfig};
     let dir = tempfile::tempdir().unwrap();
     let size: usize = 16 << 20;
     let (url, file, _h) = peer(dir.path(), size as u64, None).await;

@@ -18,6 +18,7 @@ pub mod failfs;
 pub mod hugepages;
 pub mod nbd;
 pub mod netns;
+pub mod proxy;
 pub mod servers;
 pub mod skip;
 pub mod uffd;

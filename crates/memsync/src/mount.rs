@@ -9,10 +9,10 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use memsync_cache::fuse::{FuseMount, FuseOptions};
 use memsync_cache::{Cache, CacheConfig, Reinit, open_cache};
 use memsync_core::DynStore;
 use memsync_core::size::parse_size;
+use memsync_fuse::{FuseMount, FuseOptions};
 
 use crate::context::Context;
 use memsync_core::size::parse_duration;
@@ -192,16 +192,14 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
             let store: DynStore = cache.clone();
             let mp2 = mp.clone();
             let h = handle.clone();
-            let m = tokio::task::spawn_blocking(move || {
-                memsync_cache::fuse::mount(store, h, &mp2, opts)
-            })
-            .await?
-            .with_context(|| {
-                format!(
-                    "mounting FUSE on {} (needs root and /dev/fuse)",
-                    mp.display()
-                )
-            })?;
+            let m = tokio::task::spawn_blocking(move || memsync_fuse::mount(store, h, &mp2, opts))
+                .await?
+                .with_context(|| {
+                    format!(
+                        "mounting FUSE on {} (needs root and /dev/fuse)",
+                        mp.display()
+                    )
+                })?;
             outln!("memsync: mounted {}", m.file_path().display());
             fuse = Some(m);
         }

@@ -2,7 +2,7 @@
 
 use anyhow::{Context as _, Result};
 use clap::Args;
-use memsync_cache::proxy::{Proxy, ProxyConfig};
+use memsync_bench::proxy::{Proxy, ProxyConfig};
 use memsync_core::size::parse_duration;
 
 use crate::context::Context;

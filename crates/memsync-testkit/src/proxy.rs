@@ -5,9 +5,8 @@
 //! and never more than 1 ms or 1 MiB), stamps the piece with `first arrival + rtt/2` (and, with a
 //! bandwidth cap, with the time the shared link would have finished sending it), and queues it;
 //! a writer splices each piece into the other socket when its time comes. Payload never passes
-//! through user space, so the proxy costs little CPU: on this 2-vCPU machine nbdcopy through it
-//! at RTT 0 ran within 10% of a direct connection when run alone, and at 0.6× of it inside
-//! `memsync bench mount` (0.5× with the earlier copying proxy). Many pieces are in flight at once, so throughput is
+//! through user space, so the proxy costs little CPU (`memsync bench mount`, case `proxy-cost`;
+//! `docs/perf.md`). Many pieces are in flight at once, so throughput is
 //! limited by the bandwidth (or the CPU), not by the delay: a window of W bytes in flight moves
 //! W bytes per RTT, as over a real long link. The queue is bounded per direction, like a socket
 //! buffer, in bytes ([`ProxyConfig::max_buffer`]) and in pieces ([`ProxyConfig::max_pieces`]:

@@ -1,4 +1,4 @@
-//! A FUSE filesystem that exposes a store as one file, `MOUNTPOINT/NAME`.
+//! A FUSE frontend: any [`Store`](memsync_core::Store) as one file, `MOUNTPOINT/NAME`.
 //!
 //! The file belongs to the user who mounts it, mode 0600, and by default only that user can reach
 //! the mount at all (the kernel refuses everyone else, root included): the file is a live view of
@@ -8,10 +8,12 @@
 //! and punch holes in it or zero ranges of it with `fallocate(2)`. It is served in page-cache
 //! mode (not `direct_io`): reads fill the kernel page cache (kept across opens), writes through
 //! a shared mapping reach the store when the kernel writes the pages back (`msync`, `munmap`,
-//! `fsync`, or periodic writeback), and `fsync` on the file flushes the store (for a
-//! [`crate::Cache`]: everything reaches the remote). Mounting uses the pure-Rust `fuser` crate
+//! `fsync`, or periodic writeback), and `fsync` on the file flushes the store (for a managed
+//! mount's cache: everything reaches the remote). Mounting uses the pure-Rust `fuser` crate
 //! calling `mount(2)` directly: it needs root (or CAP_SYS_ADMIN) but no libfuse and no
-//! fusermount. Requests are served by several threads, each with its own `/dev/fuse` clone.
+//! fusermount. Requests are served by several threads, each with its own `/dev/fuse` clone; a
+//! thread waits for its store call with [`memsync_core::exec::block_on`], the fault handlers'
+//! way of waiting too ([`FuseOptions::store_spin`]).
 
 use std::cell::RefCell;
 use std::ffi::OsStr;
@@ -49,6 +51,10 @@ pub struct FuseOptions {
     /// Permission bits of the file (owner: the mounting user), checked by the kernel. Write
     /// bits are dropped for a read-only file.
     pub mode: u32,
+    /// How long a request thread spins for its store call's answer before sleeping (zero: it
+    /// sleeps at once). Spinning saves the wake-up of a sleeping CPU per request and costs
+    /// that CPU time; see [`memsync_core::exec::block_on`].
+    pub store_spin: Duration,
 }
 
 impl Default for FuseOptions {
@@ -60,6 +66,7 @@ impl Default for FuseOptions {
             read_only: false,
             allow_other: false,
             mode: 0o600,
+            store_spin: Duration::ZERO,
         }
     }
 }
@@ -67,6 +74,7 @@ impl Default for FuseOptions {
 struct Fs {
     store: DynStore,
     rt: Handle,
+    spin: Duration,
     name: String,
     size: u64,
     read_only: bool,
@@ -88,6 +96,11 @@ thread_local! {
 }
 
 impl Fs {
+    /// A store call from a request thread.
+    fn block_on<F: Future>(&self, f: F) -> F::Output {
+        memsync_core::exec::block_on(&self.rt, f, self.spin)
+    }
+
     fn attr(&self, ino: INodeNo) -> FileAttr {
         let dir = ino == INodeNo::ROOT;
         FileAttr {
@@ -214,7 +227,7 @@ impl Filesystem for Fs {
                 b.resize(n, 0);
             }
             let buf = &mut b[..n];
-            match self.rt.block_on(self.store.read(offset, buf)) {
+            match self.block_on(self.store.read(offset, buf)) {
                 Ok(()) => reply.data(buf),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -243,10 +256,7 @@ impl Filesystem for Fs {
             return reply.error(Errno::ENOSPC);
         }
         let n = (data.len() as u64).min(self.size - offset) as usize;
-        match self
-            .rt
-            .block_on(self.store.write(offset, Bytes::copy_from_slice(&data[..n])))
-        {
+        match self.block_on(self.store.write(offset, Bytes::copy_from_slice(&data[..n]))) {
             Ok(()) => reply.written(n as u32),
             Err(e) => reply.error(errno(&e)),
         }
@@ -274,7 +284,7 @@ impl Filesystem for Fs {
         if ino != FILE_INO {
             return reply.ok();
         }
-        match self.rt.block_on(self.store.flush()) {
+        match self.block_on(self.store.flush()) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -311,12 +321,12 @@ impl Filesystem for Fs {
         let len = end.saturating_sub(offset);
         let r = match op {
             0 => Ok(()),
-            libc::FALLOC_FL_PUNCH_HOLE if keep => self
-                .rt
-                .block_on(self.store.trim(offset.min(self.size), len)),
-            libc::FALLOC_FL_ZERO_RANGE => self
-                .rt
-                .block_on(self.store.write_zeroes(offset.min(self.size), len)),
+            libc::FALLOC_FL_PUNCH_HOLE if keep => {
+                self.block_on(self.store.trim(offset.min(self.size), len))
+            }
+            libc::FALLOC_FL_ZERO_RANGE => {
+                self.block_on(self.store.write_zeroes(offset.min(self.size), len))
+            }
             _ => return reply.error(Errno::EOPNOTSUPP),
         };
         match r {
@@ -393,6 +403,7 @@ pub fn mount(
         read_only: opts.read_only || store.caps().read_only,
         store,
         rt,
+        spin: opts.store_spin,
         name: opts.name.clone(),
         max_readahead: opts.max_readahead,
         mode: opts.mode & 0o777,
