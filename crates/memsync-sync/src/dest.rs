@@ -108,6 +108,8 @@ pub struct LocalDest {
     /// A write failed: some chunk may be half-written, so no index may be saved.
     broken: AtomicBool,
     wrote: AtomicBool,
+    /// Flush the store on commit (see [`LocalDest::set_durable`]).
+    durable: AtomicBool,
     scan: Mutex<ScanStats>,
     read: AtomicU64,
     written: AtomicU64,
@@ -177,6 +179,7 @@ impl LocalDest {
             index_status: Mutex::new(IndexStatus::None),
             broken: AtomicBool::new(false),
             wrote: AtomicBool::new(false),
+            durable: AtomicBool::new(true),
             scan: Mutex::new(ScanStats::default()),
             read: AtomicU64::new(0),
             written: AtomicU64::new(0),
@@ -186,6 +189,14 @@ impl LocalDest {
 
     pub fn store(&self) -> &DynStore {
         &self.store
+    }
+
+    /// Whether [`Dest::commit`] flushes the store (on by default). Off, a commit of a `file:`
+    /// store returns with the data in the page cache, as `rsync` does without `--fsync`: a
+    /// crash can lose it, and the index then saved is trusted in this boot only (see
+    /// [`crate::index`]).
+    pub fn set_durable(&self, on: bool) {
+        self.durable.store(on, Relaxed);
     }
 
     /// Why the index was or was not used.
@@ -278,7 +289,7 @@ impl Dest for LocalDest {
                 Err(status) => *self.index_status.lock() = status,
             }
         }
-        let (d, stats) = digest::scan(&*self.store, self.layout, &|_| {}).await?;
+        let (d, stats) = digest::scan(&self.store, self.layout, &|_| {}, None).await?;
         *self.scan.lock() = stats;
         *self.digests.lock() = Some(d.clone());
         Ok(d)
@@ -331,7 +342,10 @@ impl Dest for LocalDest {
     }
 
     async fn commit(&self) -> Result<DestStats> {
-        self.store.flush().await?;
+        let durable = self.durable.load(Relaxed);
+        if durable {
+            self.store.flush().await?;
+        }
         let Some(index) = &self.index else {
             return Ok(self.stats());
         };
@@ -343,7 +357,7 @@ impl Dest for LocalDest {
                 if !unchanged {
                     let index = index.clone();
                     let layout = self.layout;
-                    tokio::task::spawn_blocking(move || index.save(layout, &d, None))
+                    tokio::task::spawn_blocking(move || index.save(layout, &d, None, durable))
                         .await
                         .map_err(|e| StoreError::backend(format!("index task: {e}")))?
                         .map_err(|e| StoreError::io("saving the digest index", e))?;
@@ -363,6 +377,7 @@ pub async fn source_digests(
     layout: Layout,
     index: Option<&IndexFile>,
     progress: &(dyn Fn(u64) + Sync),
+    hook: Option<digest::PieceHook>,
 ) -> Result<(
     Vec<Digest>,
     ScanStats,
@@ -381,7 +396,7 @@ pub async fn source_digests(
         }
         before = index.state_now().ok();
     }
-    let (d, stats) = digest::scan(&**store, layout, progress).await?;
+    let (d, stats) = digest::scan(store, layout, progress, hook).await?;
     Ok((d, stats, status, before))
 }
 

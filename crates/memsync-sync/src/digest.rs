@@ -10,10 +10,11 @@
 //!   little to send, never whether the result is right.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use bytes::BytesMut;
 use futures_util::{StreamExt, stream};
-use memsync_core::{Result, Store, StoreError};
+use memsync_core::{DynStore, Result, Store, StoreError};
 use parking_lot::Mutex;
 
 /// The unit of sub-chunk deltas.
@@ -163,15 +164,26 @@ async fn zero_chunks(store: &dyn Store, layout: Layout) -> Result<Vec<bool>> {
     Ok(zero)
 }
 
-/// The strong digest of every chunk of `store`, read in 4 MiB pieces with several in flight
-/// and hashed on tokio's blocking pool (so both cores hash). Chunks the store reports as holes
-/// or zeros are neither read nor hashed. `progress` is called with bytes covered.
+/// Called for each piece a scan hashed, on the thread that hashed it, while the bytes are still
+/// in memory (and in the CPU's cache): the index of the piece's first chunk, its bytes and the
+/// digests of its chunks. The sync uses it to patch a local destination without reading or
+/// hashing a changed chunk a second time. An error ends the scan.
+pub type PieceHook = Arc<dyn Fn(u64, &[u8], &[Digest]) -> Result<()> + Send + Sync>;
+
+/// The strong digest of every chunk of `store`, read in pieces of up to 4 MiB with several in
+/// flight. Each piece is read and hashed by the same thread of tokio's blocking pool: for a
+/// local file the read is a copy out of the page cache that costs about as much as hashing, so
+/// reading on one thread and hashing on others left the reader as the bottleneck, and hashing
+/// right after the read finds the bytes still in the cache. Chunks the store reports as holes
+/// or zeros are neither read nor hashed. `progress` is called with bytes covered; `hook` (see
+/// [`PieceHook`]) with every piece hashed.
 pub async fn scan(
-    store: &dyn Store,
+    store: &DynStore,
     layout: Layout,
     progress: &(dyn Fn(u64) + Sync),
+    hook: Option<PieceHook>,
 ) -> Result<(Vec<Digest>, ScanStats)> {
-    let zero = zero_chunks(store, layout).await?;
+    let zero = zero_chunks(&**store, layout).await?;
     let mut digests = vec![[0u8; 32]; zero.len()];
     let mut stats = ScanStats::default();
     // Pieces: runs of non-zero chunks, at most PIECE bytes each.
@@ -194,33 +206,57 @@ pub async fn scan(
         pieces.push(start..i);
     }
     let pool = Arc::new(Pool::default());
+    // Two per core: a piece of a remote store waits on the network, not on a core.
     let concurrency = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
+    let rt = tokio::runtime::Handle::current();
+    let failed = Arc::new(AtomicBool::new(false));
     let mut s = stream::iter(pieces)
         .map(|r| {
-            let pool = pool.clone();
+            let (pool, store, hook, rt) = (pool.clone(), store.clone(), hook.clone(), rt.clone());
+            let failed = failed.clone();
             async move {
                 let (off, _) = layout.chunk(r.start);
                 let (lo, ll) = layout.chunk(r.end - 1);
                 let len = lo + ll - off;
-                let mut buf = pool.get(len as usize);
-                store
-                    .read(off, &mut buf)
-                    .await
-                    .map_err(|e| e.context(format!("reading {off}+{len} to hash it")))?;
-                let cs = layout.chunk_size as usize;
+                let first = r.start;
+                let flag = failed.clone();
                 let out = tokio::task::spawn_blocking(move || {
-                    let d: Vec<Digest> = buf.chunks(cs).map(chunk_digest).collect();
+                    if flag.load(Relaxed) {
+                        return Ok(None);
+                    }
+                    let mut buf = pool.get(len as usize);
+                    rt.block_on(store.read(off, &mut buf))
+                        .map_err(|e| e.context(format!("reading {off}+{len} to hash it")))?;
+                    let d: Vec<Digest> = buf
+                        .chunks(layout.chunk_size as usize)
+                        .map(chunk_digest)
+                        .collect();
+                    if let Some(hook) = &hook {
+                        hook(first, &buf, &d)?;
+                    }
                     pool.put(buf);
-                    d
+                    Ok::<_, StoreError>(Some(d))
                 })
                 .await
-                .map_err(|e| StoreError::backend(format!("hashing task failed: {e}")))?;
+                .map_err(|e| StoreError::backend(format!("hashing task failed: {e}")))
+                .and_then(|r| r)
+                .inspect_err(|_| failed.store(true, Relaxed))?;
                 Ok::<_, StoreError>((r, len, out))
             }
         })
         .buffer_unordered(concurrency);
+    // After a failure no piece starts, and the scan returns only when those running have
+    // ended: a hook must not act after its scan has returned.
+    let mut error = None;
     while let Some(res) = s.next().await {
-        let (r, len, d) = res?;
+        let (r, len, d) = match res {
+            Ok((r, len, Some(d))) => (r, len, d),
+            Ok((_, _, None)) => continue,
+            Err(e) => {
+                error.get_or_insert(e);
+                continue;
+            }
+        };
         for (k, i) in r.enumerate() {
             digests[i as usize] = d[k];
         }
@@ -228,7 +264,10 @@ pub async fn scan(
         stats.hashed += len;
         progress(len);
     }
-    Ok((digests, stats))
+    match error {
+        Some(e) => Err(e),
+        None => Ok((digests, stats)),
+    }
 }
 
 /// Read chunk `i` of `store` into a new buffer.

@@ -120,19 +120,35 @@ pub enum Theirs<'a> {
 /// Runs of pages of `data` that differ from `theirs`. Adjacent pages merge; zero pages become
 /// zero runs without data.
 pub fn diff_runs(data: &bytes::Bytes, theirs: Theirs<'_>) -> Vec<Run> {
+    diff_ranges(data, theirs)
+        .into_iter()
+        .map(|(s, e, zero)| Run {
+            off: s as u32,
+            len: (e - s) as u32,
+            data: (!zero).then(|| data.slice(s..e)),
+        })
+        .collect()
+}
+
+/// [`diff_runs`] of bytes that are not in a [`bytes::Bytes`] (a scan's buffer): only the
+/// changed pages are copied.
+fn diff_runs_copied(data: &[u8], theirs: Theirs<'_>) -> Vec<Run> {
+    diff_ranges(data, theirs)
+        .into_iter()
+        .map(|(s, e, zero)| Run {
+            off: s as u32,
+            len: (e - s) as u32,
+            data: (!zero).then(|| bytes::Bytes::copy_from_slice(&data[s..e])),
+        })
+        .collect()
+}
+
+/// `(start, end, zero)` of the runs of [`diff_runs`].
+fn diff_ranges(data: &[u8], theirs: Theirs<'_>) -> Vec<(usize, usize, bool)> {
     let page = PAGE as usize;
-    let mut runs: Vec<Run> = Vec::new();
+    let mut runs = Vec::new();
     // (start, end, zero) of the run being built.
     let mut cur: Option<(usize, usize, bool)> = None;
-    let flush = |cur: &mut Option<(usize, usize, bool)>, runs: &mut Vec<Run>| {
-        if let Some((s, e, zero)) = cur.take() {
-            runs.push(Run {
-                off: s as u32,
-                len: (e - s) as u32,
-                data: (!zero).then(|| data.slice(s..e)),
-            });
-        }
-    };
     for (p, chunk) in data.chunks(page).enumerate() {
         let zero = digest::is_zero(chunk);
         let s = p * page;
@@ -143,18 +159,18 @@ pub fn diff_runs(data: &bytes::Bytes, theirs: Theirs<'_>) -> Vec<Run> {
             Theirs::Bytes(b) => b.get(s..e) != Some(chunk),
         };
         if !differs {
-            flush(&mut cur, &mut runs);
+            runs.extend(cur.take());
             continue;
         }
         match &mut cur {
             Some((_, end, z)) if *z == zero => *end = e,
             _ => {
-                flush(&mut cur, &mut runs);
+                runs.extend(cur.take());
                 cur = Some((s, e, zero));
             }
         }
     }
-    flush(&mut cur, &mut runs);
+    runs.extend(cur);
     runs
 }
 
@@ -252,7 +268,7 @@ async fn push_local(
     dest_digest: Option<Digest>,
     zero_there: bool,
 ) -> Result<Pushed> {
-    let data = digest::read_chunk(&**src, layout, i).await?.freeze();
+    let data = digest::read_chunk(&**src, layout, i).await?;
     let want = digest::chunk_digest(&data);
     if dest_digest == Some(want) {
         return Ok(Pushed {
@@ -261,11 +277,22 @@ async fn push_local(
             ..Pushed::default()
         });
     }
+    push_local_data(local, i, &data, want, zero_there).await
+}
+
+/// Make chunk `i` of `local` equal to `data`, whose digest is `want`.
+async fn push_local_data(
+    local: &crate::dest::LocalDest,
+    i: u64,
+    data: &[u8],
+    want: Digest,
+    zero_there: bool,
+) -> Result<Pushed> {
     let runs = if zero_there {
-        diff_runs(&data, Theirs::Zero)
+        diff_runs_copied(data, Theirs::Zero)
     } else {
         let old = local.read_chunk(i).await?;
-        diff_runs(&data, Theirs::Bytes(&old))
+        diff_runs_copied(data, Theirs::Bytes(&old))
     };
     local.apply_exact(i, want, &runs).await?;
     let (data_bytes, zero_bytes) = run_bytes(&runs);
@@ -331,12 +358,57 @@ pub async fn sync_held(
     }
     progress.phase("hash", layout.size);
     let inc = |n| progress.inc(n);
-    let (s, d) = tokio::join!(
-        source_digests(&src.store, layout, src.index.as_ref(), &inc),
-        dest.digests()
-    );
-    let (src_digests, scan, status, before) = s.map_err(|e| fail(e, &report))?;
-    let dst_digests = d.map_err(|e| fail(e.context("destination digests"), &report))?;
+    let (s, dst_digests, inline) = if dest.as_local().is_some() {
+        // A destination in this process: its digests first (from its index, usually at once),
+        // then the source's scan patches each changed chunk while its bytes are in memory.
+        let d = dest
+            .digests()
+            .await
+            .map_err(|e| fail(e.context("destination digests"), &report))?;
+        if d.len() as u64 != layout.chunks() {
+            let e = StoreError::backend(format!(
+                "destination has {} digests for {} chunks",
+                d.len(),
+                layout.chunks()
+            ));
+            return Err(fail(e, &report));
+        }
+        let d = Arc::new(d);
+        let inline = Arc::new(Inline::default());
+        let hook = inline_hook(dest.clone(), layout, d.clone(), inline.clone());
+        let s = source_digests(&src.store, layout, src.index.as_ref(), &inc, Some(hook)).await;
+        (s, Ok(d.to_vec()), Some(inline))
+    } else {
+        let (s, d) = tokio::join!(
+            source_digests(&src.store, layout, src.index.as_ref(), &inc, None),
+            dest.digests()
+        );
+        (s, d, None)
+    };
+    let inline_done = inline
+        .as_ref()
+        .map(|x| std::mem::take(&mut *x.done.lock()))
+        .unwrap_or_default();
+    let (src_digests, scan, status, before) = match s {
+        Ok(s) => s,
+        Err(e) => {
+            // Chunks the scan patched are new; every other one still holds its old bytes,
+            // except those being patched when the scan failed.
+            let done: std::collections::HashSet<u64> = inline_done.iter().map(|x| x.0).collect();
+            for (_, p) in &inline_done {
+                report.data_bytes += p.data_bytes;
+                report.zero_bytes += p.zero_bytes;
+                report.updated += (!p.unchanged) as u64;
+            }
+            report.pending = ranges((0..layout.chunks()).filter(|i| !done.contains(i)).collect());
+            report.uncertain = inline
+                .map(|x| x.started.lock().iter().copied().collect())
+                .unwrap_or_default();
+            report.elapsed = t0.elapsed();
+            return Err(fail(e, &report));
+        }
+    };
+    let dst_digests = dst_digests.map_err(|e| fail(e.context("destination digests"), &report))?;
     report.src_scan = scan;
     report.src_index = status_text(&status);
     report.hash_time = t0.elapsed();
@@ -352,14 +424,17 @@ pub async fn sync_held(
         .filter(|&i| src_digests[i as usize] != dst_digests[i as usize])
         .collect();
     report.differing = differing.len() as u64;
-    progress.phase("send", differing.len() as u64);
-
-    let work = differing
+    // What the scan did not patch (holes of the source, or chunks of a trusted source index).
+    let patched: std::collections::HashSet<u64> = inline_done.iter().map(|x| x.0).collect();
+    let work: Vec<_> = differing
         .iter()
+        .filter(|i| !patched.contains(i))
         .map(|&i| (i, Some(dst_digests[i as usize])))
         .collect();
-    let (done, error) =
+    progress.phase("send", work.len() as u64);
+    let (mut done, error) =
         push_chunks(&src.store, layout, &dest, work, opts.window, Some(progress)).await;
+    done.extend(inline_done);
     let mut held = dst_digests;
     for (i, p) in &done {
         report.data_bytes += p.data_bytes;
@@ -395,15 +470,59 @@ pub async fn sync_held(
     report.wire_received = wr;
     if let (Some(index), Some(before)) = (&src.index, before) {
         let index = index.clone();
-        let saved =
-            tokio::task::spawn_blocking(move || index.save(layout, &src_digests, Some(before)))
-                .await;
+        let saved = tokio::task::spawn_blocking(move || {
+            index.save(layout, &src_digests, Some(before), false)
+        })
+        .await;
         if let Ok(Err(e)) | Err(e) = saved.map_err(std::io::Error::other) {
             tracing::warn!("could not save the source's digest index: {e}");
         }
     }
     report.elapsed = t0.elapsed();
     Ok((report, held))
+}
+
+/// Chunks a scan patched in passing (see [`inline_hook`]).
+#[derive(Debug, Default)]
+struct Inline {
+    done: parking_lot::Mutex<Vec<(u64, Pushed)>>,
+    /// Being written now.
+    started: parking_lot::Mutex<std::collections::BTreeSet<u64>>,
+}
+
+/// A scan hook that patches every chunk whose digest differs from `theirs` into the local
+/// destination `dest` with the bytes just hashed: a changed chunk is read and hashed once.
+fn inline_hook(
+    dest: DynDest,
+    layout: Layout,
+    theirs: Arc<Vec<Digest>>,
+    inline: Arc<Inline>,
+) -> digest::PieceHook {
+    Arc::new(move |first, buf, digests| {
+        let Some(local) = dest.as_local() else {
+            return Ok(());
+        };
+        let rt = tokio::runtime::Handle::current();
+        let mut off = 0usize;
+        for (k, want) in digests.iter().enumerate() {
+            let i = first + k as u64;
+            let len = layout.chunk(i).1 as usize;
+            let data = &buf[off..off + len];
+            off += len;
+            let have = theirs[i as usize];
+            if *want == have {
+                continue;
+            }
+            inline.started.lock().insert(i);
+            let zero_there = have == layout.zero_digest(i);
+            let p = rt
+                .block_on(push_local_data(local, i, data, *want, zero_there))
+                .map_err(|e| e.context(format!("chunk {i}")))?;
+            inline.started.lock().remove(&i);
+            inline.done.lock().push((i, p));
+        }
+        Ok(())
+    })
 }
 
 /// Push chunks `(index, digest the destination holds if known)` with `window` in flight.

@@ -43,6 +43,11 @@ pub struct SyncArgs {
     /// Do not read or write the digest index next to local files.
     #[arg(long)]
     pub no_index: bool,
+    /// Do not flush a `file:` destination at the end (like rsync without --fsync): faster, but
+    /// a crash of the machine can lose what was synced; its digest index is then trusted until
+    /// the next boot only.
+    #[arg(long)]
+    pub no_fsync: bool,
     /// Chunks in flight (each costs two round trips to a peer; many overlap them).
     #[arg(long, default_value_t = 4096)]
     pub window: usize,
@@ -187,6 +192,10 @@ pub fn sync(ctx: &Context, a: SyncArgs) -> Result<()> {
         index: index(src_url).map(|p| IndexFile::for_file(&p)),
     };
     // Stores open on their own runtime call, outside the block below.
+    if a.no_fsync && file_of(dst_url).is_none() {
+        // Other stores' flush is where their data reaches its backend.
+        bail!("--no-fsync is for a file: destination");
+    }
     let local_dst: Option<DynStore> = if is_peer_url(dst_url) {
         None
     } else {
@@ -200,7 +209,11 @@ pub fn sync(ctx: &Context, a: SyncArgs) -> Result<()> {
                     .await
                     .with_context(|| format!("connecting to {}", memsync_core::redact(dst_url)))?
             }
-            Some(dst) => Arc::new(LocalDest::new(dst, a.chunk, index(dst_url).as_deref())?),
+            Some(dst) => {
+                let d = LocalDest::new(dst, a.chunk, index(dst_url).as_deref())?;
+                d.set_durable(!a.no_fsync);
+                Arc::new(d)
+            }
         };
         let opts = SyncOptions { window: a.window };
         let bar = Bar(crate::cmd::progress(src.size(), "hash"));
