@@ -204,6 +204,18 @@ pub async fn push_chunk(
             ..Pushed::default()
         });
     }
+    push_remote_data(dest, i, data, want, theirs).await
+}
+
+/// Make chunk `i` of a remote `dest` equal to `data` (digest `want`), given the destination's
+/// page digests of the chunk (`None`: it is all zeros).
+async fn push_remote_data(
+    dest: &DynDest,
+    i: u64,
+    data: bytes::Bytes,
+    want: Digest,
+    theirs: Option<Vec<u64>>,
+) -> Result<Pushed> {
     if let Some(t) = &theirs
         && t.len() as u64 != data.len().div_ceil(PAGE as usize) as u64
     {
@@ -358,68 +370,53 @@ pub async fn sync_held(
     }
     progress.phase("hash", layout.size);
     let inc = |n| progress.inc(n);
-    let (s, dst_digests, inline) = if dest.as_local().is_some() {
-        // A destination in this process: its digests first (from its index, usually at once),
-        // then the source's scan patches each changed chunk while its bytes are in memory.
-        let d = dest
-            .digests()
-            .await
-            .map_err(|e| fail(e.context("destination digests"), &report))?;
-        if d.len() as u64 != layout.chunks() {
-            let e = StoreError::backend(format!(
-                "destination has {} digests for {} chunks",
-                d.len(),
-                layout.chunks()
-            ));
-            return Err(fail(e, &report));
+    // The destination's digests are fetched while the source is scanned; the scan patches each
+    // changed chunk as soon as both digests of it are known, while its bytes are in memory.
+    let inline = Arc::new(Inline::new(layout, opts.window));
+    let hook = inline_hook(dest.clone(), inline.clone());
+    let (s, d) = tokio::join!(
+        source_digests(&src.store, layout, src.index.as_ref(), &inc, Some(hook)),
+        inline.theirs(&dest)
+    );
+    // Remote patches the scan started.
+    let tasks = std::mem::take(&mut *inline.tasks.lock());
+    for t in tasks {
+        if let Err(e) = t.await {
+            inline.fail(StoreError::backend(format!("chunk task failed: {e}")));
         }
-        let d = Arc::new(d);
-        let inline = Arc::new(Inline::default());
-        let hook = inline_hook(dest.clone(), layout, d.clone(), inline.clone());
-        let s = source_digests(&src.store, layout, src.index.as_ref(), &inc, Some(hook)).await;
-        (s, Ok(d.to_vec()), Some(inline))
-    } else {
-        let (s, d) = tokio::join!(
-            source_digests(&src.store, layout, src.index.as_ref(), &inc, None),
-            dest.digests()
-        );
-        (s, d, None)
-    };
-    let inline_done = inline
-        .as_ref()
-        .map(|x| std::mem::take(&mut *x.done.lock()))
-        .unwrap_or_default();
+    }
+    let inline_done = std::mem::take(&mut *inline.done.lock());
+    let inline_started: Vec<u64> = inline.started.lock().iter().copied().collect();
+    let inline_error = inline.error.lock().take();
     let (src_digests, scan, status, before) = match s {
-        Ok(s) => s,
-        Err(e) => {
+        Ok(s) if inline_error.is_none() => s,
+        s => {
             // Chunks the scan patched are new; every other one still holds its old bytes,
             // except those being patched when the scan failed.
+            let e = inline_error.unwrap_or_else(|| {
+                s.err()
+                    .unwrap_or_else(|| StoreError::backend("scan failed"))
+            });
             let done: std::collections::HashSet<u64> = inline_done.iter().map(|x| x.0).collect();
             for (_, p) in &inline_done {
                 report.data_bytes += p.data_bytes;
                 report.zero_bytes += p.zero_bytes;
+                report.resent_whole += p.resent_whole as u64;
                 report.updated += (!p.unchanged) as u64;
             }
+            let (ws, wr) = dest.wire();
+            report.wire_sent = ws;
+            report.wire_received = wr;
             report.pending = ranges((0..layout.chunks()).filter(|i| !done.contains(i)).collect());
-            report.uncertain = inline
-                .map(|x| x.started.lock().iter().copied().collect())
-                .unwrap_or_default();
+            report.uncertain = inline_started;
             report.elapsed = t0.elapsed();
             return Err(fail(e, &report));
         }
     };
-    let dst_digests = dst_digests.map_err(|e| fail(e.context("destination digests"), &report))?;
+    let dst_digests = d.map(|d| d.to_vec()).map_err(|e| fail(e, &report))?;
     report.src_scan = scan;
     report.src_index = status_text(&status);
     report.hash_time = t0.elapsed();
-    if dst_digests.len() != src_digests.len() {
-        let e = StoreError::backend(format!(
-            "destination sent {} digests for {} chunks",
-            dst_digests.len(),
-            src_digests.len()
-        ));
-        return Err(fail(e, &report));
-    }
     let differing: Vec<u64> = (0..layout.chunks())
         .filter(|&i| src_digests[i as usize] != dst_digests[i as usize])
         .collect();
@@ -483,28 +480,88 @@ pub async fn sync_held(
 }
 
 /// Chunks a scan patched in passing (see [`inline_hook`]).
-#[derive(Debug, Default)]
 struct Inline {
+    layout: Layout,
+    /// The destination's digests, or why they could not be had.
+    theirs: tokio::sync::OnceCell<Result<Arc<Vec<Digest>>, String>>,
     done: parking_lot::Mutex<Vec<(u64, Pushed)>>,
-    /// Being written now.
+    /// Being patched now.
     started: parking_lot::Mutex<std::collections::BTreeSet<u64>>,
+    /// Patches of a remote destination under way, and a bound on the chunks they hold.
+    tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    held: Arc<Semaphore>,
+    /// The first failed patch.
+    error: parking_lot::Mutex<Option<StoreError>>,
 }
 
-/// A scan hook that patches every chunk whose digest differs from `theirs` into the local
-/// destination `dest` with the bytes just hashed: a changed chunk is read and hashed once.
-fn inline_hook(
-    dest: DynDest,
-    layout: Layout,
-    theirs: Arc<Vec<Digest>>,
-    inline: Arc<Inline>,
-) -> digest::PieceHook {
+/// Bytes of changed chunks held for a remote destination's answers.
+const INLINE_HELD: u64 = 64 << 20;
+
+impl Inline {
+    fn new(layout: Layout, window: usize) -> Self {
+        let held = (INLINE_HELD / layout.chunk_size).clamp(1, window.max(1) as u64);
+        Inline {
+            layout,
+            theirs: tokio::sync::OnceCell::new(),
+            done: Default::default(),
+            started: Default::default(),
+            tasks: Default::default(),
+            held: Arc::new(Semaphore::new(held as usize)),
+            error: Default::default(),
+        }
+    }
+
+    /// The destination's digests (fetched once, by whoever asks first).
+    async fn theirs(&self, dest: &DynDest) -> Result<Arc<Vec<Digest>>> {
+        let r = self
+            .theirs
+            .get_or_init(|| async {
+                let d = dest
+                    .digests()
+                    .await
+                    .map_err(|e| e.context("destination digests").chain().to_string())?;
+                if d.len() as u64 != self.layout.chunks() {
+                    return Err(format!(
+                        "destination sent {} digests for {} chunks",
+                        d.len(),
+                        self.layout.chunks()
+                    ));
+                }
+                Ok(Arc::new(d))
+            })
+            .await;
+        r.clone().map_err(StoreError::backend)
+    }
+
+    fn fail(&self, e: StoreError) {
+        self.error.lock().get_or_insert(e);
+    }
+
+    fn finish(&self, i: u64, r: Result<Pushed>) {
+        match r {
+            Ok(p) => {
+                self.started.lock().remove(&i);
+                self.done.lock().push((i, p));
+            }
+            Err(e) => self.fail(e.context(format!("chunk {i}"))),
+        }
+    }
+}
+
+/// A scan hook that patches every chunk whose digest differs from the destination's with the
+/// bytes just hashed, so a changed chunk is read and hashed once: in place for a destination
+/// in this process, else by a task that asks for the destination's page digests and sends the
+/// changed pages (holding at most [`INLINE_HELD`] bytes of chunks; the scan waits beyond).
+fn inline_hook(dest: DynDest, inline: Arc<Inline>) -> digest::PieceHook {
     Arc::new(move |first, buf, digests| {
-        let Some(local) = dest.as_local() else {
-            return Ok(());
-        };
         let rt = tokio::runtime::Handle::current();
+        let layout = inline.layout;
+        let theirs = rt.block_on(inline.theirs(&dest))?;
         let mut off = 0usize;
         for (k, want) in digests.iter().enumerate() {
+            if inline.error.lock().is_some() {
+                return Err(StoreError::backend("stopped after a failed chunk"));
+            }
             let i = first + k as u64;
             let len = layout.chunk(i).1 as usize;
             let data = &buf[off..off + len];
@@ -513,13 +570,33 @@ fn inline_hook(
             if *want == have {
                 continue;
             }
-            inline.started.lock().insert(i);
             let zero_there = have == layout.zero_digest(i);
-            let p = rt
-                .block_on(push_local_data(local, i, data, *want, zero_there))
-                .map_err(|e| e.context(format!("chunk {i}")))?;
-            inline.started.lock().remove(&i);
-            inline.done.lock().push((i, p));
+            if let Some(local) = dest.as_local() {
+                inline.started.lock().insert(i);
+                let r = rt.block_on(push_local_data(local, i, data, *want, zero_there));
+                inline.finish(i, r);
+                continue;
+            }
+            let permit = rt
+                .block_on(inline.held.clone().acquire_owned())
+                .map_err(|_| StoreError::backend("patch window closed"))?;
+            inline.started.lock().insert(i);
+            let data = bytes::Bytes::copy_from_slice(data);
+            let (dest, inline2, want) = (dest.clone(), inline.clone(), *want);
+            let task = rt.spawn(async move {
+                let r = async {
+                    let pages = if zero_there {
+                        None
+                    } else {
+                        Some(dest.page_digests(i).await?)
+                    };
+                    push_remote_data(&dest, i, data, want, pages).await
+                }
+                .await;
+                drop(permit);
+                inline2.finish(i, r);
+            });
+            inline.tasks.lock().push(task);
         }
         Ok(())
     })
