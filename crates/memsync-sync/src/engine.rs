@@ -112,7 +112,7 @@ pub enum Theirs<'a> {
     /// All zeros.
     Zero,
     /// Its page digests.
-    Pages(&'a [u64]),
+    Pages(&'a [u32]),
     /// Its bytes.
     Bytes(&'a [u8]),
 }
@@ -155,7 +155,7 @@ fn diff_ranges(data: &[u8], theirs: Theirs<'_>) -> Vec<(usize, usize, bool)> {
         let e = s + chunk.len();
         let differs = match theirs {
             Theirs::Zero => !zero,
-            Theirs::Pages(t) => t.get(p) != Some(&twox_hash::XxHash3_64::oneshot(chunk)),
+            Theirs::Pages(t) => t.get(p) != Some(&digest::page_digest(chunk)),
             Theirs::Bytes(b) => b.get(s..e) != Some(chunk),
         };
         if !differs {
@@ -184,7 +184,8 @@ pub async fn push_chunk(
     i: u64,
     dest_digest: Option<Digest>,
 ) -> Result<Pushed> {
-    let zero_there = dest_digest.is_some_and(|d| d == layout.zero_digest(i));
+    let n = dest.digest_len();
+    let zero_there = dest_digest.is_some_and(|d| digest::same(&d, &layout.zero_digest(i), n));
     if let Some(local) = dest.as_local() {
         return push_local(src, layout, local, i, dest_digest, zero_there).await;
     }
@@ -197,7 +198,7 @@ pub async fn push_chunk(
     };
     let data = digest::read_chunk(&**src, layout, i).await?.freeze();
     let want = digest::chunk_digest(&data);
-    if dest_digest == Some(want) {
+    if dest_digest.is_some_and(|d| digest::same(&d, &want, n)) {
         return Ok(Pushed {
             digest: want,
             unchanged: true,
@@ -214,7 +215,7 @@ async fn push_remote_data(
     i: u64,
     data: bytes::Bytes,
     want: Digest,
-    theirs: Option<Vec<u64>>,
+    theirs: Option<Vec<u32>>,
 ) -> Result<Pushed> {
     if let Some(t) = &theirs
         && t.len() as u64 != data.len().div_ceil(PAGE as usize) as u64
@@ -263,7 +264,7 @@ async fn push_remote_data(
     })
 }
 
-fn run_bytes(runs: &[Run]) -> (u64, u64) {
+pub(crate) fn run_bytes(runs: &[Run]) -> (u64, u64) {
     runs.iter().fold((0, 0), |(d, z), r| match r.data {
         Some(_) => (d + r.len as u64, z),
         None => (d, z + r.len as u64),
@@ -417,8 +418,9 @@ pub async fn sync_held(
     report.src_scan = scan;
     report.src_index = status_text(&status);
     report.hash_time = t0.elapsed();
+    let n = dest.digest_len();
     let differing: Vec<u64> = (0..layout.chunks())
-        .filter(|&i| src_digests[i as usize] != dst_digests[i as usize])
+        .filter(|&i| !digest::same(&src_digests[i as usize], &dst_digests[i as usize], n))
         .collect();
     report.differing = differing.len() as u64;
     // What the scan did not patch (holes of the source, or chunks of a trusted source index).
@@ -432,7 +434,12 @@ pub async fn sync_held(
     let (mut done, error) =
         push_chunks(&src.store, layout, &dest, work, opts.window, Some(progress)).await;
     done.extend(inline_done);
-    let mut held = dst_digests;
+    // What the destination now holds: the source's digest where they matched (the destination
+    // may have sent a prefix only), the pushed digest where a chunk was sent.
+    let mut held = src_digests.clone();
+    for &i in &differing {
+        held[i as usize] = dst_digests[i as usize];
+    }
     for (i, p) in &done {
         report.data_bytes += p.data_bytes;
         report.zero_bytes += p.zero_bytes;
@@ -557,6 +564,7 @@ fn inline_hook(dest: DynDest, inline: Arc<Inline>) -> digest::PieceHook {
         let rt = tokio::runtime::Handle::current();
         let layout = inline.layout;
         let theirs = rt.block_on(inline.theirs(&dest))?;
+        let n = dest.digest_len();
         let mut off = 0usize;
         for (k, want) in digests.iter().enumerate() {
             if inline.error.lock().is_some() {
@@ -567,10 +575,10 @@ fn inline_hook(dest: DynDest, inline: Arc<Inline>) -> digest::PieceHook {
             let data = &buf[off..off + len];
             off += len;
             let have = theirs[i as usize];
-            if *want == have {
+            if digest::same(want, &have, n) {
                 continue;
             }
-            let zero_there = have == layout.zero_digest(i);
+            let zero_there = digest::same(&have, &layout.zero_digest(i), n);
             if let Some(local) = dest.as_local() {
                 inline.started.lock().insert(i);
                 let r = rt.block_on(push_local_data(local, i, data, *want, zero_there));
@@ -613,6 +621,28 @@ pub async fn push_chunks(
     window: usize,
     progress: Option<&dyn Progress>,
 ) -> (Vec<(u64, Pushed)>, Option<(StoreError, Vec<u64>)>) {
+    let (src, dest) = (src.clone(), dest.clone());
+    run_window(work, window, progress, move |i, have| {
+        let (store, dest) = (src.clone(), dest.clone());
+        async move { push_chunk(&store, layout, &dest, i, have).await }
+    })
+    .await
+}
+
+/// Run `f` on every `(chunk, item)` of `work` with `window` in flight. Returns what was done
+/// and, after a failure, the first error and the chunks started but not confirmed. After a
+/// failure no new chunk starts; those in flight finish.
+pub async fn run_window<T, F, Fut>(
+    work: Vec<(u64, T)>,
+    window: usize,
+    progress: Option<&dyn Progress>,
+    f: F,
+) -> (Vec<(u64, Pushed)>, Option<(StoreError, Vec<u64>)>)
+where
+    T: Send + 'static,
+    F: Fn(u64, T) -> Fut,
+    Fut: std::future::Future<Output = Result<Pushed>> + Send + 'static,
+{
     let sem = Arc::new(Semaphore::new(window.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     let mut error: Option<StoreError> = None;
@@ -625,14 +655,14 @@ pub async fn push_chunks(
             let Ok(permit) = sem.clone().try_acquire_owned() else {
                 break;
             };
-            let Some((i, have)) = next.next() else {
+            let Some((i, item)) = next.next() else {
                 drop(permit);
                 break;
             };
             started.insert(i);
-            let (store, dest) = (src.clone(), dest.clone());
+            let fut = f(i, item);
             tasks.spawn(async move {
-                let r = push_chunk(&store, layout, &dest, i, have).await;
+                let r = fut.await;
                 drop(permit);
                 (i, r)
             });
