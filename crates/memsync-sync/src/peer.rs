@@ -54,6 +54,8 @@ pub struct PeerConfig {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// The file under the store (a `file:` store), for its persisted index.
     pub index_file: Option<PathBuf>,
+    /// Do not flush the store when a client commits (see [`LocalDest::set_durable`]).
+    pub no_fsync: bool,
 }
 
 /// A peer serving one store to sync clients, one sync at a time.
@@ -154,7 +156,10 @@ impl Peer {
             chunk_size,
             self.cfg.index_file.as_deref(),
         ) {
-            Ok(d) => Arc::new(d),
+            Ok(d) => {
+                d.set_durable(!self.cfg.no_fsync);
+                Arc::new(d)
+            }
             Err(e) => return refuse(&mut w, e.chain(), &self.sent).await,
         };
         let io = |e| store_err(e, "writing");

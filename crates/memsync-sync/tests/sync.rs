@@ -108,6 +108,7 @@ async fn peer(
         PeerConfig {
             tls,
             index_file: Some(file.clone()),
+            ..PeerConfig::default()
         },
     );
     let h = tokio::spawn(async move {
@@ -619,6 +620,7 @@ async fn read_only_peer(
         PeerConfig {
             tls: None,
             index_file: Some(file),
+            ..PeerConfig::default()
         },
     );
     let h = tokio::spawn(async move {

@@ -47,7 +47,7 @@ pub struct SyncArgs {
     pub no_index: bool,
     /// Do not flush a `file:` destination at the end (like rsync without --fsync): faster, but
     /// a crash of the machine can lose what was synced; its digest index is then trusted until
-    /// the next boot only.
+    /// the next boot only. With --listen: the peer does not flush its store on a commit.
     #[arg(long)]
     pub no_fsync: bool,
     /// Compress changed data on the wire to a peer with lz4 (where it shrinks: pays on a slow
@@ -333,6 +333,9 @@ fn listen(ctx: &Context, a: SyncArgs) -> Result<()> {
     let [store_url] = &a.stores[..] else {
         bail!("--listen takes one STORE");
     };
+    if a.no_fsync && file_of(store_url).is_none() {
+        bail!("--no-fsync is for a file: store");
+    }
     let addr = a.listen.clone().unwrap_or_default();
     let store = ctx.open(store_url)?;
     let tls = match (&a.tls_cert, &a.tls_key) {
@@ -344,6 +347,7 @@ fn listen(ctx: &Context, a: SyncArgs) -> Result<()> {
         PeerConfig {
             tls,
             index_file: (!a.no_index).then(|| file_of(store_url)).flatten(),
+            no_fsync: a.no_fsync,
         },
     );
     ctx.rt.block_on(async {
