@@ -735,3 +735,33 @@ async fn compression_is_negotiated_and_sends_less_for_text_both_ways() {
     assert!(push_lz4 * 2 < push_plain, "{sent:?}");
     assert!(pull_lz4 * 2 < pull_plain, "{sent:?}");
 }
+
+/// A destination that was scanned and not written saves its index only if the file is as it
+/// was when the scan began: a change during the sync must not be covered by old digests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scanned_index_is_not_saved_over_a_change_made_after_the_scan() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("d.img");
+    std::fs::write(&file, base(51, 1 << 20)).unwrap();
+    let store: DynStore = Arc::new(
+        memsync_local::FileStore::open(&file, memsync_local::FileOptions::default()).unwrap(),
+    );
+    let dest = LocalDest::new(store, CHUNK, Some(&file)).unwrap();
+    let before = dest.digests().await.unwrap();
+    // Another program changes the file after the scan, before the commit.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .and_then(|h| std::os::unix::fs::FileExt::write_all_at(&h, &[9u8; 4096], 0))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    dest.commit().await.unwrap();
+    let layout = Layout::new(1 << 20, CHUNK).unwrap();
+    match IndexFile::for_file(&file).load(layout) {
+        Ok(d) => panic!(
+            "an index was saved over the change (chunk 0 old: {})",
+            d[0] == before[0]
+        ),
+        Err(s) => assert_ne!(s, memsync_sync::index::IndexStatus::Used),
+    }
+}
