@@ -6,11 +6,15 @@
 //! one after another in the same sample (so runs alternate), and every destination is verified
 //! byte for byte (BLAKE3 of the whole file) before the next sample. Subjects:
 //! - `memsync`: the library's sync with the digest index next to both files (what
-//!   `memsync sync file:A file:B` does), timed from opening the stores;
+//!   `memsync sync --no-fsync file:A file:B` does), timed from opening the stores; like rsync
+//!   it leaves the written data in the page cache;
+//! - `memsync-fsync`: the same with the destination flushed at the end (`memsync sync`'s
+//!   default);
 //! - `rsync-B4096`: `rsync -t --inplace --no-whole-file -B4096` (its best setting here);
 //! - `rsync`: `rsync -t --inplace --no-whole-file` (rsync's default block size);
 //! - remote (`peer rtt=N`): memsync to a `memsync sync --listen` child, and rsync to an rsync
-//!   daemon on loopback, both through the in-process delay proxy at 0 and 30 ms RTT.
+//!   daemon on loopback, both through the in-process delay proxy at 0 and 30 ms RTT (the peer
+//!   runs with `--no-fsync`, as the rsync daemon does not flush either).
 //!
 //! Metrics: seconds; bytes moved (memsync local: data bytes written; memsync remote: bytes on
 //! the wire both ways; rsync: its `--stats` total bytes sent + received); and that over the
@@ -95,8 +99,9 @@ fn open(path: &Path) -> Result<DynStore> {
     Ok(Arc::new(FileStore::open(path, FileOptions::default())?))
 }
 
-/// memsync local→local; returns (seconds, data bytes).
-fn memsync_local(env: &Env<'_>, src: &Path, dst: &Path) -> Result<(f64, u64)> {
+/// memsync local→local (`durable`: flush the destination, as `--no-fsync` does not); returns
+/// (seconds, data bytes).
+fn memsync_local(env: &Env<'_>, src: &Path, dst: &Path, durable: bool) -> Result<(f64, u64)> {
     let t = Instant::now();
     let r = env.rt.block_on(async {
         let source = Source {
@@ -104,6 +109,7 @@ fn memsync_local(env: &Env<'_>, src: &Path, dst: &Path) -> Result<(f64, u64)> {
             index: Some(IndexFile::for_file(src)),
         };
         let dest = Arc::new(LocalDest::new(open(dst)?, CHUNK, Some(dst))?);
+        dest.set_durable(durable);
         anyhow::Ok(memsync_sync::sync(&source, dest, SyncOptions::default(), &NoProgress).await?)
     })?;
     Ok((t.elapsed().as_secs_f64(), r.data_bytes + r.zero_bytes))
@@ -234,7 +240,7 @@ fn cases(
 
 fn spawn_peer(exe: &Path, dst: &Path) -> Result<(Proc, String)> {
     let mut c = Command::new(exe)
-        .args(["sync", "--listen", "127.0.0.1:0"])
+        .args(["sync", "--no-fsync", "--listen", "127.0.0.1:0"])
         .arg(format!("file:{}", dst.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -291,16 +297,22 @@ pub fn run(b: &mut Bench, env: &Env<'_>) -> Result<()> {
     };
 
     // Local to local.
-    let (m, r4, rd) = (copy("m.img")?, copy("r4.img")?, copy("rd.img")?);
+    let (m, mf, r4, rd) = (
+        copy("m.img")?,
+        copy("mf.img")?,
+        copy("r4.img")?,
+        copy("rd.img")?,
+    );
     let subjects = vec![
-        subject_memsync_local(env, &src, &m),
+        subject_memsync_local(env, &src, &m, false),
+        subject_memsync_local(env, &src, &mf, true),
         subject_rsync(&src, &r4, r4.display().to_string(), true),
         subject_rsync(&src, &rd, rd.display().to_string(), false),
     ];
     cases(b, "local", &src, size, &subjects, &mut rng)?;
     cli_unchanged(b, &env.exe, &src, &m)?;
     drop(subjects);
-    for p in [&m, &r4, &rd] {
+    for p in [&m, &mf, &r4, &rd] {
         std::fs::remove_file(p)?;
     }
 
@@ -349,12 +361,17 @@ pub fn run(b: &mut Bench, env: &Env<'_>) -> Result<()> {
     Ok(())
 }
 
-fn subject_memsync_local<'a>(env: &'a Env<'a>, src: &Path, dst: &Path) -> Subject<'a> {
+fn subject_memsync_local<'a>(
+    env: &'a Env<'a>,
+    src: &Path,
+    dst: &Path,
+    durable: bool,
+) -> Subject<'a> {
     let (s, d) = (src.to_owned(), dst.to_owned());
     Subject {
-        name: "memsync".into(),
+        name: if durable { "memsync-fsync" } else { "memsync" }.into(),
         dst: dst.to_owned(),
-        run: Box::new(move || memsync_local(env, &s, &d)),
+        run: Box::new(move || memsync_local(env, &s, &d, durable)),
     }
 }
 

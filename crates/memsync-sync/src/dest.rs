@@ -61,7 +61,7 @@ pub trait Dest: Send + Sync + fmt::Debug {
     /// The strong digest of every chunk (from an index where one is valid).
     async fn digests(&self) -> Result<Vec<Digest>>;
     /// The page digests of chunk `i`.
-    async fn page_digests(&self, i: u64) -> Result<Vec<u64>>;
+    async fn page_digests(&self, i: u64) -> Result<Vec<u32>>;
     /// Apply runs to chunk `i` if the result has digest `digest` (see the module docs).
     async fn patch(&self, i: u64, digest: Digest, runs: Vec<Run>) -> Result<PatchOutcome>;
     /// Make everything applied durable (and persist the index). A commit point: more patches
@@ -71,6 +71,11 @@ pub trait Dest: Send + Sync + fmt::Debug {
     /// bytes exactly instead of exchanging page digests (see [`LocalDest::apply_exact`]).
     fn as_local(&self) -> Option<&LocalDest> {
         None
+    }
+    /// Bytes of each digest of [`Dest::digests`] that are real: the rest are zero. Digests are
+    /// compared on this prefix.
+    fn digest_len(&self) -> usize {
+        32
     }
     /// Bytes sent to and received from a remote destination so far.
     fn wire(&self) -> (u64, u64) {
@@ -105,9 +110,13 @@ pub struct LocalDest {
     /// Digests of what the store holds, once known; `None` entries are unknown.
     digests: Mutex<Option<Vec<Digest>>>,
     index_status: Mutex<IndexStatus>,
+    /// The file's state when its scan began (to save the index only if nothing changed it).
+    scanned_from: Mutex<Option<(FileState, i64)>>,
     /// A write failed: some chunk may be half-written, so no index may be saved.
     broken: AtomicBool,
     wrote: AtomicBool,
+    /// Flush the store on commit (see [`LocalDest::set_durable`]).
+    durable: AtomicBool,
     scan: Mutex<ScanStats>,
     read: AtomicU64,
     written: AtomicU64,
@@ -165,18 +174,30 @@ impl LocalDest {
     /// A destination on `store`, cut into chunks of `chunk_size`, with the index of `file`
     /// if given (the path of a `file:` store).
     pub fn new(store: DynStore, chunk_size: u64, file: Option<&std::path::Path>) -> Result<Self> {
-        let layout = Layout::new(store.size(), chunk_size)?;
         if store.caps().read_only {
             return Err(StoreError::ReadOnly);
         }
+        Self::for_reading(store, chunk_size, file)
+    }
+
+    /// A `LocalDest` that is only read: the source of a pull ([`LocalDest::pull`]). The store
+    /// may be read-only.
+    pub fn for_reading(
+        store: DynStore,
+        chunk_size: u64,
+        file: Option<&std::path::Path>,
+    ) -> Result<Self> {
+        let layout = Layout::new(store.size(), chunk_size)?;
         Ok(LocalDest {
             store,
             layout,
             index: file.map(IndexFile::for_file),
             digests: Mutex::new(None),
             index_status: Mutex::new(IndexStatus::None),
+            scanned_from: Mutex::new(None),
             broken: AtomicBool::new(false),
             wrote: AtomicBool::new(false),
+            durable: AtomicBool::new(true),
             scan: Mutex::new(ScanStats::default()),
             read: AtomicU64::new(0),
             written: AtomicU64::new(0),
@@ -186,6 +207,14 @@ impl LocalDest {
 
     pub fn store(&self) -> &DynStore {
         &self.store
+    }
+
+    /// Whether [`Dest::commit`] flushes the store (on by default). Off, a commit of a `file:`
+    /// store returns with the data in the page cache, as `rsync` does without `--fsync`: a
+    /// crash can lose it, and the index then saved is trusted in this boot only (see
+    /// [`crate::index`]).
+    pub fn set_durable(&self, on: bool) {
+        self.durable.store(on, Relaxed);
     }
 
     /// Why the index was or was not used.
@@ -221,6 +250,24 @@ impl LocalDest {
         let (base, len) = self.layout.chunk(i);
         check_runs(runs, len)?;
         self.write_chunk(i, base, digest, runs).await
+    }
+
+    /// Pull: chunk `i` as its digest and the runs that differ from `pages` (the page digests
+    /// of the puller's copy; empty: the whole chunk, zero pages as zero runs).
+    pub async fn pull(&self, i: u64, pages: &[u32]) -> Result<(Digest, Vec<Run>)> {
+        if i >= self.layout.chunks() {
+            return Err(StoreError::backend(format!("no chunk {i}")));
+        }
+        let data = self.read_chunk(i).await?.freeze();
+        if !pages.is_empty() && pages.len() != data.len().div_ceil(digest::PAGE as usize) {
+            return Err(StoreError::backend(format!(
+                "{} page digests for chunk {i} of {} bytes",
+                pages.len(),
+                data.len()
+            )));
+        }
+        let runs = crate::engine::diff_runs(&data, crate::engine::Theirs::Pages(pages));
+        Ok((digest::chunk_digest(&data), runs))
     }
 
     async fn write_chunk(&self, i: u64, base: u64, want: Digest, runs: &[Run]) -> Result<()> {
@@ -277,14 +324,15 @@ impl Dest for LocalDest {
                 }
                 Err(status) => *self.index_status.lock() = status,
             }
+            *self.scanned_from.lock() = index.state_now().ok();
         }
-        let (d, stats) = digest::scan(&*self.store, self.layout, &|_| {}).await?;
+        let (d, stats) = digest::scan(&self.store, self.layout, &|_| {}, None).await?;
         *self.scan.lock() = stats;
         *self.digests.lock() = Some(d.clone());
         Ok(d)
     }
 
-    async fn page_digests(&self, i: u64) -> Result<Vec<u64>> {
+    async fn page_digests(&self, i: u64) -> Result<Vec<u32>> {
         if i >= self.layout.chunks() {
             return Err(StoreError::backend(format!("no chunk {i}")));
         }
@@ -331,19 +379,26 @@ impl Dest for LocalDest {
     }
 
     async fn commit(&self) -> Result<DestStats> {
-        self.store.flush().await?;
+        let durable = self.durable.load(Relaxed);
+        if durable {
+            self.store.flush().await?;
+        }
         let Some(index) = &self.index else {
             return Ok(self.stats());
         };
         let digests = self.digests.lock().clone();
         match digests {
             Some(d) if !self.broken.load(Relaxed) => {
-                let unchanged =
-                    !self.wrote.load(Relaxed) && *self.index_status.lock() == IndexStatus::Used;
-                if !unchanged {
+                let wrote = self.wrote.load(Relaxed);
+                let unchanged = !wrote && *self.index_status.lock() == IndexStatus::Used;
+                // Not written by this sync: the digests are those of the scan, valid only if
+                // the file did not change since it began (a pull's source, or a destination
+                // that was already equal).
+                let from = (!wrote).then(|| *self.scanned_from.lock()).flatten();
+                if !unchanged && (wrote || from.is_some()) {
                     let index = index.clone();
                     let layout = self.layout;
-                    tokio::task::spawn_blocking(move || index.save(layout, &d, None))
+                    tokio::task::spawn_blocking(move || index.save(layout, &d, from, durable))
                         .await
                         .map_err(|e| StoreError::backend(format!("index task: {e}")))?
                         .map_err(|e| StoreError::io("saving the digest index", e))?;
@@ -363,6 +418,7 @@ pub async fn source_digests(
     layout: Layout,
     index: Option<&IndexFile>,
     progress: &(dyn Fn(u64) + Sync),
+    hook: Option<digest::PieceHook>,
 ) -> Result<(
     Vec<Digest>,
     ScanStats,
@@ -381,7 +437,7 @@ pub async fn source_digests(
         }
         before = index.state_now().ok();
     }
-    let (d, stats) = digest::scan(&**store, layout, progress).await?;
+    let (d, stats) = digest::scan(store, layout, progress, hook).await?;
     Ok((d, stats, status, before))
 }
 

@@ -3,17 +3,18 @@
 //! Two levels:
 //! - every chunk has a strong digest, BLAKE3-256 of its bytes: two chunks are taken as equal
 //!   only when these match;
-//! - inside a chunk whose strong digests differ, 4 KiB pages are compared by xxh3-64, which is
+//! - inside a chunk whose strong digests differ, 4 KiB pages are compared by 32 bits of xxh3, which is
 //!   ~3x cheaper than BLAKE3 per page here. A page-digest collision could hide a changed page,
 //!   so every patched chunk is checked against the source's strong digest before it is written
 //!   (see [`crate::dest`]); a mismatch sends the whole chunk. The weak digest only decides how
 //!   little to send, never whether the result is right.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use bytes::BytesMut;
 use futures_util::{StreamExt, stream};
-use memsync_core::{Result, Store, StoreError};
+use memsync_core::{DynStore, Result, Store, StoreError};
 use parking_lot::Mutex;
 
 /// The unit of sub-chunk deltas.
@@ -31,11 +32,22 @@ pub fn chunk_digest(data: &[u8]) -> Digest {
     *blake3::hash(data).as_bytes()
 }
 
-/// xxh3-64 of each 4 KiB page of `data` (the last page may be shorter).
-pub fn page_digests(data: &[u8]) -> Vec<u64> {
-    data.chunks(PAGE as usize)
-        .map(twox_hash::XxHash3_64::oneshot)
-        .collect()
+/// Two chunk digests agree in their first `n` bytes (a remote destination sends a prefix, see
+/// [`crate::proto::WIRE_DIGEST`]).
+pub fn same(a: &Digest, b: &Digest, n: usize) -> bool {
+    a[..n.min(32)] == b[..n.min(32)]
+}
+
+/// The weak digest of a page: the low 32 bits of its xxh3-64. It only decides which pages of
+/// a changed chunk are sent; a collision (about 2^-32 per page) hides a changed page from the
+/// diff, which the chunk's strong check then catches, and the whole chunk is sent.
+pub fn page_digest(page: &[u8]) -> u32 {
+    twox_hash::XxHash3_64::oneshot(page) as u32
+}
+
+/// [`page_digest`] of each 4 KiB page of `data` (the last page may be shorter).
+pub fn page_digests(data: &[u8]) -> Vec<u32> {
+    data.chunks(PAGE as usize).map(page_digest).collect()
 }
 
 /// All bytes are zero.
@@ -163,15 +175,26 @@ async fn zero_chunks(store: &dyn Store, layout: Layout) -> Result<Vec<bool>> {
     Ok(zero)
 }
 
-/// The strong digest of every chunk of `store`, read in 4 MiB pieces with several in flight
-/// and hashed on tokio's blocking pool (so both cores hash). Chunks the store reports as holes
-/// or zeros are neither read nor hashed. `progress` is called with bytes covered.
+/// Called for each piece a scan hashed, on the thread that hashed it, while the bytes are still
+/// in memory (and in the CPU's cache): the index of the piece's first chunk, its bytes and the
+/// digests of its chunks. The sync uses it to patch a local destination without reading or
+/// hashing a changed chunk a second time. An error ends the scan.
+pub type PieceHook = Arc<dyn Fn(u64, &[u8], &[Digest]) -> Result<()> + Send + Sync>;
+
+/// The strong digest of every chunk of `store`, read in pieces of up to 4 MiB with several in
+/// flight. Each piece is read and hashed by the same thread of tokio's blocking pool: for a
+/// local file the read is a copy out of the page cache that costs about as much as hashing, so
+/// reading on one thread and hashing on others left the reader as the bottleneck, and hashing
+/// right after the read finds the bytes still in the cache. Chunks the store reports as holes
+/// or zeros are neither read nor hashed. `progress` is called with bytes covered; `hook` (see
+/// [`PieceHook`]) with every piece hashed.
 pub async fn scan(
-    store: &dyn Store,
+    store: &DynStore,
     layout: Layout,
     progress: &(dyn Fn(u64) + Sync),
+    hook: Option<PieceHook>,
 ) -> Result<(Vec<Digest>, ScanStats)> {
-    let zero = zero_chunks(store, layout).await?;
+    let zero = zero_chunks(&**store, layout).await?;
     let mut digests = vec![[0u8; 32]; zero.len()];
     let mut stats = ScanStats::default();
     // Pieces: runs of non-zero chunks, at most PIECE bytes each.
@@ -194,33 +217,57 @@ pub async fn scan(
         pieces.push(start..i);
     }
     let pool = Arc::new(Pool::default());
+    // Two per core: a piece of a remote store waits on the network, not on a core.
     let concurrency = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
+    let rt = tokio::runtime::Handle::current();
+    let failed = Arc::new(AtomicBool::new(false));
     let mut s = stream::iter(pieces)
         .map(|r| {
-            let pool = pool.clone();
+            let (pool, store, hook, rt) = (pool.clone(), store.clone(), hook.clone(), rt.clone());
+            let failed = failed.clone();
             async move {
                 let (off, _) = layout.chunk(r.start);
                 let (lo, ll) = layout.chunk(r.end - 1);
                 let len = lo + ll - off;
-                let mut buf = pool.get(len as usize);
-                store
-                    .read(off, &mut buf)
-                    .await
-                    .map_err(|e| e.context(format!("reading {off}+{len} to hash it")))?;
-                let cs = layout.chunk_size as usize;
+                let first = r.start;
+                let flag = failed.clone();
                 let out = tokio::task::spawn_blocking(move || {
-                    let d: Vec<Digest> = buf.chunks(cs).map(chunk_digest).collect();
+                    if flag.load(Relaxed) {
+                        return Ok(None);
+                    }
+                    let mut buf = pool.get(len as usize);
+                    rt.block_on(store.read(off, &mut buf))
+                        .map_err(|e| e.context(format!("reading {off}+{len} to hash it")))?;
+                    let d: Vec<Digest> = buf
+                        .chunks(layout.chunk_size as usize)
+                        .map(chunk_digest)
+                        .collect();
+                    if let Some(hook) = &hook {
+                        hook(first, &buf, &d)?;
+                    }
                     pool.put(buf);
-                    d
+                    Ok::<_, StoreError>(Some(d))
                 })
                 .await
-                .map_err(|e| StoreError::backend(format!("hashing task failed: {e}")))?;
+                .map_err(|e| StoreError::backend(format!("hashing task failed: {e}")))
+                .and_then(|r| r)
+                .inspect_err(|_| failed.store(true, Relaxed))?;
                 Ok::<_, StoreError>((r, len, out))
             }
         })
         .buffer_unordered(concurrency);
+    // After a failure no piece starts, and the scan returns only when those running have
+    // ended: a hook must not act after its scan has returned.
+    let mut error = None;
     while let Some(res) = s.next().await {
-        let (r, len, d) = res?;
+        let (r, len, d) = match res {
+            Ok((r, len, Some(d))) => (r, len, d),
+            Ok((_, _, None)) => continue,
+            Err(e) => {
+                error.get_or_insert(e);
+                continue;
+            }
+        };
         for (k, i) in r.enumerate() {
             digests[i as usize] = d[k];
         }
@@ -228,7 +275,10 @@ pub async fn scan(
         stats.hashed += len;
         progress(len);
     }
-    Ok((digests, stats))
+    match error {
+        Some(e) => Err(e),
+        None => Ok((digests, stats)),
+    }
 }
 
 /// Read chunk `i` of `store` into a new buffer.

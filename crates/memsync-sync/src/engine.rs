@@ -112,7 +112,7 @@ pub enum Theirs<'a> {
     /// All zeros.
     Zero,
     /// Its page digests.
-    Pages(&'a [u64]),
+    Pages(&'a [u32]),
     /// Its bytes.
     Bytes(&'a [u8]),
 }
@@ -120,41 +120,57 @@ pub enum Theirs<'a> {
 /// Runs of pages of `data` that differ from `theirs`. Adjacent pages merge; zero pages become
 /// zero runs without data.
 pub fn diff_runs(data: &bytes::Bytes, theirs: Theirs<'_>) -> Vec<Run> {
+    diff_ranges(data, theirs)
+        .into_iter()
+        .map(|(s, e, zero)| Run {
+            off: s as u32,
+            len: (e - s) as u32,
+            data: (!zero).then(|| data.slice(s..e)),
+        })
+        .collect()
+}
+
+/// [`diff_runs`] of bytes that are not in a [`bytes::Bytes`] (a scan's buffer): only the
+/// changed pages are copied.
+fn diff_runs_copied(data: &[u8], theirs: Theirs<'_>) -> Vec<Run> {
+    diff_ranges(data, theirs)
+        .into_iter()
+        .map(|(s, e, zero)| Run {
+            off: s as u32,
+            len: (e - s) as u32,
+            data: (!zero).then(|| bytes::Bytes::copy_from_slice(&data[s..e])),
+        })
+        .collect()
+}
+
+/// `(start, end, zero)` of the runs of [`diff_runs`].
+fn diff_ranges(data: &[u8], theirs: Theirs<'_>) -> Vec<(usize, usize, bool)> {
     let page = PAGE as usize;
-    let mut runs: Vec<Run> = Vec::new();
+    let mut runs = Vec::new();
     // (start, end, zero) of the run being built.
     let mut cur: Option<(usize, usize, bool)> = None;
-    let flush = |cur: &mut Option<(usize, usize, bool)>, runs: &mut Vec<Run>| {
-        if let Some((s, e, zero)) = cur.take() {
-            runs.push(Run {
-                off: s as u32,
-                len: (e - s) as u32,
-                data: (!zero).then(|| data.slice(s..e)),
-            });
-        }
-    };
     for (p, chunk) in data.chunks(page).enumerate() {
         let zero = digest::is_zero(chunk);
         let s = p * page;
         let e = s + chunk.len();
         let differs = match theirs {
             Theirs::Zero => !zero,
-            Theirs::Pages(t) => t.get(p) != Some(&twox_hash::XxHash3_64::oneshot(chunk)),
+            Theirs::Pages(t) => t.get(p) != Some(&digest::page_digest(chunk)),
             Theirs::Bytes(b) => b.get(s..e) != Some(chunk),
         };
         if !differs {
-            flush(&mut cur, &mut runs);
+            runs.extend(cur.take());
             continue;
         }
         match &mut cur {
             Some((_, end, z)) if *z == zero => *end = e,
             _ => {
-                flush(&mut cur, &mut runs);
+                runs.extend(cur.take());
                 cur = Some((s, e, zero));
             }
         }
     }
-    flush(&mut cur, &mut runs);
+    runs.extend(cur);
     runs
 }
 
@@ -168,7 +184,8 @@ pub async fn push_chunk(
     i: u64,
     dest_digest: Option<Digest>,
 ) -> Result<Pushed> {
-    let zero_there = dest_digest.is_some_and(|d| d == layout.zero_digest(i));
+    let n = dest.digest_len();
+    let zero_there = dest_digest.is_some_and(|d| digest::same(&d, &layout.zero_digest(i), n));
     if let Some(local) = dest.as_local() {
         return push_local(src, layout, local, i, dest_digest, zero_there).await;
     }
@@ -181,13 +198,25 @@ pub async fn push_chunk(
     };
     let data = digest::read_chunk(&**src, layout, i).await?.freeze();
     let want = digest::chunk_digest(&data);
-    if dest_digest == Some(want) {
+    if dest_digest.is_some_and(|d| digest::same(&d, &want, n)) {
         return Ok(Pushed {
             digest: want,
             unchanged: true,
             ..Pushed::default()
         });
     }
+    push_remote_data(dest, i, data, want, theirs).await
+}
+
+/// Make chunk `i` of a remote `dest` equal to `data` (digest `want`), given the destination's
+/// page digests of the chunk (`None`: it is all zeros).
+async fn push_remote_data(
+    dest: &DynDest,
+    i: u64,
+    data: bytes::Bytes,
+    want: Digest,
+    theirs: Option<Vec<u32>>,
+) -> Result<Pushed> {
     if let Some(t) = &theirs
         && t.len() as u64 != data.len().div_ceil(PAGE as usize) as u64
     {
@@ -235,7 +264,7 @@ pub async fn push_chunk(
     })
 }
 
-fn run_bytes(runs: &[Run]) -> (u64, u64) {
+pub(crate) fn run_bytes(runs: &[Run]) -> (u64, u64) {
     runs.iter().fold((0, 0), |(d, z), r| match r.data {
         Some(_) => (d + r.len as u64, z),
         None => (d, z + r.len as u64),
@@ -252,7 +281,7 @@ async fn push_local(
     dest_digest: Option<Digest>,
     zero_there: bool,
 ) -> Result<Pushed> {
-    let data = digest::read_chunk(&**src, layout, i).await?.freeze();
+    let data = digest::read_chunk(&**src, layout, i).await?;
     let want = digest::chunk_digest(&data);
     if dest_digest == Some(want) {
         return Ok(Pushed {
@@ -261,11 +290,22 @@ async fn push_local(
             ..Pushed::default()
         });
     }
+    push_local_data(local, i, &data, want, zero_there).await
+}
+
+/// Make chunk `i` of `local` equal to `data`, whose digest is `want`.
+async fn push_local_data(
+    local: &crate::dest::LocalDest,
+    i: u64,
+    data: &[u8],
+    want: Digest,
+    zero_there: bool,
+) -> Result<Pushed> {
     let runs = if zero_there {
-        diff_runs(&data, Theirs::Zero)
+        diff_runs_copied(data, Theirs::Zero)
     } else {
         let old = local.read_chunk(i).await?;
-        diff_runs(&data, Theirs::Bytes(&old))
+        diff_runs_copied(data, Theirs::Bytes(&old))
     };
     local.apply_exact(i, want, &runs).await?;
     let (data_bytes, zero_bytes) = run_bytes(&runs);
@@ -331,36 +371,75 @@ pub async fn sync_held(
     }
     progress.phase("hash", layout.size);
     let inc = |n| progress.inc(n);
+    // The destination's digests are fetched while the source is scanned; the scan patches each
+    // changed chunk as soon as both digests of it are known, while its bytes are in memory.
+    let inline = Arc::new(Inline::new(layout, opts.window));
+    let hook = inline_hook(dest.clone(), inline.clone());
     let (s, d) = tokio::join!(
-        source_digests(&src.store, layout, src.index.as_ref(), &inc),
-        dest.digests()
+        source_digests(&src.store, layout, src.index.as_ref(), &inc, Some(hook)),
+        inline.theirs(&dest)
     );
-    let (src_digests, scan, status, before) = s.map_err(|e| fail(e, &report))?;
-    let dst_digests = d.map_err(|e| fail(e.context("destination digests"), &report))?;
+    // Remote patches the scan started.
+    let tasks = std::mem::take(&mut *inline.tasks.lock());
+    for t in tasks {
+        if let Err(e) = t.await {
+            inline.fail(StoreError::backend(format!("chunk task failed: {e}")));
+        }
+    }
+    let inline_done = std::mem::take(&mut *inline.done.lock());
+    let inline_started: Vec<u64> = inline.started.lock().iter().copied().collect();
+    let inline_error = inline.error.lock().take();
+    let (src_digests, scan, status, before) = match s {
+        Ok(s) if inline_error.is_none() => s,
+        s => {
+            // Chunks the scan patched are new; every other one still holds its old bytes,
+            // except those being patched when the scan failed.
+            let e = inline_error.unwrap_or_else(|| {
+                s.err()
+                    .unwrap_or_else(|| StoreError::backend("scan failed"))
+            });
+            let done: std::collections::HashSet<u64> = inline_done.iter().map(|x| x.0).collect();
+            for (_, p) in &inline_done {
+                report.data_bytes += p.data_bytes;
+                report.zero_bytes += p.zero_bytes;
+                report.resent_whole += p.resent_whole as u64;
+                report.updated += (!p.unchanged) as u64;
+            }
+            let (ws, wr) = dest.wire();
+            report.wire_sent = ws;
+            report.wire_received = wr;
+            report.pending = ranges((0..layout.chunks()).filter(|i| !done.contains(i)).collect());
+            report.uncertain = inline_started;
+            report.elapsed = t0.elapsed();
+            return Err(fail(e, &report));
+        }
+    };
+    let dst_digests = d.map(|d| d.to_vec()).map_err(|e| fail(e, &report))?;
     report.src_scan = scan;
     report.src_index = status_text(&status);
     report.hash_time = t0.elapsed();
-    if dst_digests.len() != src_digests.len() {
-        let e = StoreError::backend(format!(
-            "destination sent {} digests for {} chunks",
-            dst_digests.len(),
-            src_digests.len()
-        ));
-        return Err(fail(e, &report));
-    }
+    let n = dest.digest_len();
     let differing: Vec<u64> = (0..layout.chunks())
-        .filter(|&i| src_digests[i as usize] != dst_digests[i as usize])
+        .filter(|&i| !digest::same(&src_digests[i as usize], &dst_digests[i as usize], n))
         .collect();
     report.differing = differing.len() as u64;
-    progress.phase("send", differing.len() as u64);
-
-    let work = differing
+    // What the scan did not patch (holes of the source, or chunks of a trusted source index).
+    let patched: std::collections::HashSet<u64> = inline_done.iter().map(|x| x.0).collect();
+    let work: Vec<_> = differing
         .iter()
+        .filter(|i| !patched.contains(i))
         .map(|&i| (i, Some(dst_digests[i as usize])))
         .collect();
-    let (done, error) =
+    progress.phase("send", work.len() as u64);
+    let (mut done, error) =
         push_chunks(&src.store, layout, &dest, work, opts.window, Some(progress)).await;
-    let mut held = dst_digests;
+    done.extend(inline_done);
+    // What the destination now holds: the source's digest where they matched (the destination
+    // may have sent a prefix only), the pushed digest where a chunk was sent.
+    let mut held = src_digests.clone();
+    for &i in &differing {
+        held[i as usize] = dst_digests[i as usize];
+    }
     for (i, p) in &done {
         report.data_bytes += p.data_bytes;
         report.zero_bytes += p.zero_bytes;
@@ -395,15 +474,140 @@ pub async fn sync_held(
     report.wire_received = wr;
     if let (Some(index), Some(before)) = (&src.index, before) {
         let index = index.clone();
-        let saved =
-            tokio::task::spawn_blocking(move || index.save(layout, &src_digests, Some(before)))
-                .await;
+        let saved = tokio::task::spawn_blocking(move || {
+            index.save(layout, &src_digests, Some(before), false)
+        })
+        .await;
         if let Ok(Err(e)) | Err(e) = saved.map_err(std::io::Error::other) {
             tracing::warn!("could not save the source's digest index: {e}");
         }
     }
     report.elapsed = t0.elapsed();
     Ok((report, held))
+}
+
+/// Chunks a scan patched in passing (see [`inline_hook`]).
+struct Inline {
+    layout: Layout,
+    /// The destination's digests, or why they could not be had.
+    theirs: tokio::sync::OnceCell<Result<Arc<Vec<Digest>>, String>>,
+    done: parking_lot::Mutex<Vec<(u64, Pushed)>>,
+    /// Being patched now.
+    started: parking_lot::Mutex<std::collections::BTreeSet<u64>>,
+    /// Patches of a remote destination under way, and a bound on the chunks they hold.
+    tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    held: Arc<Semaphore>,
+    /// The first failed patch.
+    error: parking_lot::Mutex<Option<StoreError>>,
+}
+
+/// Bytes of changed chunks held for a remote destination's answers.
+const INLINE_HELD: u64 = 64 << 20;
+
+impl Inline {
+    fn new(layout: Layout, window: usize) -> Self {
+        let held = (INLINE_HELD / layout.chunk_size).clamp(1, window.max(1) as u64);
+        Inline {
+            layout,
+            theirs: tokio::sync::OnceCell::new(),
+            done: Default::default(),
+            started: Default::default(),
+            tasks: Default::default(),
+            held: Arc::new(Semaphore::new(held as usize)),
+            error: Default::default(),
+        }
+    }
+
+    /// The destination's digests (fetched once, by whoever asks first).
+    async fn theirs(&self, dest: &DynDest) -> Result<Arc<Vec<Digest>>> {
+        let r = self
+            .theirs
+            .get_or_init(|| async {
+                let d = dest
+                    .digests()
+                    .await
+                    .map_err(|e| e.context("destination digests").chain().to_string())?;
+                if d.len() as u64 != self.layout.chunks() {
+                    return Err(format!(
+                        "destination sent {} digests for {} chunks",
+                        d.len(),
+                        self.layout.chunks()
+                    ));
+                }
+                Ok(Arc::new(d))
+            })
+            .await;
+        r.clone().map_err(StoreError::backend)
+    }
+
+    fn fail(&self, e: StoreError) {
+        self.error.lock().get_or_insert(e);
+    }
+
+    fn finish(&self, i: u64, r: Result<Pushed>) {
+        match r {
+            Ok(p) => {
+                self.started.lock().remove(&i);
+                self.done.lock().push((i, p));
+            }
+            Err(e) => self.fail(e.context(format!("chunk {i}"))),
+        }
+    }
+}
+
+/// A scan hook that patches every chunk whose digest differs from the destination's with the
+/// bytes just hashed, so a changed chunk is read and hashed once: in place for a destination
+/// in this process, else by a task that asks for the destination's page digests and sends the
+/// changed pages (holding at most [`INLINE_HELD`] bytes of chunks; the scan waits beyond).
+fn inline_hook(dest: DynDest, inline: Arc<Inline>) -> digest::PieceHook {
+    Arc::new(move |first, buf, digests| {
+        let rt = tokio::runtime::Handle::current();
+        let layout = inline.layout;
+        let theirs = rt.block_on(inline.theirs(&dest))?;
+        let n = dest.digest_len();
+        let mut off = 0usize;
+        for (k, want) in digests.iter().enumerate() {
+            if inline.error.lock().is_some() {
+                return Err(StoreError::backend("stopped after a failed chunk"));
+            }
+            let i = first + k as u64;
+            let len = layout.chunk(i).1 as usize;
+            let data = &buf[off..off + len];
+            off += len;
+            let have = theirs[i as usize];
+            if digest::same(want, &have, n) {
+                continue;
+            }
+            let zero_there = digest::same(&have, &layout.zero_digest(i), n);
+            if let Some(local) = dest.as_local() {
+                inline.started.lock().insert(i);
+                let r = rt.block_on(push_local_data(local, i, data, *want, zero_there));
+                inline.finish(i, r);
+                continue;
+            }
+            let permit = rt
+                .block_on(inline.held.clone().acquire_owned())
+                .map_err(|_| StoreError::backend("patch window closed"))?;
+            inline.started.lock().insert(i);
+            let data = bytes::Bytes::copy_from_slice(data);
+            let (dest, inline2, want) = (dest.clone(), inline.clone(), *want);
+            let task = rt.spawn(async move {
+                let r = async {
+                    let pages = if zero_there {
+                        None
+                    } else {
+                        Some(dest.page_digests(i).await?)
+                    };
+                    push_remote_data(&dest, i, data, want, pages).await
+                }
+                .await;
+                drop(permit);
+                inline2.finish(i, r);
+            });
+            inline.tasks.lock().push(task);
+        }
+        Ok(())
+    })
 }
 
 /// Push chunks `(index, digest the destination holds if known)` with `window` in flight.
@@ -417,6 +621,28 @@ pub async fn push_chunks(
     window: usize,
     progress: Option<&dyn Progress>,
 ) -> (Vec<(u64, Pushed)>, Option<(StoreError, Vec<u64>)>) {
+    let (src, dest) = (src.clone(), dest.clone());
+    run_window(work, window, progress, move |i, have| {
+        let (store, dest) = (src.clone(), dest.clone());
+        async move { push_chunk(&store, layout, &dest, i, have).await }
+    })
+    .await
+}
+
+/// Run `f` on every `(chunk, item)` of `work` with `window` in flight. Returns what was done
+/// and, after a failure, the first error and the chunks started but not confirmed. After a
+/// failure no new chunk starts; those in flight finish.
+pub async fn run_window<T, F, Fut>(
+    work: Vec<(u64, T)>,
+    window: usize,
+    progress: Option<&dyn Progress>,
+    f: F,
+) -> (Vec<(u64, Pushed)>, Option<(StoreError, Vec<u64>)>)
+where
+    T: Send + 'static,
+    F: Fn(u64, T) -> Fut,
+    Fut: std::future::Future<Output = Result<Pushed>> + Send + 'static,
+{
     let sem = Arc::new(Semaphore::new(window.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     let mut error: Option<StoreError> = None;
@@ -429,14 +655,14 @@ pub async fn push_chunks(
             let Ok(permit) = sem.clone().try_acquire_owned() else {
                 break;
             };
-            let Some((i, have)) = next.next() else {
+            let Some((i, item)) = next.next() else {
                 drop(permit);
                 break;
             };
             started.insert(i);
-            let (store, dest) = (src.clone(), dest.clone());
+            let fut = f(i, item);
             tasks.spawn(async move {
-                let r = push_chunk(&store, layout, &dest, i, have).await;
+                let r = fut.await;
                 drop(permit);
                 (i, r)
             });

@@ -12,7 +12,10 @@
 //! tick as the indexed state would leave every field unchanged; the save therefore waits, if
 //! needed, until a tick has passed since the file's last change, and a later write then always
 //! changes ctime. ctime cannot be set from user space, so `touch -d` or a restored mtime still
-//! invalidates the index. On top of that a few chunks (a sample that differs each time) are read
+//! invalidates the index. An index saved without a flush of the file (a source, which memsync only
+//! reads, or a destination synced with `durable` off) also records the kernel's boot id and is
+//! trusted in that boot only: a crash can lose page-cache bytes while the file's times survive.
+//! On top of that a few chunks (a sample that differs each time) are read
 //! and hashed and must match.
 //!
 //! **What it cannot see.** A write by another program *during* a sync, in the same clock tick as
@@ -26,9 +29,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::digest::{Digest, Layout};
 
-const MAGIC: &[u8; 8] = b"MSIDX\0\0\x01";
-/// magic, chunk size, size, dev, ino, mtime ns, ctime ns, saved-at ns, count.
-const HEADER: usize = 8 + 8 * 8;
+const MAGIC: &[u8; 8] = b"MSIDX\0\0\x02";
+/// magic, chunk size, size, dev, ino, mtime ns, ctime ns, saved-at ns, count, boot id.
+const HEADER: usize = 8 + 8 * 8 + 16;
 /// Largest index accepted: 2^24 chunks (1 TiB at 64 KiB chunks, 256 TiB at 16 MiB).
 pub const MAX_CHUNKS: u64 = 1 << 24;
 /// How long after a file's last change its index may be trusted: more than one tick of the
@@ -64,7 +67,30 @@ pub struct IndexData {
     pub chunk_size: u64,
     pub state: FileState,
     pub saved_at_ns: i64,
+    /// `None`: the file was flushed (`fdatasync`) before the index was saved, so the digests
+    /// hold across a crash. `Some(boot id)`: they describe the page cache of that boot only.
+    pub boot: Option<[u8; 16]>,
     pub digests: Vec<Digest>,
+}
+
+/// The kernel's id of this boot (all zeros if unknown, which no index trusts).
+pub fn boot_id() -> [u8; 16] {
+    static ID: std::sync::OnceLock<[u8; 16]> = std::sync::OnceLock::new();
+    *ID.get_or_init(|| {
+        let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        let hex: Vec<u8> = text
+            .bytes()
+            .filter(u8::is_ascii_hexdigit)
+            .map(|c| (c as char).to_digit(16).unwrap_or(0) as u8)
+            .collect();
+        let mut id = [0u8; 16];
+        if hex.len() == 32 {
+            for (k, b) in id.iter_mut().enumerate() {
+                *b = hex[2 * k] << 4 | hex[2 * k + 1];
+            }
+        }
+        id
+    })
 }
 
 /// Why an index file was not used.
@@ -99,6 +125,8 @@ pub fn parse(b: &[u8]) -> Result<IndexData, IndexError> {
         return Err(IndexError::TooMany(count));
     }
     let body = HEADER + count as usize * 32;
+    let mut boot = [0u8; 16];
+    boot.copy_from_slice(&b[72..88]);
     if b.len() != body + 32 {
         return Err(IndexError::Length(b.len()));
     }
@@ -123,6 +151,7 @@ pub fn parse(b: &[u8]) -> Result<IndexData, IndexError> {
             ctime_ns: u64_at(b, 48) as i64,
         },
         saved_at_ns: u64_at(b, 56) as i64,
+        boot: (boot != [0; 16]).then_some(boot),
         digests,
     })
 }
@@ -143,6 +172,7 @@ pub fn encode(d: &IndexData) -> Vec<u8> {
     ] {
         b.extend_from_slice(&v.to_le_bytes());
     }
+    b.extend_from_slice(&d.boot.unwrap_or([0; 16]));
     for x in &d.digests {
         b.extend_from_slice(x);
     }
@@ -220,6 +250,15 @@ impl IndexFile {
         if d.state != now || now.size != layout.size {
             return Err(IndexStatus::Stale("the file changed".into()));
         }
+        if let Some(boot) = d.boot
+            && (boot != boot_id() || boot == [0; 16])
+        {
+            // Saved from the page cache without a flush, in another boot: after a crash the
+            // file may hold older bytes under the same times.
+            return Err(IndexStatus::Stale(
+                "saved unflushed before the last boot".into(),
+            ));
+        }
         if d.digests.len() as u64 != layout.chunks() {
             return Err(IndexStatus::Stale("chunk count differs".into()));
         }
@@ -251,11 +290,16 @@ impl IndexFile {
     /// that time as the index time. Without it (the digests describe what this process just
     /// wrote) the save waits, if the file changed less than [`RACY_NS`] ago, until that much
     /// time has passed (see the module docs).
+    ///
+    /// `flushed`: the file's data was made durable (after the digests' bytes were written)
+    /// before this save; otherwise the index is trusted in this boot only, since a crash can
+    /// lose page-cache bytes while the file's times survive.
     pub fn save(
         &self,
         layout: Layout,
         digests: &[Digest],
         before: Option<(FileState, i64)>,
+        flushed: bool,
     ) -> std::io::Result<()> {
         let (state, saved_at_ns) = match before {
             Some((state, t)) => (state, t),
@@ -276,6 +320,7 @@ impl IndexFile {
             chunk_size: layout.chunk_size,
             state,
             saved_at_ns,
+            boot: (!flushed).then(boot_id),
             digests: digests.to_vec(),
         };
         let tmp = self
@@ -303,6 +348,7 @@ mod tests {
                 ctime_ns: 4,
             },
             saved_at_ns: 5,
+            boot: Some([6; 16]),
             digests: vec![[7; 32], [8; 32], [9; 32]],
         }
     }
@@ -323,6 +369,30 @@ mod tests {
         let mut big = b.clone();
         big[64..72].copy_from_slice(&u64::MAX.to_le_bytes());
         assert_eq!(parse(&big), Err(IndexError::TooMany(u64::MAX)));
+        let durable = IndexData { boot: None, ..d };
+        assert_eq!(parse(&encode(&durable)).unwrap(), durable);
+    }
+
+    #[test]
+    fn an_unflushed_index_is_trusted_in_its_own_boot_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a.img");
+        std::fs::write(&f, vec![1u8; 8192]).unwrap();
+        let layout = Layout::new(8192, 4096).unwrap();
+        let idx = IndexFile::for_file(&f);
+        assert_ne!(boot_id(), [0; 16], "no boot id on this machine");
+        idx.save(layout, &[[1; 32], [2; 32]], None, false).unwrap();
+        assert_eq!(idx.load(layout).unwrap(), vec![[1; 32], [2; 32]]);
+        // The same index as another boot left it: after a crash the file may hold older bytes.
+        let mut data = parse(&std::fs::read(idx.path()).unwrap()).unwrap();
+        assert_eq!(data.boot, Some(boot_id()));
+        data.boot = Some([9; 16]);
+        std::fs::write(idx.path(), encode(&data)).unwrap();
+        assert!(matches!(idx.load(layout), Err(IndexStatus::Stale(_))));
+        // Saved after a flush, it holds in any boot.
+        data.boot = None;
+        std::fs::write(idx.path(), encode(&data)).unwrap();
+        assert_eq!(idx.load(layout).unwrap(), vec![[1; 32], [2; 32]]);
     }
 
     #[test]
@@ -333,7 +403,7 @@ mod tests {
         let layout = Layout::new(8192, 4096).unwrap();
         let idx = IndexFile::for_file(&f);
         assert_eq!(idx.load(layout), Err(IndexStatus::Missing));
-        idx.save(layout, &[[1; 32], [2; 32]], None).unwrap();
+        idx.save(layout, &[[1; 32], [2; 32]], None, true).unwrap();
         assert_eq!(idx.load(layout).unwrap(), vec![[1; 32], [2; 32]]);
         // A different chunk size is not this index.
         assert!(matches!(

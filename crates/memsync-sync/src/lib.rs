@@ -6,7 +6,8 @@
 //! A local file keeps its digests in a persisted index, so an unchanged file is not hashed
 //! again ([`index`]). Holes and zero pages are never sent as data. A destination can be any
 //! store in this process ([`dest::LocalDest`]) or a memsync peer over TCP or TLS
-//! ([`peer`], protocol in `PROTOCOL.md`). After a first sync, [`track::Pusher`] sends only what
+//! ([`peer`], protocol in `PROTOCOL.md`); a peer can also be the source ([`pull`]). After a
+//! first sync, [`track::Pusher`] sends only what
 //! a [`track::ChangeSource`] reports changed, round by round.
 //!
 //! # What a reader of the destination sees, and what an interruption leaves
@@ -27,11 +28,13 @@ pub mod engine;
 pub mod index;
 pub mod peer;
 pub mod proto;
+pub mod pull;
 pub mod track;
 
 pub use dest::{Dest, DynDest, LocalDest};
 pub use engine::{
     DEFAULT_CHUNK, NoProgress, Progress, Report, Source, SyncError, SyncOptions, sync,
 };
-pub use peer::{Peer, PeerAddr, PeerConfig, RemoteDest, is_peer_url};
+pub use peer::{Connect, Peer, PeerAddr, PeerConfig, RemoteDest, is_peer_url};
+pub use pull::pull;
 pub use track::{ChangeSource, Pusher, Rescan, Round, Tracked};

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::dest::{Dest, DestStats, LocalDest, PatchOutcome, Run};
 use crate::digest::{Digest, Layout};
-use crate::proto::{MAX_DIGESTS, Msg};
+use crate::proto::{MAX_DIGESTS, Msg, WIRE_DIGEST, WireDigest};
 
 /// Read one frame; `None` at a clean end of stream between frames.
 pub async fn read_frame<R: AsyncRead + Unpin>(
@@ -31,7 +31,14 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
 }
 
 async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, m: &Msg, count: &AtomicU64) -> io::Result<()> {
-    let f = m.encode();
+    write_frame(w, m.encode(), count).await
+}
+
+async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    f: Bytes,
+    count: &AtomicU64,
+) -> io::Result<()> {
     count.fetch_add(f.len() as u64, Relaxed);
     w.write_all(&f).await
 }
@@ -47,6 +54,8 @@ pub struct PeerConfig {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// The file under the store (a `file:` store), for its persisted index.
     pub index_file: Option<PathBuf>,
+    /// Do not flush the store when a client commits (see [`LocalDest::set_durable`]).
+    pub no_fsync: bool,
 }
 
 /// A peer serving one store to sync clients, one sync at a time.
@@ -114,12 +123,16 @@ impl Peer {
     pub async fn handle<T: Transport>(self: &Arc<Self>, conn: T) -> Result<()> {
         let (mut r, w) = conn.halves();
         let mut w = BufWriter::with_capacity(256 << 10, w);
-        let (size, chunk_size, want) = match read_frame(&mut r, &self.received).await {
+        let (size, chunk_size, want, compress, pull) = match read_frame(&mut r, &self.received)
+            .await
+        {
             Ok(Some(Msg::Hello {
                 size,
                 chunk_size,
                 want_digests,
-            })) => (size, chunk_size, want_digests),
+                compress,
+                pull,
+            })) => (size, chunk_size, want_digests, compress, pull),
             Ok(None) => return Ok(()),
             Ok(Some(m)) => return Err(StoreError::backend(format!("expected hello, got {m:?}"))),
             Err(e) => return Err(store_err(e, "reading hello")),
@@ -132,12 +145,21 @@ impl Peer {
             return refuse(&mut w, m, &self.sent).await;
         }
         let _one = self.one_at_a_time.lock().await;
-        let dest = match LocalDest::new(
+        // A pull reads the store: it may be read-only.
+        let open = if pull {
+            LocalDest::for_reading
+        } else {
+            LocalDest::new
+        };
+        let dest = match open(
             self.store.clone(),
             chunk_size,
             self.cfg.index_file.as_deref(),
         ) {
-            Ok(d) => Arc::new(d),
+            Ok(d) => {
+                d.set_durable(!self.cfg.no_fsync);
+                Arc::new(d)
+            }
             Err(e) => return refuse(&mut w, e.chain(), &self.sent).await,
         };
         let io = |e| store_err(e, "writing");
@@ -147,20 +169,24 @@ impl Peer {
                 Err(e) => return refuse(&mut w, e.chain(), &self.sent).await,
             };
             let index_used = dest.index_status() == crate::index::IndexStatus::Used;
-            write_msg(&mut w, &Msg::Ready { index_used }, &self.sent)
-                .await
-                .map_err(io)?;
+            let ready = Msg::Ready {
+                index_used,
+                compress,
+            };
+            write_msg(&mut w, &ready, &self.sent).await.map_err(io)?;
             for (k, part) in digests.chunks(MAX_DIGESTS).enumerate() {
                 let m = Msg::Digests {
                     first: (k * MAX_DIGESTS) as u64,
-                    digests: part.to_vec(),
+                    digests: part.iter().map(short).collect(),
                 };
                 write_msg(&mut w, &m, &self.sent).await.map_err(io)?;
             }
         } else {
-            write_msg(&mut w, &Msg::Ready { index_used: false }, &self.sent)
-                .await
-                .map_err(io)?;
+            let ready = Msg::Ready {
+                index_used: false,
+                compress,
+            };
+            write_msg(&mut w, &ready, &self.sent).await.map_err(io)?;
         }
         w.flush().await.map_err(io)?;
 
@@ -180,7 +206,7 @@ impl Peer {
                 if broken.is_some() {
                     continue; // keep draining: every spawned patch must finish before the end
                 }
-                let mut r = write_msg(&mut w, &msg, &me.sent).await;
+                let mut r = write_frame(&mut w, msg.encode_with(compress), &me.sent).await;
                 if r.is_ok() && rx.is_empty() {
                     r = w.flush().await;
                 }
@@ -219,6 +245,15 @@ impl Peer {
                         applied: o == PatchOutcome::Applied,
                     })
                 })),
+                Msg::PullReq { chunk, pages } => Job::Reply(tokio::spawn(async move {
+                    reply_of(d.pull(chunk, &pages).await, |(digest, runs)| {
+                        Msg::PullData {
+                            chunk,
+                            digest,
+                            runs,
+                        }
+                    })
+                })),
                 Msg::Commit => Job::Commit,
                 other => {
                     result = Err(StoreError::backend(format!("unexpected request {other:?}")));
@@ -242,6 +277,13 @@ impl Peer {
 }
 
 /// Tell the client why, then end the connection.
+/// A digest as DIGESTS carries it.
+fn short(d: &Digest) -> WireDigest {
+    let mut s = [0u8; WIRE_DIGEST];
+    s.copy_from_slice(&d[..WIRE_DIGEST]);
+    s
+}
+
 async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, msg: String, count: &AtomicU64) -> Result<()> {
     let _ = write_msg(w, &Msg::Error(msg.clone()), count).await;
     let _ = w.flush().await;
@@ -298,6 +340,17 @@ impl PeerAddr {
 
 type Waiter = oneshot::Sender<Result<Msg>>;
 
+/// What a client asks for in its HELLO.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Connect {
+    /// The peer sends the digests of all its chunks first.
+    pub want_digests: bool,
+    /// Compress data runs with lz4 where that pays (if the peer agrees).
+    pub compress: bool,
+    /// The peer's store is the source ([`crate::pull`]).
+    pub pull: bool,
+}
+
 /// What the connection's tasks share. It holds no sender of the frame queue: dropping the
 /// [`RemoteDest`] ends the writer, which shuts the stream down, and the reader then sees the end.
 struct Conn {
@@ -310,6 +363,8 @@ struct Conn {
 /// A peer as the destination of a sync.
 pub struct RemoteDest {
     layout: Layout,
+    /// Data runs are lz4-compressed where that pays (agreed in HELLO/READY).
+    compress: bool,
     tx: mpsc::UnboundedSender<Bytes>,
     conn: Arc<Conn>,
     digests: Mutex<Option<oneshot::Receiver<Result<Vec<Digest>>>>>,
@@ -334,6 +389,20 @@ impl RemoteDest {
         chunk_size: u64,
         want_digests: bool,
     ) -> Result<Arc<Self>> {
+        let opts = Connect {
+            want_digests,
+            ..Connect::default()
+        };
+        Self::connect_with(addr, size, chunk_size, opts).await
+    }
+
+    /// [`RemoteDest::connect`] with every option of the HELLO.
+    pub async fn connect_with(
+        addr: &PeerAddr,
+        size: u64,
+        chunk_size: u64,
+        opts: Connect,
+    ) -> Result<Arc<Self>> {
         let layout = Layout::new(size, chunk_size)?;
         let tcp = TcpStream::connect(&addr.addr)
             .await
@@ -345,13 +414,14 @@ impl RemoteDest {
                     .connect(name.clone(), tcp)
                     .await
                     .map_err(|e| store_err(e, "TLS handshake"))?;
-                Self::start(t, layout, want_digests).await
+                Self::start(t, layout, opts).await
             }
-            None => Self::start(tcp, layout, want_digests).await,
+            None => Self::start(tcp, layout, opts).await,
         }
     }
 
-    async fn start<T: Transport>(conn: T, layout: Layout, want: bool) -> Result<Arc<Self>> {
+    async fn start<T: Transport>(conn: T, layout: Layout, opts: Connect) -> Result<Arc<Self>> {
+        let want = opts.want_digests;
         let (mut r, w) = conn.halves();
         let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
         let mut w = BufWriter::with_capacity(256 << 10, w);
@@ -359,13 +429,16 @@ impl RemoteDest {
             size: layout.size,
             chunk_size: layout.chunk_size,
             want_digests: want,
+            compress: opts.compress,
+            pull: opts.pull,
         };
         write_msg(&mut w, &hello, &sent)
             .await
             .and(w.flush().await)
             .map_err(|e| store_err(e, "sending hello"))?;
-        match read_frame(&mut r, &received).await {
-            Ok(Some(Msg::Ready { .. })) => {}
+        let compress = match read_frame(&mut r, &received).await {
+            // The peer may only agree to what was asked.
+            Ok(Some(Msg::Ready { compress, .. })) => compress && opts.compress,
             Ok(Some(Msg::Error(m))) => return Err(StoreError::backend(format!("sync peer: {m}"))),
             Ok(Some(m)) => {
                 return Err(StoreError::backend(format!(
@@ -374,7 +447,7 @@ impl RemoteDest {
             }
             Ok(None) => return Err(lost()),
             Err(e) => return Err(store_err(e, "reading ready")),
-        }
+        };
         let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
         let c = Arc::new(Conn {
             pending: Mutex::new(Some(VecDeque::new())),
@@ -449,10 +522,29 @@ impl RemoteDest {
         });
         Ok(Arc::new(RemoteDest {
             layout,
+            compress,
             tx,
             conn: c,
             digests: Mutex::new(want.then_some(drx)),
         }))
+    }
+
+    /// Data runs go lz4-compressed where that pays.
+    pub fn compressed(&self) -> bool {
+        self.compress
+    }
+
+    /// Pull: chunk `i` of the peer's store as its digest and the runs that differ from `pages`,
+    /// the page digests of this side's copy (empty: all of it).
+    pub async fn pull_chunk(&self, i: u64, pages: Vec<u32>) -> Result<(Digest, Vec<Run>)> {
+        match self.call(Msg::PullReq { chunk: i, pages }).await? {
+            Msg::PullData {
+                chunk,
+                digest,
+                runs,
+            } if chunk == i => Ok((digest, runs)),
+            m => Err(unexpected(m, &format!("data of chunk {i}"))),
+        }
     }
 
     async fn call(&self, m: Msg) -> Result<Msg> {
@@ -464,7 +556,7 @@ impl RemoteDest {
                 return Err(lost());
             };
             p.push_back(tx);
-            if self.tx.send(m.encode()).is_err() {
+            if self.tx.send(m.encode_with(self.compress)).is_err() {
                 p.pop_back();
                 return Err(lost());
             }
@@ -490,7 +582,11 @@ async fn read_digests<R: AsyncRead + Unpin>(
                         out.len()
                     )));
                 }
-                out.extend(digests);
+                out.extend(digests.iter().map(|s| {
+                    let mut d = [0u8; 32];
+                    d[..WIRE_DIGEST].copy_from_slice(s);
+                    d
+                }));
             }
             Ok(Some(Msg::Error(m))) => return Err(StoreError::backend(format!("sync peer: {m}"))),
             Ok(Some(m)) => {
@@ -522,7 +618,11 @@ impl Dest for RemoteDest {
         rx.await.map_err(|_| lost())?
     }
 
-    async fn page_digests(&self, i: u64) -> Result<Vec<u64>> {
+    fn digest_len(&self) -> usize {
+        WIRE_DIGEST
+    }
+
+    async fn page_digests(&self, i: u64) -> Result<Vec<u32>> {
         match self.call(Msg::PageReq { chunk: i }).await? {
             Msg::PageDigests { chunk, digests } if chunk == i => Ok(digests),
             m => Err(unexpected(m, &format!("page digests of chunk {i}"))),

@@ -166,7 +166,7 @@ impl Rescan {
 #[async_trait]
 impl ChangeSource for Rescan {
     async fn take_changes(&self) -> Result<Vec<Range<u64>>> {
-        let (now, _) = digest::scan(&*self.store, self.layout, &|_| {}).await?;
+        let (now, _) = digest::scan(&self.store, self.layout, &|_| {}, None).await?;
         let base = self.baseline.lock();
         let changed = (0..self.layout.chunks())
             .filter(|&i| base[i as usize] != Some(now[i as usize]))

@@ -108,6 +108,7 @@ async fn peer(
         PeerConfig {
             tls,
             index_file: Some(file.clone()),
+            ..PeerConfig::default()
         },
     );
     let h = tokio::spawn(async move {
@@ -600,4 +601,167 @@ async fn tracked_marks_after_the_write_and_takes_atomically() {
         vec![4096..16384, (1 << 20) - 4096..1 << 20]
     );
     assert!(t.take_changes().await.unwrap().is_empty());
+}
+
+/// A peer serving `data` from a read-only file store; returns its URL.
+async fn read_only_peer(
+    dir: &std::path::Path,
+    data: &[u8],
+) -> (String, tokio::task::JoinHandle<()>) {
+    let file = dir.join("ro-peer.img");
+    std::fs::write(&file, data).unwrap();
+    let store: DynStore = Arc::new(
+        memsync_local::FileStore::open(&file, memsync_local::FileOptions::read_only()).unwrap(),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let p = Peer::new(
+        store,
+        PeerConfig {
+            tls: None,
+            index_file: Some(file),
+            ..PeerConfig::default()
+        },
+    );
+    let h = tokio::spawn(async move {
+        let _ = p.serve(l).await;
+    });
+    (format!("memsync://127.0.0.1:{port}"), h)
+}
+
+async fn pull_once(url: &str, local: &DynStore, compress: bool) -> Report {
+    let a = PeerAddr::parse(url).unwrap();
+    let opts = memsync_sync::Connect {
+        want_digests: true,
+        compress,
+        pull: true,
+    };
+    let remote = RemoteDest::connect_with(&a, local.size(), CHUNK, opts)
+        .await
+        .unwrap();
+    let dest = Arc::new(LocalDest::new(local.clone(), CHUNK, None).unwrap());
+    memsync_sync::pull(remote, dest, SyncOptions::default(), &NoProgress)
+        .await
+        .unwrap_or_else(|e| panic!("pull from {url}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_from_a_read_only_peer_makes_the_local_store_equal_sending_only_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 3 << 20;
+    let old = base(31, size);
+    let mut new = old.clone();
+    mutate(32, &mut new);
+    let (url, _h) = read_only_peer(dir.path(), &new).await;
+    let local: DynStore = Arc::new(memsync_local::MemStore::new(size as u64));
+    fill(&local, &old).await;
+    let r = pull_once(&url, &local, false).await;
+    assert_same("pulled", &contents(&local).await, &new);
+    // The changes of `mutate`: a few pages, a whole chunk, some zeros; far less than the store.
+    assert!(r.updated > 0 && r.data_bytes < 4 * CHUNK, "{r:?}");
+    assert!(r.wire_received < r.data_bytes + 64 * 1024, "{r:?}");
+    // Nothing left to pull; the peer's index (saved by the first pull) spares it a hash.
+    let r = pull_once(&url, &local, false).await;
+    assert_eq!((r.differing, r.updated, r.data_bytes), (0, 0, 0), "{r:?}");
+    assert_eq!(r.src_scan.hashed, 0, "{r:?}");
+    // A push to a read-only peer is refused.
+    let a = PeerAddr::parse(&url).unwrap();
+    assert!(
+        RemoteDest::connect(&a, size as u64, CHUNK, true)
+            .await
+            .is_err()
+    );
+}
+
+/// Text-like pages (compressible) written over random data.
+fn text_pages(seed: u64, v: &mut [u8]) -> u64 {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let words = [
+        "memsync ", "delta ", "sync ", "chunk ", "page ", "digest ", "peer ",
+    ];
+    let mut changed = 0;
+    for _ in 0..40 {
+        let p = rng.random_range(0..v.len() / 4096) * 4096;
+        let mut text = Vec::with_capacity(4096);
+        while text.len() < 4096 {
+            text.extend_from_slice(words[rng.random_range(0..words.len())].as_bytes());
+        }
+        v[p..p + 4096].copy_from_slice(&text[..4096]);
+        changed += 4096;
+    }
+    changed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compression_is_negotiated_and_sends_less_for_text_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4 << 20;
+    let mut sent = Vec::new();
+    for compress in [false, true] {
+        let (url, file, _h) = peer(dir.path(), size as u64, None).await;
+        let old = base(41, size);
+        std::fs::write(&file, &old).unwrap();
+        let mut new = old.clone();
+        let changed = text_pages(42, &mut new);
+        let src: DynStore = Arc::new(memsync_local::MemStore::new(size as u64));
+        fill(&src, &new).await;
+        let a = PeerAddr::parse(&url).unwrap();
+        let opts = memsync_sync::Connect {
+            want_digests: true,
+            compress,
+            pull: false,
+        };
+        let dest = RemoteDest::connect_with(&a, size as u64, CHUNK, opts)
+            .await
+            .unwrap();
+        assert_eq!(dest.compressed(), compress);
+        let source = Source {
+            store: src.clone(),
+            index: None,
+        };
+        let r = sync(&source, dest, SyncOptions::default(), &NoProgress)
+            .await
+            .unwrap();
+        assert_eq!(r.data_bytes, changed, "{r:?}");
+        assert_same("peer file", &std::fs::read(&file).unwrap(), &new);
+        // Pull it back into the old bytes, compressed or not.
+        let back: DynStore = Arc::new(memsync_local::MemStore::new(size as u64));
+        fill(&back, &old).await;
+        let p = pull_once(&url, &back, compress).await;
+        assert_same("pulled back", &contents(&back).await, &new);
+        sent.push((r.wire_sent, p.wire_received));
+    }
+    let ((push_plain, pull_plain), (push_lz4, pull_lz4)) = (sent[0], sent[1]);
+    assert!(push_lz4 * 2 < push_plain, "{sent:?}");
+    assert!(pull_lz4 * 2 < pull_plain, "{sent:?}");
+}
+
+/// A destination that was scanned and not written saves its index only if the file is as it
+/// was when the scan began: a change during the sync must not be covered by old digests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scanned_index_is_not_saved_over_a_change_made_after_the_scan() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("d.img");
+    std::fs::write(&file, base(51, 1 << 20)).unwrap();
+    let store: DynStore = Arc::new(
+        memsync_local::FileStore::open(&file, memsync_local::FileOptions::default()).unwrap(),
+    );
+    let dest = LocalDest::new(store, CHUNK, Some(&file)).unwrap();
+    let before = dest.digests().await.unwrap();
+    // Another program changes the file after the scan, before the commit.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .and_then(|h| std::os::unix::fs::FileExt::write_all_at(&h, &[9u8; 4096], 0))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    dest.commit().await.unwrap();
+    let layout = Layout::new(1 << 20, CHUNK).unwrap();
+    match IndexFile::for_file(&file).load(layout) {
+        Ok(d) => panic!(
+            "an index was saved over the change (chunk 0 old: {})",
+            d[0] == before[0]
+        ),
+        Err(s) => assert_ne!(s, memsync_sync::index::IndexStatus::Used),
+    }
 }

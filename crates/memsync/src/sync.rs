@@ -12,8 +12,8 @@ use memsync_core::size::{format_size, parse_duration, parse_size};
 use memsync_core::{DynStore, StoreUrl};
 use memsync_sync::index::IndexFile;
 use memsync_sync::{
-    Dest, LocalDest, Peer, PeerAddr, PeerConfig, Progress, Pusher, RemoteDest, Report, Rescan,
-    Round, Source, SyncOptions, is_peer_url,
+    Connect, Dest, LocalDest, Peer, PeerAddr, PeerConfig, Progress, Pusher, RemoteDest, Report,
+    Rescan, Round, Source, SyncOptions, is_peer_url,
 };
 use serde_json::json;
 
@@ -26,11 +26,13 @@ EXAMPLES:
   memsync sync --listen 0.0.0.0:7070 file:/backup/disk.img          on the remote machine
   memsync sync file:/var/tmp/disk.img memsync://backup:7070
   memsync sync file:/var/tmp/disk.img 'memsyncs://backup:7070?tls-ca=ca.pem'
-  memsync sync file:/var/tmp/disk.img memsync://backup:7070 --every 10s   (SIGUSR1: a round now)")]
+  memsync sync file:/var/tmp/disk.img memsync://backup:7070 --every 10s   (SIGUSR1: a round now)
+  memsync sync memsync://backup:7070 file:/var/tmp/disk.img         pull: the peer is the source")]
 pub struct SyncArgs {
     /// SRC DST: the source store URL and the destination (a store URL of the same size, or a
-    /// sync peer memsync://HOST:PORT, memsyncs://HOST:PORT?tls-ca=FILE). With --listen: the one
-    /// store to serve as a destination.
+    /// sync peer memsync://HOST:PORT, memsyncs://HOST:PORT?tls-ca=FILE). SRC may be the peer
+    /// instead (a pull into the local DST). With --listen: the one store to serve (as a
+    /// destination, or as a source to pull from; it may be read-only then).
     #[arg(num_args = 1..=2, required = true, value_name = "URL")]
     pub stores: Vec<String>,
     /// Serve STORE as a sync peer on HOST:PORT until SIGINT/SIGTERM (port 0 picks one; the
@@ -43,6 +45,15 @@ pub struct SyncArgs {
     /// Do not read or write the digest index next to local files.
     #[arg(long)]
     pub no_index: bool,
+    /// Do not flush a `file:` destination at the end (like rsync without --fsync): faster, but
+    /// a crash of the machine can lose what was synced; its digest index is then trusted until
+    /// the next boot only. With --listen: the peer does not flush its store on a commit.
+    #[arg(long)]
+    pub no_fsync: bool,
+    /// Compress changed data on the wire to a peer with lz4 (where it shrinks: pays on a slow
+    /// link with compressible data; costs CPU, and nothing is gained on random data).
+    #[arg(long)]
+    pub compress: bool,
     /// Chunks in flight (each costs two round trips to a peer; many overlap them).
     #[arg(long, default_value_t = 4096)]
     pub window: usize,
@@ -180,6 +191,13 @@ pub fn sync(ctx: &Context, a: SyncArgs) -> Result<()> {
             "--tls-cert/--tls-key are for a peer (--listen); a client uses memsyncs://...?tls-ca=FILE"
         );
     }
+    if a.no_fsync && file_of(dst_url).is_none() {
+        // Other stores' flush is where their data reaches its backend.
+        bail!("--no-fsync is for a file: destination");
+    }
+    if is_peer_url(src_url) {
+        return pull(ctx, &a, src_url, dst_url);
+    }
     let src = ctx.open(src_url)?;
     let index = |u: &str| (!a.no_index).then(|| file_of(u)).flatten();
     let source = Source {
@@ -196,11 +214,20 @@ pub fn sync(ctx: &Context, a: SyncArgs) -> Result<()> {
         let dest: Arc<dyn Dest> = match local_dst {
             None => {
                 let addr = PeerAddr::parse(dst_url)?;
-                RemoteDest::connect(&addr, src.size(), a.chunk, true)
+                let opts = Connect {
+                    want_digests: true,
+                    compress: a.compress,
+                    pull: false,
+                };
+                RemoteDest::connect_with(&addr, src.size(), a.chunk, opts)
                     .await
                     .with_context(|| format!("connecting to {}", memsync_core::redact(dst_url)))?
             }
-            Some(dst) => Arc::new(LocalDest::new(dst, a.chunk, index(dst_url).as_deref())?),
+            Some(dst) => {
+                let d = LocalDest::new(dst, a.chunk, index(dst_url).as_deref())?;
+                d.set_durable(!a.no_fsync);
+                Arc::new(d)
+            }
         };
         let opts = SyncOptions { window: a.window };
         let bar = Bar(crate::context::progress(src.size(), "hash"));
@@ -259,10 +286,56 @@ pub fn sync(ctx: &Context, a: SyncArgs) -> Result<()> {
     })
 }
 
+/// `memsync sync memsync://PEER file:DST`: the peer's store is the source.
+fn pull(ctx: &Context, a: &SyncArgs, src_url: &str, dst_url: &str) -> Result<()> {
+    if is_peer_url(dst_url) {
+        bail!("one side of a sync must be a local store");
+    }
+    if a.every.is_some() {
+        bail!("--every pushes a local source; it cannot pull from a peer");
+    }
+    let dst = ctx.open(dst_url)?;
+    let file = (!a.no_index).then(|| file_of(dst_url)).flatten();
+    let local = LocalDest::new(dst.clone(), a.chunk, file.as_deref())?;
+    local.set_durable(!a.no_fsync);
+    ctx.rt.block_on(async {
+        let addr = PeerAddr::parse(src_url)?;
+        let opts = Connect {
+            want_digests: true,
+            compress: a.compress,
+            pull: true,
+        };
+        let remote = RemoteDest::connect_with(&addr, dst.size(), a.chunk, opts)
+            .await
+            .with_context(|| format!("connecting to {}", memsync_core::redact(src_url)))?;
+        let bar = Bar(crate::cmd::progress(dst.size(), "hash"));
+        let opts = SyncOptions { window: a.window };
+        let r = memsync_sync::pull(remote, Arc::new(local), opts, &bar).await;
+        bar.0.finish_and_clear();
+        match r {
+            Ok(r) => {
+                print_report(&r, a.json);
+                Ok(())
+            }
+            Err(e) => {
+                print_report(&e.report, a.json);
+                eprintln!(
+                    "memsync: pull interrupted: {} chunks updated; pending chunks {:?} still hold their old bytes (in flight: {:?}); run it again to complete",
+                    e.report.updated, e.report.pending, e.report.uncertain
+                );
+                Err(anyhow::Error::new(e.error).context("pull failed"))
+            }
+        }
+    })
+}
+
 fn listen(ctx: &Context, a: SyncArgs) -> Result<()> {
     let [store_url] = &a.stores[..] else {
         bail!("--listen takes one STORE");
     };
+    if a.no_fsync && file_of(store_url).is_none() {
+        bail!("--no-fsync is for a file: store");
+    }
     let addr = a.listen.clone().unwrap_or_default();
     let store = ctx.open(store_url)?;
     let tls = match (&a.tls_cert, &a.tls_key) {
@@ -274,6 +347,7 @@ fn listen(ctx: &Context, a: SyncArgs) -> Result<()> {
         PeerConfig {
             tls,
             index_file: (!a.no_index).then(|| file_of(store_url)).flatten(),
+            no_fsync: a.no_fsync,
         },
     );
     ctx.rt.block_on(async {

@@ -1253,6 +1253,32 @@ fn sync_peer(prefix: &[&str], args: &[&str]) -> (Serve, String) {
     )
 }
 
+#[test]
+fn sync_pulls_from_a_peer_source_compressed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (peer_file, dst) = (dir.path().join("peer.img"), dir.path().join("b.img"));
+    let old = random(41, 8 << 20);
+    std::fs::write(&dst, &old).unwrap();
+    let new = changed(&old, 42);
+    std::fs::write(&peer_file, &new).unwrap();
+    let (_peer, addr) = sync_peer(
+        &[],
+        &["127.0.0.1:0", &format!("file:{}", peer_file.display())],
+    );
+    let (p, d) = (
+        format!("memsync://{addr}"),
+        format!("file:{}", dst.display()),
+    );
+    let r = sync_json(&["--compress", &p, &d]);
+    assert_same("after pull", &std::fs::read(&dst).unwrap(), &new);
+    assert_eq!(r["updated_chunks"], 4, "{r}");
+    assert_eq!(r["data_bytes"], 3 * 4096 + (64 << 10), "{r}");
+    // The peer's store was not written: a pull never patches the source.
+    assert_same("peer file", &std::fs::read(&peer_file).unwrap(), &new);
+    let r = sync_json(&[&p, &d]);
+    assert_eq!(r["differing_chunks"], 0, "{r}");
+}
+
 fn make_certs(dir: &std::path::Path, name: &str) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
     let ca_key = KeyPair::generate().unwrap();
