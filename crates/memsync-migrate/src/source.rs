@@ -5,7 +5,7 @@
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -94,6 +94,62 @@ pub struct SourceConfig {
     pub hash_sent: bool,
     /// Chunks read from the store at once.
     pub read_ahead: usize,
+    /// Slow down a writer whose passes do not converge (off by default).
+    pub auto_converge: Option<Throttle>,
+}
+
+/// Auto-converge: when a pre-copy pass (from the second) does not converge and its dirty set
+/// did not halve, the application is suspended for a growing share of each `period` during
+/// the following passes, through the same [`Hooks`] that suspend it for the switch-over
+/// (SIGSTOP/SIGCONT of a pid, a [`Gate`](crate::Gate) for threads writing an embedded
+/// region). The share starts at `initial` and grows by `increment` per such pass up to `max`
+/// (QEMU's cpu-throttle defaults: 20 %, 10 %, 99 %). While it has not reached `max`, growing
+/// passes do not count towards [`SourceConfig::max_growing_passes`].
+///
+/// Why the hooks and not the engine: the region's tracker (`WP_ASYNC`) lets the kernel resolve
+/// a first write without any event, so the engine has no write fault to delay; delaying would
+/// need synchronous write protection (a handler round trip on every first write after each
+/// pass, for every writer, throttled or not). Duty-cycling works the same for both kinds of
+/// region and costs nothing until it engages.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Throttle {
+    pub initial: f64,
+    pub increment: f64,
+    pub max: f64,
+    /// One suspend/resume cycle (the suspended part is `share × period`).
+    pub period: Duration,
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Throttle {
+            initial: 0.2,
+            increment: 0.1,
+            max: 0.99,
+            period: Duration::from_millis(50),
+        }
+    }
+}
+
+/// Suspend the application for `share` of every `period` until dropped (or a hook fails);
+/// `down` tells whether it is suspended now.
+async fn duty_cycle(hooks: &dyn Hooks, t: Throttle, share: f64, down: &AtomicBool) -> StoreError {
+    let off = t.period.mul_f64(share.clamp(0.0, 1.0));
+    let on = t.period.saturating_sub(off);
+    // Suspended part first: a pass shorter than it (and the dirty scan that ends the pass)
+    // sees no writes at all.
+    loop {
+        down.store(true, Relaxed);
+        if let Err(e) = hooks.suspend().await {
+            return e.context("throttling the application (auto-converge)");
+        }
+        tokio::time::sleep(off).await;
+        if let Err(e) = hooks.resume().await {
+            return e.context("throttling the application (auto-converge)");
+        }
+        down.store(false, Relaxed);
+        tokio::time::sleep(on).await;
+    }
 }
 
 impl Default for SourceConfig {
@@ -110,6 +166,7 @@ impl Default for SourceConfig {
             reply_timeout: Duration::from_secs(60),
             hash_sent: false,
             read_ahead: 16,
+            auto_converge: None,
         }
     }
 }
@@ -123,6 +180,8 @@ pub struct Pass {
     pub elapsed: Duration,
     /// Chunks found dirty after the pass.
     pub dirty_after: u64,
+    /// Share of the pass the application was held suspended by auto-converge (percent).
+    pub throttle_percent: u32,
 }
 
 /// Why the pre-copy passes ended.
@@ -423,6 +482,8 @@ impl Source<'_> {
         let mut dirty = ChunkSet::full(chunks);
         let mut mark = 0u64;
         let mut growing = 0u32;
+        let mut throttle = 0.0f64;
+        let hooks = self.hooks;
         let reason = loop {
             if cfg.mode == Mode::Postcopy {
                 break SwitchReason::Postcopy;
@@ -443,23 +504,46 @@ impl Source<'_> {
             self.progress
                 .phase(&name, dirty.count() * self.layout.chunk_size);
             let n = dirty.count();
-            self.send_set(&mut bulk, &dirty).await?;
             mark += 1;
-            send(&mut bulk, &Msg::Mark { seq: mark }, &self.sent).await?;
-            let l = link.as_mut().ok_or_else(|| err("no control connection"))?;
-            match self.reply(&mut l.ctl_r, "RECEIVED").await? {
-                Msg::Received { seq } if seq == mark => {}
-                m => return Err(err(format!("expected RECEIVED {mark}, got {m:?}"))),
-            }
-            let elapsed = t.elapsed();
+            let pass = async {
+                self.send_set(&mut bulk, &dirty).await?;
+                send(&mut bulk, &Msg::Mark { seq: mark }, &self.sent).await?;
+                let l = link.as_mut().ok_or_else(|| err("no control connection"))?;
+                match self.reply(&mut l.ctl_r, "RECEIVED").await? {
+                    Msg::Received { seq } if seq == mark => {}
+                    m => return Err(err(format!("expected RECEIVED {mark}, got {m:?}"))),
+                }
+                let elapsed = t.elapsed();
+                // Taken while a throttled application is still held.
+                Ok((elapsed, self.take_dirty().await?))
+            };
+            let (elapsed, next) = match (cfg.auto_converge, throttle) {
+                (Some(t), share) if share > 0.0 => {
+                    let down = AtomicBool::new(false);
+                    let r = tokio::select! {
+                        r = pass => r,
+                        e = duty_cycle(hooks, t, share, &down) => Err(e),
+                    };
+                    // Marked before the suspend began: a suspend cut short is undone too.
+                    if down.load(Relaxed) {
+                        hooks
+                            .resume()
+                            .await
+                            .map_err(|e| e.context("resuming after auto-converge"))?;
+                    }
+                    r?
+                }
+                _ => pass.await?,
+            };
             let wire = self.sent.load(Relaxed) - sent0;
-            dirty = self.take_dirty().await?;
+            dirty = next;
             let prev = passes.last().map(|p| p.dirty_after);
             passes.push(Pass {
                 chunks: n,
                 wire_bytes: wire,
                 elapsed,
                 dirty_after: dirty.count(),
+                throttle_percent: (throttle * 100.0).round() as u32,
             });
             // Bytes per second this pass achieved (the full round trip of its mark included).
             let bw = wire as f64 / elapsed.as_secs_f64().max(1e-6);
@@ -478,7 +562,24 @@ impl Source<'_> {
             if cfg.mode == Mode::Hybrid && passes.len() as u32 >= cfg.hybrid_passes.max(1) {
                 break SwitchReason::HybridPasses;
             }
-            if prev.is_some_and(|p| dirty.count() > p) {
+            let at_max = match cfg.auto_converge {
+                Some(t) if prev.is_some() && dirty.count() * 2 > prev.unwrap_or(0) => {
+                    let before = throttle;
+                    throttle = if throttle == 0.0 {
+                        t.initial
+                    } else {
+                        (throttle + t.increment).min(t.max)
+                    };
+                    tracing::info!(
+                        "migrate: auto-converge: the application is held {:.0} % of the time",
+                        throttle * 100.0
+                    );
+                    before >= t.max
+                }
+                Some(_) => throttle >= cfg.auto_converge.map_or(1.0, |t| t.max),
+                None => true,
+            };
+            if at_max && prev.is_some_and(|p| dirty.count() > p) {
                 growing += 1;
             }
             if growing >= cfg.max_growing_passes || passes.len() as u32 >= cfg.max_passes {

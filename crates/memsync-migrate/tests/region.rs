@@ -12,7 +12,7 @@ use memsync_core::{Bytes, DynStore, Result, Store, async_trait};
 use memsync_local::MemStore;
 use memsync_migrate::{
     DestConfig, DestReport, Dialer, Gate, Hooks, Listener, MigrateError, Mode, NoHooks,
-    RegionTarget, Report, SourceConfig, migrate_region, receive_region,
+    RegionTarget, Report, SourceConfig, SwitchReason, Throttle, migrate_region, receive_region,
 };
 use memsync_region::{LazyRegion, RegionConfig, WriteTracking};
 use memsync_sync::NoProgress;
@@ -387,4 +387,86 @@ async fn region_destination_killed_after_the_commit_leaves_the_source_whole() {
     assert_same("source", &contents(&src), &initial);
     // The destination's pending faults fail instead of waiting forever.
     target.fail("killed");
+}
+
+/// Auto-converge: a writer that dirties pages as fast as it can never lets pre-copy converge;
+/// holding it suspended for most of each period (through the same gate that suspends it for
+/// the switch-over) does. Judged by the outcome (why the passes ended), not by times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn auto_converge_makes_a_writer_too_fast_for_precopy_converge() {
+    async fn run(throttle: Option<Throttle>) -> Report {
+        let size = 16usize << 20;
+        let initial = random(9, size);
+        let src = source_region(&initial).await;
+        let gate = Gate::new();
+        let stop = Arc::new(AtomicBool::new(false));
+        // As fast as it can: no pause between batches.
+        let w = {
+            let (r, g, stop) = (src.clone(), gate.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut x = 1u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let _p = g.enter();
+                    for _ in 0..64 {
+                        x = x
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        let off = (x >> 33) as usize % (r.len() / PAGE) * PAGE;
+                        r.write_at(off, &x.to_le_bytes()).unwrap();
+                    }
+                }
+            })
+        };
+        let target = RegionTarget::new(size as u64, region_cfg(WriteTracking::Off)).unwrap();
+        let (l, url) = listen().await;
+        let t = target.clone();
+        let dest =
+            tokio::spawn(
+                async move { receive_region(l, t, &NoHooks, &DestConfig::default()).await },
+            );
+        let cfg = SourceConfig {
+            mode: Mode::Precopy,
+            chunk_size: PAGE as u64,
+            max_downtime: Duration::from_millis(10),
+            max_passes: 12,
+            auto_converge: throttle,
+            ..SourceConfig::default()
+        };
+        let rep = migrate_region(
+            src.clone(),
+            &Dialer::parse(&url).unwrap(),
+            &*gate,
+            &cfg,
+            &NoProgress,
+        )
+        .await
+        .unwrap();
+        dest.await.unwrap().unwrap();
+        let want = contents(&src);
+        stop.store(true, Ordering::Relaxed);
+        gate.resume().await.unwrap();
+        w.join().unwrap();
+        assert_same("auto-converge", &contents(target.region()), &want);
+        eprintln!(
+            "{:?}: {:?}",
+            rep.reason,
+            rep.passes
+                .iter()
+                .map(|p| (p.dirty_after, p.throttle_percent))
+                .collect::<Vec<_>>()
+        );
+        rep
+    }
+    let without = run(None).await;
+    assert_eq!(without.reason, SwitchReason::NotConverged, "{without:?}");
+    assert!(without.passes.iter().all(|p| p.throttle_percent == 0));
+    let with = run(Some(Throttle {
+        initial: 0.9,
+        increment: 0.05,
+        max: 0.99,
+        period: Duration::from_millis(100),
+    }))
+    .await;
+    assert_eq!(with.reason, SwitchReason::Converged, "{with:?}");
+    assert!(with.passes.iter().any(|p| p.throttle_percent > 0));
 }
