@@ -23,6 +23,7 @@ pub mod range;
 pub mod size;
 pub mod store;
 pub mod url;
+pub mod wire;
 
 pub use error::{Result, StoreError};
 pub use meta::{MetaInit, StoreId, StoreMeta};
