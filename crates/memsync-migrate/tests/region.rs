@@ -470,3 +470,75 @@ async fn auto_converge_makes_a_writer_too_fast_for_precopy_converge() {
     assert_eq!(with.reason, SwitchReason::Converged, "{with:?}");
     assert!(with.passes.iter().any(|p| p.throttle_percent > 0));
 }
+
+/// Two test hosts: the source in one network namespace, the destination in another, joined by
+/// a veth pair (every connection crosses it). Post-copy with a writer at the destination, so
+/// its faults go over the urgent connection between the hosts.
+#[test]
+fn region_postcopy_between_network_namespaces() {
+    let Some(ns) =
+        memsync_testkit::netns::Netns::create("region_postcopy_between_network_namespaces", 1)
+    else {
+        return;
+    };
+    let (ra, rb) = (
+        memsync_testkit::netns::Netns::runtime(&ns.a, 2).unwrap(),
+        memsync_testkit::netns::Netns::runtime(&ns.b, 2).unwrap(),
+    );
+    let size = 16usize << 20;
+    let initial = random(11, size);
+    let src = ra.block_on(source_region(&initial));
+    let target = RegionTarget::new(size as u64, region_cfg(WriteTracking::Off)).unwrap();
+    let (dlog, dstop) = (Log::default(), Arc::new(AtomicBool::new(false)));
+    let dw: Arc<Mutex<Option<JoinHandle<u64>>>> = Arc::default();
+    let hooks = {
+        let (r, dlog, dstop, dw) = (
+            target.region().clone(),
+            dlog.clone(),
+            dstop.clone(),
+            dw.clone(),
+        );
+        OnResume::new(move || {
+            *dw.lock() = Some(writer(r, Gate::new(), dlog, dstop, 12, 64, true));
+        })
+    };
+    let at = format!("{}:0", ns.b_addr);
+    // `block_on` polls on this thread (the root namespace): sockets are made in spawned tasks.
+    let l = rb
+        .block_on(rb.spawn(async move { Arc::new(Listener::bind(&at, None).await.unwrap()) }))
+        .unwrap();
+    let url = l.url();
+    assert!(url.contains(&ns.b_addr), "{url}");
+    let t = target.clone();
+    let dest = rb.spawn(async move { receive_region(l, t, &*hooks, &DestConfig::default()).await });
+    let cfg = SourceConfig {
+        mode: Mode::Postcopy,
+        chunk_size: PAGE as u64,
+        ..SourceConfig::default()
+    };
+    let s = src.clone();
+    let report = ra
+        .block_on(ra.spawn(async move {
+            migrate_region(
+                s,
+                &Dialer::parse(&url).unwrap(),
+                &NoHooks,
+                &cfg,
+                &NoProgress,
+            )
+            .await
+        }))
+        .unwrap()
+        .expect("migration between namespaces");
+    let dreport = rb.block_on(dest).unwrap().expect("destination");
+    dstop.store(true, Ordering::Relaxed);
+    dw.lock().take().expect("resumed").join().unwrap();
+    let mut expected = initial;
+    apply(&dlog, &mut expected);
+    assert_same("between namespaces", &contents(target.region()), &expected);
+    assert!(report.postcopy);
+    eprintln!(
+        "between namespaces: {} faults, p50 {:?}, p99 {:?}",
+        dreport.faults, dreport.fault_p50, dreport.fault_p99
+    );
+}
