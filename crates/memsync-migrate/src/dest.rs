@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 
 use crate::hooks::Hooks;
 use crate::net::{BoxRead, BoxWrite, Conn, Listener, read_frame, read_hello, send, write_msg};
-use crate::proto::{MAX_ZERO_RUN, Msg, Role, VERSION};
+use crate::proto::{FEATURES, MAX_ZERO_RUN, Msg, Role, VERSION, decompress_chunk};
 use crate::set::ChunkSet;
 use crate::target::{Faults, Target};
 
@@ -361,6 +361,7 @@ impl Dest<'_> {
             role,
             session,
             resume,
+            features,
         } = hello
         else {
             return Ok(false);
@@ -383,7 +384,16 @@ impl Dest<'_> {
             let _ = send(&mut c.w, &Msg::Abort(m.into()), &no).await;
             return Ok(false);
         }
-        send(&mut c.w, &Msg::Welcome { version: VERSION }, &no).await?;
+        let features = features & FEATURES;
+        send(
+            &mut c.w,
+            &Msg::Welcome {
+                version: VERSION,
+                features,
+            },
+            &no,
+        )
+        .await?;
         match role {
             Role::Control => {
                 let resumed = self.session.is_some();
@@ -466,6 +476,18 @@ impl Dest<'_> {
                 };
                 let r = match m {
                     Msg::Chunk { index, data } => sh.target.place(index, Some(data)).await,
+                    Msg::ChunkLz4 { index, data } => {
+                        let layout = *sh.layout.lock();
+                        match layout {
+                            Some(l) if index < l.chunks() => {
+                                match decompress_chunk(&data, l.chunk(index).1 as usize) {
+                                    Ok(d) => sh.target.place(index, Some(d)).await,
+                                    Err(e) => Err(err(format!("chunk {index}: {e}"))),
+                                }
+                            }
+                            _ => Err(err(format!("lz4 chunk {index} past the region"))),
+                        }
+                    }
                     Msg::Zero { first, count } => {
                         let chunks = sh.layout.lock().map_or(0, |l| l.chunks());
                         if first.checked_add(count as u64).is_none_or(|e| e > chunks)

@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::hooks::Hooks;
 use crate::net::{BoxRead, BoxWrite, Dialer, expect_frame, read_frame, send, write_msg};
-use crate::proto::{MAX_ZERO_RUN, Msg, Role, VERSION};
+use crate::proto::{FEATURE_LZ4, MAX_ZERO_RUN, Msg, Role, VERSION, compress_chunk};
 use crate::set::ChunkSet;
 
 /// How the migration moves the region.
@@ -96,6 +96,10 @@ pub struct SourceConfig {
     pub read_ahead: usize,
     /// Slow down a writer whose passes do not converge (off by default).
     pub auto_converge: Option<Throttle>,
+    /// Offer LZ4 on the bulk stream (used if the destination grants it in its WELCOME); a
+    /// chunk goes compressed only if that saves an eighth of it. Pays on links slower than the
+    /// compressor (`memsync bench migrate`, PROTOCOL.md's figures); off by default.
+    pub compress: bool,
 }
 
 /// Auto-converge: when a pre-copy pass (from the second) does not converge and its dirty set
@@ -167,6 +171,7 @@ impl Default for SourceConfig {
             hash_sent: false,
             read_ahead: 16,
             auto_converge: None,
+            compress: false,
         }
     }
 }
@@ -329,6 +334,16 @@ struct Source<'a> {
     received: AtomicU64,
     data_chunks: u64,
     zero_chunks: u64,
+    /// The bulk connection carries CHUNK_LZ4 (granted in its WELCOME).
+    lz4: Arc<AtomicBool>,
+}
+
+/// A data chunk's frame: LZ4 if granted and worth it.
+fn data_msg(index: u64, data: Bytes, lz4: bool) -> Msg {
+    match lz4.then(|| compress_chunk(&data)).flatten() {
+        Some(data) => Msg::ChunkLz4 { index, data },
+        None => Msg::Chunk { index, data },
+    }
 }
 
 /// Migrate `src` to the destination `dialer` reaches. `changes` must report every write to
@@ -357,6 +372,7 @@ pub async fn migrate(
         received: AtomicU64::new(0),
         data_chunks: 0,
         zero_chunks: 0,
+        lz4: Arc::new(AtomicBool::new(false)),
     };
     s.run().await
 }
@@ -391,15 +407,26 @@ impl Source<'_> {
             .map_err(|e| StoreError::backend_with(format!("connecting ({role:?})"), e))?;
         let mut w = BufWriter::with_capacity(256 << 10, c.w);
         let mut r = c.r;
+        let want = if self.cfg.compress && role == Role::Bulk {
+            FEATURE_LZ4
+        } else {
+            0
+        };
         let hello = Msg::Hello {
             version: VERSION,
             role,
             session: self.session,
             resume,
+            features: want,
         };
         send(&mut w, &hello, &self.sent).await?;
         match self.reply(&mut r, "WELCOME").await? {
-            Msg::Welcome { version } if version == VERSION => Ok((r, w)),
+            Msg::Welcome { version, features } if version == VERSION => {
+                if role == Role::Bulk {
+                    self.lz4.store(features & want & FEATURE_LZ4 != 0, Relaxed);
+                }
+                Ok((r, w))
+            }
             m => Err(err(format!("expected WELCOME, got {}", m.name()))),
         }
     }
@@ -732,7 +759,8 @@ impl Source<'_> {
                     if let Some((first, count)) = zeros.take() {
                         put(w, &Msg::Zero { first, count }, &self.sent, limit).await?;
                     }
-                    put(w, &Msg::Chunk { index: i, data }, &self.sent, limit).await?;
+                    let m = data_msg(i, data, self.lz4.load(Relaxed));
+                    put(w, &m, &self.sent, limit).await?;
                 }
             }
         }
@@ -892,6 +920,7 @@ impl Source<'_> {
         lost: mpsc::UnboundedSender<String>,
     ) -> JoinHandle<()> {
         let (src, layout, sent) = (self.src.clone(), self.layout, self.sent.clone());
+        let lz4 = self.lz4.clone();
         tokio::spawn(async move {
             loop {
                 let next = {
@@ -912,7 +941,7 @@ impl Source<'_> {
                 };
                 post.cursor.store(i + 1, Relaxed);
                 let m = match read_chunk(&src, layout, i).await {
-                    Ok(Some(data)) => Msg::Chunk { index: i, data },
+                    Ok(Some(data)) => data_msg(i, data, lz4.load(Relaxed)),
                     Ok(None) => Msg::Zero { first: i, count: 1 },
                     Err(e) => {
                         let _ = lost.send(format!("reading the source: {}", e.chain()));
@@ -991,7 +1020,7 @@ struct Post {
 impl Post {
     fn count(&self, m: &Msg) {
         match m {
-            Msg::Chunk { .. } => self.data.fetch_add(1, Relaxed),
+            Msg::Chunk { .. } | Msg::ChunkLz4 { .. } => self.data.fetch_add(1, Relaxed),
             _ => self.zero.fetch_add(1, Relaxed),
         };
     }

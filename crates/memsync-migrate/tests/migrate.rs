@@ -1028,6 +1028,7 @@ async fn strangers_are_turned_away_and_a_migration_still_works() {
         role: memsync_migrate::proto::Role::Bulk,
         session: 42,
         resume: false,
+        features: 0,
     }
     .encode()
     .to_vec();
