@@ -584,6 +584,17 @@ impl Dest<'_> {
                 send(w, &Msg::Ready, &no).await?;
             }
             (Phase::Receiving, Msg::Dirty(s)) => self.missing.apply(&s).map_err(err)?,
+            (Phase::Receiving, Msg::Evict) => {
+                let (t, m) = (self.sh.target.clone(), self.missing.clone());
+                tokio::task::spawn_blocking(move || t.evict(&m))
+                    .await
+                    .map_err(|e| err(format!("evicting stale chunks: {e}")))?;
+                let w = self
+                    .ctl
+                    .as_mut()
+                    .ok_or_else(|| err("no control connection"))?;
+                send(w, &Msg::Evicted, &no).await?;
+            }
             (Phase::Receiving, Msg::Switchover { mark, postcopy }) => {
                 if self.sh.layout.lock().is_none() {
                     return Err(err("SWITCHOVER before GEOMETRY"));

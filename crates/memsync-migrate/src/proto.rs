@@ -48,6 +48,8 @@ const T_ALL_RECEIVED: u8 = 17;
 const T_DONE: u8 = 18;
 const T_ABORT: u8 = 19;
 const T_CHUNK_LZ4: u8 = 20;
+const T_EVICT: u8 = 21;
+const T_EVICTED: u8 = 22;
 
 /// What a connection carries; announced in its HELLO.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -93,6 +95,13 @@ impl Segment {
 /// One protocol message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Msg {
+    /// Control, source → destination, before the suspend of a switch-over that will be
+    /// post-copy: drop the stale copies of the chunks the DIRTY segments so far named now,
+    /// while the application still runs at the source (so the downtime only drops the few
+    /// dirtied after them).
+    Evict,
+    /// Control, destination → source: done.
+    Evicted,
     /// Source → destination, the first frame of every connection.
     Hello {
         version: u16,
@@ -272,6 +281,8 @@ impl Msg {
                 b.put_u64(*p99_ns);
             }
             Msg::Done => b.put_u8(T_DONE),
+            Msg::Evict => b.put_u8(T_EVICT),
+            Msg::Evicted => b.put_u8(T_EVICTED),
             Msg::Abort(m) => {
                 b.put_u8(T_ABORT);
                 let m = truncate(m, MAX_MESSAGE);
@@ -406,6 +417,8 @@ impl Msg {
                 )
             }
             T_DONE => (Msg::Done, "done"),
+            T_EVICT => (Msg::Evict, "evict"),
+            T_EVICTED => (Msg::Evicted, "evicted"),
             T_ABORT => {
                 need(&b, 2, "abort")?;
                 let n = b.get_u16() as usize;
@@ -445,16 +458,18 @@ impl Msg {
             Msg::HeldEnd { .. } => "HELD_END",
             Msg::AllReceived { .. } => "ALL_RECEIVED",
             Msg::Done => "DONE",
+            Msg::Evict => "EVICT",
+            Msg::Evicted => "EVICTED",
             Msg::Abort(_) => "ABORT",
         }
     }
 }
 
-/// The LZ4 block of a chunk, if it saves at least an eighth of it (else the chunk goes as
-/// CHUNK: incompressible data costs the receiver nothing).
+/// The LZ4 block of a chunk, if it saves at least 1/16 of it (else the chunk goes as CHUNK:
+/// incompressible data costs the receiver nothing).
 pub fn compress_chunk(data: &[u8]) -> Option<Bytes> {
     let c = lz4_flex::block::compress(data);
-    (c.len() <= data.len() - data.len() / 8).then(|| Bytes::from(c))
+    (c.len() <= data.len() - data.len() / 16).then(|| Bytes::from(c))
 }
 
 /// Decompress a CHUNK_LZ4 block into exactly `len` bytes (the chunk's length at the
@@ -568,6 +583,8 @@ mod tests {
                 }
             }),
             Just(Msg::Done),
+            Just(Msg::Evict),
+            Just(Msg::Evicted),
             "\\PC{0,200}".prop_map(Msg::Abort),
         ]
     }

@@ -97,7 +97,7 @@ pub struct SourceConfig {
     /// Slow down a writer whose passes do not converge (off by default).
     pub auto_converge: Option<Throttle>,
     /// Offer LZ4 on the bulk stream (used if the destination grants it in its WELCOME); a
-    /// chunk goes compressed only if that saves an eighth of it. Pays on links slower than the
+    /// chunk goes compressed only if that saves 1/16 of it. Pays on links slower than the
     /// compressor (`memsync bench migrate`, PROTOCOL.md's figures); off by default.
     pub compress: bool,
 }
@@ -619,6 +619,26 @@ impl Source<'_> {
             SwitchReason::NotConverged => cfg.fallback == Fallback::Postcopy,
         };
 
+        // A post-copy after passes: the destination drops its stale copies of what is dirty
+        // now while the application still runs here; the downtime then drops only the chunks
+        // dirtied since.
+        let early = if postcopy && cfg.mode != Mode::Postcopy && !dirty.is_empty() {
+            let l = link.as_mut().ok_or_else(|| err("no control connection"))?;
+            for seg in dirty.segments() {
+                write_msg(&mut l.ctl_w, &Msg::Dirty(seg), &self.sent)
+                    .await
+                    .map_err(|e| StoreError::backend_with("sending DIRTY", e))?;
+            }
+            send(&mut l.ctl_w, &Msg::Evict, &self.sent).await?;
+            match self.reply(&mut l.ctl_r, "EVICTED").await? {
+                Msg::Evicted => {}
+                m => return Err(err(format!("expected EVICTED, got {}", m.name()))),
+            }
+            Some(dirty.clone())
+        } else {
+            None
+        };
+
         // Switch-over.
         let t_suspend = Instant::now();
         // Marked first: a suspend that fails half way (SIGSTOP sent, the wait timed out) is
@@ -634,7 +654,18 @@ impl Source<'_> {
         let remaining = dirty.count();
         let l = link.as_mut().ok_or_else(|| err("no control connection"))?;
         if postcopy {
-            for seg in dirty.segments() {
+            // The destination keeps what the early DIRTY segments named.
+            let fresh = match &early {
+                Some(e) => {
+                    let mut f = ChunkSet::new(chunks);
+                    for i in dirty.iter().filter(|&i| !e.contains(i)) {
+                        f.insert(i);
+                    }
+                    f
+                }
+                None => dirty.clone(),
+            };
+            for seg in fresh.segments() {
                 write_msg(&mut l.ctl_w, &Msg::Dirty(seg), &self.sent)
                     .await
                     .map_err(|e| StoreError::backend_with("sending DIRTY", e))?;

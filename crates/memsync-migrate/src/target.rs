@@ -90,6 +90,13 @@ pub trait Target: Send + Sync + fmt::Debug {
     /// `faults` and wait.
     fn begin_postcopy(&self, missing: &ChunkSet, faults: Faults);
 
+    /// Before a post-copy switch-over, while the source still runs: chunks `stale` will be
+    /// missing; a target that must do work to make them absent (drop a region's pages) may do
+    /// it now rather than in [`begin_postcopy`](Self::begin_postcopy), inside the downtime.
+    fn evict(&self, stale: &ChunkSet) {
+        let _ = stale;
+    }
+
     /// Chunks present (after switch-over; every chunk before a post-copy switch-over).
     fn held(&self) -> ChunkSet;
 
