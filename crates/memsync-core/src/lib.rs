@@ -19,6 +19,7 @@ pub mod chunks;
 pub mod error;
 pub mod layers;
 pub mod meta;
+pub mod ops;
 pub mod range;
 pub mod size;
 pub mod store;

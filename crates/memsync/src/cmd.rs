@@ -1,113 +1,18 @@
 //! The subcommands. Each opens stores through the one registry and reports errors with causes.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context as _, Result, bail};
-use bytes::{Bytes, BytesMut};
+use anyhow::{Result, bail};
+use bytes::Bytes;
 use clap::Args;
-use futures_util::{StreamExt, stream};
-use indicatif::{ProgressBar, ProgressStyle};
-use memsync_core::layers::Stats;
-use memsync_core::size::{format_size, parse_size};
-use memsync_core::{DynStore, ExtentKind, Registry, Store, redact};
-use parking_lot::Mutex;
+use memsync_bench::{BenchConfig, gbps};
+use memsync_core::ops::{self, CopyOptions};
+use memsync_core::size::format_size;
+use memsync_core::{ExtentKind, Store, redact};
 use rand::{RngCore, SeedableRng};
 
-use crate::bench::{self, Bench, BenchConfig};
-
-/// Everything a command needs: the store registry, a runtime, and the stores to report metrics of.
-pub struct Context {
-    pub registry: Registry,
-    pub rt: tokio::runtime::Runtime,
-    metrics: Option<PathBuf>,
-    opened: Mutex<Vec<(String, Arc<Stats<DynStore>>)>>,
-}
-
-/// The registry with every store compiled into this binary.
-pub fn registry() -> Registry {
-    let mut r = Registry::new();
-    memsync_local::register(&mut r);
-    memsync_nbd::register(&mut r);
-    memsync_redis::register(&mut r);
-    memsync_s3::register(&mut r);
-    memsync_cql::register(&mut r);
-    r
-}
-
-impl Context {
-    pub fn new(metrics: Option<PathBuf>) -> Self {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
-        Context {
-            registry: registry(),
-            rt,
-            metrics,
-            opened: Mutex::new(Vec::new()),
-        }
-    }
-
-    /// Open a store URL. Every store is wrapped in a stats layer, reported with `--metrics`.
-    pub fn open(&self, url: &str) -> Result<DynStore> {
-        let store = self
-            .rt
-            .block_on(self.registry.open(url))
-            .with_context(|| format!("cannot open {}", redact(url)))?;
-        Ok(self.track(url, store))
-    }
-
-    /// Wrap a store opened some other way (e.g. a cache) in a stats layer reported with
-    /// `--metrics` under the label `url`.
-    pub fn track(&self, url: &str, store: DynStore) -> DynStore {
-        let stats = Arc::new(Stats::new(store));
-        self.opened.lock().push((url.to_owned(), stats.clone()));
-        stats
-    }
-
-    fn stats_of(&self, url: &str) -> Option<Arc<Stats<DynStore>>> {
-        self.opened
-            .lock()
-            .iter()
-            .rev()
-            .find(|(u, _)| u == url)
-            .map(|(_, s)| s.clone())
-    }
-
-    /// Write Prometheus text for every opened store to the `--metrics` file.
-    pub fn write_metrics(&self) -> Result<()> {
-        let Some(path) = &self.metrics else {
-            return Ok(());
-        };
-        let mut text = String::new();
-        for (url, stats) in self.opened.lock().iter() {
-            // A URL's password or keys must not end up in a metrics file.
-            let label = format!(
-                "store=\"{}\"",
-                redact(url).replace('\\', "\\\\").replace('"', "\\\"")
-            );
-            text.push_str(&stats.render_prometheus("memsync_store", &label));
-        }
-        std::fs::write(path, text).with_context(|| format!("writing metrics to {}", path.display()))
-    }
-}
-
-pub(crate) fn progress(len: u64, what: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{msg} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    pb.set_message(what.to_owned());
-    // Hidden when stderr is not a terminal (indicatif does that), so logs and CI stay clean.
-    pb
-}
+use crate::context::{Context, parse_size_arg, progress};
 
 #[derive(Debug, Args)]
 pub struct InfoArgs {
@@ -182,92 +87,19 @@ pub struct CopyArgs {
     pub no_sparse: bool,
 }
 
-pub(crate) fn parse_size_arg(s: &str) -> Result<u64, String> {
-    match parse_size(s) {
-        Ok(0) => Err("must be greater than 0".into()),
-        Ok(n) if n > 256 << 20 => Err("must be at most 256M".into()),
-        Ok(n) => Ok(n),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-/// Copy `src` to `dst` with `concurrency` requests in flight; returns bytes of data copied.
-pub async fn copy_store(
-    src: &DynStore,
-    dst: &DynStore,
-    io_size: u64,
-    concurrency: usize,
-    sparse: bool,
-    pb: &ProgressBar,
-) -> Result<u64> {
-    let size = src.size();
-    if dst.size() < size {
-        bail!(
-            "destination is smaller ({} bytes) than the source ({} bytes)",
-            dst.size(),
-            size
-        );
-    }
-    let mut copied = 0;
-    let mut off = 0;
-    while off < size {
-        let window = (size - off).min(1 << 30);
-        let extents = src
-            .extents(off, window)
-            .await
-            .context("reading source extents")?;
-        let mut pieces = Vec::new();
-        for e in extents {
-            if e.kind.reads_zero() && sparse {
-                dst.write_zeroes(e.offset, e.len)
-                    .await
-                    .with_context(|| format!("zeroing {}+{} in destination", e.offset, e.len))?;
-                pb.inc(e.len);
-                continue;
-            }
-            let mut p = e.offset;
-            while p < e.end() {
-                let n = (e.end() - p).min(io_size);
-                pieces.push((p, n));
-                p += n;
-            }
-        }
-        let mut s = stream::iter(pieces)
-            .map(|(p, n)| async move {
-                let mut buf = BytesMut::zeroed(n as usize);
-                src.read(p, &mut buf)
-                    .await
-                    .with_context(|| format!("reading {p}+{n} from source"))?;
-                dst.write(p, buf.freeze())
-                    .await
-                    .with_context(|| format!("writing {p}+{n} to destination"))?;
-                Ok::<u64, anyhow::Error>(n)
-            })
-            .buffer_unordered(concurrency.max(1));
-        while let Some(r) = s.next().await {
-            let n = r?;
-            copied += n;
-            pb.inc(n);
-        }
-        off += window;
-    }
-    dst.flush().await.context("flushing destination")?;
-    Ok(copied)
-}
-
 pub fn copy(ctx: &Context, a: CopyArgs) -> Result<()> {
     let src = ctx.open(&a.src)?;
     let dst = ctx.open(&a.dst)?;
     let pb = progress(src.size(), "copy");
     let t = Instant::now();
-    let copied = ctx.rt.block_on(copy_store(
-        &src,
-        &dst,
-        a.io_size,
-        a.concurrency,
-        !a.no_sparse,
-        &pb,
-    ))?;
+    let opts = CopyOptions {
+        io_size: a.io_size,
+        concurrency: a.concurrency,
+        sparse: !a.no_sparse,
+    };
+    let copied = ctx
+        .rt
+        .block_on(ops::copy(&*src, &*dst, opts, &|n| pb.inc(n)))?;
     pb.finish_and_clear();
     let el = t.elapsed();
     outln!(
@@ -275,7 +107,7 @@ pub fn copy(ctx: &Context, a: CopyArgs) -> Result<()> {
         format_size(copied),
         format_size(src.size()),
         el.as_secs_f64(),
-        bench::gbps(src.size(), el)
+        gbps(src.size(), el)
     );
     Ok(())
 }
@@ -286,34 +118,10 @@ pub struct ChecksumArgs {
     pub store: String,
 }
 
-/// BLAKE3 of the store's whole contents, read in 4 MiB pieces with reads kept in flight.
-pub async fn checksum_store(store: &DynStore, pb: &ProgressBar) -> Result<blake3::Hash> {
-    const PIECE: u64 = 4 << 20;
-    let size = store.size();
-    let pieces = (0..size.div_ceil(PIECE)).map(|i| (i * PIECE, (size - i * PIECE).min(PIECE)));
-    let mut s = stream::iter(pieces)
-        .map(|(off, n)| async move {
-            let mut buf = BytesMut::zeroed(n as usize);
-            store
-                .read(off, &mut buf)
-                .await
-                .with_context(|| format!("reading {off}+{n}"))?;
-            Ok::<Bytes, anyhow::Error>(buf.freeze())
-        })
-        .buffered(4);
-    let mut h = blake3::Hasher::new();
-    while let Some(b) = s.next().await {
-        let b = b?;
-        h.update(&b);
-        pb.inc(b.len() as u64);
-    }
-    Ok(h.finalize())
-}
-
 pub fn checksum(ctx: &Context, a: ChecksumArgs) -> Result<()> {
     let store = ctx.open(&a.store)?;
     let pb = progress(store.size(), "checksum");
-    let h = ctx.rt.block_on(checksum_store(&store, &pb))?;
+    let h = ctx.rt.block_on(ops::checksum(&*store, &|n| pb.inc(n)))?;
     pb.finish_and_clear();
     outln!("{h}  {}", redact(&a.store));
     Ok(())
@@ -322,7 +130,7 @@ pub fn checksum(ctx: &Context, a: ChecksumArgs) -> Result<()> {
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// The suite to run (see the list below).
-    #[arg(value_parser = clap::builder::PossibleValuesParser::new(bench::SUITES.iter().map(|s| s.0)))]
+    #[arg(value_parser = clap::builder::PossibleValuesParser::new(memsync_bench::SUITES.iter().map(|s| s.0)))]
     pub suite: String,
     /// Fewer runs and smaller sizes, for smoke runs (each suite under 30 s).
     #[arg(long)]
@@ -345,17 +153,33 @@ pub fn bench(ctx: &Context, a: BenchArgs) -> Result<()> {
         runs: a.runs,
         scratch: a.scratch.unwrap_or_else(std::env::temp_dir),
     };
-    let mut b = Bench::new(&a.suite, config);
-    match a.suite.as_str() {
-        "store" => bench::store::run(&mut b, &ctx.registry),
-        "stores" => bench::stores::run(&mut b, &ctx.registry),
-        "nbd" => bench::nbd::run(&mut b, ctx),
-        "lazy" => bench::lazy::run(&mut b),
-        "mount" => bench::mount::run(&mut b, ctx),
-        "sync" => bench::sync::run(&mut b, ctx),
-        "migrate" => bench::migrate::run(&mut b, ctx),
-        other => bail!("unknown suite {other:?}"),
-    }
+    memsync_bench::run(&a.suite, config, &bench_env(ctx)?)
+}
+
+/// What the benchmark suites run with: this binary's registry, runtime and path.
+fn bench_env(ctx: &Context) -> Result<memsync_bench::Env<'_>> {
+    Ok(memsync_bench::Env {
+        registry: &ctx.registry,
+        rt: &ctx.rt,
+        exe: std::env::current_exe()?,
+    })
+}
+
+/// `memsync bench-nbd-read URL`: a client read timed as a whole command, like nbdcopy's.
+#[derive(Debug, Args)]
+pub struct ReadArgs {
+    /// The store to read from start to end (the bytes go nowhere).
+    pub url: String,
+    /// Bytes per read.
+    #[arg(long, default_value = "2M", value_parser = parse_size_arg)]
+    pub request_size: u64,
+    /// Reads in flight, each with a buffer of its own.
+    #[arg(long, default_value_t = 32)]
+    pub in_flight: u64,
+}
+
+pub fn bench_nbd_read(ctx: &Context, a: ReadArgs) -> Result<()> {
+    memsync_bench::nbd::read_to_nowhere(&bench_env(ctx)?, &a.url, a.request_size, a.in_flight)
 }
 
 pub fn stores(ctx: &Context) -> Result<()> {
@@ -404,8 +228,7 @@ pub fn demo(ctx: &Context, a: DemoArgs) -> Result<()> {
         format_size(size),
         t.elapsed().as_secs_f64()
     );
-    let hidden = ProgressBar::hidden();
-    let h1 = ctx.rt.block_on(checksum_store(&mem, &hidden))?;
+    let h1 = ctx.rt.block_on(ops::checksum(&*mem, &|_| ()))?;
     let (data, _, hole) = ctx.rt.block_on(allocation(&*mem))?;
     outln!(
         "   blake3 {h1}; allocated {} of data, {} of holes",
@@ -422,16 +245,18 @@ pub fn demo(ctx: &Context, a: DemoArgs) -> Result<()> {
     let t = Instant::now();
     let copied = ctx
         .rt
-        .block_on(copy_store(&mem, &dst, 1 << 20, 8, true, &pb))?;
+        .block_on(ops::copy(&*mem, &*dst, CopyOptions::default(), &|n| {
+            pb.inc(n)
+        }))?;
     pb.finish_and_clear();
     let el = t.elapsed();
     outln!(
         "   copied {} of data in {:.3} s ({:.2} GB/s of store)",
         format_size(copied),
         el.as_secs_f64(),
-        bench::gbps(size, el)
+        gbps(size, el)
     );
-    let h2 = ctx.rt.block_on(checksum_store(&dst, &hidden))?;
+    let h2 = ctx.rt.block_on(ops::checksum(&*dst, &|_| ()))?;
     if h1 != h2 {
         bail!("verification failed: {mem_url} has {h1} but the copy has {h2}");
     }
@@ -450,8 +275,7 @@ pub fn demo(ctx: &Context, a: DemoArgs) -> Result<()> {
             runs: None,
             scratch: std::env::temp_dir(),
         };
-        let mut b = Bench::new("store", config);
-        bench::store::run(&mut b, &ctx.registry)?;
+        memsync_bench::run("store", config, &bench_env(ctx)?)?;
     }
     Ok(())
 }

@@ -2,14 +2,15 @@
 
 #[macro_use]
 mod out;
-mod bench;
 mod cmd;
+mod context;
 mod map;
 mod migrate;
 mod mount;
 mod proxy;
 mod serve;
 mod sync;
+mod vmm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -87,13 +88,19 @@ enum Command {
     /// Live migration of a store (e.g. the file another program maps): pre-copy, post-copy or
     /// hybrid to a destination (`--listen` on the other side), with a final report.
     Migrate(migrate::MigrateArgs),
+    /// Firecracker's UFFD page-fault handler: serve a restored microVM's guest memory from a
+    /// store (listen on --socket, one VMM; exits when it does).
+    UffdHandler(vmm::UffdHandlerArgs),
+    /// Cloud Hypervisor on-demand restore: send a snapshot's configuration and state and serve
+    /// its memory from a store, page by page, as the VM faults.
+    ChRestore(vmm::ChRestoreArgs),
     /// List the store URL schemes this build supports.
     Stores,
     /// Read a store from start to end with the NBD bench's client pattern (32 reads of 2 MiB
     /// in flight), discarding the bytes: the `nbd` bench times it as a whole command beside
     /// nbdcopy's `null:` sink.
     #[command(hide = true)]
-    BenchNbdRead(bench::nbd::ReadArgs),
+    BenchNbdRead(cmd::ReadArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -113,7 +120,7 @@ fn init_logging(verbose: u8) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
-    let ctx = cmd::Context::new(cli.metrics.clone());
+    let ctx = context::Context::new(cli.metrics.clone());
     let result = match cli.command {
         Command::Demo(a) => cmd::demo(&ctx, a),
         Command::Info(a) => cmd::info(&ctx, a),
@@ -126,8 +133,10 @@ fn main() -> ExitCode {
         Command::Proxy(a) => proxy::proxy(&ctx, a),
         Command::Map(a) => map::map(&ctx, a),
         Command::Migrate(a) => migrate::migrate(&ctx, a),
+        Command::UffdHandler(a) => vmm::uffd_handler(&ctx, a),
+        Command::ChRestore(a) => vmm::ch_restore(&ctx, a),
         Command::Stores => cmd::stores(&ctx),
-        Command::BenchNbdRead(a) => bench::nbd::read_to_nowhere(&ctx, a),
+        Command::BenchNbdRead(a) => cmd::bench_nbd_read(&ctx, a),
     };
     let result = result.and_then(|()| ctx.write_metrics());
     match result {

@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use memsync_cache::CacheConfig;
+use memsync_cache::{CacheConfig, open_cache};
 use memsync_core::DynStore;
 use memsync_core::size::{format_size, parse_size};
 use memsync_region::{Backing, FollowFaults, LazyRegion, RegionConfig};
 
-use crate::bench::gbps;
-use crate::cmd::Context;
-use crate::mount::{ReinitArgs, cache_chunk, cache_state, close_cache, open_cache};
+use crate::context::Context;
+use crate::mount::{ReinitArgs, cache_chunk, cache_state, close_cache};
+use memsync_bench::gbps;
 
 #[derive(Debug, Args)]
 pub struct MapArgs {

@@ -17,7 +17,7 @@ use memsync_migrate::{
 use memsync_sync::Rescan;
 use serde_json::json;
 
-use crate::cmd::Context;
+use crate::context::Context;
 
 #[derive(Debug, Args)]
 #[command(after_help = "\
@@ -248,7 +248,7 @@ pub fn migrate(ctx: &Context, a: MigrateArgs) -> Result<()> {
     };
     ctx.rt.block_on(async {
         let changes = Rescan::new(src.clone(), a.chunk)?;
-        let bar = Bar(crate::cmd::progress(src.size(), "pass 1"));
+        let bar = Bar(crate::context::progress(src.size(), "pass 1"));
         let r = memsync_migrate::migrate(src, changes, &dialer, &*hooks, &cfg, &bar).await;
         bar.0.finish_and_clear();
         let r = r.context("migration failed")?;

@@ -5,7 +5,7 @@ use clap::Args;
 use memsync_cache::proxy::{Proxy, ProxyConfig};
 use memsync_core::size::parse_duration;
 
-use crate::cmd::Context;
+use crate::context::Context;
 
 #[derive(Debug, Args)]
 pub struct ProxyArgs {

@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::Args;
 use memsync_nbd::{Export, ListenAddr, Server, ServerConfig, TlsMode};
 
-use crate::cmd::Context;
+use crate::context::Context;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {

@@ -17,7 +17,7 @@ use memsync_sync::{
 };
 use serde_json::json;
 
-use crate::cmd::Context;
+use crate::context::Context;
 
 #[derive(Debug, Args)]
 #[command(after_help = "\
@@ -203,7 +203,7 @@ pub fn sync(ctx: &Context, a: SyncArgs) -> Result<()> {
             Some(dst) => Arc::new(LocalDest::new(dst, a.chunk, index(dst_url).as_deref())?),
         };
         let opts = SyncOptions { window: a.window };
-        let bar = Bar(crate::cmd::progress(src.size(), "hash"));
+        let bar = Bar(crate::context::progress(src.size(), "hash"));
         let Some(every) = a.every else {
             let r = memsync_sync::sync(&source, dest, opts, &bar).await;
             bar.0.finish_and_clear();

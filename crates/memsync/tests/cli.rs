@@ -5,6 +5,9 @@ use std::process::{Command, Output, Stdio};
 
 use rand::{RngCore, SeedableRng};
 
+#[path = "vmm/mod.rs"]
+mod vmm;
+
 fn memsync(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_memsync"))
         .args(args)

@@ -34,7 +34,7 @@ use memsync_cache::{Cache, CacheConfig};
 use memsync_core::{DynStore, Registry};
 use memsync_testkit::servers::{self, RedisServer, S3_ACCESS_KEY, S3_SECRET_KEY, S3Server};
 
-use super::{Bench, Compared, Proc, Subject, gbps};
+use crate::{Bench, Compared, Proc, Subject, gbps};
 
 /// Reads of this size are in flight at once during the sequential read.
 const IO: usize = 4 << 20;

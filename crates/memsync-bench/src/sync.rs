@@ -40,8 +40,8 @@ use memsync_sync::{
 };
 use rand::{Rng, RngCore, SeedableRng};
 
-use super::{Bench, Proc, free_port, wait_tcp};
-use crate::cmd::Context;
+use crate::Env;
+use crate::{Bench, Proc, free_port, wait_tcp};
 
 const CHUNK: u64 = memsync_sync::DEFAULT_CHUNK;
 
@@ -96,9 +96,9 @@ fn open(path: &Path) -> Result<DynStore> {
 }
 
 /// memsync local→local; returns (seconds, data bytes).
-fn memsync_local(ctx: &Context, src: &Path, dst: &Path) -> Result<(f64, u64)> {
+fn memsync_local(env: &Env<'_>, src: &Path, dst: &Path) -> Result<(f64, u64)> {
     let t = Instant::now();
-    let r = ctx.rt.block_on(async {
+    let r = env.rt.block_on(async {
         let source = Source {
             store: open(src)?,
             index: Some(IndexFile::for_file(src)),
@@ -110,9 +110,9 @@ fn memsync_local(ctx: &Context, src: &Path, dst: &Path) -> Result<(f64, u64)> {
 }
 
 /// memsync to a peer; returns (seconds, wire bytes both ways).
-fn memsync_peer(ctx: &Context, src: &Path, peer: &str) -> Result<(f64, u64)> {
+fn memsync_peer(env: &Env<'_>, src: &Path, peer: &str) -> Result<(f64, u64)> {
     let t = Instant::now();
-    let r = ctx.rt.block_on(async {
+    let r = env.rt.block_on(async {
         let store = open(src)?;
         let addr = PeerAddr::parse(peer)?;
         let dest = RemoteDest::connect(&addr, store.size(), CHUNK, true).await?;
@@ -232,8 +232,7 @@ fn cases(
     Ok(())
 }
 
-fn spawn_peer(dst: &Path) -> Result<(Proc, String)> {
-    let exe = std::env::current_exe()?;
+fn spawn_peer(exe: &Path, dst: &Path) -> Result<(Proc, String)> {
     let mut c = Command::new(exe)
         .args(["sync", "--listen", "127.0.0.1:0"])
         .arg(format!("file:{}", dst.display()))
@@ -278,7 +277,7 @@ fn spawn_rsyncd(dir: &Path) -> Result<(Proc, u16)> {
     Ok((p, port))
 }
 
-pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
+pub fn run(b: &mut Bench, env: &Env<'_>) -> Result<()> {
     let size: u64 = if b.config.quick { 64 << 20 } else { 1 << 30 };
     let dir = tempfile::tempdir_in(&b.config.scratch)?;
     let d = dir.path();
@@ -294,12 +293,12 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
     // Local to local.
     let (m, r4, rd) = (copy("m.img")?, copy("r4.img")?, copy("rd.img")?);
     let subjects = vec![
-        subject_memsync_local(ctx, &src, &m),
+        subject_memsync_local(env, &src, &m),
         subject_rsync(&src, &r4, r4.display().to_string(), true),
         subject_rsync(&src, &rd, rd.display().to_string(), false),
     ];
     cases(b, "local", &src, size, &subjects, &mut rng)?;
-    cli_unchanged(b, &src, &m)?;
+    cli_unchanged(b, &env.exe, &src, &m)?;
     drop(subjects);
     for p in [&m, &r4, &rd] {
         std::fs::remove_file(p)?;
@@ -311,14 +310,14 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
     let p = copy("p.img")?;
     std::fs::copy(&src, rdir.join("r4.img"))?;
     std::fs::copy(&src, rdir.join("rd.img"))?;
-    let (_peer, peer_addr) = spawn_peer(&p)?;
+    let (_peer, peer_addr) = spawn_peer(&env.exe, &p)?;
     let (_rsyncd, rport) = spawn_rsyncd(&rdir)?;
     for rtt_ms in [0u64, 30] {
         let cfg = ProxyConfig {
             rtt: Duration::from_millis(rtt_ms),
             ..ProxyConfig::default()
         };
-        let (pp, rp) = ctx.rt.block_on(async {
+        let (pp, rp) = env.rt.block_on(async {
             anyhow::Ok((
                 Proxy::start("127.0.0.1:0", &peer_addr, cfg).await?,
                 Proxy::start("127.0.0.1:0", &format!("127.0.0.1:{rport}"), cfg).await?,
@@ -331,7 +330,7 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
             Subject {
                 name: "memsync".into(),
                 dst: p.clone(),
-                run: Box::new(move || memsync_peer(ctx, &src2, &peer_url)),
+                run: Box::new(move || memsync_peer(env, &src2, &peer_url)),
             },
             subject_rsync(&src, &rdir.join("r4.img"), rurl("r4.img"), true),
             subject_rsync(&src, &rdir.join("rd.img"), rurl("rd.img"), false),
@@ -346,16 +345,16 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
         )?;
     }
 
-    push(b, ctx, d, size)?;
+    push(b, env, d, size)?;
     Ok(())
 }
 
-fn subject_memsync_local<'a>(ctx: &'a Context, src: &Path, dst: &Path) -> Subject<'a> {
+fn subject_memsync_local<'a>(env: &'a Env<'a>, src: &Path, dst: &Path) -> Subject<'a> {
     let (s, d) = (src.to_owned(), dst.to_owned());
     Subject {
         name: "memsync".into(),
         dst: dst.to_owned(),
-        run: Box::new(move || memsync_local(ctx, &s, &d)),
+        run: Box::new(move || memsync_local(env, &s, &d)),
     }
 }
 
@@ -372,11 +371,10 @@ fn subject_rsync(src: &Path, dst: &Path, target: String, b4096: bool) -> Subject
 }
 
 /// `memsync sync` as a process on an unchanged file (process start included).
-fn cli_unchanged(b: &mut Bench, src: &Path, dst: &Path) -> Result<()> {
-    let exe = std::env::current_exe()?;
+fn cli_unchanged(b: &mut Bench, exe: &Path, src: &Path, dst: &Path) -> Result<()> {
     let run = || -> Result<f64> {
         let t = Instant::now();
-        let o = Command::new(&exe)
+        let o = Command::new(exe)
             .args(["sync", "--json"])
             .arg(format!("file:{}", src.display()))
             .arg(format!("file:{}", dst.display()))
@@ -437,19 +435,19 @@ async fn dirty(
     Ok(())
 }
 
-fn push(b: &mut Bench, ctx: &Context, d: &Path, size: u64) -> Result<()> {
+fn push(b: &mut Bench, env: &Env<'_>, d: &Path, size: u64) -> Result<()> {
     let src = d.join("push.img");
     make_random(&src, size, 3)?;
     let dst = d.join("push-dst.img");
     std::fs::copy(&src, &dst)?;
-    let (_peer, addr) = spawn_peer(&dst)?;
+    let (_peer, addr) = spawn_peer(&env.exe, &dst)?;
     let url = format!("memsync://{addr}");
     let interval = Duration::from_millis(500);
     for rate_mb in [0u64, 50, 500] {
         let case = format!("push {rate_mb}MB/s");
         for method in ["tracked", "rescan"] {
             let (mut secs, mut sent, mut wrote) = (Vec::new(), Vec::new(), Vec::new());
-            ctx.rt.block_on(async {
+            env.rt.block_on(async {
                 let file = open(&src)?;
                 let (store, changes): (DynStore, Arc<dyn ChangeSource>) = if method == "tracked" {
                     let t = Tracked::new(file, 4096);

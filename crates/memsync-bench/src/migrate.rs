@@ -29,8 +29,8 @@ use memsync_region::{LazyRegion, RegionConfig, WriteTracking};
 use memsync_sync::{NoProgress, Tracked};
 use rand::{Rng, RngCore, SeedableRng};
 
-use super::{Bench, Subject};
-use crate::cmd::Context;
+use crate::Env;
+use crate::{Bench, Subject};
 
 const PAGE: u64 = 4096;
 
@@ -189,12 +189,12 @@ async fn one(
     })
 }
 
-pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
+pub fn run(b: &mut Bench, env: &Env<'_>) -> Result<()> {
     let size: u64 = if b.config.quick { 64 << 20 } else { 1 << 30 };
     let runs = b.config.runs();
     let src: DynStore = Arc::new(MemStore::new(size));
     // Random contents with a hole of 1/8: zero chunks are not sent.
-    ctx.rt.block_on(fill_random(&src))?;
+    env.rt.block_on(fill_random(&src))?;
     let rates: &[u64] = &[0, 50, 500];
     let mut cases: Vec<(String, Mode, u64, Option<Duration>)> = Vec::new();
     for &rate in rates {
@@ -218,14 +218,14 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
         let mut o: Vec<Outcome> = Vec::new();
         for _ in 0..runs {
             o.push(
-                ctx.rt
+                env.rt
                     .block_on(one(&src, mode, rate * 1_000_000, link, false))?,
             );
         }
         record(b, &case, mode, &o);
     }
-    region_cases(b, ctx, size, runs)?;
-    compression_cases(b, ctx, runs)?;
+    region_cases(b, env, size, runs)?;
+    compression_cases(b, env, runs)?;
     b.published(
         "postcopy-0MBps",
         "qemu postcopy-preempt, 10 GbE",
@@ -243,7 +243,7 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
 
     // What tracking costs the writer: random 4 KiB writes as fast as it goes, for 200 ms.
     let bytes_in = |store: DynStore| -> Result<f64> {
-        ctx.rt.block_on(async {
+        env.rt.block_on(async {
             let mut rng = rand::rngs::SmallRng::seed_from_u64(4);
             let page = Bytes::from(vec![1u8; PAGE as usize]);
             let pages = store.size() / PAGE;
@@ -323,9 +323,9 @@ fn region_cfg(tracking: WriteTracking) -> RegionConfig {
 }
 
 /// A filled source region (random contents, a hole of 1/8) tracked for migration.
-fn source_region(ctx: &Context, size: u64) -> Result<Arc<LazyRegion>> {
+fn source_region(env: &Env<'_>, size: u64) -> Result<Arc<LazyRegion>> {
     let store: DynStore = Arc::new(MemStore::new(size));
-    ctx.rt.block_on(fill_random(&store))?;
+    env.rt.block_on(fill_random(&store))?;
     let r = Arc::new(LazyRegion::new(store, region_cfg(WriteTracking::Dirty))?);
     r.wait_pull(Duration::from_secs(600));
     Ok(r)
@@ -455,15 +455,15 @@ fn region_one(
 
 /// Kind (a): a live region, on loopback and between two network namespaces; and what the
 /// engine's write tracking costs a writer thread.
-fn region_cases(b: &mut Bench, ctx: &Context, size: u64, runs: usize) -> Result<()> {
-    let src = source_region(ctx, size)?;
+fn region_cases(b: &mut Bench, env: &Env<'_>, size: u64, runs: usize) -> Result<()> {
+    let src = source_region(env, size)?;
     for rate in [0u64, 50, 500] {
         for mode in [Mode::Precopy, Mode::Postcopy, Mode::Hybrid] {
             let mut o = Vec::new();
             for _ in 0..runs {
                 o.push(region_one(
-                    &ctx.rt,
-                    &ctx.rt,
+                    &env.rt,
+                    &env.rt,
                     "127.0.0.1",
                     &src,
                     mode,
@@ -488,7 +488,7 @@ fn region_cases(b: &mut Bench, ctx: &Context, size: u64, runs: usize) -> Result<
 
     // A thread's random 4 KiB writes into a region for 200 ms, the tracked one scanned (and
     // re-armed) every 20 ms as pre-copy passes would.
-    let tracked = source_region(ctx, 256 << 20)?;
+    let tracked = source_region(env, 256 << 20)?;
     let plain = {
         let store: DynStore = Arc::new(MemStore::new(256 << 20));
         let r = Arc::new(LazyRegion::new(store, region_cfg(WriteTracking::Off))?);
@@ -535,11 +535,11 @@ fn region_cases(b: &mut Bench, ctx: &Context, size: u64, runs: usize) -> Result<
 
 /// LZ4 on the bulk stream, chosen by measurement: 256 MiB (64 MiB quick) of random or
 /// text-like data through a link capped at 125 MB/s (1 GbE), with and without it.
-fn compression_cases(b: &mut Bench, ctx: &Context, runs: usize) -> Result<()> {
+fn compression_cases(b: &mut Bench, env: &Env<'_>, runs: usize) -> Result<()> {
     let size: u64 = if b.config.quick { 64 << 20 } else { 256 << 20 };
     let random: DynStore = Arc::new(MemStore::new(size));
     let text: DynStore = Arc::new(MemStore::new(size));
-    ctx.rt.block_on(async {
+    env.rt.block_on(async {
         fill_random(&random).await?;
         // Words drawn from a vocabulary of 5000, in lines: compresses about 2x with zstd -1,
         // 1.2x with lz4 as a whole file.
@@ -577,7 +577,7 @@ fn compression_cases(b: &mut Bench, ctx: &Context, runs: usize) -> Result<()> {
             let mut o = Vec::new();
             for _ in 0..runs {
                 o.push(
-                    ctx.rt
+                    env.rt
                         .block_on(one(store, Mode::Precopy, 0, Some(link), compress))?,
                 );
             }

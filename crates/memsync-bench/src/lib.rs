@@ -1,4 +1,10 @@
-//! The benchmark harness behind `memsync bench SUITE`.
+//! The benchmark harness and suites behind `memsync bench SUITE`.
+//!
+//! A library so that the shipped binary's own code stays thin: the binary hands [`run`] its
+//! store registry, its runtime and its own path ([`Env`]), and the suites start that binary as
+//! servers, proxies and clients (`memsync serve`, `memsync proxy`, `memsync bench-nbd-read`,
+//! `memsync sync --listen`). Test servers (redis-server, s3s-fs) come from `memsync-testkit`,
+//! a dependency of this crate only.
 //!
 //! A case runs its subject several times and reports the median with min and max. Every case
 //! that has a peer or a physical limit measures it in the same run and prints the ratio, so that
@@ -13,12 +19,42 @@ pub mod nbd;
 pub mod store;
 pub mod stores;
 pub mod sync;
+pub mod vmm;
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
+use memsync_core::Registry;
 use serde_json::json;
+
+/// What the suites run with, from the binary that calls them.
+#[derive(Debug)]
+pub struct Env<'a> {
+    /// Every store compiled into the binary.
+    pub registry: &'a Registry,
+    /// The binary's runtime; suites block on it from the calling thread.
+    pub rt: &'a tokio::runtime::Runtime,
+    /// The `memsync` binary, started as servers, proxies and clients.
+    pub exe: PathBuf,
+}
+
+/// Run the suite `suite` (one of [`SUITES`]).
+pub fn run(suite: &str, config: BenchConfig, env: &Env<'_>) -> Result<()> {
+    let mut b = Bench::new(suite, config);
+    match suite {
+        "store" => store::run(&mut b, env.registry),
+        "stores" => stores::run(&mut b, env.registry),
+        "nbd" => nbd::run(&mut b, env),
+        "lazy" => lazy::run(&mut b, env),
+        "mount" => mount::run(&mut b, env),
+        "sync" => sync::run(&mut b, env),
+        "migrate" => migrate::run(&mut b, env),
+        "vmm" => vmm::run(&mut b, env),
+        other => bail!("unknown suite {other:?}"),
+    }
+}
 
 /// How a suite run is configured.
 #[derive(Clone, Debug)]
@@ -343,6 +379,7 @@ pub fn gbps(bytes: u64, elapsed: Duration) -> f64 {
 }
 
 /// A child process (a server or peer) killed and reaped on drop.
+#[derive(Debug)]
 pub struct Proc(pub std::process::Child);
 
 impl Drop for Proc {
@@ -395,6 +432,10 @@ pub const SUITES: &[(&str, &str)] = &[
     (
         "migrate",
         "live migration of a 1 GiB store while a writer dirties random 4 KiB pages at 0/50/500 MB/s: pre-copy, post-copy, hybrid, also at 30 ms RTT through the delay proxy (downtime, total, bytes sent per region byte, passes, post-copy fault p50); the writer with and without write tracking; QEMU's published figures beside",
+    ),
+    (
+        "vmm",
+        "VM snapshot restore: memsync's Firecracker UFFD handler vs a minimal handler of the upstream example's design (one UFFDIO_COPY per 4 KiB fault from the file in memory), same file, same run: time to first fault served, random 4 KiB fault p50/p99; memsync from an NBD export; time until the whole memory is resident with the background pull vs faults only",
     ),
     (
         "mount",

@@ -52,7 +52,7 @@ use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::{RngCore, SeedableRng};
 
-use super::{Bench, Subject, gbps};
+use crate::{Bench, Env, Subject, gbps};
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
@@ -362,7 +362,7 @@ fn pull_cfg(chunk: usize) -> RegionConfig {
     }
 }
 
-pub fn run(bench: &mut Bench) -> Result<()> {
+pub fn run(bench: &mut Bench, env: &Env<'_>) -> Result<()> {
     let quick = bench.config.quick;
     let len = if quick { 256 * MIB } else { 1 << 30 };
     let rand_n = if quick { 5_000 } else { 20_000 };
@@ -490,7 +490,7 @@ pub fn run(bench: &mut Bench) -> Result<()> {
 
     dirty_case(bench, if quick { 64 * MIB } else { 256 * MIB })?;
 
-    nbd_cases(bench, len, rand_n)
+    nbd_cases(bench, env, len, rand_n)
 }
 
 /// A populated anonymous mapping of `len` bytes in 4 KiB pages.
@@ -596,7 +596,7 @@ fn client_4k_reads(
 
 /// The same two cases from an NBD store on loopback TCP: memsync's NBD server serving a mem:
 /// store in this process, read through memsync's NBD client.
-fn nbd_cases(bench: &mut Bench, len: usize, rand_n: usize) -> Result<()> {
+fn nbd_cases(bench: &mut Bench, env: &Env<'_>, len: usize, rand_n: usize) -> Result<()> {
     let quick = bench.config.quick;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -686,14 +686,15 @@ fn nbd_cases(bench: &mut Bench, len: usize, rand_n: usize) -> Result<()> {
         case,
         ("latency", "us"),
         Subject::new("memsync-client", || {
-            let el = super::nbd::memsync_read_command(
+            let el = crate::nbd::memsync_read_command(
+                &env.exe,
                 &format!("{small_url}?connections=1"),
                 &["--request-size", "4K", "--in-flight", "1"],
             )?;
             Ok(per_request(el))
         }),
         Subject::new("nbdcopy", || {
-            Ok(per_request(super::nbd::nbdcopy_4k_qd1(&small_url)?))
+            Ok(per_request(crate::nbd::nbdcopy_4k_qd1(&small_url)?))
         }),
     )?;
     rt.block_on(server.shutdown())?;

@@ -34,14 +34,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use memsync_cache::fuse::{FuseMount, FuseOptions};
-use memsync_cache::{Cache, CacheConfig};
+use memsync_cache::{Cache, CacheConfig, remote_pair};
 use memsync_core::DynStore;
 use memsync_region::{LazyRegion, RegionConfig};
 use rand::{Rng, RngCore, SeedableRng};
 
-use super::{Bench, Proc, Subject, free_port, gbps, wait_tcp};
-use crate::cmd::Context;
-use crate::mount::remote_pair;
+use crate::Env;
+use crate::{Bench, Proc, Subject, free_port, gbps, wait_tcp};
 
 /// The predecessor's published managed-mount sequential read (GB/s) by RTT in ms: 2.4 at 0
 /// (backend returning no data), ~1.0 at 10 ms (4096 workers), 1.13 at 30 ms (16384 workers).
@@ -53,8 +52,7 @@ fn r3map_managed(rtt_ms: u64) -> f64 {
     }
 }
 
-fn spawn_self(args: &[&str]) -> Result<Proc> {
-    let exe = std::env::current_exe()?;
+fn spawn_self(exe: &Path, args: &[&str]) -> Result<Proc> {
     let c = Command::new(exe)
         .args(args)
         .stdin(Stdio::null())
@@ -107,7 +105,7 @@ struct Mounted {
 }
 
 fn open_cache(
-    ctx: &Context,
+    env: &Env<'_>,
     scratch: &Path,
     port: u16,
     cfg: CacheConfig,
@@ -116,8 +114,8 @@ fn open_cache(
     let cdir = tempfile::tempdir_in(scratch)?;
     let mdir = tempfile::tempdir_in(scratch)?;
     let url = format!("nbd://127.0.0.1:{port}/");
-    let cache = ctx.rt.block_on(async {
-        let (remote, demand) = remote_pair(&ctx.registry, &url).await?;
+    let cache = env.rt.block_on(async {
+        let (remote, demand) = remote_pair(env.registry, &url).await?;
         let cfg = CacheConfig {
             demand_remote: Some(demand as DynStore),
             ..cfg
@@ -129,7 +127,7 @@ fn open_cache(
     let fuse = if fuse {
         Some(memsync_cache::fuse::mount(
             cache.clone(),
-            ctx.rt.handle().clone(),
+            env.rt.handle().clone(),
             mdir.path(),
             FuseOptions::default(),
         )?)
@@ -143,11 +141,11 @@ fn open_cache(
     })
 }
 
-fn close(ctx: &Context, m: Mounted) -> Result<()> {
+fn close(env: &Env<'_>, m: Mounted) -> Result<()> {
     if let Some(f) = m.fuse {
         f.unmount()?;
     }
-    ctx.rt.block_on(m.cache.close())?;
+    env.rt.block_on(m.cache.close())?;
     Ok(())
 }
 
@@ -180,9 +178,9 @@ fn read_file_seq(path: &Path) -> Result<(u64, Instant)> {
 
 /// GB/s from opening the cache to the last byte, and from the first byte to the last (the
 /// rate once connections are set up and the first chunk has arrived).
-fn fuse_seq(ctx: &Context, scratch: &Path, port: u16, size: u64) -> Result<(f64, f64)> {
+fn fuse_seq(env: &Env<'_>, scratch: &Path, port: u16, size: u64) -> Result<(f64, f64)> {
     let t = Instant::now();
-    let m = open_cache(ctx, scratch, port, seq_cfg(), true)?;
+    let m = open_cache(env, scratch, port, seq_cfg(), true)?;
     let path = m
         .fuse
         .as_ref()
@@ -194,19 +192,19 @@ fn fuse_seq(ctx: &Context, scratch: &Path, port: u16, size: u64) -> Result<(f64,
     if n != size {
         bail!("read {n} bytes of {size}");
     }
-    close(ctx, m)?;
+    close(env, m)?;
     Ok((gbps(size, el), gbps(size, steady)))
 }
 
-fn region_seq(ctx: &Context, scratch: &Path, port: u16, size: u64) -> Result<f64> {
+fn region_seq(env: &Env<'_>, scratch: &Path, port: u16, size: u64) -> Result<f64> {
     let t = Instant::now();
-    let m = open_cache(ctx, scratch, port, seq_cfg(), false)?;
+    let m = open_cache(env, scratch, port, seq_cfg(), false)?;
     let region = LazyRegion::new(
         m.cache.clone() as DynStore,
         RegionConfig {
             chunk_size: 2 << 20,
             prefetch: false,
-            runtime: Some(ctx.rt.handle().clone()),
+            runtime: Some(env.rt.handle().clone()),
             ..RegionConfig::default()
         },
     )
@@ -217,11 +215,11 @@ fn region_seq(ctx: &Context, scratch: &Path, port: u16, size: u64) -> Result<f64
     }
     let el = t.elapsed();
     drop(region);
-    close(ctx, m)?;
+    close(env, m)?;
     Ok(gbps(size, el))
 }
 
-fn fuse_local_limit(ctx: &Context, scratch: &Path, img: &Path, size: u64) -> Result<f64> {
+fn fuse_local_limit(env: &Env<'_>, scratch: &Path, img: &Path, size: u64) -> Result<f64> {
     let store: DynStore = Arc::new(memsync_local::FileStore::open(
         img,
         memsync_local::FileOptions::read_only(),
@@ -229,7 +227,7 @@ fn fuse_local_limit(ctx: &Context, scratch: &Path, img: &Path, size: u64) -> Res
     let mdir = tempfile::tempdir_in(scratch)?;
     let m = memsync_cache::fuse::mount(
         store,
-        ctx.rt.handle().clone(),
+        env.rt.handle().clone(),
         mdir.path(),
         FuseOptions::default(),
     )?;
@@ -243,7 +241,7 @@ fn fuse_local_limit(ctx: &Context, scratch: &Path, img: &Path, size: u64) -> Res
     Ok(gbps(size, el))
 }
 
-pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
+pub fn run(b: &mut Bench, env: &Env<'_>) -> Result<()> {
     let quick = b.config.quick;
     let size: u64 = if quick { 128 << 20 } else { 1 << 30 };
     let scratch = b.config.scratch.join("memsync-bench-mount");
@@ -252,26 +250,32 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
     make_image(&img, size)?;
     let sport = free_port()?;
     let img_url = format!("file:{}", img.display());
-    let _server = spawn_self(&[
-        "serve",
-        &img_url,
-        "--listen",
-        &format!("nbd://127.0.0.1:{sport}"),
-    ])?;
+    let _server = spawn_self(
+        &env.exe,
+        &[
+            "serve",
+            &img_url,
+            "--listen",
+            &format!("nbd://127.0.0.1:{sport}"),
+        ],
+    )?;
     wait_tcp(sport)?;
     let runs = b.config.runs();
 
     for rtt in [0u64, 10, 30] {
         let pport = free_port()?;
-        let _proxy = spawn_self(&[
-            "proxy",
-            "--listen",
-            &format!("127.0.0.1:{pport}"),
-            "--to",
-            &format!("127.0.0.1:{sport}"),
-            "--rtt",
-            &format!("{rtt}ms"),
-        ])?;
+        let _proxy = spawn_self(
+            &env.exe,
+            &[
+                "proxy",
+                "--listen",
+                &format!("127.0.0.1:{pport}"),
+                "--to",
+                &format!("127.0.0.1:{sport}"),
+                "--rtt",
+                &format!("{rtt}ms"),
+            ],
+        )?;
         wait_tcp(pport)?;
         if rtt == 0 {
             let c = b.compare(
@@ -298,13 +302,13 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
             vec![
                 Subject::new("fuse", || {
                     warm(&img)?;
-                    let (all, st) = fuse_seq(ctx, &scratch, pport, size)?;
+                    let (all, st) = fuse_seq(env, &scratch, pport, size)?;
                     steady.push(st);
                     Ok(all)
                 }),
                 Subject::new("lazy-region", || {
                     warm(&img)?;
-                    region_seq(ctx, &scratch, pport, size)
+                    region_seq(env, &scratch, pport, size)
                 }),
                 Subject::new("nbdcopy", || {
                     warm(&img)?;
@@ -313,7 +317,7 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
                 // The FUSE ceiling of this machine.
                 Subject::new("fuse-local-file", || {
                     warm(&img)?;
-                    fuse_local_limit(ctx, &scratch, &img, size)
+                    fuse_local_limit(env, &scratch, &img, size)
                 }),
             ],
         )?;
@@ -336,7 +340,7 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
             chunk_size: 64 * 1024,
             ..seq_cfg()
         };
-        let m = open_cache(ctx, &scratch, pport, cfg, true)?;
+        let m = open_cache(env, &scratch, pport, cfg, true)?;
         let path = m
             .fuse
             .as_ref()
@@ -354,7 +358,7 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
         }
         drop(f);
         b.record(&case, "fuse", "latency", "us", &samples);
-        close(ctx, m)?;
+        close(env, m)?;
 
         // Random 4 KiB writes through the FUSE mmap, then fsync.
         if rtt == 0 || rtt == 30 {
@@ -369,8 +373,8 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
                     chunk_size: 4096,
                     ..seq_cfg()
                 };
-                let m = open_cache(ctx, &scratch, pport, cfg, true)?;
-                if !ctx
+                let m = open_cache(env, &scratch, pport, cfg, true)?;
+                if !env
                     .rt
                     .block_on(m.cache.wait_pulled(Duration::from_secs(120)))
                 {
@@ -403,7 +407,7 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
                 mbps.push((pages * 4096) as f64 / el.as_secs_f64() / 1e6);
                 drop(map);
                 drop(file);
-                close(ctx, m)?;
+                close(env, m)?;
             }
             b.record(&case, "fuse-mmap", "write+fsync", "MB/s", &mbps);
             b.record(

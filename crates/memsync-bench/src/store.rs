@@ -17,7 +17,7 @@ use memsync_core::{DynStore, Registry};
 use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
 
-use super::{Bench, Subject, gbps};
+use crate::{Bench, Subject, gbps};
 
 const SEQ_IO: usize = 1 << 20;
 const RAND_IO: usize = 4096;
@@ -286,6 +286,7 @@ pub fn run(bench: &mut Bench, registry: &Registry) -> Result<()> {
 }
 
 /// A scratch directory removed on drop.
+#[derive(Debug)]
 pub struct ScratchDir(std::path::PathBuf);
 
 impl ScratchDir {

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use rand::{RngCore, SeedableRng};
 
-use super::{Bench, Proc, Subject, free_port, gbps, wait_tcp};
-use crate::cmd::Context;
+use crate::Env;
+use crate::{Bench, Proc, Subject, free_port, gbps, wait_tcp};
 
 fn wait_unix(p: &Path) -> Result<()> {
     for _ in 0..500 {
@@ -64,33 +64,22 @@ pub fn timed_command(cmd: &mut Command) -> Result<Duration> {
     Ok(el)
 }
 
-/// `memsync bench-nbd-read URL`: a client read timed as a whole command, like nbdcopy's.
-#[derive(Debug, clap::Args)]
-pub struct ReadArgs {
-    /// The store to read from start to end (the bytes go nowhere).
-    pub url: String,
-    /// Bytes per read.
-    #[arg(long, default_value = "2M", value_parser = crate::cmd::parse_size_arg)]
-    pub request_size: u64,
-    /// Reads in flight, each with a buffer of its own.
-    #[arg(long, default_value_t = 32)]
-    pub in_flight: u64,
-}
-
-/// Read a whole store with reads in flight into buffers that are allocated and touched once
-/// (nbdcopy's `null:` sink neither allocates nor zeroes per request, so neither does this).
-pub fn read_to_nowhere(ctx: &Context, a: ReadArgs) -> Result<()> {
+/// `memsync bench-nbd-read URL`: read the store `url` from start to end with `in_flight`
+/// reads of `request_size` bytes, into buffers that are allocated and touched once (nbdcopy's
+/// `null:` sink neither allocates nor zeroes per request, so neither does this); the `nbd`
+/// suite times it as a whole command, like nbdcopy.
+pub fn read_to_nowhere(env: &Env<'_>, url: &str, request_size: u64, in_flight: u64) -> Result<()> {
     anyhow::ensure!(
-        a.request_size > 0 && a.in_flight > 0,
+        request_size > 0 && in_flight > 0,
         "--request-size and --in-flight must be positive"
     );
-    ctx.rt.block_on(async {
-        let store = ctx
+    env.rt.block_on(async {
+        let store = env
             .registry
-            .open(&a.url)
+            .open(url)
             .await
-            .with_context(|| format!("opening {}", a.url))?;
-        read_all(&store, a.request_size, a.in_flight, |_, _| Ok(())).await
+            .with_context(|| format!("opening {url}"))?;
+        read_all(&store, request_size, in_flight, |_, _| Ok(())).await
     })
 }
 
@@ -124,17 +113,16 @@ async fn read_all(
 }
 
 /// Time `memsync bench-nbd-read URL ARGS...` as a whole command.
-pub fn memsync_read_command(url: &str, args: &[&str]) -> Result<Duration> {
-    let exe = std::env::current_exe()?;
+pub fn memsync_read_command(exe: &Path, url: &str, args: &[&str]) -> Result<Duration> {
     timed_command(Command::new(exe).arg("bench-nbd-read").arg(url).args(args))
 }
 
 /// Check once, outside the timed runs, that the memsync client reads `url` as `src` holds it.
-fn verify_client_read(ctx: &Context, url: &str, src: &Path) -> Result<()> {
+fn verify_client_read(env: &Env<'_>, url: &str, src: &Path) -> Result<()> {
     use std::os::unix::fs::FileExt;
     let file = std::fs::File::open(src)?;
-    ctx.rt.block_on(async {
-        let store = ctx.registry.open(url).await?;
+    env.rt.block_on(async {
+        let store = env.registry.open(url).await?;
         anyhow::ensure!(
             store.size() == file.metadata()?.len(),
             "{url} has another size than {}",
@@ -158,8 +146,7 @@ struct Targets {
     _procs: Vec<Proc>,
 }
 
-fn start(size: u64, chunk: u64, dir: &Path) -> Result<Targets> {
-    let exe = std::env::current_exe()?;
+fn start(exe: &Path, size: u64, chunk: u64, dir: &Path) -> Result<Targets> {
     let ms_sock = dir.join("memsync.sock");
     let ms_port = free_port()?;
     let ms = Command::new(exe)
@@ -225,14 +212,14 @@ fn scratch_file(dir: &Path, size: u64) -> Result<PathBuf> {
     Ok(p)
 }
 
-pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
+pub fn run(b: &mut Bench, env: &Env<'_>) -> Result<()> {
     let quick = b.config.quick;
     let size: u64 = if quick { 128 << 20 } else { 1 << 30 };
     let small: u64 = if quick { 8 << 20 } else { 64 << 20 };
     let dir = tempfile_dir(&b.config.scratch)?;
     let src = scratch_file(dir.path(), size)?;
     let src_s = src.to_str().unwrap_or_default().to_owned();
-    let t = start(size, 64 << 10, dir.path())?;
+    let t = start(&env.exe, size, 64 << 10, dir.path())?;
     let gb = |el: Duration| gbps(size, el);
 
     for (transport, ms, kit) in [
@@ -263,7 +250,7 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
     std::fs::create_dir_all(&dir2)?;
     // Both advertise a 4 KiB preferred block size (nbdcopy raises its request size to the
     // preferred one), and both hold data, so that every request is a real 4 KiB read.
-    let t2 = start(small, 4096, &dir2)?;
+    let t2 = start(&env.exe, small, 4096, &dir2)?;
     let small_src = scratch_file(&dir2, small)?;
     let small_src = small_src.to_str().unwrap_or_default().to_owned();
     for uri in [
@@ -287,12 +274,12 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
     // whole commands.
     let case = "client-read tcp";
     let url = format!("{}?connections=4", t.nbdkit_tcp);
-    verify_client_read(ctx, &url, &src)?;
+    verify_client_read(env, &url, &src)?;
     b.pair(
         case,
         ("throughput", "GB/s"),
         Subject::new("memsync-client", || {
-            Ok(gb(memsync_read_command(&url, &[])?))
+            Ok(gb(memsync_read_command(&env.exe, &url, &[])?))
         }),
         Subject::new("nbdcopy", || Ok(gb(nbdcopy(&[&t.nbdkit_tcp, "null:"])?))),
     )?;
