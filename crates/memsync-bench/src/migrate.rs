@@ -462,8 +462,8 @@ fn region_cases(b: &mut Bench, env: &Env<'_>, size: u64, runs: usize) -> Result<
             let mut o = Vec::new();
             for _ in 0..runs {
                 o.push(region_one(
-                    &env.rt,
-                    &env.rt,
+                    env.rt,
+                    env.rt,
                     "127.0.0.1",
                     &src,
                     mode,
