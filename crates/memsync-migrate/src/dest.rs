@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 
 use crate::hooks::Hooks;
 use crate::net::{BoxRead, BoxWrite, Conn, Listener, read_frame, read_hello, send, write_msg};
-use crate::proto::{FEATURES, MAX_ZERO_RUN, Msg, Role, VERSION, decompress_chunk};
+use crate::proto::{FEATURE_VERIFY, FEATURES, MAX_ZERO_RUN, Msg, Role, VERSION, decompress_chunk};
 use crate::set::ChunkSet;
 use crate::target::{Faults, Target};
 
@@ -384,7 +384,10 @@ impl Dest<'_> {
             let _ = send(&mut c.w, &Msg::Abort(m.into()), &no).await;
             return Ok(false);
         }
-        let features = features & FEATURES;
+        let mut features = features & FEATURES;
+        if !self.sh.target.can_keep() {
+            features &= !FEATURE_VERIFY;
+        }
         send(
             &mut c.w,
             &Msg::Welcome {
@@ -499,6 +502,24 @@ impl Dest<'_> {
                                 .place_zeroes(first, count as u64)
                                 .await
                                 .map(|()| true)
+                        }
+                    }
+                    Msg::Same { first, count } => {
+                        let chunks = sh.layout.lock().map_or(0, |l| l.chunks());
+                        if first.checked_add(count as u64).is_none_or(|e| e > chunks) {
+                            Err(err(format!("same run {first}+{count} past the region")))
+                        } else {
+                            let mut any = Ok(false);
+                            for i in first..first + count as u64 {
+                                match sh.target.keep(i).await {
+                                    Ok(k) => any = any.map(|a| a || k),
+                                    Err(e) => {
+                                        any = Err(e);
+                                        break;
+                                    }
+                                }
+                            }
+                            any
                         }
                     }
                     Msg::Mark { seq } if role == Role::Bulk => {

@@ -13,8 +13,11 @@ pub const MAGIC: &[u8; 8] = b"MEMSYNCM";
 pub const VERSION: u16 = 2;
 /// Feature bit: the bulk stream may carry CHUNK_LZ4 frames.
 pub const FEATURE_LZ4: u32 = 1;
+/// Feature bit: after a switch-over the source may verify chunks instead of finding the dirty
+/// ones while the application is suspended: SAME says the destination's copy is current.
+pub const FEATURE_VERIFY: u32 = 2;
 /// The features this code implements (a WELCOME grants the HELLO's that are among them).
-pub const FEATURES: u32 = FEATURE_LZ4;
+pub const FEATURES: u32 = FEATURE_LZ4 | FEATURE_VERIFY;
 /// Largest frame body: a whole chunk of the largest size plus its header.
 /// What a peer that sends the wrong magic is not.
 const MAGIC_WHAT: &str = "memsync migration peer";
@@ -50,6 +53,7 @@ const T_ABORT: u8 = 19;
 const T_CHUNK_LZ4: u8 = 20;
 const T_EVICT: u8 = 21;
 const T_EVICTED: u8 = 22;
+const T_SAME: u8 = 23;
 
 /// What a connection carries; announced in its HELLO.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -102,6 +106,10 @@ pub enum Msg {
     Evict,
     /// Control, destination → source: done.
     Evicted,
+    /// Bulk or urgent, source → destination, after a verifying switch-over
+    /// ([`FEATURE_VERIFY`]): the destination's copy of chunks `first..first + count` is
+    /// current (they count as received).
+    Same { first: u64, count: u32 },
     /// Source → destination, the first frame of every connection.
     Hello {
         version: u16,
@@ -283,6 +291,11 @@ impl Msg {
             Msg::Done => b.put_u8(T_DONE),
             Msg::Evict => b.put_u8(T_EVICT),
             Msg::Evicted => b.put_u8(T_EVICTED),
+            Msg::Same { first, count } => {
+                b.put_u8(T_SAME);
+                b.put_u64(*first);
+                b.put_u32(*count);
+            }
             Msg::Abort(m) => {
                 b.put_u8(T_ABORT);
                 let m = truncate(m, MAX_MESSAGE);
@@ -419,6 +432,15 @@ impl Msg {
             T_DONE => (Msg::Done, "done"),
             T_EVICT => (Msg::Evict, "evict"),
             T_EVICTED => (Msg::Evicted, "evicted"),
+            T_SAME => {
+                need(&b, 12, "same")?;
+                let first = b.get_u64();
+                let count = b.get_u32();
+                if count == 0 || count > MAX_ZERO_RUN {
+                    return Err(ProtoError::Invalid("same run length"));
+                }
+                (Msg::Same { first, count }, "same")
+            }
             T_ABORT => {
                 need(&b, 2, "abort")?;
                 let n = b.get_u16() as usize;
@@ -460,6 +482,7 @@ impl Msg {
             Msg::Done => "DONE",
             Msg::Evict => "EVICT",
             Msg::Evicted => "EVICTED",
+            Msg::Same { .. } => "SAME",
             Msg::Abort(_) => "ABORT",
         }
     }
@@ -585,6 +608,7 @@ mod tests {
             Just(Msg::Done),
             Just(Msg::Evict),
             Just(Msg::Evicted),
+            (any::<u64>(), 1..=MAX_ZERO_RUN).prop_map(|(first, count)| Msg::Same { first, count }),
             "\\PC{0,200}".prop_map(Msg::Abort),
         ]
     }
