@@ -1,5 +1,6 @@
 //! Migration protocol frames: a frame body and a stream of frames never panic; what parses
-//! encodes back to the same bytes; bitmap segments apply to a chunk set without panicking.
+//! encodes back to the same bytes; bitmap segments apply to a chunk set without panicking; an
+//! LZ4 chunk decompresses (or is refused) without panicking.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use memsync_migrate::proto::{self, Msg};
@@ -12,6 +13,13 @@ fuzz_target!(|data: &[u8]| {
         if let Msg::Dirty(s) | Msg::Held(s) = &m {
             let mut set = ChunkSet::new(1 << 12);
             let _ = set.apply(s);
+        }
+        if let Msg::ChunkLz4 { data, .. } = &m {
+            for len in [4096, data.len(), data.len() * 3] {
+                if let Ok(d) = proto::decompress_chunk(data, len) {
+                    assert_eq!(d.len(), len);
+                }
+            }
         }
     }
     let (msgs, _) = proto::decode_stream(b);

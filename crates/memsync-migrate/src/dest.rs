@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 
 use crate::hooks::Hooks;
 use crate::net::{BoxRead, BoxWrite, Conn, Listener, read_frame, read_hello, send, write_msg};
-use crate::proto::{MAX_ZERO_RUN, Msg, Role, VERSION};
+use crate::proto::{FEATURE_VERIFY, FEATURES, MAX_ZERO_RUN, Msg, Role, VERSION, decompress_chunk};
 use crate::set::ChunkSet;
 use crate::target::{Faults, Target};
 
@@ -361,6 +361,7 @@ impl Dest<'_> {
             role,
             session,
             resume,
+            features,
         } = hello
         else {
             return Ok(false);
@@ -383,7 +384,19 @@ impl Dest<'_> {
             let _ = send(&mut c.w, &Msg::Abort(m.into()), &no).await;
             return Ok(false);
         }
-        send(&mut c.w, &Msg::Welcome { version: VERSION }, &no).await?;
+        let mut features = features & FEATURES;
+        if !self.sh.target.can_keep() {
+            features &= !FEATURE_VERIFY;
+        }
+        send(
+            &mut c.w,
+            &Msg::Welcome {
+                version: VERSION,
+                features,
+            },
+            &no,
+        )
+        .await?;
         match role {
             Role::Control => {
                 let resumed = self.session.is_some();
@@ -466,6 +479,18 @@ impl Dest<'_> {
                 };
                 let r = match m {
                     Msg::Chunk { index, data } => sh.target.place(index, Some(data)).await,
+                    Msg::ChunkLz4 { index, data } => {
+                        let layout = *sh.layout.lock();
+                        match layout {
+                            Some(l) if index < l.chunks() => {
+                                match decompress_chunk(&data, l.chunk(index).1 as usize) {
+                                    Ok(d) => sh.target.place(index, Some(d)).await,
+                                    Err(e) => Err(err(format!("chunk {index}: {e}"))),
+                                }
+                            }
+                            _ => Err(err(format!("lz4 chunk {index} past the region"))),
+                        }
+                    }
                     Msg::Zero { first, count } => {
                         let chunks = sh.layout.lock().map_or(0, |l| l.chunks());
                         if first.checked_add(count as u64).is_none_or(|e| e > chunks)
@@ -477,6 +502,24 @@ impl Dest<'_> {
                                 .place_zeroes(first, count as u64)
                                 .await
                                 .map(|()| true)
+                        }
+                    }
+                    Msg::Same { first, count } => {
+                        let chunks = sh.layout.lock().map_or(0, |l| l.chunks());
+                        if first.checked_add(count as u64).is_none_or(|e| e > chunks) {
+                            Err(err(format!("same run {first}+{count} past the region")))
+                        } else {
+                            let mut any = Ok(false);
+                            for i in first..first + count as u64 {
+                                match sh.target.keep(i).await {
+                                    Ok(k) => any = any.map(|a| a || k),
+                                    Err(e) => {
+                                        any = Err(e);
+                                        break;
+                                    }
+                                }
+                            }
+                            any
                         }
                     }
                     Msg::Mark { seq } if role == Role::Bulk => {
@@ -562,6 +605,17 @@ impl Dest<'_> {
                 send(w, &Msg::Ready, &no).await?;
             }
             (Phase::Receiving, Msg::Dirty(s)) => self.missing.apply(&s).map_err(err)?,
+            (Phase::Receiving, Msg::Evict) => {
+                let (t, m) = (self.sh.target.clone(), self.missing.clone());
+                tokio::task::spawn_blocking(move || t.evict(&m))
+                    .await
+                    .map_err(|e| err(format!("evicting stale chunks: {e}")))?;
+                let w = self
+                    .ctl
+                    .as_mut()
+                    .ok_or_else(|| err("no control connection"))?;
+                send(w, &Msg::Evicted, &no).await?;
+            }
             (Phase::Receiving, Msg::Switchover { mark, postcopy }) => {
                 if self.sh.layout.lock().is_none() {
                     return Err(err("SWITCHOVER before GEOMETRY"));

@@ -40,5 +40,7 @@ pub use hooks::{CommandHooks, Gate, GatePass, Hooks, NoHooks, SignalHooks};
 pub use net::{Dialer, Endpoint, Listener, is_migrate_url};
 pub use region::{RegionSource, RegionTarget, migrate_region, receive_region};
 pub use set::ChunkSet;
-pub use source::{Fallback, MigrateError, Mode, Pass, Report, SourceConfig, SwitchReason, migrate};
+pub use source::{
+    Fallback, MigrateError, Mode, Pass, Report, SourceConfig, SwitchReason, Throttle, migrate,
+};
 pub use target::{Faults, StoreTarget, Target};

@@ -10,7 +10,14 @@ use memsync_sync::digest::{MAX_CHUNK, MIN_CHUNK};
 /// "MEMSYNCM": the first bytes of every connection's HELLO.
 pub const MAGIC: &[u8; 8] = b"MEMSYNCM";
 /// The protocol version this code speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
+/// Feature bit: the bulk stream may carry CHUNK_LZ4 frames.
+pub const FEATURE_LZ4: u32 = 1;
+/// Feature bit: after a switch-over the source may verify chunks instead of finding the dirty
+/// ones while the application is suspended: SAME says the destination's copy is current.
+pub const FEATURE_VERIFY: u32 = 2;
+/// The features this code implements (a WELCOME grants the HELLO's that are among them).
+pub const FEATURES: u32 = FEATURE_LZ4 | FEATURE_VERIFY;
 /// Largest frame body: a whole chunk of the largest size plus its header.
 /// What a peer that sends the wrong magic is not.
 const MAGIC_WHAT: &str = "memsync migration peer";
@@ -43,6 +50,10 @@ const T_HELD_END: u8 = 16;
 const T_ALL_RECEIVED: u8 = 17;
 const T_DONE: u8 = 18;
 const T_ABORT: u8 = 19;
+const T_CHUNK_LZ4: u8 = 20;
+const T_EVICT: u8 = 21;
+const T_EVICTED: u8 = 22;
+const T_SAME: u8 = 23;
 
 /// What a connection carries; announced in its HELLO.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -88,6 +99,17 @@ impl Segment {
 /// One protocol message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Msg {
+    /// Control, source → destination, before the suspend of a switch-over that will be
+    /// post-copy: drop the stale copies of the chunks the DIRTY segments so far named now,
+    /// while the application still runs at the source (so the downtime only drops the few
+    /// dirtied after them).
+    Evict,
+    /// Control, destination → source: done.
+    Evicted,
+    /// Bulk or urgent, source → destination, after a verifying switch-over
+    /// ([`FEATURE_VERIFY`]): the destination's copy of chunks `first..first + count` is
+    /// current (they count as received).
+    Same { first: u64, count: u32 },
     /// Source → destination, the first frame of every connection.
     Hello {
         version: u16,
@@ -96,15 +118,20 @@ pub enum Msg {
         session: u64,
         /// This connection replaces one that was lost after switch-over.
         resume: bool,
+        /// Feature bits the source would use ([`FEATURE_LZ4`]).
+        features: u32,
     },
-    /// Destination → source: the connection is accepted.
-    Welcome { version: u16 },
+    /// Destination → source: the connection is accepted, with the features both sides have.
+    Welcome { version: u16, features: u32 },
     /// Control, source → destination: what is migrated.
     Geometry { size: u64, chunk_size: u64 },
     /// Control, destination → source: the geometry fits the destination.
     Ready,
     /// Bulk or urgent, source → destination: the bytes of one chunk.
     Chunk { index: u64, data: Bytes },
+    /// Bulk, source → destination, with [`FEATURE_LZ4`]: chunk `index` as one LZ4 block (the
+    /// receiver decompresses it into exactly the chunk's length, or refuses it).
+    ChunkLz4 { index: u64, data: Bytes },
     /// Bulk or urgent, source → destination: chunks `first..first + count` are all zeros.
     Zero { first: u64, count: u32 },
     /// Bulk, source → destination: everything before this frame on the bulk connection belongs
@@ -172,7 +199,7 @@ impl Msg {
     /// The frame: a big-endian u32 body length, then the body (type byte and payload).
     pub fn encode(&self) -> Bytes {
         let mut b = BytesMut::with_capacity(match self {
-            Msg::Chunk { data, .. } => data.len() + 16,
+            Msg::Chunk { data, .. } | Msg::ChunkLz4 { data, .. } => data.len() + 16,
             Msg::Dirty(s) | Msg::Held(s) => s.bits.len() + 20,
             _ => 32,
         });
@@ -183,6 +210,7 @@ impl Msg {
                 role,
                 session,
                 resume,
+                features,
             } => {
                 b.put_u8(T_HELLO);
                 b.put_slice(MAGIC);
@@ -190,10 +218,12 @@ impl Msg {
                 b.put_u8(*role as u8);
                 b.put_u64(*session);
                 b.put_u8(*resume as u8);
+                b.put_u32(*features);
             }
-            Msg::Welcome { version } => {
+            Msg::Welcome { version, features } => {
                 b.put_u8(T_WELCOME);
                 b.put_u16(*version);
+                b.put_u32(*features);
             }
             Msg::Geometry { size, chunk_size } => {
                 b.put_u8(T_GEOMETRY);
@@ -203,6 +233,11 @@ impl Msg {
             Msg::Ready => b.put_u8(T_READY),
             Msg::Chunk { index, data } => {
                 b.put_u8(T_CHUNK);
+                b.put_u64(*index);
+                b.put_slice(data);
+            }
+            Msg::ChunkLz4 { index, data } => {
+                b.put_u8(T_CHUNK_LZ4);
                 b.put_u64(*index);
                 b.put_slice(data);
             }
@@ -254,6 +289,13 @@ impl Msg {
                 b.put_u64(*p99_ns);
             }
             Msg::Done => b.put_u8(T_DONE),
+            Msg::Evict => b.put_u8(T_EVICT),
+            Msg::Evicted => b.put_u8(T_EVICTED),
+            Msg::Same { first, count } => {
+                b.put_u8(T_SAME);
+                b.put_u64(*first);
+                b.put_u32(*count);
+            }
             Msg::Abort(m) => {
                 b.put_u8(T_ABORT);
                 let m = truncate(m, MAX_MESSAGE);
@@ -277,7 +319,7 @@ impl Msg {
         let t = b.get_u8();
         let (msg, what) = match t {
             T_HELLO => {
-                need(&b, 8 + 2 + 1 + 8 + 1, "hello")?;
+                need(&b, 8 + 2 + 1 + 8 + 1 + 4, "hello")?;
                 if &b[..8] != MAGIC {
                     return Err(ProtoError::Magic(MAGIC_WHAT));
                 }
@@ -286,21 +328,24 @@ impl Msg {
                 let role = Role::from_u8(b.get_u8())?;
                 let session = b.get_u64();
                 let resume = flag(b.get_u8())?;
+                let features = b.get_u32();
                 (
                     Msg::Hello {
                         version,
                         role,
                         session,
                         resume,
+                        features,
                     },
                     "hello",
                 )
             }
             T_WELCOME => {
-                need(&b, 2, "welcome")?;
+                need(&b, 6, "welcome")?;
                 (
                     Msg::Welcome {
                         version: b.get_u16(),
+                        features: b.get_u32(),
                     },
                     "welcome",
                 )
@@ -326,6 +371,16 @@ impl Msg {
                 }
                 let data = b.split_to(b.len());
                 (Msg::Chunk { index, data }, "chunk")
+            }
+            T_CHUNK_LZ4 => {
+                need(&b, 8, "lz4 chunk")?;
+                let index = b.get_u64();
+                // An LZ4 block never needs more than its data's length plus 1/255 of it.
+                if b.is_empty() || b.len() as u64 > MAX_CHUNK + MAX_CHUNK / 255 + 16 {
+                    return Err(ProtoError::Invalid("lz4 chunk length"));
+                }
+                let data = b.split_to(b.len());
+                (Msg::ChunkLz4 { index, data }, "lz4 chunk")
             }
             T_ZERO => {
                 need(&b, 12, "zero")?;
@@ -375,6 +430,17 @@ impl Msg {
                 )
             }
             T_DONE => (Msg::Done, "done"),
+            T_EVICT => (Msg::Evict, "evict"),
+            T_EVICTED => (Msg::Evicted, "evicted"),
+            T_SAME => {
+                need(&b, 12, "same")?;
+                let first = b.get_u64();
+                let count = b.get_u32();
+                if count == 0 || count > MAX_ZERO_RUN {
+                    return Err(ProtoError::Invalid("same run length"));
+                }
+                (Msg::Same { first, count }, "same")
+            }
             T_ABORT => {
                 need(&b, 2, "abort")?;
                 let n = b.get_u16() as usize;
@@ -400,6 +466,7 @@ impl Msg {
             Msg::Geometry { .. } => "GEOMETRY",
             Msg::Ready => "READY",
             Msg::Chunk { .. } => "CHUNK",
+            Msg::ChunkLz4 { .. } => "CHUNK_LZ4",
             Msg::Zero { .. } => "ZERO",
             Msg::Mark { .. } => "MARK",
             Msg::Received { .. } => "RECEIVED",
@@ -413,8 +480,28 @@ impl Msg {
             Msg::HeldEnd { .. } => "HELD_END",
             Msg::AllReceived { .. } => "ALL_RECEIVED",
             Msg::Done => "DONE",
+            Msg::Evict => "EVICT",
+            Msg::Evicted => "EVICTED",
+            Msg::Same { .. } => "SAME",
             Msg::Abort(_) => "ABORT",
         }
+    }
+}
+
+/// The LZ4 block of a chunk, if it saves at least 1/16 of it (else the chunk goes as CHUNK:
+/// incompressible data costs the receiver nothing).
+pub fn compress_chunk(data: &[u8]) -> Option<Bytes> {
+    let c = lz4_flex::block::compress(data);
+    (c.len() <= data.len() - data.len() / 16).then(|| Bytes::from(c))
+}
+
+/// Decompress a CHUNK_LZ4 block into exactly `len` bytes (the chunk's length at the
+/// receiver's geometry); a block that is malformed or decodes to another length is refused.
+pub fn decompress_chunk(block: &[u8], len: usize) -> Result<Bytes, ProtoError> {
+    let mut out = vec![0u8; len];
+    match lz4_flex::block::decompress_into(block, &mut out) {
+        Ok(n) if n == len => Ok(Bytes::from(out)),
+        _ => Err(ProtoError::Invalid("lz4 chunk")),
     }
 }
 
@@ -462,15 +549,22 @@ mod tests {
 
     fn msg() -> impl Strategy<Value = Msg> {
         prop_oneof![
-            (any::<u16>(), role(), any::<u64>(), any::<bool>()).prop_map(
-                |(version, role, session, resume)| Msg::Hello {
+            (
+                any::<u16>(),
+                role(),
+                any::<u64>(),
+                any::<bool>(),
+                any::<u32>()
+            )
+                .prop_map(|(version, role, session, resume, features)| Msg::Hello {
                     version,
                     role,
                     session,
-                    resume
-                }
-            ),
-            any::<u16>().prop_map(|version| Msg::Welcome { version }),
+                    resume,
+                    features,
+                }),
+            (any::<u16>(), any::<u32>())
+                .prop_map(|(version, features)| Msg::Welcome { version, features }),
             (1u64..=MAX_SIZE, 12u32..=24).prop_map(|(size, s)| Msg::Geometry {
                 size,
                 chunk_size: 1 << s
@@ -481,6 +575,14 @@ mod tests {
                 proptest::collection::vec(any::<u8>(), 1..2000)
             )
                 .prop_map(|(index, d)| Msg::Chunk {
+                    index,
+                    data: Bytes::from(d)
+                }),
+            (
+                any::<u64>(),
+                proptest::collection::vec(any::<u8>(), 1..2000)
+            )
+                .prop_map(|(index, d)| Msg::ChunkLz4 {
                     index,
                     data: Bytes::from(d)
                 }),
@@ -504,6 +606,9 @@ mod tests {
                 }
             }),
             Just(Msg::Done),
+            Just(Msg::Evict),
+            Just(Msg::Evicted),
+            (any::<u64>(), 1..=MAX_ZERO_RUN).prop_map(|(first, count)| Msg::Same { first, count }),
             "\\PC{0,200}".prop_map(Msg::Abort),
         ]
     }
@@ -518,7 +623,7 @@ mod tests {
             prop_assert_eq!(Msg::decode(f.slice(4..)).unwrap(), m.clone());
             for k in 4..f.len() {
                 // A CHUNK cut short is a shorter chunk, still a valid message.
-                if matches!(m, Msg::Chunk { .. }) && k > 4 + 1 + 8 {
+                if matches!(m, Msg::Chunk { .. } | Msg::ChunkLz4 { .. }) && k > 4 + 1 + 8 {
                     continue;
                 }
                 prop_assert!(Msg::decode(f.slice(4..k)).is_err(), "{:?} cut at {}", m, k);
@@ -544,6 +649,33 @@ mod tests {
             prop_assert_eq!(err, None);
             prop_assert_eq!(got, ms);
         }
+    }
+
+    #[test]
+    fn lz4_chunks_decode_to_exactly_their_length() {
+        let text: Vec<u8> = b"the quick brown fox "
+            .iter()
+            .copied()
+            .cycle()
+            .take(4096)
+            .collect();
+        let block = compress_chunk(&text).expect("text compresses");
+        assert_eq!(&decompress_chunk(&block, 4096).unwrap()[..], &text[..]);
+        // Another length, a truncated or garbled block: refused, never a panic.
+        assert!(decompress_chunk(&block, 4095).is_err());
+        assert!(decompress_chunk(&block, 8192).is_err());
+        assert!(decompress_chunk(&block[..block.len() - 1], 4096).is_err());
+        assert!(decompress_chunk(&[0xff; 64], 4096).is_err());
+        // Random bytes do not compress: sent as CHUNK.
+        let mut r = vec![0u8; 4096];
+        let mut x = 88172645463325252u64;
+        for b in &mut r {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        assert!(compress_chunk(&r).is_none());
     }
 
     #[test]
@@ -605,7 +737,7 @@ mod tests {
         assert_eq!(
             body(T_HELLO, &|b| {
                 b.put_slice(b"MEMSYNCX");
-                b.put_slice(&[0; 12]);
+                b.put_slice(&[0; 16]);
             }),
             Err(ProtoError::Magic(MAGIC_WHAT))
         );

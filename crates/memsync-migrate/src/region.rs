@@ -328,6 +328,22 @@ impl RegionTarget {
         r.map_err(|e| StoreError::backend(e.to_string()))
     }
 
+    /// Drop the pages of the present chunks among `chunks` (one `madvise` and its REMOVE
+    /// event each, ~15 µs in a debug build).
+    fn drop_present(&self, chunks: impl Iterator<Item = u64>) {
+        let cs = self.region.geometry().chunk_size();
+        for i in chunks {
+            if self.region.chunk_state(i as usize) != ChunkState::Present {
+                continue;
+            }
+            let off = i as usize * cs;
+            let len = cs.min(self.region.len() - off);
+            if let Err(e) = self.region.invalidate(off, len) {
+                tracing::error!("migrate: dropping the stale copy of chunk {i}: {e}");
+            }
+        }
+    }
+
     fn place_before(&self, l: Layout, i: u64, data: Option<Bytes>) -> Result<()> {
         loop {
             {
@@ -454,6 +470,10 @@ impl Target for RegionTarget {
         }
     }
 
+    fn evict(&self, stale: &ChunkSet) {
+        self.drop_present(stale.iter());
+    }
+
     fn begin_postcopy(&self, missing: &ChunkSet, faults: Faults) {
         let present: Vec<u64> = {
             let mut st = self.sh.st.lock();
@@ -476,14 +496,7 @@ impl Target for RegionTarget {
                 .collect()
         };
         // An older pass's copy must not be read: drop it, so that a touch faults and asks.
-        let cs = self.region.geometry().chunk_size();
-        for i in present {
-            let off = i as usize * cs;
-            let len = cs.min(self.region.len() - off);
-            if let Err(e) = self.region.invalidate(off, len) {
-                tracing::error!("migrate: dropping the stale copy of chunk {i}: {e}");
-            }
-        }
+        self.drop_present(present.into_iter());
     }
 
     fn held(&self) -> ChunkSet {

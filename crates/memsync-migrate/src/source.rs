@@ -5,13 +5,13 @@
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use memsync_core::{DynStore, Result, StoreError};
-use memsync_sync::digest::{Layout, chunk_digest, is_zero};
+use memsync_sync::digest::{Digest, Layout, chunk_digest, is_zero};
 use memsync_sync::{ChangeSource, Progress};
 use parking_lot::Mutex;
 use tokio::io::{AsyncWriteExt, BufWriter};
@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::hooks::Hooks;
 use crate::net::{BoxRead, BoxWrite, Dialer, expect_frame, read_frame, send, write_msg};
-use crate::proto::{MAX_ZERO_RUN, Msg, Role, VERSION};
+use crate::proto::{FEATURE_LZ4, FEATURE_VERIFY, MAX_ZERO_RUN, Msg, Role, VERSION, compress_chunk};
 use crate::set::ChunkSet;
 
 /// How the migration moves the region.
@@ -94,6 +94,66 @@ pub struct SourceConfig {
     pub hash_sent: bool,
     /// Chunks read from the store at once.
     pub read_ahead: usize,
+    /// Slow down a writer whose passes do not converge (off by default).
+    pub auto_converge: Option<Throttle>,
+    /// Offer LZ4 on the bulk stream (used if the destination grants it in its WELCOME); a
+    /// chunk goes compressed only if that saves 1/16 of it. Pays on links slower than the
+    /// compressor (`memsync bench migrate`, PROTOCOL.md's figures); off by default.
+    pub compress: bool,
+}
+
+/// Auto-converge: when a pre-copy pass (from the second) does not converge and its dirty set
+/// did not halve, the application is suspended for a growing share of each `period` during
+/// the following passes, through the same [`Hooks`] that suspend it for the switch-over
+/// (SIGSTOP/SIGCONT of a pid, a [`Gate`](crate::Gate) for threads writing an embedded
+/// region). The share starts at `initial` and grows by `increment` per such pass up to `max`
+/// (QEMU's cpu-throttle defaults: 20 %, 10 %, 99 %). While it has not reached `max`, growing
+/// passes do not count towards [`SourceConfig::max_growing_passes`].
+///
+/// Why the hooks and not the engine: the region's tracker (`WP_ASYNC`) lets the kernel resolve
+/// a first write without any event, so the engine has no write fault to delay; delaying would
+/// need synchronous write protection (a handler round trip on every first write after each
+/// pass, for every writer, throttled or not). Duty-cycling works the same for both kinds of
+/// region and costs nothing until it engages.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Throttle {
+    pub initial: f64,
+    pub increment: f64,
+    pub max: f64,
+    /// One suspend/resume cycle (the suspended part is `share × period`).
+    pub period: Duration,
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Throttle {
+            initial: 0.2,
+            increment: 0.1,
+            max: 0.99,
+            period: Duration::from_millis(50),
+        }
+    }
+}
+
+/// Suspend the application for `share` of every `period` until dropped (or a hook fails);
+/// `down` tells whether it is suspended now.
+async fn duty_cycle(hooks: &dyn Hooks, t: Throttle, share: f64, down: &AtomicBool) -> StoreError {
+    let off = t.period.mul_f64(share.clamp(0.0, 1.0));
+    let on = t.period.saturating_sub(off);
+    // Suspended part first: a pass shorter than it (and the dirty scan that ends the pass)
+    // sees no writes at all.
+    loop {
+        down.store(true, Relaxed);
+        if let Err(e) = hooks.suspend().await {
+            return e.context("throttling the application (auto-converge)");
+        }
+        tokio::time::sleep(off).await;
+        if let Err(e) = hooks.resume().await {
+            return e.context("throttling the application (auto-converge)");
+        }
+        down.store(false, Relaxed);
+        tokio::time::sleep(on).await;
+    }
 }
 
 impl Default for SourceConfig {
@@ -110,6 +170,8 @@ impl Default for SourceConfig {
             reply_timeout: Duration::from_secs(60),
             hash_sent: false,
             read_ahead: 16,
+            auto_converge: None,
+            compress: false,
         }
     }
 }
@@ -123,6 +185,8 @@ pub struct Pass {
     pub elapsed: Duration,
     /// Chunks found dirty after the pass.
     pub dirty_after: u64,
+    /// Share of the pass the application was held suspended by auto-converge (percent).
+    pub throttle_percent: u32,
 }
 
 /// Why the pre-copy passes ended.
@@ -159,6 +223,8 @@ pub struct Report {
     pub zero_chunks: u64,
     /// Post-copy requests answered on the urgent connection.
     pub urgent_served: u64,
+    /// Chunks a verifying switch-over found unchanged after the resume (sent as SAME).
+    pub unchanged_chunks: u64,
     /// The destination's fault statistics.
     pub faults: u64,
     pub fault_p50: Duration,
@@ -270,6 +336,51 @@ struct Source<'a> {
     received: AtomicU64,
     data_chunks: u64,
     zero_chunks: u64,
+    /// The bulk connection carries CHUNK_LZ4 (granted in its WELCOME).
+    lz4: Arc<AtomicBool>,
+    /// The destination can keep chunks (SAME): the switch-over verifies after the resume
+    /// instead of scanning for changes while the application is suspended.
+    verify: AtomicBool,
+    /// The digest of what was last sent of each chunk (when verifying).
+    digests: Arc<Mutex<Vec<Digest>>>,
+}
+
+/// What to send for chunk `index` (read as `data`, `None` for zeros): SAME if `check` holds
+/// its digest (what the destination has), else the chunk.
+fn answer(
+    index: u64,
+    data: Option<Bytes>,
+    layout: Layout,
+    check: Option<&Mutex<Vec<Digest>>>,
+    lz4: bool,
+) -> Msg {
+    if let Some(c) = check {
+        let now = match &data {
+            Some(b) => chunk_digest(b),
+            None => layout.zero_digest(index),
+        };
+        if c.lock().get(index as usize) == Some(&now) {
+            return Msg::Same {
+                first: index,
+                count: 1,
+            };
+        }
+    }
+    match data {
+        Some(d) => data_msg(index, d, lz4),
+        None => Msg::Zero {
+            first: index,
+            count: 1,
+        },
+    }
+}
+
+/// A data chunk's frame: LZ4 if granted and worth it.
+fn data_msg(index: u64, data: Bytes, lz4: bool) -> Msg {
+    match lz4.then(|| compress_chunk(&data)).flatten() {
+        Some(data) => Msg::ChunkLz4 { index, data },
+        None => Msg::Chunk { index, data },
+    }
 }
 
 /// Migrate `src` to the destination `dialer` reaches. `changes` must report every write to
@@ -298,6 +409,9 @@ pub async fn migrate(
         received: AtomicU64::new(0),
         data_chunks: 0,
         zero_chunks: 0,
+        lz4: Arc::new(AtomicBool::new(false)),
+        verify: AtomicBool::new(false),
+        digests: Arc::new(Mutex::new(Vec::new())),
     };
     s.run().await
 }
@@ -332,15 +446,30 @@ impl Source<'_> {
             .map_err(|e| StoreError::backend_with(format!("connecting ({role:?})"), e))?;
         let mut w = BufWriter::with_capacity(256 << 10, c.w);
         let mut r = c.r;
+        let want = match role {
+            Role::Bulk if self.cfg.compress => FEATURE_LZ4,
+            Role::Control if self.cfg.hash_sent => FEATURE_VERIFY,
+            _ => 0,
+        };
         let hello = Msg::Hello {
             version: VERSION,
             role,
             session: self.session,
             resume,
+            features: want,
         };
         send(&mut w, &hello, &self.sent).await?;
         match self.reply(&mut r, "WELCOME").await? {
-            Msg::Welcome { version } if version == VERSION => Ok((r, w)),
+            Msg::Welcome { version, features } if version == VERSION => {
+                match role {
+                    Role::Bulk => self.lz4.store(features & want & FEATURE_LZ4 != 0, Relaxed),
+                    Role::Control => self
+                        .verify
+                        .store(features & want & FEATURE_VERIFY != 0, Relaxed),
+                    Role::Urgent => {}
+                }
+                Ok((r, w))
+            }
             m => Err(err(format!("expected WELCOME, got {}", m.name()))),
         }
     }
@@ -412,7 +541,12 @@ impl Source<'_> {
             m => return Err(err(format!("expected READY, got {}", m.name()))),
         }
         let (_bulk_r, mut bulk) = self.dial(Role::Bulk, false).await?;
-        let may_postcopy = cfg.mode != Mode::Precopy || cfg.fallback == Fallback::Postcopy;
+        let verify = self.verify.load(Relaxed) && cfg.mode != Mode::Postcopy;
+        if verify {
+            *self.digests.lock() = vec![[0u8; 32]; chunks as usize];
+        }
+        let may_postcopy =
+            verify || cfg.mode != Mode::Precopy || cfg.fallback == Fallback::Postcopy;
         let urgent = if may_postcopy {
             Some(self.dial(Role::Urgent, false).await?)
         } else {
@@ -423,6 +557,8 @@ impl Source<'_> {
         let mut dirty = ChunkSet::full(chunks);
         let mut mark = 0u64;
         let mut growing = 0u32;
+        let mut throttle = 0.0f64;
+        let hooks = self.hooks;
         let reason = loop {
             if cfg.mode == Mode::Postcopy {
                 break SwitchReason::Postcopy;
@@ -443,23 +579,46 @@ impl Source<'_> {
             self.progress
                 .phase(&name, dirty.count() * self.layout.chunk_size);
             let n = dirty.count();
-            self.send_set(&mut bulk, &dirty).await?;
             mark += 1;
-            send(&mut bulk, &Msg::Mark { seq: mark }, &self.sent).await?;
-            let l = link.as_mut().ok_or_else(|| err("no control connection"))?;
-            match self.reply(&mut l.ctl_r, "RECEIVED").await? {
-                Msg::Received { seq } if seq == mark => {}
-                m => return Err(err(format!("expected RECEIVED {mark}, got {m:?}"))),
-            }
-            let elapsed = t.elapsed();
+            let pass = async {
+                self.send_set(&mut bulk, &dirty).await?;
+                send(&mut bulk, &Msg::Mark { seq: mark }, &self.sent).await?;
+                let l = link.as_mut().ok_or_else(|| err("no control connection"))?;
+                match self.reply(&mut l.ctl_r, "RECEIVED").await? {
+                    Msg::Received { seq } if seq == mark => {}
+                    m => return Err(err(format!("expected RECEIVED {mark}, got {m:?}"))),
+                }
+                let elapsed = t.elapsed();
+                // Taken while a throttled application is still held.
+                Ok((elapsed, self.take_dirty().await?))
+            };
+            let (elapsed, next) = match (cfg.auto_converge, throttle) {
+                (Some(t), share) if share > 0.0 => {
+                    let down = AtomicBool::new(false);
+                    let r = tokio::select! {
+                        r = pass => r,
+                        e = duty_cycle(hooks, t, share, &down) => Err(e),
+                    };
+                    // Marked before the suspend began: a suspend cut short is undone too.
+                    if down.load(Relaxed) {
+                        hooks
+                            .resume()
+                            .await
+                            .map_err(|e| e.context("resuming after auto-converge"))?;
+                    }
+                    r?
+                }
+                _ => pass.await?,
+            };
             let wire = self.sent.load(Relaxed) - sent0;
-            dirty = self.take_dirty().await?;
+            dirty = next;
             let prev = passes.last().map(|p| p.dirty_after);
             passes.push(Pass {
                 chunks: n,
                 wire_bytes: wire,
                 elapsed,
                 dirty_after: dirty.count(),
+                throttle_percent: (throttle * 100.0).round() as u32,
             });
             // Bytes per second this pass achieved (the full round trip of its mark included).
             let bw = wire as f64 / elapsed.as_secs_f64().max(1e-6);
@@ -478,17 +637,56 @@ impl Source<'_> {
             if cfg.mode == Mode::Hybrid && passes.len() as u32 >= cfg.hybrid_passes.max(1) {
                 break SwitchReason::HybridPasses;
             }
-            if prev.is_some_and(|p| dirty.count() > p) {
+            let at_max = match cfg.auto_converge {
+                Some(t) if prev.is_some() && dirty.count() * 2 > prev.unwrap_or(0) => {
+                    let before = throttle;
+                    throttle = if throttle == 0.0 {
+                        t.initial
+                    } else {
+                        (throttle + t.increment).min(t.max)
+                    };
+                    tracing::info!(
+                        "migrate: auto-converge: the application is held {:.0} % of the time",
+                        throttle * 100.0
+                    );
+                    before >= t.max
+                }
+                Some(_) => throttle >= cfg.auto_converge.map_or(1.0, |t| t.max),
+                None => true,
+            };
+            if at_max && prev.is_some_and(|p| dirty.count() > p) {
                 growing += 1;
             }
             if growing >= cfg.max_growing_passes || passes.len() as u32 >= cfg.max_passes {
                 break SwitchReason::NotConverged;
             }
         };
-        let postcopy = match reason {
-            SwitchReason::Postcopy | SwitchReason::HybridPasses => true,
-            SwitchReason::Converged => cfg.mode == Mode::Hybrid && !dirty.is_empty(),
-            SwitchReason::NotConverged => cfg.fallback == Fallback::Postcopy,
+        // Verifying: the rest goes as post-copy, each chunk SAME or sent again.
+        let postcopy = verify
+            || match reason {
+                SwitchReason::Postcopy | SwitchReason::HybridPasses => true,
+                SwitchReason::Converged => cfg.mode == Mode::Hybrid && !dirty.is_empty(),
+                SwitchReason::NotConverged => cfg.fallback == Fallback::Postcopy,
+            };
+
+        // A post-copy after passes: the destination drops its stale copies of what is dirty
+        // now while the application still runs here; the downtime then drops only the chunks
+        // dirtied since.
+        let early = if postcopy && cfg.mode != Mode::Postcopy && !dirty.is_empty() {
+            let l = link.as_mut().ok_or_else(|| err("no control connection"))?;
+            for seg in dirty.segments() {
+                write_msg(&mut l.ctl_w, &Msg::Dirty(seg), &self.sent)
+                    .await
+                    .map_err(|e| StoreError::backend_with("sending DIRTY", e))?;
+            }
+            send(&mut l.ctl_w, &Msg::Evict, &self.sent).await?;
+            match self.reply(&mut l.ctl_r, "EVICTED").await? {
+                Msg::Evicted => {}
+                m => return Err(err(format!("expected EVICTED, got {}", m.name()))),
+            }
+            Some(dirty.clone())
+        } else {
+            None
         };
 
         // Switch-over.
@@ -500,13 +698,28 @@ impl Source<'_> {
             .suspend()
             .await
             .map_err(|e| e.context("suspending the application"))?;
-        if cfg.mode != Mode::Postcopy {
+        if verify {
+            // Hashing the region to find what changed would keep the application suspended
+            // (1.3 s/GiB in a debug build): every chunk is checked after the resume instead.
+            dirty = ChunkSet::full(chunks);
+        } else if cfg.mode != Mode::Postcopy {
             dirty.union_with(&self.take_dirty().await?);
         }
         let remaining = dirty.count();
         let l = link.as_mut().ok_or_else(|| err("no control connection"))?;
         if postcopy {
-            for seg in dirty.segments() {
+            // The destination keeps what the early DIRTY segments named.
+            let fresh = match &early {
+                Some(e) => {
+                    let mut f = ChunkSet::new(chunks);
+                    for i in dirty.iter().filter(|&i| !e.contains(i)) {
+                        f.insert(i);
+                    }
+                    f
+                }
+                None => dirty.clone(),
+            };
+            for seg in fresh.segments() {
                 write_msg(&mut l.ctl_w, &Msg::Dirty(seg), &self.sent)
                     .await
                     .map_err(|e| StoreError::backend_with("sending DIRTY", e))?;
@@ -553,6 +766,7 @@ impl Source<'_> {
             data_chunks: 0,
             zero_chunks: 0,
             urgent_served: 0,
+            unchanged_chunks: 0,
             faults: 0,
             fault_p50: Duration::ZERO,
             fault_p99: Duration::ZERO,
@@ -612,6 +826,9 @@ impl Source<'_> {
                     None => layout.zero_digest(i),
                 };
                 changes.pushed(layout, i, &[dig]);
+                if let Some(d) = self.digests.lock().get_mut(i as usize) {
+                    *d = dig;
+                }
             }
             self.progress.inc(layout.chunk(i).1);
             match d {
@@ -631,7 +848,8 @@ impl Source<'_> {
                     if let Some((first, count)) = zeros.take() {
                         put(w, &Msg::Zero { first, count }, &self.sent, limit).await?;
                     }
-                    put(w, &Msg::Chunk { index: i, data }, &self.sent, limit).await?;
+                    let m = data_msg(i, data, self.lz4.load(Relaxed));
+                    put(w, &m, &self.sent, limit).await?;
                 }
             }
         }
@@ -672,6 +890,7 @@ impl Source<'_> {
             served: AtomicU64::new(0),
             data: AtomicU64::new(0),
             zero: AtomicU64::new(0),
+            same: AtomicU64::new(0),
         });
         self.progress.phase(
             "post-copy",
@@ -712,6 +931,7 @@ impl Source<'_> {
             match outcome {
                 Ok(()) => {
                     rep.urgent_served = post.served.load(Relaxed);
+                    rep.unchanged_chunks = post.same.load(Relaxed);
                     self.data_chunks += post.data.load(Relaxed);
                     self.zero_chunks += post.zero.load(Relaxed);
                     // DONE is a courtesy: the destination already holds everything.
@@ -791,6 +1011,8 @@ impl Source<'_> {
         lost: mpsc::UnboundedSender<String>,
     ) -> JoinHandle<()> {
         let (src, layout, sent) = (self.src.clone(), self.layout, self.sent.clone());
+        let lz4 = self.lz4.clone();
+        let digests = self.digests.clone();
         tokio::spawn(async move {
             loop {
                 let next = {
@@ -811,8 +1033,7 @@ impl Source<'_> {
                 };
                 post.cursor.store(i + 1, Relaxed);
                 let m = match read_chunk(&src, layout, i).await {
-                    Ok(Some(data)) => Msg::Chunk { index: i, data },
-                    Ok(None) => Msg::Zero { first: i, count: 1 },
+                    Ok(d) => answer(i, d, layout, Some(&digests), lz4.load(Relaxed)),
                     Err(e) => {
                         let _ = lost.send(format!("reading the source: {}", e.chain()));
                         return;
@@ -837,6 +1058,7 @@ impl Source<'_> {
         lost: mpsc::UnboundedSender<String>,
     ) -> JoinHandle<()> {
         let (src, layout, sent) = (self.src.clone(), self.layout, self.sent.clone());
+        let digests = self.digests.clone();
         tokio::spawn(async move {
             let count = AtomicU64::new(0);
             let why = loop {
@@ -849,11 +1071,8 @@ impl Source<'_> {
                     Err(e) => break format!("urgent: {e}"),
                 };
                 let m = match read_chunk(&src, layout, index).await {
-                    Ok(Some(data)) => Msg::Chunk { index, data },
-                    Ok(None) => Msg::Zero {
-                        first: index,
-                        count: 1,
-                    },
+                    // Never compressed: a reader waits for it.
+                    Ok(d) => answer(index, d, layout, Some(&digests), false),
                     Err(e) => break format!("reading the source: {}", e.chain()),
                 };
                 post.count(&m);
@@ -885,12 +1104,15 @@ struct Post {
     /// Chunks sent as bytes and as ZERO (both tasks, duplicates included).
     data: AtomicU64,
     zero: AtomicU64,
+    /// Chunks a verifying switch-over found unchanged (SAME).
+    same: AtomicU64,
 }
 
 impl Post {
     fn count(&self, m: &Msg) {
         match m {
-            Msg::Chunk { .. } => self.data.fetch_add(1, Relaxed),
+            Msg::Chunk { .. } | Msg::ChunkLz4 { .. } => self.data.fetch_add(1, Relaxed),
+            Msg::Same { .. } => self.same.fetch_add(1, Relaxed),
             _ => self.zero.fetch_add(1, Relaxed),
         };
     }

@@ -90,6 +90,25 @@ pub trait Target: Send + Sync + fmt::Debug {
     /// `faults` and wait.
     fn begin_postcopy(&self, missing: &ChunkSet, faults: Faults);
 
+    /// Before a post-copy switch-over, while the source still runs: chunks `stale` will be
+    /// missing; a target that must do work to make them absent (drop a region's pages) may do
+    /// it now rather than in [`begin_postcopy`](Self::begin_postcopy), inside the downtime.
+    fn evict(&self, stale: &ChunkSet) {
+        let _ = stale;
+    }
+
+    /// Whether [`keep`](Self::keep) works (a verifying switch-over needs it).
+    fn can_keep(&self) -> bool {
+        false
+    }
+
+    /// After a post-copy switch-over: the copy of missing chunk `index` the target holds is
+    /// current; it becomes present without a write (`false` if it was present already).
+    async fn keep(&self, index: u64) -> Result<bool> {
+        let _ = index;
+        Err(StoreError::Unsupported { op: "keep" })
+    }
+
     /// Chunks present (after switch-over; every chunk before a post-copy switch-over).
     fn held(&self) -> ChunkSet;
 
@@ -271,6 +290,26 @@ impl Target for StoreTarget {
         self.placed_bytes.fetch_add(stop - off, Ordering::Relaxed);
         self.placed_chunks.fetch_add(count, Ordering::Relaxed);
         Ok(())
+    }
+
+    fn can_keep(&self) -> bool {
+        true
+    }
+
+    async fn keep(&self, index: u64) -> Result<bool> {
+        if !self.postcopy.load(Ordering::Acquire) {
+            return Ok(true);
+        }
+        let _g = self.stripes[index as usize % STRIPES].lock().await;
+        let mut p = self.post.lock();
+        if !p.present.insert(index) {
+            return Ok(false);
+        }
+        self.missing.fetch_sub(1, Ordering::AcqRel);
+        for w in p.waiters.remove(&index).into_iter().flatten() {
+            let _ = w.send(());
+        }
+        Ok(true)
     }
 
     fn begin_postcopy(&self, missing: &ChunkSet, faults: Faults) {

@@ -1028,6 +1028,7 @@ async fn strangers_are_turned_away_and_a_migration_still_works() {
         role: memsync_migrate::proto::Role::Bulk,
         session: 42,
         resume: false,
+        features: 0,
     }
     .encode()
     .to_vec();
@@ -1057,4 +1058,84 @@ async fn strangers_are_turned_away_and_a_migration_still_works() {
     .unwrap();
     dest.task.await.unwrap().unwrap();
     assert_same("after strangers", &contents(&*dest.store).await, &initial);
+}
+
+/// A source without a tracker (the CLI's: the application writes a file behind memsync's back,
+/// changes are found by hashing) does not hash while the application is suspended: the
+/// switch-over turns to post-copy and each chunk is verified after the resume (SAME when the
+/// destination's copy is current). Contents arrive identical in pre-copy and hybrid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hashing_source_verifies_after_the_resume_not_while_suspended() {
+    /// Counts the scans made while the application is suspended.
+    #[derive(Debug)]
+    struct Watch {
+        inner: Arc<memsync_sync::Rescan>,
+        app: Arc<App>,
+        suspended_scans: AtomicU64,
+    }
+    #[async_trait]
+    impl ChangeSource for Watch {
+        async fn take_changes(&self) -> Result<Vec<std::ops::Range<u64>>> {
+            if self.app.held.lock().is_some() {
+                self.suspended_scans.fetch_add(1, Ordering::Relaxed);
+            }
+            self.inner.take_changes().await
+        }
+        fn pushed(&self, layout: memsync_sync::digest::Layout, first: u64, d: &[[u8; 32]]) {
+            self.inner.pushed(layout, first, d)
+        }
+    }
+    for mode in [Mode::Precopy, Mode::Hybrid] {
+        let size = 8u64 << 20;
+        let initial = random(21, size as usize);
+        let raw = mem_with(&initial).await;
+        let log = Arc::new(Log::default());
+        let app = App::new();
+        let writer = app.start(raw.clone(), log.clone(), 5, Duration::from_millis(1), 8);
+        let dest = destination(
+            size,
+            Arc::new(NoHooks),
+            DestConfig::default(),
+            "127.0.0.1:0",
+            |s| s,
+        )
+        .await;
+        let watch = Arc::new(Watch {
+            inner: memsync_sync::Rescan::new(raw.clone(), 64 << 10).unwrap(),
+            app: app.clone(),
+            suspended_scans: AtomicU64::new(0),
+        });
+        let cfg = SourceConfig {
+            mode,
+            chunk_size: 64 << 10,
+            hash_sent: true,
+            ..SourceConfig::default()
+        };
+        let report = migrate(
+            raw.clone(),
+            watch.clone(),
+            &Dialer::parse(&dest.url).unwrap(),
+            &*app,
+            &cfg,
+            &NoProgress,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{mode:?}: {e}"));
+        dest.task.await.unwrap().expect("destination");
+        app.stop.store(true, Ordering::Relaxed);
+        let src_final = contents(&*raw).await;
+        app.resume().await.unwrap();
+        writer.await.unwrap();
+        let mut expected = initial;
+        log.apply(&mut expected);
+        assert_same("source", &src_final, &expected);
+        assert_same(mode.name(), &contents(&*dest.store).await, &expected);
+        assert_eq!(
+            watch.suspended_scans.load(Ordering::Relaxed),
+            0,
+            "{mode:?}: hashed while suspended"
+        );
+        assert!(report.postcopy, "{report:?}");
+        assert!(report.unchanged_chunks > 0, "{report:?}");
+    }
 }

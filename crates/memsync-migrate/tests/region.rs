@@ -11,10 +11,11 @@ use memsync_core::{Bytes, DynStore, Result, Store, async_trait};
 use memsync_local::MemStore;
 use memsync_migrate::{
     DestConfig, DestReport, Dialer, Gate, Hooks, Listener, MigrateError, Mode, NoHooks,
-    RegionTarget, Report, SourceConfig, migrate_region, receive_region,
+    RegionSource, RegionTarget, Report, SourceConfig, SwitchReason, Throttle, migrate,
+    migrate_region, receive_region,
 };
 use memsync_region::{LazyRegion, RegionConfig, WriteTracking};
-use memsync_sync::NoProgress;
+use memsync_sync::{ChangeSource, NoProgress};
 use memsync_testkit::proxy::{Proxy, ProxyConfig};
 use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
@@ -387,4 +388,167 @@ async fn region_destination_killed_after_the_commit_leaves_the_source_whole() {
     assert_same("source", &contents(&src), &initial);
     // The destination's pending faults fail instead of waiting forever.
     target.fail("killed");
+}
+
+/// Auto-converge: a writer that dirties the whole region over and over never lets pre-copy
+/// converge; holding it suspended for most of each period (through the same gate that
+/// suspends it for the switch-over) does. Judged by the outcome (why the passes ended), not
+/// by times: while the writer may run, each dirty scan waits until it swept the whole region
+/// once more (so a starved writer cannot make a pass converge), and the throttle's suspended
+/// part (990 ms) outlasts a pass of the whole region.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn auto_converge_makes_a_writer_too_fast_for_precopy_converge() {
+    /// The region's tracker, whose scans wait for a full sweep of the writer while it runs.
+    #[derive(Debug)]
+    struct Sweeping {
+        inner: Arc<RegionSource>,
+        gate: Arc<Gate>,
+        sweeps: Arc<std::sync::atomic::AtomicU64>,
+        seen: std::sync::atomic::AtomicU64,
+    }
+    #[async_trait]
+    impl ChangeSource for Sweeping {
+        async fn take_changes(&self) -> Result<Vec<std::ops::Range<u64>>> {
+            let seen = self.seen.load(Ordering::Relaxed);
+            while !self.gate.is_closed() && self.sweeps.load(Ordering::Relaxed) <= seen + 1 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            self.seen
+                .store(self.sweeps.load(Ordering::Relaxed), Ordering::Relaxed);
+            self.inner.take_changes().await
+        }
+    }
+    async fn run(throttle: Option<Throttle>) -> Report {
+        let size = 16usize << 20;
+        let initial = random(9, size);
+        let src = source_region(&initial).await;
+        let gate = Gate::new();
+        let stop = Arc::new(AtomicBool::new(false));
+        let sweeps = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let w = {
+            let (r, g, stop, sweeps) = (src.clone(), gate.clone(), stop.clone(), sweeps.clone());
+            std::thread::spawn(move || {
+                let mut x = 1u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for batch in (0..r.len() / PAGE).step_by(64) {
+                        let _p = g.enter();
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        for p in batch..batch + 64 {
+                            x = x.wrapping_add(1);
+                            r.write_at(p * PAGE, &x.to_le_bytes()).unwrap();
+                        }
+                    }
+                    sweeps.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        let target = RegionTarget::new(size as u64, region_cfg(WriteTracking::Off)).unwrap();
+        let (l, url) = listen().await;
+        let t = target.clone();
+        let dest =
+            tokio::spawn(
+                async move { receive_region(l, t, &NoHooks, &DestConfig::default()).await },
+            );
+        let cfg = SourceConfig {
+            mode: Mode::Precopy,
+            chunk_size: PAGE as u64,
+            max_downtime: Duration::from_millis(1),
+            max_passes: 8,
+            auto_converge: throttle,
+            ..SourceConfig::default()
+        };
+        let rs = RegionSource::new(src.clone()).unwrap();
+        let changes = Arc::new(Sweeping {
+            inner: rs.clone(),
+            gate: gate.clone(),
+            sweeps,
+            seen: Default::default(),
+        });
+        let rep = migrate(
+            rs,
+            changes,
+            &Dialer::parse(&url).unwrap(),
+            &*gate,
+            &cfg,
+            &NoProgress,
+        )
+        .await
+        .unwrap();
+        dest.await.unwrap().unwrap();
+        let want = contents(&src);
+        stop.store(true, Ordering::Relaxed);
+        gate.resume().await.unwrap();
+        w.join().unwrap();
+        assert_same("auto-converge", &contents(target.region()), &want);
+        eprintln!(
+            "{:?}: {:?}",
+            rep.reason,
+            rep.passes
+                .iter()
+                .map(|p| (p.dirty_after, p.throttle_percent))
+                .collect::<Vec<_>>()
+        );
+        rep
+    }
+    let without = run(None).await;
+    assert_eq!(without.reason, SwitchReason::NotConverged, "{without:?}");
+    assert!(without.passes.iter().all(|p| p.throttle_percent == 0));
+    let with = run(Some(Throttle {
+        initial: 0.99,
+        increment: 0.0,
+        max: 0.99,
+        period: Duration::from_secs(1),
+    }))
+    .await;
+    assert_eq!(with.reason, SwitchReason::Converged, "{with:?}");
+    assert!(with.passes.iter().any(|p| p.throttle_percent == 99));
+}
+
+/// With compression offered and granted, compressible chunks travel as LZ4 blocks (fewer
+/// bytes than the region) and arrive identical; incompressible ones go as they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn compressed_bulk_stream_arrives_identical() {
+    let size = 8usize << 20;
+    // Half text-like, half random.
+    let mut initial: Vec<u8> = b"memsync migrates live memory regions; "
+        .iter()
+        .copied()
+        .cycle()
+        .take(size / 2)
+        .collect();
+    initial.extend_from_slice(&random(13, size / 2));
+    let src = source_region(&initial).await;
+    let mut sent = Vec::new();
+    for compress in [false, true] {
+        let target = RegionTarget::new(size as u64, region_cfg(WriteTracking::Off)).unwrap();
+        let (l, url) = listen().await;
+        let t = target.clone();
+        let dest =
+            tokio::spawn(
+                async move { receive_region(l, t, &NoHooks, &DestConfig::default()).await },
+            );
+        let cfg = SourceConfig {
+            mode: Mode::Hybrid,
+            chunk_size: PAGE as u64,
+            compress,
+            ..SourceConfig::default()
+        };
+        let rep = migrate_region(
+            src.clone(),
+            &Dialer::parse(&url).unwrap(),
+            &NoHooks,
+            &cfg,
+            &NoProgress,
+        )
+        .await
+        .unwrap();
+        dest.await.unwrap().unwrap();
+        assert_same("compressed", &contents(target.region()), &initial);
+        sent.push(rep.wire_sent);
+    }
+    // The text half shrinks; the random half and the zero holes cost what they did.
+    assert!(sent[1] < sent[0] * 3 / 4, "{sent:?}");
+    assert!(sent[0] > size as u64 / 2, "{sent:?}");
 }

@@ -72,6 +72,30 @@ impl Netns {
         Some(n)
     }
 
+    /// Move the calling thread into network namespace `ns`: sockets it makes from now on are
+    /// that host's (the two sides of a test can then live in one process).
+    pub fn enter(ns: &str) -> std::io::Result<()> {
+        let f = std::fs::File::open(format!("/var/run/netns/{ns}"))?;
+        rustix::thread::move_into_link_name_space(
+            std::os::fd::AsFd::as_fd(&f),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .map_err(std::io::Error::from)
+    }
+
+    /// A tokio runtime whose threads (workers and blocking pool) all live in namespace `ns`.
+    pub fn runtime(ns: &str, workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+        std::fs::File::open(format!("/var/run/netns/{ns}"))?; // fails early if it is missing
+        let ns = ns.to_owned();
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers.max(1))
+            .enable_all()
+            .on_thread_start(move || {
+                Self::enter(&ns).expect("entering the network namespace");
+            })
+            .build()
+    }
+
     /// `ip netns exec NS` as the start of a command line.
     pub fn exec_in(ns: &str) -> [&str; 4] {
         ["ip", "netns", "exec", ns]
