@@ -20,12 +20,14 @@ pub mod error;
 pub mod layers;
 pub mod meta;
 pub mod range;
+pub mod retry;
 pub mod size;
 pub mod store;
 pub mod url;
 
 pub use error::{Result, StoreError};
 pub use meta::{MetaInit, StoreId, StoreMeta};
+pub use retry::{Retry, RetryPolicy};
 pub use store::{Caps, DynStore, Extent, ExtentKind, Store, StoreExt, check_range, check_write};
 pub use url::{Registry, StoreUrl, redact};
 

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use memsync_core::DynStore;
+use memsync_core::{DynStore, RetryPolicy};
 use memsync_sys::{Advice, Features, SigbusFile, page_size};
 use parking_lot::Mutex;
 
@@ -19,30 +19,13 @@ use crate::dirty::DirtyTracker;
 use crate::engine::{Engine, EngineSetup};
 use crate::error::{ChunkError, Error, sys};
 use crate::exec::Exec;
-use crate::fault::{Core, Fetcher, NO_FAULT, Settings};
+use crate::fault::{Core, Fetcher, MAX_BACKOFF, NO_FAULT, Settings};
 use crate::puller::Puller;
 use crate::source::{ChunkSource, FaultHooks, StoreSource};
 use crate::state::{ChunkBitmap, ChunkMap, ChunkState, Geometry};
 use crate::stats::RegionStats;
 use crate::worker::{StagePool, Worker, new_staging, staging_layout};
-use memsync_core::chunks::AtomicChunkBitmap;
-
-/// Background pull progress.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PullProgress {
-    /// Chunks present (by any path).
-    pub present_chunks: usize,
-    /// Chunks of the region.
-    pub total_chunks: usize,
-    /// Chunks the puller fetched.
-    pub pulled_chunks: u64,
-    /// Bytes the puller read from the store.
-    pub pulled_bytes: u64,
-    /// The puller is enabled (started and not paused).
-    pub running: bool,
-    /// The puller found nothing left to pull.
-    pub done: bool,
-}
+use memsync_core::chunks::{AtomicChunkBitmap, PullProgress};
 
 /// A memory region of a store's size that fills itself from the store the
 /// first time each chunk is touched (userfaultfd post-copy).
@@ -215,9 +198,8 @@ impl LazyRegion {
             cfg: Settings {
                 memfd: memfd_mode,
                 hugetlb,
-                fetch_deadline: cfg.fetch_deadline,
+                retry: RetryPolicy::new(cfg.fetch_deadline, cfg.retry_backoff, MAX_BACKOFF),
                 use_poison,
-                retry_backoff: cfg.retry_backoff,
                 inline_resolve: cfg.inline_resolve,
                 store_spin: cfg.store_spin,
                 runtime: cfg.runtime.clone(),
@@ -391,7 +373,7 @@ impl LazyRegion {
         let inner = &*self.inner;
         let inline = inner.cfg.inline_resolve && tokio::runtime::Handle::try_current().is_err();
         for i in inner.geo.chunks_in(off, len) {
-            let wait_until = Instant::now() + inner.cfg.fetch_deadline + Duration::from_secs(1);
+            let wait_until = Instant::now() + inner.cfg.retry.deadline + Duration::from_secs(1);
             let mut sleep = Duration::from_micros(1);
             loop {
                 match inner.chunks.get(i) {
@@ -797,10 +779,13 @@ impl LazyRegion {
     pub fn progress(&self) -> PullProgress {
         let st = self.pull.state.lock();
         PullProgress {
-            present_chunks: self.present_count(),
-            total_chunks: self.inner.chunks.len(),
+            chunks: self.inner.chunks.len() as u64,
+            present_chunks: self.present_count() as u64,
+            dirty_chunks: 0,
             pulled_chunks: st.pulled_chunks,
             pulled_bytes: st.pulled_bytes,
+            chunk_size: self.inner.geo.chunk_size() as u64,
+            size: self.len() as u64,
             running: st.running,
             done: st.done,
         }
