@@ -5,7 +5,7 @@ use memsync_sync::{index, proto};
 
 fuzz_target!(|data: &[u8]| {
     if data.len() >= 4 {
-        let _ = proto::frame_len(data[..4].try_into().unwrap());
+        let _ = memsync_core::wire::frame_len(data[..4].try_into().unwrap(), proto::MAX_FRAME);
     }
     if let Ok(m) = proto::Msg::decode(bytes::Bytes::copy_from_slice(data)) {
         let f = m.encode();

@@ -78,7 +78,10 @@ pub struct CacheConfig {
     /// Chunk-map checkpoint period (the map is also saved on flush, at the end of the pull and
     /// on close).
     pub checkpoint_interval: Duration,
-    /// A read that misses fails with EIO when the remote has not delivered within this time.
+    /// A read that misses fails with EIO when the remote has not delivered within this time
+    /// (retrying transient errors meanwhile). Under a layer that retries with a deadline of its
+    /// own (a region mapping the cache: `memsync map --cache`), that layer's deadline applies
+    /// instead and this one does not: a stack has one clock (see [`memsync_core::retry`]).
     pub fetch_timeout: Duration,
     /// A `flush` that cannot reach the remote keeps retrying for this long, then fails.
     pub flush_timeout: Duration,

@@ -24,6 +24,7 @@ pub mod retry;
 pub mod size;
 pub mod store;
 pub mod url;
+pub mod wire;
 
 pub use error::{Result, StoreError};
 pub use meta::{MetaInit, StoreId, StoreMeta};

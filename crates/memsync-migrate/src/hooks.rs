@@ -102,6 +102,78 @@ impl Hooks for SignalHooks {
     }
 }
 
+/// Hooks for threads of this process that write a migrated region (the embedding case): a
+/// writer holds a [`GatePass`] ([`Gate::enter`]) while it may write, e.g. around each batch of
+/// writes. Suspending closes the gate (new passes wait) and returns once every pass is
+/// dropped, so a write in progress completes first; resuming opens it.
+#[derive(Debug, Default)]
+pub struct Gate {
+    st: std::sync::Mutex<GateSt>,
+    open: std::sync::Condvar,
+    empty: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct GateSt {
+    closed: bool,
+    inside: usize,
+}
+
+/// Leave to write while it lives (see [`Gate`]).
+#[derive(Debug)]
+pub struct GatePass<'a>(&'a Gate);
+
+impl Gate {
+    pub fn new() -> std::sync::Arc<Gate> {
+        std::sync::Arc::new(Gate::default())
+    }
+
+    /// Wait while the gate is closed, then hold it open until the pass is dropped.
+    pub fn enter(&self) -> GatePass<'_> {
+        let mut st = self.st.lock().unwrap_or_else(|e| e.into_inner());
+        while st.closed {
+            st = self.open.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.inside += 1;
+        GatePass(self)
+    }
+
+    /// Whether the gate is closed (the application is suspended).
+    pub fn is_closed(&self) -> bool {
+        self.st.lock().unwrap_or_else(|e| e.into_inner()).closed
+    }
+}
+
+impl Drop for GatePass<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.st.lock().unwrap_or_else(|e| e.into_inner());
+        st.inside -= 1;
+        if st.inside == 0 && st.closed {
+            // A permit: a suspend that checks just before this still wakes.
+            self.0.empty.notify_one();
+        }
+    }
+}
+
+#[async_trait]
+impl Hooks for Gate {
+    async fn suspend(&self) -> Result<()> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        loop {
+            if self.st.lock().unwrap_or_else(|e| e.into_inner()).inside == 0 {
+                return Ok(());
+            }
+            self.empty.notified().await;
+        }
+    }
+
+    async fn resume(&self) -> Result<()> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner()).closed = false;
+        self.open.notify_all();
+        Ok(())
+    }
+}
+
 /// Shell commands (`sh -c`), each of which must exit 0.
 #[derive(Debug, Default)]
 pub struct CommandHooks {

@@ -30,13 +30,15 @@ pub mod dest;
 pub mod hooks;
 pub mod net;
 pub mod proto;
+pub mod region;
 pub mod set;
 pub mod source;
 pub mod target;
 
 pub use dest::{DestConfig, DestReport, receive};
-pub use hooks::{CommandHooks, Hooks, NoHooks, SignalHooks};
+pub use hooks::{CommandHooks, Gate, GatePass, Hooks, NoHooks, SignalHooks};
 pub use net::{Dialer, Endpoint, Listener, is_migrate_url};
+pub use region::{RegionSource, RegionTarget, migrate_region, receive_region};
 pub use set::ChunkSet;
 pub use source::{Fallback, MigrateError, Mode, Pass, Report, SourceConfig, SwitchReason, migrate};
 pub use target::{Faults, StoreTarget, Target};

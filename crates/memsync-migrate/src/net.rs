@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use memsync_core::wire;
 use memsync_core::{Result, StoreError, StoreUrl};
 use memsync_nbd::transport::Transport;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
-use crate::proto::{Msg, frame_len};
+use crate::proto::Msg;
 
 pub type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
 pub type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
@@ -249,17 +249,13 @@ impl Drop for Listener {
     }
 }
 
-fn invalid(e: impl fmt::Display) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
-}
-
 /// Read one frame; `None` at a clean end of stream between frames. Adds the frame's bytes to
 /// `count`.
 pub async fn read_frame<R: AsyncRead + Unpin + ?Sized>(
     r: &mut R,
     count: &AtomicU64,
 ) -> io::Result<Option<Msg>> {
-    read_frame_max(r, count, crate::proto::MAX_FRAME).await
+    wire::read_frame(r, count, usize::MAX).await
 }
 
 /// The first frame of a connection: a HELLO is small, and nothing larger is buffered for a
@@ -268,30 +264,7 @@ pub async fn read_hello<R: AsyncRead + Unpin + ?Sized>(
     r: &mut R,
     count: &AtomicU64,
 ) -> io::Result<Option<Msg>> {
-    read_frame_max(r, count, 64).await
-}
-
-async fn read_frame_max<R: AsyncRead + Unpin + ?Sized>(
-    r: &mut R,
-    count: &AtomicU64,
-    max: usize,
-) -> io::Result<Option<Msg>> {
-    let mut prefix = [0u8; 4];
-    match r.read_exact(&mut prefix).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    let n = frame_len(prefix).map_err(invalid)?;
-    if n > max {
-        return Err(invalid(format!(
-            "a first frame of {n} bytes (a HELLO has 21)"
-        )));
-    }
-    let mut body = BytesMut::zeroed(n);
-    r.read_exact(&mut body).await?;
-    count.fetch_add(4 + n as u64, Relaxed);
-    Msg::decode(body.freeze()).map(Some).map_err(invalid)
+    wire::read_frame(r, count, 64).await
 }
 
 /// Read one frame, which must be there.

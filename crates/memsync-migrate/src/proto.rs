@@ -3,6 +3,8 @@
 //! it allocates or trusts it; a frame that breaks a rule is an error.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+pub use memsync_core::wire::ProtoError;
+use memsync_core::wire::{self, Frame, done, flag, need, truncate};
 use memsync_sync::digest::{MAX_CHUNK, MIN_CHUNK};
 
 /// "MEMSYNCM": the first bytes of every connection's HELLO.
@@ -10,6 +12,8 @@ pub const MAGIC: &[u8; 8] = b"MEMSYNCM";
 /// The protocol version this code speaks.
 pub const VERSION: u16 = 1;
 /// Largest frame body: a whole chunk of the largest size plus its header.
+/// What a peer that sends the wrong magic is not.
+const MAGIC_WHAT: &str = "memsync migration peer";
 pub const MAX_FRAME: usize = MAX_CHUNK as usize + 64 * 1024;
 /// Bits of one bitmap segment (DIRTY, HELD): 256 KiB of bitmap, 2^21 chunks.
 pub const MAX_BITS: u32 = 1 << 21;
@@ -138,40 +142,6 @@ pub enum Msg {
     Abort(String),
 }
 
-/// Why a frame was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ProtoError {
-    #[error("frame of {0} bytes exceeds the limit")]
-    TooLong(usize),
-    #[error("empty frame")]
-    Empty,
-    #[error("unknown message type {0}")]
-    Type(u8),
-    #[error("truncated {0} message")]
-    Short(&'static str),
-    #[error("{0} message has {1} trailing bytes")]
-    Trailing(&'static str, usize),
-    #[error("bad magic in hello (not a memsync migration peer)")]
-    Magic,
-    #[error("invalid {0}")]
-    Invalid(&'static str),
-}
-
-fn need(b: &Bytes, n: usize, what: &'static str) -> Result<(), ProtoError> {
-    if b.remaining() < n {
-        return Err(ProtoError::Short(what));
-    }
-    Ok(())
-}
-
-fn flag(v: u8) -> Result<bool, ProtoError> {
-    match v {
-        0 => Ok(false),
-        1 => Ok(true),
-        _ => Err(ProtoError::Invalid("flag")),
-    }
-}
-
 fn put_segment(b: &mut BytesMut, s: &Segment) {
     b.put_u64(s.first);
     b.put_u32(s.count);
@@ -196,18 +166,6 @@ fn get_segment(b: &mut Bytes, what: &'static str) -> Result<Segment, ProtoError>
         return Err(ProtoError::Invalid("bitmap segment padding"));
     }
     Ok(Segment { first, count, bits })
-}
-
-/// Truncate at a char boundary.
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut n = max;
-    while !s.is_char_boundary(n) {
-        n -= 1;
-    }
-    &s[..n]
 }
 
 impl Msg {
@@ -321,7 +279,7 @@ impl Msg {
             T_HELLO => {
                 need(&b, 8 + 2 + 1 + 8 + 1, "hello")?;
                 if &b[..8] != MAGIC {
-                    return Err(ProtoError::Magic);
+                    return Err(ProtoError::Magic(MAGIC_WHAT));
                 }
                 b.advance(8);
                 let version = b.get_u16();
@@ -430,9 +388,7 @@ impl Msg {
             }
             other => return Err(ProtoError::Type(other)),
         };
-        if b.has_remaining() {
-            return Err(ProtoError::Trailing(what, b.remaining()));
-        }
+        done(&b, what)?;
         Ok(msg)
     }
 
@@ -462,43 +418,24 @@ impl Msg {
     }
 }
 
-/// The body length from a frame's 4-byte prefix, checked against [`MAX_FRAME`].
-pub fn frame_len(prefix: [u8; 4]) -> Result<usize, ProtoError> {
-    let n = u32::from_be_bytes(prefix) as usize;
-    if n > MAX_FRAME {
-        return Err(ProtoError::TooLong(n));
+impl Frame for Msg {
+    const MAX_FRAME: usize = MAX_FRAME;
+
+    fn decode(body: Bytes) -> Result<Self, ProtoError> {
+        Msg::decode(body)
     }
-    if n == 0 {
-        return Err(ProtoError::Empty);
-    }
-    Ok(n)
 }
 
 /// Parse a stream of frames (as a receiver reads them) until the bytes end or one is refused;
 /// returns the messages decoded. The fuzz target drives this.
-pub fn decode_stream(mut b: Bytes) -> (Vec<Msg>, Option<ProtoError>) {
-    let mut out = Vec::new();
-    while b.len() >= 4 {
-        let prefix = [b[0], b[1], b[2], b[3]];
-        let n = match frame_len(prefix) {
-            Ok(n) => n,
-            Err(e) => return (out, Some(e)),
-        };
-        if b.len() < 4 + n {
-            break;
-        }
-        b.advance(4);
-        match Msg::decode(b.split_to(n)) {
-            Ok(m) => out.push(m),
-            Err(e) => return (out, Some(e)),
-        }
-    }
-    (out, None)
+pub fn decode_stream(b: Bytes) -> (Vec<Msg>, Option<ProtoError>) {
+    wire::decode_stream(b)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use memsync_core::wire::frame_len;
     use proptest::prelude::*;
 
     fn segment() -> impl Strategy<Value = Segment> {
@@ -576,7 +513,7 @@ mod tests {
         #[test]
         fn every_message_roundtrips(m in msg()) {
             let f = m.encode();
-            let n = frame_len(f[..4].try_into().unwrap()).unwrap();
+            let n = frame_len(f[..4].try_into().unwrap(), MAX_FRAME).unwrap();
             prop_assert_eq!(n, f.len() - 4);
             prop_assert_eq!(Msg::decode(f.slice(4..)).unwrap(), m.clone());
             for k in 4..f.len() {
@@ -612,10 +549,10 @@ mod tests {
     #[test]
     fn limits_are_enforced() {
         assert_eq!(
-            frame_len((MAX_FRAME as u32 + 1).to_be_bytes()),
+            frame_len((MAX_FRAME as u32 + 1).to_be_bytes(), MAX_FRAME),
             Err(ProtoError::TooLong(MAX_FRAME + 1))
         );
-        assert_eq!(frame_len([0; 4]), Err(ProtoError::Empty));
+        assert_eq!(frame_len([0; 4], MAX_FRAME), Err(ProtoError::Empty));
         let body = |t: u8, f: &dyn Fn(&mut BytesMut)| {
             let mut b = BytesMut::new();
             b.put_u8(t);
@@ -670,7 +607,7 @@ mod tests {
                 b.put_slice(b"MEMSYNCX");
                 b.put_slice(&[0; 12]);
             }),
-            Err(ProtoError::Magic)
+            Err(ProtoError::Magic(MAGIC_WHAT))
         );
         assert_eq!(
             body(T_ABORT, &|b| b.put_u16(MAX_MESSAGE as u16 + 1)),

@@ -84,6 +84,19 @@ pub(crate) struct Engine {
     last_busy: AtomicU64,
     standby_lock: Mutex<()>,
     standby_cv: Condvar,
+    /// Told about every `REMOVE` as soon as it is read, before the handler
+    /// (a foreign engine's driver: pages removed there read as zeros next).
+    pub(crate) remove_tap: Option<RemoveTap>,
+}
+
+/// What a `REMOVE` event's range is passed to on the reading thread, before
+/// any fault read after it can be served.
+pub(crate) struct RemoveTap(pub(crate) Box<dyn Fn(usize, usize) + Send + Sync>);
+
+impl std::fmt::Debug for RemoveTap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RemoveTap")
+    }
 }
 
 fn open_uffd(
@@ -228,7 +241,52 @@ impl Engine {
             last_busy: AtomicU64::new(0),
             standby_lock: Mutex::new(()),
             standby_cv: Condvar::new(),
+            remove_tap: None,
         })
+    }
+
+    /// An engine over another process's memory: `uffd` is that process's
+    /// userfaultfd (already registered there) translated with a
+    /// [`Remap`](memsync_sys::Remap) into the local addresses of `map`, a
+    /// [`Mapping::placeholder`]. Nothing is mapped or registered here; the
+    /// installs are `COPY`/`ZEROPAGE`/`POISON` (`MOVE` cannot cross
+    /// processes).
+    pub(crate) fn foreign(
+        uffd: Uffd,
+        map: Mapping,
+        spin: Duration,
+        standby_after: Option<Duration>,
+        remove_tap: Option<RemoveTap>,
+    ) -> Result<Self, Error> {
+        let (wake_tx, wake_rx) = UnixStream::pair().map_err(sys("creating the wake-up socket"))?;
+        let (stop_tx, _) = watch::channel(false);
+        Ok(Self {
+            uffd,
+            map,
+            memfd: None,
+            ioctls: Ioctls::WAKE | Ioctls::COPY | Ioctls::ZEROPAGE | Ioctls::POISON,
+            user_mode_only: false,
+            spin,
+            standby_after,
+            stop: AtomicBool::new(false),
+            stop_tx,
+            wake_rx,
+            wake_tx,
+            epoch: Instant::now(),
+            busy_since: AtomicU64::new(0),
+            last_busy: AtomicU64::new(0),
+            standby_lock: Mutex::new(()),
+            standby_cv: Condvar::new(),
+            remove_tap,
+        })
+    }
+
+    /// Hands a `REMOVE` to the tap, if any, then to the handler.
+    fn other_event<H: EventHandler + ?Sized>(&self, h: &H, ev: Event) {
+        if let (Some(tap), Event::Remove { start, end }) = (&self.remove_tap, &ev) {
+            (tap.0)(*start, *end);
+        }
+        h.on_other(ev);
     }
 
     /// Start address of the memory.
@@ -264,7 +322,7 @@ impl Engine {
         for k in 0..n {
             match w.drained[k].event() {
                 Event::PageFault { addr, flags, .. } => w.deferred.push((addr, flags, now)),
-                ev => h.on_other(ev),
+                ev => self.other_event(h, ev),
             }
         }
     }
@@ -403,7 +461,7 @@ impl Engine {
                     Event::PageFault { addr, flags, .. } => {
                         h.on_fault(w, addr, flags, Instant::now());
                     }
-                    ev => h.on_other(ev),
+                    ev => self.other_event(h, ev),
                 }
                 last = Instant::now();
                 continue;

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 /// (with how long to spin for the answer before sleeping).
 #[derive(Debug)]
 pub(crate) enum Exec {
-    Own(tokio::runtime::Runtime),
+    /// `None` only while it is dropped.
+    Own(Option<tokio::runtime::Runtime>),
     Shared(tokio::runtime::Handle, Duration),
 }
 
@@ -19,17 +20,18 @@ impl Exec {
     pub(crate) fn new(handle: Option<&tokio::runtime::Handle>, spin: Duration) -> io::Result<Self> {
         Ok(match handle {
             Some(h) => Self::Shared(h.clone(), spin),
-            None => Self::Own(
+            None => Self::Own(Some(
                 tokio::runtime::Builder::new_current_thread()
                     .enable_time()
                     .build()?,
-            ),
+            )),
         })
     }
 
     pub(crate) fn block_on<F: Future>(&self, f: F) -> F::Output {
         match self {
-            Self::Own(rt) => rt.block_on(f),
+            Self::Own(Some(rt)) => rt.block_on(f),
+            Self::Own(None) => unreachable!("an executor used while it is dropped"),
             Self::Shared(h, spin) if spin.is_zero() => h.block_on(f),
             Self::Shared(h, spin) => {
                 // The runtime's workers drive its I/O and timers; this thread
@@ -37,6 +39,21 @@ impl Exec {
                 let _g = h.enter();
                 spin_block_on(f, *spin)
             }
+        }
+    }
+}
+
+impl Drop for Exec {
+    /// A private runtime may be dropped from async code (a region whose
+    /// pooled workers were made by `place` or `write_at` is dropped in a
+    /// task): dropping it there would panic, so it is shut down without
+    /// waiting (its only tasks are the store futures it ran to completion).
+    fn drop(&mut self) {
+        if tokio::runtime::Handle::try_current().is_ok()
+            && let Self::Own(rt) = self
+            && let Some(rt) = rt.take()
+        {
+            rt.shutdown_background();
         }
     }
 }
@@ -86,5 +103,18 @@ fn spin_block_on<F: Future>(f: F, spin: Duration) -> F::Output {
             }
             std::hint::spin_loop();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Dropping a region's private runtime inside a task used to panic ("Cannot drop a
+    /// runtime in a context where blocking is not allowed").
+    #[tokio::test]
+    async fn a_private_runtime_can_be_dropped_in_async_code() {
+        let e = Exec::new(None, Duration::ZERO).unwrap();
+        drop(e);
     }
 }

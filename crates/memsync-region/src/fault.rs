@@ -27,8 +27,6 @@ use crate::worker::{Events, StagePool, Worker};
 use memsync_core::chunks::{AtomicChunkBitmap, background_pull};
 
 pub(crate) const NO_FAULT: usize = usize::MAX;
-/// The longest pause between store reads of one chunk.
-pub(crate) const MAX_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Who fetches a chunk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

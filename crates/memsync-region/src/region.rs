@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use memsync_core::{DynStore, RetryPolicy};
+use memsync_core::DynStore;
 use memsync_sys::{Advice, Features, SigbusFile, page_size};
 use parking_lot::Mutex;
 
@@ -19,7 +19,7 @@ use crate::dirty::DirtyTracker;
 use crate::engine::{Engine, EngineSetup};
 use crate::error::{ChunkError, Error, sys};
 use crate::exec::Exec;
-use crate::fault::{Core, Fetcher, MAX_BACKOFF, NO_FAULT, Settings};
+use crate::fault::{Core, Fetcher, NO_FAULT, Settings};
 use crate::puller::Puller;
 use crate::source::{ChunkSource, FaultHooks, StoreSource};
 use crate::state::{ChunkBitmap, ChunkMap, ChunkState, Geometry};
@@ -198,7 +198,7 @@ impl LazyRegion {
             cfg: Settings {
                 memfd: memfd_mode,
                 hugetlb,
-                retry: RetryPolicy::new(cfg.fetch_deadline, cfg.retry_backoff, MAX_BACKOFF),
+                retry: cfg.retry_policy(),
                 use_poison,
                 inline_resolve: cfg.inline_resolve,
                 store_spin: cfg.store_spin,
@@ -777,18 +777,7 @@ impl LazyRegion {
     /// Background pull progress.
     #[must_use]
     pub fn progress(&self) -> PullProgress {
-        let st = self.pull.state.lock();
-        PullProgress {
-            chunks: self.inner.chunks.len() as u64,
-            present_chunks: self.present_count() as u64,
-            dirty_chunks: 0,
-            pulled_chunks: st.pulled_chunks,
-            pulled_bytes: st.pulled_bytes,
-            chunk_size: self.inner.geo.chunk_size() as u64,
-            size: self.len() as u64,
-            running: st.running,
-            done: st.done,
-        }
+        self.pull.progress(&self.inner)
     }
 
     /// Waits until the background pull has nothing left to do (`true`), or

@@ -9,38 +9,25 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use memsync_core::wire;
 use memsync_core::{DynStore, Result, StoreError, StoreUrl, async_trait};
 use memsync_nbd::transport::Transport;
 use parking_lot::Mutex;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::dest::{Dest, DestStats, LocalDest, PatchOutcome, Run};
 use crate::digest::{Digest, Layout};
-use crate::proto::{MAX_DIGESTS, Msg, frame_len};
-
-fn invalid(e: impl fmt::Display) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
-}
+use crate::proto::{MAX_DIGESTS, Msg};
 
 /// Read one frame; `None` at a clean end of stream between frames.
 pub async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     count: &AtomicU64,
 ) -> io::Result<Option<Msg>> {
-    let mut prefix = [0u8; 4];
-    match r.read_exact(&mut prefix).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    let n = frame_len(prefix).map_err(invalid)?;
-    let mut body = BytesMut::zeroed(n);
-    r.read_exact(&mut body).await?;
-    count.fetch_add(4 + n as u64, Relaxed);
-    Msg::decode(body.freeze()).map(Some).map_err(invalid)
+    wire::read_frame(r, count, usize::MAX).await
 }
 
 async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, m: &Msg, count: &AtomicU64) -> io::Result<()> {

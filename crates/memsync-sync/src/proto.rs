@@ -4,11 +4,15 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use memsync_core::wire::{Frame, ProtoError, done, flag, need, truncate};
+
 use crate::dest::{DestStats, Run};
 use crate::digest::{Digest, MAX_CHUNK, MIN_CHUNK, PAGE, ScanStats};
 
 /// "MSYNC" + protocol version 1.
 pub const MAGIC: &[u8; 8] = b"MSYNC\0\0\x01";
+/// What a peer that sends the wrong magic is not.
+const MAGIC_WHAT: &str = "memsync sync peer, or another protocol version";
 /// Largest frame body: a whole chunk of the largest size plus its run headers.
 pub const MAX_FRAME: usize = MAX_CHUNK as usize + 64 * 1024;
 /// Digests per `Digests` frame.
@@ -70,32 +74,6 @@ pub enum Msg {
     Committed(DestStats),
     /// Either way: the sender gives up; the connection ends.
     Error(String),
-}
-
-/// Why a frame was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ProtoError {
-    #[error("frame of {0} bytes exceeds the limit")]
-    TooLong(usize),
-    #[error("empty frame")]
-    Empty,
-    #[error("unknown message type {0}")]
-    Type(u8),
-    #[error("truncated {0} message")]
-    Short(&'static str),
-    #[error("{0} message has {1} trailing bytes")]
-    Trailing(&'static str, usize),
-    #[error("bad magic in hello (not a memsync sync peer, or another protocol version)")]
-    Magic,
-    #[error("invalid {0}")]
-    Invalid(&'static str),
-}
-
-fn need(b: &Bytes, n: usize, what: &'static str) -> Result<(), ProtoError> {
-    if b.remaining() < n {
-        return Err(ProtoError::Short(what));
-    }
-    Ok(())
 }
 
 fn digest(b: &mut Bytes) -> Digest {
@@ -218,7 +196,7 @@ impl Msg {
             T_HELLO => {
                 need(&b, 8 + 8 + 8 + 1, "hello")?;
                 if &b[..8] != MAGIC {
-                    return Err(ProtoError::Magic);
+                    return Err(ProtoError::Magic(MAGIC_WHAT));
                 }
                 b.advance(8);
                 let size = b.get_u64();
@@ -352,51 +330,27 @@ impl Msg {
             }
             other => return Err(ProtoError::Type(other)),
         };
-        if b.has_remaining() {
-            return Err(ProtoError::Trailing(what, b.remaining()));
-        }
+        done(&b, what)?;
         Ok(msg)
     }
 }
 
-fn flag(v: u8) -> Result<bool, ProtoError> {
-    match v {
-        0 => Ok(false),
-        1 => Ok(true),
-        _ => Err(ProtoError::Invalid("flag")),
-    }
-}
+impl Frame for Msg {
+    const MAX_FRAME: usize = MAX_FRAME;
 
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
+    fn decode(body: Bytes) -> Result<Self, ProtoError> {
+        Msg::decode(body)
     }
-    let mut n = max;
-    while !s.is_char_boundary(n) {
-        n -= 1;
-    }
-    &s[..n]
-}
-
-/// The body length from a frame's 4-byte prefix, checked against [`MAX_FRAME`].
-pub fn frame_len(prefix: [u8; 4]) -> Result<usize, ProtoError> {
-    let n = u32::from_be_bytes(prefix) as usize;
-    if n > MAX_FRAME {
-        return Err(ProtoError::TooLong(n));
-    }
-    if n == 0 {
-        return Err(ProtoError::Empty);
-    }
-    Ok(n)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use memsync_core::wire::frame_len;
 
     fn roundtrip(m: Msg) {
         let f = m.encode();
-        let n = frame_len(f[..4].try_into().unwrap()).unwrap();
+        let n = frame_len(f[..4].try_into().unwrap(), MAX_FRAME).unwrap();
         assert_eq!(n, f.len() - 4);
         assert_eq!(Msg::decode(f.slice(4..)).unwrap(), m);
         // Every truncation is an error, never a panic.
@@ -490,8 +444,8 @@ mod tests {
 
     #[test]
     fn limits_are_enforced() {
-        assert!(frame_len((MAX_FRAME as u32 + 1).to_be_bytes()).is_err());
-        assert!(frame_len([0; 4]).is_err());
+        assert!(frame_len((MAX_FRAME as u32 + 1).to_be_bytes(), MAX_FRAME).is_err());
+        assert!(frame_len([0; 4], MAX_FRAME).is_err());
         let mut b = BytesMut::new();
         b.put_u8(T_DIGESTS);
         b.put_u64(0);

@@ -92,6 +92,7 @@
 mod fdpass;
 mod mem;
 mod pagemap;
+mod peer;
 pub mod raw;
 mod sigbus;
 mod staging;
@@ -104,11 +105,12 @@ pub use mem::{
     page_size, pmd_size,
 };
 pub use pagemap::{PageCategories, PageRegion, PagemapScanner, ScanArgs, ScanFlags, ScanResult};
+pub use peer::{PeerCred, Pidfd, peer_credentials};
 pub use sigbus::{MAX_SIGBUS_REGIONS, SigbusResolver};
 pub use staging::Staging;
 pub use uffd::{
     ApiInfo, ContinueMode, CopyMode, Event, Features, Install, Ioctls, MoveMode, OpenError,
-    OpenFlags, PageFaultFlags, RegisterMode, Uffd, UffdMsg,
+    OpenFlags, PageFaultFlags, RegisterMode, Remap, RemapRange, Uffd, UffdMsg,
 };
 pub use util::{
     allowed_cpus, current_cpu, euid, gettid, poll_readable, read_after_fork, set_thread_affinity,

@@ -110,6 +110,8 @@ pub struct MapOptions {
 pub struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
+    /// Stands for memory of another process ([`Mapping::placeholder`]).
+    placeholder: bool,
 }
 
 // SAFETY: a `Mapping` owns its region exclusively (nothing else unmaps it),
@@ -227,7 +229,11 @@ impl Mapping {
             }
             // SAFETY: no MAP_FIXED: a fresh mapping that nothing else uses.
             let ptr = unsafe { mmap_raw(std::ptr::null_mut(), len, prot, flags, -1, 0)? };
-            return Ok(Self { ptr, len });
+            return Ok(Self {
+                ptr,
+                len,
+                placeholder: false,
+            });
         }
         let start = reserve_aligned(len, align)?;
         // SAFETY: `[start, start + len)` is the reservation returned by
@@ -251,11 +257,71 @@ impl Mapping {
                 return Err(e);
             }
         };
-        let mapping = Self { ptr, len };
+        let mapping = Self {
+            ptr,
+            len,
+            placeholder: false,
+        };
         if opts.populate {
             mapping.advise(0, len, Advice::PopulateWrite)?;
         }
         Ok(mapping)
+    }
+
+    /// Reserves `len` bytes of address space (private anonymous memory,
+    /// `MAP_NORESERVE`, never touched) that stand for memory of another
+    /// process, e.g. the guest memory of a VMM whose userfaultfd a handler
+    /// received ([`Uffd::with_remap`](crate::Uffd::with_remap) translates
+    /// its addresses). Nothing registers or reads it;
+    /// [`map_sigbus`](Self::map_sigbus) refuses it, since replacing pages
+    /// here would not make the other process's accesses fail.
+    ///
+    /// # Errors
+    ///
+    /// As for [`anonymous_with`](Self::anonymous_with).
+    pub fn placeholder(len: usize, align: usize) -> io::Result<Self> {
+        if len == 0 {
+            return Err(invalid("zero-length mapping"));
+        }
+        let page = page_size();
+        let len = round_up(len, page)?;
+        let align = align.max(page);
+        if !align.is_power_of_two() {
+            return Err(invalid("alignment must be a power of two"));
+        }
+        let start = reserve_aligned(len, align)?;
+        // SAFETY: `[start, start + len)` is the reservation returned by
+        // `reserve_aligned`, owned by this function and used by nothing else;
+        // MAP_FIXED atomically replaces it. MAP_NORESERVE: guest memory may
+        // be larger than this host's commit limit, and this is never touched.
+        let mapped = unsafe {
+            mmap_raw(
+                start as *mut libc::c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        match mapped {
+            Ok(ptr) => Ok(Self {
+                ptr,
+                len,
+                placeholder: true,
+            }),
+            Err(e) => {
+                // SAFETY: the reservation is still ours and unused; release it.
+                unsafe { libc::munmap(start as *mut libc::c_void, len) };
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether this is a [`placeholder`](Self::placeholder).
+    #[must_use]
+    pub fn is_placeholder(&self) -> bool {
+        self.placeholder
     }
 
     /// Maps `len` bytes of `fd` starting at byte `offset` (a multiple of the
@@ -289,7 +355,11 @@ impl Mapping {
                 offset,
             )?
         };
-        Ok(Self { ptr, len })
+        Ok(Self {
+            ptr,
+            len,
+            placeholder: false,
+        })
     }
 
     /// Start of the mapping as a raw pointer. Dereferencing it is subject to
@@ -541,6 +611,12 @@ impl Mapping {
     #[track_caller]
     pub fn map_sigbus(&self, off: usize, len: usize, file: &SigbusFile) -> io::Result<()> {
         self.check(off, len);
+        if self.placeholder {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a placeholder stands for another process's memory: a SIGBUS mapping here would not reach it",
+            ));
+        }
         let page = page_size();
         if !off.is_multiple_of(page) || !len.is_multiple_of(page) || len == 0 {
             return Err(invalid("range to map over is not page aligned"));

@@ -314,6 +314,8 @@ pub struct Uffd {
     /// Whether the descriptor came from a fork event or `from_fd` (its
     /// handshake was done elsewhere).
     inherited: bool,
+    /// Set by [`Uffd::with_remap`]: addresses are translated.
+    remap: Option<Remap>,
 }
 
 impl fmt::Debug for Uffd {
@@ -361,6 +363,7 @@ impl Uffd {
             enabled: OnceLock::new(),
             nonblocking: flags.nonblock,
             inherited: false,
+            remap: None,
         }
     }
 
@@ -472,6 +475,39 @@ impl Uffd {
         Ok(Self::from_inherited(fd))
     }
 
+    /// Makes this descriptor (typically another process's, from
+    /// [`from_fd`](Self::from_fd)) work in the local addresses of `remap`:
+    /// every ioctl translates its range to the other process's addresses
+    /// (a range must lie inside one [`RemapRange`]; `InvalidInput`
+    /// otherwise), and [`read_events`](Self::read_events) translates fault
+    /// addresses and `REMOVE` ranges back (a fault outside every range is
+    /// reported at address 0; a `REMOVE` is clipped to the first range it
+    /// meets, and one that meets none is reported as empty at 0).
+    #[must_use]
+    pub fn with_remap(mut self, remap: Remap) -> Self {
+        self.remap = Some(remap);
+        self
+    }
+
+    /// The translation set by [`with_remap`](Self::with_remap).
+    #[must_use]
+    pub fn remap(&self) -> Option<&Remap> {
+        self.remap.as_ref()
+    }
+
+    /// The address an ioctl on local `addr..addr + len` is given.
+    fn real(&self, addr: usize, len: usize) -> io::Result<usize> {
+        match &self.remap {
+            None => Ok(addr),
+            Some(r) => r.to_remote(addr, len).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("range {addr:#x}+{len:#x} is not inside one remapped range"),
+                )
+            }),
+        }
+    }
+
     /// Wraps a descriptor whose handshake was done elsewhere. Does not
     /// allocate (it runs while decoding a fork event, see
     /// [`Event::Fork`]); the features are read lazily.
@@ -484,6 +520,7 @@ impl Uffd {
             enabled: OnceLock::new(),
             nonblocking,
             inherited: true,
+            remap: None,
         }
     }
 
@@ -640,6 +677,7 @@ impl Uffd {
         len: usize,
         mode: RegisterMode,
     ) -> io::Result<Ioctls> {
+        let addr = self.real(addr, len)?;
         let mut arg = raw::uffdio_register {
             range: raw::uffdio_range {
                 start: addr as u64,
@@ -661,6 +699,7 @@ impl Uffd {
     ///
     /// `EINVAL` for an unaligned or unmapped range.
     pub fn unregister(&self, addr: usize, len: usize) -> io::Result<()> {
+        let addr = self.real(addr, len)?;
         let mut arg = raw::uffdio_range {
             start: addr as u64,
             len: len as u64,
@@ -677,6 +716,7 @@ impl Uffd {
     ///
     /// `EINVAL` for an unaligned or empty range.
     pub fn wake(&self, addr: usize, len: usize) -> io::Result<()> {
+        let addr = self.real(addr, len)?;
         let mut arg = raw::uffdio_range {
             start: addr as u64,
             len: len as u64,
@@ -699,6 +739,7 @@ impl Uffd {
     /// registered with this descriptor; `EINVAL` for unaligned arguments;
     /// `ESRCH` if the process owning the range exited.
     pub fn copy(&self, dst: usize, src: &[u8], mode: CopyMode) -> io::Result<Install> {
+        let dst = self.real(dst, src.len())?;
         let mut arg = raw::uffdio_copy {
             dst: dst as u64,
             src: src.as_ptr() as u64,
@@ -722,6 +763,7 @@ impl Uffd {
     ///
     /// As for [`copy`](Self::copy).
     pub fn zeropage(&self, dst: usize, len: usize, dont_wake: bool) -> io::Result<Install> {
+        let dst = self.real(dst, len)?;
         let mut arg = raw::uffdio_zeropage {
             range: raw::uffdio_range {
                 start: dst as u64,
@@ -794,6 +836,7 @@ impl Uffd {
         len: usize,
         mode: MoveMode,
     ) -> io::Result<Install> {
+        let dst = self.real(dst, len)?;
         let mut arg = raw::uffdio_move {
             dst: dst as u64,
             src: src as u64,
@@ -822,6 +865,7 @@ impl Uffd {
         len: usize,
         mode: ContinueMode,
     ) -> io::Result<Install> {
+        let addr = self.real(addr, len)?;
         let mut arg = raw::uffdio_continue {
             range: raw::uffdio_range {
                 start: addr as u64,
@@ -845,6 +889,7 @@ impl Uffd {
     ///
     /// See [`Install`].
     pub fn poison(&self, addr: usize, len: usize, dont_wake: bool) -> io::Result<Install> {
+        let addr = self.real(addr, len)?;
         let mut arg = raw::uffdio_poison {
             range: raw::uffdio_range {
                 start: addr as u64,
@@ -865,6 +910,7 @@ impl Uffd {
     }
 
     fn writeprotect(&self, addr: usize, len: usize, mode: u64) -> io::Result<()> {
+        let addr = self.real(addr, len)?;
         let mut arg = raw::uffdio_writeprotect {
             range: raw::uffdio_range {
                 start: addr as u64,
@@ -962,7 +1008,15 @@ impl Uffd {
         let ret =
             cvt_r(|| unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), bytes) });
         match ret {
-            Ok(n) => Ok(n.unsigned_abs() / size_of::<UffdMsg>()),
+            Ok(n) => {
+                let n = n.unsigned_abs() / size_of::<UffdMsg>();
+                if let Some(r) = &self.remap {
+                    for msg in &mut buf[..n] {
+                        msg.translate_to_local(r);
+                    }
+                }
+                Ok(n)
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
             Err(e) => Err(e),
         }
@@ -1080,6 +1134,33 @@ impl UffdMsg {
         // else owns; the message was emptied above, so this is the only
         // `OwnedFd` ever made from it.
         fd.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    fn set_word(&mut self, i: usize, v: u64) {
+        self.bytes[i * 8..i * 8 + 8].copy_from_slice(&v.to_ne_bytes());
+    }
+
+    /// Rewrites the addresses of a fault or `REMOVE` message into the local
+    /// addresses of `r` (see [`Uffd::with_remap`]).
+    fn translate_to_local(&mut self, r: &Remap) {
+        match self.kind() {
+            raw::UFFD_EVENT_PAGEFAULT => {
+                let a = usize::try_from(self.word(2))
+                    .ok()
+                    .and_then(|a| r.to_local(a));
+                self.set_word(2, a.unwrap_or(0) as u64);
+            }
+            raw::UFFD_EVENT_REMOVE => {
+                let span = usize::try_from(self.word(1))
+                    .ok()
+                    .zip(usize::try_from(self.word(2)).ok())
+                    .and_then(|(s, e)| r.span_to_local(s, e));
+                let (s, e) = span.unwrap_or((0, 0));
+                self.set_word(1, s as u64);
+                self.set_word(2, e as u64);
+            }
+            _ => {}
+        }
     }
 
     /// Empties the message, closing a fork descriptor it still holds.
@@ -1277,5 +1358,213 @@ mod tests {
         for (ours, theirs) in pairs {
             assert_eq!(ours.bits(), u64::from(theirs), "{ours:?}");
         }
+    }
+}
+
+/// One range of a [`Remap`]: `len` bytes at local address `local` stand for
+/// the other process's memory at `remote`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RemapRange {
+    /// Start in this process (e.g. in a [`Mapping::placeholder`]).
+    pub local: usize,
+    /// Start in the process whose userfaultfd it is.
+    pub remote: usize,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+/// A translation between local addresses and another process's memory, for
+/// a userfaultfd received from it (see [`Uffd::with_remap`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Remap {
+    /// Sorted by `local`.
+    by_local: Vec<RemapRange>,
+    /// Indices into `by_local`, sorted by `remote`.
+    by_remote: Vec<usize>,
+}
+
+impl Remap {
+    /// Builds the table.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` for an empty range, an address range that overflows,
+    /// or ranges that overlap on either side.
+    pub fn new(mut ranges: Vec<RemapRange>) -> io::Result<Self> {
+        let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidInput, m.to_string());
+        for r in &ranges {
+            if r.len == 0 {
+                return Err(bad("empty remapped range"));
+            }
+            if r.local.checked_add(r.len).is_none() || r.remote.checked_add(r.len).is_none() {
+                return Err(bad("remapped range overflows the address space"));
+            }
+        }
+        ranges.sort_by_key(|r| r.local);
+        if ranges
+            .windows(2)
+            .any(|w| w[0].local + w[0].len > w[1].local)
+        {
+            return Err(bad("remapped ranges overlap locally"));
+        }
+        let mut by_remote: Vec<usize> = (0..ranges.len()).collect();
+        by_remote.sort_by_key(|&i| ranges[i].remote);
+        if by_remote
+            .windows(2)
+            .any(|w| ranges[w[0]].remote + ranges[w[0]].len > ranges[w[1]].remote)
+        {
+            return Err(bad("remapped ranges overlap in the other process"));
+        }
+        Ok(Self {
+            by_local: ranges,
+            by_remote,
+        })
+    }
+
+    /// The ranges, sorted by local address.
+    #[must_use]
+    pub fn ranges(&self) -> &[RemapRange] {
+        &self.by_local
+    }
+
+    /// The remote address of local `addr..addr + len`, if it lies inside
+    /// one range.
+    #[must_use]
+    pub fn to_remote(&self, addr: usize, len: usize) -> Option<usize> {
+        let k = self
+            .by_local
+            .partition_point(|r| r.local <= addr)
+            .checked_sub(1)?;
+        let r = &self.by_local[k];
+        let off = addr - r.local;
+        (off.checked_add(len)? <= r.len).then(|| r.remote + off)
+    }
+
+    fn remote_index(&self, addr: usize) -> Option<&RemapRange> {
+        let k = self
+            .by_remote
+            .partition_point(|&i| self.by_local[i].remote <= addr)
+            .checked_sub(1)?;
+        let r = &self.by_local[self.by_remote[k]];
+        (addr - r.remote < r.len).then_some(r)
+    }
+
+    /// The local address of remote `addr`.
+    #[must_use]
+    pub fn to_local(&self, addr: usize) -> Option<usize> {
+        self.remote_index(addr).map(|r| r.local + (addr - r.remote))
+    }
+
+    /// The local range of remote `start..end`, clipped to the first range
+    /// it meets.
+    #[must_use]
+    pub fn span_to_local(&self, start: usize, end: usize) -> Option<(usize, usize)> {
+        if start >= end {
+            return None;
+        }
+        let r = match self.remote_index(start) {
+            Some(r) => r,
+            None => {
+                // The first range starting inside start..end.
+                let k = self
+                    .by_remote
+                    .partition_point(|&i| self.by_local[i].remote < start);
+                let r = &self.by_local[*self.by_remote.get(k)?];
+                if r.remote >= end {
+                    return None;
+                }
+                r
+            }
+        };
+        let s = start.max(r.remote);
+        let e = end.min(r.remote + r.len);
+        Some((r.local + (s - r.remote), r.local + (e - r.remote)))
+    }
+}
+
+#[cfg(test)]
+mod remap_tests {
+    use super::*;
+
+    #[test]
+    fn remap_translates_both_ways_and_rejects_overlaps() {
+        let r = Remap::new(vec![
+            RemapRange {
+                local: 0x10_0000,
+                remote: 0x7000_0000,
+                len: 0x2000,
+            },
+            RemapRange {
+                local: 0x10_2000,
+                remote: 0x5000_0000,
+                len: 0x1000,
+            },
+        ])
+        .unwrap();
+        assert_eq!(r.to_remote(0x10_0000, 0x2000), Some(0x7000_0000));
+        assert_eq!(r.to_remote(0x10_1000, 0x2000), None, "straddles two ranges");
+        assert_eq!(r.to_remote(0x10_2000, 0x1000), Some(0x5000_0000));
+        assert_eq!(r.to_remote(0xf_f000, 0x1000), None);
+        assert_eq!(r.to_local(0x7000_1fff), Some(0x10_1fff));
+        assert_eq!(r.to_local(0x7000_2000), None);
+        assert_eq!(r.to_local(0x5000_0000), Some(0x10_2000));
+        assert_eq!(
+            r.span_to_local(0x4fff_f000, 0x5000_8000),
+            Some((0x10_2000, 0x10_3000))
+        );
+        assert_eq!(r.span_to_local(0x6000_0000, 0x6000_1000), None);
+        let overlap = |a: usize, b: usize| {
+            Remap::new(vec![
+                RemapRange {
+                    local: a,
+                    remote: 0,
+                    len: 0x2000,
+                },
+                RemapRange {
+                    local: b,
+                    remote: 0x1000,
+                    len: 0x1000,
+                },
+            ])
+        };
+        assert!(overlap(0, 0x4000).is_err(), "remote overlap");
+        assert!(
+            Remap::new(vec![RemapRange {
+                local: 0,
+                remote: 0,
+                len: 0
+            }])
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn fault_messages_are_translated() {
+        let r = Remap::new(vec![RemapRange {
+            local: 0x1000,
+            remote: 0x9000,
+            len: 0x1000,
+        }])
+        .unwrap();
+        let mut m = UffdMsg::default();
+        m.bytes[0] = raw::UFFD_EVENT_PAGEFAULT;
+        m.set_word(2, 0x9000);
+        m.translate_to_local(&r);
+        assert!(matches!(m.event(), Event::PageFault { addr: 0x1000, .. }));
+        m.bytes[0] = raw::UFFD_EVENT_PAGEFAULT;
+        m.set_word(2, 0x3000);
+        m.translate_to_local(&r);
+        assert!(matches!(m.event(), Event::PageFault { addr: 0, .. }));
+        m.bytes[0] = raw::UFFD_EVENT_REMOVE;
+        m.set_word(1, 0x8000);
+        m.set_word(2, 0xa000);
+        m.translate_to_local(&r);
+        assert!(matches!(
+            m.event(),
+            Event::Remove {
+                start: 0x1000,
+                end: 0x2000
+            }
+        ));
     }
 }

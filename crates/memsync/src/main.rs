@@ -10,6 +10,7 @@ mod mount;
 mod proxy;
 mod serve;
 mod sync;
+mod vmm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -87,6 +88,12 @@ enum Command {
     /// Live migration of a store (e.g. the file another program maps): pre-copy, post-copy or
     /// hybrid to a destination (`--listen` on the other side), with a final report.
     Migrate(migrate::MigrateArgs),
+    /// Firecracker's UFFD page-fault handler: serve a restored microVM's guest memory from a
+    /// store (listen on --socket, one VMM; exits when it does).
+    UffdHandler(vmm::UffdHandlerArgs),
+    /// Cloud Hypervisor on-demand restore: send a snapshot's configuration and state and serve
+    /// its memory from a store, page by page, as the VM faults.
+    ChRestore(vmm::ChRestoreArgs),
     /// List the store URL schemes this build supports.
     Stores,
     /// Read a store from start to end with the NBD bench's client pattern (32 reads of 2 MiB
@@ -126,6 +133,8 @@ fn main() -> ExitCode {
         Command::Proxy(a) => proxy::proxy(&ctx, a),
         Command::Map(a) => map::map(&ctx, a),
         Command::Migrate(a) => migrate::migrate(&ctx, a),
+        Command::UffdHandler(a) => vmm::uffd_handler(&ctx, a),
+        Command::ChRestore(a) => vmm::ch_restore(&ctx, a),
         Command::Stores => cmd::stores(&ctx),
         Command::BenchNbdRead(a) => bench::nbd::read_to_nowhere(&ctx, a),
     };

@@ -1,0 +1,378 @@
+//! [`ForeignRegion`]: the fault engine serving another process's memory
+//! through the userfaultfd that process handed over (a VMM's guest memory:
+//! Firecracker's UFFD handler protocol).
+//!
+//! The other process's ranges are laid out, in this process, one after the
+//! other in the order of their source offsets inside a
+//! [`Mapping::placeholder`]; the userfaultfd translates between the two
+//! ([`memsync_sys::Remap`]). So the engine, the chunk table, the fault path
+//! and the puller are exactly those of a [`LazyRegion`](crate::LazyRegion),
+//! with chunk `i` at source offset `i * chunk`. What differs: nothing is
+//! mapped or registered here, pages are installed with `COPY`/`ZEROPAGE`
+//! (`MOVE` cannot cross processes), a chunk the source cannot deliver is
+//! poisoned (`UFFDIO_POISON`) or, without it, left missing so that the next
+//! access retries (a SIGBUS mapping here would not reach the other
+//! process), and `REMOVE` events are reported to the driver as source
+//! ranges the moment they are read.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use memsync_sys::{Features, Mapping, Remap, RemapRange, SigbusFile, Uffd, page_size};
+use parking_lot::Mutex;
+
+use crate::budget::Budget;
+use crate::config::{Backing, RegionConfig, WriteTracking};
+use crate::engine::{Engine, RemoveTap};
+use crate::error::{ChunkError, Error, sys};
+use crate::fault::{Core, NO_FAULT, Settings};
+use crate::puller::Puller;
+use crate::source::{ChunkSource, FaultHooks};
+use crate::state::{ChunkMap, Geometry};
+use crate::stats::RegionStats;
+use crate::worker::{StagePool, Worker};
+use memsync_core::chunks::{AtomicChunkBitmap, PullProgress};
+
+/// One range of the other process's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForeignRange {
+    /// Its start address in the other process.
+    pub remote: usize,
+    /// Length in bytes.
+    pub len: usize,
+    /// Where its data starts in the source.
+    pub offset: u64,
+}
+
+/// What a [`ForeignRegion`] does beyond a [`RegionConfig`].
+pub struct ForeignOptions {
+    /// Start the background pull at the first fault (instead of at once, or
+    /// never, as [`RegionConfig::prefetch`] says).
+    pub pull_after_first_fault: bool,
+    /// Told, on the thread that read it and before any fault read after it
+    /// is served, the source range of every `REMOVE` event (the other
+    /// process dropped those pages, e.g. a balloon: a source that serves
+    /// zeros there from now on is what Firecracker expects).
+    pub on_remove: Option<Box<dyn Fn(Range<u64>) + Send + Sync>>,
+}
+
+impl std::fmt::Debug for ForeignOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForeignOptions")
+            .field("pull_after_first_fault", &self.pull_after_first_fault)
+            .field("on_remove", &self.on_remove.is_some())
+            .finish()
+    }
+}
+
+/// Starts the pull at the first fault served.
+#[derive(Debug)]
+struct PullOnFault {
+    pull: Arc<Puller>,
+    armed: AtomicBool,
+}
+
+impl FaultHooks for PullOnFault {
+    fn missing(&self, _chunk: usize) {
+        if self.armed.swap(false, Ordering::AcqRel) {
+            let mut st = self.pull.state.lock();
+            st.running = true;
+            st.done = false;
+            st.generation += 1;
+            self.pull.cv.notify_all();
+        }
+    }
+}
+
+/// Another process's memory served by this process's fault engine (see the
+/// module docs). Dropping it stops the handler and puller threads; the
+/// other process's registration is left as it is (its later faults wait
+/// for a handler).
+#[derive(Debug)]
+pub struct ForeignRegion {
+    inner: Arc<Core>,
+    pull: Arc<Puller>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl ForeignRegion {
+    /// Serves the faults of `uffd` (another process's userfaultfd, e.g.
+    /// from [`Uffd::from_fd`]) on `ranges` from `source`.
+    ///
+    /// The ranges must tile the source: sorted by offset they start at 0,
+    /// follow each other without gaps and end at `source.size()`; their
+    /// offsets and lengths must be multiples of `cfg.chunk_size` (which is a
+    /// power of two of at least one page, 2 MiB with
+    /// [`Backing::Hugetlb`], which says the ranges are hugetlb memory).
+    /// `cfg.backing` other than anonymous or hugetlb, write tracking and a
+    /// budget are refused.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for ranges or a configuration that do not fit;
+    /// [`Error::Sys`] if the placeholder or the threads cannot be created.
+    pub fn new(
+        uffd: Uffd,
+        ranges: &[ForeignRange],
+        source: Arc<dyn ChunkSource>,
+        cfg: RegionConfig,
+        opts: ForeignOptions,
+    ) -> Result<Self, Error> {
+        let hugetlb = match cfg.backing {
+            Backing::Anonymous => false,
+            Backing::Hugetlb => true,
+            Backing::Memfd => {
+                return Err(Error::Config(
+                    "another process's memory is anonymous or hugetlb here, not a memfd".into(),
+                ));
+            }
+        };
+        if cfg.write_tracking != WriteTracking::Off || cfg.budget.is_some() {
+            return Err(Error::Config(
+                "write tracking and budgets need this process's own memory".into(),
+            ));
+        }
+        let page = if hugetlb {
+            memsync_sys::pmd_size()
+        } else {
+            page_size()
+        };
+        let chunk = cfg.chunk_size;
+        if !chunk.is_power_of_two() || chunk < page || chunk > 1 << 30 {
+            return Err(Error::Config(format!(
+                "chunk size {chunk} must be a power of two from {page} bytes to 1 GiB"
+            )));
+        }
+        let size = source.size();
+        let mut sorted = ranges.to_vec();
+        sorted.sort_by_key(|r| r.offset);
+        let mut next = 0u64;
+        for r in &sorted {
+            if r.offset != next {
+                return Err(Error::Config(format!(
+                    "the ranges must tile the source: a range starts at offset {} where {next} was expected",
+                    r.offset
+                )));
+            }
+            if r.len == 0 || r.len % chunk != 0 || r.remote % page != 0 {
+                return Err(Error::Config(format!(
+                    "range at offset {} ({} bytes at {:#x}) is empty or not aligned to the chunk size {chunk} and page size {page}",
+                    r.offset, r.len, r.remote
+                )));
+            }
+            next = r
+                .offset
+                .checked_add(r.len as u64)
+                .ok_or_else(|| Error::Config("range offsets overflow".into()))?;
+        }
+        if next != size || size == 0 {
+            return Err(Error::Config(format!(
+                "the ranges cover {next} bytes of a source of {size}"
+            )));
+        }
+        let geo = Geometry::new(size, chunk, page)
+            .ok_or_else(|| Error::Config(format!("cannot serve a source of {size} bytes")))?;
+        let map = Mapping::placeholder(geo.map_len(), memsync_sys::pmd_size().max(page)).map_err(
+            sys("reserving address space for the other process's memory"),
+        )?;
+        let base = map.addr();
+        let remap = Remap::new(
+            sorted
+                .iter()
+                .map(|r| RemapRange {
+                    local: base + r.offset as usize,
+                    remote: r.remote,
+                    len: r.len,
+                })
+                .collect(),
+        )
+        .map_err(|e| Error::Config(format!("the ranges: {e}")))?;
+        let uffd = uffd.with_remap(remap);
+        let tap = opts.on_remove.map(|f| {
+            RemoveTap(Box::new(move |s: usize, e: usize| {
+                if s >= base && e > s {
+                    f((s - base) as u64..(e - base) as u64);
+                }
+            }) as Box<dyn Fn(usize, usize) + Send + Sync>)
+        });
+        let engine = Engine::foreign(
+            uffd,
+            map,
+            cfg.spin,
+            if cfg.pin_handlers {
+                None
+            } else {
+                cfg.standby_after
+            },
+            tap,
+        )?;
+        // The received descriptor's features are the other process's
+        // choice; UFFDIO_POISON only needs the kernel to have it.
+        let use_poison =
+            cfg.use_poison && Uffd::probe_features().is_ok_and(|f| f.contains(Features::POISON));
+        if !use_poison {
+            tracing::warn!(
+                "memsync-region: no UFFDIO_POISON: a chunk the source cannot deliver stays missing and the next access retries"
+            );
+        }
+        let retry = cfg.retry_policy();
+        let pull = Arc::new(Puller::new(
+            cfg.priority,
+            cfg.prefetch && !opts.pull_after_first_fault,
+        ));
+        let hooks: Arc<dyn FaultHooks> = if opts.pull_after_first_fault && cfg.prefetch {
+            Arc::new(PullOnFault {
+                pull: Arc::clone(&pull),
+                armed: AtomicBool::new(true),
+            })
+        } else {
+            Arc::new(())
+        };
+        let inner = Arc::new(Core {
+            engine,
+            sigbus: SigbusFile::new().map_err(sys("creating the SIGBUS file"))?,
+            geo,
+            chunks: ChunkMap::new(geo.chunks()),
+            source,
+            hooks,
+            zero: Vec::new(),
+            cfg: Settings {
+                memfd: false,
+                hugetlb,
+                retry,
+                use_poison,
+                inline_resolve: false,
+                store_spin: cfg.store_spin,
+                runtime: cfg.runtime.clone(),
+            },
+            stats: RegionStats::default(),
+            errors: Mutex::new(Vec::new()),
+            last_fault: AtomicUsize::new(NO_FAULT),
+            urgent: AtomicUsize::new(0),
+            use_move: AtomicBool::new(false),
+            pool: Mutex::new(Vec::new()),
+            stage: StagePool::default(),
+            tracking: WriteTracking::Off,
+            protected: AtomicChunkBitmap::new(geo.chunks()),
+            remove_ack: AtomicChunkBitmap::new(geo.chunks()),
+            dirty: None,
+            budget: Budget::new(geo.chunks(), None),
+        });
+        let mut region = Self {
+            inner,
+            pull,
+            threads: Vec::new(),
+        };
+        let workers = (0..cfg.handler_threads.max(1))
+            .map(|_| Worker::new(chunk, cfg.runtime.as_ref(), cfg.store_spin))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(sys("creating a handler"))?;
+        let handlers = Engine::spawn_handlers(
+            &region.inner,
+            workers,
+            cfg.pin_handlers,
+            if cfg.spin.is_zero() {
+                0
+            } else {
+                cfg.spin_threads
+            },
+        )
+        .map_err(|(started, e)| {
+            region.threads.extend(started);
+            e
+        });
+        region
+            .threads
+            .extend(handlers.map_err(sys("spawning a fault-handler thread"))?);
+        for _ in 0..cfg.pull_threads.max(1) {
+            let w = Worker::new(chunk, cfg.runtime.as_ref(), Duration::ZERO)
+                .map_err(sys("creating the puller"))?;
+            let inner = Arc::clone(&region.inner);
+            let pull = Arc::clone(&region.pull);
+            let h = std::thread::Builder::new()
+                .name("memsync-pull".into())
+                .spawn(move || pull.run(&inner, w))
+                .map_err(sys("spawning the puller thread"))?;
+            region.threads.push(h);
+        }
+        Ok(region)
+    }
+
+    /// The chunk layout over the source.
+    #[must_use]
+    pub fn geometry(&self) -> Geometry {
+        self.inner.geo
+    }
+
+    /// Whether a chunk the source cannot deliver is poisoned (the
+    /// accessing thread of the other process gets `SIGBUS`).
+    #[must_use]
+    pub fn uses_poison(&self) -> bool {
+        self.inner.cfg.use_poison
+    }
+
+    /// Counters and latency histograms.
+    #[must_use]
+    pub fn stats(&self) -> &RegionStats {
+        &self.inner.stats
+    }
+
+    /// Every chunk error so far.
+    #[must_use]
+    pub fn errors(&self) -> Vec<ChunkError> {
+        self.inner.errors.lock().clone()
+    }
+
+    /// Chunks present (installed by a fault or the puller).
+    #[must_use]
+    pub fn present_count(&self) -> usize {
+        self.inner.chunks.present_count()
+    }
+
+    /// Whether every chunk is present.
+    #[must_use]
+    pub fn is_complete(&self) -> bool {
+        self.present_count() == self.inner.chunks.len()
+    }
+
+    /// Starts (or restarts) the background pull now.
+    pub fn start_pull(&self) {
+        let mut st = self.pull.state.lock();
+        st.running = true;
+        st.done = false;
+        st.generation += 1;
+        self.pull.cv.notify_all();
+    }
+
+    /// Background pull progress.
+    #[must_use]
+    pub fn progress(&self) -> PullProgress {
+        self.pull.progress(&self.inner)
+    }
+
+    /// Waits until the background pull has nothing left to do (`true`), or
+    /// `timeout` passes.
+    pub fn wait_pull(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.pull.state.lock();
+        while !st.done {
+            if self.pull.cv.wait_until(&mut st, deadline).timed_out() {
+                return st.done;
+            }
+        }
+        true
+    }
+}
+
+impl Drop for ForeignRegion {
+    fn drop(&mut self) {
+        self.inner.engine.stop();
+        self.pull.notify();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
