@@ -19,7 +19,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use memsync_sys::{Features, Mapping, Remap, RemapRange, SigbusFile, Uffd, page_size};
 use parking_lot::Mutex;
@@ -340,11 +340,7 @@ impl ForeignRegion {
 
     /// Starts (or restarts) the background pull now.
     pub fn start_pull(&self) {
-        let mut st = self.pull.state.lock();
-        st.running = true;
-        st.done = false;
-        st.generation += 1;
-        self.pull.cv.notify_all();
+        self.pull.start();
     }
 
     /// Background pull progress.
@@ -356,14 +352,7 @@ impl ForeignRegion {
     /// Waits until the background pull has nothing left to do (`true`), or
     /// `timeout` passes.
     pub fn wait_pull(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut st = self.pull.state.lock();
-        while !st.done {
-            if self.pull.cv.wait_until(&mut st, deadline).timed_out() {
-                return st.done;
-            }
-        }
-        true
+        self.pull.wait(timeout)
     }
 }
 

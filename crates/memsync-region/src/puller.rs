@@ -56,6 +56,29 @@ impl Puller {
         }
     }
 
+    /// Starts the pull, or starts it over (a new generation: chunks given up
+    /// on are tried again).
+    pub(crate) fn start(&self) {
+        let mut st = self.state.lock();
+        st.running = true;
+        st.done = false;
+        st.generation += 1;
+        self.cv.notify_all();
+    }
+
+    /// Waits until the pull has nothing left to do (`true`), or `timeout`
+    /// passes (`false`).
+    pub(crate) fn wait(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.state.lock();
+        while !st.done {
+            if self.cv.wait_until(&mut st, deadline).timed_out() {
+                return st.done;
+            }
+        }
+        true
+    }
+
     /// How far the pull over `core`'s chunks has come.
     pub(crate) fn progress(&self, core: &Core) -> PullProgress {
         let st = self.state.lock();

@@ -755,11 +755,7 @@ impl LazyRegion {
     /// Starts (or restarts from scratch, retrying chunks it gave up on) the
     /// background pull.
     pub fn start_pull(&self) {
-        let mut st = self.pull.state.lock();
-        st.running = true;
-        st.done = false;
-        st.generation += 1;
-        self.pull.cv.notify_all();
+        self.pull.start();
     }
 
     /// Pauses the background pull after the chunk in progress.
@@ -783,14 +779,7 @@ impl LazyRegion {
     /// Waits until the background pull has nothing left to do (`true`), or
     /// `timeout` passes (`false`).
     pub fn wait_pull(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut st = self.pull.state.lock();
-        while !st.done {
-            if self.pull.cv.wait_until(&mut st, deadline).timed_out() {
-                return st.done;
-            }
-        }
-        true
+        self.pull.wait(timeout)
     }
 }
 
