@@ -30,7 +30,6 @@ pub mod fuse;
 pub mod map;
 pub mod proxy;
 mod reconnect;
-pub mod remote;
 mod stats;
 pub mod window;
 
@@ -39,6 +38,5 @@ pub use config::{CacheConfig, PullOrder};
 pub use map::Reinit;
 pub use proxy::{Proxy, ProxyConfig, ProxyStats};
 pub use reconnect::{Opener, Reconnect};
-pub use remote::open_remote;
 pub use stats::{CacheStats, CacheStatsSnapshot};
 pub use window::{Window, WindowLimits};

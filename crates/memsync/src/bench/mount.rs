@@ -41,6 +41,7 @@ use rand::{Rng, RngCore, SeedableRng};
 
 use super::{Bench, Proc, Subject, free_port, gbps, wait_tcp};
 use crate::cmd::Context;
+use crate::mount::remote_pair;
 
 /// The predecessor's published managed-mount sequential read (GB/s) by RTT in ms: 2.4 at 0
 /// (backend returning no data), ~1.0 at 10 ms (4096 workers), 1.13 at 30 ms (16384 workers).
@@ -105,7 +106,7 @@ struct Mounted {
     _dirs: (tempfile::TempDir, tempfile::TempDir),
 }
 
-fn mount_cache(
+fn open_cache(
     ctx: &Context,
     scratch: &Path,
     port: u16,
@@ -115,12 +116,16 @@ fn mount_cache(
     let cdir = tempfile::tempdir_in(scratch)?;
     let mdir = tempfile::tempdir_in(scratch)?;
     let url = format!("nbd://127.0.0.1:{port}/");
-    let cache = Arc::new(ctx.rt.block_on(memsync_cache::open_remote(
-        &ctx.registry,
-        &url,
-        cdir.path(),
-        cfg,
-    ))?);
+    let cache = ctx.rt.block_on(async {
+        let (remote, demand) = remote_pair(&ctx.registry, &url).await?;
+        let cfg = CacheConfig {
+            demand_remote: Some(demand as DynStore),
+            ..cfg
+        };
+        anyhow::Ok(Arc::new(
+            Cache::open(remote as DynStore, cdir.path(), cfg).await?,
+        ))
+    })?;
     let fuse = if fuse {
         Some(memsync_cache::fuse::mount(
             cache.clone(),
@@ -177,7 +182,7 @@ fn read_file_seq(path: &Path) -> Result<(u64, Instant)> {
 /// rate once connections are set up and the first chunk has arrived).
 fn fuse_seq(ctx: &Context, scratch: &Path, port: u16, size: u64) -> Result<(f64, f64)> {
     let t = Instant::now();
-    let m = mount_cache(ctx, scratch, port, seq_cfg(), true)?;
+    let m = open_cache(ctx, scratch, port, seq_cfg(), true)?;
     let path = m
         .fuse
         .as_ref()
@@ -195,7 +200,7 @@ fn fuse_seq(ctx: &Context, scratch: &Path, port: u16, size: u64) -> Result<(f64,
 
 fn region_seq(ctx: &Context, scratch: &Path, port: u16, size: u64) -> Result<f64> {
     let t = Instant::now();
-    let m = mount_cache(ctx, scratch, port, seq_cfg(), false)?;
+    let m = open_cache(ctx, scratch, port, seq_cfg(), false)?;
     let region = LazyRegion::new(
         m.cache.clone() as DynStore,
         RegionConfig {
@@ -331,7 +336,7 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
             chunk_size: 64 * 1024,
             ..seq_cfg()
         };
-        let m = mount_cache(ctx, &scratch, pport, cfg, true)?;
+        let m = open_cache(ctx, &scratch, pport, cfg, true)?;
         let path = m
             .fuse
             .as_ref()
@@ -364,7 +369,7 @@ pub fn run(b: &mut Bench, ctx: &Context) -> Result<()> {
                     chunk_size: 4096,
                     ..seq_cfg()
                 };
-                let m = mount_cache(ctx, &scratch, pport, cfg, true)?;
+                let m = open_cache(ctx, &scratch, pport, cfg, true)?;
                 if !ctx
                     .rt
                     .block_on(m.cache.wait_pulled(Duration::from_secs(120)))
