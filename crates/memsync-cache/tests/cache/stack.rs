@@ -167,3 +167,67 @@ fn stack_has_one_background_puller() {
     drop(s.region);
     s.rt.block_on(s.cache.close()).unwrap();
 }
+
+/// A remote that refuses every read with an error retrying cannot help.
+#[derive(Debug, Default)]
+struct Refusing {
+    reads: std::sync::atomic::AtomicU64,
+}
+
+#[memsync_core::async_trait]
+impl Store for Refusing {
+    fn size(&self) -> u64 {
+        SIZE as u64
+    }
+    fn caps(&self) -> memsync_core::Caps {
+        memsync_core::Caps::basic()
+    }
+    async fn read(&self, _offset: u64, _buf: &mut [u8]) -> memsync_core::Result<()> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Err(memsync_core::StoreError::Unsupported { op: "read" })
+    }
+    async fn write(&self, _offset: u64, _data: memsync_core::Bytes) -> memsync_core::Result<()> {
+        Err(memsync_core::StoreError::ReadOnly)
+    }
+    async fn flush(&self) -> memsync_core::Result<()> {
+        Ok(())
+    }
+}
+
+/// A permanent error ([`memsync_core::StoreError::is_permanent`]) is retried by no layer: one
+/// remote read, one attempt of the region, the chunk poisoned at once rather than at the
+/// deadline.
+#[test]
+fn stack_stops_at_once_on_a_permanent_error() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let remote = Arc::new(Refusing::default());
+    let cache = rt.block_on(async {
+        Arc::new(
+            Cache::open(
+                remote.clone() as DynStore,
+                dir.path(),
+                cache_cfg(Duration::from_secs(10), false),
+            )
+            .await
+            .unwrap(),
+        )
+    });
+    let region = LazyRegion::new(
+        cache.clone() as DynStore,
+        region_cfg(Duration::from_secs(30), false),
+    )
+    .unwrap();
+    let mut b = [0u8; 8];
+    let err = region.read_at(7 * 64 * KIB, &mut b).unwrap_err();
+    assert_eq!(err.attempts, 1, "{err}");
+    assert!(err.poisoned, "{err}");
+    assert!(err.message.contains("not supported"), "{err}");
+    assert_eq!(remote.reads.load(std::sync::atomic::Ordering::SeqCst), 1);
+    drop(region);
+    rt.block_on(cache.close()).unwrap();
+}
