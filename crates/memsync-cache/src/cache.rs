@@ -6,8 +6,12 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize,
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use memsync_core::chunks::{
+    CacheState, CacheTable, PullPriority, PullProgress, PullView, Transition, in_background_pull,
+};
 use memsync_core::{
-    Caps, DynStore, Result, Store, StoreError, async_trait, check_range, check_write,
+    Caps, DynStore, Result, Retry, RetryPolicy, Store, StoreError, async_trait, check_range,
+    check_write,
 };
 use memsync_local::{FileOptions, FileStore};
 use parking_lot::Mutex;
@@ -19,12 +23,6 @@ use crate::config::CacheConfig;
 use crate::map::{DirIdentity, IntentFile, MAP_DIRTY, MAP_PRESENT, MapFile, open_dir};
 use crate::stats::{CacheStats, CacheStatsSnapshot};
 use crate::window::{Window, WindowLimits};
-
-const REMOTE: u8 = 0;
-const FETCHING: u8 = 1;
-const LOCAL: u8 = 2;
-const DIRTY: u8 = 3;
-const PUSHING: u8 = 4;
 
 // Write-intent states of a region (see `Inner::ensure_intent`).
 /// Not recorded in the intent file.
@@ -39,57 +37,7 @@ const I_CLEARING: u8 = 3;
 const SHARDS: usize = 64;
 const NO_CHUNK: u64 = u64::MAX;
 
-/// The state of one chunk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ChunkState {
-    /// Only in the remote.
-    Remote,
-    /// Being fetched (or claimed by a whole-chunk write).
-    Fetching,
-    /// Local and identical to the remote.
-    Local,
-    /// Local, with writes not yet in the remote.
-    Dirty,
-    /// Local, being written back.
-    Pushing,
-}
-
-fn present(s: u8) -> bool {
-    matches!(s, LOCAL | DIRTY | PUSHING)
-}
-
-/// Errors that say the request itself is wrong; retrying them is pointless.
-fn permanent(e: &StoreError) -> bool {
-    matches!(
-        e.root(),
-        StoreError::OutOfRange { .. }
-            | StoreError::Misaligned { .. }
-            | StoreError::ReadOnly
-            | StoreError::Unsupported { .. }
-            | StoreError::Config(_)
-    )
-}
-
-/// Pull progress.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PullProgress {
-    pub chunks: u64,
-    pub local_chunks: u64,
-    pub dirty_chunks: u64,
-    pub chunk_size: u64,
-    pub size: u64,
-}
-
-impl PullProgress {
-    /// Bytes that are local.
-    pub fn local_bytes(&self) -> u64 {
-        (self.local_chunks * self.chunk_size).min(self.size)
-    }
-    /// Every chunk is local.
-    pub fn complete(&self) -> bool {
-        self.local_chunks == self.chunks
-    }
-}
+use CacheState::{Clean, Dirty, Fetching, Missing, WritingBack};
 
 pub(crate) struct Inner {
     remote: DynStore,
@@ -100,7 +48,11 @@ pub(crate) struct Inner {
     size: u64,
     cs: u64,
     chunks: u64,
-    state: Box<[AtomicU8]>,
+    /// Every change of a chunk's state is one of [`CacheState`]'s transitions.
+    state: CacheTable,
+    /// Demand misses retry under this policy, within the deadline of an enclosing layer
+    /// that retries (a region mapping the cache) if there is one.
+    retry: RetryPolicy,
     /// Write generation per chunk: incremented after each completed local write.
     wgen: Box<[AtomicU64]>,
     /// Highest write generation durable in the remote (pushed and remote-flushed).
@@ -125,10 +77,12 @@ pub(crate) struct Inner {
     /// The change count the last checkpoint saved.
     saved: tokio::sync::Mutex<u64>,
     changes: AtomicU64,
-    local_count: AtomicU64,
     demand_active: AtomicUsize,
     last_demand: AtomicU64,
     pull_paused: AtomicBool,
+    /// A background puller above (a region's) reads through this cache: it owns the pull
+    /// order, and this cache's puller stops issuing requests.
+    pull_above: AtomicBool,
     push_window: Mutex<Window>,
     /// Transfer buffers handed back after use, so a fetch or push does not allocate and zero
     /// a fresh buffer each time (that was ~5% of the CPU of a sequential pull).
@@ -142,9 +96,9 @@ pub(crate) struct Inner {
     stats: CacheStats,
 }
 
-/// A claim on a run of chunks (REMOTE → FETCHING). Dropping it unfinished releases the chunks
-/// back to REMOTE and wakes their waiters, so a cancelled or failed fetch never leaves a chunk
-/// stuck.
+/// A claim on a run of chunks ([`CacheState::CLAIM`]). Dropping it unfinished abandons the
+/// chunks ([`CacheState::ABANDON`]) and wakes their waiters, so a cancelled or failed fetch
+/// never leaves a chunk stuck.
 struct Claim {
     inner: Arc<Inner>,
     first: u64,
@@ -153,12 +107,12 @@ struct Claim {
 }
 
 impl Claim {
-    fn finish(mut self, to: u8) {
+    /// Ends the claim with `t` ([`CacheState::FILL`] or [`CacheState::OVERWRITE`]).
+    fn finish(mut self, t: &Transition<CacheState>) {
         self.armed = false;
-        for c in self.first..self.first + self.n {
-            self.inner.state[c as usize].store(to, SeqCst);
-        }
-        self.inner.local_count.fetch_add(self.n, SeqCst);
+        self.inner
+            .state
+            .apply_run(self.first as usize, self.n as usize, t);
         self.inner.changes.fetch_add(1, SeqCst);
         self.inner.notify_run(self.first, self.n);
     }
@@ -167,9 +121,9 @@ impl Claim {
 impl Drop for Claim {
     fn drop(&mut self) {
         if self.armed {
-            for c in self.first..self.first + self.n {
-                self.inner.state[c as usize].store(REMOTE, SeqCst);
-            }
+            self.inner
+                .state
+                .apply_run(self.first as usize, self.n as usize, &CacheState::ABANDON);
             self.inner.notify_run(self.first, self.n);
         }
     }
@@ -253,8 +207,8 @@ impl Inner {
         self.local.write(off, data).await
     }
 
-    fn st(&self, c: u64) -> u8 {
-        self.state[c as usize].load(SeqCst)
+    fn st(&self, c: u64) -> CacheState {
+        self.state.get(c as usize)
     }
 
     fn notify_run(&self, first: u64, n: u64) {
@@ -263,18 +217,10 @@ impl Inner {
         }
     }
 
-    /// Claim up to `max` consecutive REMOTE chunks from `c`.
+    /// Claim up to `max` consecutive missing chunks from `c`.
     fn claim_run(&self, c: u64, max: u64) -> u64 {
-        let mut n = 0;
-        while n < max
-            && c + n < self.chunks
-            && self.state[(c + n) as usize]
-                .compare_exchange(REMOTE, FETCHING, SeqCst, SeqCst)
-                .is_ok()
-        {
-            n += 1;
-        }
-        n
+        let max = usize::try_from(max).unwrap_or(usize::MAX);
+        self.state.claim_run(c as usize, max) as u64
     }
 
     fn run_bytes(&self, first: u64, n: u64) -> (u64, u64) {
@@ -284,27 +230,42 @@ impl Inner {
     }
 
     /// Wait until chunk `c` is no longer being fetched.
-    async fn wait_chunk(&self, c: u64, deadline: Instant) -> Result<()> {
+    async fn wait_chunk(&self, c: u64, retry: &Retry) -> Result<()> {
+        let deadline = Instant::from_std(retry.deadline());
         let notified = self.shards[c as usize % SHARDS].notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        if self.st(c) != FETCHING {
+        if self.st(c) != Fetching {
             return Ok(());
         }
         self.stats.shared_waits.fetch_add(1, Relaxed);
         match tokio::time::timeout_at(deadline, notified).await {
             Ok(()) => Ok(()),
-            Err(_) => Err(self.timeout_error(c, 1, None)),
+            Err(_) => Err(self.timeout_error(c, 1, None, retry)),
         }
     }
 
-    fn timeout_error(&self, first: u64, n: u64, cause: Option<StoreError>) -> StoreError {
+    /// The error of a miss whose deadline passed: which bytes, whose deadline, and the last
+    /// failure.
+    fn timeout_error(
+        &self,
+        first: u64,
+        n: u64,
+        cause: Option<StoreError>,
+        retry: &Retry,
+    ) -> StoreError {
         let (off, len) = self.run_bytes(first, n);
+        let within = if retry.inherited() {
+            "before the deadline of the layer above (the cache's own fetch timeout does not apply)"
+                .to_string()
+        } else {
+            format!("within {} ms", self.cfg.fetch_timeout.as_millis())
+        };
         let message = format!(
-            "cache: bytes {off}..{} (chunks {first}..{}) could not be fetched from the remote within {} ms",
+            "cache: bytes {off}..{} (chunks {first}..{}) could not be fetched from the remote {within} after {} attempts",
             off + len,
             first + n,
-            self.cfg.fetch_timeout.as_millis()
+            retry.attempts()
         );
         StoreError::Backend {
             message,
@@ -315,37 +276,54 @@ impl Inner {
         }
     }
 
-    /// Fetch claimed chunks for a demand miss, retrying until `deadline`. Fills the local copy.
-    async fn demand_fetch(self: &Arc<Self>, claim: Claim, deadline: Instant) -> Result<Bytes> {
+    /// Fetch claimed chunks for a miss, retrying under `retry`. Fills the local copy.
+    ///
+    /// A miss of a background pull above ([`in_background_pull`]: a region's puller) is served
+    /// as part of the pull: over the pull's remote, counted as pulled, not as a demand miss, and
+    /// without holding back this cache's puller, which from then on leaves the order to the
+    /// puller above (`pull_above`): one background puller per stack.
+    async fn demand_fetch(self: &Arc<Self>, claim: Claim, retry: &mut Retry) -> Result<Bytes> {
+        let deadline = Instant::from_std(retry.deadline());
         let (first, n) = (claim.first, claim.n);
         let (off, len) = self.run_bytes(first, n);
-        self.demand_active.fetch_add(1, SeqCst);
-        let _g = DemandGuard(self);
-        self.stats.misses.fetch_add(1, Relaxed);
+        let pull = in_background_pull();
+        let _g = if pull {
+            self.pull_above.store(true, SeqCst);
+            None
+        } else {
+            self.demand_active.fetch_add(1, SeqCst);
+            self.stats.misses.fetch_add(1, Relaxed);
+            Some(DemandGuard(self))
+        };
+        let remote = if pull { &self.remote } else { &self.demand };
         let t0 = Instant::now();
-        let mut backoff = Duration::from_millis(5);
         let mut last: Option<StoreError> = None;
         loop {
             if Instant::now() >= deadline {
-                return Err(self.timeout_error(first, n, last));
+                return Err(self.timeout_error(first, n, last, retry));
             }
             let mut buf = self.take_buf(len as usize);
             self.stats.remote_reads.fetch_add(1, Relaxed);
-            match tokio::time::timeout_at(deadline, self.demand.read(off, &mut buf)).await {
+            match tokio::time::timeout_at(deadline, remote.read(off, &mut buf)).await {
                 Ok(Ok(())) => {
                     let data = buf.freeze();
                     self.write_local(off, data.clone()).await.map_err(|e| {
                         e.context("cache: writing a fetched chunk to the local copy")
                     })?;
-                    self.stats.demand_bytes.fetch_add(len, Relaxed);
-                    self.stats.miss_latency.record(t0.elapsed());
-                    claim.finish(LOCAL);
-                    self.last_demand.store(first + n, SeqCst);
+                    claim.finish(&CacheState::FILL);
+                    if pull {
+                        self.stats.pulled_bytes.fetch_add(len, Relaxed);
+                    } else {
+                        self.stats.demand_bytes.fetch_add(len, Relaxed);
+                        self.stats.miss_latency.record(t0.elapsed());
+                        self.last_demand.store(first + n, SeqCst);
+                    }
                     return Ok(data);
                 }
                 Ok(Err(e)) => {
                     self.stats.fetch_errors.fetch_add(1, Relaxed);
-                    if permanent(&e) {
+                    let pause = retry.failed(&e);
+                    if e.is_permanent() {
                         return Err(e.context("cache: remote read"));
                     }
                     tracing::debug!(
@@ -353,13 +331,16 @@ impl Inner {
                         e.chain()
                     );
                     last = Some(e);
-                    let now = Instant::now();
-                    tokio::time::sleep_until((now + backoff).min(deadline)).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                    match pause {
+                        Some(p) => {
+                            tokio::time::sleep_until((Instant::now() + p).min(deadline)).await
+                        }
+                        None => return Err(self.timeout_error(first, n, last, retry)),
+                    }
                 }
                 Err(_) => {
                     self.stats.fetch_errors.fetch_add(1, Relaxed);
-                    return Err(self.timeout_error(first, n, last));
+                    return Err(self.timeout_error(first, n, last, retry));
                 }
             }
         }
@@ -367,16 +348,16 @@ impl Inner {
 
     async fn read(self: &Arc<Self>, offset: u64, buf: &mut [u8]) -> Result<()> {
         check_range(self.size, 1, offset, buf.len() as u64)?;
-        let deadline = Instant::now() + self.cfg.fetch_timeout;
+        let mut retry = self.retry.start();
         let end = offset + buf.len() as u64;
         let cs = self.cs;
         let mut pos = offset;
         while pos < end {
             let c = pos / cs;
             match self.st(c) {
-                LOCAL | DIRTY | PUSHING => {
+                Clean | Dirty | WritingBack => {
                     let mut c2 = c + 1;
-                    while c2 * cs < end && present(self.st(c2)) {
+                    while c2 * cs < end && self.st(c2).is_local() {
                         c2 += 1;
                     }
                     let run_end = (c2 * cs).min(end);
@@ -391,7 +372,7 @@ impl Inner {
                     self.stats.hit_bytes.fetch_add(run_end - pos, Relaxed);
                     pos = run_end;
                 }
-                REMOTE => {
+                Missing => {
                     let last = (end - 1) / cs;
                     let max = self.cfg.chunks_per_demand().min(last - c + 1);
                     let n = self.claim_run(c, max);
@@ -404,7 +385,7 @@ impl Inner {
                         n,
                         armed: true,
                     };
-                    let data = self.demand_fetch(claim, deadline).await?;
+                    let data = self.demand_fetch(claim, &mut retry).await?;
                     let run_start = c * cs;
                     let run_end = (run_start + data.len() as u64).min(end);
                     buf[(pos - offset) as usize..(run_end - offset) as usize].copy_from_slice(
@@ -413,7 +394,7 @@ impl Inner {
                     self.give_buf(data);
                     pos = run_end;
                 }
-                _ => self.wait_chunk(c, deadline).await?,
+                Fetching => self.wait_chunk(c, &retry).await?,
             }
         }
         Ok(())
@@ -424,7 +405,7 @@ impl Inner {
         if data.is_empty() {
             return Ok(());
         }
-        let deadline = Instant::now() + self.cfg.fetch_timeout;
+        let mut retry = self.retry.start();
         let end = offset + data.len() as u64;
         let cs = self.cs;
         let first = offset / cs;
@@ -435,11 +416,11 @@ impl Inner {
         // (wholly overwritten ones need no fetch). Ascending order: no waiting cycles.
         while c <= last {
             match self.st(c) {
-                LOCAL | DIRTY | PUSHING => {
+                Clean | Dirty | WritingBack => {
                     self.stats.hits.fetch_add(1, Relaxed);
                     c += 1;
                 }
-                REMOTE => {
+                Missing => {
                     let whole = |k: u64| k * cs >= offset && ((k + 1) * cs).min(self.size) <= end;
                     if whole(c) {
                         let mut max = 1;
@@ -467,12 +448,12 @@ impl Inner {
                             n: 1,
                             armed: true,
                         };
-                        let data = self.demand_fetch(claim, deadline).await?;
+                        let data = self.demand_fetch(claim, &mut retry).await?;
                         self.give_buf(data);
                         c += 1;
                     }
                 }
-                _ => self.wait_chunk(c, deadline).await?,
+                Fetching => self.wait_chunk(c, &retry).await?,
             }
         }
         // Before the local copy changes, its regions are recorded as possibly differing from
@@ -491,16 +472,15 @@ impl Inner {
         self.write_local(offset, data)
             .await
             .map_err(|e| e.context("cache: writing the local copy"))?;
-        // Order matters (see `push_one`): data written, then the generation, then DIRTY.
+        // Order matters (see `push_one`): data written, then the generation, then Dirty.
         for k in first..=last {
             self.wgen[k as usize].fetch_add(1, SeqCst);
         }
         for claim in claims {
-            claim.finish(DIRTY);
+            claim.finish(&CacheState::OVERWRITE);
         }
         for k in first..=last {
-            let _ = self.state[k as usize]
-                .fetch_update(SeqCst, SeqCst, |s| present(s).then_some(DIRTY));
+            let _ = self.state.apply(k as usize, &CacheState::WRITE);
         }
         self.changes.fetch_add(1, SeqCst);
         Ok(())
@@ -563,7 +543,7 @@ impl Inner {
     fn region_clean(&self, r: usize) -> bool {
         let first = r as u64 * self.region_chunks;
         let end = (first + self.region_chunks).min(self.chunks);
-        (first..end).all(|c| !matches!(self.st(c), DIRTY | PUSHING))
+        (first..end).all(|c| !self.st(c).is_dirty())
     }
 
     /// After a checkpoint made the map and the local data durable: clear the intent of regions
@@ -614,12 +594,13 @@ impl Inner {
         caps
     }
 
-    /// Runs of consecutive chunks in `set` whose state is DIRTY, at most `unit` chunks each.
+    /// Runs of consecutive dirty chunks in `set` (not being written back), at most `unit` chunks
+    /// each.
     fn dirty_runs(&self, set: impl Iterator<Item = u64>) -> Vec<(u64, u64)> {
         let unit = self.cfg.chunks_per_request();
         let mut runs: Vec<(u64, u64)> = Vec::new();
         for c in set {
-            if self.st(c) != DIRTY {
+            if self.st(c) != Dirty {
                 continue;
             }
             match runs.last_mut() {
@@ -630,16 +611,17 @@ impl Inner {
         runs
     }
 
-    /// Write back one run: claim DIRTY → PUSHING, capture the generations, read the local data,
-    /// write it to the remote. The generations are captured after the claim and before the data
-    /// is read; a writer bumps the generation before setting DIRTY, so every write with a
-    /// generation at most the captured one is in the data sent.
+    /// Write back one run: [`CacheState::PUSH`], capture the generations, read the local data,
+    /// write it to the remote. The generations are captured after the push claim and before the
+    /// data is read; a writer bumps the generation before [`CacheState::WRITE`], so every write
+    /// with a generation at most the captured one is in the data sent.
     async fn push_one(self: Arc<Self>, first: u64, n: u64) -> (Result<Option<Pushed>>, Duration) {
         let t0 = Instant::now();
         let mut k = 0;
         while k < n
-            && self.state[(first + k) as usize]
-                .compare_exchange(DIRTY, PUSHING, SeqCst, SeqCst)
+            && self
+                .state
+                .apply((first + k) as usize, &CacheState::PUSH)
                 .is_ok()
         {
             k += 1;
@@ -697,7 +679,7 @@ impl Inner {
 
     fn unpush(&self, first: u64, n: u64) {
         for c in first..first + n {
-            let _ = self.state[c as usize].compare_exchange(PUSHING, DIRTY, SeqCst, SeqCst);
+            let _ = self.state.apply(c as usize, &CacheState::UNPUSH);
         }
     }
 
@@ -786,7 +768,7 @@ impl Inner {
                         for (i, g) in p.gens.iter().enumerate() {
                             let c = (p.first as usize) + i;
                             self.pushed[c].fetch_max(*g, SeqCst);
-                            let _ = self.state[c].compare_exchange(PUSHING, LOCAL, SeqCst, SeqCst);
+                            let _ = self.state.apply(c, &CacheState::PUSHED);
                         }
                     }
                     self.changes.fetch_add(1, SeqCst);
@@ -831,10 +813,10 @@ impl Inner {
         let snap: Vec<u8> = self
             .state
             .iter()
-            .map(|s| match s.load(SeqCst) {
-                LOCAL => MAP_PRESENT,
-                DIRTY | PUSHING => MAP_PRESENT | MAP_DIRTY,
-                _ => 0,
+            .map(|s| match s {
+                Clean => MAP_PRESENT,
+                Dirty | WritingBack => MAP_PRESENT | MAP_DIRTY,
+                Missing | Fetching => 0,
             })
             .collect();
         let cands: Vec<(usize, u64)> = cands
@@ -863,7 +845,7 @@ impl Inner {
     async fn flush(self: &Arc<Self>) -> Result<()> {
         let deadline = Instant::now() + self.cfg.flush_timeout;
         let targets: Vec<(u64, u64)> = (0..self.chunks)
-            .filter(|&c| matches!(self.st(c), DIRTY | PUSHING))
+            .filter(|&c| self.st(c).is_dirty())
             .map(|c| (c, self.wgen[c as usize].load(SeqCst)))
             .collect();
         // Dirty chunks are remembered (and their data durable locally) before anything else.
@@ -910,7 +892,7 @@ impl Inner {
             self.stats.remote_flushes.fetch_add(1, Relaxed);
             match tokio::time::timeout_at(deadline, self.remote.flush()).await {
                 Ok(Ok(())) => break,
-                Ok(Err(e)) if Instant::now() < deadline && !permanent(&e) => {
+                Ok(Err(e)) if Instant::now() < deadline && !e.is_permanent() => {
                     tracing::warn!("cache: flush: remote flush failed, retrying: {}", e.chain());
                     tokio::time::sleep_until((Instant::now() + backoff).min(deadline)).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -993,7 +975,7 @@ impl Inner {
                 let (o, l) = self.run_bytes(c, k);
                 match self.local.write_zeroes(o, l).await {
                     Ok(()) => {
-                        claim.finish(LOCAL);
+                        claim.finish(&CacheState::FILL);
                         adopted += k;
                     }
                     Err(e) => {
@@ -1017,14 +999,14 @@ impl Inner {
     fn progress(&self) -> PullProgress {
         PullProgress {
             chunks: self.chunks,
-            local_chunks: self.local_count.load(SeqCst),
-            dirty_chunks: self
-                .state
-                .iter()
-                .filter(|s| matches!(s.load(Relaxed), DIRTY | PUSHING))
-                .count() as u64,
+            present_chunks: self.state.count() as u64,
+            dirty_chunks: self.state.count_where(CacheState::is_dirty) as u64,
+            pulled_bytes: self.stats.pulled_bytes.load(Relaxed),
             chunk_size: self.cs,
             size: self.size,
+            running: self.cfg.pull && !self.pull_paused.load(SeqCst),
+            done: self.state.count() as u64 >= self.chunks,
+            ..PullProgress::default()
         }
     }
 }
@@ -1037,14 +1019,14 @@ impl Inner {
 async fn check_clean_sample(
     remote: &DynStore,
     local: &DynStore,
-    state: &[AtomicU8],
+    state: &CacheTable,
     cs: u64,
     size: u64,
     dir: &Path,
     limit: Duration,
 ) -> Result<()> {
     let clean: Vec<u64> = (0..state.len() as u64)
-        .filter(|&c| state[c as usize].load(Relaxed) == LOCAL)
+        .filter(|&c| state.get(c as usize) == Clean)
         .collect();
     let Some(&first) = clean.first() else {
         return Ok(());
@@ -1112,7 +1094,7 @@ async fn pull_one(inner: Arc<Inner>, first: u64, n: u64) -> (Result<()>, Duratio
     match r {
         Ok(Ok(lat)) => {
             inner.stats.pulled_bytes.fetch_add(len, Relaxed);
-            claim.finish(LOCAL);
+            claim.finish(&CacheState::FILL);
             (Ok(()), lat)
         }
         Ok(Err(e)) => {
@@ -1134,24 +1116,41 @@ async fn pull_one(inner: Arc<Inner>, first: u64, n: u64) -> (Result<()>, Duratio
 
 struct Puller {
     inner: Arc<Inner>,
-    /// Runs of chunk indices in pull order; a final sweep over every chunk follows them.
-    order: Vec<std::ops::Range<u64>>,
-    /// Position: the run being walked (`order.len()` is the final sweep) and the next chunk.
-    run: usize,
-    pos: u64,
+    /// The pull order ([`CacheConfig::priority`]); it sees the missing chunks as wanted.
+    prio: Box<dyn PullPriority>,
+    /// [`CacheConfig::hints`] as runs of chunks.
+    hints: Vec<std::ops::Range<usize>>,
+    /// A chunk the order gave that did not continue the run before it: the next run's start.
+    pending: Option<usize>,
     follow: Option<(u64, u64)>,
     unit: u64,
 }
 
 impl Puller {
-    /// Start the walk over (chunks skipped meanwhile are looked at again).
+    /// Look at chunks skipped meanwhile again (the built-in orders wrap around by themselves).
     fn rewind(&mut self) {
-        self.run = 0;
-        self.pos = 0;
+        self.pending = None;
+    }
+
+    /// The next chunk of the order that is still missing, claimed.
+    fn next_claimed(&mut self, view: &PullView<'_>) -> Option<usize> {
+        // An order that keeps offering chunks that are not wanted (a bug in a user's order)
+        // falls back to the first wanted chunk instead of spinning.
+        for _ in 0..64 {
+            let i = match self.pending.take() {
+                Some(i) => i,
+                None => self.prio.next_chunk(view)?,
+            };
+            if view.wanted(i) && self.inner.claim_run(i as u64, 1) == 1 {
+                return Some(i);
+            }
+        }
+        let i = view.next_wanted_from(0)?;
+        (self.inner.claim_run(i as u64, 1) == 1).then_some(i)
     }
 
     fn next_run(&mut self) -> Option<(u64, u64)> {
-        let inner = &self.inner;
+        let inner = self.inner.clone();
         if inner.cfg.follow_demand {
             let d = inner.last_demand.swap(NO_CHUNK, SeqCst);
             if d != NO_CHUNK {
@@ -1159,7 +1158,7 @@ impl Puller {
             }
         }
         if let Some((mut f, mut left)) = self.follow.take() {
-            while left > 0 && f < inner.chunks && inner.st(f) != REMOTE {
+            while left > 0 && f < inner.chunks && inner.st(f) != Missing {
                 f += 1;
                 left -= 1;
             }
@@ -1171,27 +1170,27 @@ impl Puller {
                 }
             }
         }
-        while self.run <= self.order.len() {
-            let r = match self.order.get(self.run) {
-                Some(r) => r.start..r.end.min(inner.chunks),
-                None => 0..inner.chunks,
-            };
-            let mut c = self.pos.max(r.start);
-            while c < r.end && inner.st(c) != REMOTE {
-                c += 1;
+        let wanted = |i: usize| inner.state.get(i) == Missing;
+        let hints = std::mem::take(&mut self.hints);
+        let view = PullView::from_fn(inner.chunks as usize, &wanted, None).with_hints(&hints);
+        let run = self.next_claimed(&view).map(|first| {
+            // Consecutive chunks of the order go in one request.
+            let mut n = 1;
+            while n < self.unit {
+                match self.prio.next_chunk(&view) {
+                    Some(j) if j == first + n as usize && inner.claim_run(j as u64, 1) == 1 => {
+                        n += 1;
+                    }
+                    other => {
+                        self.pending = other;
+                        break;
+                    }
+                }
             }
-            if c >= r.end {
-                self.run += 1;
-                self.pos = 0;
-                continue;
-            }
-            let n = inner.claim_run(c, self.unit.min(r.end - c));
-            self.pos = c + n.max(1);
-            if n > 0 {
-                return Some((c, n));
-            }
-        }
-        None
+            (first as u64, n)
+        });
+        self.hints = hints;
+        run
     }
 
     async fn run(mut self, mut stop: watch::Receiver<bool>) {
@@ -1217,7 +1216,8 @@ impl Puller {
                 w
             };
             let shared_busy = demand && inner.cfg.demand_remote.is_none();
-            let may_issue = !inner.pull_paused.load(SeqCst) && !shared_busy;
+            let may_issue =
+                !inner.pull_paused.load(SeqCst) && !inner.pull_above.load(SeqCst) && !shared_busy;
             let mut exhausted = false;
             while may_issue && set.len() < w {
                 match self.next_run() {
@@ -1231,7 +1231,7 @@ impl Puller {
                 }
             }
             if set.is_empty() {
-                if inner.local_count.load(SeqCst) >= inner.chunks {
+                if inner.state.count() as u64 >= inner.chunks {
                     if let Err(e) = inner.checkpoint().await {
                         tracing::warn!("cache: checkpoint after the pull: {}", e.chain());
                     }
@@ -1385,33 +1385,25 @@ impl Cache {
             dir.join("data"),
             FileOptions::with_size(size),
         )?);
-        let mut local_count = 0;
         let mut dirty = 0;
         let mut suspect = 0;
-        let state: Box<[AtomicU8]> = opened
-            .bytes
-            .iter()
-            .enumerate()
-            .map(|(c, &b)| {
-                let intent = opened.intent_bytes[c / region_chunks as usize] != 0;
-                if b & MAP_DIRTY != 0 {
-                    local_count += 1;
-                    dirty += 1;
-                    AtomicU8::new(DIRTY)
-                } else if b & MAP_PRESENT != 0 && intent {
-                    // Written after the last checkpoint, perhaps: the remote gets it again.
-                    local_count += 1;
-                    dirty += 1;
-                    suspect += 1;
-                    AtomicU8::new(DIRTY)
-                } else if b & MAP_PRESENT != 0 {
-                    local_count += 1;
-                    AtomicU8::new(LOCAL)
-                } else {
-                    AtomicU8::new(REMOTE)
-                }
-            })
-            .collect();
+        let state = CacheTable::from_states(opened.bytes.iter().enumerate().map(|(c, &b)| {
+            let intent = opened.intent_bytes[c / region_chunks as usize] != 0;
+            if b & MAP_DIRTY != 0 {
+                dirty += 1;
+                Dirty
+            } else if b & MAP_PRESENT != 0 && intent {
+                // Written after the last checkpoint, perhaps: the remote gets it again.
+                dirty += 1;
+                suspect += 1;
+                Dirty
+            } else if b & MAP_PRESENT != 0 {
+                Clean
+            } else {
+                Missing
+            }
+        }));
+        let local_count = state.count();
         let intent: Box<[AtomicU8]> = opened
             .intent_bytes
             .iter()
@@ -1425,7 +1417,7 @@ impl Cache {
         // Dirty chunks found on reopen get a generation above what was pushed.
         let wgen: Box<[AtomicU64]> = state
             .iter()
-            .map(|s| AtomicU64::new(u64::from(s.load(Relaxed) == DIRTY)))
+            .map(|s| AtomicU64::new(u64::from(s == Dirty)))
             .collect();
         let pushed: Box<[AtomicU64]> = (0..chunks).map(|_| AtomicU64::new(0)).collect();
         let (stop, _) = watch::channel(false);
@@ -1440,6 +1432,11 @@ impl Cache {
             cs,
             chunks,
             state,
+            retry: RetryPolicy::new(
+                cfg.fetch_timeout,
+                Duration::from_millis(5),
+                Duration::from_millis(500),
+            ),
             wgen,
             pushed,
             shards: (0..SHARDS).map(|_| Notify::new()).collect(),
@@ -1456,10 +1453,10 @@ impl Cache {
             saved: tokio::sync::Mutex::new(0),
             // Intents found set are cleared by the first checkpoint that finds them clean.
             changes: AtomicU64::new(u64::from(any_intent)),
-            local_count: AtomicU64::new(local_count),
             demand_active: AtomicUsize::new(0),
             last_demand: AtomicU64::new(NO_CHUNK),
             pull_paused: AtomicBool::new(false),
+            pull_above: AtomicBool::new(false),
             // Push requests are often single small chunks: allow as many more of them as fit
             // in the bytes of `window.max` full requests (capped), see `push_round`.
             push_window: Mutex::new(Window::new(WindowLimits {
@@ -1481,13 +1478,23 @@ impl Cache {
         let mut tasks = vec![tokio::spawn(pusher(inner.clone(), inner.stop.subscribe()))];
         let puller = inner.cfg.pull.then(|| Puller {
             inner: inner.clone(),
-            order: inner.cfg.priority.order(chunks, cs, &inner.cfg.hints),
-            run: 0,
-            pos: 0,
+            prio: inner.cfg.priority.build(),
+            hints: inner
+                .cfg
+                .hints
+                .iter()
+                .filter(|h| h.start < h.end)
+                .map(|h| {
+                    let first = usize::try_from(h.start / cs).unwrap_or(usize::MAX);
+                    let end = usize::try_from(h.end.div_ceil(cs)).unwrap_or(usize::MAX);
+                    first..end
+                })
+                .collect(),
+            pending: None,
             follow: None,
             unit: inner.cfg.chunks_per_request(),
         });
-        let adopt = inner.local_count.load(SeqCst) < chunks;
+        let adopt = (inner.state.count() as u64) < chunks;
         if adopt || puller.is_some() {
             // Zero chunks are adopted in the background (over a long link the extent queries
             // take round trips; reads are served meanwhile), then the pull starts, so it
@@ -1532,14 +1539,8 @@ impl Cache {
     }
 
     /// The state of chunk `i`.
-    pub fn chunk_state(&self, i: u64) -> ChunkState {
-        match self.inner.st(i) {
-            REMOTE => ChunkState::Remote,
-            FETCHING => ChunkState::Fetching,
-            LOCAL => ChunkState::Local,
-            DIRTY => ChunkState::Dirty,
-            _ => ChunkState::Pushing,
-        }
+    pub fn chunk_state(&self, i: u64) -> CacheState {
+        self.inner.st(i)
     }
 
     /// How much is local and dirty.
@@ -1551,7 +1552,7 @@ impl Cache {
     pub fn stats(&self) -> CacheStatsSnapshot {
         let mut s = self.inner.stats.snapshot();
         let p = self.inner.progress();
-        s.local_chunks = p.local_chunks;
+        s.local_chunks = p.present_chunks;
         s.dirty_chunks = p.dirty_chunks;
         s.chunks = p.chunks;
         s
@@ -1572,7 +1573,7 @@ impl Cache {
     pub async fn wait_pulled(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.inner.local_count.load(SeqCst) >= self.inner.chunks {
+            if self.inner.state.count() as u64 >= self.inner.chunks {
                 return true;
             }
             if Instant::now() >= deadline {

@@ -5,6 +5,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
+use memsync_core::chunks::{HintsFirst, PullPriority};
 use memsync_core::{DynStore, Result, StoreError};
 
 use crate::map::Reinit;
@@ -15,86 +16,39 @@ pub const MIN_CHUNK: u64 = 4096;
 /// Largest chunk size.
 pub const MAX_CHUNK: u64 = 4 << 20;
 
-/// The order in which the background puller fetches chunks.
-///
-/// `order` returns runs of chunk indices (`first..end`), most wanted first; the puller walks
-/// them, skipping chunks that are already local or being fetched, and fetches consecutive
-/// chunks with one remote request. Chunks left out are pulled last, in index order. Demand
-/// misses always go first regardless of this order (see [`CacheConfig::follow_demand`]).
-/// Runs keep the order's memory proportional to the number of hints, not to the remote's
-/// size (a chunk-by-chunk list of a 1 TiB remote in 64 KiB chunks would take 128 MiB).
-pub trait PullPriority: Send + Sync + fmt::Debug + 'static {
-    /// The pull order for `chunks` chunks of `chunk_size` bytes, given the byte-range hints.
-    fn order(&self, chunks: u64, chunk_size: u64, hints: &[Range<u64>]) -> Vec<Range<u64>>;
-}
+/// Makes the background puller's order: a [`PullPriority`] of
+/// [`memsync_core::chunks`] (the region's pullers use the same trait), made afresh for each
+/// cache opened with this configuration. The puller asks it for one chunk at a time, with the
+/// missing chunks as wanted and [`CacheConfig::hints`] as runs of chunks
+/// ([`PullView::hints`](memsync_core::chunks::PullView::hints)), and fetches consecutive
+/// answers with one remote request. Demand misses always go first regardless of this order (see
+/// [`CacheConfig::follow_demand`]).
+#[derive(Clone)]
+pub struct PullOrder(Arc<dyn Fn() -> Box<dyn PullPriority> + Send + Sync>);
 
-/// Index order from chunk 0, ignoring hints.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Sequential;
+impl PullOrder {
+    /// An order made by `f`.
+    pub fn new(f: impl Fn() -> Box<dyn PullPriority> + Send + Sync + 'static) -> Self {
+        PullOrder(Arc::new(f))
+    }
 
-impl PullPriority for Sequential {
-    fn order(&self, chunks: u64, _chunk_size: u64, _hints: &[Range<u64>]) -> Vec<Range<u64>> {
-        std::iter::once(0..chunks).collect()
+    /// A new order.
+    pub fn build(&self) -> Box<dyn PullPriority> {
+        (self.0)()
     }
 }
 
-/// "Headers first": the chunks of every hinted byte range, in the order the hints are given,
-/// then everything else in index order. Without hints it is [`Sequential`].
-#[derive(Clone, Copy, Debug, Default)]
-pub struct HintsFirst;
-
-impl PullPriority for HintsFirst {
-    fn order(&self, chunks: u64, chunk_size: u64, hints: &[Range<u64>]) -> Vec<Range<u64>> {
-        // Chunk runs already in the order, sorted by start and disjoint.
-        let mut taken: Vec<Range<u64>> = Vec::new();
-        let mut out = Vec::new();
-        for h in hints {
-            if h.end <= h.start || chunks == 0 {
-                continue;
-            }
-            let first = (h.start / chunk_size).min(chunks);
-            let end = (h.end.div_ceil(chunk_size)).min(chunks);
-            // The parts of first..end not taken by earlier hints, in index order.
-            let mut c = first;
-            for t in taken.iter().filter(|t| t.end > first && t.start < end) {
-                if t.start > c {
-                    out.push(c..t.start);
-                }
-                c = c.max(t.end);
-            }
-            if c < end {
-                out.push(c..end);
-            }
-            if first < end {
-                let i = taken.partition_point(|t| t.start < first);
-                taken.insert(i, first..end);
-                merge(&mut taken);
-            }
-        }
-        let mut c = 0;
-        for t in &taken {
-            if t.start > c {
-                out.push(c..t.start);
-            }
-            c = c.max(t.end);
-        }
-        if c < chunks {
-            out.push(c..chunks);
-        }
-        out
+/// [`HintsFirst`]: the hinted chunks, then the rest in index order.
+impl Default for PullOrder {
+    fn default() -> Self {
+        PullOrder::new(|| Box::new(HintsFirst::default()))
     }
 }
 
-/// Merges overlapping or touching runs of a list sorted by start.
-fn merge(runs: &mut Vec<Range<u64>>) {
-    let mut out: Vec<Range<u64>> = Vec::with_capacity(runs.len());
-    for r in runs.drain(..) {
-        match out.last_mut() {
-            Some(l) if r.start <= l.end => l.end = l.end.max(r.end),
-            _ => out.push(r),
-        }
+impl fmt::Debug for PullOrder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PullOrder({:?})", self.build())
     }
-    *runs = out;
 }
 
 /// How a [`crate::Cache`] behaves.
@@ -107,8 +61,8 @@ pub struct CacheConfig {
     /// Run the background puller.
     pub pull: bool,
     /// The pull order.
-    pub priority: Arc<dyn PullPriority>,
-    /// Byte ranges to pull first (given to `priority`).
+    pub priority: PullOrder,
+    /// Byte ranges to pull first (given to `priority` as runs of chunks).
     pub hints: Vec<Range<u64>>,
     /// After a demand miss, the puller continues right after the missed range before going back
     /// to its order (like post-copy restarting its scan after the faulted page).
@@ -124,7 +78,10 @@ pub struct CacheConfig {
     /// Chunk-map checkpoint period (the map is also saved on flush, at the end of the pull and
     /// on close).
     pub checkpoint_interval: Duration,
-    /// A read that misses fails with EIO when the remote has not delivered within this time.
+    /// A read that misses fails with EIO when the remote has not delivered within this time
+    /// (retrying transient errors meanwhile). Under a layer that retries with a deadline of its
+    /// own (a region mapping the cache: `memsync map --cache`), that layer's deadline applies
+    /// instead and this one does not: a stack has one clock (see [`memsync_core::retry`]).
     pub fetch_timeout: Duration,
     /// A `flush` that cannot reach the remote keeps retrying for this long, then fails.
     pub flush_timeout: Duration,
@@ -149,7 +106,7 @@ impl Default for CacheConfig {
         CacheConfig {
             chunk_size: 64 * 1024,
             pull: true,
-            priority: Arc::new(HintsFirst),
+            priority: PullOrder::default(),
             hints: Vec::new(),
             follow_demand: true,
             request_size: 1 << 20,
@@ -208,45 +165,6 @@ impl CacheConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn flat(runs: &[Range<u64>]) -> Vec<u64> {
-        runs.iter().flat_map(|r| r.clone()).collect()
-    }
-
-    #[test]
-    fn hints_first_then_the_rest() {
-        let o = HintsFirst.order(8, 4096, &[8192..8193, 0..4096, 30000..40000]);
-        assert_eq!(flat(&o), vec![2, 0, 7, 1, 3, 4, 5, 6]);
-        assert_eq!(flat(&HintsFirst.order(3, 4096, &[])), vec![0, 1, 2]);
-        let hint = std::iter::once(0..4096).collect::<Vec<_>>();
-        assert_eq!(flat(&Sequential.order(3, 4096, &hint)), vec![0, 1, 2]);
-        // Overlapping hints: each chunk once, in the order first hinted.
-        let o = HintsFirst.order(10, 4096, &[4096..5 * 4096, 0..3 * 4096, 8 * 4096..u64::MAX]);
-        assert_eq!(flat(&o), vec![1, 2, 3, 4, 0, 8, 9, 5, 6, 7]);
-    }
-
-    proptest::proptest! {
-        /// Whatever the hints, the order holds every chunk exactly once, and hinted chunks
-        /// come before unhinted ones.
-        #[test]
-        fn hints_first_is_a_permutation(
-            chunks in 0u64..200,
-            hints in proptest::collection::vec((0u64..900_000, 0u64..300_000), 0..8),
-        ) {
-            let hints: Vec<Range<u64>> = hints.into_iter().map(|(a, l)| a..a + l).collect();
-            let o = flat(&HintsFirst.order(chunks, 4096, &hints));
-            let mut sorted = o.clone();
-            sorted.sort_unstable();
-            proptest::prop_assert_eq!(sorted, (0..chunks).collect::<Vec<_>>());
-            let hinted = |c: u64| {
-                hints
-                    .iter()
-                    .any(|h| h.start < h.end && h.start < (c + 1) * 4096 && h.end > c * 4096)
-            };
-            let first_unhinted = o.iter().position(|&c| !hinted(c)).unwrap_or(o.len());
-            proptest::prop_assert!(o[first_unhinted..].iter().all(|&c| !hinted(c)));
-        }
-    }
 
     #[test]
     fn chunk_size_checked() {

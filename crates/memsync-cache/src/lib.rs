@@ -1,9 +1,10 @@
 //! Managed mounts for memsync: a local cache over a remote store, and ways to reach it.
 //!
 //! - [`Cache`]: a [`memsync_core::Store`] made of a remote store and a local copy in a cache
-//!   directory. Per-chunk states (remote, fetching, local, dirty, pushing) in an atomic array;
+//!   directory. Per-chunk states ([`memsync_core::chunks::CacheState`]: missing, fetching,
+//!   clean, dirty, writing back) in an atomic table changed only by their named transitions;
 //!   reads through the cache with shared misses; write-back with per-chunk coalescing; a
-//!   background puller in a pluggable [`PullPriority`] order with hints that yields to demand
+//!   background puller in a pluggable [`PullOrder`] (the core's `PullPriority`) with hints that yields to demand
 //!   misses; a background pusher; `flush` that returns only when the remote holds every earlier
 //!   write; a persisted chunk map so that a restart resumes without refetching; remote requests
 //!   pipelined with an adaptive [`window`].
@@ -32,8 +33,8 @@ mod reconnect;
 mod stats;
 pub mod window;
 
-pub use cache::{Cache, ChunkState, PullProgress};
-pub use config::{CacheConfig, HintsFirst, PullPriority, Sequential};
+pub use cache::Cache;
+pub use config::{CacheConfig, PullOrder};
 pub use map::Reinit;
 pub use open::{open_cache, reconnecting, remote_identity, remote_pair};
 pub use reconnect::{Opener, Reconnect};

@@ -2,10 +2,14 @@
 //!
 //! Remote stores (an NBD client) fail every request once their connection is cut and do not
 //! come back by themselves. This layer keeps an opener (usually `registry.open(url)`), drops the
-//! inner store when a request fails with anything but a request error (bounds, alignment,
-//! read-only, unsupported, configuration), and opens a new one on the next request. Failed
-//! reconnects are rate-limited so that a dead remote costs one connection attempt per interval,
-//! not one per request. The cache above retries; this layer only makes retrying possible.
+//! inner store when a request fails with anything but a permanent error
+//! ([`StoreError::is_permanent`]: bounds, alignment, read-only, unsupported, configuration), and
+//! opens a new one on the next request. Failed reconnects are paced by the backoff of a
+//! [`RetryPolicy`] (the one type every retrying layer uses) so that a dead remote costs one
+//! connection attempt per pause, not one per request. This layer has no deadline and never
+//! waits: while the remote is away requests fail at once, and the layer above that retries (the
+//! cache, or the region mapping it) owns the one deadline of the stack (see
+//! [`memsync_core::retry`]).
 //!
 //! Each connection is a new [`Store::session`]: a flush on a new connection says nothing about
 //! writes acknowledged on an older one unless the store advertises multi-conn (see
@@ -21,7 +25,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use memsync_core::{Caps, DynStore, Extent, Result, Store, StoreError, async_trait};
+use memsync_core::{Caps, DynStore, Extent, Result, RetryPolicy, Store, StoreError, async_trait};
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
@@ -33,7 +37,8 @@ pub struct Reconnect {
     opener: Opener,
     cur: Mutex<Option<DynStore>>,
     connecting: tokio::sync::Mutex<()>,
-    last_failure: Mutex<Option<(Instant, String)>>,
+    /// The last failed reconnect: when, why, and how many failed in a row.
+    last_failure: Mutex<Option<(Instant, String, u32)>>,
     size: u64,
     caps: Caps,
     desc: String,
@@ -42,24 +47,14 @@ pub struct Reconnect {
     /// lock together with `cur`, and read under it: a session read before a request is at
     /// most the one that serves it, one read after at least.
     session: AtomicU64,
-    retry_interval: Duration,
+    /// Its backoff paces reconnects (its deadline is not used: see the module documentation).
+    policy: RetryPolicy,
 }
 
 impl fmt::Debug for Reconnect {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Reconnect({})", self.desc)
     }
-}
-
-fn permanent(e: &StoreError) -> bool {
-    matches!(
-        e.root(),
-        StoreError::OutOfRange { .. }
-            | StoreError::Misaligned { .. }
-            | StoreError::ReadOnly
-            | StoreError::Unsupported { .. }
-            | StoreError::Config(_)
-    )
 }
 
 impl Reconnect {
@@ -76,8 +71,30 @@ impl Reconnect {
             last_failure: Mutex::new(None),
             reconnects: AtomicU64::new(0),
             session: AtomicU64::new(1),
-            retry_interval: Duration::from_millis(100),
+            policy: Self::DEFAULT_POLICY,
         })
+    }
+
+    /// Reconnects at most every 100 ms.
+    pub const DEFAULT_POLICY: RetryPolicy = RetryPolicy::new(
+        Duration::ZERO,
+        Duration::from_millis(100),
+        Duration::from_millis(100),
+    );
+
+    /// Pace reconnects by `policy`'s backoff: after the n-th failed reconnect in a row, the
+    /// next is tried no sooner than `backoff * 2^(n-1)` (at most `max_backoff`) later.
+    pub fn with_policy(mut self, policy: RetryPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The pause after `failures` failed reconnects in a row.
+    fn pause(&self, failures: u32) -> Duration {
+        let p = &self.policy;
+        p.backoff
+            .saturating_mul(1 << failures.saturating_sub(1).min(20))
+            .min(p.max_backoff.max(p.backoff))
     }
 
     /// How many times the inner store was reopened.
@@ -98,8 +115,9 @@ impl Reconnect {
         if let Some(s) = self.cur.lock().clone() {
             return Ok(s);
         }
-        if let Some((at, why)) = self.last_failure.lock().clone()
-            && at.elapsed() < self.retry_interval
+        let failures = self.last_failure.lock().as_ref().map_or(0, |f| f.2);
+        if let Some((at, why, n)) = self.last_failure.lock().clone()
+            && at.elapsed() < self.pause(n)
         {
             return Err(StoreError::backend(format!(
                 "{}: not connected (last attempt failed: {why})",
@@ -123,14 +141,14 @@ impl Reconnect {
                 Ok(s)
             }
             Err(e) => {
-                *self.last_failure.lock() = Some((Instant::now(), e.chain()));
+                *self.last_failure.lock() = Some((Instant::now(), e.chain(), failures + 1));
                 Err(e.context(format!("{}: reconnecting", self.desc)))
             }
         }
     }
 
     fn failed(&self, s: &DynStore, e: &StoreError) {
-        if permanent(e) {
+        if e.is_permanent() {
             return;
         }
         let mut cur = self.cur.lock();

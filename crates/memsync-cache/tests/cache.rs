@@ -17,6 +17,9 @@ use memsync_testkit::proxy::{Proxy, ProxyConfig};
 use memsync_testkit::random_bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+#[path = "cache/stack.rs"]
+mod stack;
+
 async fn filled_mem(size: u64, seed: u64) -> Arc<MemStore> {
     let m = Arc::new(MemStore::new(size));
     m.write(0, random_bytes(seed, size as usize)).await.unwrap();
@@ -166,7 +169,7 @@ async fn restart_resumes_without_refetching() {
     let cache = Cache::open(stats.clone(), dir.path(), cfg(16 * 1024, true))
         .await
         .unwrap();
-    assert_eq!(cache.progress().local_chunks, cache.chunk_count());
+    assert_eq!(cache.progress().present_chunks, cache.chunk_count());
     let got = cache.read_bytes(0, size as usize).await.unwrap();
     assert!(got == want, "data differs after restart");
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -810,7 +813,7 @@ async fn zero_chunks_of_the_remote_are_not_fetched() {
     }
     let s = cache.stats();
     assert_eq!(s.zero_chunks, 512 - 4, "{s}");
-    assert_eq!(cache.progress().local_chunks, 512 - 4);
+    assert_eq!(cache.progress().present_chunks, 512 - 4);
     let mut got = vec![0u8; size as usize];
     for (i, part) in got.chunks_mut(1 << 20).enumerate() {
         cache.read((i as u64) << 20, part).await.unwrap();
@@ -1241,7 +1244,7 @@ async fn a_cache_directory_refuses_another_remote() {
     let cache = Cache::open(b.clone(), dir.path(), with("nbd://b/", Reinit::Force))
         .await
         .unwrap();
-    assert_eq!(cache.progress().local_chunks, 0);
+    assert_eq!(cache.progress().present_chunks, 0);
     assert_eq!(
         cache.read_bytes(0, size as usize).await.unwrap(),
         b.read_bytes(0, size as usize).await.unwrap()

@@ -107,6 +107,23 @@ impl StoreError {
         }
     }
 
+    /// Whether retrying cannot help: the request itself is wrong (bounds,
+    /// alignment, a write to a read-only store, an operation the store does
+    /// not have, bad configuration), whatever layers wrap it. Everything
+    /// else (I/O, timeouts, a backend's failure, injected faults) may pass,
+    /// and the layers that retry ([`crate::retry`]) try again until their
+    /// deadline.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self.root(),
+            StoreError::OutOfRange { .. }
+                | StoreError::Misaligned { .. }
+                | StoreError::ReadOnly
+                | StoreError::Unsupported { .. }
+                | StoreError::Config(_)
+        )
+    }
+
     /// The errno a block or file protocol should report for this error.
     pub fn errno(&self) -> i32 {
         const EIO: i32 = 5;
@@ -159,6 +176,26 @@ mod tests {
         );
         assert_eq!(e.errno(), 5);
         assert!(matches!(e.root(), StoreError::Io { op: "pread", .. }));
+    }
+
+    #[test]
+    fn permanent_through_layers() {
+        assert!(
+            StoreError::ReadOnly
+                .context("a")
+                .context("b")
+                .is_permanent()
+        );
+        assert!(StoreError::Config("x".into()).is_permanent());
+        assert!(!StoreError::backend("reset").context("a").is_permanent());
+        assert!(
+            !StoreError::Timeout {
+                op: "read",
+                after_ms: 1
+            }
+            .is_permanent()
+        );
+        assert!(!StoreError::Injected { op: "read" }.is_permanent());
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod layers;
 pub mod meta;
 pub mod ops;
 pub mod range;
+pub mod retry;
 pub mod size;
 pub mod store;
 pub mod url;
@@ -29,6 +30,7 @@ pub mod wire;
 
 pub use error::{Result, StoreError};
 pub use meta::{MetaInit, StoreId, StoreMeta};
+pub use retry::{Retry, RetryPolicy};
 pub use store::{Caps, DynStore, Extent, ExtentKind, Store, StoreExt, check_range, check_write};
 pub use url::{Registry, StoreUrl, redact};
 

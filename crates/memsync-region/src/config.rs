@@ -141,7 +141,16 @@ pub struct RegionConfig {
     /// Default 2; at least 1.
     pub pull_threads: usize,
     /// How long a fault may wait for the store (across retries) before its
-    /// chunk is poisoned and the access gets `SIGBUS`. Default 30 s.
+    /// chunk is poisoned and the access gets `SIGBUS` (`read_at`/`write_at`
+    /// get a [`ChunkError`](crate::ChunkError) instead). Default 30 s.
+    ///
+    /// This is the one clock of the stack below the region: the store's
+    /// reads run in this deadline's [`Retry::scope`](memsync_core::Retry::scope),
+    /// so a layer below that retries too (a cache, whose own `fetch_timeout`
+    /// then does not apply) keeps retrying until this deadline and no longer,
+    /// and the region does not start another round after it. Errors that
+    /// retrying cannot help ([`StoreError::is_permanent`](memsync_core::StoreError::is_permanent))
+    /// poison at once.
     pub fetch_deadline: Duration,
     /// Poison a chunk the store failed to deliver with `UFFDIO_POISON` when
     /// the kernel offers it (Linux 6.6+; detected from the `UFFDIO_API`
@@ -254,5 +263,16 @@ impl std::fmt::Debug for RegionConfig {
             .field("write_tracking", &self.write_tracking)
             .field("budget", &self.budget)
             .finish_non_exhaustive()
+    }
+}
+
+/// The longest pause between store reads of one chunk.
+const MAX_BACKOFF: Duration = Duration::from_millis(100);
+
+impl RegionConfig {
+    /// The retry policy of fetches: [`fetch_deadline`](Self::fetch_deadline), backing off from
+    /// [`retry_backoff`](Self::retry_backoff) to 100 ms.
+    pub(crate) fn retry_policy(&self) -> memsync_core::RetryPolicy {
+        memsync_core::RetryPolicy::new(self.fetch_deadline, self.retry_backoff, MAX_BACKOFF)
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use memsync_core::StoreError;
+use memsync_core::{RetryPolicy, StoreError};
 use memsync_sys::{Advice, Event, PageFaultFlags, SigbusFile};
 use parking_lot::Mutex;
 
@@ -24,10 +24,9 @@ use crate::source::{ChunkSource, FaultHooks};
 use crate::state::{ChunkMap, ChunkState, Geometry};
 use crate::stats::{RegionStats, add, inc};
 use crate::worker::{Events, StagePool, Worker};
-use memsync_core::chunks::AtomicChunkBitmap;
+use memsync_core::chunks::{AtomicChunkBitmap, background_pull};
 
 pub(crate) const NO_FAULT: usize = usize::MAX;
-const MAX_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Who fetches a chunk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,10 +47,11 @@ enum Fail {
 pub(crate) struct Settings {
     pub(crate) memfd: bool,
     pub(crate) hugetlb: bool,
-    pub(crate) fetch_deadline: Duration,
+    /// [`RegionConfig::fetch_deadline`](crate::RegionConfig::fetch_deadline) and
+    /// [`RegionConfig::retry_backoff`](crate::RegionConfig::retry_backoff).
+    pub(crate) retry: RetryPolicy,
     /// `UFFDIO_POISON` is wanted and works on this region.
     pub(crate) use_poison: bool,
-    pub(crate) retry_backoff: Duration,
     pub(crate) inline_resolve: bool,
     pub(crate) store_spin: Duration,
     pub(crate) runtime: Option<tokio::runtime::Handle>,
@@ -174,15 +174,16 @@ impl Core {
         let res = if zero {
             self.install_zero(w, off, dst, inst_len, wp)
         } else {
-            self.read_chunk(w, off, data_len, inst_len).and_then(|()| {
-                let how = if by == Fetcher::Repair {
-                    How::Copy
-                } else {
-                    self.how()
-                };
-                self.install(w, off, dst, inst_len, how, wp)
-                    .map_err(Fail::Install)
-            })
+            self.read_chunk(w, off, data_len, inst_len, by == Fetcher::Background)
+                .and_then(|()| {
+                    let how = if by == Fetcher::Repair {
+                        How::Copy
+                    } else {
+                        self.how()
+                    };
+                    self.install(w, off, dst, inst_len, how, wp)
+                        .map_err(Fail::Install)
+                })
         };
         let uffd = &self.engine.uffd;
         match res {
@@ -344,32 +345,46 @@ impl Core {
     /// Reads source bytes `off..off + data_len` into the worker's staging
     /// buffer with retries and backoff until the deadline, and zeroes the
     /// tail up to `inst_len`.
+    ///
+    /// The region owns the deadline of its fetches: the read runs in the
+    /// deadline's [`Retry::scope`](memsync_core::Retry::scope), so a layer
+    /// below that retries too (a cache) retries until this deadline instead
+    /// of its own and returns only when it passed (or on a permanent
+    /// error): then this loop does not try again, and the stack has one
+    /// clock.
     fn read_chunk(
         &self,
         w: &mut Worker,
         off: usize,
         data_len: usize,
         inst_len: usize,
+        background: bool,
     ) -> Result<(), Fail> {
-        let start = Instant::now();
-        let deadline = start + self.cfg.fetch_deadline;
-        let mut backoff = self.cfg.retry_backoff.max(Duration::from_micros(100));
-        let mut attempts = 0u32;
+        let mut retry = self.cfg.retry.start();
         let Worker {
             staging, exec, cur, ..
         } = w;
         let cur = *cur;
         loop {
-            attempts += 1;
-            let remaining = deadline.saturating_duration_since(Instant::now());
+            let remaining = retry.remaining();
             let buf = &mut staging.as_mut_slice()[cur..cur + data_len];
             let mut stop_rx = self.engine.stop_tx.subscribe();
             let t = Instant::now();
+            let read = retry.scope(self.source.read(off as u64, buf));
+            // A cache below serves the puller's reads as its pull, not as demand (see
+            // `memsync_core::chunks::background_pull`).
+            let read = async {
+                if background {
+                    background_pull(read).await
+                } else {
+                    read.await
+                }
+            };
             let res = exec.block_on(async {
                 tokio::select! {
                     biased;
                     _ = stop_rx.wait_for(|s| *s) => None,
-                    r = tokio::time::timeout(remaining, self.source.read(off as u64, buf)) => Some(match r {
+                    r = tokio::time::timeout(remaining, read) => Some(match r {
                         Ok(r) => r,
                         Err(_) => Err(StoreError::Timeout {
                             op: "read",
@@ -387,10 +402,11 @@ impl Core {
                 Some(Err(e)) => {
                     inc(&self.stats.store_errors);
                     let e = e.context(format!("reading chunk at {off}+{data_len} from the store"));
-                    tracing::debug!(attempt = attempts, error = %e.chain(), "memsync-region: store read failed");
-                    if Instant::now() + backoff >= deadline {
-                        return Err(Fail::Store(e, attempts));
-                    }
+                    let pause = retry.failed(&e);
+                    tracing::debug!(attempt = retry.attempts(), error = %e.chain(), "memsync-region: store read failed");
+                    let Some(backoff) = pause else {
+                        return Err(Fail::Store(e, retry.attempts()));
+                    };
                     let stopped = exec.block_on(async {
                         tokio::select! {
                             biased;
@@ -401,7 +417,9 @@ impl Core {
                     if stopped {
                         return Err(Fail::Stopped);
                     }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    if retry.remaining().is_zero() {
+                        return Err(Fail::Store(e, retry.attempts()));
+                    }
                 }
             }
         }

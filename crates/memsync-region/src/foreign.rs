@@ -19,7 +19,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use memsync_sys::{Features, Mapping, Remap, RemapRange, SigbusFile, Uffd, page_size};
 use parking_lot::Mutex;
@@ -30,12 +30,11 @@ use crate::engine::{Engine, RemoveTap};
 use crate::error::{ChunkError, Error, sys};
 use crate::fault::{Core, NO_FAULT, Settings};
 use crate::puller::Puller;
-use crate::region::PullProgress;
 use crate::source::{ChunkSource, FaultHooks};
 use crate::state::{ChunkMap, Geometry};
 use crate::stats::RegionStats;
 use crate::worker::{StagePool, Worker};
-use memsync_core::chunks::AtomicChunkBitmap;
+use memsync_core::chunks::{AtomicChunkBitmap, PullProgress};
 
 /// One range of the other process's memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -219,6 +218,7 @@ impl ForeignRegion {
                 "memsync-region: no UFFDIO_POISON: a chunk the source cannot deliver stays missing and the next access retries"
             );
         }
+        let retry = cfg.retry_policy();
         let pull = Arc::new(Puller::new(
             cfg.priority,
             cfg.prefetch && !opts.pull_after_first_fault,
@@ -242,9 +242,8 @@ impl ForeignRegion {
             cfg: Settings {
                 memfd: false,
                 hugetlb,
-                fetch_deadline: cfg.fetch_deadline,
+                retry,
                 use_poison,
-                retry_backoff: cfg.retry_backoff,
                 inline_resolve: false,
                 store_spin: cfg.store_spin,
                 runtime: cfg.runtime.clone(),
@@ -341,38 +340,19 @@ impl ForeignRegion {
 
     /// Starts (or restarts) the background pull now.
     pub fn start_pull(&self) {
-        let mut st = self.pull.state.lock();
-        st.running = true;
-        st.done = false;
-        st.generation += 1;
-        self.pull.cv.notify_all();
+        self.pull.start();
     }
 
     /// Background pull progress.
     #[must_use]
     pub fn progress(&self) -> PullProgress {
-        let st = self.pull.state.lock();
-        PullProgress {
-            present_chunks: self.present_count(),
-            total_chunks: self.inner.chunks.len(),
-            pulled_chunks: st.pulled_chunks,
-            pulled_bytes: st.pulled_bytes,
-            running: st.running,
-            done: st.done,
-        }
+        self.pull.progress(&self.inner)
     }
 
     /// Waits until the background pull has nothing left to do (`true`), or
     /// `timeout` passes.
     pub fn wait_pull(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut st = self.pull.state.lock();
-        while !st.done {
-            if self.pull.cv.wait_until(&mut st, deadline).timed_out() {
-                return st.done;
-            }
-        }
-        true
+        self.pull.wait(timeout)
     }
 }
 

@@ -8,6 +8,7 @@ use parking_lot::{Condvar, Mutex};
 use crate::engine::Engine;
 use crate::fault::{Core, Fetcher, NO_FAULT};
 use crate::pull::{PullPriority, PullView};
+use memsync_core::chunks::PullProgress;
 
 #[derive(Debug, Default)]
 pub(crate) struct PullState {
@@ -52,6 +53,45 @@ impl Puller {
                 seen_gen: u64::MAX,
                 bogus: 0,
             }),
+        }
+    }
+
+    /// Starts the pull, or starts it over (a new generation: chunks given up
+    /// on are tried again).
+    pub(crate) fn start(&self) {
+        let mut st = self.state.lock();
+        st.running = true;
+        st.done = false;
+        st.generation += 1;
+        self.cv.notify_all();
+    }
+
+    /// Waits until the pull has nothing left to do (`true`), or `timeout`
+    /// passes (`false`).
+    pub(crate) fn wait(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.state.lock();
+        while !st.done {
+            if self.cv.wait_until(&mut st, deadline).timed_out() {
+                return st.done;
+            }
+        }
+        true
+    }
+
+    /// How far the pull over `core`'s chunks has come.
+    pub(crate) fn progress(&self, core: &Core) -> PullProgress {
+        let st = self.state.lock();
+        PullProgress {
+            chunks: core.chunks.len() as u64,
+            present_chunks: core.chunks.present_count() as u64,
+            dirty_chunks: 0,
+            pulled_chunks: st.pulled_chunks,
+            pulled_bytes: st.pulled_bytes,
+            chunk_size: core.geo.chunk_size() as u64,
+            size: core.geo.size(),
+            running: st.running,
+            done: st.done,
         }
     }
 

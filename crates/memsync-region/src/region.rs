@@ -25,24 +25,7 @@ use crate::source::{ChunkSource, FaultHooks, StoreSource};
 use crate::state::{ChunkBitmap, ChunkMap, ChunkState, Geometry};
 use crate::stats::RegionStats;
 use crate::worker::{StagePool, Worker, new_staging, staging_layout};
-use memsync_core::chunks::AtomicChunkBitmap;
-
-/// Background pull progress.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PullProgress {
-    /// Chunks present (by any path).
-    pub present_chunks: usize,
-    /// Chunks of the region.
-    pub total_chunks: usize,
-    /// Chunks the puller fetched.
-    pub pulled_chunks: u64,
-    /// Bytes the puller read from the store.
-    pub pulled_bytes: u64,
-    /// The puller is enabled (started and not paused).
-    pub running: bool,
-    /// The puller found nothing left to pull.
-    pub done: bool,
-}
+use memsync_core::chunks::{AtomicChunkBitmap, PullProgress};
 
 /// A memory region of a store's size that fills itself from the store the
 /// first time each chunk is touched (userfaultfd post-copy).
@@ -215,9 +198,8 @@ impl LazyRegion {
             cfg: Settings {
                 memfd: memfd_mode,
                 hugetlb,
-                fetch_deadline: cfg.fetch_deadline,
+                retry: cfg.retry_policy(),
                 use_poison,
-                retry_backoff: cfg.retry_backoff,
                 inline_resolve: cfg.inline_resolve,
                 store_spin: cfg.store_spin,
                 runtime: cfg.runtime.clone(),
@@ -405,7 +387,7 @@ impl LazyRegion {
         let inner = &*self.inner;
         let inline = inner.cfg.inline_resolve && tokio::runtime::Handle::try_current().is_err();
         for i in inner.geo.chunks_in(off, len) {
-            let wait_until = Instant::now() + inner.cfg.fetch_deadline + Duration::from_secs(1);
+            let wait_until = Instant::now() + inner.cfg.retry.deadline + Duration::from_secs(1);
             let mut sleep = Duration::from_micros(1);
             loop {
                 match inner.chunks.get(i) {
@@ -787,11 +769,7 @@ impl LazyRegion {
     /// Starts (or restarts from scratch, retrying chunks it gave up on) the
     /// background pull.
     pub fn start_pull(&self) {
-        let mut st = self.pull.state.lock();
-        st.running = true;
-        st.done = false;
-        st.generation += 1;
-        self.pull.cv.notify_all();
+        self.pull.start();
     }
 
     /// Pauses the background pull after the chunk in progress.
@@ -809,28 +787,13 @@ impl LazyRegion {
     /// Background pull progress.
     #[must_use]
     pub fn progress(&self) -> PullProgress {
-        let st = self.pull.state.lock();
-        PullProgress {
-            present_chunks: self.present_count(),
-            total_chunks: self.inner.chunks.len(),
-            pulled_chunks: st.pulled_chunks,
-            pulled_bytes: st.pulled_bytes,
-            running: st.running,
-            done: st.done,
-        }
+        self.pull.progress(&self.inner)
     }
 
     /// Waits until the background pull has nothing left to do (`true`), or
     /// `timeout` passes (`false`).
     pub fn wait_pull(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut st = self.pull.state.lock();
-        while !st.done {
-            if self.pull.cv.wait_until(&mut st, deadline).timed_out() {
-                return st.done;
-            }
-        }
-        true
+        self.pull.wait(timeout)
     }
 }
 

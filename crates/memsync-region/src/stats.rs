@@ -64,9 +64,9 @@ impl RegionStats {
 
     /// A copy of every counter.
     #[must_use]
-    pub fn snapshot(&self) -> StatsSnapshot {
+    pub fn snapshot(&self) -> RegionStatsSnapshot {
         let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        StatsSnapshot {
+        RegionStatsSnapshot {
             faults: l(&self.faults),
             faults_waited: l(&self.faults_waited),
             faults_spurious: l(&self.faults_spurious),
@@ -101,7 +101,7 @@ impl RegionStats {
 
 /// A point-in-time copy of [`RegionStats`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct StatsSnapshot {
+pub struct RegionStatsSnapshot {
     /// Page-fault events read from the userfaultfd.
     pub faults: u64,
     /// Faults on a chunk another party was already fetching (deduplicated:
@@ -165,7 +165,7 @@ pub struct StatsSnapshot {
     pub fetch_p50: Duration,
 }
 
-impl fmt::Display for StatsSnapshot {
+impl fmt::Display for RegionStatsSnapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,

@@ -174,7 +174,7 @@ pub fn map(ctx: &Context, a: MapArgs) -> Result<()> {
         s.fault_max.as_secs_f64() * 1e6,
         s.fetch_p50.as_secs_f64() * 1e6,
         p.present_chunks,
-        p.total_chunks
+        p.chunks
     );
     if let Some(e) = region.last_error() {
         outln!("errors: {} (last: {e})", region.errors().len());

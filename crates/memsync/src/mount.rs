@@ -117,7 +117,7 @@ pub fn cache_state(cache: &Cache) -> String {
     format!(
         "cache {}: {}/{} chunks local, {} dirty",
         cache.dir().display(),
-        p.local_chunks,
+        p.present_chunks,
         p.chunks,
         p.dirty_chunks
     )
@@ -236,7 +236,7 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
                 _ = term.recv() => break,
                 _ = tick.tick() => {
                     let p = cache.progress();
-                    pb.set_position(p.local_bytes());
+                    pb.set_position(p.present_bytes());
                     pb.set_message(format!("{} dirty", p.dirty_chunks));
                 }
             }

@@ -145,7 +145,7 @@ pub fn uffd_handler(ctx: &Context, a: UffdHandlerArgs) -> Result<()> {
         h.chunk_size(),
         s.faults,
         p.present_chunks,
-        p.total_chunks,
+        p.chunks,
         s.chunks_fault,
         s.chunks_background,
         s.removes,

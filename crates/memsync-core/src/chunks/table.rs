@@ -74,6 +74,25 @@ impl<S: State> StateTable<S> {
         }
     }
 
+    /// A table restored from saved states (a persisted chunk map read back
+    /// at start-up), not reached by transitions.
+    #[must_use]
+    pub fn from_states(states: impl IntoIterator<Item = S>) -> Self {
+        let mut counted = 0;
+        let states: Box<[AtomicU8]> = states
+            .into_iter()
+            .map(|s| {
+                counted += usize::from(s.counted());
+                AtomicU8::new(s.to_u8())
+            })
+            .collect();
+        Self {
+            states,
+            counted: AtomicUsize::new(counted),
+            _s: PhantomData,
+        }
+    }
+
     /// Number of chunks.
     #[must_use]
     pub fn len(&self) -> usize {
@@ -141,6 +160,20 @@ impl<S: State> StateTable<S> {
     #[must_use]
     pub fn count(&self) -> usize {
         self.counted.load(Ordering::Acquire)
+    }
+
+    /// Every chunk's state, in index order (each read on its own: a
+    /// snapshot only where no transition runs concurrently).
+    pub fn iter(&self) -> impl Iterator<Item = S> + '_ {
+        self.states
+            .iter()
+            .map(|c| S::from_u8(c.load(Ordering::Acquire)))
+    }
+
+    /// Number of chunks whose state satisfies `f` (a scan).
+    #[must_use]
+    pub fn count_where(&self, f: impl Fn(S) -> bool) -> usize {
+        self.iter().filter(|&s| f(s)).count()
     }
 
     /// Whether any chunk is in state `s`.
