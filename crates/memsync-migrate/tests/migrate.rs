@@ -2,6 +2,12 @@
 //! destination in this process, over TCP, unix sockets, TLS and the delay/cut proxy, with a
 //! writer dirtying pages during the migration.
 
+// One test binary for the crate: the region kind and the live-region push are modules.
+#[path = "migrate/push_region.rs"]
+mod push_region;
+#[path = "migrate/region.rs"]
+mod region;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;

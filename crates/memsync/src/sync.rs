@@ -308,7 +308,7 @@ fn pull(ctx: &Context, a: &SyncArgs, src_url: &str, dst_url: &str) -> Result<()>
         let remote = RemoteDest::connect_with(&addr, dst.size(), a.chunk, opts)
             .await
             .with_context(|| format!("connecting to {}", memsync_core::redact(src_url)))?;
-        let bar = Bar(crate::cmd::progress(dst.size(), "hash"));
+        let bar = Bar(crate::context::progress(dst.size(), "hash"));
         let opts = SyncOptions { window: a.window };
         let r = memsync_sync::pull(remote, Arc::new(local), opts, &bar).await;
         bar.0.finish_and_clear();
