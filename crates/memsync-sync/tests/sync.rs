@@ -610,6 +610,12 @@ async fn read_only_peer(
 ) -> (String, tokio::task::JoinHandle<()>) {
     let file = dir.join("ro-peer.img");
     std::fs::write(&file, data).unwrap();
+    // An index is trusted only if the file's last change lies RACY_NS before the scan began (a
+    // change within one timestamp tick would not show): let the write age past that, so that
+    // the second pull may use the index the first one saved.
+    std::thread::sleep(std::time::Duration::from_nanos(
+        memsync_sync::index::RACY_NS as u64 + 5_000_000,
+    ));
     let store: DynStore = Arc::new(
         memsync_local::FileStore::open(&file, memsync_local::FileOptions::read_only()).unwrap(),
     );

@@ -1721,7 +1721,10 @@ fn migrate_a_written_file(src_prefix: &[&str], dst_prefix: &[&str], listen: &str
         assert!(o.status.success(), "{mode}: {}", stderr(&o));
         let r: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
         assert_eq!(r["mode"], mode, "{r}");
-        assert_eq!(r["postcopy"], mode != "precopy", "{r}");
+        // The CLI finds changes by hashing, so every mode ends post-copy: what is left at the
+        // switch-over is verified (SAME) or sent after the resume, never hashed while the
+        // application is suspended.
+        assert_eq!(r["postcopy"], true, "{r}");
         assert!(r["downtime_ms"].as_f64().unwrap() > 0.0, "{r}");
         let st = dest.wait().unwrap();
         assert!(st.success(), "{mode}: destination {st}");
