@@ -86,6 +86,16 @@ pub struct Report {
     pub elapsed: Duration,
 }
 
+impl Report {
+    /// Add what pushing (or pulling) one chunk did.
+    pub(crate) fn count(&mut self, p: &Pushed) {
+        self.data_bytes += p.data_bytes;
+        self.zero_bytes += p.zero_bytes;
+        self.resent_whole += p.resent_whole as u64;
+        self.updated += (!p.unchanged) as u64;
+    }
+}
+
 /// A failed sync: the error and what had been done.
 #[derive(Debug, thiserror::Error)]
 #[error("{}", error.chain())]
@@ -400,10 +410,7 @@ pub async fn sync_held(
             });
             let done: std::collections::HashSet<u64> = inline_done.iter().map(|x| x.0).collect();
             for (_, p) in &inline_done {
-                report.data_bytes += p.data_bytes;
-                report.zero_bytes += p.zero_bytes;
-                report.resent_whole += p.resent_whole as u64;
-                report.updated += (!p.unchanged) as u64;
+                report.count(p);
             }
             let (ws, wr) = dest.wire();
             report.wire_sent = ws;
@@ -441,10 +448,7 @@ pub async fn sync_held(
         held[i as usize] = dst_digests[i as usize];
     }
     for (i, p) in &done {
-        report.data_bytes += p.data_bytes;
-        report.zero_bytes += p.zero_bytes;
-        report.resent_whole += p.resent_whole as u64;
-        report.updated += (!p.unchanged) as u64;
+        report.count(p);
         held[*i as usize] = p.digest;
     }
     let (ws, wr) = dest.wire();

@@ -64,10 +64,7 @@ pub async fn pull(
     })
     .await;
     for (_, p) in &done {
-        report.data_bytes += p.data_bytes;
-        report.zero_bytes += p.zero_bytes;
-        report.resent_whole += p.resent_whole as u64;
-        report.updated += (!p.unchanged) as u64;
+        report.count(p);
     }
     let (ws, wr) = remote.wire();
     report.wire_sent = ws;
