@@ -1,13 +1,14 @@
 //! The cache layer: a remote store, a local copy, and the chunk state machine between them.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use memsync_core::chunks::{
-    CacheState, CacheTable, PullPriority, PullProgress, PullView, Transition, in_background_pull,
+    CacheState, CacheTable, PullLease, PullPriority, PullProgress, PullView, Transition,
+    current_pull,
 };
 use memsync_core::{
     Caps, DynStore, Result, Retry, RetryPolicy, Store, StoreError, async_trait, check_range,
@@ -80,9 +81,10 @@ pub(crate) struct Inner {
     demand_active: AtomicUsize,
     last_demand: AtomicU64,
     pull_paused: AtomicBool,
-    /// A background puller above (a region's) reads through this cache: it owns the pull
-    /// order, and this cache's puller stops issuing requests.
-    pull_above: AtomicBool,
+    /// The background pullers above (a region's) that read through this cache. While one of
+    /// them is active it owns the pull order, and this cache's puller issues no requests; when
+    /// they pause, finish or stop, this cache's puller takes over again.
+    pulls_above: Mutex<Vec<Weak<PullLease>>>,
     push_window: Mutex<Window>,
     /// Transfer buffers handed back after use, so a fetch or push does not allocate and zero
     /// a fresh buffer each time (that was ~5% of the CPU of a sequential pull).
@@ -276,25 +278,47 @@ impl Inner {
         }
     }
 
+    /// Remembers a background puller above that reads through this cache.
+    fn register_pull_above(&self, lease: &Arc<PullLease>) {
+        let mut above = self.pulls_above.lock();
+        if !above
+            .iter()
+            .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(lease)))
+        {
+            above.retain(|w| w.strong_count() > 0);
+            above.push(Arc::downgrade(lease));
+        }
+    }
+
+    /// Whether a background puller above pulls now (then this cache's puller stands down).
+    fn pull_above(&self) -> bool {
+        self.pulls_above
+            .lock()
+            .iter()
+            .any(|w| w.upgrade().is_some_and(|l| l.is_active()))
+    }
+
     /// Fetch claimed chunks for a miss, retrying under `retry`. Fills the local copy.
     ///
-    /// A miss of a background pull above ([`in_background_pull`]: a region's puller) is served
+    /// A miss of a background pull above ([`current_pull`]: a region's puller) is served
     /// as part of the pull: over the pull's remote, counted as pulled, not as a demand miss, and
     /// without holding back this cache's puller, which from then on leaves the order to the
-    /// puller above (`pull_above`): one background puller per stack.
+    /// puller above while that one is active ([`Inner::pull_above`]): one background puller
+    /// per stack, and never none.
     async fn demand_fetch(self: &Arc<Self>, claim: Claim, retry: &mut Retry) -> Result<Bytes> {
         let deadline = Instant::from_std(retry.deadline());
         let (first, n) = (claim.first, claim.n);
         let (off, len) = self.run_bytes(first, n);
-        let pull = in_background_pull();
-        let _g = if pull {
-            self.pull_above.store(true, SeqCst);
+        let pull = current_pull();
+        let _g = if let Some(lease) = &pull {
+            self.register_pull_above(lease);
             None
         } else {
             self.demand_active.fetch_add(1, SeqCst);
             self.stats.misses.fetch_add(1, Relaxed);
             Some(DemandGuard(self))
         };
+        let pull = pull.is_some();
         let remote = if pull { &self.remote } else { &self.demand };
         let t0 = Instant::now();
         let mut last: Option<StoreError> = None;
@@ -1216,8 +1240,7 @@ impl Puller {
                 w
             };
             let shared_busy = demand && inner.cfg.demand_remote.is_none();
-            let may_issue =
-                !inner.pull_paused.load(SeqCst) && !inner.pull_above.load(SeqCst) && !shared_busy;
+            let may_issue = !inner.pull_paused.load(SeqCst) && !inner.pull_above() && !shared_busy;
             let mut exhausted = false;
             while may_issue && set.len() < w {
                 match self.next_run() {
@@ -1456,7 +1479,7 @@ impl Cache {
             demand_active: AtomicUsize::new(0),
             last_demand: AtomicU64::new(NO_CHUNK),
             pull_paused: AtomicBool::new(false),
-            pull_above: AtomicBool::new(false),
+            pulls_above: Mutex::new(Vec::new()),
             // Push requests are often single small chunks: allow as many more of them as fit
             // in the bytes of `window.max` full requests (capped), see `push_round`.
             push_window: Mutex::new(Window::new(WindowLimits {

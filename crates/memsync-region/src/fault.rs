@@ -26,15 +26,16 @@ use crate::source::{ChunkSource, FaultHooks, WpAction};
 use crate::state::{ChunkMap, ChunkState, Geometry};
 use crate::stats::{RegionStats, add, inc};
 use crate::worker::{Events, StagePool, Worker};
-use memsync_core::chunks::{AtomicChunkBitmap, background_pull};
+use memsync_core::chunks::{AtomicChunkBitmap, PullLease, background_pull};
 
 pub(crate) const NO_FAULT: usize = usize::MAX;
 
 /// Who fetches a chunk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Fetcher {
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Fetcher<'a> {
     Fault,
-    Background,
+    /// The background pull holding this lease (which the layers below see).
+    Background(&'a Arc<PullLease>),
     Inline,
     Repair,
 }
@@ -232,9 +233,13 @@ impl Core {
         let res = if zero {
             self.install_zero(w, off, dst, inst_len, wp)
         } else {
-            self.read_chunk(w, off, data_len, inst_len, by == Fetcher::Background)
+            let pull = match by {
+                Fetcher::Background(lease) => Some(lease),
+                _ => None,
+            };
+            self.read_chunk(w, off, data_len, inst_len, pull)
                 .and_then(|()| {
-                    let how = if by == Fetcher::Repair {
+                    let how = if matches!(by, Fetcher::Repair) {
                         How::Copy
                     } else {
                         self.how()
@@ -254,7 +259,7 @@ impl Core {
                 match by {
                     Fetcher::Fault | Fetcher::Repair => inc(&self.stats.chunks_fault),
                     Fetcher::Inline => inc(&self.stats.chunks_inline),
-                    Fetcher::Background => {
+                    Fetcher::Background(_) => {
                         inc(&self.stats.chunks_background);
                         if !zero {
                             add(&self.stats.bytes_background, data_len);
@@ -285,7 +290,7 @@ impl Core {
                 self.errors.lock().push(err.clone());
                 Err(err)
             }
-            Err(Fail::Store(e, attempts)) if by == Fetcher::Background => {
+            Err(Fail::Store(e, attempts)) if matches!(by, Fetcher::Background(_)) => {
                 // The fault path retries with its own deadline.
                 self.chunks.abandon(i);
                 let _ = uffd.wake(dst, inst_len);
@@ -416,7 +421,7 @@ impl Core {
         off: usize,
         data_len: usize,
         inst_len: usize,
-        background: bool,
+        pull: Option<&Arc<PullLease>>,
     ) -> Result<(), Fail> {
         let mut retry = self.cfg.retry.start();
         let Worker {
@@ -432,10 +437,9 @@ impl Core {
             // A cache below serves the puller's reads as its pull, not as demand (see
             // `memsync_core::chunks::background_pull`).
             let read = async {
-                if background {
-                    background_pull(read).await
-                } else {
-                    read.await
+                match pull {
+                    Some(lease) => background_pull(lease, read).await,
+                    None => read.await,
                 }
             };
             let res = exec.block_on(async {

@@ -1,6 +1,7 @@
 //! The background puller: threads that fetch the chunks nobody asked for
 //! yet, in the order of a [`PullPriority`], yielding to faults.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -8,7 +9,7 @@ use parking_lot::{Condvar, Mutex};
 use crate::engine::Engine;
 use crate::fault::{Core, Fetcher, NO_FAULT};
 use crate::pull::{PullPriority, PullView};
-use memsync_core::chunks::PullProgress;
+use memsync_core::chunks::{PullLease, PullProgress};
 
 #[derive(Debug, Default)]
 pub(crate) struct PullState {
@@ -26,6 +27,9 @@ pub(crate) struct Puller {
     pub(crate) state: Mutex<PullState>,
     pub(crate) cv: Condvar,
     shared: Mutex<PullShared>,
+    /// Active while the pull runs and is not done: a cache below stands
+    /// its own puller down only while it is.
+    lease: Arc<PullLease>,
 }
 
 /// The pull order and the chunks given up in this pull generation.
@@ -41,7 +45,10 @@ use std::sync::atomic::Ordering;
 
 impl Puller {
     pub(crate) fn new(prio: Box<dyn PullPriority>, running: bool) -> Self {
+        let lease = PullLease::new();
+        lease.set_active(running);
         Self {
+            lease,
             state: Mutex::new(PullState {
                 running,
                 ..PullState::default()
@@ -63,18 +70,27 @@ impl Puller {
         st.running = true;
         st.done = false;
         st.generation += 1;
-        self.cv.notify_all();
+        self.changed(&st);
     }
 
     /// Pauses the pull after the chunk in progress.
     pub(crate) fn pause(&self) {
-        self.state.lock().running = false;
+        let mut st = self.state.lock();
+        st.running = false;
+        self.changed(&st);
     }
 
     /// Resumes a paused pull where it stopped.
     pub(crate) fn resume(&self) {
         let mut st = self.state.lock();
         st.running = true;
+        self.changed(&st);
+    }
+
+    /// After a change of `st` (under its lock): tells the layers below
+    /// whether this pull is active and wakes the threads.
+    fn changed(&self, st: &PullState) {
+        self.lease.set_active(st.running && !st.done);
         self.cv.notify_all();
     }
 
@@ -107,9 +123,11 @@ impl Puller {
         }
     }
 
-    /// Wakes the puller threads (to stop, or to start).
-    pub(crate) fn notify(&self) {
+    /// Stops the pull for good (the region stops): the layers below no
+    /// longer wait for it, and the threads wake to end.
+    pub(crate) fn stop(&self) {
         let _st = self.state.lock();
+        self.lease.set_active(false);
         self.cv.notify_all();
     }
 
@@ -179,7 +197,7 @@ impl Puller {
                     // Another puller may have taken it meanwhile: then this
                     // one just asks for the next.
                     if core.chunks.try_claim(i).is_ok() {
-                        let r = core.fetch(&mut w, i, Fetcher::Background);
+                        let r = core.fetch(&mut w, i, Fetcher::Background(&self.lease));
                         Engine::serve_deferred(core, &mut w);
                         match r {
                             Ok(()) => {
@@ -204,7 +222,7 @@ impl Puller {
                     let mut st = self.state.lock();
                     if st.generation == seen_gen {
                         st.done = true;
-                        self.cv.notify_all();
+                        self.changed(&st);
                     }
                 }
             }

@@ -120,7 +120,7 @@ impl Running {
     pub(crate) fn stop(&mut self) {
         let core = &self.core;
         core.engine.stop();
-        self.pull.notify();
+        self.pull.stop();
         core.budget.notify();
         {
             let _e = core.stage.empty.lock();

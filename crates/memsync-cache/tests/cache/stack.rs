@@ -27,6 +27,15 @@ struct Stack {
 /// region (64 KiB chunks) → cache (64 KiB chunks, no pull of its own unless `pull`) →
 /// Stats → Inject → a memory store of random data.
 fn stack(cache_cfg: CacheConfig, region_cfg: RegionConfig) -> Stack {
+    stack_with(cache_cfg, region_cfg, |_| {})
+}
+
+/// [`stack`], with `before` given the remote's injection control before the cache opens.
+fn stack_with(
+    cache_cfg: CacheConfig,
+    region_cfg: RegionConfig,
+    before: impl FnOnce(&InjectControl),
+) -> Stack {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -38,8 +47,9 @@ fn stack(cache_cfg: CacheConfig, region_cfg: RegionConfig) -> Stack {
     let control = inject.control();
     let remote = Arc::new(Stats::new(inject));
     let dir = tempfile::tempdir().unwrap();
+    rt.block_on(mem.write(0, data.clone().into())).unwrap();
+    before(&control);
     let cache = rt.block_on(async {
-        mem.write(0, data.clone().into()).await.unwrap();
         Arc::new(
             Cache::open(remote.clone() as DynStore, dir.path(), cache_cfg)
                 .await
@@ -166,6 +176,89 @@ fn stack_has_one_background_puller() {
     assert!(buf == s.data);
     drop(s.region);
     s.rt.block_on(s.cache.close()).unwrap();
+}
+
+/// How the region's pull ends in [`cache_pull_takes_over`].
+enum RegionPullEnds {
+    Paused,
+    Dropped,
+}
+
+/// The region's pull reads through the cache, so the cache's own puller stands down. Once the
+/// region's pull is paused, or the region is gone, the cache's puller takes over and the cache
+/// fills completely: a stack is never left without a puller. (It used to stand down until the
+/// cache closed, and the cache never filled.)
+///
+/// Every remote read stalls at first, so the order of events is fixed: the cache's puller has
+/// one request in flight (window 1, for the last chunk), the region's one puller thread has one
+/// read through the cache in flight (chunk 0, a pull read that makes the cache stand down), then
+/// the region's pull ends and the reads go on.
+fn cache_pull_takes_over(how: RegionPullEnds) {
+    let cache = CacheConfig {
+        window: memsync_cache::WindowLimits {
+            initial: 1,
+            min: 1,
+            max: 1,
+        },
+        request_size: 64 * KIB as u64,
+        hints: std::iter::once((SIZE - 64 * KIB) as u64..SIZE as u64).collect(),
+        ..cache_cfg(Duration::from_secs(30), true)
+    };
+    let region = RegionConfig {
+        pull_threads: 1,
+        ..region_cfg(Duration::from_secs(30), true)
+    };
+    let s = stack_with(cache, region, |inject| {
+        inject.stall(OpSet::READ, None);
+    });
+    s.rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(60), s.inject.wait_stalled(2)).await
+    })
+    .expect("the cache's and the region's pull reads reach the remote");
+    let region = match how {
+        RegionPullEnds::Paused => {
+            s.region.pause_pull();
+            Some(s.region)
+        }
+        RegionPullEnds::Dropped => {
+            drop(s.region);
+            None
+        }
+    };
+    s.inject.release_stalls();
+    assert!(
+        s.rt.block_on(s.cache.wait_pulled(Duration::from_secs(60))),
+        "the cache's puller took over: {}",
+        s.cache.stats()
+    );
+    if let Some(region) = &region {
+        let p = region.progress();
+        assert!(!p.running, "{p:?}");
+        assert!(
+            p.pulled_chunks <= 2,
+            "the region's pull stayed paused: {p:?}"
+        );
+    }
+    let mut buf = vec![0u8; SIZE];
+    s.rt.block_on(s.cache.read(0, &mut buf)).unwrap();
+    assert!(buf == s.data);
+    assert_eq!(
+        s.remote.snapshot()[OpKind::Read].bytes,
+        SIZE as u64,
+        "every byte read from the remote once"
+    );
+    drop(region);
+    s.rt.block_on(s.cache.close()).unwrap();
+}
+
+#[test]
+fn cache_pull_takes_over_when_the_region_pull_pauses() {
+    cache_pull_takes_over(RegionPullEnds::Paused);
+}
+
+#[test]
+fn cache_pull_takes_over_when_the_region_is_dropped() {
+    cache_pull_takes_over(RegionPullEnds::Dropped);
 }
 
 /// A remote that refuses every read with an error retrying cannot help.

@@ -21,8 +21,8 @@ pub use bitmap::{AtomicChunkBitmap, ChunkBitmap};
 pub use cache_state::{CacheState, CacheTable};
 pub use geometry::Geometry;
 pub use order::{
-    FollowFaults, HintsFirst, PullPriority, PullProgress, PullView, Sequential, background_pull,
-    in_background_pull,
+    FollowFaults, HintsFirst, PullLease, PullPriority, PullProgress, PullView, Sequential,
+    background_pull, current_pull,
 };
 pub use state::{ChunkMap, ChunkState};
 pub use table::{State, StateTable, Transition};

@@ -6,6 +6,8 @@
 use std::fmt;
 use std::future::Future;
 use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{ChunkMap, ChunkState};
 
@@ -235,24 +237,54 @@ impl PullPriority for HintsFirst {
     }
 }
 
+/// A background puller's presence, as the layers its reads reach see it:
+/// active while the puller pulls, inactive while it is paused, done or
+/// stopped (and gone once its owner drops it). A cache below leaves the
+/// pull order to such a puller only while it is active, so that pausing or
+/// stopping the puller above never leaves the stack with no puller at all.
+#[derive(Debug, Default)]
+pub struct PullLease {
+    active: AtomicBool,
+}
+
+impl PullLease {
+    /// A lease, inactive until [`set_active`](Self::set_active).
+    #[must_use]
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Tells whether the puller pulls now.
+    pub fn set_active(&self, active: bool) {
+        self.active.store(active, Ordering::SeqCst);
+    }
+
+    /// Whether the puller pulls now.
+    #[must_use]
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::SeqCst)
+    }
+}
+
 tokio::task_local! {
-    static BACKGROUND: ();
+    static BACKGROUND: Arc<PullLease>;
 }
 
-/// Runs `f` as a background pull's read: the layers it reaches see
-/// [`in_background_pull`]. A region's puller reads this way, so a cache
-/// below it serves the read as part of a pull, not as a demand miss, and
-/// leaves the pull order to the region's puller (one background puller per
-/// stack, not two working against each other).
-pub fn background_pull<F: Future>(f: F) -> impl Future<Output = F::Output> {
-    BACKGROUND.scope((), f)
+/// Runs `f` as a read of the background pull that holds `lease`: the layers
+/// it reaches see [`current_pull`]. A region's puller reads this way, so a
+/// cache below it serves the read as part of a pull, not as a demand miss,
+/// and leaves the pull order to the region's puller while its lease is
+/// active (one background puller per stack, not two working against each
+/// other, and never none).
+pub fn background_pull<F: Future>(lease: &Arc<PullLease>, f: F) -> impl Future<Output = F::Output> {
+    BACKGROUND.scope(Arc::clone(lease), f)
 }
 
-/// Whether the current task runs a read of a background pull above (see
-/// [`background_pull`]).
+/// The lease of the background pull above whose read the current task runs
+/// (see [`background_pull`]), if any.
 #[must_use]
-pub fn in_background_pull() -> bool {
-    BACKGROUND.try_with(|()| ()).is_ok()
+pub fn current_pull() -> Option<Arc<PullLease>> {
+    BACKGROUND.try_with(Arc::clone).ok()
 }
 
 /// How far a background pull has come.
