@@ -354,12 +354,14 @@ fn answer(
     check: Option<&Mutex<Vec<Digest>>>,
     lz4: bool,
 ) -> Msg {
-    if let Some(c) = check {
+    // Hashed only when verifying (the digests are kept): a plain post-copy answer must not pay
+    // a BLAKE3 of every chunk on the urgent path.
+    if let Some(want) = check.and_then(|c| c.lock().get(index as usize).copied()) {
         let now = match &data {
             Some(b) => chunk_digest(b),
             None => layout.zero_digest(index),
         };
-        if c.lock().get(index as usize) == Some(&now) {
+        if now == want {
             return Msg::Same {
                 first: index,
                 count: 1,
@@ -870,6 +872,27 @@ impl Source<'_> {
         t_suspend: Instant,
         rep: &mut Report,
     ) -> Result<()> {
+        let post = Arc::new(Post {
+            needed: Mutex::new(needed),
+            cursor: AtomicU64::new(0),
+            wake: Notify::new(),
+            served: AtomicU64::new(0),
+            data: AtomicU64::new(0),
+            zero: AtomicU64::new(0),
+            same: AtomicU64::new(0),
+        });
+        // The urgent server runs before the COMMIT: the destination resumes its application
+        // when COMMIT arrives, and a fault it takes at once must not wait until this side has
+        // read RESUMED (a round trip, and the first fault's whole latency when this side is
+        // slow to be scheduled).
+        let (lost_tx, lost_rx) = mpsc::unbounded_channel::<String>();
+        let early = Tasks(
+            urgent
+                .map(|(r, w)| self.spawn_urgent(r, w, post.clone(), lost_tx.clone()))
+                .into_iter()
+                .collect(),
+        );
+        let mut first = Some((bulk, early, lost_tx, lost_rx));
         // The commit point: from here on the source never resumes the application, even if
         // sending COMMIT fails (its bytes may have arrived); recovery finds out.
         if let Err(e) = send(&mut link.ctl_w, &Msg::Commit, &self.sent).await {
@@ -883,36 +906,29 @@ impl Source<'_> {
             Err(e) => tracing::warn!("migrate: waiting for RESUMED: {}", e.chain()),
         }
         rep.downtime = t_suspend.elapsed();
-        let post = Arc::new(Post {
-            needed: Mutex::new(needed),
-            cursor: AtomicU64::new(0),
-            wake: Notify::new(),
-            served: AtomicU64::new(0),
-            data: AtomicU64::new(0),
-            zero: AtomicU64::new(0),
-            same: AtomicU64::new(0),
-        });
         self.progress.phase(
             "post-copy",
             post.needed.lock().count() * self.layout.chunk_size,
         );
-        let mut conns = Some((bulk, urgent));
         loop {
-            let (bulk, urgent) = match conns.take() {
+            let (bulk, mut tasks, lost_tx, mut lost_rx) = match first.take() {
                 Some(c) => c,
                 None => {
                     let (l, b, u) = self.reconnect(&post).await?;
                     rep.reconnects += 1;
                     link = l;
-                    (b, u)
+                    let (lost_tx, lost_rx) = mpsc::unbounded_channel::<String>();
+                    let u = Tasks(
+                        u.map(|(r, w)| self.spawn_urgent(r, w, post.clone(), lost_tx.clone()))
+                            .into_iter()
+                            .collect(),
+                    );
+                    (b, u, lost_tx, lost_rx)
                 }
             };
-            let (lost_tx, mut lost_rx) = mpsc::unbounded_channel::<String>();
-            let mut tasks = vec![self.spawn_background(bulk, post.clone(), lost_tx.clone())];
-            if let Some((r, w)) = urgent {
-                tasks.push(self.spawn_urgent(r, w, post.clone(), lost_tx.clone()));
-            }
-            let _guard = Tasks(tasks);
+            tasks
+                .0
+                .push(self.spawn_background(bulk, post.clone(), lost_tx.clone()));
             let outcome = tokio::select! {
                 m = read_frame(&mut link.ctl_r, &self.received) => match m {
                     Ok(Some(Msg::AllReceived { faults, p50_ns, p99_ns })) => {

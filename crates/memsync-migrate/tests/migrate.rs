@@ -1013,6 +1013,70 @@ async fn a_request_lost_in_a_cut_is_sent_again() {
     assert_same("after the cut", &contents(&*dest.store).await, &initial);
 }
 
+/// The destination resumes its application when COMMIT arrives, and that application may
+/// fault at once: the source serves urgent requests from before it sends COMMIT, not only once
+/// it has read RESUMED. Here the destination's resume hook itself reads a missing chunk, so
+/// RESUMED follows that chunk's arrival; a source that began serving only after RESUMED waited
+/// for it until its reply timeout, then read the late RESUMED where it expected ALL_RECEIVED and
+/// failed (seen failing so before the urgent server was started ahead of the COMMIT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_at_the_resume_is_served_before_resumed() {
+    /// Reads the last chunk through the target while resuming.
+    #[derive(Debug, Default)]
+    struct ReadOnResume {
+        target: std::sync::OnceLock<Arc<StoreTarget>>,
+        got: Mutex<Option<Vec<u8>>>,
+    }
+    #[async_trait]
+    impl Hooks for ReadOnResume {
+        async fn suspend(&self) -> Result<()> {
+            Ok(())
+        }
+        async fn resume(&self) -> Result<()> {
+            let t: DynStore = self.target.get().expect("the target").clone();
+            let mut b = vec![0u8; PAGE as usize];
+            t.read(t.size() - PAGE, &mut b).await?;
+            *self.got.lock() = Some(b);
+            Ok(())
+        }
+    }
+    let size = 4u64 << 20;
+    let initial = random(12, size as usize);
+    let raw = mem_with(&initial).await;
+    let tracked = Tracked::new(raw, PAGE);
+    let hook = Arc::new(ReadOnResume::default());
+    let dest = destination(
+        size,
+        hook.clone(),
+        DestConfig::default(),
+        "127.0.0.1:0",
+        |s| s,
+    )
+    .await;
+    hook.target.set(dest.target.clone()).unwrap();
+    let cfg = SourceConfig {
+        mode: Mode::Postcopy,
+        chunk_size: 64 << 10,
+        reply_timeout: Duration::from_secs(5),
+        ..SourceConfig::default()
+    };
+    let report = migrate(
+        tracked.clone(),
+        tracked.clone(),
+        &Dialer::parse(&dest.url).unwrap(),
+        &NoHooks,
+        &cfg,
+        &NoProgress,
+    )
+    .await
+    .expect("a migration whose destination faults while resuming");
+    dest.task.await.unwrap().expect("destination");
+    let got = hook.got.lock().take().expect("the resume hook's read");
+    assert_eq!(&got[..], &initial[initial.len() - PAGE as usize..]);
+    assert!(report.urgent_served >= 1, "{report:?}");
+    assert_same("after the resume", &contents(&*dest.store).await, &initial);
+}
+
 /// Strangers on the destination's port (garbage, a huge length prefix, a frame that is no
 /// HELLO, a connection for an unknown session) are turned away; a real migration still works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
