@@ -94,3 +94,19 @@ fn a_guest_past_its_timeout_is_killed() {
     };
     assert!(matches!(f, GuestFailure::Timeout { .. }), "{f}");
 }
+
+#[test]
+#[ignore]
+fn scratch() {
+    let bin = std::env::var("SCRATCH_BIN").unwrap();
+    let kernel = Kernel::debian(&std::env::var("SCRATCH_KERNEL").unwrap(), "scratch").unwrap();
+    let script = std::env::var("SCRATCH_SCRIPT").unwrap();
+    let r = Vm::new(&kernel)
+        .with_binary_as(&bin, "t")
+        .with_env("CI", "true")
+        .try_run_script(&script, Duration::from_secs(600));
+    match r {
+        Ok(o) => eprintln!("OK boot {:?} total {:?}\n{}", o.boot, o.total, o.output),
+        Err(e) => eprintln!("FAIL {e}"),
+    }
+}
