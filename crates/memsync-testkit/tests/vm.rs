@@ -54,7 +54,8 @@ fn guest_runs_a_script_with_binaries_modules_and_env() {
 }
 
 fn failure(script: &str, timeout: Duration) -> Option<GuestFailure> {
-    let kernel = Kernel::debian("6.1", "guest_failures")?;
+    // 6.12 boots in about half the time of 6.1 under TCG.
+    let kernel = Kernel::debian("6.12", "guest_failures")?;
     Some(
         Vm::new(&kernel)
             .try_run_script(script, timeout)
@@ -93,20 +94,4 @@ fn a_guest_past_its_timeout_is_killed() {
         return;
     };
     assert!(matches!(f, GuestFailure::Timeout { .. }), "{f}");
-}
-
-#[test]
-#[ignore]
-fn scratch() {
-    let bin = std::env::var("SCRATCH_BIN").unwrap();
-    let kernel = Kernel::debian(&std::env::var("SCRATCH_KERNEL").unwrap(), "scratch").unwrap();
-    let script = std::env::var("SCRATCH_SCRIPT").unwrap();
-    let r = Vm::new(&kernel)
-        .with_binary_as(&bin, "t")
-        .with_env("CI", "true")
-        .try_run_script(&script, Duration::from_secs(600));
-    match r {
-        Ok(o) => eprintln!("OK boot {:?} total {:?}\n{}", o.boot, o.total, o.output),
-        Err(e) => eprintln!("FAIL {e}"),
-    }
 }
