@@ -146,6 +146,17 @@ fn open_uffd(
     if wp_async {
         required |= Features::WP_ASYNC;
     }
+    // A memfd chunk is installed write-protected with UFFDIO_CONTINUE_MODE_WP, which came with
+    // Linux 6.4 in the series that added WP_UNPOPULATED and has no feature bit of its own:
+    // older kernels (6.1 LTS) reject the mode with EINVAL at the first install, and mapping the
+    // page first and protecting it after would let a write slip through unseen in between.
+    if wp && memfd && !supported.contains(Features::WP_UNPOPULATED) {
+        return Err(Error::Config(
+            "write tracking or a budget on a memfd region needs UFFDIO_CONTINUE_MODE_WP \
+             (Linux 6.4), which this kernel lacks: use Backing::Anonymous"
+                .into(),
+        ));
+    }
     if !supported.contains(required) {
         return Err(Error::Config(format!(
             "the kernel lacks userfaultfd features {:?}",

@@ -43,6 +43,18 @@ use crate::child::TempDir;
 /// the unpacked `linux-image-*` packages (`boot/vmlinuz-RELEASE`, `lib/modules/RELEASE`).
 pub const VM_DIR: &str = "/var/tmp/memsync-tools/vm";
 
+/// Set in the guest's environment (to `1`): see [`in_guest`].
+pub const GUEST_ENV: &str = "MEMSYNC_VM_GUEST";
+/// Set on the host (to `1`) to copy the guest's console to stderr as it comes, for debugging a
+/// guest that hangs.
+pub const ECHO_ENV: &str = "MEMSYNC_VM_ECHO";
+
+/// Whether this process runs inside a guest of [`Vm`]: a test that boots guests returns at once
+/// there, so that running its own binary in the guest does not recurse.
+pub fn in_guest() -> bool {
+    std::env::var_os(GUEST_ENV).is_some()
+}
+
 const BEGIN: &str = "@@memsync-vm-begin@@";
 const END: &str = "@@memsync-vm-end rc=";
 const PANIC: &str = "Kernel panic - not syncing";
@@ -392,7 +404,7 @@ impl Vm {
         let init = format!(
             r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
-export PATH=/bin:/sbin HOME=/root TMPDIR=/tmp
+export PATH=/bin:/sbin HOME=/root TMPDIR=/tmp {GUEST_ENV}=1
 fail() {{ echo "memsync-vm: $1 failed"; echo "{END}125@@"; poweroff -f; }}
 mount -t proc proc /proc || fail 'mount /proc'
 mount -t sysfs sysfs /sys || fail 'mount /sys'
@@ -480,11 +492,15 @@ poweroff -f
         let reader = {
             let mut stdout = qemu.0.stdout.take().expect("piped stdout");
             let (console, began) = (console.clone(), began.clone());
+            let echo = std::env::var_os(ECHO_ENV).is_some_and(|v| !v.is_empty() && v != "0");
             std::thread::spawn(move || {
                 let mut buf = [0u8; 8192];
                 while let Ok(n) = stdout.read(&mut buf) {
                     if n == 0 {
                         break;
+                    }
+                    if echo {
+                        let _ = std::io::stderr().write_all(&buf[..n]);
                     }
                     let mut c = console.lock();
                     c.extend_from_slice(&buf[..n]);
@@ -558,6 +574,48 @@ poweroff -f
             }),
         }
     }
+}
+
+/// Run the tests of the libtest binary `exe` (usually the calling test's own,
+/// `std::env::current_exe()`) inside a guest of `kernel` with the libtest arguments `args`
+/// (filters: the tests whose names contain one of them; `--skip NAME`; `--exact`), two at a
+/// time and with `--nocapture` (so that `SKIPPED` lines are in the output), with `CI=true` (so
+/// a test may skip only for a feature the guest kernel predates, see [`crate::skip`]). Tests
+/// named `kernel_matrix` are left out (they boot the guests). Panics with the console log
+/// unless every selected test passes; returns the output for further checks.
+#[track_caller]
+pub fn run_test_binary(
+    kernel: &Kernel,
+    exe: &Path,
+    args: &[&str],
+    timeout: Duration,
+) -> GuestOutput {
+    let mut script = String::from("tests --test-threads=2 --nocapture --skip kernel_matrix");
+    for a in args {
+        script.push(' ');
+        script.push_str(&shell_quote(a));
+    }
+    let out = Vm::new(kernel)
+        .with_binary_as(exe, "tests")
+        .with_env("CI", "true")
+        .with_env("RUST_BACKTRACE", "1")
+        .run_script(&script, timeout);
+    let summary = out
+        .output
+        .lines()
+        .find(|l| l.starts_with("test result:"))
+        .unwrap_or("no summary");
+    assert!(
+        summary.starts_with("test result: ok") && !summary.contains(" 0 passed"),
+        "Linux {}: {summary}\n{}",
+        kernel.release,
+        out.console
+    );
+    eprintln!(
+        "Linux {}: {summary} (boot {:.1?}, total {:.1?})",
+        kernel.release, out.boot, out.total
+    );
+    out
 }
 
 /// qemu, killed when dropped (a panicking test never leaves a guest running).
