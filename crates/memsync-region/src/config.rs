@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use crate::error::Error;
 use crate::pull::{PullPriority, Sequential};
 
 /// What kind of memory backs a region.
@@ -203,6 +204,18 @@ pub struct RegionConfig {
     /// Change it with [`LazyRegion::set_budget`](crate::LazyRegion::set_budget).
     /// Default `None` (no budget).
     pub budget: Option<usize>,
+    /// Ask the kernel for `REMOVE` events (`UFFD_FEATURE_EVENT_REMOVE`), so
+    /// that pages dropped by anyone (an application's `MADV_DONTNEED`) are
+    /// seen and fetched again on their next touch. Each such drop then waits
+    /// in the kernel until a handler thread has read its event, and so does
+    /// [`LazyRegion::invalidate`](crate::LazyRegion::invalidate): while every
+    /// handler waits on a slow fetch, an invalidation waits for one of them.
+    /// `false` when only the driver drops pages (a shared region whose
+    /// invalidations must never wait behind faults): `invalidate` then needs
+    /// no handler thread, and pages the application drops itself are not
+    /// supported (their next touch faults until the chunk is invalidated).
+    /// Default `true`.
+    pub remove_events: bool,
     /// Run store futures with `Handle::block_on` on this runtime instead of
     /// a small current-thread runtime per handler thread (use it for stores
     /// whose I/O is bound to a particular runtime).
@@ -233,6 +246,7 @@ impl Default for RegionConfig {
             write_tracking: WriteTracking::Off,
             budget: None,
             runtime: None,
+            remove_events: true,
             store_spin: Duration::from_micros(50),
         }
     }
@@ -262,6 +276,7 @@ impl std::fmt::Debug for RegionConfig {
             .field("store_spin", &self.store_spin)
             .field("write_tracking", &self.write_tracking)
             .field("budget", &self.budget)
+            .field("remove_events", &self.remove_events)
             .finish_non_exhaustive()
     }
 }
@@ -274,5 +289,44 @@ impl RegionConfig {
     /// [`retry_backoff`](Self::retry_backoff) to 100 ms.
     pub(crate) fn retry_policy(&self) -> memsync_core::RetryPolicy {
         memsync_core::RetryPolicy::new(self.fetch_deadline, self.retry_backoff, MAX_BACKOFF)
+    }
+
+    /// The page size chunks are installed in (a huge page with
+    /// [`Backing::Hugetlb`]), once the chunk size is checked against it.
+    pub(crate) fn install_page(&self) -> Result<usize, Error> {
+        let page = memsync_sys::page_size();
+        let chunk = self.chunk_size;
+        if !chunk.is_power_of_two() || chunk < page || chunk > 1 << 30 {
+            return Err(Error::Config(format!(
+                "chunk size {chunk} must be a power of two from {page} bytes to 1 GiB"
+            )));
+        }
+        if self.backing != Backing::Hugetlb {
+            return Ok(page);
+        }
+        // hugetlb memory is installed in whole huge pages.
+        let huge = memsync_sys::pmd_size();
+        if chunk < huge {
+            return Err(Error::Config(format!(
+                "hugetlb regions need chunks of at least one huge page ({huge} bytes), not {chunk}"
+            )));
+        }
+        Ok(huge)
+    }
+
+    /// The pull order, for the puller (the rest of the configuration is
+    /// still read by the threads it starts).
+    pub(crate) fn take_priority(&mut self) -> Box<dyn PullPriority> {
+        std::mem::replace(&mut self.priority, Box::new(Sequential::default()))
+    }
+
+    /// How long unpinned standby handlers wait before joining in (pinned
+    /// handlers each serve their own CPU: all of them poll).
+    pub(crate) fn standby(&self) -> Option<Duration> {
+        if self.pin_handlers {
+            None
+        } else {
+            self.standby_after
+        }
     }
 }

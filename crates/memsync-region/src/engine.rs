@@ -59,6 +59,8 @@ pub(crate) struct EngineSetup {
     /// `wp_async`, the kernel's dirty tracking).
     pub(crate) wp: bool,
     pub(crate) wp_async: bool,
+    /// Ask for `REMOVE` events ([`RegionConfig::remove_events`](crate::RegionConfig::remove_events)).
+    pub(crate) remove_events: bool,
     pub(crate) spin: Duration,
     pub(crate) standby_after: Option<Duration>,
 }
@@ -105,6 +107,7 @@ fn open_uffd(
     force_user_mode: Option<bool>,
     wp: bool,
     wp_async: bool,
+    remove_events: bool,
 ) -> Result<(Uffd, bool), Error> {
     let open = |user_mode_only| {
         Uffd::open(OpenFlags {
@@ -143,6 +146,17 @@ fn open_uffd(
     if wp_async {
         required |= Features::WP_ASYNC;
     }
+    // A memfd chunk is installed write-protected with UFFDIO_CONTINUE_MODE_WP, which came with
+    // Linux 6.4 in the series that added WP_UNPOPULATED and has no feature bit of its own:
+    // older kernels (6.1 LTS) reject the mode with EINVAL at the first install, and mapping the
+    // page first and protecting it after would let a write slip through unseen in between.
+    if wp && memfd && !supported.contains(Features::WP_UNPOPULATED) {
+        return Err(Error::Config(
+            "write tracking or a budget on a memfd region needs UFFDIO_CONTINUE_MODE_WP \
+             (Linux 6.4), which this kernel lacks: use Backing::Anonymous"
+                .into(),
+        ));
+    }
     if !supported.contains(required) {
         return Err(Error::Config(format!(
             "the kernel lacks userfaultfd features {:?}",
@@ -152,7 +166,10 @@ fn open_uffd(
     // Not EVENT_UNMAP: a failed chunk may be replaced by a SIGBUS mapping,
     // and with unmap events that mmap would wait until a handler has read
     // its event, which the handler doing it cannot.
-    let optional = Features::MOVE | Features::POISON | Features::EVENT_REMOVE;
+    let mut optional = Features::MOVE | Features::POISON;
+    if remove_events {
+        optional |= Features::EVENT_REMOVE;
+    }
     uffd.api(required | (optional & supported))
         .map_err(sys("userfaultfd handshake"))?;
     Ok((uffd, umo))
@@ -171,6 +188,7 @@ impl Engine {
             setup.user_mode_only,
             setup.wp,
             setup.wp && setup.wp_async,
+            setup.remove_events,
         )?;
         let len = setup.map_len;
         let align = memsync_sys::pmd_size().max(setup.page);
@@ -222,26 +240,10 @@ impl Engine {
         // userfaultfd registration is not inherited): it gets nothing here.
         map.advise(0, map.len(), Advice::DontFork)
             .map_err(sys("MADV_DONTFORK on the region"))?;
-        let (wake_tx, wake_rx) = UnixStream::pair().map_err(sys("creating the wake-up socket"))?;
-        let (stop_tx, _) = watch::channel(false);
         Ok(Self {
-            uffd,
-            map,
             memfd,
-            ioctls,
             user_mode_only,
-            spin: setup.spin,
-            standby_after: setup.standby_after,
-            stop: AtomicBool::new(false),
-            stop_tx,
-            wake_rx,
-            wake_tx,
-            epoch: Instant::now(),
-            busy_since: AtomicU64::new(0),
-            last_busy: AtomicU64::new(0),
-            standby_lock: Mutex::new(()),
-            standby_cv: Condvar::new(),
-            remove_tap: None,
+            ..Self::assemble(uffd, map, ioctls, setup.spin, setup.standby_after)?
         })
     }
 
@@ -258,13 +260,30 @@ impl Engine {
         standby_after: Option<Duration>,
         remove_tap: Option<RemoveTap>,
     ) -> Result<Self, Error> {
+        let ioctls = Ioctls::WAKE | Ioctls::COPY | Ioctls::ZEROPAGE | Ioctls::POISON;
+        Ok(Self {
+            remove_tap,
+            ..Self::assemble(uffd, map, ioctls, spin, standby_after)?
+        })
+    }
+
+    /// The engine around a userfaultfd and its memory (no memfd, no tap):
+    /// the handlers' shared state (stop, wake-up, standby) starts here for
+    /// both kinds.
+    fn assemble(
+        uffd: Uffd,
+        map: Mapping,
+        ioctls: Ioctls,
+        spin: Duration,
+        standby_after: Option<Duration>,
+    ) -> Result<Self, Error> {
         let (wake_tx, wake_rx) = UnixStream::pair().map_err(sys("creating the wake-up socket"))?;
         let (stop_tx, _) = watch::channel(false);
         Ok(Self {
             uffd,
             map,
             memfd: None,
-            ioctls: Ioctls::WAKE | Ioctls::COPY | Ioctls::ZEROPAGE | Ioctls::POISON,
+            ioctls,
             user_mode_only: false,
             spin,
             standby_after,
@@ -277,7 +296,7 @@ impl Engine {
             last_busy: AtomicU64::new(0),
             standby_lock: Mutex::new(()),
             standby_cv: Condvar::new(),
-            remove_tap,
+            remove_tap: None,
         })
     }
 

@@ -197,6 +197,112 @@ fn copy_install_without_move_is_identical() {
     assert!(s.installs_copy > 0, "{s}");
 }
 
+/// The features an LTS kernel lacks are detected at run time and each has its fallback, with
+/// the default configuration: no `UFFDIO_MOVE` (6.8) → chunks are installed with
+/// `UFFDIO_COPY`; no `UFFDIO_POISON` (6.6) → a failed chunk becomes a SIGBUS mapping
+/// (`failing_store_raises_sigbus` and `poisoned_chunk_raises_sigbus_after_dontneed` then take
+/// that path); no `WP_ASYNC` (6.7) → `WriteTracking::Dirty` is refused with the reason, so that
+/// a caller can track by hashing instead. On a kernel that has them, they are used. The kernel
+/// matrix runs this on 6.1 and 6.12 (`kernel_matrix`).
+#[test]
+fn kernel_features_are_detected_and_fall_back() {
+    use memsync_sys::Features;
+    let kernel = memsync_sys::Uffd::probe_features().unwrap();
+    eprintln!(
+        "kernel {:?}: {kernel:?}",
+        memsync_testkit::skip::kernel_version()
+    );
+
+    let (store, data) = random_store(4 * MIB, 81, Some(5));
+    let region = LazyRegion::new(store, cfg(64 * KIB)).unwrap();
+    let mut buf = vec![0u8; data.len()];
+    region.read_faulting(0, &mut buf);
+    assert!(buf == data);
+    let s = region.stats().snapshot();
+    if kernel.contains(Features::MOVE) {
+        assert!(
+            s.installs_move > 0,
+            "MOVE is used where the kernel has it: {s}"
+        );
+    } else {
+        assert_eq!(s.installs_move, 0, "{s}");
+        assert!(s.installs_copy > 0, "COPY instead of MOVE: {s}");
+    }
+
+    let (region, _) = region_failing(MIB, 82, Some(2), cfg(64 * KIB));
+    assert_eq!(region.uses_poison(), kernel.contains(Features::POISON));
+    let mut b = [0u8; 1];
+    let err = region.read_at(2 * 64 * KIB, &mut b).unwrap_err();
+    assert!(err.poisoned, "{err}");
+    region.read_at(0, &mut b).unwrap();
+
+    let (store, _) = random_store(MIB, 83, None);
+    let dirty = LazyRegion::new(
+        store,
+        RegionConfig {
+            write_tracking: memsync_region::WriteTracking::Dirty,
+            ..cfg(64 * KIB)
+        },
+    );
+    match dirty {
+        Ok(r) => {
+            assert!(kernel.contains(Features::WP_ASYNC));
+            r.write_at(5, b"x").unwrap();
+            assert_eq!(r.dirty_chunks().unwrap(), vec![0..64 * KIB]);
+        }
+        Err(e) => {
+            assert!(!kernel.contains(Features::WP_ASYNC), "{e}");
+            assert!(e.to_string().contains("WP_ASYNC"), "{e}");
+        }
+    }
+}
+
+/// The tests of the kernel features and their fallbacks, inside guests of Debian 12's kernels
+/// (6.1 LTS: no MOVE, POISON, WP_ASYNC, CONTINUE_MODE_WP; 6.12: all of them). One boot per
+/// kernel runs this test binary with a selection: faults and integrity, background pull,
+/// failed chunks (POISON or the SIGBUS mapping), memfd, write protection, the engine.
+#[test]
+fn kernel_matrix() {
+    use memsync_testkit::vm;
+    if vm::in_guest() {
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    for name in ["6.1", "6.12"] {
+        let Some(kernel) = vm::Kernel::debian(name, "kernel_matrix") else {
+            return;
+        };
+        let out = vm::run_test_binary(
+            &kernel,
+            &exe,
+            &[
+                "kernel_features_are_detected_and_fall_back",
+                "integrity_64k_chunks",
+                "copy_install_without_move_is_identical",
+                "background_pull_fills_everything",
+                "failing_store",
+                "sigbus",
+                "poison",
+                "memfd",
+                "engine::",
+                "contract_protect_over_sources",
+                "contract_dirty_over_sources",
+                "zero_ranges_are_installed_without_reading",
+            ],
+            Duration::from_secs(400),
+        );
+        if kernel.version() < (6, 4) {
+            for refused in ["refused as expected", "predates UFFD_FEATURE_WP_ASYNC"] {
+                assert!(
+                    out.output.contains(refused),
+                    "{name}: lacks {refused:?}:\n{}",
+                    out.output
+                );
+            }
+        }
+    }
+}
+
 /// Each thread writes its own stripe (through faults and the inline path)
 /// and reads random ranges everywhere; a shadow copy is compared at the end.
 #[test]
@@ -1530,6 +1636,23 @@ fn store_source(data: &[u8]) -> Arc<memsync_region::StoreSource> {
     Arc::new(memsync_region::StoreSource(store))
 }
 
+/// Whether a memfd region can track writes: it installs with `UFFDIO_CONTINUE_MODE_WP`
+/// (Linux 6.4, the release of `WP_UNPOPULATED`). Where not, a test of such a region skips its
+/// memfd part (`memfd_write_tracking_is_refused_without_continue_wp` checks the refusal).
+fn memfd_wp_supported(test: &str, backing: Backing) -> bool {
+    let ok = backing != Backing::Memfd
+        || memsync_sys::Uffd::probe_features()
+            .is_ok_and(|f| f.contains(memsync_sys::Features::WP_UNPOPULATED));
+    if !ok {
+        memsync_testkit::skip::kernel_feature(
+            &format!("{test} (memfd part)"),
+            "UFFDIO_CONTINUE_MODE_WP",
+            (6, 4),
+        );
+    }
+    ok
+}
+
 fn dirty_supported() -> bool {
     memsync_sys::Uffd::probe_features().is_ok_and(|f| f.contains(memsync_sys::Features::WP_ASYNC))
 }
@@ -1538,6 +1661,9 @@ fn dirty_supported() -> bool {
 fn contract_protect_over_sources() {
     use memsync_region::WriteTracking::Protect;
     for backing in [Backing::Anonymous, Backing::Memfd] {
+        if !memfd_wp_supported("contract_protect_over_sources", backing) {
+            continue;
+        }
         contract::run("vec/protect", &vec_source, backing, Protect, 1);
         contract::run("store/protect", &store_source, backing, Protect, 2);
     }
