@@ -515,6 +515,21 @@ impl Device {
         let _ = live.wait_for(|n| *n == 0).await;
     }
 
+    /// End a device the kernel has already disconnected (every connection closed, see
+    /// [`Device::closed`]): wait for the `NBD_DO_IT` thread, if any, and flush the store.
+    pub async fn detach_closed(mut self) -> io::Result<()> {
+        if let Some(t) = self.ioctl.take()
+            && let Err(e) = tokio::task::spawn_blocking(move || t.join()).await?
+        {
+            warn!("nbd: NBD_DO_IT thread panicked: {e:?}");
+        }
+        self.serving
+            .server
+            .shutdown()
+            .await
+            .map_err(|e| io::Error::other(format!("flushing the store: {e}")))
+    }
+
     /// Write back the device's dirty pages (a flush reaches the store), disconnect it, wait
     /// for the connections to end and flush the store.
     pub async fn detach(mut self) -> io::Result<()> {

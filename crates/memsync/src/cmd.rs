@@ -16,11 +16,14 @@ use crate::context::{Context, parse_size_arg, progress};
 
 #[derive(Debug, Args)]
 pub struct InfoArgs {
-    /// The store URL, e.g. file:/tmp/disk.img
+    /// The store URL, e.g. file:/tmp/disk.img, or a kernel NBD device, e.g. /dev/nbd0.
     pub store: String,
 }
 
 pub fn info(ctx: &Context, a: InfoArgs) -> Result<()> {
+    if crate::device::is_device(&a.store) {
+        return crate::device::info(ctx, &a.store);
+    }
     let store = ctx.open(&a.store)?;
     let caps = store.caps();
     outln!("store:        {}", redact(&a.store));

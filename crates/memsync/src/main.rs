@@ -4,6 +4,7 @@
 mod out;
 mod cmd;
 mod context;
+mod device;
 mod dsm;
 mod map;
 mod migrate;
@@ -60,7 +61,8 @@ struct Cli {
 enum Command {
     /// Run the quick tour: fill the default mem: store, copy it to a dir: store, verify, benchmark.
     Demo(cmd::DemoArgs),
-    /// Show a store's size, capabilities and allocation map.
+    /// Show a store's size, capabilities and allocation map, or (for /dev/nbdN) what backs a
+    /// kernel NBD device.
     Info(cmd::InfoArgs),
     /// Copy one store to another (same size), skipping holes; shows progress.
     Copy(cmd::CopyArgs),
@@ -71,7 +73,8 @@ enum Command {
     /// Export stores over NBD (TCP or unix socket) until SIGINT/SIGTERM.
     Serve(serve::ServeArgs),
     /// Managed mount: a local cache of a remote store (background pull and push, persisted
-    /// chunk map) as a FUSE file and/or an NBD export, until SIGINT/SIGTERM.
+    /// chunk map) as a FUSE file and/or an NBD export, until SIGINT/SIGTERM. With --device, a
+    /// direct mount: the store (or its cache) as a kernel block device /dev/nbdN.
     Mount(mount::MountArgs),
     /// A TCP delay proxy (added RTT, bandwidth cap) for RTT emulation, until SIGINT/SIGTERM.
     Proxy(proxy::ProxyArgs),

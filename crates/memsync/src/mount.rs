@@ -22,8 +22,9 @@ pub struct MountArgs {
     /// The remote store URL, e.g. nbd://host:10809/export.
     pub remote: String,
     /// The cache directory (created if missing; reusing it resumes without refetching).
+    /// Required except with --device, which can also serve the store directly.
     #[arg(long)]
-    pub cache: PathBuf,
+    pub cache: Option<PathBuf>,
     /// Mount a FUSE file system here; the data is the file MOUNTPOINT/NAME.
     #[arg(long, value_name = "MOUNTPOINT")]
     pub fuse: Option<PathBuf>,
@@ -62,6 +63,8 @@ pub struct MountArgs {
     pub mode: u32,
     #[command(flatten)]
     pub reinit: ReinitArgs,
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
 }
 
 /// Parse permission bits in octal (`0600`, `644`).
@@ -144,9 +147,17 @@ pub async fn close_cache(cache: &Cache) -> Result<String> {
 }
 
 pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
-    if a.fuse.is_none() && a.nbd.is_none() {
-        bail!("nothing to expose the mount with: give --fuse MOUNTPOINT and/or --nbd URL");
+    if a.device.device.is_some() {
+        return crate::device::mount(ctx, a);
     }
+    if a.fuse.is_none() && a.nbd.is_none() {
+        bail!(
+            "nothing to expose the mount with: give --fuse MOUNTPOINT, --nbd URL and/or --device /dev/nbdN"
+        );
+    }
+    let Some(cache_dir) = a.cache.clone() else {
+        bail!("--cache DIR is required (only --device can serve a store without a cache)");
+    };
     let chunk = cache_chunk("--chunk", &a.chunk)?;
     // Checked before anything is opened: a bad --nbd fails at once.
     let listen = a
@@ -170,7 +181,7 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
             reinit: a.reinit.reinit(),
             ..CacheConfig::default()
         };
-        let cache = open_cache(&ctx.registry, &a.remote, &a.cache, cfg).await?;
+        let cache = open_cache(&ctx.registry, &a.remote, &cache_dir, cfg).await?;
         let p = cache.progress();
         eprintln!("memsync: {}", cache_state(&cache));
         let mut fuse: Option<FuseMount> = None;
