@@ -47,7 +47,8 @@ pub struct DsmConfig {
     /// an error).
     pub fault_deadline: Duration,
     /// Fault-handler threads of the region. Default 4: a handler waits on the network for
-    /// a remote page, and an invalidation needs a free handler to see its `REMOVE` event.
+    /// a remote page, so more handlers serve more concurrent faults (invalidations do not
+    /// need one).
     pub handler_threads: usize,
     /// Refuse (as a protocol error) a page older than one this node has seen.
     pub check_versions: bool,
@@ -1204,6 +1205,10 @@ impl Node {
             ..RegionConfig::default()
         };
         rc.retry_backoff = Duration::from_millis(1);
+        // Only the node drops pages (invalidations, transfers): without REMOVE events an
+        // invalidation does not wait until a handler thread is free to read its event, so it
+        // never waits behind read faults that wait on the network.
+        rc.remove_events = false;
         let region = Arc::new(LazyRegion::with_source(
             Arc::new(Source(Arc::downgrade(&shared), cfg.size)),
             Arc::new(Hooks(Arc::downgrade(&shared))),

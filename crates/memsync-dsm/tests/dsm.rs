@@ -690,3 +690,84 @@ fn tls_between_nodes() {
     assert_eq!(started, [false, false], "nodes of different CAs connected");
     done.store(true, SeqCst);
 }
+
+/// A backing store whose reads report that they started, then wait until the gate opens.
+#[derive(Debug)]
+struct Gated {
+    inner: memsync_local::MemStore,
+    open: tokio::sync::watch::Receiver<bool>,
+    entered: std::sync::mpsc::Sender<()>,
+}
+
+#[memsync_core::async_trait]
+impl memsync_core::Store for Gated {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn caps(&self) -> memsync_core::Caps {
+        self.inner.caps()
+    }
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> memsync_core::Result<()> {
+        let _ = self.entered.send(());
+        let mut open = self.open.clone();
+        let _ = open.wait_for(|o| *o).await;
+        self.inner.read(offset, buf).await
+    }
+    async fn write(&self, offset: u64, data: memsync_core::Bytes) -> memsync_core::Result<()> {
+        self.inner.write(offset, data).await
+    }
+    async fn flush(&self) -> memsync_core::Result<()> {
+        self.inner.flush().await
+    }
+}
+
+/// Invalidations never wait behind faults: node 0's only fault-handler thread is busy with a
+/// read fault whose data (node 0's backing store) does not come until the test says so;
+/// meanwhile node 1 writes a page node 0 holds a copy of, and that write (its invalidation
+/// at node 0) completes before the busy fault does. It used to wait for the fault: dropping
+/// the copy waited until a handler thread had read the drop's `REMOVE` event.
+#[test]
+fn invalidation_not_behind_busy_handlers() {
+    use memsync_core::Store as _;
+    let done = watchdog("invalidation_not_behind_busy_handlers", 120);
+    let (open_tx, open_rx) = tokio::sync::watch::channel(false);
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+    let size = 4 * 4096u64;
+    let gated: memsync_core::DynStore = Arc::new(Gated {
+        inner: memsync_local::MemStore::new(size),
+        open: open_rx,
+        entered: entered_tx,
+    });
+    assert_eq!(gated.size(), size);
+    let nodes = cluster_with(2, Scheme::Fixed, size, |cfg| {
+        cfg.handler_threads = 1;
+        // Longer than the wait below: the busy fault must not fail first.
+        cfg.fault_deadline = Duration::from_secs(90);
+        if cfg.id == 0 {
+            cfg.backing = Some(Arc::clone(&gated));
+        }
+    });
+    // Node 0 takes a read copy of page 1 (owned by node 1).
+    assert_eq!(nodes[0].atomic_u64(4096).load(SeqCst), 0);
+    let (wrote_tx, wrote_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        // Node 0's handler fills page 0 (node 0's own) from the gated store.
+        let busy = s.spawn(|| nodes[0].atomic_u64(0).load(SeqCst));
+        entered_rx.recv().unwrap();
+        s.spawn(|| {
+            nodes[1].atomic_u64(4096).store(7, SeqCst);
+            let _ = wrote_tx.send(());
+        });
+        let wrote = wrote_rx.recv_timeout(Duration::from_secs(30));
+        // Open the gate either way, so that the test ends.
+        open_tx.send_replace(true);
+        assert!(
+            wrote.is_ok(),
+            "node 1's write waited for node 0's busy fault handler"
+        );
+        assert_eq!(busy.join().unwrap(), 0);
+    });
+    assert_eq!(nodes[0].atomic_u64(4096).load(SeqCst), 7);
+    drop(nodes);
+    done.store(true, SeqCst);
+}

@@ -204,6 +204,18 @@ pub struct RegionConfig {
     /// Change it with [`LazyRegion::set_budget`](crate::LazyRegion::set_budget).
     /// Default `None` (no budget).
     pub budget: Option<usize>,
+    /// Ask the kernel for `REMOVE` events (`UFFD_FEATURE_EVENT_REMOVE`), so
+    /// that pages dropped by anyone (an application's `MADV_DONTNEED`) are
+    /// seen and fetched again on their next touch. Each such drop then waits
+    /// in the kernel until a handler thread has read its event, and so does
+    /// [`LazyRegion::invalidate`](crate::LazyRegion::invalidate): while every
+    /// handler waits on a slow fetch, an invalidation waits for one of them.
+    /// `false` when only the driver drops pages (a shared region whose
+    /// invalidations must never wait behind faults): `invalidate` then needs
+    /// no handler thread, and pages the application drops itself are not
+    /// supported (their next touch faults until the chunk is invalidated).
+    /// Default `true`.
+    pub remove_events: bool,
     /// Run store futures with `Handle::block_on` on this runtime instead of
     /// a small current-thread runtime per handler thread (use it for stores
     /// whose I/O is bound to a particular runtime).
@@ -234,6 +246,7 @@ impl Default for RegionConfig {
             write_tracking: WriteTracking::Off,
             budget: None,
             runtime: None,
+            remove_events: true,
             store_spin: Duration::from_micros(50),
         }
     }
@@ -263,6 +276,7 @@ impl std::fmt::Debug for RegionConfig {
             .field("store_spin", &self.store_spin)
             .field("write_tracking", &self.write_tracking)
             .field("budget", &self.budget)
+            .field("remove_events", &self.remove_events)
             .finish_non_exhaustive()
     }
 }

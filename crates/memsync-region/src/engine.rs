@@ -59,6 +59,8 @@ pub(crate) struct EngineSetup {
     /// `wp_async`, the kernel's dirty tracking).
     pub(crate) wp: bool,
     pub(crate) wp_async: bool,
+    /// Ask for `REMOVE` events ([`RegionConfig::remove_events`](crate::RegionConfig::remove_events)).
+    pub(crate) remove_events: bool,
     pub(crate) spin: Duration,
     pub(crate) standby_after: Option<Duration>,
 }
@@ -105,6 +107,7 @@ fn open_uffd(
     force_user_mode: Option<bool>,
     wp: bool,
     wp_async: bool,
+    remove_events: bool,
 ) -> Result<(Uffd, bool), Error> {
     let open = |user_mode_only| {
         Uffd::open(OpenFlags {
@@ -152,7 +155,10 @@ fn open_uffd(
     // Not EVENT_UNMAP: a failed chunk may be replaced by a SIGBUS mapping,
     // and with unmap events that mmap would wait until a handler has read
     // its event, which the handler doing it cannot.
-    let optional = Features::MOVE | Features::POISON | Features::EVENT_REMOVE;
+    let mut optional = Features::MOVE | Features::POISON;
+    if remove_events {
+        optional |= Features::EVENT_REMOVE;
+    }
     uffd.api(required | (optional & supported))
         .map_err(sys("userfaultfd handshake"))?;
     Ok((uffd, umo))
@@ -171,6 +177,7 @@ impl Engine {
             setup.user_mode_only,
             setup.wp,
             setup.wp && setup.wp_async,
+            setup.remove_events,
         )?;
         let len = setup.map_len;
         let align = memsync_sys::pmd_size().max(setup.page);

@@ -113,6 +113,7 @@ impl LazyRegion {
             user_mode_only: cfg.user_mode_only,
             wp: cfg.write_tracking != WriteTracking::Off || cfg.budget.is_some(),
             wp_async: cfg.write_tracking == WriteTracking::Dirty,
+            remove_events: cfg.remove_events,
             spin: cfg.spin,
             standby_after: cfg.standby(),
         })?;
