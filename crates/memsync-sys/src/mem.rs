@@ -574,6 +574,27 @@ impl Mapping {
         unsafe { madvise(self.as_ptr().add(off), len, advice) }
     }
 
+    /// Writes the dirty pages of a shared file mapping in `off..off + len`
+    /// back to the file and waits for it (`msync(2)` with `MS_SYNC`), e.g.
+    /// to hand writes through the mapping of a FUSE file to its server.
+    ///
+    /// # Errors
+    ///
+    /// The `msync(2)` error (`EINVAL` for an unaligned offset, `EIO` when
+    /// the write-back failed).
+    ///
+    /// # Panics
+    ///
+    /// If `off..off + len` is out of bounds.
+    #[track_caller]
+    pub fn sync(&self, off: usize, len: usize) -> io::Result<()> {
+        self.check(off, len);
+        // SAFETY: the range lies inside this mapping; msync(2) only writes
+        // its pages back to the file and changes no memory.
+        cvt_r(|| unsafe { libc::msync(self.as_ptr().add(off).cast(), len, libc::MS_SYNC) })
+            .map(drop)
+    }
+
     /// Moves the mapping to a new address (`mremap(2)` with
     /// `MREMAP_MAYMOVE | MREMAP_FIXED`), keeping its contents. With a
     /// userfaultfd registered with [`Features::EVENT_REMAP`](crate::Features::EVENT_REMAP)
