@@ -41,6 +41,7 @@ pub use net::{Dialer, Endpoint, Listener, is_migrate_url};
 pub use region::{RegionSource, RegionTarget, migrate_region, receive_region};
 pub use set::ChunkSet;
 pub use source::{
-    Fallback, MigrateError, Mode, Pass, Report, SourceConfig, SwitchReason, Throttle, migrate,
+    Fallback, MigrateError, Mode, Pass, Report, SourceConfig, SwitchReason, Throttle, Verify,
+    migrate,
 };
 pub use target::{Faults, StoreTarget, Target};

@@ -64,6 +64,47 @@ pub enum Fallback {
     Postcopy,
 }
 
+/// When a source that finds changes by hashing ([`SourceConfig::hash_sent`]) checks which
+/// chunks the application changed since they were sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verify {
+    /// While the application is suspended: hash the region, send what changed, then resume at
+    /// the destination, which from then on needs nothing from the source (true pre-copy; the
+    /// hashing is in the downtime).
+    Suspended,
+    /// After the resume: the switch-over is post-copy with every chunk missing, and each one is
+    /// answered SAME (unchanged, kept) or sent again; short downtime, but the destination
+    /// depends on the source until every chunk is verified. Needs a destination that can keep
+    /// chunks (FEATURE_VERIFY); otherwise [`Verify::Suspended`] applies.
+    AfterResume,
+}
+
+impl Verify {
+    pub fn name(self) -> &'static str {
+        match self {
+            Verify::Suspended => "suspended",
+            Verify::AfterResume => "after-resume",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Verify> {
+        match s {
+            "suspended" => Some(Verify::Suspended),
+            "after-resume" => Some(Verify::AfterResume),
+            _ => None,
+        }
+    }
+
+    /// The default of a mode: pre-copy keeps its promise (a destination independent of the
+    /// source at the resume); hybrid and post-copy are post-copy anyway.
+    pub fn for_mode(mode: Mode) -> Verify {
+        match mode {
+            Mode::Precopy => Verify::Suspended,
+            Mode::Postcopy | Mode::Hybrid => Verify::AfterResume,
+        }
+    }
+}
+
 /// Source settings.
 #[derive(Clone, Debug)]
 pub struct SourceConfig {
@@ -92,6 +133,9 @@ pub struct SourceConfig {
     ///
     /// [`Rescan`]: memsync_sync::Rescan
     pub hash_sent: bool,
+    /// With `hash_sent`: when changes are verified at the switch-over; `None` takes
+    /// [`Verify::for_mode`].
+    pub verify: Option<Verify>,
     /// Chunks read from the store at once.
     pub read_ahead: usize,
     /// Slow down a writer whose passes do not converge (off by default).
@@ -169,6 +213,7 @@ impl Default for SourceConfig {
             recovery_timeout: Duration::from_secs(60),
             reply_timeout: Duration::from_secs(60),
             hash_sent: false,
+            verify: None,
             read_ahead: 16,
             auto_converge: None,
             compress: false,
@@ -225,6 +270,9 @@ pub struct Report {
     pub urgent_served: u64,
     /// Chunks a verifying switch-over found unchanged after the resume (sent as SAME).
     pub unchanged_chunks: u64,
+    /// A hashing source's verification as it ran (`None` without `hash_sent`, and in
+    /// post-copy mode, which sends every chunk after the resume and verifies none).
+    pub verify: Option<Verify>,
     /// The destination's fault statistics.
     pub faults: u64,
     pub fault_p50: Duration,
@@ -450,7 +498,13 @@ impl Source<'_> {
         let mut r = c.r;
         let want = match role {
             Role::Bulk if self.cfg.compress => FEATURE_LZ4,
-            Role::Control if self.cfg.hash_sent => FEATURE_VERIFY,
+            Role::Control
+                if self.cfg.hash_sent
+                    && self.cfg.verify.unwrap_or(Verify::for_mode(self.cfg.mode))
+                        == Verify::AfterResume =>
+            {
+                FEATURE_VERIFY
+            }
             _ => 0,
         };
         let hello = Msg::Hello {
@@ -769,6 +823,11 @@ impl Source<'_> {
             zero_chunks: 0,
             urgent_served: 0,
             unchanged_chunks: 0,
+            verify: (cfg.hash_sent && cfg.mode != Mode::Postcopy).then_some(if verify {
+                Verify::AfterResume
+            } else {
+                Verify::Suspended
+            }),
             faults: 0,
             fault_p50: Duration::ZERO,
             fault_p99: Duration::ZERO,

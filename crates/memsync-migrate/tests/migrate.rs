@@ -17,7 +17,7 @@ use memsync_core::{Bytes, DynStore, Result, Store, async_trait};
 use memsync_local::MemStore;
 use memsync_migrate::{
     DestConfig, DestReport, Dialer, Fallback, Hooks, Listener, MigrateError, Mode, NoHooks, Report,
-    SourceConfig, StoreTarget, SwitchReason, Target, migrate, receive,
+    SourceConfig, StoreTarget, SwitchReason, Target, Verify, migrate, receive,
 };
 use memsync_sync::{ChangeSource, NoProgress, Tracked};
 use memsync_testkit::proxy::{Proxy, ProxyConfig};
@@ -1131,11 +1131,14 @@ async fn strangers_are_turned_away_and_a_migration_still_works() {
 }
 
 /// A source without a tracker (the CLI's: the application writes a file behind memsync's back,
-/// changes are found by hashing) does not hash while the application is suspended: the
-/// switch-over turns to post-copy and each chunk is verified after the resume (SAME when the
-/// destination's copy is current). Contents arrive identical in pre-copy and hybrid.
+/// changes are found by hashing) verifies when it is told. `Verify::AfterResume` (hybrid's
+/// default) does not hash while the application is suspended: the switch-over turns to
+/// post-copy and each chunk is verified after the resume (SAME when the destination's copy is
+/// current). Pre-copy's default, `Verify::Suspended`, hashes while suspended and ends with a
+/// stop-and-copy: the destination needs nothing from the source after its resume. Contents
+/// arrive identical in every case.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_hashing_source_verifies_after_the_resume_not_while_suspended() {
+async fn a_hashing_source_verifies_where_it_is_told() {
     /// Counts the scans made while the application is suspended.
     #[derive(Debug)]
     struct Watch {
@@ -1155,7 +1158,15 @@ async fn a_hashing_source_verifies_after_the_resume_not_while_suspended() {
             self.inner.pushed(layout, first, d)
         }
     }
-    for mode in [Mode::Precopy, Mode::Hybrid] {
+    for (mode, verify, used) in [
+        (
+            Mode::Precopy,
+            Some(Verify::AfterResume),
+            Verify::AfterResume,
+        ),
+        (Mode::Hybrid, None, Verify::AfterResume),
+        (Mode::Precopy, None, Verify::Suspended),
+    ] {
         let size = 8u64 << 20;
         let initial = random(21, size as usize);
         let raw = mem_with(&initial).await;
@@ -1179,6 +1190,7 @@ async fn a_hashing_source_verifies_after_the_resume_not_while_suspended() {
             mode,
             chunk_size: 64 << 10,
             hash_sent: true,
+            verify,
             ..SourceConfig::default()
         };
         let report = migrate(
@@ -1191,7 +1203,7 @@ async fn a_hashing_source_verifies_after_the_resume_not_while_suspended() {
         )
         .await
         .unwrap_or_else(|e| panic!("{mode:?}: {e}"));
-        dest.task.await.unwrap().expect("destination");
+        let dreport = dest.task.await.unwrap().expect("destination");
         app.stop.store(true, Ordering::Relaxed);
         let src_final = contents(&*raw).await;
         app.resume().await.unwrap();
@@ -1200,12 +1212,20 @@ async fn a_hashing_source_verifies_after_the_resume_not_while_suspended() {
         log.apply(&mut expected);
         assert_same("source", &src_final, &expected);
         assert_same(mode.name(), &contents(&*dest.store).await, &expected);
-        assert_eq!(
-            watch.suspended_scans.load(Ordering::Relaxed),
-            0,
-            "{mode:?}: hashed while suspended"
-        );
-        assert!(report.postcopy, "{report:?}");
-        assert!(report.unchanged_chunks > 0, "{report:?}");
+        assert_eq!(report.verify, Some(used), "{report:?}");
+        let scans = watch.suspended_scans.load(Ordering::Relaxed);
+        match used {
+            Verify::AfterResume => {
+                assert_eq!(scans, 0, "{mode:?}: hashed while suspended");
+                assert!(report.postcopy && dreport.postcopy, "{report:?}");
+                assert!(report.unchanged_chunks > 0, "{report:?}");
+            }
+            Verify::Suspended => {
+                assert!(scans > 0, "{mode:?}: no hashing while suspended");
+                // Independent of the source at the resume: nothing was missing there.
+                assert!(!report.postcopy && !dreport.postcopy, "{report:?}");
+                assert_eq!(report.unchanged_chunks, 0, "{report:?}");
+            }
+        }
     }
 }

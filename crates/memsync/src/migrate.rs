@@ -12,7 +12,7 @@ use memsync_core::size::{format_size, parse_duration, parse_size};
 use memsync_core::{DynStore, Result as StoreResult, async_trait};
 use memsync_migrate::{
     CommandHooks, DestConfig, DestReport, Dialer, Fallback, Hooks, Listener, Mode, NoHooks, Report,
-    SignalHooks, SourceConfig, StoreTarget, Target,
+    SignalHooks, SourceConfig, StoreTarget, Target, Verify,
 };
 use memsync_sync::Rescan;
 use serde_json::json;
@@ -40,6 +40,12 @@ pub struct MigrateArgs {
     /// precopy, postcopy or hybrid.
     #[arg(long, default_value = "precopy", value_parser = parse_mode)]
     pub mode: Mode,
+    /// When the changes the application made are found (by hashing the file): `suspended`
+    /// (the default of precopy: hash while the application is stopped, then copy the rest; the
+    /// destination needs nothing from the source once it resumes) or `after-resume` (the
+    /// default of hybrid: resume at once and verify every chunk afterwards, as post-copy).
+    #[arg(long, value_parser = parse_verify)]
+    pub verify: Option<Verify>,
     /// Switch over when the dirty rest would take at most this long to send.
     #[arg(long, default_value = "300ms", value_parser = parse_duration)]
     pub max_downtime: Duration,
@@ -96,6 +102,10 @@ fn parse_mode(s: &str) -> Result<Mode, String> {
     Mode::parse(s).ok_or_else(|| format!("{s:?}: expected precopy, postcopy or hybrid"))
 }
 
+fn parse_verify(s: &str) -> Result<Verify, String> {
+    Verify::parse(s).ok_or_else(|| format!("{s:?}: expected suspended or after-resume"))
+}
+
 fn parse_fallback(s: &str) -> Result<Fallback, String> {
     match s {
         "stop" | "stop-and-copy" => Ok(Fallback::StopAndCopy),
@@ -132,6 +142,7 @@ pub fn report_json(r: &Report) -> serde_json::Value {
         "downtime_ms": ms(r.downtime), "total_seconds": r.total.as_secs_f64(),
         "wire_sent": r.wire_sent, "sent_ratio": r.wire_sent as f64 / r.size.max(1) as f64,
         "data_chunks": r.data_chunks, "zero_chunks": r.zero_chunks,
+        "verify": r.verify.map(Verify::name), "unchanged_chunks": r.unchanged_chunks,
         "urgent_served": r.urgent_served, "faults": r.faults,
         "fault_p50_us": r.fault_p50.as_secs_f64() * 1e6,
         "fault_p99_us": r.fault_p99.as_secs_f64() * 1e6,
@@ -165,6 +176,16 @@ fn print_report(r: &Report, json: bool) {
             "sent while stopped"
         }
     );
+    if let Some(v) = r.verify {
+        outln!(
+            "  changes verified {} ({} chunks found unchanged after the resume)",
+            match v {
+                Verify::Suspended => "while suspended",
+                Verify::AfterResume => "after the resume",
+            },
+            r.unchanged_chunks
+        );
+    }
     outln!(
         "  {} data chunks, {} zero chunks (not sent as bytes); post-copy faults {} (p50 {:.0} us, p99 {:.0} us), {} urgent answers, {} reconnects",
         r.data_chunks,
@@ -244,6 +265,7 @@ pub fn migrate(ctx: &Context, a: MigrateArgs) -> Result<()> {
         // The application writes behind memsync's back (a file it maps): changes are found by
         // comparing digests with what was sent.
         hash_sent: true,
+        verify: a.verify,
         ..SourceConfig::default()
     };
     ctx.rt.block_on(async {

@@ -1681,7 +1681,14 @@ fn migrate_dest(prefix: &[&str], args: &[&str]) -> (std::process::Child, String)
 /// address.
 fn migrate_a_written_file(src_prefix: &[&str], dst_prefix: &[&str], listen: &str) {
     let dir = tempfile::tempdir().unwrap();
-    for mode in ["precopy", "postcopy", "hybrid"] {
+    // The mode, a --verify choice, and what the report must say: post-copy or not, and how
+    // changes were verified (the CLI finds them by hashing).
+    for (mode, verify, postcopy, verified) in [
+        ("precopy", None, false, Some("suspended")),
+        ("precopy", Some("after-resume"), true, Some("after-resume")),
+        ("postcopy", None, true, None),
+        ("hybrid", None, true, Some("after-resume")),
+    ] {
         let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
         std::fs::write(&src, random(61, 8 << 20)).unwrap();
         std::fs::write(&dst, vec![0x55u8; 8 << 20]).unwrap();
@@ -1712,6 +1719,7 @@ fn migrate_a_written_file(src_prefix: &[&str], dst_prefix: &[&str], listen: &str
             "--max-downtime",
             "50ms",
         ])
+        .args(verify.map(|v| ["--verify", v]).iter().flatten())
         .arg("--pid")
         .arg(writer.0.id().to_string())
         .arg(format!("file:{}", src.display()))
@@ -1721,10 +1729,11 @@ fn migrate_a_written_file(src_prefix: &[&str], dst_prefix: &[&str], listen: &str
         assert!(o.status.success(), "{mode}: {}", stderr(&o));
         let r: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
         assert_eq!(r["mode"], mode, "{r}");
-        // The CLI finds changes by hashing, so every mode ends post-copy: what is left at the
-        // switch-over is verified (SAME) or sent after the resume, never hashed while the
-        // application is suspended.
-        assert_eq!(r["postcopy"], true, "{r}");
+        // Pre-copy verifies while the application is stopped and ends with a stop-and-copy
+        // (the destination is on its own at the resume); after-resume verification is
+        // post-copy (SAME or the chunk again).
+        assert_eq!(r["postcopy"], postcopy, "{mode} {verify:?}: {r}");
+        assert_eq!(r["verify"].as_str(), verified, "{mode} {verify:?}: {r}");
         assert!(r["downtime_ms"].as_f64().unwrap() > 0.0, "{r}");
         let st = dest.wait().unwrap();
         assert!(st.success(), "{mode}: destination {st}");
