@@ -40,6 +40,15 @@ fi
 # namespaces of the sync tests.
 need rsync rsync
 need ip iproute2
+# Virtual machines (issue 15): qemu (TCG only here) boots stock Debian kernels; busybox-static is
+# the guest's shell and tools and builds the initramfs (`busybox cpio`; the host has no cpio).
+need qemu-system-x86_64 qemu-system-x86
+dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' ||
+  apt_pkgs+=(busybox-static)
+# depmod writes the unpacked kernels' modules.dep (the packages' postinst would); xz unpacks
+# the compressed modules of newer kernels.
+need depmod kmod
+need xz xz-utils
 
 if ((${#apt_pkgs[@]})); then
   echo "setup: installing ${apt_pkgs[*]}"
@@ -69,6 +78,41 @@ if [ ! -x "$tools/bin/s3s-fs" ]; then
   CARGO_TARGET_DIR="$tools/build" cargo install --locked s3s-fs@0.14.1 --features binary --root "$tools"
   rm -rf "$tools/build"
 fi
+# The guest kernels of the VM tests (memsync_testkit::vm): Debian 12's 6.1 LTS (no UFFDIO_MOVE,
+# UFFDIO_POISON, WP_ASYNC: the fallbacks) and the newer 6.12 that bookworm also ships. Each is
+# downloaded (not installed) and unpacked into $tools/vm/RELEASE; $tools/vm/6.1 and
+# $tools/vm/6.12 link to the newest release apt offers. Older releases are removed.
+vm_kernel() { # vm_kernel META-PACKAGE SHORT-NAME
+  local pkg rel dir
+  pkg=$(apt-cache depends "$1" 2>/dev/null | awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }')
+  if [ -z "$pkg" ]; then
+    apt-get update -qq
+    pkg=$(apt-cache depends "$1" | awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }')
+  fi
+  [ -n "$pkg" ] || { echo "setup: apt offers no $1" >&2; return 1; }
+  rel=${pkg#linux-image-}
+  dir="$tools/vm/$rel"
+  if [ ! -f "$dir/lib/modules/$rel/modules.dep" ]; then
+    echo "setup: unpacking kernel $pkg into $dir"
+    local tmp
+    tmp=$(mktemp -d "$tools/vm/.dl.XXXXXX")
+    # As root, apt downloads as _apt, which cannot write into a mktemp directory.
+    local get=(apt-get download -qq -o APT::Sandbox::User=root "$pkg")
+    (cd "$tmp" && "${get[@]}") || { apt-get update -qq && (cd "$tmp" && "${get[@]}"); }
+    rm -rf "$dir" "$dir.tmp"
+    dpkg -x "$tmp"/*.deb "$dir.tmp"
+    rm -rf "$tmp" "$dir.tmp/usr/share"
+    depmod -b "$dir.tmp" "$rel"
+    mv "$dir.tmp" "$dir"
+  fi
+  local old
+  old=$(readlink "$tools/vm/$2" 2>/dev/null || true)
+  ln -sfn "$rel" "$tools/vm/$2"
+  if [ -n "$old" ] && [ "$old" != "$rel" ]; then rm -rf "${tools:?}/vm/$old"; fi
+}
+mkdir -p "$tools/vm"
+vm_kernel linux-image-amd64 6.1
+vm_kernel linux-image-6.12-amd64 6.12
 # fmt and clippy ship with the toolchain here; add them if a machine lacks them.
 cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 cargo clippy --version >/dev/null 2>&1 || rustup component add clippy

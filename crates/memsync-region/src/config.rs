@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use crate::error::Error;
 use crate::pull::{PullPriority, Sequential};
 
 /// What kind of memory backs a region.
@@ -288,5 +289,44 @@ impl RegionConfig {
     /// [`retry_backoff`](Self::retry_backoff) to 100 ms.
     pub(crate) fn retry_policy(&self) -> memsync_core::RetryPolicy {
         memsync_core::RetryPolicy::new(self.fetch_deadline, self.retry_backoff, MAX_BACKOFF)
+    }
+
+    /// The page size chunks are installed in (a huge page with
+    /// [`Backing::Hugetlb`]), once the chunk size is checked against it.
+    pub(crate) fn install_page(&self) -> Result<usize, Error> {
+        let page = memsync_sys::page_size();
+        let chunk = self.chunk_size;
+        if !chunk.is_power_of_two() || chunk < page || chunk > 1 << 30 {
+            return Err(Error::Config(format!(
+                "chunk size {chunk} must be a power of two from {page} bytes to 1 GiB"
+            )));
+        }
+        if self.backing != Backing::Hugetlb {
+            return Ok(page);
+        }
+        // hugetlb memory is installed in whole huge pages.
+        let huge = memsync_sys::pmd_size();
+        if chunk < huge {
+            return Err(Error::Config(format!(
+                "hugetlb regions need chunks of at least one huge page ({huge} bytes), not {chunk}"
+            )));
+        }
+        Ok(huge)
+    }
+
+    /// The pull order, for the puller (the rest of the configuration is
+    /// still read by the threads it starts).
+    pub(crate) fn take_priority(&mut self) -> Box<dyn PullPriority> {
+        std::mem::replace(&mut self.priority, Box::new(Sequential::default()))
+    }
+
+    /// How long unpinned standby handlers wait before joining in (pinned
+    /// handlers each serve their own CPU: all of them poll).
+    pub(crate) fn standby(&self) -> Option<Duration> {
+        if self.pin_handlers {
+            None
+        } else {
+            self.standby_after
+        }
     }
 }

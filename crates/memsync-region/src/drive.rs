@@ -13,9 +13,8 @@ use std::time::Duration;
 use memsync_sys::{Advice, Features};
 
 use crate::config::WriteTracking;
-
 use crate::fault::Core;
-use crate::source::WpAction;
+use crate::installer::Step;
 use crate::state::ChunkState;
 use crate::stats::inc;
 use crate::worker::Worker;
@@ -155,44 +154,6 @@ impl Core {
         Ok(())
     }
 
-    /// A write hit write-protected chunk `i`: ask the hooks, then (by
-    /// default) lift the protection of the chunk, which wakes the writer.
-    pub(crate) fn on_wp_fault(&self, w: &mut Worker, i: usize, addr: usize) {
-        inc(&self.stats.wp_faults);
-        // Under a budget the chunk is owned while its protection is lifted,
-        // so the evictor cannot copy it in between and drop the write that
-        // follows. A chunk someone else owns (the evictor, a fetch, another
-        // handler) is left alone: its owner wakes the writer when done, and
-        // the write faults again if the page is still protected.
-        let owned = self.budget.enabled && {
-            self.budget.dirty.set(i);
-            if self.chunks.try_reclaim(i).is_err() {
-                return;
-            }
-            true
-        };
-        let ask = self.tracking == WriteTracking::Protect && self.protected.get(i);
-        if !ask || self.hooks.write_protect(i, addr) == WpAction::Unprotect {
-            self.protected.clear(i);
-            let (off, _, inst_len) = self.geo.chunk(i);
-            let dst = self.base() + off;
-            let inst = self.installer();
-            if let Err(e) = self.until_done(
-                &mut w.ev,
-                Duration::from_secs(10),
-                "UFFDIO_WRITEPROTECT kept returning EAGAIN",
-                |_| inst.write_protect(dst, inst_len, false),
-            ) {
-                tracing::error!(chunk = i, error = %e, "memsync-region: lifting write protection failed");
-            }
-        }
-        if owned {
-            let _ = self.chunks.finish(i);
-            let (off, _, inst_len) = self.geo.chunk(i);
-            let _ = self.engine.uffd.wake(self.base() + off, inst_len);
-        }
-    }
-
     /// Write-protects (`on`) or releases chunk `i` for a driver
     /// ([`WriteTracking::Protect`]). Protection of a chunk that is being
     /// filled waits for the fill (which may not have seen the protection
@@ -225,5 +186,26 @@ impl Core {
             self.protected.clear(i);
         }
         self.protect_now(dst, inst_len, on)
+    }
+
+    /// `UFFDIO_WRITEPROTECT` from a thread that is not a handler: a pending
+    /// event (`EAGAIN`) is read by the handlers, so try again.
+    pub(crate) fn protect_now(&self, dst: usize, len: usize, on: bool) -> io::Result<()> {
+        let inst = self.installer();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match inst.write_protect(dst, len, on)? {
+                Step::Done => return Ok(()),
+                Step::Again { .. } if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                Step::Again { .. } => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "UFFDIO_WRITEPROTECT kept returning EAGAIN",
+                    ));
+                }
+            }
+        }
     }
 }

@@ -229,26 +229,10 @@ impl Engine {
         // userfaultfd registration is not inherited): it gets nothing here.
         map.advise(0, map.len(), Advice::DontFork)
             .map_err(sys("MADV_DONTFORK on the region"))?;
-        let (wake_tx, wake_rx) = UnixStream::pair().map_err(sys("creating the wake-up socket"))?;
-        let (stop_tx, _) = watch::channel(false);
         Ok(Self {
-            uffd,
-            map,
             memfd,
-            ioctls,
             user_mode_only,
-            spin: setup.spin,
-            standby_after: setup.standby_after,
-            stop: AtomicBool::new(false),
-            stop_tx,
-            wake_rx,
-            wake_tx,
-            epoch: Instant::now(),
-            busy_since: AtomicU64::new(0),
-            last_busy: AtomicU64::new(0),
-            standby_lock: Mutex::new(()),
-            standby_cv: Condvar::new(),
-            remove_tap: None,
+            ..Self::assemble(uffd, map, ioctls, setup.spin, setup.standby_after)?
         })
     }
 
@@ -265,13 +249,30 @@ impl Engine {
         standby_after: Option<Duration>,
         remove_tap: Option<RemoveTap>,
     ) -> Result<Self, Error> {
+        let ioctls = Ioctls::WAKE | Ioctls::COPY | Ioctls::ZEROPAGE | Ioctls::POISON;
+        Ok(Self {
+            remove_tap,
+            ..Self::assemble(uffd, map, ioctls, spin, standby_after)?
+        })
+    }
+
+    /// The engine around a userfaultfd and its memory (no memfd, no tap):
+    /// the handlers' shared state (stop, wake-up, standby) starts here for
+    /// both kinds.
+    fn assemble(
+        uffd: Uffd,
+        map: Mapping,
+        ioctls: Ioctls,
+        spin: Duration,
+        standby_after: Option<Duration>,
+    ) -> Result<Self, Error> {
         let (wake_tx, wake_rx) = UnixStream::pair().map_err(sys("creating the wake-up socket"))?;
         let (stop_tx, _) = watch::channel(false);
         Ok(Self {
             uffd,
             map,
             memfd: None,
-            ioctls: Ioctls::WAKE | Ioctls::COPY | Ioctls::ZEROPAGE | Ioctls::POISON,
+            ioctls,
             user_mode_only: false,
             spin,
             standby_after,
@@ -284,7 +285,7 @@ impl Engine {
             last_busy: AtomicU64::new(0),
             standby_lock: Mutex::new(()),
             standby_cv: Condvar::new(),
-            remove_tap,
+            remove_tap: None,
         })
     }
 

@@ -16,11 +16,13 @@ use memsync_core::{RetryPolicy, StoreError};
 use memsync_sys::{Advice, Event, PageFaultFlags, SigbusFile};
 use parking_lot::Mutex;
 
-use crate::config::WriteTracking;
+use crate::budget::Budget;
+use crate::config::{Backing, RegionConfig, WriteTracking};
+use crate::dirty::DirtyTracker;
 use crate::engine::{Engine, EventHandler};
-use crate::error::ChunkError;
+use crate::error::{ChunkError, Error, sys};
 use crate::installer::{How, Installer, Step};
-use crate::source::{ChunkSource, FaultHooks};
+use crate::source::{ChunkSource, FaultHooks, WpAction};
 use crate::state::{ChunkMap, ChunkState, Geometry};
 use crate::stats::{RegionStats, add, inc};
 use crate::worker::{Events, StagePool, Worker};
@@ -57,6 +59,36 @@ pub(crate) struct Settings {
     pub(crate) runtime: Option<tokio::runtime::Handle>,
 }
 
+impl Settings {
+    pub(crate) fn new(cfg: &RegionConfig, use_poison: bool) -> Self {
+        Self {
+            memfd: cfg.backing == Backing::Memfd,
+            hugetlb: cfg.backing == Backing::Hugetlb,
+            retry: cfg.retry_policy(),
+            use_poison,
+            inline_resolve: cfg.inline_resolve,
+            store_spin: cfg.store_spin,
+            runtime: cfg.runtime.clone(),
+        }
+    }
+}
+
+/// What a [`Core`] is made of; the rest of it starts empty.
+pub(crate) struct CoreParts {
+    pub(crate) engine: Engine,
+    pub(crate) geo: Geometry,
+    pub(crate) source: Arc<dyn ChunkSource>,
+    pub(crate) hooks: Arc<dyn FaultHooks>,
+    /// One bit per chunk the source reports as zero.
+    pub(crate) zero: Vec<u64>,
+    pub(crate) cfg: Settings,
+    pub(crate) use_move: bool,
+    pub(crate) tracking: WriteTracking,
+    pub(crate) dirty: Option<DirtyTracker>,
+    /// Chunks the budget lets be resident (`None`: no budget).
+    pub(crate) budget: Option<usize>,
+}
+
 /// Shared by the region handle and its threads.
 #[derive(Debug)]
 pub(crate) struct Core {
@@ -84,11 +116,37 @@ pub(crate) struct Core {
     /// Set by the handler that read the `REMOVE` event of a driver's drop.
     pub(crate) remove_ack: AtomicChunkBitmap,
     /// With [`WriteTracking::Dirty`].
-    pub(crate) dirty: Option<crate::dirty::DirtyTracker>,
-    pub(crate) budget: crate::budget::Budget,
+    pub(crate) dirty: Option<DirtyTracker>,
+    pub(crate) budget: Budget,
 }
 
 impl Core {
+    pub(crate) fn new(p: CoreParts) -> Result<Self, Error> {
+        let n = p.geo.chunks();
+        Ok(Self {
+            engine: p.engine,
+            sigbus: SigbusFile::new().map_err(sys("creating the SIGBUS file"))?,
+            geo: p.geo,
+            source: p.source,
+            hooks: p.hooks,
+            chunks: ChunkMap::new(n),
+            zero: p.zero,
+            cfg: p.cfg,
+            stats: RegionStats::default(),
+            errors: Mutex::new(Vec::new()),
+            last_fault: AtomicUsize::new(NO_FAULT),
+            urgent: AtomicUsize::new(0),
+            use_move: AtomicBool::new(p.use_move),
+            pool: Mutex::new(Vec::new()),
+            stage: StagePool::default(),
+            tracking: p.tracking,
+            protected: AtomicChunkBitmap::new(n),
+            remove_ack: AtomicChunkBitmap::new(n),
+            dirty: p.dirty,
+            budget: Budget::new(n, p.budget),
+        })
+    }
+
     pub(crate) fn base(&self) -> usize {
         self.engine.base()
     }
@@ -495,6 +553,44 @@ impl Core {
             self.stage.advance(w, &self.stats);
         }
         r
+    }
+
+    /// A write hit write-protected chunk `i`: ask the hooks, then (by
+    /// default) lift the protection of the chunk, which wakes the writer.
+    pub(crate) fn on_wp_fault(&self, w: &mut Worker, i: usize, addr: usize) {
+        inc(&self.stats.wp_faults);
+        // Under a budget the chunk is owned while its protection is lifted,
+        // so the evictor cannot copy it in between and drop the write that
+        // follows. A chunk someone else owns (the evictor, a fetch, another
+        // handler) is left alone: its owner wakes the writer when done, and
+        // the write faults again if the page is still protected.
+        let owned = self.budget.enabled && {
+            self.budget.dirty.set(i);
+            if self.chunks.try_reclaim(i).is_err() {
+                return;
+            }
+            true
+        };
+        let ask = self.tracking == WriteTracking::Protect && self.protected.get(i);
+        if !ask || self.hooks.write_protect(i, addr) == WpAction::Unprotect {
+            self.protected.clear(i);
+            let (off, _, inst_len) = self.geo.chunk(i);
+            let dst = self.base() + off;
+            let inst = self.installer();
+            if let Err(e) = self.until_done(
+                &mut w.ev,
+                Duration::from_secs(10),
+                "UFFDIO_WRITEPROTECT kept returning EAGAIN",
+                |_| inst.write_protect(dst, inst_len, false),
+            ) {
+                tracing::error!(chunk = i, error = %e, "memsync-region: lifting write protection failed");
+            }
+        }
+        if owned {
+            let _ = self.chunks.finish(i);
+            let (off, _, inst_len) = self.geo.chunk(i);
+            let _ = self.engine.uffd.wake(self.base() + off, inst_len);
+        }
     }
 
     fn chunk_span(&self, start: usize, end: usize) -> Option<std::ops::Range<usize>> {

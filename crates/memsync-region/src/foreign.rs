@@ -17,24 +17,18 @@
 
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use memsync_sys::{Features, Mapping, Remap, RemapRange, SigbusFile, Uffd, page_size};
-use parking_lot::Mutex;
+use memsync_sys::{Features, Mapping, Remap, RemapRange, Uffd};
 
-use crate::budget::Budget;
 use crate::config::{Backing, RegionConfig, WriteTracking};
 use crate::engine::{Engine, RemoveTap};
-use crate::error::{ChunkError, Error, sys};
-use crate::fault::{Core, NO_FAULT, Settings};
+use crate::error::{Error, sys};
+use crate::fault::{Core, CoreParts, Settings};
 use crate::puller::Puller;
+use crate::running::Running;
 use crate::source::{ChunkSource, FaultHooks};
-use crate::state::{ChunkMap, Geometry};
-use crate::stats::RegionStats;
-use crate::worker::{StagePool, Worker};
-use memsync_core::chunks::{AtomicChunkBitmap, PullProgress};
+use crate::state::Geometry;
 
 /// One range of the other process's memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,11 +72,7 @@ struct PullOnFault {
 impl FaultHooks for PullOnFault {
     fn missing(&self, _chunk: usize) {
         if self.armed.swap(false, Ordering::AcqRel) {
-            let mut st = self.pull.state.lock();
-            st.running = true;
-            st.done = false;
-            st.generation += 1;
-            self.pull.cv.notify_all();
+            self.pull.start();
         }
     }
 }
@@ -93,9 +83,7 @@ impl FaultHooks for PullOnFault {
 /// for a handler).
 #[derive(Debug)]
 pub struct ForeignRegion {
-    inner: Arc<Core>,
-    pull: Arc<Puller>,
-    threads: Vec<JoinHandle<()>>,
+    run: Running,
 }
 
 impl ForeignRegion {
@@ -118,34 +106,21 @@ impl ForeignRegion {
         uffd: Uffd,
         ranges: &[ForeignRange],
         source: Arc<dyn ChunkSource>,
-        cfg: RegionConfig,
+        mut cfg: RegionConfig,
         opts: ForeignOptions,
     ) -> Result<Self, Error> {
-        let hugetlb = match cfg.backing {
-            Backing::Anonymous => false,
-            Backing::Hugetlb => true,
-            Backing::Memfd => {
-                return Err(Error::Config(
-                    "another process's memory is anonymous or hugetlb here, not a memfd".into(),
-                ));
-            }
-        };
+        if cfg.backing == Backing::Memfd {
+            return Err(Error::Config(
+                "another process's memory is anonymous or hugetlb here, not a memfd".into(),
+            ));
+        }
         if cfg.write_tracking != WriteTracking::Off || cfg.budget.is_some() {
             return Err(Error::Config(
                 "write tracking and budgets need this process's own memory".into(),
             ));
         }
-        let page = if hugetlb {
-            memsync_sys::pmd_size()
-        } else {
-            page_size()
-        };
+        let page = cfg.install_page()?;
         let chunk = cfg.chunk_size;
-        if !chunk.is_power_of_two() || chunk < page || chunk > 1 << 30 {
-            return Err(Error::Config(format!(
-                "chunk size {chunk} must be a power of two from {page} bytes to 1 GiB"
-            )));
-        }
         let size = source.size();
         let mut sorted = ranges.to_vec();
         sorted.sort_by_key(|r| r.offset);
@@ -198,17 +173,7 @@ impl ForeignRegion {
                 }
             }) as Box<dyn Fn(usize, usize) + Send + Sync>)
         });
-        let engine = Engine::foreign(
-            uffd,
-            map,
-            cfg.spin,
-            if cfg.pin_handlers {
-                None
-            } else {
-                cfg.standby_after
-            },
-            tap,
-        )?;
+        let engine = Engine::foreign(uffd, map, cfg.spin, cfg.standby(), tap)?;
         // The received descriptor's features are the other process's
         // choice; UFFDIO_POISON only needs the kernel to have it.
         let use_poison =
@@ -218,9 +183,8 @@ impl ForeignRegion {
                 "memsync-region: no UFFDIO_POISON: a chunk the source cannot deliver stays missing and the next access retries"
             );
         }
-        let retry = cfg.retry_policy();
         let pull = Arc::new(Puller::new(
-            cfg.priority,
+            cfg.take_priority(),
             cfg.prefetch && !opts.pull_after_first_fault,
         ));
         let hooks: Arc<dyn FaultHooks> = if opts.pull_after_first_fault && cfg.prefetch {
@@ -231,137 +195,29 @@ impl ForeignRegion {
         } else {
             Arc::new(())
         };
-        let inner = Arc::new(Core {
+        let core = Core::new(CoreParts {
             engine,
-            sigbus: SigbusFile::new().map_err(sys("creating the SIGBUS file"))?,
             geo,
-            chunks: ChunkMap::new(geo.chunks()),
             source,
             hooks,
             zero: Vec::new(),
-            cfg: Settings {
-                memfd: false,
-                hugetlb,
-                retry,
-                use_poison,
-                inline_resolve: false,
-                store_spin: cfg.store_spin,
-                runtime: cfg.runtime.clone(),
-            },
-            stats: RegionStats::default(),
-            errors: Mutex::new(Vec::new()),
-            last_fault: AtomicUsize::new(NO_FAULT),
-            urgent: AtomicUsize::new(0),
-            use_move: AtomicBool::new(false),
-            pool: Mutex::new(Vec::new()),
-            stage: StagePool::default(),
+            cfg: Settings::new(&cfg, use_poison),
+            use_move: false,
             tracking: WriteTracking::Off,
-            protected: AtomicChunkBitmap::new(geo.chunks()),
-            remove_ack: AtomicChunkBitmap::new(geo.chunks()),
             dirty: None,
-            budget: Budget::new(geo.chunks(), None),
-        });
-        let mut region = Self {
-            inner,
-            pull,
-            threads: Vec::new(),
-        };
-        let workers = (0..cfg.handler_threads.max(1))
-            .map(|_| Worker::new(chunk, cfg.runtime.as_ref(), cfg.store_spin))
-            .collect::<std::io::Result<Vec<_>>>()
-            .map_err(sys("creating a handler"))?;
-        let handlers = Engine::spawn_handlers(
-            &region.inner,
-            workers,
-            cfg.pin_handlers,
-            if cfg.spin.is_zero() {
-                0
-            } else {
-                cfg.spin_threads
-            },
-        )
-        .map_err(|(started, e)| {
-            region.threads.extend(started);
-            e
-        });
-        region
-            .threads
-            .extend(handlers.map_err(sys("spawning a fault-handler thread"))?);
-        for _ in 0..cfg.pull_threads.max(1) {
-            let w = Worker::new(chunk, cfg.runtime.as_ref(), Duration::ZERO)
-                .map_err(sys("creating the puller"))?;
-            let inner = Arc::clone(&region.inner);
-            let pull = Arc::clone(&region.pull);
-            let h = std::thread::Builder::new()
-                .name("memsync-pull".into())
-                .spawn(move || pull.run(&inner, w))
-                .map_err(sys("spawning the puller thread"))?;
-            region.threads.push(h);
-        }
-        Ok(region)
-    }
-
-    /// The chunk layout over the source.
-    #[must_use]
-    pub fn geometry(&self) -> Geometry {
-        self.inner.geo
+            budget: None,
+        })?;
+        Ok(Self {
+            run: Running::start(core, pull, &cfg)?,
+        })
     }
 
     /// Whether a chunk the source cannot deliver is poisoned (the
     /// accessing thread of the other process gets `SIGBUS`).
     #[must_use]
     pub fn uses_poison(&self) -> bool {
-        self.inner.cfg.use_poison
+        self.run.core.cfg.use_poison
     }
 
-    /// Counters and latency histograms.
-    #[must_use]
-    pub fn stats(&self) -> &RegionStats {
-        &self.inner.stats
-    }
-
-    /// Every chunk error so far.
-    #[must_use]
-    pub fn errors(&self) -> Vec<ChunkError> {
-        self.inner.errors.lock().clone()
-    }
-
-    /// Chunks present (installed by a fault or the puller).
-    #[must_use]
-    pub fn present_count(&self) -> usize {
-        self.inner.chunks.present_count()
-    }
-
-    /// Whether every chunk is present.
-    #[must_use]
-    pub fn is_complete(&self) -> bool {
-        self.present_count() == self.inner.chunks.len()
-    }
-
-    /// Starts (or restarts) the background pull now.
-    pub fn start_pull(&self) {
-        self.pull.start();
-    }
-
-    /// Background pull progress.
-    #[must_use]
-    pub fn progress(&self) -> PullProgress {
-        self.pull.progress(&self.inner)
-    }
-
-    /// Waits until the background pull has nothing left to do (`true`), or
-    /// `timeout` passes.
-    pub fn wait_pull(&self, timeout: Duration) -> bool {
-        self.pull.wait(timeout)
-    }
-}
-
-impl Drop for ForeignRegion {
-    fn drop(&mut self) {
-        self.inner.engine.stop();
-        self.pull.notify();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
+    crate::running::engine_accessors!();
 }

@@ -66,6 +66,18 @@ impl Puller {
         self.cv.notify_all();
     }
 
+    /// Pauses the pull after the chunk in progress.
+    pub(crate) fn pause(&self) {
+        self.state.lock().running = false;
+    }
+
+    /// Resumes a paused pull where it stopped.
+    pub(crate) fn resume(&self) {
+        let mut st = self.state.lock();
+        st.running = true;
+        self.cv.notify_all();
+    }
+
     /// Waits until the pull has nothing left to do (`true`), or `timeout`
     /// passes (`false`).
     pub(crate) fn wait(&self, timeout: Duration) -> bool {

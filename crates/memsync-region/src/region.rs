@@ -5,27 +5,21 @@
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use memsync_core::DynStore;
-use memsync_sys::{Advice, Features, SigbusFile, page_size};
-use parking_lot::Mutex;
+use memsync_sys::{Advice, Features};
 
-use crate::budget::Budget;
 use crate::config::{Backing, RegionConfig, WriteTracking};
 use crate::dirty::DirtyTracker;
 use crate::engine::{Engine, EngineSetup};
 use crate::error::{ChunkError, Error, sys};
 use crate::exec::Exec;
-use crate::fault::{Core, Fetcher, NO_FAULT, Settings};
+use crate::fault::{Core, CoreParts, Fetcher, Settings};
 use crate::puller::Puller;
+use crate::running::Running;
 use crate::source::{ChunkSource, FaultHooks, StoreSource};
-use crate::state::{ChunkBitmap, ChunkMap, ChunkState, Geometry};
-use crate::stats::RegionStats;
-use crate::worker::{StagePool, Worker, new_staging, staging_layout};
-use memsync_core::chunks::{AtomicChunkBitmap, PullProgress};
+use crate::state::{ChunkBitmap, ChunkState, Geometry};
 
 /// A memory region of a store's size that fills itself from the store the
 /// first time each chunk is touched (userfaultfd post-copy).
@@ -69,9 +63,7 @@ use memsync_core::chunks::{AtomicChunkBitmap, PullProgress};
 ///   pages would read as zeros instead of the store's data.)
 #[derive(Debug)]
 pub struct LazyRegion {
-    inner: Arc<Core>,
-    pull: Arc<Puller>,
-    threads: Vec<JoinHandle<()>>,
+    run: Running,
 }
 
 impl LazyRegion {
@@ -95,15 +87,9 @@ impl LazyRegion {
     pub fn with_source(
         source: Arc<dyn ChunkSource>,
         hooks: Arc<dyn FaultHooks>,
-        cfg: RegionConfig,
+        mut cfg: RegionConfig,
     ) -> Result<Self, Error> {
-        let page = page_size();
-        if !cfg.chunk_size.is_power_of_two() || cfg.chunk_size < page || cfg.chunk_size > 1 << 30 {
-            return Err(Error::Config(format!(
-                "chunk size {} must be a power of two from {page} bytes to 1 GiB",
-                cfg.chunk_size
-            )));
-        }
+        let page = cfg.install_page()?;
         let bs = source.block_size().max(1);
         if !(cfg.chunk_size as u64).is_multiple_of(bs) && bs > 1 {
             return Err(Error::Config(format!(
@@ -111,30 +97,14 @@ impl LazyRegion {
                 cfg.chunk_size
             )));
         }
-        let hugetlb = cfg.backing == Backing::Hugetlb;
-        // hugetlb memory is installed in whole huge pages: make them the
-        // geometry's pages.
-        let page = if hugetlb {
-            memsync_sys::pmd_size()
-        } else {
-            page
-        };
-        if hugetlb && cfg.chunk_size < page {
-            return Err(Error::Config(format!(
-                "hugetlb regions need chunks of at least one huge page ({page} bytes), not {}",
-                cfg.chunk_size
-            )));
-        }
         let geo = Geometry::new(source.size(), cfg.chunk_size, page).ok_or_else(|| {
             Error::Config(format!("cannot map a store of {} bytes", source.size()))
         })?;
-        let memfd_mode = cfg.backing == Backing::Memfd;
         if cfg.budget.is_some() && cfg.write_tracking == WriteTracking::Dirty {
             return Err(Error::Config(
                 "a budget needs synchronous write protection: not with WriteTracking::Dirty".into(),
             ));
         }
-        let budget_chunks = cfg.budget.map(|b| (b / cfg.chunk_size).max(1));
         let engine = Engine::open(EngineSetup {
             backing: cfg.backing,
             map_len: geo.map_len(),
@@ -145,12 +115,7 @@ impl LazyRegion {
             wp_async: cfg.write_tracking == WriteTracking::Dirty,
             remove_events: cfg.remove_events,
             spin: cfg.spin,
-            // Pinned handlers each serve their own CPU: all of them poll.
-            standby_after: if cfg.pin_handlers {
-                None
-            } else {
-                cfg.standby_after
-            },
+            standby_after: cfg.standby(),
         })?;
         let use_poison = cfg.use_poison
             && engine.uffd.features().contains(Features::POISON)
@@ -160,19 +125,15 @@ impl LazyRegion {
                 "memsync-region: no UFFDIO_POISON on this kernel: a failed chunk is replaced by a SIGBUS mapping"
             );
         }
-        let sigbus = SigbusFile::new().map_err(sys("creating the SIGBUS file"))?;
         let use_move = cfg.use_move
-            && !memfd_mode
-            && !hugetlb
+            && cfg.backing == Backing::Anonymous
             && engine.uffd.features().contains(Features::MOVE)
             && engine.ioctls.contains(memsync_sys::Ioctls::MOVE);
-
         let zero = if cfg.zero_detect {
             zero_map(&*source, &geo, cfg.runtime.as_ref())?
         } else {
             Vec::new()
         };
-
         let dirty = if cfg.write_tracking == WriteTracking::Dirty {
             // Unpopulated pages count as written until protected: protect
             // them all (WP_UNPOPULATED leaves markers), so only writes show.
@@ -187,131 +148,41 @@ impl LazyRegion {
         } else {
             None
         };
-        let threads_n = cfg.handler_threads.max(1);
-        let inner = Arc::new(Core {
+        let core = Core::new(CoreParts {
             engine,
-            sigbus,
             geo,
-            chunks: ChunkMap::new(geo.chunks()),
             source,
             hooks,
             zero,
-            cfg: Settings {
-                memfd: memfd_mode,
-                hugetlb,
-                retry: cfg.retry_policy(),
-                use_poison,
-                inline_resolve: cfg.inline_resolve,
-                store_spin: cfg.store_spin,
-                runtime: cfg.runtime.clone(),
-            },
-            stats: RegionStats::default(),
-            errors: Mutex::new(Vec::new()),
-            last_fault: AtomicUsize::new(NO_FAULT),
-            urgent: AtomicUsize::new(0),
-            use_move: AtomicBool::new(use_move),
-            pool: Mutex::new(Vec::new()),
-            stage: StagePool::default(),
+            cfg: Settings::new(&cfg, use_poison),
+            use_move,
             tracking: cfg.write_tracking,
-            protected: AtomicChunkBitmap::new(geo.chunks()),
-            remove_ack: AtomicChunkBitmap::new(geo.chunks()),
             dirty,
-            budget: Budget::new(geo.chunks(), budget_chunks),
-        });
-        let mut region = Self {
-            inner,
-            pull: Arc::new(Puller::new(cfg.priority, cfg.prefetch)),
-            threads: Vec::new(),
-        };
-        let workers = (0..threads_n)
-            .map(|_| Worker::new(geo.chunk_size(), cfg.runtime.as_ref(), cfg.store_spin))
-            .collect::<io::Result<Vec<_>>>()
-            .map_err(sys("creating a handler"))?;
-        let handlers = Engine::spawn_handlers(
-            &region.inner,
-            workers,
-            cfg.pin_handlers,
-            if cfg.spin.is_zero() {
-                0
-            } else {
-                cfg.spin_threads
-            },
-        );
-        // Threads started before a failure are joined by the region's drop.
-        let handlers = handlers.map_err(|(started, e)| {
-            region.threads.extend(started);
-            e
-        });
-        region
-            .threads
-            .extend(handlers.map_err(sys("spawning a fault-handler thread"))?);
-        if use_move {
-            // Spare staging buffers, populated ahead by a helper thread:
-            // up to 16 MiB, at most 4 buffers.
-            let (blen, _) = staging_layout(geo.chunk_size());
-            let spares = if blen <= 8 << 20 {
-                ((16 << 20) / blen).clamp(1, 4)
-            } else {
-                0
-            };
-            if spares > 0 {
-                let mut empty = region.inner.stage.empty.lock();
-                for _ in 0..spares {
-                    empty.push(
-                        new_staging(geo.chunk_size()).map_err(sys("mapping a staging buffer"))?,
-                    );
-                }
-                drop(empty);
-                let inner = Arc::clone(&region.inner);
-                let h = std::thread::Builder::new()
-                    .name("memsync-stage".into())
-                    .spawn(move || inner.stage.stager_main(&|| inner.stopping()))
-                    .map_err(sys("spawning the staging thread"))?;
-                region.threads.push(h);
-            }
-        }
-        if budget_chunks.is_some() {
-            let exec = Exec::new(cfg.runtime.as_ref(), Duration::ZERO)
-                .map_err(sys("creating the evictor's runtime"))?;
-            let inner = Arc::clone(&region.inner);
-            let h = std::thread::Builder::new()
-                .name("memsync-evict".into())
-                .spawn(move || inner.evictor_main(&exec))
-                .map_err(sys("spawning the evictor thread"))?;
-            region.threads.push(h);
-        }
-        for _ in 0..cfg.pull_threads.max(1) {
-            // Background work does not spin: nobody waits for it.
-            let w = Worker::new(geo.chunk_size(), cfg.runtime.as_ref(), Duration::ZERO)
-                .map_err(sys("creating the puller"))?;
-            let inner = Arc::clone(&region.inner);
-            let pull = Arc::clone(&region.pull);
-            let h = std::thread::Builder::new()
-                .name("memsync-pull".into())
-                .spawn(move || pull.run(&inner, w))
-                .map_err(sys("spawning the puller thread"))?;
-            region.threads.push(h);
-        }
-        Ok(region)
+            budget: cfg.budget.map(|b| (b / cfg.chunk_size).max(1)),
+        })?;
+        let pull = Arc::new(Puller::new(cfg.take_priority(), cfg.prefetch));
+        Ok(Self {
+            run: Running::start(core, pull, &cfg)?,
+        })
     }
 
     /// Start of the region's memory (2 MiB aligned). See the type's
     /// lifetime rules before dereferencing it.
     #[must_use]
     pub fn as_ptr(&self) -> *mut u8 {
-        self.inner.engine.map.as_ptr()
+        self.run.core.engine.map.as_ptr()
     }
 
     /// Start address of the region.
     #[must_use]
     pub fn addr(&self) -> usize {
-        self.inner.engine.map.addr()
+        self.run.core.engine.map.addr()
     }
 
     /// Length in bytes (the store's size).
     #[must_use]
     pub fn len(&self) -> usize {
-        self.inner.geo.size() as usize
+        self.run.core.geo.size() as usize
     }
 
     /// Always `false` (stores are never empty).
@@ -320,16 +191,10 @@ impl LazyRegion {
         false
     }
 
-    /// The chunk layout.
-    #[must_use]
-    pub fn geometry(&self) -> Geometry {
-        self.inner.geo
-    }
-
     /// Whether the userfaultfd was opened with `UFFD_USER_MODE_ONLY`.
     #[must_use]
     pub fn user_mode_only(&self) -> bool {
-        self.inner.engine.user_mode_only
+        self.run.core.engine.user_mode_only
     }
 
     /// The 8-byte word at offset `off` as an atomic (read-modify-write
@@ -343,7 +208,7 @@ impl LazyRegion {
     #[must_use]
     pub fn atomic_u64(&self, off: usize) -> &std::sync::atomic::AtomicU64 {
         self.check(off, 8);
-        self.inner.engine.map.atomic_u64(off)
+        self.run.core.engine.map.atomic_u64(off)
     }
 
     /// Whether a chunk the store fails to deliver is poisoned with
@@ -351,7 +216,7 @@ impl LazyRegion {
     /// raises `SIGBUS`; see [`RegionConfig::use_poison`]).
     #[must_use]
     pub fn uses_poison(&self) -> bool {
-        self.inner.cfg.use_poison
+        self.run.core.cfg.use_poison
     }
 
     /// The memfd behind a [`Backing::Memfd`] region (map it with
@@ -359,7 +224,7 @@ impl LazyRegion {
     /// for anonymous memory.
     #[must_use]
     pub fn as_fd(&self) -> Option<BorrowedFd<'_>> {
-        self.inner.engine.memfd.as_ref().map(AsFd::as_fd)
+        self.run.core.engine.memfd.as_ref().map(AsFd::as_fd)
     }
 
     #[track_caller]
@@ -385,7 +250,7 @@ impl LazyRegion {
     #[track_caller]
     pub fn prefetch(&self, off: usize, len: usize) -> Result<(), ChunkError> {
         self.check(off, len);
-        let inner = &*self.inner;
+        let inner = &*self.run.core;
         let inline = inner.cfg.inline_resolve && tokio::runtime::Handle::try_current().is_err();
         for i in inner.geo.chunks_in(off, len) {
             let wait_until = Instant::now() + inner.cfg.retry.deadline + Duration::from_secs(1);
@@ -434,14 +299,15 @@ impl LazyRegion {
     }
 
     fn error_of(&self, i: usize) -> ChunkError {
-        let errors = self.inner.errors.lock();
+        let errors = self.run.core.errors.lock();
         errors
             .iter()
             .rev()
             .find(|e| e.chunk == i)
             .cloned()
             .unwrap_or_else(|| {
-                self.inner
+                self.run
+                    .core
                     .chunk_error(i, 0, true, "the chunk is poisoned".into())
             })
     }
@@ -460,7 +326,7 @@ impl LazyRegion {
     #[track_caller]
     pub fn read_at(&self, off: usize, buf: &mut [u8]) -> Result<(), ChunkError> {
         self.prefetch(off, buf.len())?;
-        self.inner.engine.map.read_at(off, buf);
+        self.run.core.engine.map.read_at(off, buf);
         Ok(())
     }
 
@@ -479,7 +345,7 @@ impl LazyRegion {
     #[track_caller]
     pub fn write_at(&self, off: usize, data: &[u8]) -> Result<(), ChunkError> {
         self.prefetch(off, data.len())?;
-        self.inner.engine.map.write_at(off, data);
+        self.run.core.engine.map.write_at(off, data);
         Ok(())
     }
 
@@ -494,7 +360,7 @@ impl LazyRegion {
     #[track_caller]
     pub fn read_faulting(&self, off: usize, buf: &mut [u8]) {
         self.check(off, buf.len());
-        self.inner.engine.map.read_at(off, buf);
+        self.run.core.engine.map.read_at(off, buf);
     }
 
     /// Writes through the page fault path only; see
@@ -506,7 +372,7 @@ impl LazyRegion {
     #[track_caller]
     pub fn write_faulting(&self, off: usize, data: &[u8]) {
         self.check(off, data.len());
-        self.inner.engine.map.write_at(off, data);
+        self.run.core.engine.map.write_at(off, data);
     }
 
     /// `madvise(2)` on a page-aligned range of the region (e.g.
@@ -521,7 +387,7 @@ impl LazyRegion {
     ///
     /// If the range is outside the mapping.
     pub fn advise(&self, off: usize, len: usize, advice: Advice) -> io::Result<()> {
-        self.inner.engine.map.advise(off, len, advice)
+        self.run.core.engine.map.advise(off, len, advice)
     }
 
     /// Installs `data` as chunk `chunk` (data that arrived from elsewhere,
@@ -539,7 +405,7 @@ impl LazyRegion {
     /// `InvalidInput` if `chunk` is not a chunk index or `data` is not the
     /// chunk's data length ([`Geometry::chunk`]); the install's error.
     pub fn place(&self, chunk: usize, data: &[u8]) -> io::Result<bool> {
-        let inner = &*self.inner;
+        let inner = &*self.run.core;
         if chunk >= inner.geo.chunks() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -569,7 +435,7 @@ impl LazyRegion {
     #[track_caller]
     pub fn invalidate(&self, off: usize, len: usize) -> io::Result<usize> {
         self.check(off, len);
-        let inner = &*self.inner;
+        let inner = &*self.run.core;
         let mut n = 0;
         let range = inner.geo.chunks_in(off, len);
         for i in range.clone() {
@@ -600,8 +466,8 @@ impl LazyRegion {
     #[track_caller]
     pub fn protect(&self, off: usize, len: usize) -> io::Result<()> {
         self.check(off, len);
-        for i in self.inner.geo.chunks_in(off, len) {
-            self.inner.set_protection(i, true)?;
+        for i in self.run.core.geo.chunks_in(off, len) {
+            self.run.core.set_protection(i, true)?;
         }
         Ok(())
     }
@@ -619,8 +485,8 @@ impl LazyRegion {
     #[track_caller]
     pub fn unprotect(&self, off: usize, len: usize) -> io::Result<()> {
         self.check(off, len);
-        for i in self.inner.geo.chunks_in(off, len) {
-            self.inner.set_protection(i, false)?;
+        for i in self.run.core.geo.chunks_in(off, len) {
+            self.run.core.set_protection(i, false)?;
         }
         Ok(())
     }
@@ -654,7 +520,7 @@ impl LazyRegion {
     ///
     /// `Unsupported` without [`WriteTracking::Dirty`].
     pub fn dirty_tracker(&self) -> io::Result<&DirtyTracker> {
-        self.inner.dirty.as_ref().ok_or_else(|| {
+        self.run.core.dirty.as_ref().ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::Unsupported,
                 "dirty tracking needs RegionConfig::write_tracking = WriteTracking::Dirty",
@@ -671,14 +537,14 @@ impl LazyRegion {
     /// `Unsupported` if the region was not built with a budget (its chunks
     /// are not write-protected, so their writes cannot be seen).
     pub fn set_budget(&self, bytes: Option<usize>) -> io::Result<()> {
-        let b = &self.inner.budget;
+        let b = &self.run.core.budget;
         if !b.enabled {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "the region was built without RegionConfig::budget",
             ));
         }
-        let chunk = self.inner.geo.chunk_size();
+        let chunk = self.run.core.geo.chunk_size();
         b.limit.store(
             bytes.map_or(usize::MAX, |x| (x / chunk).max(1)),
             std::sync::atomic::Ordering::Relaxed,
@@ -696,7 +562,7 @@ impl LazyRegion {
     /// `Unsupported` without a budget; the write-back's or `madvise(2)`'s
     /// error.
     pub fn evict(&self, n: usize) -> io::Result<usize> {
-        let inner = &*self.inner;
+        let inner = &*self.run.core;
         if !inner.budget.enabled {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
@@ -718,7 +584,7 @@ impl LazyRegion {
     /// Bytes of the chunks present now.
     #[must_use]
     pub fn resident_bytes(&self) -> usize {
-        self.present_count() * self.inner.geo.chunk_size()
+        self.present_count() * self.run.core.geo.chunk_size()
     }
 
     /// The state of chunk `i`.
@@ -728,94 +594,25 @@ impl LazyRegion {
     /// If `i` is not a chunk index.
     #[must_use]
     pub fn chunk_state(&self, i: usize) -> ChunkState {
-        self.inner.chunks.get(i)
+        self.run.core.chunks.get(i)
     }
 
     /// Which chunks are present (a snapshot).
     #[must_use]
     pub fn present_chunks(&self) -> ChunkBitmap {
-        self.inner.chunks.present_bitmap()
+        self.run.core.chunks.present_bitmap()
     }
 
-    /// Number of present chunks.
-    #[must_use]
-    pub fn present_count(&self) -> usize {
-        self.inner.chunks.present_count()
-    }
-
-    /// Whether every chunk is present.
-    #[must_use]
-    pub fn is_complete(&self) -> bool {
-        self.present_count() == self.inner.chunks.len()
-    }
-
-    /// Live statistics.
-    #[must_use]
-    pub fn stats(&self) -> &RegionStats {
-        &self.inner.stats
-    }
-
-    /// The most recent chunk failure.
-    #[must_use]
-    pub fn last_error(&self) -> Option<ChunkError> {
-        self.inner.errors.lock().last().cloned()
-    }
-
-    /// Every chunk failure so far, oldest first.
-    #[must_use]
-    pub fn errors(&self) -> Vec<ChunkError> {
-        self.inner.errors.lock().clone()
-    }
-
-    /// Starts (or restarts from scratch, retrying chunks it gave up on) the
-    /// background pull.
-    pub fn start_pull(&self) {
-        self.pull.start();
-    }
-
-    /// Pauses the background pull after the chunk in progress.
-    pub fn pause_pull(&self) {
-        self.pull.state.lock().running = false;
-    }
-
-    /// Resumes a paused background pull where it stopped.
-    pub fn resume_pull(&self) {
-        let mut st = self.pull.state.lock();
-        st.running = true;
-        self.pull.cv.notify_all();
-    }
-
-    /// Background pull progress.
-    #[must_use]
-    pub fn progress(&self) -> PullProgress {
-        self.pull.progress(&self.inner)
-    }
-
-    /// Waits until the background pull has nothing left to do (`true`), or
-    /// `timeout` passes (`false`).
-    pub fn wait_pull(&self, timeout: Duration) -> bool {
-        self.pull.wait(timeout)
-    }
+    crate::running::engine_accessors!();
 }
 
 impl Drop for LazyRegion {
     fn drop(&mut self) {
-        let inner = &self.inner;
-        inner.engine.stop();
-        self.pull.notify();
-        inner.budget.notify();
-        {
-            let _e = inner.stage.empty.lock();
-            inner.stage.cv.notify_all();
-        }
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-        // Waiting faults are woken and resolve as ordinary faults; then the
-        // userfaultfd is closed and the memory unmapped (field order of
-        // `Engine`) when the last reference goes, which is now.
-        let map = &inner.engine.map;
-        let _ = inner.engine.uffd.unregister(map.addr(), map.len());
+        self.run.stop();
+        // Then the userfaultfd is closed and the memory unmapped (field
+        // order of `Engine`) when the last reference goes, which is now.
+        let map = &self.run.core.engine.map;
+        let _ = self.run.core.engine.uffd.unregister(map.addr(), map.len());
     }
 }
 

@@ -35,6 +35,9 @@
 //! * [`SigbusResolver`]: an experiment, not used by the lazy region:
 //!   resolving MISSING faults on the faulting thread in a process-wide
 //!   `SIGBUS` handler (`UFFD_FEATURE_SIGBUS`) from data already in memory.
+//! * [`nbd`]: the kernel's NBD client, by generic netlink ([`nbd::NbdNetlink`], on
+//!   [`netlink::GenlSocket`], a raw netlink socket with a safe message builder and parser)
+//!   or by ioctl ([`nbd::set_sock`], [`nbd::do_it`], ...).
 //! * [`poll_readable`], [`gettid`], [`euid`]: small helpers for handler
 //!   threads and tests; [`read_after_fork`]: what a forked child sees.
 //!
@@ -91,6 +94,8 @@
 
 mod fdpass;
 mod mem;
+pub mod nbd;
+pub mod netlink;
 mod pagemap;
 mod peer;
 pub mod raw;

@@ -289,6 +289,35 @@ pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
 pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 
 // ---------------------------------------------------------------------------
+// NBD (include/uapi/linux/nbd.h) and the block layer
+// ---------------------------------------------------------------------------
+
+/// The ioctl type byte of the NBD ioctls (0xab).
+pub const NBD_IOCTL_TYPE: u32 = 0xab;
+/// `NBD_SET_SOCK = _IO(0xab, 0)`.
+pub const NBD_SET_SOCK: u32 = io(NBD_IOCTL_TYPE, 0);
+/// `NBD_SET_BLKSIZE = _IO(0xab, 1)`.
+pub const NBD_SET_BLKSIZE: u32 = io(NBD_IOCTL_TYPE, 1);
+/// `NBD_SET_SIZE = _IO(0xab, 2)`.
+pub const NBD_SET_SIZE: u32 = io(NBD_IOCTL_TYPE, 2);
+/// `NBD_DO_IT = _IO(0xab, 3)`.
+pub const NBD_DO_IT: u32 = io(NBD_IOCTL_TYPE, 3);
+/// `NBD_CLEAR_SOCK = _IO(0xab, 4)`.
+pub const NBD_CLEAR_SOCK: u32 = io(NBD_IOCTL_TYPE, 4);
+/// `NBD_CLEAR_QUE = _IO(0xab, 5)`.
+pub const NBD_CLEAR_QUE: u32 = io(NBD_IOCTL_TYPE, 5);
+/// `NBD_SET_SIZE_BLOCKS = _IO(0xab, 7)`.
+pub const NBD_SET_SIZE_BLOCKS: u32 = io(NBD_IOCTL_TYPE, 7);
+/// `NBD_DISCONNECT = _IO(0xab, 8)`.
+pub const NBD_DISCONNECT: u32 = io(NBD_IOCTL_TYPE, 8);
+/// `NBD_SET_TIMEOUT = _IO(0xab, 9)`.
+pub const NBD_SET_TIMEOUT: u32 = io(NBD_IOCTL_TYPE, 9);
+/// `NBD_SET_FLAGS = _IO(0xab, 10)`.
+pub const NBD_SET_FLAGS: u32 = io(NBD_IOCTL_TYPE, 10);
+/// `BLKFLSBUF = _IO(0x12, 97)`: write back and drop a block device's buffers.
+pub const BLKFLSBUF: u32 = io(0x12, 97);
+
+// ---------------------------------------------------------------------------
 // Compile-time pins
 // ---------------------------------------------------------------------------
 
@@ -374,6 +403,46 @@ const _: () = {
     assert!(UFFD_PAGEFAULT_FLAG_MINOR == g::UFFD_PAGEFAULT_FLAG_MINOR as u64);
     assert!(PM_SCAN_WP_MATCHING == g::PM_SCAN_WP_MATCHING as u64);
     assert!(PM_SCAN_CHECK_WPASYNC == g::PM_SCAN_CHECK_WPASYNC as u64);
+};
+
+// NBD and block ioctls, against the literal values of the headers (the same on every
+// architecture: `_IO` has no size and direction 0 except on the few with other `_IOC_NONE`)
+// and against linux-raw-sys.
+#[cfg(not(any(
+    target_arch = "powerpc",
+    target_arch = "powerpc64",
+    target_arch = "mips",
+    target_arch = "mips32r6",
+    target_arch = "mips64",
+    target_arch = "mips64r6",
+    target_arch = "sparc",
+    target_arch = "sparc64"
+)))]
+const _: () = {
+    assert!(NBD_SET_SOCK == 0xab00);
+    assert!(NBD_SET_BLKSIZE == 0xab01);
+    assert!(NBD_SET_SIZE == 0xab02);
+    assert!(NBD_DO_IT == 0xab03);
+    assert!(NBD_CLEAR_SOCK == 0xab04);
+    assert!(NBD_CLEAR_QUE == 0xab05);
+    assert!(NBD_SET_SIZE_BLOCKS == 0xab07);
+    assert!(NBD_DISCONNECT == 0xab08);
+    assert!(NBD_SET_TIMEOUT == 0xab09);
+    assert!(NBD_SET_FLAGS == 0xab0a);
+    assert!(BLKFLSBUF == 0x1261);
+};
+const _: () = {
+    assert!(NBD_SET_SOCK == lio::NBD_SET_SOCK);
+    assert!(NBD_SET_BLKSIZE == lio::NBD_SET_BLKSIZE);
+    assert!(NBD_SET_SIZE == lio::NBD_SET_SIZE);
+    assert!(NBD_DO_IT == lio::NBD_DO_IT);
+    assert!(NBD_CLEAR_SOCK == lio::NBD_CLEAR_SOCK);
+    assert!(NBD_CLEAR_QUE == lio::NBD_CLEAR_QUE);
+    assert!(NBD_SET_SIZE_BLOCKS == lio::NBD_SET_SIZE_BLOCKS);
+    assert!(NBD_DISCONNECT == lio::NBD_DISCONNECT);
+    assert!(NBD_SET_TIMEOUT == lio::NBD_SET_TIMEOUT);
+    assert!(NBD_SET_FLAGS == lio::NBD_SET_FLAGS);
+    assert!(BLKFLSBUF == lio::BLKFLSBUF);
 };
 
 // The encoded payload sizes decode back to the struct sizes (guards the

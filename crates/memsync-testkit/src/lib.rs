@@ -22,6 +22,7 @@ pub mod proxy;
 pub mod servers;
 pub mod skip;
 pub mod uffd;
+pub mod vm;
 
 pub use contract::{ContractOpts, Failure, Report};
 

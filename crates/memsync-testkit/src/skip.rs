@@ -33,7 +33,7 @@ pub fn kernel_version() -> Option<(u32, u32)> {
     parse_kernel_version(&std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?)
 }
 
-fn parse_kernel_version(release: &str) -> Option<(u32, u32)> {
+pub(crate) fn parse_kernel_version(release: &str) -> Option<(u32, u32)> {
     let mut parts = release.trim().split(['.', '-', '+']);
     let major = parts.next()?.parse().ok()?;
     let minor = parts.next()?.parse().ok()?;

@@ -98,7 +98,7 @@ pub(super) fn export_caps(e: &Export) -> (Caps, bool) {
 }
 
 /// Transmission flags, advertised from the store's capabilities.
-fn transmission_flags(e: &Export, structured: bool) -> u16 {
+pub(super) fn transmission_flags(e: &Export, structured: bool) -> u16 {
     let (caps, ro) = export_caps(e);
     let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_CACHE;
     if ro {

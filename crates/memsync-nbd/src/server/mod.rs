@@ -29,8 +29,9 @@ use tracing::{debug, info, warn};
 
 use crate::proto::*;
 use crate::transport::Transport;
-use handshake::{Ready, handshake};
-use transmission::{UNIX_SNDBUF, transmission};
+use handshake::{Negotiated, Ready, handshake, transmission_flags};
+pub(crate) use transmission::UNIX_SNDBUF;
+use transmission::transmission;
 
 /// Whether and how the server offers TLS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -402,6 +403,25 @@ impl Server {
         if let Ok(p) = self.inner.conns.clone().acquire_owned().await {
             serve_conn(self.inner.clone(), s, p).await;
         }
+    }
+
+    /// Serve a stream that starts in the transmission phase, with no handshake: the kernel's
+    /// NBD client on a socket it was given by netlink or ioctl. Requests get simple replies
+    /// (no structured replies, compact headers), as after `NBD_OPT_EXPORT_NAME`.
+    pub async fn serve_transmission<S: Transport>(&self, s: S, export: usize) {
+        if export >= self.inner.cfg.exports.len() {
+            warn!("nbd: no export {export} to serve");
+            return;
+        }
+        if let Ok(_p) = self.inner.conns.clone().acquire_owned().await {
+            transmission(self.inner.clone(), s, Negotiated::default(), export).await;
+        }
+    }
+
+    /// The transmission flags export `export` is advertised with to a client without
+    /// structured replies (from its store's capabilities), e.g. for the kernel's client.
+    pub fn export_flags(&self, export: usize) -> u16 {
+        transmission_flags(&self.inner.cfg.exports[export], false)
     }
 
     /// Connections being served right now.

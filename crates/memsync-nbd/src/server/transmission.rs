@@ -43,7 +43,7 @@ const BATCH: usize = 64 * 1024;
 /// Send buffer asked for on unix sockets. The default (208 KiB) is smaller than one 256 KiB
 /// read reply, so every such reply would wait for the client to drain the socket half-way.
 /// Linux caps it at `net.core.wmem_max`. (TCP sockets keep the kernel's auto-tuning.)
-pub(super) const UNIX_SNDBUF: usize = 4 << 20;
+pub(crate) const UNIX_SNDBUF: usize = 4 << 20;
 
 /// A reply ready to be written.
 enum Reply {
