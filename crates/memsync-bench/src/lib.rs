@@ -56,7 +56,7 @@ pub fn run(suite: &str, config: BenchConfig, env: &Env<'_>) -> Result<()> {
         "sync" => sync::run(&mut b, env),
         "migrate" => migrate::run(&mut b, env),
         "vmm" => vmm::run(&mut b, env),
-        "dsm" => dsm::run(&mut b),
+        "dsm" => dsm::run(&mut b, env),
         other => bail!("unknown suite {other:?}"),
     }
 }
