@@ -315,7 +315,12 @@ fn netns_cluster(
         .args(["netns", "exec", &ns.a])
         .arg(env.exe.as_os_str())
         .args(["dsm", "--id", "0", "--peers", &peers.join(",")])
-        .args(["--manager", &scheme.to_string(), "--size", &size.to_string()])
+        .args([
+            "--manager",
+            &scheme.to_string(),
+            "--size",
+            &size.to_string(),
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
