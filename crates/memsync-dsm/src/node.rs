@@ -711,22 +711,16 @@ impl Shared {
             ms.owner.store(from, Relaxed);
         }
         let mut down = self.down.subscribe();
-        if owner == self.me {
-            // The manager owns the page (the fixed scheme's usual case): served here, with no
-            // FORWARD to itself (a message and two task hand-offs on the fault's path).
-            Arc::clone(&self).serve(want, req, page, from, 1).await;
-        } else {
-            self.send(
-                owner,
-                Msg::Forward {
-                    want,
-                    req,
-                    page,
-                    from,
-                    hops: 1,
-                },
-            );
-        }
+        self.send(
+            owner,
+            Msg::Forward {
+                want,
+                req,
+                page,
+                from,
+                hops: 1,
+            },
+        );
         let owner_died = async {
             loop {
                 if *down.borrow_and_update() & bit(owner) != 0 {
