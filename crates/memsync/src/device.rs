@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
-use memsync_cache::{CacheConfig, open_cache};
+use memsync_cache::open_cache;
 use memsync_core::size::{format_size, parse_duration};
 use memsync_core::{DynStore, redact};
 use memsync_nbd::device::{Device, DeviceConfig, Interface, device_index, device_state};
 use serde_json::json;
 
 use crate::context::Context;
-use crate::mount::{MountArgs, cache_chunk, cache_state, close_cache, parse_range};
+use crate::mount::{MountArgs, cache_config, cache_state, close_cache};
 
 /// `mount --device` and its settings.
 #[derive(Debug, Args)]
@@ -114,24 +114,10 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
         bail!("--device is a mount of its own: it cannot be combined with --fuse or --nbd");
     }
     device_index(&path)?;
-    let chunk = cache_chunk("--chunk", &a.chunk)?;
-    let hints = a
-        .hints
-        .iter()
-        .map(|h| parse_range(h))
-        .collect::<Result<Vec<_>>>()?;
+    let cfg = cache_config(&a)?;
     ctx.rt.block_on(async {
         let cache = match &a.cache {
             Some(dir) => {
-                let cfg = CacheConfig {
-                    chunk_size: chunk,
-                    pull: a.pull == "on",
-                    hints,
-                    push_interval: a.push_interval,
-                    fetch_timeout: a.fetch_timeout,
-                    reinit: a.reinit.reinit(),
-                    ..CacheConfig::default()
-                };
                 let c = open_cache(&ctx.registry, &a.remote, dir, cfg).await?;
                 eprintln!("memsync: {}", cache_state(&c));
                 Some(c)

@@ -146,6 +146,26 @@ pub async fn close_cache(cache: &Cache) -> Result<String> {
     Ok(cache.stats().to_string())
 }
 
+/// The cache settings a mount's flags ask for (`--chunk`, `--pull`, `--hint`, `--push-interval`,
+/// `--fetch-timeout`, `--reinit`), checked before anything is opened; shared by the FUSE/NBD
+/// mount and the direct (`--device`) mount.
+pub fn cache_config(a: &MountArgs) -> Result<CacheConfig> {
+    let hints = a
+        .hints
+        .iter()
+        .map(|h| parse_range(h))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(CacheConfig {
+        chunk_size: cache_chunk("--chunk", &a.chunk)?,
+        pull: a.pull == "on",
+        hints,
+        push_interval: a.push_interval,
+        fetch_timeout: a.fetch_timeout,
+        reinit: a.reinit.reinit(),
+        ..CacheConfig::default()
+    })
+}
+
 pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
     if a.device.device.is_some() {
         return crate::device::mount(ctx, a);
@@ -158,29 +178,15 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
     let Some(cache_dir) = a.cache.clone() else {
         bail!("--cache DIR is required (only --device can serve a store without a cache)");
     };
-    let chunk = cache_chunk("--chunk", &a.chunk)?;
+    let cfg = cache_config(&a)?;
     // Checked before anything is opened: a bad --nbd fails at once.
     let listen = a
         .nbd
         .as_deref()
         .map(|u| memsync_nbd::ListenAddr::parse(u).with_context(|| format!("--nbd {u}")))
         .transpose()?;
-    let hints = a
-        .hints
-        .iter()
-        .map(|h| parse_range(h))
-        .collect::<Result<Vec<_>>>()?;
     let handle = ctx.rt.handle().clone();
     ctx.rt.block_on(async move {
-        let cfg = CacheConfig {
-            chunk_size: chunk,
-            pull: a.pull == "on",
-            hints,
-            push_interval: a.push_interval,
-            fetch_timeout: a.fetch_timeout,
-            reinit: a.reinit.reinit(),
-            ..CacheConfig::default()
-        };
         let cache = open_cache(&ctx.registry, &a.remote, &cache_dir, cfg).await?;
         let p = cache.progress();
         eprintln!("memsync: {}", cache_state(&cache));
