@@ -1,6 +1,6 @@
 //! Operations for drivers: install data that arrived from elsewhere
 //! ([`Core::place`]) and drop chunks so that the next touch fetches them
-//! again ([`Core::drop_chunk`]).
+//! again ([`Core::drop_chunks`]).
 //!
 //! Both own the chunk through the chunk table while they change its memory,
 //! so they race safely with faults, the puller and each other: of a fetch
@@ -61,69 +61,98 @@ impl Core {
         }
     }
 
-    /// Drops the pages of chunk `i` (any local writes with them); the chunk
-    /// becomes absent and its next touch fetches it from the source. Waits
-    /// for a fetch or place in progress to settle first. `Ok(false)` for a
-    /// poisoned chunk (left as it is). `before_drop` runs while the chunk is
-    /// owned and its pages are still there (the evictor writes it back):
-    /// an error keeps the chunk present.
-    pub(crate) fn drop_chunk(
-        &self,
-        i: usize,
-        before_drop: impl FnOnce() -> io::Result<()>,
-    ) -> io::Result<bool> {
-        let mut nap = Duration::from_micros(1);
-        loop {
-            match self.chunks.apply(i, &ChunkState::DROP) {
-                Ok(prev) => return self.dropping(i, prev, before_drop).map(|()| true),
-                Err(ChunkState::Poisoned) => return Ok(false),
-                Err(_) => {
-                    // Fetching or dropping: wait for the owner.
-                    if self.stopping() {
-                        return Err(io::Error::other("the region is shutting down"));
+    /// Drops the pages of the chunks of `range` (any local writes with
+    /// them); they become absent and their next touch fetches them from the
+    /// source. Waits for a fetch or place in progress to settle first. One
+    /// `madvise` (and so one `REMOVE` event to wait for) per run of
+    /// neighbouring chunks, not one per chunk: a migration's
+    /// switch-over drops thousands of chunks while the application is
+    /// suspended, and each round trip through a handler thread costs tens
+    /// of microseconds here. Returns how many chunks were dropped (poisoned
+    /// ones are left as they are).
+    pub(crate) fn drop_chunks(&self, range: std::ops::Range<usize>) -> io::Result<usize> {
+        let mut run: Vec<(usize, ChunkState)> = Vec::new();
+        let mut dropped = 0;
+        for i in range {
+            let mut nap = Duration::from_micros(1);
+            loop {
+                match self.chunks.apply(i, &ChunkState::DROP) {
+                    Ok(prev) => {
+                        run.push((i, prev));
+                        break;
                     }
-                    std::thread::sleep(nap);
-                    nap = (nap * 2).min(Duration::from_millis(1));
+                    Err(ChunkState::Poisoned) => {
+                        dropped += self.drop_run(&mut run)?;
+                        break;
+                    }
+                    Err(_) => {
+                        // Fetching or dropping: wait for the owner. The
+                        // chunks of the run are owned meanwhile; a fault on
+                        // them waits, as it would for their fetch.
+                        if self.stopping() {
+                            self.undo_drop(&mut run);
+                            return Err(io::Error::other("the region is shutting down"));
+                        }
+                        std::thread::sleep(nap);
+                        nap = (nap * 2).min(Duration::from_millis(1));
+                    }
                 }
             }
         }
+        dropped += self.drop_run(&mut run)?;
+        Ok(dropped)
     }
 
-    fn dropping(
-        &self,
-        i: usize,
-        prev: ChunkState,
-        before_drop: impl FnOnce() -> io::Result<()>,
-    ) -> io::Result<()> {
-        let (off, _, inst_len) = self.geo.chunk(i);
-        let undo = |state: ChunkState| {
-            let t = if state == ChunkState::Present {
+    /// Drops the pages of `run` (neighbouring chunks the caller owns) at
+    /// once, and empties it.
+    fn drop_run(&self, run: &mut Vec<(usize, ChunkState)>) -> io::Result<usize> {
+        let (Some(&(first, _)), Some(&(last, _))) = (run.first(), run.last()) else {
+            return Ok(0);
+        };
+        let (off, _, _) = self.geo.chunk(first);
+        let (last_off, _, last_len) = self.geo.chunk(last);
+        let len = last_off + last_len - off;
+        if let Err(e) = self.zap_span(first..last + 1, off, len) {
+            self.undo_drop(run);
+            return Err(e);
+        }
+        for &(i, _) in run.iter() {
+            inc(&self.stats.chunks_dropped);
+            let _ = self.chunks.apply(i, &ChunkState::DROPPED);
+        }
+        // Faults that came in while the pages were going waited: they fault
+        // again and fetch their chunk.
+        let _ = self.engine.uffd.wake(self.base() + off, len);
+        let n = run.len();
+        run.clear();
+        Ok(n)
+    }
+
+    /// Gives the chunks of `run` back as they were before the drop.
+    fn undo_drop(&self, run: &mut Vec<(usize, ChunkState)>) {
+        for (i, prev) in run.drain(..) {
+            let t = if prev == ChunkState::Present {
                 &ChunkState::KEEP
             } else {
                 &ChunkState::DROPPED
             };
             let _ = self.chunks.apply(i, t);
-        };
-        if let Err(e) = before_drop() {
-            undo(prev);
-            return Err(e);
+            let (off, _, len) = self.geo.chunk(i);
+            let _ = self.engine.uffd.wake(self.base() + off, len);
         }
-        if let Err(e) = self.zap(i) {
-            undo(prev);
-            return Err(e);
-        }
-        inc(&self.stats.chunks_dropped);
-        let _ = self.chunks.apply(i, &ChunkState::DROPPED);
-        // Faults that came in while the pages were going waited: they fault
-        // again and fetch the chunk.
-        let _ = self.engine.uffd.wake(self.base() + off, inst_len);
-        Ok(())
     }
 
     /// Drops the pages of chunk `i`, which the caller owns (`Dropping`),
     /// and waits until a handler has seen the `REMOVE` event.
     pub(crate) fn zap(&self, i: usize) -> io::Result<()> {
         let (off, _, inst_len) = self.geo.chunk(i);
+        self.zap_span(i..i + 1, off, inst_len)
+    }
+
+    /// Drops the pages of `chunks` (owned by the caller, `Dropping`), which
+    /// span `off..off + len`, and waits until a handler has seen the
+    /// `REMOVE` event for each.
+    fn zap_span(&self, chunks: std::ops::Range<usize>, off: usize, len: usize) -> io::Result<()> {
         // memfd: MADV_DONTNEED would keep the data in the page cache (the
         // next touch maps it again); punch it out instead.
         let advice = if self.cfg.memfd {
@@ -136,19 +165,23 @@ impl Core {
         // alone but acknowledges it: until then the chunk stays dropping, so
         // a late event cannot invalidate the chunk after it was fetched
         // again.
-        self.remove_ack.clear(i);
-        self.engine.map.advise(off, inst_len, advice)?;
+        for i in chunks.clone() {
+            self.remove_ack.clear(i);
+        }
+        self.engine.map.advise(off, len, advice)?;
         if self.engine.uffd.features().contains(Features::EVENT_REMOVE) {
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while !self.remove_ack.get(i) {
-                if self.stopping() || std::time::Instant::now() > deadline {
-                    tracing::warn!(
-                        chunk = i,
-                        "memsync-region: no REMOVE event seen for a dropped chunk"
-                    );
-                    break;
+            for i in chunks {
+                while !self.remove_ack.get(i) {
+                    if self.stopping() || std::time::Instant::now() > deadline {
+                        tracing::warn!(
+                            chunk = i,
+                            "memsync-region: no REMOVE event seen for a dropped chunk"
+                        );
+                        return Ok(());
+                    }
+                    std::thread::yield_now();
                 }
-                std::thread::yield_now();
             }
         }
         Ok(())

@@ -436,13 +436,8 @@ impl LazyRegion {
     pub fn invalidate(&self, off: usize, len: usize) -> io::Result<usize> {
         self.check(off, len);
         let inner = &*self.run.core;
-        let mut n = 0;
         let range = inner.geo.chunks_in(off, len);
-        for i in range.clone() {
-            if inner.drop_chunk(i, || Ok(()))? {
-                n += 1;
-            }
-        }
+        let n = inner.drop_chunks(range.clone())?;
         if !range.is_empty() {
             inner.hooks.remove(range);
         }

@@ -232,6 +232,43 @@ fn invalidate_drops_local_writes_and_refetches_from_the_source() {
     }
 }
 
+/// A range of many present chunks is dropped with one `madvise`, so one
+/// `REMOVE` event (a migration's switch-over drops thousands of chunks while
+/// the application waits); each chunk is still refetched on its own, and a
+/// chunk that was never fetched stays absent.
+#[test]
+fn invalidate_of_many_chunks_is_one_remove_and_refetches_each() {
+    for backing in [Backing::Anonymous, Backing::Memfd] {
+        let chunk = 16 * KIB;
+        let n = 64;
+        let src = VecSource::random(n * chunk, 6);
+        let r = region(
+            &src,
+            Arc::new(()),
+            RegionConfig {
+                backing,
+                ..cfg(chunk)
+            },
+        );
+        for i in 0..n - 1 {
+            r.write_faulting(i * chunk + 1, b"local");
+        }
+        assert_eq!(r.present_count(), n - 1);
+        let before = r.stats().snapshot();
+        assert_eq!(r.invalidate(0, n * chunk).unwrap(), n, "{backing:?}");
+        let after = r.stats().snapshot();
+        assert_eq!(after.removes - before.removes, 1, "{backing:?}");
+        assert_eq!(after.chunks_dropped - before.chunks_dropped, n as u64);
+        assert_eq!(r.present_count(), 0);
+        let mut got = vec![0u8; chunk];
+        for i in 0..n {
+            r.read_faulting(i * chunk, &mut got);
+            assert!(got == src.bytes(i * chunk, chunk), "{backing:?}: chunk {i}");
+        }
+        assert_eq!(r.present_count(), n);
+    }
+}
+
 /// Invalidations race with faulting readers: every read sees the source's
 /// bytes (the source does not change), never zeros or a torn chunk.
 #[test]
@@ -259,7 +296,10 @@ fn invalidate_races_faults_without_wrong_bytes() {
         spawn(move || {
             let mut dropped = 0;
             for k in 0..200 {
-                dropped += r.invalidate((k * 5 % n) * chunk, chunk).unwrap();
+                // Single chunks and runs of four (one madvise for the run).
+                let run = if k % 2 == 0 { 1 } else { 4 };
+                let first = (k * 5 % (n - 3)) * chunk;
+                dropped += r.invalidate(first, run * chunk).unwrap();
             }
             dropped
         })
