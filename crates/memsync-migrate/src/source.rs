@@ -179,25 +179,54 @@ impl Default for Throttle {
     }
 }
 
-/// Suspend the application for `share` of every `period` until dropped (or a hook fails);
-/// `down` tells whether it is suspended now.
-async fn duty_cycle(hooks: &dyn Hooks, t: Throttle, share: f64, down: &AtomicBool) -> StoreError {
-    let off = t.period.mul_f64(share.clamp(0.0, 1.0));
-    let on = t.period.saturating_sub(off);
-    // Suspended part first: a pass shorter than it (and the dirty scan that ends the pass)
-    // sees no writes at all.
+/// Suspend the application for `share` of every `period` of one clock that started at
+/// `origin`, until dropped (or a hook fails); `down` tells whether it is suspended now and
+/// outlives the call, so that a pass that ends while the application is held leaves it held
+/// into the next pass: restarting the cycle at each pass (resume, then suspend again) lets the
+/// writer run between passes, and on a loaded machine those windows alone keep a pass from
+/// converging.
+async fn duty_cycle(
+    hooks: &dyn Hooks,
+    t: Throttle,
+    share: f64,
+    down: &AtomicBool,
+    origin: Instant,
+) -> StoreError {
+    let period = t.period.max(Duration::from_millis(1));
+    let off = period.mul_f64(share.clamp(0.0, 1.0));
     loop {
-        down.store(true, Relaxed);
-        if let Err(e) = hooks.suspend().await {
-            return e.context("throttling the application (auto-converge)");
+        // Suspended part first in each period.
+        let phase = Duration::from_nanos((origin.elapsed().as_nanos() % period.as_nanos()) as u64);
+        if phase < off {
+            if !down.load(Relaxed) {
+                down.store(true, Relaxed);
+                if let Err(e) = hooks.suspend().await {
+                    return e.context("throttling the application (auto-converge)");
+                }
+            }
+            tokio::time::sleep(off - phase).await;
+        } else {
+            if down.load(Relaxed) {
+                if let Err(e) = hooks.resume().await {
+                    return e.context("throttling the application (auto-converge)");
+                }
+                down.store(false, Relaxed);
+            }
+            tokio::time::sleep(period - phase).await;
         }
-        tokio::time::sleep(off).await;
-        if let Err(e) = hooks.resume().await {
-            return e.context("throttling the application (auto-converge)");
-        }
-        down.store(false, Relaxed);
-        tokio::time::sleep(on).await;
     }
+}
+
+/// Resume an application that auto-converge holds, if it does.
+async fn resume_throttled(hooks: &dyn Hooks, down: &AtomicBool) -> Result<(), StoreError> {
+    // `down` is set before the suspend begins: a suspend cut short is undone too.
+    if down.swap(false, Relaxed) {
+        hooks
+            .resume()
+            .await
+            .map_err(|e| e.context("resuming after auto-converge"))?;
+    }
+    Ok(())
 }
 
 impl Default for SourceConfig {
@@ -614,6 +643,9 @@ impl Source<'_> {
         let mut mark = 0u64;
         let mut growing = 0u32;
         let mut throttle = 0.0f64;
+        // Auto-converge's one clock, and whether it holds the application now.
+        let mut throttled_since: Option<Instant> = None;
+        let throttled = AtomicBool::new(false);
         let hooks = self.hooks;
         let reason = loop {
             if cfg.mode == Mode::Postcopy {
@@ -648,23 +680,22 @@ impl Source<'_> {
                 // Taken while a throttled application is still held.
                 Ok((elapsed, self.take_dirty().await?))
             };
-            let (elapsed, next) = match (cfg.auto_converge, throttle) {
+            let r = match (cfg.auto_converge, throttle) {
                 (Some(t), share) if share > 0.0 => {
-                    let down = AtomicBool::new(false);
-                    let r = tokio::select! {
+                    let origin = *throttled_since.get_or_insert_with(Instant::now);
+                    tokio::select! {
                         r = pass => r,
-                        e = duty_cycle(hooks, t, share, &down) => Err(e),
-                    };
-                    // Marked before the suspend began: a suspend cut short is undone too.
-                    if down.load(Relaxed) {
-                        hooks
-                            .resume()
-                            .await
-                            .map_err(|e| e.context("resuming after auto-converge"))?;
+                        e = duty_cycle(hooks, t, share, &throttled, origin) => Err(e),
                     }
-                    r?
                 }
-                _ => pass.await?,
+                _ => pass.await,
+            };
+            let (elapsed, next) = match r {
+                Ok(v) => v,
+                Err(e) => {
+                    resume_throttled(hooks, &throttled).await?;
+                    return Err(e);
+                }
             };
             let wire = self.sent.load(Relaxed) - sent0;
             dirty = next;
@@ -717,6 +748,8 @@ impl Source<'_> {
                 break SwitchReason::NotConverged;
             }
         };
+        // The switch-over suspends it again and takes what it dirtied meanwhile.
+        resume_throttled(hooks, &throttled).await?;
         // Verifying: the rest goes as post-copy, each chunk SAME or sent again.
         let postcopy = verify
             || match reason {
