@@ -14,23 +14,12 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
-use bytes::Bytes;
 use memsync_core::{DynStore, Result, StoreError, async_trait};
 use parking_lot::Mutex;
 
+pub use crate::delta::Run;
 use crate::digest::{self, Digest, Layout, ScanStats};
 use crate::index::{FileState, IndexFile, IndexStatus};
-
-/// A run of bytes within a chunk: new data, or zeros (sent without data).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Run {
-    /// Offset within the chunk.
-    pub off: u32,
-    /// Length in bytes.
-    pub len: u32,
-    /// The bytes (`len` of them), or `None` for zeros.
-    pub data: Option<Bytes>,
-}
 
 /// What became of a patch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -266,7 +255,7 @@ impl LocalDest {
                 data.len()
             )));
         }
-        let runs = crate::engine::diff_runs(&data, crate::engine::Theirs::Pages(pages));
+        let runs = crate::delta::diff_runs(&data, crate::delta::Theirs::Pages(pages));
         Ok((digest::chunk_digest(&data), runs))
     }
 

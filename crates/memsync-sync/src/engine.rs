@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use memsync_core::{DynStore, Result, StoreError};
 use tokio::sync::Semaphore;
 
-use crate::dest::{DestStats, DynDest, PatchOutcome, Run, source_digests};
+use crate::delta::{Run, Theirs, diff_runs, diff_runs_copied};
+use crate::dest::{DestStats, DynDest, PatchOutcome, source_digests};
 use crate::digest::{self, Digest, Layout, PAGE, ScanStats};
 use crate::index::{IndexFile, IndexStatus};
 
@@ -114,74 +115,6 @@ pub struct Pushed {
     pub resent_whole: bool,
     /// The chunk already had these bytes; nothing was sent.
     pub unchanged: bool,
-}
-
-/// What the destination's chunk is known to be, page by page.
-#[derive(Clone, Copy, Debug)]
-pub enum Theirs<'a> {
-    /// All zeros.
-    Zero,
-    /// Its page digests.
-    Pages(&'a [u32]),
-    /// Its bytes.
-    Bytes(&'a [u8]),
-}
-
-/// Runs of pages of `data` that differ from `theirs`. Adjacent pages merge; zero pages become
-/// zero runs without data.
-pub fn diff_runs(data: &bytes::Bytes, theirs: Theirs<'_>) -> Vec<Run> {
-    diff_ranges(data, theirs)
-        .into_iter()
-        .map(|(s, e, zero)| Run {
-            off: s as u32,
-            len: (e - s) as u32,
-            data: (!zero).then(|| data.slice(s..e)),
-        })
-        .collect()
-}
-
-/// [`diff_runs`] of bytes that are not in a [`bytes::Bytes`] (a scan's buffer): only the
-/// changed pages are copied.
-fn diff_runs_copied(data: &[u8], theirs: Theirs<'_>) -> Vec<Run> {
-    diff_ranges(data, theirs)
-        .into_iter()
-        .map(|(s, e, zero)| Run {
-            off: s as u32,
-            len: (e - s) as u32,
-            data: (!zero).then(|| bytes::Bytes::copy_from_slice(&data[s..e])),
-        })
-        .collect()
-}
-
-/// `(start, end, zero)` of the runs of [`diff_runs`].
-fn diff_ranges(data: &[u8], theirs: Theirs<'_>) -> Vec<(usize, usize, bool)> {
-    let page = PAGE as usize;
-    let mut runs = Vec::new();
-    // (start, end, zero) of the run being built.
-    let mut cur: Option<(usize, usize, bool)> = None;
-    for (p, chunk) in data.chunks(page).enumerate() {
-        let zero = digest::is_zero(chunk);
-        let s = p * page;
-        let e = s + chunk.len();
-        let differs = match theirs {
-            Theirs::Zero => !zero,
-            Theirs::Pages(t) => t.get(p) != Some(&digest::page_digest(chunk)),
-            Theirs::Bytes(b) => b.get(s..e) != Some(chunk),
-        };
-        if !differs {
-            runs.extend(cur.take());
-            continue;
-        }
-        match &mut cur {
-            Some((_, end, z)) if *z == zero => *end = e,
-            _ => {
-                runs.extend(cur.take());
-                cur = Some((s, e, zero));
-            }
-        }
-    }
-    runs.extend(cur);
-    runs
 }
 
 /// Push chunk `i` of `src` to `dest`, which holds `dest_digest` there if known. Reads the chunk
@@ -705,31 +638,9 @@ fn status_text(s: &IndexStatus) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
 
     #[test]
-    fn runs_merge_pages_and_send_zeros_without_data() {
-        let mut v = vec![1u8; 6 * 4096];
-        v[4 * 4096..5 * 4096].fill(0);
-        let data = Bytes::from(v.clone());
-        let mut theirs = digest::page_digests(&v);
-        // Pages 1, 2 differ (one data run), page 4 is zero and differs (zero run).
-        theirs[1] ^= 1;
-        theirs[2] ^= 1;
-        theirs[4] ^= 1;
-        let runs = diff_runs(&data, Theirs::Pages(&theirs));
-        assert_eq!(runs.len(), 2);
-        assert_eq!((runs[0].off, runs[0].len), (4096, 8192));
-        assert!(runs[0].data.is_some());
-        assert_eq!(
-            (runs[1].off, runs[1].len, runs[1].data.clone()),
-            (4 * 4096, 4096, None)
-        );
-        // Against an all-zero chunk only non-zero pages go, as two runs around the zero page.
-        let runs = diff_runs(&data, Theirs::Zero);
-        assert_eq!(runs.len(), 2);
-        assert_eq!((runs[0].off, runs[0].len), (0, 4 * 4096));
-        assert_eq!((runs[1].off, runs[1].len), (5 * 4096, 4096));
+    fn ranges_merge_neighbours() {
         assert_eq!(ranges(vec![5, 1, 2, 3, 7]), vec![1..4, 5..6, 7..8]);
     }
 }

@@ -22,6 +22,7 @@
 //! - The destination's index is saved only after a flush with no failed write, and the
 //!   source's only if the file did not change while it was hashed.
 
+pub mod delta;
 pub mod dest;
 pub mod digest;
 pub mod engine;
