@@ -5,50 +5,16 @@
 //! keeps under the run directory.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use clap::Args;
 use memsync_cache::open_cache;
-use memsync_core::size::{format_size, parse_duration};
+use memsync_core::size::format_size;
 use memsync_core::{DynStore, redact};
-use memsync_nbd::device::{Device, DeviceConfig, Interface, device_index, device_state};
+use memsync_nbd::device::{Device, DeviceConfig, device_index, device_state};
 use serde_json::json;
 
 use crate::context::Context;
 use crate::mount::{MountArgs, cache_config, cache_state, close_cache};
-
-/// `mount --device` and its settings.
-#[derive(Debug, Args)]
-pub struct DeviceArgs {
-    /// A direct mount: attach the store (through --cache DIR if given) to this kernel NBD
-    /// device, e.g. /dev/nbd0, until SIGINT/SIGTERM (then flush and disconnect).
-    #[arg(long, value_name = "/dev/nbdN")]
-    pub device: Option<PathBuf>,
-    /// Kernel connections (socket pairs) for the device: several let the kernel send requests
-    /// from several queues at once.
-    #[arg(long, default_value_t = 1, requires = "device")]
-    pub connections: usize,
-    /// Re-attach to a device whose memsync died (netlink NBD_CMD_RECONFIGURE): service
-    /// resumes where the kernel was waiting.
-    #[arg(long, requires = "device")]
-    pub reconnect: bool,
-    /// How long I/O on the device waits for a --reconnect once this process is gone, before it
-    /// fails with EIO (netlink; whole seconds).
-    #[arg(long, default_value = "30s", value_parser = parse_duration, requires = "device")]
-    pub dead_timeout: Duration,
-    /// The kernel's per-request timeout: a request unanswered this long makes the kernel drop
-    /// the connection (whole seconds; keep it above --fetch-timeout).
-    #[arg(long, default_value = "60s", value_parser = parse_duration, requires = "device")]
-    pub io_timeout: Duration,
-    /// How to hand the sockets to the kernel: netlink, ioctl, or auto (netlink if the kernel
-    /// has it).
-    #[arg(long, default_value = "auto", requires = "device")]
-    pub interface: Interface,
-    /// Expose the device read-only.
-    #[arg(long, requires = "device")]
-    pub read_only: bool,
-}
 
 /// Where device records live: `$MEMSYNC_RUN_DIR`, or /run/memsync.
 fn run_dir() -> PathBuf {

@@ -135,6 +135,7 @@ fn main() -> ExitCode {
         Command::Checksum(a) => cmd::checksum(&ctx, a),
         Command::Bench(a) => cmd::bench(&ctx, a),
         Command::Serve(a) => serve::serve(&ctx, a),
+        Command::Mount(a) if a.device.device.is_some() => device::mount(&ctx, a),
         Command::Mount(a) => mount::mount(&ctx, a),
         Command::Sync(a) => sync::sync(&ctx, a),
         Command::Proxy(a) => proxy::proxy(&ctx, a),

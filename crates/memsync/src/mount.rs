@@ -11,11 +11,11 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use memsync_cache::{Cache, CacheConfig, Reinit, open_cache};
 use memsync_core::DynStore;
-use memsync_core::size::parse_size;
+use memsync_core::size::{parse_duration, parse_size};
 use memsync_fuse::{FuseMount, FuseOptions};
+use memsync_nbd::device::Interface;
 
 use crate::context::Context;
-use memsync_core::size::parse_duration;
 
 #[derive(Debug, Args)]
 pub struct MountArgs {
@@ -64,7 +64,7 @@ pub struct MountArgs {
     #[command(flatten)]
     pub reinit: ReinitArgs,
     #[command(flatten)]
-    pub device: crate::device::DeviceArgs,
+    pub device: DeviceArgs,
 }
 
 /// Parse permission bits in octal (`0600`, `644`).
@@ -166,10 +166,41 @@ pub fn cache_config(a: &MountArgs) -> Result<CacheConfig> {
     })
 }
 
+/// `mount --device` and its settings.
+#[derive(Debug, Args)]
+pub struct DeviceArgs {
+    /// A direct mount: attach the store (through --cache DIR if given) to this kernel NBD
+    /// device, e.g. /dev/nbd0, until SIGINT/SIGTERM (then flush and disconnect).
+    #[arg(long, value_name = "/dev/nbdN")]
+    pub device: Option<PathBuf>,
+    /// Kernel connections (socket pairs) for the device: several let the kernel send requests
+    /// from several queues at once.
+    #[arg(long, default_value_t = 1, requires = "device")]
+    pub connections: usize,
+    /// Re-attach to a device whose memsync died (netlink NBD_CMD_RECONFIGURE): service
+    /// resumes where the kernel was waiting.
+    #[arg(long, requires = "device")]
+    pub reconnect: bool,
+    /// How long I/O on the device waits for a --reconnect once this process is gone, before it
+    /// fails with EIO (netlink; whole seconds).
+    #[arg(long, default_value = "30s", value_parser = parse_duration, requires = "device")]
+    pub dead_timeout: Duration,
+    /// The kernel's per-request timeout: a request unanswered this long makes the kernel drop
+    /// the connection (whole seconds; keep it above --fetch-timeout).
+    #[arg(long, default_value = "60s", value_parser = parse_duration, requires = "device")]
+    pub io_timeout: Duration,
+    /// How to hand the sockets to the kernel: netlink, ioctl, or auto (netlink if the kernel
+    /// has it).
+    #[arg(long, default_value = "auto", requires = "device")]
+    pub interface: Interface,
+    /// Expose the device read-only.
+    #[arg(long, requires = "device")]
+    pub read_only: bool,
+}
+
 pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
-    if a.device.device.is_some() {
-        return crate::device::mount(ctx, a);
-    }
+    // main.rs sends a mount with --device to crate::device.
+    debug_assert!(a.device.device.is_none());
     if a.fuse.is_none() && a.nbd.is_none() {
         bail!(
             "nothing to expose the mount with: give --fuse MOUNTPOINT, --nbd URL and/or --device /dev/nbdN"
