@@ -43,8 +43,6 @@ need ip iproute2
 # Virtual machines (issue 15): qemu (TCG only here) boots stock Debian kernels; busybox-static is
 # the guest's shell and tools and builds the initramfs (`busybox cpio`; the host has no cpio).
 need qemu-system-x86_64 qemu-system-x86
-dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' ||
-  apt_pkgs+=(busybox-static)
 # depmod writes the unpacked kernels' modules.dep (the packages' postinst would); xz unpacks
 # the compressed modules of newer kernels.
 need depmod kmod
@@ -56,6 +54,16 @@ if ((${#apt_pkgs[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}"
 fi
+# A machine may carry a newer qemu-utils (a backport) than the qemu-system-x86 apt offers: apt
+# then removes qemu-utils to install qemu-system-x86, leaving no qemu-img. Install the
+# qemu-utils of the same release.
+if ! command -v qemu-img >/dev/null 2>&1; then
+  echo "setup: installing qemu-utils (removed by the qemu-system-x86 install)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-utils
+fi
+for cmd in qemu-img qemu-io qemu-nbd qemu-system-x86_64; do
+  command -v "$cmd" >/dev/null 2>&1 || { echo "setup: $cmd is missing after the install" >&2; exit 1; }
+done
 
 if $boto3_pip; then
   echo "setup: installing boto3"

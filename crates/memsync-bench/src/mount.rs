@@ -104,7 +104,7 @@ struct Mounted {
     _dirs: (tempfile::TempDir, tempfile::TempDir),
 }
 
-fn open_cache(
+fn mount_cache(
     env: &Env<'_>,
     scratch: &Path,
     port: u16,
@@ -180,7 +180,7 @@ fn read_file_seq(path: &Path) -> Result<(u64, Instant)> {
 /// rate once connections are set up and the first chunk has arrived).
 fn fuse_seq(env: &Env<'_>, scratch: &Path, port: u16, size: u64) -> Result<(f64, f64)> {
     let t = Instant::now();
-    let m = open_cache(env, scratch, port, seq_cfg(), true)?;
+    let m = mount_cache(env, scratch, port, seq_cfg(), true)?;
     let path = m
         .fuse
         .as_ref()
@@ -198,7 +198,7 @@ fn fuse_seq(env: &Env<'_>, scratch: &Path, port: u16, size: u64) -> Result<(f64,
 
 fn region_seq(env: &Env<'_>, scratch: &Path, port: u16, size: u64) -> Result<f64> {
     let t = Instant::now();
-    let m = open_cache(env, scratch, port, seq_cfg(), false)?;
+    let m = mount_cache(env, scratch, port, seq_cfg(), false)?;
     let region = LazyRegion::new(
         m.cache.clone() as DynStore,
         RegionConfig {
@@ -340,7 +340,7 @@ pub fn run(b: &mut Bench, env: &Env<'_>) -> Result<()> {
             chunk_size: 64 * 1024,
             ..seq_cfg()
         };
-        let m = open_cache(env, &scratch, pport, cfg, true)?;
+        let m = mount_cache(env, &scratch, pport, cfg, true)?;
         let path = m
             .fuse
             .as_ref()
@@ -373,7 +373,7 @@ pub fn run(b: &mut Bench, env: &Env<'_>) -> Result<()> {
                     chunk_size: 4096,
                     ..seq_cfg()
                 };
-                let m = open_cache(env, &scratch, pport, cfg, true)?;
+                let m = mount_cache(env, &scratch, pport, cfg, true)?;
                 if !env
                     .rt
                     .block_on(m.cache.wait_pulled(Duration::from_secs(120)))

@@ -200,6 +200,11 @@ async fn run_mode(mode: Mode) -> Run {
     let t = target.clone();
     let dest =
         tokio::spawn(async move { receive_region(l, t, &*hooks, &DestConfig::default()).await });
+    // The writer must have run before the migration starts: post-copy suspends it at once,
+    // and on a loaded machine its thread may not have been scheduled by then.
+    while slog.lock().is_empty() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     let cfg = SourceConfig {
         mode,
         chunk_size: PAGE as u64,
