@@ -303,7 +303,7 @@ pub fn check_mapped(pid: i32, regions: &[GuestRegion]) -> Result<(), Error> {
 }
 
 /// How the handler serves.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct HandlerConfig {
     /// Bytes fetched per fault (a power of two, at least the page size):
     /// lowered to the largest power of two that divides every region.
@@ -544,6 +544,55 @@ impl Handler {
     }
 }
 
+/// Binds the handler's socket at `path`, replacing a stale socket file (a
+/// handler that died leaves one; anything else there is an error).
+fn bind(path: &Path) -> Result<UnixListener, Error> {
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type())
+    {
+        let _ = std::fs::remove_file(path);
+    }
+    let listener = UnixListener::bind(path).map_err(io(format!("binding {}", path.display())))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(io("a non-blocking listener"))?;
+    Ok(listener)
+}
+
+/// The next VMM to connect, or `None` once `stop` is set.
+fn accept(listener: &UnixListener, stop: &AtomicBool) -> Result<Option<UnixStream>, Error> {
+    loop {
+        if stop.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)
+                    .map_err(io("a blocking VMM socket"))?;
+                return Ok(Some(s));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let _ = poll_readable(&[listener.as_fd()], Some(Duration::from_millis(100)));
+            }
+            Err(e) => return Err(io("accepting the VMM")(e)),
+        }
+    }
+}
+
+/// Receives the handshake on `stream` (10 s at most), then serves that VMM
+/// until it exits or `stop` is set.
+fn serve_stream(
+    stream: &UnixStream,
+    store: DynStore,
+    cfg: HandlerConfig,
+    stop: &AtomicBool,
+) -> Result<(Handler, Exit), Error> {
+    let hs = receive_handshake(stream, Duration::from_secs(10))?;
+    let mut h = Handler::start(hs, store, cfg)?;
+    let exit = h.run(Some(stream), stop);
+    Ok((h, exit))
+}
+
 /// Listens on `path` (replacing a stale socket file), accepts one VMM,
 /// receives its handshake (10 s at most), serves it until it exits or
 /// `stop` is set, and returns the handler (for its statistics).
@@ -559,35 +608,57 @@ pub fn serve_one(
     stop: &AtomicBool,
     on_listening: impl FnOnce(),
 ) -> Result<(Handler, Exit), Error> {
-    if let Ok(meta) = std::fs::symlink_metadata(path)
-        && std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type())
-    {
-        let _ = std::fs::remove_file(path);
-    }
-    let listener = UnixListener::bind(path).map_err(io(format!("binding {}", path.display())))?;
+    let listener = bind(path)?;
     on_listening();
-    listener
-        .set_nonblocking(true)
-        .map_err(io("a non-blocking listener"))?;
-    let stream = loop {
-        if stop.load(Ordering::Acquire) {
-            return Err(bad("stopped before a VMM connected"));
+    let stream = accept(&listener, stop)?.ok_or_else(|| bad("stopped before a VMM connected"))?;
+    serve_stream(&stream, store, cfg, stop)
+}
+
+/// One VMM served by [`serve_many`]: its handler when it ran (for its
+/// statistics), or why it could not be served (a bad handshake, a region
+/// the handler refused).
+pub type Served = Result<(Handler, Exit), Error>;
+
+/// Like [`serve_one`] for many VMMs at once from one store: each VMM that
+/// connects gets its own handler (its own userfaultfd, fault threads and
+/// pull) on a thread of its own, so that one process serves a fleet of
+/// microVMs restored from one snapshot (and one cache of it). Stops
+/// accepting after `max` VMMs (`None`: until `stop` is set), and returns
+/// when every VMM accepted has been served; `on_served` gets each as it
+/// ends. A VMM whose handshake fails is reported there and does not stop
+/// the others.
+///
+/// # Errors
+///
+/// Binding and accepting.
+pub fn serve_many(
+    path: &Path,
+    store: DynStore,
+    cfg: &HandlerConfig,
+    stop: &AtomicBool,
+    max: Option<usize>,
+    on_listening: impl FnOnce(),
+    on_served: impl Fn(Served) + Sync,
+) -> Result<usize, Error> {
+    let listener = bind(path)?;
+    on_listening();
+    let mut n = 0;
+    std::thread::scope(|s| {
+        while max.is_none_or(|m| n < m) {
+            let Some(stream) = accept(&listener, stop)? else {
+                break;
+            };
+            n += 1;
+            let (store, cfg, on_served) = (store.clone(), cfg.clone(), &on_served);
+            std::thread::Builder::new()
+                .name(format!("memsync-vmm-{n}"))
+                .spawn_scoped(s, move || {
+                    on_served(serve_stream(&stream, store, cfg, stop))
+                })
+                .map_err(io("starting a VMM's handler thread"))?;
         }
-        match listener.accept() {
-            Ok((s, _)) => break s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                let _ = poll_readable(&[listener.as_fd()], Some(Duration::from_millis(100)));
-            }
-            Err(e) => return Err(io("accepting the VMM")(e)),
-        }
-    };
-    stream
-        .set_nonblocking(false)
-        .map_err(io("a blocking VMM socket"))?;
-    let hs = receive_handshake(&stream, Duration::from_secs(10))?;
-    let mut h = Handler::start(hs, store, cfg)?;
-    let exit = h.run(Some(&stream), stop);
-    Ok((h, exit))
+        Ok(n)
+    })
 }
 
 #[cfg(test)]

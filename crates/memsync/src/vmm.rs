@@ -42,6 +42,12 @@ pub struct UffdHandlerArgs {
     /// The cache's chunk size (with --cache).
     #[arg(long, value_name = "SIZE", default_value = "1M", requires = "cache")]
     pub cache_chunk: String,
+    /// Serve this many VMMs, each on its own connection to --socket and with its own
+    /// userfaultfd, at the same time and from the one store (and cache): a fleet of microVMs
+    /// restored from one snapshot. 0: accept VMMs until SIGINT/SIGTERM. The command ends when
+    /// every VMM it accepted has exited.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub vmms: usize,
     #[command(flatten)]
     pub reinit: ReinitArgs,
 }
@@ -127,10 +133,43 @@ pub fn uffd_handler(ctx: &Context, a: UffdHandlerArgs) -> Result<()> {
     };
     let stop = stop_on_signals(ctx);
     let socket = a.socket.clone();
-    let (h, exit) = firecracker::serve_one(&a.socket, store, cfg, &stop, || {
-        eprintln!("memsync: listening on {}", socket.display());
-    })
-    .with_context(|| format!("serving Firecracker on {}", a.socket.display()))?;
+    let listening = || eprintln!("memsync: listening on {}", socket.display());
+    if a.vmms == 1 {
+        let (h, exit) = firecracker::serve_one(&a.socket, store, cfg, &stop, listening)
+            .with_context(|| format!("serving Firecracker on {}", a.socket.display()))?;
+        report_vmm(&h, exit);
+    } else {
+        let failed = std::sync::atomic::AtomicUsize::new(0);
+        let n = firecracker::serve_many(
+            &a.socket,
+            store,
+            &cfg,
+            &stop,
+            (a.vmms > 0).then_some(a.vmms),
+            listening,
+            |served| match served {
+                Ok((h, exit)) => report_vmm(&h, exit),
+                Err(e) => {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("memsync: a VMM could not be served: {e}");
+                }
+            },
+        )
+        .with_context(|| format!("serving Firecracker on {}", a.socket.display()))?;
+        let failed = failed.into_inner();
+        outln!("memsync: served {n} VMMs, {failed} failed");
+        if failed > 0 {
+            anyhow::bail!("{failed} of {n} VMMs could not be served");
+        }
+    }
+    if let Some(cache) = cache {
+        ctx.rt.block_on(close_cache(&cache))?;
+    }
+    Ok(())
+}
+
+/// One line for a VMM served to its end, and its first chunk errors.
+fn report_vmm(h: &firecracker::Handler, exit: firecracker::Exit) {
     let s = h.stats().snapshot();
     let p = h.region().progress();
     let errors = h.errors();
@@ -155,11 +194,6 @@ pub fn uffd_handler(ctx: &Context, a: UffdHandlerArgs) -> Result<()> {
     for e in errors.iter().take(5) {
         eprintln!("memsync: chunk error: {e}");
     }
-    drop(h);
-    if let Some(cache) = cache {
-        ctx.rt.block_on(close_cache(&cache))?;
-    }
-    Ok(())
 }
 
 pub fn ch_restore(ctx: &Context, a: ChRestoreArgs) -> Result<()> {

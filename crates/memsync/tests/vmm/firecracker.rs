@@ -283,6 +283,61 @@ fn uffd_handler_serves_firecracker_from_a_file() {
     assert!(out.contains(" 0 chunk errors"), "{out}");
 }
 
+/// One handler process, three VMMs restored from one snapshot at once (a fleet of microVMs):
+/// each gets its own handler, each reads the snapshot exactly (BLAKE3 of all its memory), and
+/// the process ends when the last one exited.
+#[test]
+fn uffd_handler_serves_several_vmms_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (snap, _) = snapshot(tmp.path());
+    let socket = tmp.path().join("fc-many.sock");
+    let h = HandlerProc::start(
+        &socket,
+        &format!("file:{}", snap.display()),
+        &["--vmms", "3"],
+    );
+    std::thread::scope(|s| {
+        for _ in 0..3 {
+            s.spawn(|| run_vmm("full", &socket, &snap));
+        }
+    });
+    let (ok, out, err) = h.wait();
+    assert!(ok, "the handler failed: {out}{err}");
+    assert_eq!(out.matches("the VMM exited").count(), 3, "{out}{err}");
+    assert_eq!(out.matches(" 0 chunk errors").count(), 3, "{out}{err}");
+    assert!(out.contains("served 3 VMMs, 0 failed"), "{out}{err}");
+    // Three different VMM processes.
+    let pids: std::collections::HashSet<&str> = out
+        .lines()
+        .filter_map(|l| l.split("(pid ").nth(1)?.split(')').next())
+        .collect();
+    assert_eq!(pids.len(), 3, "{out}");
+}
+
+/// A VMM whose handshake is bad is reported and refused; the VMMs beside it are served.
+#[test]
+fn uffd_handler_refuses_one_bad_vmm_and_serves_the_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (snap, _) = snapshot(tmp.path());
+    let socket = tmp.path().join("fc-bad.sock");
+    let h = HandlerProc::start(
+        &socket,
+        &format!("file:{}", snap.display()),
+        &["--vmms", "2"],
+    );
+    {
+        let uffd = vmm_uffd();
+        let s = connect(&socket, "[", &uffd);
+        drop(s);
+    }
+    run_vmm("full", &socket, &snap);
+    let (ok, out, err) = h.wait();
+    assert!(!ok, "one VMM failed, so must the command: {out}{err}");
+    assert_eq!(out.matches("the VMM exited").count(), 1, "{out}{err}");
+    assert!(err.contains("could not be served"), "{err}");
+    assert!(err.contains("1 of 2 VMMs could not be served"), "{err}");
+}
+
 #[test]
 fn uffd_handler_stops_cleanly_when_the_vmm_exits_mid_run() {
     let tmp = tempfile::tempdir().unwrap();
