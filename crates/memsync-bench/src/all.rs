@@ -36,8 +36,8 @@ pub fn run_all(mut config: BenchConfig, out: Option<&Path>, env: &Env<'_>) -> Re
     if let Some(dir) = out {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join(RESULTS_FILE);
-        let f = std::fs::File::create(&path)
-            .with_context(|| format!("creating {}", path.display()))?;
+        let f =
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
         config.results = Some(Results::new(f));
         // Written before the suites too, so an interrupted run still names its machine.
         write_machine(dir, &config, started, None, &[])?;
@@ -71,7 +71,10 @@ pub fn run_all(mut config: BenchConfig, out: Option<&Path>, env: &Env<'_>) -> Re
     }
     eprintln!("== summary");
     for o in &outcomes {
-        let status = o.error.as_deref().map_or("ok".to_owned(), |e| format!("FAILED: {e}"));
+        let status = o
+            .error
+            .as_deref()
+            .map_or("ok".to_owned(), |e| format!("FAILED: {e}"));
         eprintln!("{:<8} {:>7.1} s  {status}", o.suite, o.seconds);
     }
     let failed: Vec<&str> = outcomes
@@ -147,13 +150,11 @@ pub fn machine() -> Value {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .ok()
         .map(|s| s.trim().to_owned());
-    let mem_kib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        });
+    let mem_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    });
     let git = |args: &[&str]| {
         Command::new("git")
             .args(args)

@@ -27,10 +27,14 @@ pub const MACHINE_FILE: &str = "machine.json";
 pub fn generate(input: &Path, out: &Path) -> Result<Vec<PathBuf>> {
     let rpath = input.join(RESULTS_FILE);
     let mpath = input.join(MACHINE_FILE);
-    let rtext = std::fs::read_to_string(&rpath)
-        .with_context(|| format!("reading {} (written by `memsync bench all --out DIR`)", rpath.display()))?;
-    let mtext = std::fs::read_to_string(&mpath)
-        .with_context(|| format!("reading {}", mpath.display()))?;
+    let rtext = std::fs::read_to_string(&rpath).with_context(|| {
+        format!(
+            "reading {} (written by `memsync bench all --out DIR`)",
+            rpath.display()
+        )
+    })?;
+    let mtext =
+        std::fs::read_to_string(&mpath).with_context(|| format!("reading {}", mpath.display()))?;
     let records = parse_results(&rpath.display().to_string(), &rtext)?;
     let machine = parse_machine(&mpath.display().to_string(), &mtext)?;
 

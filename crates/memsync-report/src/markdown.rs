@@ -184,7 +184,10 @@ fn targets_section(o: &mut String, records: &[Record], m: &Machine) {
          **{missed} missed**, {} not measured.\n",
         checks.len() - met - missed
     );
-    let _ = writeln!(o, "| suite | case | subject | metric | target | this run | |");
+    let _ = writeln!(
+        o,
+        "| suite | case | subject | metric | target | this run | |"
+    );
     let _ = writeln!(o, "|---|---|---|---|---|---|---|");
     for c in &checks {
         let (case, subject, value) = match c.record {
@@ -279,7 +282,10 @@ fn suite_section(o: &mut String, suite: &str, records: &[Record], m: &Machine, p
         .filter(|r| !r.is_ratio() && !r.is_published())
         .collect();
     if !measured.is_empty() {
-        let _ = writeln!(o, "| case | subject | metric | median | min | max | unit | runs |");
+        let _ = writeln!(
+            o,
+            "| case | subject | metric | median | min | max | unit | runs |"
+        );
         let _ = writeln!(o, "|---|---|---|--:|--:|--:|---|--:|");
         let mut last_case = "";
         for r in measured {

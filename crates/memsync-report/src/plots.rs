@@ -116,10 +116,13 @@ fn mount_rtt(records: &[Record], sub: &str) -> Option<Plot> {
             Some((_, variant)) => format!("{} ({variant})", r.subject),
             None => r.subject.clone(),
         };
-        let i = series.iter().position(|s| s.name == name).unwrap_or_else(|| {
-            series.push(Series::new(name, Style::Measured));
-            series.len() - 1
-        });
+        let i = series
+            .iter()
+            .position(|s| s.name == name)
+            .unwrap_or_else(|| {
+                series.push(Series::new(name, Style::Measured));
+                series.len() - 1
+            });
         let s = std::mem::replace(&mut series[i], Series::new("", Style::Measured));
         series[i] = s.point(rtt, r.value, range(r));
     }
@@ -176,10 +179,19 @@ fn percentile(metric: &str) -> Option<&'static str> {
 fn latency_summaries(records: &[Record], sub: &str) -> Vec<Plot> {
     let mut out = Vec::new();
     for (suite, title) in [
-        ("lazy", "Lazy region: random 4 KiB first-touch fault latency, p50 and p99"),
-        ("vmm", "VM snapshot restore: random 4 KiB fault latency, p50 and p99"),
+        (
+            "lazy",
+            "Lazy region: random 4 KiB first-touch fault latency, p50 and p99",
+        ),
+        (
+            "vmm",
+            "VM snapshot restore: random 4 KiB fault latency, p50 and p99",
+        ),
         ("dsm", "DSM: fault latency per manager scheme, p50 and p99"),
-        ("migrate", "Post-copy migration: fault latency at the destination, p50"),
+        (
+            "migrate",
+            "Post-copy migration: fault latency at the destination, p50",
+        ),
     ] {
         let rs: Vec<&Record> = measured(records, suite)
             .filter(|r| percentile(&r.metric).is_some() && r.value.is_finite() && r.value > 0.0)
@@ -322,9 +334,7 @@ fn migrate(records: &[Record], sub: &str) -> Vec<Plot> {
                 y_label: y.into(),
                 log_y: log,
                 body: bars(items),
-                notes: vec![
-                    "Store-level migration (memsync migrate); whiskers min–max.".into(),
-                ],
+                notes: vec!["Store-level migration (memsync migrate); whiskers min–max.".into()],
             },
             "",
         ));
@@ -337,7 +347,10 @@ fn stores(records: &[Record], sub: &str) -> Vec<Plot> {
     let items = measured(records, "stores")
         .filter(|r| r.unit == "GB/s" && r.case.starts_with("seq_read_direct_"))
         .map(|r| {
-            let c = r.case.trim_start_matches("seq_read_direct_").replace('_', " ");
+            let c = r
+                .case
+                .trim_start_matches("seq_read_direct_")
+                .replace('_', " ");
             let g = if r.subject.starts_with("memsync") {
                 "memsync".to_owned()
             } else {

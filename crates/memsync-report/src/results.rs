@@ -69,13 +69,16 @@ fn parse_line(line: &str) -> Result<Record> {
             None => bail!("field {k:?} is missing"),
         }
     };
-    let runs = match o.get("runs") {
-        Some(Value::Number(x)) => x
-            .as_u64()
-            .with_context(|| format!("field \"runs\" is not a count: {x}"))?,
-        Some(other) => bail!("field \"runs\" is not a number: {other}"),
-        None => bail!("field \"runs\" is missing"),
+    let runs = || -> Result<u64> {
+        match o.get("runs") {
+            Some(Value::Number(x)) => x
+                .as_u64()
+                .with_context(|| format!("field \"runs\" is not a count: {x}")),
+            Some(other) => bail!("field \"runs\" is not a number: {other}"),
+            None => bail!("field \"runs\" is missing"),
+        }
     };
+    // Fields in the order the suites write them, so the first bad one is the one named.
     Ok(Record {
         suite: s("suite")?,
         case: s("case")?,
@@ -83,7 +86,7 @@ fn parse_line(line: &str) -> Result<Record> {
         metric: s("metric")?,
         value: n("value")?,
         unit: s("unit")?,
-        runs,
+        runs: runs()?,
         min: n("min")?,
         max: n("max")?,
     })
@@ -218,9 +221,18 @@ mod tests {
             ("{not json", "not a JSON object"),
             ("[1,2]", "not a JSON object"),
             (r#"{"suite":"x"}"#, "\"case\" is missing"),
-            (&LINE.replace("\"value\":4.1", "\"value\":\"fast\""), "\"value\" is not a number"),
-            (&LINE.replace("\"runs\":3", "\"runs\":-1"), "\"runs\" is not a count"),
-            (&LINE.replace("\"suite\":\"nbd\"", "\"suite\":7"), "\"suite\" is not a string"),
+            (
+                &LINE.replace("\"value\":4.1", "\"value\":\"fast\""),
+                "\"value\" is not a number",
+            ),
+            (
+                &LINE.replace("\"runs\":3", "\"runs\":-1"),
+                "\"runs\" is not a count",
+            ),
+            (
+                &LINE.replace("\"suite\":\"nbd\"", "\"suite\":7"),
+                "\"suite\" is not a string",
+            ),
             ("\u{0}\u{ffff}", "not a JSON object"),
         ] {
             let text = format!("{LINE}\n{bad}\n");

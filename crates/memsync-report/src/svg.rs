@@ -55,6 +55,9 @@ impl Series {
     }
 }
 
+/// The lowest and highest run behind a figure, if there were several.
+type Range = Option<(f64, f64)>;
+
 /// One bar: its value and the (min, max) of the runs behind it.
 #[derive(Clone, Copy, Debug)]
 pub struct Bar {
@@ -184,7 +187,11 @@ impl Axis {
     /// A log10 axis over positive data, from the decade below to the decade above.
     pub fn log10(lo: f64, hi: f64) -> Axis {
         let lo = if lo.is_finite() && lo > 0.0 { lo } else { 1.0 };
-        let hi = if hi.is_finite() && hi >= lo { hi } else { lo * 10.0 };
+        let hi = if hi.is_finite() && hi >= lo {
+            hi
+        } else {
+            lo * 10.0
+        };
         let a = lo.log10().floor() as i32;
         let mut b = hi.log10().ceil() as i32;
         if b <= a {
@@ -328,9 +335,7 @@ impl Chart {
             &mut o,
             lx,
             ly,
-            &format!(
-                r#"font-size="12" text-anchor="middle" transform="rotate(-90 {lx} {ly:.1})""#
-            ),
+            &format!(r#"font-size="12" text-anchor="middle" transform="rotate(-90 {lx} {ly:.1})""#),
             &self.y_label,
         );
         self.render_legend(&mut o, &legend);
@@ -363,9 +368,7 @@ impl Chart {
         (lo, hi)
     }
 
-    fn render_lines(
-        &self,
-        o: &mut String, series: &[Series], py: &dyn Fn(f64) -> f64, pw: f64) {
+    fn render_lines(&self, o: &mut String, series: &[Series], py: &dyn Fn(f64) -> f64, pw: f64) {
         let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
         let (lo, hi) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
             (a.min(x), b.max(x))
@@ -390,7 +393,7 @@ impl Chart {
         }
         for (i, s) in series.iter().enumerate() {
             let c = PALETTE[i % PALETTE.len()];
-            let mut pts: Vec<(f64, f64, Option<(f64, f64)>)> = s
+            let mut pts: Vec<(f64, f64, Range)> = s
                 .points
                 .iter()
                 .zip(&s.ranges)
@@ -454,7 +457,11 @@ impl Chart {
         let slot = pw / n;
         let g = groups.len().max(1) as f64;
         let bw = (slot * 0.8 / g).min(60.0);
-        let base = if y.log { py(y.min) } else { py(0.0_f64.max(y.min)) };
+        let base = if y.log {
+            py(y.min)
+        } else {
+            py(0.0_f64.max(y.min))
+        };
         for (ci, cat) in categories.iter().enumerate() {
             let cx = LEFT + slot * (ci as f64 + 0.5);
             // Long labels are split on spaces over two lines, and shortened past that.
@@ -492,7 +499,10 @@ impl Chart {
                 let x0 = cx - bw * g / 2.0 + bw * gi as f64;
                 let top = py(b.value).min(base);
                 let (fill, extra) = if style_of(name) == Style::Published {
-                    ("#ffffff", format!(r#" stroke="{c}" stroke-width="2" stroke-dasharray="4 3""#))
+                    (
+                        "#ffffff",
+                        format!(r#" stroke="{c}" stroke-width="2" stroke-dasharray="4 3""#),
+                    )
                 } else {
                     (c, String::new())
                 };
@@ -528,7 +538,11 @@ impl Chart {
         let bars = matches!(self.body, Body::Bars { .. });
         for (name, style, i) in entries {
             let c = PALETTE[i % PALETTE.len()];
-            let fill = if *style == Style::Published { "#ffffff" } else { c };
+            let fill = if *style == Style::Published {
+                "#ffffff"
+            } else {
+                c
+            };
             if bars {
                 let _ = writeln!(
                     o,
@@ -552,13 +566,7 @@ impl Chart {
                 );
             }
             for (k, line) in wrap(name, 30).iter().enumerate() {
-                text(
-                    o,
-                    x + 28.0,
-                    y + 14.0 * k as f64,
-                    r#"font-size="11""#,
-                    line,
-                );
+                text(o, x + 28.0, y + 14.0 * k as f64, r#"font-size="11""#, line);
                 if k > 0 {
                     y += 14.0;
                 }
@@ -752,7 +760,11 @@ mod tests {
         };
         let svg = b.render();
         parse_check(&svg);
-        assert_eq!(svg.matches("<rect x=").count(), 2 + 2, "two bars, two swatches");
+        assert_eq!(
+            svg.matches("<rect x=").count(),
+            2 + 2,
+            "two bars, two swatches"
+        );
         assert!(!svg.contains("NaN"), "{svg}");
     }
 

@@ -49,7 +49,10 @@ fn assert_well_formed_svg(name: &str, svg: &str) {
         body.starts_with("<svg ") && body.ends_with("</svg>"),
         "{name}: not one svg root"
     );
-    assert!(body.contains(r#"xmlns="http://www.w3.org/2000/svg""#), "{name}");
+    assert!(
+        body.contains(r#"xmlns="http://www.w3.org/2000/svg""#),
+        "{name}"
+    );
     let mut stack: Vec<String> = Vec::new();
     let mut rest = body;
     while let Some(i) = rest.find('<') {
@@ -64,7 +67,9 @@ fn assert_well_formed_svg(name: &str, svg: &str) {
             );
         }
         rest = &rest[i + 1..];
-        let end = rest.find('>').unwrap_or_else(|| panic!("{name}: unclosed tag"));
+        let end = rest
+            .find('>')
+            .unwrap_or_else(|| panic!("{name}: unclosed tag"));
         let tag = &rest[..end];
         rest = &rest[end + 1..];
         assert!(
@@ -153,7 +158,10 @@ fn bench_report_writes_markdown_and_svg_plots() {
         let svg = std::fs::read_to_string(out.join(name)).unwrap();
         assert_well_formed_svg(name, &svg);
         assert!(svg.contains("Test CPU, 2 vCPUs"), "{name} names no machine");
-        assert!(md.contains(&format!("]({name})")), "{name} is not in README.md");
+        assert!(
+            md.contains(&format!("]({name})")),
+            "{name} is not in README.md"
+        );
     }
     let mount = std::fs::read_to_string(out.join("mount-throughput-rtt.svg")).unwrap();
     for series in [
@@ -164,9 +172,15 @@ fn bench_report_writes_markdown_and_svg_plots() {
     ] {
         assert!(mount.contains(series), "mount plot lacks {series}");
     }
-    assert!(mount.contains("stroke-dasharray"), "the published curve is dashed");
+    assert!(
+        mount.contains("stroke-dasharray"),
+        "the published curve is dashed"
+    );
     let lazy = std::fs::read_to_string(out.join("lazy-fault-latency.svg")).unwrap();
-    assert!(lazy.contains("anon-fault &lt;&amp;&gt;"), "names are escaped");
+    assert!(
+        lazy.contains("anon-fault &lt;&amp;&gt;"),
+        "names are escaped"
+    );
     let nbd = std::fs::read_to_string(out.join("nbd-throughput.svg")).unwrap();
     assert!(nbd.contains(">memsync<") && nbd.contains(">nbdkit<"));
 }
@@ -187,8 +201,14 @@ fn bench_report_rejects_bad_input_with_a_clear_error() {
     let o = run_report(tmp.path(), &out);
     let e = stderr(&o);
     assert!(!o.status.success());
-    assert!(e.contains("line 3") && e.contains("\"value\" is not a number"), "{e}");
+    assert!(
+        e.contains("line 3") && e.contains("\"value\" is not a number"),
+        "{e}"
+    );
     assert!(!e.contains("panicked"), "{e}");
     assert_eq!(e.trim_end().lines().count(), 1, "one line: {e}");
-    assert!(!out.join("README.md").exists(), "nothing written from bad input");
+    assert!(
+        !out.join("README.md").exists(),
+        "nothing written from bad input"
+    );
 }
