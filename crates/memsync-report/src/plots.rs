@@ -174,117 +174,198 @@ fn percentile(metric: &str) -> Option<&'static str> {
     }
 }
 
-/// Fault latency distributions as the suites record them: the p50 and p99 of each subject
-/// (the suites keep no full histogram), one chart per suite.
-fn latency_summaries(records: &[Record], sub: &str) -> Vec<Plot> {
-    let mut out = Vec::new();
-    for (suite, title) in [
-        (
-            "lazy",
-            "Lazy region: random 4 KiB first-touch fault latency, p50 and p99",
-        ),
-        (
-            "vmm",
-            "VM snapshot restore: random 4 KiB fault latency, p50 and p99",
-        ),
-        ("dsm", "DSM: fault latency per manager scheme, p50 and p99"),
-        (
-            "migrate",
-            "Post-copy migration: fault latency at the destination, p50",
-        ),
-    ] {
-        let rs: Vec<&Record> = measured(records, suite)
-            .filter(|r| percentile(&r.metric).is_some() && r.value.is_finite() && r.value > 0.0)
-            .collect();
-        let cases: Vec<&str> = {
-            let mut v: Vec<&str> = rs.iter().map(|r| r.case.as_str()).collect();
-            v.dedup();
-            v
-        };
-        let one_case = cases.len() == 1;
-        let items = rs.iter().map(|r| {
-            let c = if one_case {
-                r.subject.clone()
-            } else if r.subject == "memsync" {
-                r.case.clone()
-            } else {
-                format!("{} {}", r.case, r.subject)
-            };
-            (c, percentile(&r.metric).unwrap_or("?").to_owned(), *r)
-        });
-        let chart = Chart {
-            title: title.into(),
-            subtitle: sub.into(),
-            x_label: if one_case {
-                format!("subject (case {})", cases[0])
-            } else {
-                "case and subject".into()
-            },
-            y_label: "latency (µs, log scale)".into(),
-            log_y: true,
-            body: bars(items),
-            notes: vec![
-                "Bars: median over the runs of each run's percentile; whiskers: lowest and \
-                 highest run."
-                    .into(),
-            ],
-        };
-        out.extend(plot(
-            suite,
-            &format!("{suite}-fault-latency.svg"),
-            chart,
-            "Each run records the p50 and p99 of its faults; the bar is the median of those \
-             over the runs and the whisker their lowest and highest. The suites keep \
-             percentiles, not whole histograms, so this is the distribution's summary.",
-        ));
+const PERCENTILE_CAPTION: &str = "Each run records the p50 and p99 of its faults; a bar is the \
+    median of those over the runs and its whisker their lowest and highest. The suites keep \
+    percentiles, not whole histograms, so this is the distribution's summary.";
+
+fn latency_chart(title: String, sub: &str, x_label: &str, body: Body, notes: &[&str]) -> Chart {
+    Chart {
+        title,
+        subtitle: sub.into(),
+        x_label: x_label.into(),
+        y_label: "latency (µs, log scale)".into(),
+        log_y: true,
+        body,
+        notes: notes.iter().map(|n| (*n).to_owned()).collect(),
     }
-    out
 }
 
-fn nbd(records: &[Record], sub: &str) -> Vec<Plot> {
-    let thr = measured(records, "nbd")
-        .filter(|r| r.unit == "GB/s")
-        .map(|r| (r.case.clone(), r.subject.clone(), r));
-    let lat = measured(records, "nbd")
-        .filter(|r| r.unit == "us")
-        .map(|r| (r.case.clone(), r.subject.clone(), r));
+/// Fault latency distributions as the suites record them: the p50 and p99 of each subject.
+fn latency_summaries(records: &[Record], sub: &str) -> Vec<Plot> {
     let mut out = Vec::new();
+    let pct = |suite: &'static str| {
+        measured(records, suite)
+            .filter(|r| percentile(&r.metric).is_some() && r.value.is_finite() && r.value > 0.0)
+    };
+    // lazy: one chart per case, its subjects side by side.
+    let mut cases: Vec<&str> = pct("lazy").map(|r| r.case.as_str()).collect();
+    cases.dedup();
+    for case in cases {
+        let items = pct("lazy").filter(|r| r.case == case).map(|r| {
+            (
+                r.subject.clone(),
+                percentile(&r.metric).unwrap_or("?").into(),
+                r,
+            )
+        });
+        out.extend(plot(
+            "lazy",
+            &format!("lazy-{case}.svg"),
+            latency_chart(
+                format!("Lazy region: {case} fault latency, p50 and p99"),
+                sub,
+                "where the fault is served (subject)",
+                bars(items),
+                &["Lower is better; whiskers: lowest and highest run."],
+            ),
+            PERCENTILE_CAPTION,
+        ));
+    }
+    let items = pct("vmm").map(|r| {
+        (
+            format!("{} ({})", r.subject, r.case),
+            percentile(&r.metric).unwrap_or("?").into(),
+            r,
+        )
+    });
     out.extend(plot(
-        "nbd",
-        "nbd-throughput.svg",
-        Chart {
-            title: "NBD: throughput of memsync and its peers, driven by nbdcopy".into(),
-            subtitle: sub.into(),
-            x_label: "case (transport)".into(),
-            y_label: "throughput (GB/s)".into(),
-            log_y: false,
-            body: bars(thr),
-            notes: vec!["Same run, subjects in alternation; whiskers min–max.".into()],
-        },
-        "`write`/`read`: nbdcopy against `memsync serve` and the peer server; `client-read`: \
-         the memsync client against nbdcopy reading the same peer export, both timed as whole \
-         commands.",
+        "vmm",
+        "vmm-fault-latency.svg",
+        latency_chart(
+            "VM snapshot restore: random 4 KiB fault latency, p50 and p99".into(),
+            sub,
+            "handler (case)",
+            bars(items),
+            &["minimal-copy: one UFFDIO_COPY per 4 KiB fault, the upstream example's design."],
+        ),
+        PERCENTILE_CAPTION,
     ));
+    // dsm: a chart per percentile, the schemes side by side per case.
+    for p in ["p50", "p99"] {
+        let items = pct("dsm")
+            .filter(|r| r.metric == p)
+            .map(|r| (r.case.replace("-copies", " copies"), r.subject.clone(), r));
+        out.extend(plot(
+            "dsm",
+            &format!("dsm-fault-{p}.svg"),
+            latency_chart(
+                format!("DSM: fault latency {p} per manager scheme"),
+                sub,
+                "fault kind (-netns: owner and faulting node in two network namespaces)",
+                bars(items),
+                &["Lower is better; whiskers: lowest and highest run."],
+            ),
+            if p == "p50" { PERCENTILE_CAPTION } else { "" },
+        ));
+    }
+    // migrate: post-copy faults at the destination, QEMU's published figure beside.
+    let items = records
+        .iter()
+        .filter(|r| r.suite == "migrate" && r.metric == "fault-p50" && !r.is_ratio())
+        .filter(|r| r.value.is_finite() && r.value > 0.0)
+        .map(|r| {
+            let g = if r.is_published() {
+                r.subject.clone()
+            } else {
+                "memsync".to_owned()
+            };
+            (r.case.clone(), g, r)
+        });
     out.extend(plot(
-        "nbd",
-        "nbd-latency.svg",
-        Chart {
-            title: "NBD: one 4 KiB request in flight, µs per request".into(),
-            subtitle: sub.into(),
-            x_label: "case (transport)".into(),
-            y_label: "latency (µs)".into(),
-            log_y: false,
-            body: bars(lat),
-            notes: vec!["Lower is better.".into()],
-        },
+        "migrate",
+        "migrate-fault-p50.svg",
+        latency_chart(
+            "Post-copy migration: fault latency p50 at the destination".into(),
+            sub,
+            "case (mode, dirty rate, link)",
+            bars(items),
+            &[
+                "Dashed: QEMU's published figure (10 GbE), quoted, not measured here.",
+                "At 30 ms RTT a fault costs a round trip.",
+            ],
+        ),
         "",
     ));
     out
 }
 
-/// `precopy-50MBps-rtt30ms` → ("precopy", "50 MB/s, 30 ms RTT").
+/// A chart of the figures of one unit in `suite` whose case passes `keep`: categories are the
+/// cases, groups the subjects (renamed by `group`).
+#[allow(clippy::too_many_arguments)]
+fn by_case(
+    records: &[Record],
+    suite: &str,
+    unit: &str,
+    keep: &dyn Fn(&Record) -> bool,
+    group: &dyn Fn(&Record) -> String,
+    title: &str,
+    sub: &str,
+    y_label: &str,
+    log_y: bool,
+) -> Chart {
+    let items = measured(records, suite)
+        .filter(|r| r.unit == unit && keep(r))
+        .map(|r| (r.case.replace('_', " "), group(r), r));
+    Chart {
+        title: title.into(),
+        subtitle: sub.into(),
+        x_label: "case".into(),
+        y_label: y_label.into(),
+        log_y,
+        body: bars(items),
+        notes: vec!["Same run, subjects in alternation; whiskers: lowest and highest run.".into()],
+    }
+}
+
+fn nbd(records: &[Record], sub: &str) -> Vec<Plot> {
+    let subject = |r: &Record| r.subject.clone();
+    let mut out = Vec::new();
+    out.extend(plot(
+        "nbd",
+        "nbd-throughput.svg",
+        by_case(
+            records,
+            "nbd",
+            "GB/s",
+            &|_| true,
+            &subject,
+            "NBD: throughput of memsync against nbdkit and nbdcopy",
+            sub,
+            "throughput (GB/s)",
+            false,
+        ),
+        "`write`/`read`: nbdcopy against `memsync serve` and `nbdkit memory`; `client-read`: \
+         the memsync client against nbdcopy reading the same nbdkit export, both timed as whole \
+         commands. qemu-nbd is not part of the `nbd` suite; its figures here (PLATFORM.md: \
+         2.4–2.9 GB/s) come from another run and are not plotted.",
+    ));
+    out.extend(plot(
+        "nbd",
+        "nbd-latency.svg",
+        by_case(
+            records,
+            "nbd",
+            "us",
+            &|_| true,
+            &subject,
+            "NBD: one 4 KiB request in flight, µs per request",
+            sub,
+            "latency (µs)",
+            false,
+        ),
+        "",
+    ));
+    out
+}
+
+/// `precopy-50MBps-rtt30ms` → ("precopy", "50 MB/s, 30 ms RTT"); `region-` cases give the mode
+/// `region precopy`. Other variants (`-1GbE-...`) are not on the dirty-rate axis: None.
 fn migrate_case(case: &str) -> Option<(String, String)> {
-    let (mode, rest) = case.split_once('-')?;
+    let (region, rest) = match case.strip_prefix("region-") {
+        Some(r) => (true, r),
+        None => (false, case),
+    };
+    let (mode, rest) = rest.split_once('-')?;
     if !matches!(mode, "precopy" | "postcopy" | "hybrid") {
         return None;
     }
@@ -294,124 +375,208 @@ fn migrate_case(case: &str) -> Option<(String, String)> {
     for p in parts {
         match p.strip_prefix("rtt") {
             Some(r) => label.push_str(&format!(", {} RTT", r.replace("ms", " ms"))),
-            None => label.push_str(&format!(", {p}")),
+            None if p == "netns" => label.push_str(", two netns"),
+            None => return None,
         }
     }
-    Some((mode.to_owned(), label))
+    let mode = if region {
+        format!("region {mode}")
+    } else {
+        mode.to_owned()
+    };
+    Some((mode, label))
 }
 
 fn migrate(records: &[Record], sub: &str) -> Vec<Plot> {
     let mut out = Vec::new();
-    for (metric, file, title, y, log) in [
-        (
-            "downtime",
-            "migrate-downtime.svg",
-            "Live migration of a store under a writer: downtime per mode and dirty rate",
-            "downtime (ms, log scale)",
-            true,
-        ),
-        (
-            "bytes-sent",
-            "migrate-bytes-sent.svg",
-            "Live migration: bytes sent per region byte, per mode and dirty rate",
-            "bytes sent / region size",
-            false,
-        ),
-    ] {
-        let items = measured(records, "migrate")
-            .filter(|r| r.metric == metric && r.subject == "memsync")
-            .filter_map(|r| {
-                let (mode, label) = migrate_case(&r.case)?;
-                Some((label, mode, r))
-            });
-        out.extend(plot(
-            "migrate",
-            file,
-            Chart {
-                title: title.into(),
-                subtitle: sub.into(),
-                x_label: "writer's dirty rate (random 4 KiB pages), link".into(),
-                y_label: y.into(),
-                log_y: log,
-                body: bars(items),
-                notes: vec!["Store-level migration (memsync migrate); whiskers min–max.".into()],
-            },
-            "",
-        ));
+    for region in [false, true] {
+        let what = if region {
+            "a live memsync region (engine dirty tracker)"
+        } else {
+            "a store under a writer"
+        };
+        for (metric, name, y, log) in [
+            ("downtime", "downtime", "downtime (ms, log scale)", true),
+            (
+                "bytes-sent",
+                "bytes-sent",
+                "bytes sent / region size",
+                false,
+            ),
+        ] {
+            let items = records
+                .iter()
+                .filter(|r| r.suite == "migrate" && r.metric == metric && !r.is_ratio())
+                .filter_map(|r| {
+                    if r.is_published() {
+                        // Quoted beside the store case it belongs to, never in a ratio.
+                        let (_, label) = migrate_case(&r.case)?;
+                        return (!region).then(|| (label, r.subject.clone(), r));
+                    }
+                    let (mode, label) = migrate_case(&r.case)?;
+                    (mode.starts_with("region ") == region).then_some((label, mode, r))
+                });
+            let file = format!("migrate-{}{name}.svg", if region { "region-" } else { "" });
+            out.extend(plot(
+                "migrate",
+                &file,
+                Chart {
+                    title: format!("Live migration of {what}: {name} per mode and dirty rate"),
+                    subtitle: sub.into(),
+                    x_label: "writer's dirty rate (random 4 KiB pages), link".into(),
+                    y_label: y.into(),
+                    log_y: log,
+                    body: bars(items),
+                    notes: vec![
+                        "Whiskers: lowest and highest run.".into(),
+                        "Dashed: QEMU's published downtime (one host, 300 ms limit), quoted."
+                            .into(),
+                    ],
+                },
+                "",
+            ));
+        }
     }
     out
 }
 
 fn stores(records: &[Record], sub: &str) -> Vec<Plot> {
     let mut out = Vec::new();
-    let items = measured(records, "stores")
-        .filter(|r| r.unit == "GB/s" && r.case.starts_with("seq_read_direct_"))
-        .map(|r| {
-            let c = r
-                .case
-                .trim_start_matches("seq_read_direct_")
-                .replace('_', " ");
-            let g = if r.subject.starts_with("memsync") {
-                "memsync".to_owned()
-            } else {
-                r.subject.clone()
-            };
-            (c, g, r)
-        });
+    let memsync_or_peer = |r: &Record| {
+        if r.subject.starts_with("memsync-")
+            && !r.subject.contains("http-client")
+            && !r.subject.contains("cache")
+        {
+            "memsync".to_owned()
+        } else {
+            r.subject.clone()
+        }
+    };
     out.extend(plot(
         "stores",
         "stores-throughput.svg",
+        by_case(
+            records,
+            "stores",
+            "GB/s",
+            &|r| r.case.starts_with("seq_read_direct_"),
+            &memsync_or_peer,
+            "Stores: sequential read per store and chunk size, against each store's peer",
+            sub,
+            "throughput (GB/s)",
+            false,
+        ),
+        "Direct reads with many requests in flight, each store beside a third-party client of the \
+         same server in the same run: `pread` for `dir:`, `redis-benchmark` for Redis, boto3 and \
+         memsync's bare HTTP client for S3 (s3s-fs on loopback).",
+    ));
+    // Through the cache layer of a managed mount, beside the predecessor's published managed
+    // figure for the same kind of store (its backends returned no data).
+    let items = records
+        .iter()
+        .filter(|r| r.suite == "stores" && !r.is_ratio())
+        .filter_map(|r| {
+            if r.is_published() && r.case.starts_with("seq_read_managed_") {
+                let store = r.case.trim_start_matches("seq_read_managed_");
+                let store = store.split('_').next().unwrap_or(store).to_owned();
+                return Some((store, "r3map managed (published)".to_owned(), r));
+            }
+            let rest = r.case.strip_prefix("seq_read_cache_")?;
+            let store = rest.split('_').next()?.to_owned();
+            r.subject
+                .contains("-cache")
+                .then(|| (store, "memsync through the cache".to_owned(), r))
+        });
+    out.extend(plot(
+        "stores",
+        "stores-managed.svg",
         Chart {
-            title: "Stores: sequential read throughput per store and chunk size".into(),
+            title: "Stores through a managed mount's cache, beside r3map's published figures"
+                .into(),
             subtitle: sub.into(),
-            x_label: "store and chunk size".into(),
+            x_label: "store".into(),
             y_label: "throughput (GB/s)".into(),
             log_y: false,
             body: bars(items),
-            notes: vec!["Each store beside its third-party peer, same run.".into()],
+            notes: vec![
+                "Dashed: r3map's thesis (laptop; its backends returned no data), quoted; S3 \
+                 there was MinIO, here s3s-fs."
+                    .into(),
+            ],
         },
         "",
     ));
-    let items = measured(records, "store")
-        .filter(|r| r.unit == "GB/s")
-        .map(|r| (r.case.clone(), r.subject.clone(), r));
     out.extend(plot(
         "store",
         "store-throughput.svg",
-        Chart {
-            title: "Local stores: throughput per operation against memcpy/pread".into(),
-            subtitle: sub.into(),
-            x_label: "case".into(),
-            y_label: "throughput (GB/s)".into(),
-            log_y: false,
-            body: bars(items),
-            notes: vec!["Same run, subjects in alternation; whiskers min–max.".into()],
-        },
+        by_case(
+            records,
+            "store",
+            "GB/s",
+            &|_| true,
+            &|r| r.subject.clone(),
+            "Local stores: sequential 1 MiB reads and writes against memcpy / pread / pwrite",
+            sub,
+            "throughput (GB/s)",
+            false,
+        ),
         "",
+    ));
+    out.extend(plot(
+        "lazy",
+        "lazy-seq-first-touch.svg",
+        by_case(
+            records,
+            "lazy",
+            "GB/s",
+            &|_| true,
+            &|r| r.subject.clone(),
+            "Lazy region: sequential first touch against memcpy and the NBD client",
+            sub,
+            "throughput (GB/s of region)",
+            false,
+        ),
+        "memcpy-fresh is a memcpy into never-touched memory (the region must allocate and zero \
+         its pages too); from NBD the limits are the client's own reads.",
     ));
     out
 }
 
 fn sync(records: &[Record], sub: &str) -> Vec<Plot> {
-    let items = measured(records, "sync")
-        .filter(|r| r.unit == "s")
-        .map(|r| (r.case.clone(), r.subject.clone(), r));
-    plot(
+    let mut out = Vec::new();
+    out.extend(plot(
         "sync",
         "sync-time.svg",
-        Chart {
-            title: "Delta sync: time to sync against rsync".into(),
-            subtitle: sub.into(),
-            x_label: "case".into(),
-            y_label: "time (s, log scale)".into(),
-            log_y: true,
-            body: bars(items),
-            notes: vec!["Lower is better; same run.".into()],
-        },
+        by_case(
+            records,
+            "sync",
+            "s",
+            &|r| r.metric == "time",
+            &|r| r.subject.clone(),
+            "Delta sync of a file against rsync: time",
+            sub,
+            "time (s, log scale)",
+            true,
+        ),
         "",
-    )
-    .into_iter()
-    .collect()
+    ));
+    out.extend(plot(
+        "sync",
+        "sync-bytes.svg",
+        by_case(
+            records,
+            "sync",
+            "MB",
+            &|r| r.metric == "bytes",
+            &|r| r.subject.clone(),
+            "Delta sync of a file against rsync: bytes moved",
+            sub,
+            "MB moved (log scale)",
+            true,
+        ),
+        "",
+    ));
+    out
 }
 
 #[cfg(test)]
@@ -428,6 +593,11 @@ mod tests {
             Some(("precopy".into(), "50 MB/s, 30 ms RTT".into()))
         );
         assert_eq!(migrate_case("region-tracking"), None);
+        assert_eq!(
+            migrate_case("region-postcopy-0MBps-netns"),
+            Some(("region postcopy".into(), "0 MB/s, two netns".into()))
+        );
+        assert_eq!(migrate_case("precopy-0MBps-1GbE-text"), None);
         assert_eq!(percentile("fault-p99"), Some("p99"));
         assert_eq!(percentile("throughput"), None);
     }

@@ -455,8 +455,19 @@ impl Chart {
     ) {
         let n = categories.len().max(1) as f64;
         let slot = pw / n;
-        let g = groups.len().max(1) as f64;
-        let bw = (slot * 0.8 / g).min(60.0);
+        let widest = (0..categories.len())
+            .map(|ci| {
+                groups
+                    .iter()
+                    .filter(
+                        |(_, bars)| matches!(bars.get(ci), Some(Some(b)) if b.value.is_finite()),
+                    )
+                    .count()
+            })
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let bw = (slot * 0.8 / widest as f64).min(60.0);
         let base = if y.log {
             py(y.min)
         } else {
@@ -488,15 +499,19 @@ impl Chart {
                     &l,
                 );
             }
-            for (gi, (name, bars)) in groups.iter().enumerate() {
-                let Some(Some(b)) = bars.get(ci) else {
-                    continue;
-                };
-                if !b.value.is_finite() {
-                    continue;
-                }
+            // Only the groups with a figure here share the slot, so sparse groups leave no gaps.
+            let present: Vec<(usize, &String, Bar)> = groups
+                .iter()
+                .enumerate()
+                .filter_map(|(gi, (name, bars))| match bars.get(ci) {
+                    Some(Some(b)) if b.value.is_finite() => Some((gi, name, *b)),
+                    _ => None,
+                })
+                .collect();
+            let k = present.len() as f64;
+            for (pi, &(gi, name, b)) in present.iter().enumerate() {
                 let c = PALETTE[gi % PALETTE.len()];
-                let x0 = cx - bw * g / 2.0 + bw * gi as f64;
+                let x0 = cx - bw * k / 2.0 + bw * pi as f64;
                 let top = py(b.value).min(base);
                 let (fill, extra) = if style_of(name) == Style::Published {
                     (

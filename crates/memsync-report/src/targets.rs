@@ -17,7 +17,7 @@ pub enum Bound {
 #[derive(Clone, Copy, Debug)]
 pub struct Target {
     pub suite: &'static str,
-    /// The case; `*` matches any run of characters.
+    /// The case; `*` matches any run of characters, `?` any one.
     pub case: &'static str,
     pub subject: &'static str,
     pub metric: &'static str,
@@ -50,6 +50,42 @@ const fn t(
 use Bound::{AtLeast, AtMost};
 
 pub const TARGETS: &[Target] = &[
+    t(
+        "nbd",
+        "read *",
+        "memsync/nbdkit",
+        "ratio",
+        AtLeast(1.1),
+        "x",
+        "issue 14",
+    ),
+    t(
+        "nbd",
+        "write *",
+        "memsync/nbdkit",
+        "ratio",
+        AtLeast(1.1),
+        "x",
+        "issue 14",
+    ),
+    t(
+        "nbd",
+        "client-read*",
+        "memsync-client/nbdcopy",
+        "ratio",
+        AtLeast(1.0),
+        "x",
+        "issue 14",
+    ),
+    t(
+        "lazy",
+        "seq-first-touch*",
+        "lazy-2M*/memcpy-?thr",
+        "ratio",
+        AtLeast(0.8),
+        "x",
+        "issue 14",
+    ),
     t(
         "lazy",
         "rand-4k-first-touch",
@@ -96,6 +132,15 @@ pub const TARGETS: &[Target] = &[
         "issue 14",
     ),
     t(
+        "mount",
+        "proxy-cost",
+        "nbdcopy-proxy/nbdcopy-direct",
+        "ratio",
+        AtLeast(0.9),
+        "x",
+        "issue 14",
+    ),
+    t(
         "migrate",
         "precopy-50MBps",
         "memsync",
@@ -133,7 +178,7 @@ pub const TARGETS: &[Target] = &[
     ),
     t(
         "sync",
-        "*1%*",
+        "* 1%",
         "memsync/rsync*",
         "ratio",
         AtLeast(5.0),
@@ -141,8 +186,26 @@ pub const TARGETS: &[Target] = &[
         "issue 13",
     ),
     t(
+        "sync",
+        "*",
+        "memsync",
+        "bytes/changed",
+        AtMost(1.1),
+        "x",
+        "issue 13",
+    ),
+    t(
+        "sync",
+        "* 0%",
+        "memsync",
+        "time",
+        AtMost(0.02),
+        "s",
+        "issue 13",
+    ),
+    t(
         "dsm",
-        "read-fault*",
+        "read-fault-netns",
         "*",
         "p50",
         AtMost(60.0),
@@ -151,7 +214,7 @@ pub const TARGETS: &[Target] = &[
     ),
     t(
         "dsm",
-        "write-fault-1*",
+        "write-fault-1-copies-netns",
         "*",
         "p50",
         AtMost(100.0),
@@ -160,8 +223,17 @@ pub const TARGETS: &[Target] = &[
     ),
 ];
 
-/// `pattern` with `*` as any run of characters.
+/// `pattern` with `*` as any run of characters and `?` as any one character.
 pub fn glob(pattern: &str, s: &str) -> bool {
+    if let Some((head, rest)) = pattern.split_once('?')
+        && !head.contains('*')
+    {
+        let Some(s) = s.strip_prefix(head) else {
+            return false;
+        };
+        let mut c = s.chars();
+        return c.next().is_some() && glob(rest, c.as_str());
+    }
     match pattern.split_once('*') {
         None => pattern == s,
         Some((head, rest)) => {
@@ -256,6 +328,9 @@ mod tests {
         assert!(glob("*1%*", "local 1%"));
         assert!(glob("µ*s", "µs"));
         assert!(!glob("abc", "ab"));
+        assert!(glob("lazy-2M*/memcpy-?thr", "lazy-2M-pull/memcpy-2thr"));
+        assert!(!glob("lazy-2M*/memcpy-?thr", "lazy-2M/memcpy-fresh-2thr"));
+        assert!(!glob("a?", "a"));
     }
 
     fn rec(case: &str, subject: &str, metric: &str, value: f64) -> Record {

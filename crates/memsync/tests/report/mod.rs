@@ -148,7 +148,7 @@ fn bench_report_writes_markdown_and_svg_plots() {
     assert_eq!(
         svgs,
         [
-            "lazy-fault-latency.svg",
+            "lazy-rand-4k-first-touch.svg",
             "migrate-downtime.svg",
             "mount-throughput-rtt.svg",
             "nbd-throughput.svg"
@@ -176,7 +176,7 @@ fn bench_report_writes_markdown_and_svg_plots() {
         mount.contains("stroke-dasharray"),
         "the published curve is dashed"
     );
-    let lazy = std::fs::read_to_string(out.join("lazy-fault-latency.svg")).unwrap();
+    let lazy = std::fs::read_to_string(out.join("lazy-rand-4k-first-touch.svg")).unwrap();
     assert!(
         lazy.contains("anon-fault &lt;&amp;&gt;"),
         "names are escaped"
