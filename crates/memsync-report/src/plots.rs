@@ -289,6 +289,16 @@ fn latency_summaries(records: &[Record], sub: &str) -> Vec<Plot> {
     out
 }
 
+/// A case as a category label: `seq_read_direct_dir_chunk1M` → `dir, chunk 1M` (the chart's
+/// title says what is read).
+fn case_label(case: &str) -> String {
+    let c = case.strip_prefix("seq_read_direct_").unwrap_or(case);
+    match c.split_once("_chunk") {
+        Some((store, chunk)) if !store.contains('_') => format!("{store}, chunk {chunk}"),
+        _ => c.replace('_', " "),
+    }
+}
+
 /// A chart of the figures of one unit in `suite` whose case passes `keep`: categories are the
 /// cases, groups the subjects (renamed by `group`).
 #[allow(clippy::too_many_arguments)]
@@ -305,7 +315,7 @@ fn by_case(
 ) -> Chart {
     let items = measured(records, suite)
         .filter(|r| r.unit == unit && keep(r))
-        .map(|r| (r.case.replace('_', " "), group(r), r));
+        .map(|r| (case_label(&r.case), group(r), r));
     Chart {
         title: title.into(),
         subtitle: sub.into(),
@@ -599,6 +609,8 @@ mod tests {
         );
         assert_eq!(migrate_case("precopy-0MBps-1GbE-text"), None);
         assert_eq!(percentile("fault-p99"), Some("p99"));
+        assert_eq!(case_label("seq_read_direct_s3_chunk4M"), "s3, chunk 4M");
+        assert_eq!(case_label("read tcp"), "read tcp");
         assert_eq!(percentile("throughput"), None);
     }
 }

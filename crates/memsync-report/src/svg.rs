@@ -19,6 +19,10 @@ const LEFT: f64 = 78.0;
 const RIGHT: f64 = 250.0;
 const TOP: f64 = 62.0;
 const BOTTOM: f64 = 58.0;
+/// Where the x axis lies.
+const AXIS_Y: f64 = HEIGHT - BOTTOM;
+/// Characters of a category label beyond which labels are drawn slanted.
+const SLANT_CHARS: usize = 40;
 
 /// How a series is drawn.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -249,16 +253,18 @@ fn text(out: &mut String, x: f64, y: f64, attrs: &str, s: &str) {
 impl Chart {
     /// The chart as a standalone SVG document.
     pub fn render(&self) -> String {
-        let (pw, ph) = (WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM);
+        let (pw, ph) = (WIDTH - LEFT - RIGHT, AXIS_Y - TOP);
+        // Slanted category labels need room below the axis; the plot keeps its size.
+        let height = HEIGHT + self.slant_room(pw);
         let mut o = String::new();
         let _ = writeln!(
             o,
-            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="DejaVu Sans, Helvetica, Arial, sans-serif">"#
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="DejaVu Sans, Helvetica, Arial, sans-serif">"#
         );
         let _ = writeln!(o, "<title>{}</title>", escape(&self.title));
         let _ = writeln!(
             o,
-            r##"<rect width="{WIDTH}" height="{HEIGHT}" fill="#ffffff"/>"##
+            r##"<rect width="{WIDTH}" height="{height}" fill="#ffffff"/>"##
         );
         text(
             &mut o,
@@ -326,7 +332,7 @@ impl Chart {
         text(
             &mut o,
             LEFT + pw / 2.0,
-            HEIGHT - 12.0,
+            height - 12.0,
             r#"font-size="12" text-anchor="middle""#,
             &self.x_label,
         );
@@ -341,6 +347,23 @@ impl Chart {
         self.render_legend(&mut o, &legend);
         o.push_str("</svg>\n");
         o
+    }
+
+    /// The room slanted category labels need below the usual bottom margin.
+    fn slant_room(&self, pw: f64) -> f64 {
+        let Body::Bars { categories, .. } = &self.body else {
+            return 0.0;
+        };
+        if !slanted(categories, pw / categories.len().max(1) as f64) {
+            return 0.0;
+        }
+        let longest = categories
+            .iter()
+            .map(|c| c.chars().count().min(SLANT_CHARS))
+            .max()
+            .unwrap_or(0);
+        // sin(35°) of the label's length, less what the usual margin already holds.
+        (label_width(&"x".repeat(longest)) * 0.58 + 20.0 - 30.0).max(0.0)
     }
 
     /// The smallest and largest y the chart must show (ranges included).
@@ -380,13 +403,13 @@ impl Chart {
             let _ = writeln!(
                 o,
                 r##"<line x1="{xx:.1}" y1="{:.1}" x2="{xx:.1}" y2="{:.1}" stroke="#333333"/>"##,
-                HEIGHT - BOTTOM,
-                HEIGHT - BOTTOM + 5.0
+                AXIS_Y,
+                AXIS_Y + 5.0
             );
             text(
                 o,
                 xx,
-                HEIGHT - BOTTOM + 18.0,
+                AXIS_Y + 18.0,
                 r#"font-size="11" text-anchor="middle""#,
                 &format_tick(t),
             );
@@ -475,29 +498,36 @@ impl Chart {
         };
         for (ci, cat) in categories.iter().enumerate() {
             let cx = LEFT + slot * (ci as f64 + 0.5);
-            // Long labels are split on spaces over two lines, and shortened past that.
-            let words: Vec<&str> = cat.split(' ').collect();
-            let half = words.len().div_ceil(2);
-            let lines = if words.len() > 1 && cat.len() as f64 * 6.2 > slot {
-                vec![words[..half].join(" "), words[half..].join(" ")]
-            } else {
-                vec![cat.clone()]
-            };
-            for (li, l) in lines.iter().enumerate() {
-                let max_chars = ((slot / 6.2) as usize).max(4);
-                let l = if l.chars().count() > max_chars {
-                    let cut: String = l.chars().take(max_chars - 1).collect();
-                    format!("{cut}…")
-                } else {
-                    l.clone()
-                };
+            if slanted(categories, slot) {
+                let l: String = cat.chars().take(SLANT_CHARS).collect();
+                let (x, y) = (cx + 4.0, AXIS_Y + 14.0);
                 text(
                     o,
-                    cx,
-                    HEIGHT - BOTTOM + 16.0 + 13.0 * li as f64,
-                    r#"font-size="11" text-anchor="middle""#,
+                    x,
+                    y,
+                    &format!(
+                        r#"font-size="11" text-anchor="end" transform="rotate(-35 {x:.1} {y:.1})""#
+                    ),
                     &l,
                 );
+            } else {
+                // A label wider than its slot is split on spaces over two lines.
+                let words: Vec<&str> = cat.split(' ').collect();
+                let half = words.len().div_ceil(2);
+                let lines = if words.len() > 1 && label_width(cat) > slot {
+                    vec![words[..half].join(" "), words[half..].join(" ")]
+                } else {
+                    vec![cat.clone()]
+                };
+                for (li, l) in lines.iter().enumerate() {
+                    text(
+                        o,
+                        cx,
+                        AXIS_Y + 16.0 + 13.0 * li as f64,
+                        r#"font-size="11" text-anchor="middle""#,
+                        l,
+                    );
+                }
             }
             // Only the groups with a figure here share the slot, so sparse groups leave no gaps.
             let present: Vec<(usize, &String, Bar)> = groups
@@ -597,6 +627,22 @@ impl Chart {
             y += 4.0;
         }
     }
+}
+
+/// The width of a label at 11 px, near enough for layout.
+fn label_width(s: &str) -> f64 {
+    s.chars().count() as f64 * 6.3
+}
+
+/// Whether category labels must be slanted: some label does not fit its slot even on two lines.
+fn slanted(categories: &[String], slot: f64) -> bool {
+    categories.iter().any(|c| {
+        let words: Vec<&str> = c.split(' ').collect();
+        let half = words.len().div_ceil(2);
+        let widest =
+            label_width(&words[..half].join(" ")).max(label_width(&words[half..].join(" ")));
+        widest > slot
+    })
 }
 
 /// A series whose name says it was published elsewhere is drawn as such.
