@@ -25,6 +25,9 @@ pub const MACHINE_FILE: &str = "machine.json";
 pub struct Outcome {
     pub suite: &'static str,
     pub seconds: f64,
+    /// The load average (1, 5, 15 min) when it started: the machine is shared, and a figure
+    /// taken under load reads differently.
+    pub load: Option<String>,
     /// The error (with its causes) or panic message of a failed suite.
     pub error: Option<String>,
 }
@@ -45,6 +48,7 @@ pub fn run_all(mut config: BenchConfig, out: Option<&Path>, env: &Env<'_>) -> Re
     let mut outcomes = Vec::new();
     for s in SUITES {
         eprintln!("== memsync bench {}", s.name);
+        let load = load_average();
         let t = Instant::now();
         let mut b = Bench::new(s.name, config.clone());
         let error = match catch_unwind(AssertUnwindSafe(|| (s.run)(&mut b, env))) {
@@ -60,6 +64,7 @@ pub fn run_all(mut config: BenchConfig, out: Option<&Path>, env: &Env<'_>) -> Re
         outcomes.push(Outcome {
             suite: s.name,
             seconds,
+            load,
             error,
         });
         if let Some(dir) = out {
@@ -93,6 +98,11 @@ pub fn run_all(mut config: BenchConfig, out: Option<&Path>, env: &Env<'_>) -> Re
     Ok(())
 }
 
+fn load_average() -> Option<String> {
+    let s = std::fs::read_to_string("/proc/loadavg").ok()?;
+    Some(s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+}
+
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
         (*s).to_owned()
@@ -121,6 +131,7 @@ fn write_machine(
             "suite": o.suite,
             "status": if o.error.is_some() { "failed" } else { "ok" },
             "seconds": (o.seconds * 10.0).round() / 10.0,
+            "load": o.load,
             "error": o.error,
             "about": SUITES.iter().find(|s| s.name == o.suite).map(|s| s.about),
         })).collect::<Vec<_>>(),

@@ -41,6 +41,14 @@ fn unit(u: &str) -> &str {
     }
 }
 
+/// `≤ 15 us` → `≤ 15 µs`.
+fn unit_text(s: &str) -> String {
+    match s.strip_suffix(" us") {
+        Some(head) => format!("{head} µs"),
+        None => s.to_owned(),
+    }
+}
+
 /// The suites in the order of the run (failed and empty ones included), then any others the
 /// results name.
 fn suite_order(records: &[Record], machine: &Machine) -> Vec<String> {
@@ -136,8 +144,11 @@ pub fn report(records: &[Record], machine: &Machine, plots: &[Plot]) -> String {
     );
 
     let _ = writeln!(o, "## Suites\n");
-    let _ = writeln!(o, "| suite | status | time | figures | what it compares |");
-    let _ = writeln!(o, "|---|---|---|---|---|");
+    let _ = writeln!(
+        o,
+        "| suite | status | time | load at start | figures | what it compares |"
+    );
+    let _ = writeln!(o, "|---|---|---|---|---|---|");
     for s in suite_order(records, m) {
         let run = m.suites.iter().find(|x| x.suite == s);
         let n = records.iter().filter(|r| r.suite == s).count();
@@ -150,9 +161,10 @@ pub fn report(records: &[Record], machine: &Machine, plots: &[Plot]) -> String {
             .and_then(|r| r.seconds)
             .map_or("–".to_owned(), |t| format!("{t:.0} s"));
         let about = run.and_then(|r| r.about.clone()).unwrap_or_default();
+        let load = run.and_then(|r| r.load.clone()).unwrap_or("–".to_owned());
         let _ = writeln!(
             o,
-            "| [{s}](#{s}) | {status} | {time} | {n} | {} |",
+            "| [{s}](#{s}) | {status} | {time} | {load} | {n} | {} |",
             cell(&about)
         );
     }
@@ -180,9 +192,15 @@ fn targets_section(o: &mut String, records: &[Record], m: &Machine) {
     let met = checks.iter().filter(|c| c.met == Some(true)).count();
     let _ = writeln!(
         o,
-        "The issues set these targets for figures the suites measure. In this run: {met} met, \
-         **{missed} missed**, {} not measured.\n",
-        checks.len() - met - missed
+        "The issues set these targets for figures the suites measure (in full runs). In this \
+         run: {met} met, **{missed} missed**, {} not measured (the suite did not run the case, \
+         or failed).{}\n",
+        checks.len() - met - missed,
+        if m.mode.as_deref() == Some("quick") {
+            " A quick run uses smaller sizes and fewer runs: its verdicts are indicative only."
+        } else {
+            ""
+        }
     );
     let _ = writeln!(
         o,
@@ -210,7 +228,7 @@ fn targets_section(o: &mut String, records: &[Record], m: &Machine) {
             cell(case),
             cell(subject),
             c.target.metric,
-            c.target.describe(),
+            unit_text(&c.target.describe()),
             c.target.source,
             value
         );
@@ -268,7 +286,7 @@ fn suite_section(o: &mut String, suite: &str, records: &[Record], m: &Machine, p
                 r.metric,
                 num(r.value),
                 unit(&r.unit),
-                c.target.describe(),
+                unit_text(&c.target.describe()),
                 c.target.source
             );
         }

@@ -124,6 +124,8 @@ pub struct SuiteRun {
     pub suite: String,
     pub ok: bool,
     pub seconds: Option<f64>,
+    /// The load average (1, 5, 15 min) when the suite started.
+    pub load: Option<String>,
     pub error: Option<String>,
     pub about: Option<String>,
 }
@@ -145,6 +147,7 @@ pub fn parse_machine(name: &str, text: &str) -> Result<Machine> {
                 suite,
                 ok: s["status"].as_str() == Some("ok"),
                 seconds: s["seconds"].as_f64(),
+                load: st(&s["load"]),
                 error: st(&s["error"]),
                 about: st(&s["about"]),
             });

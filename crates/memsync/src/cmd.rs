@@ -136,7 +136,7 @@ pub fn checksum(ctx: &Context, a: ChecksumArgs) -> Result<()> {
 pub struct BenchArgs {
     #[command(subcommand)]
     pub action: Option<BenchAction>,
-    /// The suite to run (see the list below).
+    /// The suite to run; `memsync bench all` runs every one.
     #[arg(required = true, value_parser = clap::builder::PossibleValuesParser::new(memsync_bench::SUITES.iter().map(|s| s.name)))]
     pub suite: Option<String>,
     #[command(flatten)]
