@@ -14,7 +14,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
-use crate::{Bench, BenchConfig, Env, Results, SUITES};
+use crate::{Bench, BenchConfig, Env, Results, SUITES, Suite};
 
 /// The file names in an output directory, shared with the report.
 pub const RESULTS_FILE: &str = "results.jsonl";
@@ -34,7 +34,16 @@ pub struct Outcome {
 
 /// Run every suite; with `out`, write `results.jsonl` and `machine.json` there. Fails if any
 /// suite failed, after all have run.
-pub fn run_all(mut config: BenchConfig, out: Option<&Path>, env: &Env<'_>) -> Result<()> {
+pub fn run_all(config: BenchConfig, out: Option<&Path>, env: &Env<'_>) -> Result<()> {
+    run_suites(SUITES, config, out, env)
+}
+
+fn run_suites(
+    suites: &[Suite],
+    mut config: BenchConfig,
+    out: Option<&Path>,
+    env: &Env<'_>,
+) -> Result<()> {
     let started = SystemTime::now();
     if let Some(dir) = out {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -43,10 +52,10 @@ pub fn run_all(mut config: BenchConfig, out: Option<&Path>, env: &Env<'_>) -> Re
             std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
         config.results = Some(Results::new(f));
         // Written before the suites too, so an interrupted run still names its machine.
-        write_machine(dir, &config, started, None, &[])?;
+        write_machine(dir, &config, started, None, &[], suites)?;
     }
     let mut outcomes = Vec::new();
-    for s in SUITES {
+    for s in suites {
         eprintln!("== memsync bench {}", s.name);
         let load = load_average();
         let t = Instant::now();
@@ -68,11 +77,18 @@ pub fn run_all(mut config: BenchConfig, out: Option<&Path>, env: &Env<'_>) -> Re
             error,
         });
         if let Some(dir) = out {
-            write_machine(dir, &config, started, None, &outcomes)?;
+            write_machine(dir, &config, started, None, &outcomes, suites)?;
         }
     }
     if let Some(dir) = out {
-        write_machine(dir, &config, started, Some(SystemTime::now()), &outcomes)?;
+        write_machine(
+            dir,
+            &config,
+            started,
+            Some(SystemTime::now()),
+            &outcomes,
+            suites,
+        )?;
     }
     eprintln!("== summary");
     for o in &outcomes {
@@ -119,6 +135,7 @@ fn write_machine(
     started: SystemTime,
     finished: Option<SystemTime>,
     outcomes: &[Outcome],
+    suites: &[Suite],
 ) -> Result<()> {
     let mut m = machine();
     let run = json!({
@@ -133,7 +150,7 @@ fn write_machine(
             "seconds": (o.seconds * 10.0).round() / 10.0,
             "load": o.load,
             "error": o.error,
-            "about": SUITES.iter().find(|s| s.name == o.suite).map(|s| s.about),
+            "about": suites.iter().find(|s| s.name == o.suite).map(|s| s.about),
         })).collect::<Vec<_>>(),
     });
     m["run"] = run;
@@ -232,6 +249,85 @@ mod tests {
         assert_eq!(utc(t), "2000-02-29T12:34:56Z");
         let t = UNIX_EPOCH + Duration::from_secs(1_798_761_599);
         assert_eq!(utc(t), "2026-12-31T23:59:59Z");
+    }
+
+    fn ok(b: &mut Bench, _: &Env<'_>) -> Result<()> {
+        b.record("case", "memsync", "throughput", "GB/s", &[1.0, 2.0, 3.0]);
+        Ok(())
+    }
+
+    fn fails(b: &mut Bench, _: &Env<'_>) -> Result<()> {
+        b.record("before", "memsync", "latency", "us", &[5.0]);
+        bail!("no peer here")
+    }
+
+    fn panics(_: &mut Bench, _: &Env<'_>) -> Result<()> {
+        panic!("a suite bug")
+    }
+
+    /// A failed or panicking suite is reported and the next one still runs; what each printed
+    /// is in results.jsonl and each outcome in machine.json.
+    #[test]
+    fn a_failed_suite_does_not_stop_the_others() {
+        let suites = [
+            Suite {
+                name: "one",
+                about: "first",
+                run: fails,
+            },
+            Suite {
+                name: "two",
+                about: "second",
+                run: panics,
+            },
+            Suite {
+                name: "three",
+                about: "third",
+                run: ok,
+            },
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let registry = memsync_core::Registry::new();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let env = Env {
+            registry: &registry,
+            rt: &rt,
+            exe: PathBuf::from("/nonexistent"),
+        };
+        let config = BenchConfig {
+            quick: true,
+            json: true,
+            runs: Some(1),
+            scratch: dir.path().to_owned(),
+            results: None,
+        };
+        let e = run_suites(&suites, config, Some(dir.path()), &env).unwrap_err();
+        assert_eq!(e.to_string(), "2 of 3 suites failed: one, two");
+
+        let lines = std::fs::read_to_string(dir.path().join(RESULTS_FILE)).unwrap();
+        let lines: Vec<Value> = lines
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!(lines[0]["suite"], "one");
+        assert_eq!(lines[1]["suite"], "three");
+        assert_eq!(lines[1]["value"], 2.0);
+
+        let m: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join(MACHINE_FILE)).unwrap())
+                .unwrap();
+        let s = m["run"]["suites"].as_array().unwrap();
+        assert_eq!(s.len(), 3);
+        assert_eq!(s[0]["status"], "failed");
+        assert_eq!(s[0]["error"], "no peer here");
+        assert_eq!(s[1]["error"], "panicked: a suite bug");
+        assert_eq!(s[2]["status"], "ok");
+        assert_eq!(s[2]["about"], "third");
+        assert_eq!(m["run"]["mode"], "quick");
+        assert!(m["run"]["finished"].is_string());
     }
 
     #[test]

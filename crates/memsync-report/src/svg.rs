@@ -332,7 +332,7 @@ impl Chart {
         text(
             &mut o,
             LEFT + pw / 2.0,
-            height - 12.0,
+            height - 8.0,
             r#"font-size="12" text-anchor="middle""#,
             &self.x_label,
         );
