@@ -74,9 +74,8 @@ pub fn report(records: &[Record], machine: &Machine, plots: &[Plot]) -> String {
     );
     let _ = writeln!(
         o,
-        "```sh\ncargo build --release -p memsync --locked\n\
-         target/release/memsync bench all{} --out /var/tmp/bench-all\n\
-         target/release/memsync bench report --in /var/tmp/bench-all --out docs/bench\n```\n",
+        "```sh\ncargo run --release -p memsync --locked -- bench all{} --out /var/tmp/bench-all\n\
+         cargo run --release -p memsync --locked -- bench report --in /var/tmp/bench-all --out docs/bench\n```\n",
         if quick { " --quick" } else { "" }
     );
     let _ = writeln!(o, "## Machine and run\n");
