@@ -226,7 +226,7 @@ pub fn format_tick(v: f64) -> String {
         return "0".to_owned();
     }
     let a = v.abs();
-    let s = if a >= 1e6 {
+    let s = if a >= 1e6 || a < 1e-3 {
         format!("{v:.0e}")
     } else if a >= 100.0 {
         format!("{v:.0}")
@@ -740,6 +740,9 @@ mod tests {
         assert_eq!(format_tick(0.25), "0.25");
         assert_eq!(format_tick(200.0), "200");
         assert_eq!(format_tick(1.0), "1");
+        // Log axes reach far below 1: a decade must not print as 0.
+        assert_eq!(format_tick(0.001), "0.001");
+        assert_eq!(format_tick(0.00001), "1e-5");
     }
 
     fn parse_check(svg: &str) {
