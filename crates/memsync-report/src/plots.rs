@@ -401,7 +401,7 @@ fn migrate(records: &[Record], sub: &str) -> Vec<Plot> {
     let mut out = Vec::new();
     for region in [false, true] {
         let what = if region {
-            "a live memsync region (engine dirty tracker)"
+            "a memsync region"
         } else {
             "a store under a writer"
         };
@@ -409,12 +409,12 @@ fn migrate(records: &[Record], sub: &str) -> Vec<Plot> {
             ("downtime", "downtime", "downtime (ms, log scale)", true),
             (
                 "bytes-sent",
-                "bytes-sent",
+                "bytes sent",
                 "bytes sent / region size",
                 false,
             ),
         ] {
-            let items = records
+            let items: Vec<(String, String, &Record)> = records
                 .iter()
                 .filter(|r| r.suite == "migrate" && r.metric == metric && !r.is_ratio())
                 .filter_map(|r| {
@@ -425,8 +425,20 @@ fn migrate(records: &[Record], sub: &str) -> Vec<Plot> {
                     }
                     let (mode, label) = migrate_case(&r.case)?;
                     (mode.starts_with("region ") == region).then_some((label, mode, r))
-                });
-            let file = format!("migrate-{}{name}.svg", if region { "region-" } else { "" });
+                })
+                .collect();
+            let mut notes = vec!["Whiskers: lowest and highest run.".to_owned()];
+            if region {
+                notes.push("Changes found by the engine's dirty tracker.".into());
+            }
+            if items.iter().any(|(_, _, r)| r.is_published()) {
+                notes.push("Dashed: QEMU's published figure, quoted, not measured here.".into());
+            }
+            let file = format!(
+                "migrate-{}{}.svg",
+                if region { "region-" } else { "" },
+                metric
+            );
             out.extend(plot(
                 "migrate",
                 &file,
@@ -437,11 +449,7 @@ fn migrate(records: &[Record], sub: &str) -> Vec<Plot> {
                     y_label: y.into(),
                     log_y: log,
                     body: bars(items),
-                    notes: vec![
-                        "Whiskers: lowest and highest run.".into(),
-                        "Dashed: QEMU's published downtime (one host, 300 ms limit), quoted."
-                            .into(),
-                    ],
+                    notes,
                 },
                 "",
             ));

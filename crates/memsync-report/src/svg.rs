@@ -266,11 +266,14 @@ impl Chart {
             o,
             r##"<rect width="{WIDTH}" height="{height}" fill="#ffffff"/>"##
         );
+        // A long title gets a smaller font rather than running off the picture.
+        let room = WIDTH - LEFT - 12.0;
+        let title_size = (room / (self.title.chars().count() as f64 * 0.6)).clamp(10.0, 15.0);
         text(
             &mut o,
             LEFT,
             24.0,
-            r#"font-size="15" font-weight="bold""#,
+            &format!(r#"font-size="{title_size:.1}" font-weight="bold""#),
             &self.title,
         );
         text(
