@@ -226,7 +226,7 @@ pub fn format_tick(v: f64) -> String {
         return "0".to_owned();
     }
     let a = v.abs();
-    let s = if a >= 1e6 || a < 1e-3 {
+    let s = if !(1e-3..1e6).contains(&a) {
         format!("{v:.0e}")
     } else if a >= 100.0 {
         format!("{v:.0}")

@@ -73,7 +73,7 @@ fn assert_well_formed_svg(name: &str, svg: &str) {
         let tag = &rest[..end];
         rest = &rest[end + 1..];
         assert!(
-            tag.matches('"').count() % 2 == 0,
+            tag.matches('"').count().is_multiple_of(2),
             "{name}: unbalanced quotes in <{tag}>"
         );
         if let Some(close) = tag.strip_prefix('/') {
