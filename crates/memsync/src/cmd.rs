@@ -180,7 +180,7 @@ pub struct AllArgs {
 #[derive(Debug, Args)]
 pub struct ReportArgs {
     /// The directory `bench all --out` wrote.
-    #[arg(long = "in", value_name = "DIR")]
+    #[arg(long = "in", value_name = "DIR", default_value = "/var/tmp/bench-all")]
     pub input: PathBuf,
     /// Where README.md and the SVG plots go.
     #[arg(long, value_name = "DIR", default_value = "docs/bench")]
