@@ -23,5 +23,14 @@ cargo clippy -p memsync-cql -p memsync --features memsync-cql/scylla,memsync/cql
   --locked -- -D warnings
 echo "== cargo nextest"
 cargo nextest run --workspace --locked --no-fail-fast
+# Every benchmark suite, small, with the debug binary nextest just built for the CLI tests (no
+# release build in CI): the suites and their peers keep working, and `bench report` turns the run
+# into a report (kept in the target directory; docs/bench/ is made from a release run). One round
+# per case keeps it near 2 min here (three rounds: ~3.5 min).
+echo "== memsync bench all --quick --runs 1"
+bench_dir="$CARGO_TARGET_DIR/bench-smoke"
+rm -rf "$bench_dir"
+"$CARGO_TARGET_DIR/debug/memsync" bench all --quick --runs 1 --out "$bench_dir"
+"$CARGO_TARGET_DIR/debug/memsync" bench report --in "$bench_dir" --out "$bench_dir/report"
 echo "== doc tests"
 cargo test --workspace --doc --locked

@@ -12,6 +12,7 @@
 //! one JSON object per line:
 //! `{"suite","case","subject","metric","value","unit","runs","min","max"}`.
 
+pub mod all;
 pub mod dsm;
 pub mod lazy;
 pub mod migrate;
@@ -46,19 +47,11 @@ pub struct Env<'a> {
 
 /// Run the suite `suite` (one of [`SUITES`]).
 pub fn run(suite: &str, config: BenchConfig, env: &Env<'_>) -> Result<()> {
+    let Some(s) = SUITES.iter().find(|s| s.name == suite) else {
+        bail!("unknown suite {suite:?}")
+    };
     let mut b = Bench::new(suite, config);
-    match suite {
-        "store" => store::run(&mut b, env.registry),
-        "stores" => stores::run(&mut b, env.registry),
-        "nbd" => nbd::run(&mut b, env),
-        "lazy" => lazy::run(&mut b, env),
-        "mount" => mount::run(&mut b, env),
-        "sync" => sync::run(&mut b, env),
-        "migrate" => migrate::run(&mut b, env),
-        "vmm" => vmm::run(&mut b, env),
-        "dsm" => dsm::run(&mut b, env),
-        other => bail!("unknown suite {other:?}"),
-    }
+    (s.run)(&mut b, env)
 }
 
 /// How a suite run is configured.
@@ -72,6 +65,27 @@ pub struct BenchConfig {
     pub runs: Option<usize>,
     /// Where suites put scratch files.
     pub scratch: std::path::PathBuf,
+    /// A file that also gets every measurement as a JSON line, whatever `json` says
+    /// (`bench all --out`: the report is made from it while the terminal shows the table).
+    pub results: Option<Results>,
+}
+
+/// A JSON-lines file shared by the suites of one run.
+#[derive(Clone, Debug)]
+pub struct Results(std::sync::Arc<parking_lot::Mutex<std::fs::File>>);
+
+impl Results {
+    pub fn new(file: std::fs::File) -> Self {
+        Results(std::sync::Arc::new(parking_lot::Mutex::new(file)))
+    }
+
+    fn append(&self, m: &Measurement) {
+        let line = format!("{}\n", m.to_json());
+        // One write per line, so a suite that dies mid-run leaves whole lines behind.
+        if let Err(e) = self.0.lock().write_all(line.as_bytes()) {
+            eprintln!("memsync bench: cannot append to the results file: {e}");
+        }
+    }
 }
 
 impl BenchConfig {
@@ -353,6 +367,9 @@ impl Bench {
     }
 
     fn print(&self, m: &Measurement) {
+        if let Some(r) = &self.config.results {
+            r.append(m);
+        }
         let mut out = std::io::stdout().lock();
         if self.config.json {
             let _ = writeln!(out, "{}", m.to_json());
@@ -412,44 +429,63 @@ pub fn wait_tcp(port: u16) -> Result<()> {
     anyhow::bail!("nothing listens on port {port}")
 }
 
-/// The suites `memsync bench` knows.
-pub const SUITES: &[(&str, &str)] = &[
-    (
-        "store",
-        "sequential and random 4 KiB reads and writes per local store, against memcpy/pread",
-    ),
-    (
-        "nbd",
-        "memsync serve and the memsync NBD client against nbdkit, driven by nbdcopy",
-    ),
-    (
-        "stores",
-        "sequential read (direct with many requests in flight, and through the cache layer of a managed mount) and first-access latency from redis://, s3:// and dir: on real servers, per chunk size, vs redis-benchmark / a bare HTTP GET loop / pread, beside r3map's published figures",
-    ),
-    (
-        "lazy",
-        "lazy userfaultfd regions from a mem: store: sequential first touch vs memcpy, random 4 KiB fault latency vs an anonymous fault",
-    ),
-    (
-        "sync",
-        "delta sync of a 1 GiB file with 0/1/10% of random 4 KiB pages changed, local and to a peer through the delay proxy at 0 and 30 ms RTT, vs rsync -B4096 --inplace --no-whole-file and rsync's default, same run; continuous push rounds vs dirty rate",
-    ),
-    (
-        "migrate",
-        "live migration of a 1 GiB store while a writer dirties random 4 KiB pages at 0/50/500 MB/s: pre-copy, post-copy, hybrid, also at 30 ms RTT through the delay proxy (downtime, total, bytes sent per region byte, passes, post-copy fault p50); the writer with and without write tracking; QEMU's published figures beside",
-    ),
-    (
-        "vmm",
-        "VM snapshot restore: memsync's Firecracker UFFD handler vs a minimal handler of the upstream example's design (one UFFDIO_COPY per 4 KiB fault from the file in memory), same file, same run: time to first fault served, random 4 KiB fault p50/p99; memsync from an NBD export; time until the whole memory is resident with the background pull vs faults only",
-    ),
-    (
-        "dsm",
-        "distributed shared memory, nodes over loopback TCP, per manager scheme: read/write fault p50/p99 (0/1/3 copies to invalidate), messages per fault, forwarding chain, ping-pong of one page, false sharing, Jacobi on 1/2/4 nodes vs one process",
-    ),
-    (
-        "mount",
-        "managed mounts (cache + FUSE file + lazy region) over memsync serve through the delay proxy at RTT 0/10/30 ms, vs nbdcopy, the FUSE ceiling and r3map's published figures",
-    ),
+/// One benchmark suite.
+#[derive(Debug)]
+pub struct Suite {
+    pub name: &'static str,
+    /// What it compares, for `--help`.
+    pub about: &'static str,
+    pub run: fn(&mut Bench, &Env<'_>) -> Result<()>,
+}
+
+/// The suites `memsync bench` knows, in the order `memsync bench all` runs them: the one list
+/// that [`run`], [`all::run_all`] and the CLI's `--help` use.
+pub const SUITES: &[Suite] = &[
+    Suite {
+        name: "store",
+        about: "sequential and random 4 KiB reads and writes per local store, against memcpy/pread",
+        run: |b, e| store::run(b, e.registry),
+    },
+    Suite {
+        name: "nbd",
+        about: "memsync serve and the memsync NBD client against nbdkit, driven by nbdcopy",
+        run: nbd::run,
+    },
+    Suite {
+        name: "stores",
+        about: "sequential read (direct with many requests in flight, and through the cache layer of a managed mount) and first-access latency from redis://, s3:// and dir: on real servers, per chunk size, vs redis-benchmark / a bare HTTP GET loop / pread, beside r3map's published figures",
+        run: |b, e| stores::run(b, e.registry),
+    },
+    Suite {
+        name: "lazy",
+        about: "lazy userfaultfd regions from a mem: store: sequential first touch vs memcpy, random 4 KiB fault latency vs an anonymous fault",
+        run: lazy::run,
+    },
+    Suite {
+        name: "sync",
+        about: "delta sync of a 1 GiB file with 0/1/10% of random 4 KiB pages changed, local and to a peer through the delay proxy at 0 and 30 ms RTT, vs rsync -B4096 --inplace --no-whole-file and rsync's default, same run; continuous push rounds vs dirty rate",
+        run: sync::run,
+    },
+    Suite {
+        name: "migrate",
+        about: "live migration of a 1 GiB store while a writer dirties random 4 KiB pages at 0/50/500 MB/s: pre-copy, post-copy, hybrid, also at 30 ms RTT through the delay proxy (downtime, total, bytes sent per region byte, passes, post-copy fault p50); the writer with and without write tracking; QEMU's published figures beside",
+        run: migrate::run,
+    },
+    Suite {
+        name: "vmm",
+        about: "VM snapshot restore: memsync's Firecracker UFFD handler vs a minimal handler of the upstream example's design (one UFFDIO_COPY per 4 KiB fault from the file in memory), same file, same run: time to first fault served, random 4 KiB fault p50/p99; memsync from an NBD export; time until the whole memory is resident with the background pull vs faults only",
+        run: vmm::run,
+    },
+    Suite {
+        name: "dsm",
+        about: "distributed shared memory, nodes over loopback TCP, per manager scheme: read/write fault p50/p99 (0/1/3 copies to invalidate), messages per fault, forwarding chain, ping-pong of one page, false sharing, Jacobi on 1/2/4 nodes vs one process",
+        run: dsm::run,
+    },
+    Suite {
+        name: "mount",
+        about: "managed mounts (cache + FUSE file + lazy region) over memsync serve through the delay proxy at RTT 0/10/30 ms, vs nbdcopy, the FUSE ceiling and r3map's published figures",
+        run: mount::run,
+    },
 ];
 
 #[cfg(test)]
@@ -471,6 +507,7 @@ mod tests {
                 json: true,
                 runs: Some(runs),
                 scratch: std::env::temp_dir(),
+                results: None,
             },
         )
     }

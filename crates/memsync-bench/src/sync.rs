@@ -86,6 +86,12 @@ fn mutate(path: &Path, size: u64, pct: f64, rng: &mut rand::rngs::SmallRng) -> R
             f.write_all_at(&page, p * 4096)?;
         }
     }
+    if n > 0 {
+        // The kernel stamps writes from a coarse clock that can lag `now()` by a tick, so the
+        // writes may still carry the second waited out above (seen: 618.9995 after waiting
+        // for 619): stamp the file from the precise clock instead.
+        f.set_modified(std::time::SystemTime::now())?;
+    }
     Ok(n * 4096)
 }
 

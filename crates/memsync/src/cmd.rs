@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
 use clap::Args;
 use memsync_bench::{BenchConfig, gbps};
@@ -130,11 +130,29 @@ pub fn checksum(ctx: &Context, a: ChecksumArgs) -> Result<()> {
     Ok(())
 }
 
+/// `memsync bench SUITE`, or `bench all` / `bench report`.
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct BenchArgs {
-    /// The suite to run (see the list below).
-    #[arg(value_parser = clap::builder::PossibleValuesParser::new(memsync_bench::SUITES.iter().map(|s| s.0)))]
-    pub suite: String,
+    #[command(subcommand)]
+    pub action: Option<BenchAction>,
+    /// The suite to run; `memsync bench all` runs every one.
+    #[arg(required = true, value_parser = clap::builder::PossibleValuesParser::new(memsync_bench::SUITES.iter().map(|s| s.name)))]
+    pub suite: Option<String>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchAction {
+    /// Run every suite; one that fails does not stop the others (the exit status says so).
+    All(AllArgs),
+    /// Turn the results of `bench all --out DIR` into a Markdown report with SVG plots.
+    Report(ReportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
     /// Fewer runs and smaller sizes, for smoke runs (each suite under 30 s).
     #[arg(long)]
     pub quick: bool,
@@ -149,14 +167,55 @@ pub struct BenchArgs {
     pub scratch: Option<PathBuf>,
 }
 
+#[derive(Debug, Args)]
+pub struct AllArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Also write every measurement to DIR/results.jsonl and the machine (CPU, cores, kernel,
+    /// memory, commit, date) with each suite's outcome to DIR/machine.json.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The directory `bench all --out` wrote.
+    #[arg(long = "in", value_name = "DIR", default_value = "/var/tmp/bench-all")]
+    pub input: PathBuf,
+    /// Where README.md and the SVG plots go.
+    #[arg(long, value_name = "DIR", default_value = "docs/bench")]
+    pub out: PathBuf,
+}
+
+impl RunArgs {
+    fn config(self) -> BenchConfig {
+        BenchConfig {
+            quick: self.quick,
+            json: self.json,
+            runs: self.runs,
+            scratch: self.scratch.unwrap_or_else(std::env::temp_dir),
+            results: None,
+        }
+    }
+}
+
 pub fn bench(ctx: &Context, a: BenchArgs) -> Result<()> {
-    let config = BenchConfig {
-        quick: a.quick,
-        json: a.json,
-        runs: a.runs,
-        scratch: a.scratch.unwrap_or_else(std::env::temp_dir),
-    };
-    memsync_bench::run(&a.suite, config, &bench_env(ctx)?)
+    match a.action {
+        Some(BenchAction::All(all)) => {
+            memsync_bench::all::run_all(all.run.config(), all.out.as_deref(), &bench_env(ctx)?)
+        }
+        Some(BenchAction::Report(r)) => {
+            let written = memsync_report::generate(&r.input, &r.out)?;
+            for p in written {
+                outln!("wrote {}", p.display());
+            }
+            Ok(())
+        }
+        None => {
+            let suite = a.suite.context("a suite, `all` or `report`")?;
+            memsync_bench::run(&suite, a.run.config(), &bench_env(ctx)?)
+        }
+    }
 }
 
 /// What the benchmark suites run with: this binary's registry, runtime and path.
@@ -277,6 +336,7 @@ pub fn demo(ctx: &Context, a: DemoArgs) -> Result<()> {
             json: false,
             runs: None,
             scratch: std::env::temp_dir(),
+            results: None,
         };
         memsync_bench::run("store", config, &bench_env(ctx)?)?;
     }
