@@ -18,6 +18,7 @@
 pub mod chunks;
 pub mod error;
 pub mod exec;
+pub mod id;
 pub mod layers;
 pub mod meta;
 pub mod ops;
@@ -29,7 +30,8 @@ pub mod url;
 pub mod wire;
 
 pub use error::{Result, StoreError};
-pub use meta::{MetaInit, StoreId, StoreMeta};
+pub use id::StoreId;
+pub use meta::{MetaInit, StoreMeta};
 pub use retry::{Retry, RetryPolicy};
 pub use store::{Caps, DynStore, Extent, ExtentKind, Store, StoreExt, check_range, check_write};
 pub use url::{Registry, StoreUrl, redact};

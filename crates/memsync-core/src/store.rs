@@ -130,7 +130,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// The identity recorded when the store was created ([`crate::StoreMeta`]), for stores that
     /// keep one (`dir:`, Redis, S3); layers pass their store's on. Lets a user of the store (a
     /// cache, a sync index) tell whether it is still the store it was set up for.
-    fn identity(&self) -> Option<crate::StoreId> {
+    fn identity(&self) -> Option<crate::id::StoreId> {
         None
     }
 
@@ -212,7 +212,7 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     fn caps(&self) -> Caps {
         (**self).caps()
     }
-    fn identity(&self) -> Option<crate::StoreId> {
+    fn identity(&self) -> Option<crate::id::StoreId> {
         (**self).identity()
     }
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
