@@ -43,6 +43,8 @@ need ip iproute2
 # Virtual machines (issue 15): qemu (TCG only here) boots stock Debian kernels; busybox-static is
 # the guest's shell and tools and builds the initramfs (`busybox cpio`; the host has no cpio).
 need qemu-system-x86_64 qemu-system-x86
+dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' ||
+  apt_pkgs+=(busybox-static)
 # depmod writes the unpacked kernels' modules.dep (the packages' postinst would); xz unpacks
 # the compressed modules of newer kernels.
 need depmod kmod
