@@ -47,6 +47,8 @@ need qemu-system-x86_64 qemu-system-x86
 # the compressed modules of newer kernels.
 need depmod kmod
 need xz xz-utils
+# mkfs.ext4 goes into the guests of the direct-mount test (its libraries come along).
+need mkfs.ext4 e2fsprogs
 
 if ((${#apt_pkgs[@]})); then
   echo "setup: installing ${apt_pkgs[*]}"
