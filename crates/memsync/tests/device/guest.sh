@@ -122,6 +122,9 @@ for mode in "netlink 1" "netlink 4" "ioctl 1" "ioctl 4"; do
   same_as_shadow "$1, $2 connection(s)"
   detach
   cmp $STORE /tmp/shadow || fail "$1, $2 connection(s): the store differs after the detach"
+  # The kernel retries a request unanswered within --io-timeout (60 s) on another connection,
+  # so a lost reply would pass every check above, only slower.
+  ! dmesg | grep 'timed out' || fail "$1, $2 connection(s): a request went unanswered for 60 s"
   ok rw "$1" "$2"
 done
 
