@@ -49,6 +49,8 @@ dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed'
 # the compressed modules of newer kernels.
 need depmod kmod
 need xz xz-utils
+# mkfs.ext4 goes into the guests of the direct-mount test (its libraries come along).
+need mkfs.ext4 e2fsprogs
 
 if ((${#apt_pkgs[@]})); then
   echo "setup: installing ${apt_pkgs[*]}"

@@ -5,6 +5,8 @@ use std::process::{Command, Output, Stdio};
 
 use rand::{RngCore, SeedableRng};
 
+#[path = "device/mod.rs"]
+mod device;
 #[path = "report/mod.rs"]
 mod report;
 #[path = "vmm/mod.rs"]
