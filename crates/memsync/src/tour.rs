@@ -302,7 +302,7 @@ fn map_and_check(t: &mut Tour<'_>, url: &str, want: blake3::Hash) -> Result<()> 
         format!("{:.2} GB/s, {} faults", gbps(len as u64, el), s.faults),
     );
     t.figure(
-        "fault service p50",
+        "fault service p50 (2 MiB chunk)",
         format!("{:.0} us", s.fault_p50.as_secs_f64() * 1e6),
     );
     Ok(())

@@ -146,7 +146,7 @@ pub(super) fn run(t: &mut Tour<'_>) -> Result<()> {
         bail!("the destination process failed (exit ok: {ok}, printed {line:?})");
     };
     outln!(
-        "   {}: {} passes, downtime {:.1} ms, {} sent ({:.2}x the region), writer wrote {} pages meanwhile; {faults} faults at the destination",
+        "   {}: passes {}, downtime {:.1} ms, {} sent ({:.2}x the region), writer wrote {} pages meanwhile; {faults} faults at the destination",
         rep.mode.name(),
         rep.passes.len(),
         rep.downtime.as_secs_f64() * 1e3,
