@@ -3,14 +3,12 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context as _, Result, bail};
-use bytes::Bytes;
+use anyhow::{Context as _, Result};
 use clap::Args;
 use memsync_bench::{BenchConfig, gbps};
 use memsync_core::ops::{self, CopyOptions};
 use memsync_core::size::format_size;
 use memsync_core::{ExtentKind, Store, redact};
-use rand::{RngCore, SeedableRng};
 
 use crate::context::{Context, parse_size_arg, progress};
 
@@ -253,100 +251,17 @@ pub fn stores(ctx: &Context) -> Result<()> {
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Size of the demo store.
+    /// Size of the store served, mapped and mounted.
     #[arg(long, default_value = "256M", value_parser = parse_size_arg)]
     pub size: u64,
-    /// Skip the benchmark at the end.
+    /// Smaller sizes (16 MiB at most) for a smoke run of every step.
     #[arg(long)]
-    pub no_bench: bool,
+    pub quick: bool,
+    /// The tour's migration destination: receive a region of --size, print its BLAKE3.
+    #[arg(long, hide = true)]
+    pub receive: bool,
 }
 
 pub fn demo(ctx: &Context, a: DemoArgs) -> Result<()> {
-    let size = a.size;
-    let mem_url = format!("mem:{size}");
-    outln!(
-        "1. opening the embedded default store {mem_url} and writing random data (every 8th MiB left as a hole)"
-    );
-    let mem = ctx.open(&mem_url)?;
-    let t = Instant::now();
-    ctx.rt.block_on(async {
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(1);
-        let mut off = 0;
-        let mut i = 0u64;
-        while off < size {
-            let n = (size - off).min(1 << 20);
-            if i % 8 != 7 {
-                let mut b = vec![0u8; n as usize];
-                rng.fill_bytes(&mut b);
-                mem.write(off, Bytes::from(b)).await?;
-            }
-            off += n;
-            i += 1;
-        }
-        Ok::<(), memsync_core::StoreError>(())
-    })?;
-    outln!(
-        "   wrote {} in {:.3} s",
-        format_size(size),
-        t.elapsed().as_secs_f64()
-    );
-    let h1 = ctx.rt.block_on(ops::checksum(&*mem, &|_| ()))?;
-    let (data, _, hole) = ctx.rt.block_on(allocation(&*mem))?;
-    outln!(
-        "   blake3 {h1}; allocated {} of data, {} of holes",
-        format_size(data),
-        format_size(hole)
-    );
-
-    let dir = std::env::temp_dir().join(format!("memsync-demo-{}", std::process::id()));
-    let _cleanup = RemoveOnDrop(dir.clone());
-    let dir_url = format!("dir:{}?size={size}&chunk=1M", dir.display());
-    outln!("2. copying it to {dir_url} (holes are skipped)");
-    let dst = ctx.open(&dir_url)?;
-    let pb = progress(size, "copy");
-    let t = Instant::now();
-    let copied = ctx
-        .rt
-        .block_on(ops::copy(&*mem, &*dst, CopyOptions::default(), &|n| {
-            pb.inc(n)
-        }))?;
-    pb.finish_and_clear();
-    let el = t.elapsed();
-    outln!(
-        "   copied {} of data in {:.3} s ({:.2} GB/s of store)",
-        format_size(copied),
-        el.as_secs_f64(),
-        gbps(size, el)
-    );
-    let h2 = ctx.rt.block_on(ops::checksum(&*dst, &|_| ()))?;
-    if h1 != h2 {
-        bail!("verification failed: {mem_url} has {h1} but the copy has {h2}");
-    }
-    outln!("3. verified: the copy has the same blake3 {h2}");
-    if let Some(s) = ctx.stats_of(&dir_url) {
-        let snap = s.snapshot();
-        for op in snap.ops() {
-            outln!("   {}", op);
-        }
-    }
-    if !a.no_bench {
-        outln!("4. store benchmark (quick): each store beside memcpy/pread on this machine");
-        let config = BenchConfig {
-            quick: true,
-            json: false,
-            runs: None,
-            scratch: std::env::temp_dir(),
-            results: None,
-        };
-        memsync_bench::run("store", config, &bench_env(ctx)?)?;
-    }
-    Ok(())
-}
-
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    crate::tour::run(ctx, a)
 }

@@ -62,15 +62,6 @@ impl Context {
         stats
     }
 
-    pub(crate) fn stats_of(&self, url: &str) -> Option<Arc<Stats<DynStore>>> {
-        self.opened
-            .lock()
-            .iter()
-            .rev()
-            .find(|(u, _)| u == url)
-            .map(|(_, s)| s.clone())
-    }
-
     /// Write Prometheus text for every opened store to the `--metrics` file.
     pub fn write_metrics(&self) -> Result<()> {
         let Some(path) = &self.metrics else {

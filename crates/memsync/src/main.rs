@@ -12,6 +12,7 @@ mod mount;
 mod proxy;
 mod serve;
 mod sync;
+mod tour;
 mod vmm;
 
 use std::path::PathBuf;
@@ -32,7 +33,7 @@ STORE URLS:
   Sizes take K, M, G, T suffixes (binary). Run `memsync stores` for every scheme and parameter.
 
 EXAMPLES:
-  memsync demo                               the quick tour on the embedded mem: store
+  memsync demo                               a guided tour on the embedded mem: store
   memsync copy file:/tmp/disk.img 'dir:/tmp/chunks?size=1G'
   memsync serve mem:1G --listen nbd://127.0.0.1:10809
   memsync map nbd://127.0.0.1:10809/ --chunk 2M
@@ -59,7 +60,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the quick tour: fill the default mem: store, copy it to a dir: store, verify, benchmark.
+    /// A guided tour on the embedded mem: store: NBD, lazy mapping, migration, delta sync, DSM.
     Demo(cmd::DemoArgs),
     /// Show a store's size, capabilities and allocation map, or (for /dev/nbdN) what backs a
     /// kernel NBD device.

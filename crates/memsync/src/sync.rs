@@ -82,7 +82,7 @@ pub fn file_of(url: &str) -> Option<PathBuf> {
     (u.scheme == "file" && !u.path.is_empty()).then(|| PathBuf::from(&u.path))
 }
 
-struct Bar(ProgressBar);
+pub(crate) struct Bar(pub(crate) ProgressBar);
 
 impl Progress for Bar {
     fn phase(&self, name: &str, total: u64) {
