@@ -68,7 +68,10 @@ fn direct_mount(name: &str) {
         from += at + step.len();
     }
     for l in out.output.lines().filter(|l| l.contains("DEVICE-STALL")) {
-        eprintln!("WARNING: Linux {}: {l} (a known, unexplained stall)", kernel.release);
+        eprintln!(
+            "WARNING: Linux {}: {l} (a known, unexplained stall)",
+            kernel.release
+        );
     }
     // The script's whole output (steps, their times, what memsync said): nextest shows it
     // with --no-capture, and on a failure.
