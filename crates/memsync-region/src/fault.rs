@@ -257,7 +257,8 @@ impl Core {
                     add(&self.stats.bytes_fetched, data_len);
                 }
                 match by {
-                    Fetcher::Fault | Fetcher::Repair => inc(&self.stats.chunks_fault),
+                    Fetcher::Fault => inc(&self.stats.chunks_fault),
+                    Fetcher::Repair => inc(&self.stats.chunks_repaired),
                     Fetcher::Inline => inc(&self.stats.chunks_inline),
                     Fetcher::Background(_) => {
                         inc(&self.stats.chunks_background);

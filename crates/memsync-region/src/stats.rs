@@ -15,6 +15,7 @@ pub struct RegionStats {
     pub(crate) chunks_fault: AtomicU64,
     pub(crate) chunks_background: AtomicU64,
     pub(crate) chunks_inline: AtomicU64,
+    pub(crate) chunks_repaired: AtomicU64,
     pub(crate) chunks_zero: AtomicU64,
     pub(crate) bytes_fetched: AtomicU64,
     pub(crate) bytes_background: AtomicU64,
@@ -73,6 +74,7 @@ impl RegionStats {
             chunks_fault: l(&self.chunks_fault),
             chunks_background: l(&self.chunks_background),
             chunks_inline: l(&self.chunks_inline),
+            chunks_repaired: l(&self.chunks_repaired),
             chunks_zero: l(&self.chunks_zero),
             bytes_fetched: l(&self.bytes_fetched),
             bytes_background: l(&self.bytes_background),
@@ -115,6 +117,11 @@ pub struct RegionStatsSnapshot {
     pub chunks_background: u64,
     /// Chunks fetched on the accessing thread by `read_at`/`write_at`.
     pub chunks_inline: u64,
+    /// memfd chunks refetched after a `MISSING` fault on an installed chunk
+    /// (a hole punched by `MADV_REMOVE`, or a fault queued before a `place`
+    /// installed the chunk, where the refetch installs nothing): only the
+    /// missing pages are filled, so placed or written bytes stay.
+    pub chunks_repaired: u64,
     /// Chunks installed as zeros without reading the store.
     pub chunks_zero: u64,
     /// Bytes read from the store.
@@ -169,7 +176,7 @@ impl fmt::Display for RegionStatsSnapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "faults {} (waited {}, spurious {}), chunks: fault {} background {} inline {} zero {}, \
+            "faults {} (waited {}, spurious {}), chunks: fault {} background {} inline {} zero {} repaired {}, \
              fetched {} B (background {} B), installs: move {} copy {} continue {} (retries {}), \
              store errors {}, poisoned {}, fault service p50 {:?} p99 {:?} max {:?}",
             self.faults,
@@ -179,6 +186,7 @@ impl fmt::Display for RegionStatsSnapshot {
             self.chunks_background,
             self.chunks_inline,
             self.chunks_zero,
+            self.chunks_repaired,
             self.bytes_fetched,
             self.bytes_background,
             self.installs_move,
