@@ -26,6 +26,9 @@ fail() {
 attach() {
   log=$1
   shift
+  # Emptied here, not only by the background job's redirection: the loop below could otherwise
+  # read the previous round's "attached" line before the new memsync has started.
+  : >"$log"
   memsync mount "$URL" --device $DEV "$@" >"$log" 2>&1 &
   pid=$!
   n=0

@@ -118,7 +118,21 @@ fn region_json(maps: &[&Mapping], page: usize) -> String {
 }
 
 fn connect(socket: &Path, json: &str, uffd: &Uffd) -> UnixStream {
-    let s = UnixStream::connect(socket).unwrap();
+    // The socket file exists from the handler's bind(2), a moment before its listen(2): a
+    // connect in between is refused.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let s = loop {
+        match UnixStream::connect(socket) {
+            Ok(s) => break s,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("connecting to {}: {e}", socket.display()),
+        }
+    };
     send_fds(&s, json.as_bytes(), &[uffd.as_fd()]).unwrap();
     s
 }
