@@ -137,7 +137,8 @@ fn memsync_peer(env: &Env<'_>, src: &Path, peer: &str) -> Result<(f64, u64)> {
     Ok((t.elapsed().as_secs_f64(), r.wire_sent + r.wire_received))
 }
 
-fn stat_number(out: &str, key: &str) -> Result<u64> {
+/// A number from rsync's `--stats` output (it groups digits with commas).
+pub fn stat_number(out: &str, key: &str) -> Result<u64> {
     let line = out
         .lines()
         .find(|l| l.starts_with(key))

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, Result, bail};
+use memsync_bench::sync::stat_number;
 use memsync_core::size::format_size;
 use memsync_sync::{PeerAddr, PeerConfig, RemoteDest, Source, SyncOptions};
 use rand::{Rng as _, RngCore as _, SeedableRng as _};
@@ -49,20 +50,6 @@ pub(super) fn hash_file(path: &Path) -> Result<blake3::Hash> {
     let mut h = blake3::Hasher::new();
     h.update_reader(std::fs::File::open(path).with_context(|| path.display().to_string())?)?;
     Ok(h.finalize())
-}
-
-/// A number from rsync's `--stats` (it groups digits with commas).
-fn stat_number(out: &str, key: &str) -> Result<u64> {
-    let line = out
-        .lines()
-        .find(|l| l.starts_with(key))
-        .with_context(|| format!("rsync --stats printed no {key:?}"))?;
-    let digits: String = line[key.len()..]
-        .chars()
-        .take_while(|c| !c.is_alphabetic())
-        .filter(char::is_ascii_digit)
-        .collect();
-    Ok(digits.parse()?)
 }
 
 /// rsync's bytes (sent, received), or `None` if rsync is not installed.
