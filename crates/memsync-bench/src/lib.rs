@@ -142,8 +142,10 @@ pub fn median(samples: &[f64]) -> f64 {
 }
 
 /// Whether larger values are better for a unit (throughput) or smaller (latency).
+/// The one rule of which way a unit is better (a unit with no known direction, like a count,
+/// is treated as a rate).
 fn higher_is_better(unit: &str) -> bool {
-    !matches!(unit, "us" | "ns" | "ms" | "s")
+    memsync_report::compare::higher_is_better(unit).unwrap_or(true)
 }
 
 /// One subject of a compared case: its name and one run of it, which gives one value per metric

@@ -6,6 +6,7 @@
 //! shown as the suites printed them: medians with min and max, ratios of same-run medians
 //! (taken by the suites, never here), published figures labelled as such and never divided by.
 
+pub mod compare;
 pub mod markdown;
 pub mod plots;
 pub mod results;
@@ -59,4 +60,16 @@ pub fn generate(input: &Path, out: &Path) -> Result<Vec<PathBuf>> {
     std::fs::write(&path, md).with_context(|| format!("writing {}", path.display()))?;
     written.push(path);
     Ok(written)
+}
+
+/// `memsync bench compare`: read two files of `--json` lines (one or more rounds each) and
+/// render the A/B table of [`compare::compare`].
+pub fn compare_files(base: &Path, new: &Path) -> Result<String> {
+    let read = |p: &Path| -> Result<Vec<Record>> {
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        parse_results(&p.display().to_string(), &text)
+    };
+    let (rows, unmatched) = compare::compare(&read(base)?, &read(new)?);
+    Ok(compare::render(&rows, &unmatched))
 }

@@ -339,15 +339,14 @@ fn nbd(records: &[Record], sub: &str) -> Vec<Plot> {
             "GB/s",
             &|_| true,
             &subject,
-            "NBD: throughput of memsync against nbdkit and nbdcopy",
+            "NBD: throughput of memsync against nbdkit, qemu-nbd and nbdcopy",
             sub,
             "throughput (GB/s)",
             false,
         ),
-        "`write`/`read`: nbdcopy against `memsync serve` and `nbdkit memory`; `client-read`: \
-         the memsync client against nbdcopy reading the same nbdkit export, both timed as whole \
-         commands. qemu-nbd is not part of the `nbd` suite; its figures here (PLATFORM.md: \
-         2.4–2.9 GB/s) come from another run and are not plotted.",
+        "`write`/`read`: nbdcopy against `memsync serve`, `nbdkit memory` and `qemu-nbd` \
+         serving a file on tmpfs; `client-read`: the memsync client against nbdcopy reading the \
+         same nbdkit export, both timed as whole commands.",
     ));
     out.extend(plot(
         "nbd",

@@ -147,6 +147,18 @@ pub enum BenchAction {
     All(AllArgs),
     /// Turn the results of `bench all --out DIR` into a Markdown report with SVG plots.
     Report(ReportArgs),
+    /// A/B of two builds: compare the `--json` lines of a base and a new build (one or more
+    /// rounds each, as `scripts/ab.sh` writes them) and say which measurements got slower
+    /// beyond noise.
+    Compare(CompareArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// The base build's `--json` lines.
+    pub base: PathBuf,
+    /// The new build's `--json` lines.
+    pub new: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -207,6 +219,11 @@ pub fn bench(ctx: &Context, a: BenchArgs) -> Result<()> {
             for p in written {
                 outln!("wrote {}", p.display());
             }
+            Ok(())
+        }
+        Some(BenchAction::Compare(c)) => {
+            let table = memsync_report::compare_files(&c.base, &c.new)?;
+            outln!("{}", table.trim_end());
             Ok(())
         }
         None => {

@@ -214,3 +214,55 @@ fn bench_report_rejects_bad_input_with_a_clear_error() {
         "nothing written from bad input"
     );
 }
+
+/// `memsync bench compare` end to end: two rounds per build, one case slower in every round,
+/// one within noise, a bad line named.
+#[test]
+fn bench_compare_names_what_got_slower() {
+    let dir = tempfile::tempdir().unwrap();
+    let line = |case: &str, value: f64| {
+        format!(
+            r#"{{"suite":"nbd","case":"{case}","subject":"memsync","metric":"throughput","value":{value},"unit":"GB/s","runs":3,"min":{value},"max":{value}}}"#
+        )
+    };
+    let base = [
+        line("read tcp", 4.0),
+        line("read tcp", 4.2),
+        line("write tcp", 3.0),
+        line("write tcp", 3.1),
+    ];
+    let new = [
+        line("read tcp", 3.0),
+        line("read tcp", 3.2),
+        line("write tcp", 3.05),
+        line("write tcp", 2.95),
+    ];
+    let (b, n) = (dir.path().join("base.jsonl"), dir.path().join("new.jsonl"));
+    std::fs::write(&b, base.join("\n")).unwrap();
+    std::fs::write(&n, new.join("\n")).unwrap();
+    let out = memsync(&["bench", "compare", b.to_str().unwrap(), n.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let row = |case: &str| {
+        text.lines()
+            .find(|l| l.contains(case))
+            .unwrap_or_else(|| panic!("no {case} row in:\n{text}"))
+            .to_owned()
+    };
+    assert!(row("read tcp").ends_with("SLOWER"), "{text}");
+    assert!(row("read tcp").contains("0.76x"), "{text}");
+    assert!(row("write tcp").ends_with("same"), "{text}");
+    assert!(
+        text.contains("2 measurements: 1 slower beyond noise"),
+        "{text}"
+    );
+
+    std::fs::write(&n, "{\"suite\":1}\n").unwrap();
+    let out = memsync(&["bench", "compare", b.to_str().unwrap(), n.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("new.jsonl line 1"),
+        "{}",
+        stderr(&out)
+    );
+}
