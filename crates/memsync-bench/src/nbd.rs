@@ -1,8 +1,12 @@
-//! Suite `nbd`: `memsync serve` against nbdkit, both driven by nbdcopy, side by side.
+//! Suite `nbd`: `memsync serve` against nbdkit and qemu-nbd, all driven by nbdcopy, side by
+//! side.
+//!
+//! The servers keep the export in memory: `memsync serve mem:SIZE`, `nbdkit memory SIZE`, and
+//! `qemu-nbd` serving a raw file on tmpfs (`/dev/shm`; qemu-nbd has no memory backend).
 //!
 //! Cases (each over TCP loopback and a unix socket):
-//! - `write`: nbdcopy writes a scratch file of random data into `memsync serve mem:SIZE` and
-//!   into `nbdkit memory SIZE` (GB/s). This also fills both exports for the next cases.
+//! - `write`: nbdcopy writes a scratch file of random data into each export (GB/s). This also
+//!   fills the exports for the next cases.
 //! - `read`: nbdcopy reads the whole export to `null:` (GB/s).
 //! - `4k-qd1`: nbdcopy with `--request-size=4096 -C 1 -R 1` (µs per request).
 //! - `client-read`: the memsync NBD client reads the nbdkit export, against nbdcopy reading the
@@ -11,7 +15,8 @@
 //!   bench-nbd-read` (a hidden command that reads a store to nowhere). The bytes the memsync
 //!   client reads are checked against the source file once, outside the timed runs.
 //!
-//! Every case measures memsync and its peer in alternation ([`Bench::compare`]).
+//! Every case measures memsync and its peers in alternation ([`Bench::compare`]) and prints
+//! the ratios memsync/nbdkit and memsync/qemu-nbd.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -40,6 +45,25 @@ fn nbdkit(args: &[&str]) -> Result<Proc> {
         .stdout(Stdio::null())
         .spawn()
         .context("starting nbdkit (install it with scripts/setup.sh)")?;
+    Ok(Proc(c))
+}
+
+/// `qemu-nbd` serving the raw file `file` on `listen` (`-p PORT` or `-k SOCKET`) until killed.
+fn qemu_nbd(file: &Path, listen: &[&str]) -> Result<Proc> {
+    let c = Command::new("qemu-nbd")
+        .args([
+            "-f",
+            "raw",
+            "--persistent",
+            "--shared=16",
+            "--cache=writeback",
+        ])
+        .args(listen)
+        .arg(file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting qemu-nbd (install qemu-utils with scripts/setup.sh)")?;
     Ok(Proc(c))
 }
 
@@ -143,9 +167,14 @@ struct Targets {
     memsync_unix: String,
     nbdkit_tcp: String,
     nbdkit_unix: String,
+    qemu_tcp: String,
+    qemu_unix: String,
     _procs: Vec<Proc>,
+    /// qemu-nbd's files on tmpfs, removed last.
+    _shm: TempDir,
 }
 
+/// `dir` holds the sockets; qemu-nbd's files go to a directory of their own on `/dev/shm`.
 fn start(exe: &Path, size: u64, chunk: u64, dir: &Path) -> Result<Targets> {
     let ms_sock = dir.join("memsync.sock");
     let ms_port = free_port()?;
@@ -183,16 +212,35 @@ fn start(exe: &Path, size: u64, chunk: u64, dir: &Path) -> Result<Targets> {
         "memory",
         &size.to_string(),
     ])?;
+    let q_port = free_port()?;
+    let shm = TempDir(PathBuf::from(format!(
+        "/dev/shm/memsync-bench-nbd-{}-{q_port}",
+        std::process::id()
+    )));
+    std::fs::create_dir_all(shm.path()).context("qemu-nbd's export lives on tmpfs at /dev/shm")?;
+    let (qf_tcp, qf_unix) = (shm.path().join("tcp.img"), shm.path().join("unix.img"));
+    for f in [&qf_tcp, &qf_unix] {
+        std::fs::File::create(f)?.set_len(size)?;
+    }
+    let q_sock = dir.join("qemu-nbd.sock");
+    let qt = qemu_nbd(&qf_tcp, &["-b", "127.0.0.1", "-p", &q_port.to_string()])?;
+    let qu = qemu_nbd(&qf_unix, &["-k", q_sock.to_str().unwrap_or_default()])?;
+    let procs = vec![ms, kt, ku, qt, qu];
     wait_tcp(ms_port)?;
     wait_unix(&ms_sock)?;
     wait_tcp(kit_port)?;
     wait_unix(&kit_sock)?;
+    wait_tcp(q_port)?;
+    wait_unix(&q_sock)?;
     Ok(Targets {
         memsync_tcp: format!("nbd://127.0.0.1:{ms_port}/"),
         memsync_unix: format!("nbd+unix:///?socket={}", ms_sock.display()),
         nbdkit_tcp: format!("nbd://127.0.0.1:{kit_port}/"),
         nbdkit_unix: format!("nbd+unix:///?socket={}", kit_sock.display()),
-        _procs: vec![ms, kt, ku],
+        qemu_tcp: format!("nbd://127.0.0.1:{q_port}/"),
+        qemu_unix: format!("nbd+unix:///?socket={}", q_sock.display()),
+        _procs: procs,
+        _shm: shm,
     })
 }
 
@@ -222,26 +270,18 @@ pub fn run(b: &mut Bench, env: &Env<'_>) -> Result<()> {
     let t = start(&env.exe, size, 64 << 10, dir.path())?;
     let gb = |el: Duration| gbps(size, el);
 
-    for (transport, ms, kit) in [
-        ("tcp", &t.memsync_tcp, &t.nbdkit_tcp),
-        ("unix", &t.memsync_unix, &t.nbdkit_unix),
+    for (transport, uris) in [
+        ("tcp", [&t.memsync_tcp, &t.nbdkit_tcp, &t.qemu_tcp]),
+        ("unix", [&t.memsync_unix, &t.nbdkit_unix, &t.qemu_unix]),
     ] {
         let case = format!("write {transport}");
-        pair(
-            b,
-            &case,
-            ("throughput", "GB/s"),
-            || Ok(gb(nbdcopy(&[&src_s, ms])?)),
-            || Ok(gb(nbdcopy(&[&src_s, kit])?)),
-        )?;
+        servers(b, &case, ("throughput", "GB/s"), uris, |uri| {
+            Ok(gb(nbdcopy(&[&src_s, uri])?))
+        })?;
         let case = format!("read {transport}");
-        pair(
-            b,
-            &case,
-            ("throughput", "GB/s"),
-            || Ok(gb(nbdcopy(&[ms, "null:"])?)),
-            || Ok(gb(nbdcopy(&[kit, "null:"])?)),
-        )?;
+        servers(b, &case, ("throughput", "GB/s"), uris, |uri| {
+            Ok(gb(nbdcopy(&[uri, "null:"])?))
+        })?;
     }
     // One 4 KiB request in flight, on small exports of their own (nbdcopy copies whole
     // exports); --no-extents makes every request a real read.
@@ -253,22 +293,18 @@ pub fn run(b: &mut Bench, env: &Env<'_>) -> Result<()> {
     let t2 = start(&env.exe, small, 4096, &dir2)?;
     let small_src = scratch_file(&dir2, small)?;
     let small_src = small_src.to_str().unwrap_or_default().to_owned();
-    for uri in [
-        &t2.memsync_tcp,
-        &t2.memsync_unix,
-        &t2.nbdkit_tcp,
-        &t2.nbdkit_unix,
-    ] {
+    let small_uris = [
+        ("tcp", [&t2.memsync_tcp, &t2.nbdkit_tcp, &t2.qemu_tcp]),
+        ("unix", [&t2.memsync_unix, &t2.nbdkit_unix, &t2.qemu_unix]),
+    ];
+    for uri in small_uris.iter().flat_map(|(_, u)| u) {
         nbdcopy(&[&small_src, uri])?;
     }
-    for (transport, ms, kit) in [
-        ("tcp", &t2.memsync_tcp, &t2.nbdkit_tcp),
-        ("unix", &t2.memsync_unix, &t2.nbdkit_unix),
-    ] {
+    for (transport, uris) in small_uris {
         let case = format!("4k-qd1 {transport}");
-        let lat =
-            |uri: &str| -> Result<f64> { Ok(nbdcopy_4k_qd1(uri)?.as_secs_f64() * 1e6 / n as f64) };
-        pair(b, &case, ("latency", "us"), || lat(ms), || lat(kit))?;
+        servers(b, &case, ("latency", "us"), uris, |uri| {
+            Ok(nbdcopy_4k_qd1(uri)?.as_secs_f64() * 1e6 / n as f64)
+        })?;
     }
     // The memsync client reading the nbdkit export, against nbdcopy doing the same: both as
     // whole commands.
@@ -286,21 +322,27 @@ pub fn run(b: &mut Bench, env: &Env<'_>) -> Result<()> {
     Ok(())
 }
 
-/// memsync against nbdkit, both driven the same way, in alternation; records both and the
-/// ratio.
-fn pair(
+/// The three servers (`uris`: memsync, nbdkit, qemu-nbd) driven the same way by `run`, in
+/// alternation; records each and the ratios of memsync to each peer.
+fn servers(
     b: &mut Bench,
     case: &str,
     metric: (&str, &str),
-    fm: impl FnMut() -> Result<f64>,
-    fk: impl FnMut() -> Result<f64>,
-) -> Result<f64> {
-    b.pair(
-        case,
-        metric,
-        Subject::new("memsync", fm),
-        Subject::new("nbdkit", fk),
-    )
+    uris: [&String; 3],
+    run: impl Fn(&str) -> Result<f64>,
+) -> Result<()> {
+    let names = ["memsync", "nbdkit", "qemu-nbd"];
+    let run = &run;
+    let subjects = names
+        .iter()
+        .zip(uris)
+        .map(|(name, uri)| Subject::new(*name, move || run(uri)))
+        .collect();
+    let c = b.compare(case, &[metric], subjects)?;
+    for peer in &names[1..] {
+        b.ratio(&c, names[0], peer, metric.0)?;
+    }
+    Ok(())
 }
 
 /// nbdcopy reading the whole export at `uri` with one 4 KiB request in flight on one
