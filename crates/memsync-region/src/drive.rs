@@ -202,7 +202,12 @@ impl Core {
         let (off, _, inst_len) = self.geo.chunk(i);
         let dst = self.base() + off;
         if on {
-            self.protected.set(i);
+            // Under the chunk's stripe: a handler lifting a stale fault's protection has
+            // finished its ioctl, or will see the bit (see `Core::protect_locks`).
+            {
+                let _g = self.protect_lock(i).lock();
+                self.protected.set(i);
+            }
             std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
             let mut nap = Duration::from_micros(1);
             while matches!(

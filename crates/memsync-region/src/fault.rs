@@ -114,6 +114,12 @@ pub(crate) struct Core {
     pub(crate) tracking: WriteTracking,
     /// Chunks a driver write-protected ([`WriteTracking::Protect`]).
     pub(crate) protected: AtomicChunkBitmap,
+    /// Striped by chunk: a handler that finds a chunk's bit clear and lifts its protection
+    /// holds the chunk's stripe from the check to the end of the ioctl, and a driver's
+    /// `protect` sets the bit under it, so a stale write-protect fault can never lift a
+    /// protection set after its check (the driver would copy the chunk, then see writes land
+    /// in it).
+    pub(crate) protect_locks: Box<[Mutex<()>]>,
     /// Set by the handler that read the `REMOVE` event of a driver's drop.
     pub(crate) remove_ack: AtomicChunkBitmap,
     /// With [`WriteTracking::Dirty`].
@@ -121,7 +127,14 @@ pub(crate) struct Core {
     pub(crate) budget: Budget,
 }
 
+const PROTECT_STRIPES: usize = 64;
+
 impl Core {
+    /// The stripe of [`protect_locks`](Self::protect_locks) of chunk `i`.
+    pub(crate) fn protect_lock(&self, i: usize) -> &Mutex<()> {
+        &self.protect_locks[i % PROTECT_STRIPES]
+    }
+
     pub(crate) fn new(p: CoreParts) -> Result<Self, Error> {
         let n = p.geo.chunks();
         Ok(Self {
@@ -142,6 +155,7 @@ impl Core {
             stage: StagePool::default(),
             tracking: p.tracking,
             protected: AtomicChunkBitmap::new(n),
+            protect_locks: (0..PROTECT_STRIPES).map(|_| Mutex::new(())).collect(),
             remove_ack: AtomicChunkBitmap::new(n),
             dirty: p.dirty,
             budget: Budget::new(n, p.budget),
@@ -576,25 +590,44 @@ impl Core {
             }
             true
         };
-        let ask = self.tracking == WriteTracking::Protect && self.protected.get(i);
-        if !ask || self.hooks.write_protect(i, addr) == WpAction::Unprotect {
-            self.protected.clear(i);
-            let (off, _, inst_len) = self.geo.chunk(i);
-            let dst = self.base() + off;
-            let inst = self.installer();
-            if let Err(e) = self.until_done(
-                &mut w.ev,
-                Duration::from_secs(10),
-                "UFFDIO_WRITEPROTECT kept returning EAGAIN",
-                |_| inst.write_protect(dst, inst_len, false),
-            ) {
-                tracing::error!(chunk = i, error = %e, "memsync-region: lifting write protection failed");
+        if self.tracking == WriteTracking::Protect {
+            let g = self.protect_lock(i).lock();
+            if self.protected.get(i) {
+                drop(g);
+                if self.hooks.write_protect(i, addr) == WpAction::Unprotect {
+                    let _g = self.protect_lock(i).lock();
+                    self.lift_protection(w, i);
+                }
+            } else {
+                // Not protected for the driver (it lifted the protection after this fault
+                // was raised, or the page was installed protected just before): lift it,
+                // under the lock, so that a `protect` racing with this fault either comes
+                // after the lift or is seen here.
+                self.lift_protection(w, i);
+                drop(g);
             }
+        } else {
+            self.lift_protection(w, i);
         }
         if owned {
             let _ = self.chunks.finish(i);
             let (off, _, inst_len) = self.geo.chunk(i);
             let _ = self.engine.uffd.wake(self.base() + off, inst_len);
+        }
+    }
+
+    fn lift_protection(&self, w: &mut Worker, i: usize) {
+        self.protected.clear(i);
+        let (off, _, inst_len) = self.geo.chunk(i);
+        let dst = self.base() + off;
+        let inst = self.installer();
+        if let Err(e) = self.until_done(
+            &mut w.ev,
+            Duration::from_secs(10),
+            "UFFDIO_WRITEPROTECT kept returning EAGAIN",
+            |_| inst.write_protect(dst, inst_len, false),
+        ) {
+            tracing::error!(chunk = i, error = %e, "memsync-region: lifting write protection failed");
         }
     }
 

@@ -753,3 +753,93 @@ fn budget_eviction_loses_no_concurrent_write() {
         "the source has every write"
     );
 }
+
+/// Hooks that hold every write-protect fault and pass the chunk to a responder, which lifts
+/// the protection as a driver would (the DSM after it obtained ownership).
+#[derive(Debug)]
+struct Relay(Mutex<std::sync::mpsc::Sender<usize>>);
+
+impl FaultHooks for Relay {
+    fn write_protect(&self, chunk: usize, _addr: usize) -> WpAction {
+        let _ = self.0.lock().send(chunk);
+        WpAction::Hold
+    }
+}
+
+/// After `protect` returns, no write lands in the chunk until the driver lifts the
+/// protection, even when a write fault raised before an earlier `unprotect` is handled late.
+/// The handler used to lift the protection of a fault whose chunk it found unprotected
+/// without excluding a `protect` in between: the driver copied the chunk after `protect`, and
+/// writes landed after the copy (the DSM's shared counter lost increments).
+#[test]
+fn protect_is_never_lifted_by_a_stale_write_fault() {
+    let page = 4 * KIB;
+    let src = VecSource::random(2 * page, 21);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let cfg = RegionConfig {
+        handler_threads: 2,
+        ..protect_cfg(page, Backing::Anonymous)
+    };
+    let r = Arc::new(region(
+        &src,
+        Arc::new(Relay(Mutex::new(tx))) as Arc<dyn FaultHooks>,
+        cfg,
+    ));
+    r.write_faulting(0, &[0u8; 8]);
+    r.protect(0, page).unwrap();
+    // The driver's per-page lock: protect..copy and each lift are exclusive.
+    let owner = Arc::new(Mutex::new(()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let responder = {
+        let (r, owner, stop) = (Arc::clone(&r), Arc::clone(&owner), Arc::clone(&stop));
+        spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if rx
+                    .recv_timeout(std::time::Duration::from_millis(10))
+                    .is_ok()
+                {
+                    let _g = owner.lock();
+                    r.unprotect(0, page).unwrap();
+                }
+            }
+            // Release held writers for good.
+            r.unprotect(0, page).unwrap();
+        })
+    };
+    // Several writers, so that faults queue behind the one being served and are handled
+    // after its lift (stale).
+    let writers: Vec<_> = (0..6)
+        .map(|_| {
+            let (r, stop) = (Arc::clone(&r), Arc::clone(&stop));
+            spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    r.atomic_u64(0).fetch_add(1, Ordering::SeqCst);
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let t0 = std::time::Instant::now();
+    let mut rounds = 0;
+    while t0.elapsed() < std::time::Duration::from_secs(2) {
+        let _g = owner.lock();
+        r.protect(0, page).unwrap();
+        let before = r.atomic_u64(0).load(Ordering::SeqCst);
+        for _ in 0..20 {
+            std::thread::yield_now();
+        }
+        let after = r.atomic_u64(0).load(Ordering::SeqCst);
+        assert_eq!(
+            before, after,
+            "a write landed in a protected chunk (round {rounds})"
+        );
+        rounds += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let writes: u64 = writers.iter().map(join).sum();
+    join(&responder);
+    assert_eq!(r.atomic_u64(0).load(Ordering::SeqCst), writes);
+    assert!(rounds > 0 && writes > 0, "{rounds} rounds, {writes} writes");
+}
