@@ -450,7 +450,7 @@ pub const SUITES: &[Suite] = &[
     },
     Suite {
         name: "nbd",
-        about: "memsync serve and the memsync NBD client against nbdkit, driven by nbdcopy",
+        about: "memsync serve and the memsync NBD client against nbdkit and qemu-nbd, driven by nbdcopy",
         run: nbd::run,
     },
     Suite {
