@@ -265,20 +265,3 @@ pub fn stores(ctx: &Context) -> Result<()> {
     }
     Ok(())
 }
-
-#[derive(Debug, Args)]
-pub struct DemoArgs {
-    /// Size of the store served, mapped and mounted.
-    #[arg(long, default_value = "256M", value_parser = parse_size_arg)]
-    pub size: u64,
-    /// Smaller sizes (16 MiB at most) for a smoke run of every step.
-    #[arg(long)]
-    pub quick: bool,
-    /// The tour's migration destination: receive a region of --size, print its BLAKE3.
-    #[arg(long, hide = true)]
-    pub receive: bool,
-}
-
-pub fn demo(ctx: &Context, a: DemoArgs) -> Result<()> {
-    crate::tour::run(ctx, a)
-}

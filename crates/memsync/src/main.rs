@@ -61,7 +61,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// A guided tour on the embedded mem: store: NBD, lazy mapping, migration, delta sync, DSM.
-    Demo(cmd::DemoArgs),
+    Demo(tour::DemoArgs),
     /// Show a store's size, capabilities and allocation map, or (for /dev/nbdN) what backs a
     /// kernel NBD device.
     Info(cmd::InfoArgs),
@@ -130,7 +130,7 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     let ctx = context::Context::new(cli.metrics.clone());
     let result = match cli.command {
-        Command::Demo(a) => cmd::demo(&ctx, a),
+        Command::Demo(a) => tour::run(&ctx, a),
         Command::Info(a) => cmd::info(&ctx, a),
         Command::Copy(a) => cmd::copy(&ctx, a),
         Command::Checksum(a) => cmd::checksum(&ctx, a),

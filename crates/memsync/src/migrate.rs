@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
-use memsync_core::size::{format_size, parse_duration, parse_size};
+use memsync_core::size::{format_size, parse_duration};
 use memsync_core::{DynStore, Result as StoreResult, async_trait};
 use memsync_migrate::{
     CommandHooks, DestConfig, DestReport, Dialer, Fallback, Hooks, Listener, Mode, NoHooks, Report,
@@ -17,7 +17,7 @@ use memsync_migrate::{
 use memsync_sync::Rescan;
 use serde_json::json;
 
-use crate::context::Context;
+use crate::context::{Context, parse_size_arg};
 
 #[derive(Debug, Args)]
 #[command(after_help = "\
@@ -92,10 +92,6 @@ pub struct MigrateArgs {
     /// TLS private key (PEM) of the destination (--listen).
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-}
-
-fn parse_size_arg(s: &str) -> Result<u64, String> {
-    parse_size(s).map_err(|e| e.to_string())
 }
 
 fn parse_mode(s: &str) -> Result<Mode, String> {

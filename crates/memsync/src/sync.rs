@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
 use indicatif::ProgressBar;
-use memsync_core::size::{format_size, parse_duration, parse_size};
+use memsync_core::size::{format_size, parse_duration};
 use memsync_core::{DynStore, StoreUrl};
 use memsync_sync::index::IndexFile;
 use memsync_sync::{
@@ -17,7 +17,7 @@ use memsync_sync::{
 };
 use serde_json::json;
 
-use crate::context::Context;
+use crate::context::{Context, parse_size_arg};
 
 #[derive(Debug, Args)]
 #[command(after_help = "\
@@ -70,10 +70,6 @@ pub struct SyncArgs {
     /// TLS private key (PEM) of a peer (--listen).
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-}
-
-fn parse_size_arg(s: &str) -> Result<u64, String> {
-    parse_size(s).map_err(|e| e.to_string())
 }
 
 /// The file under a `file:` URL (for its digest index).

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
+use clap::Args;
 use memsync_bench::gbps;
 use memsync_core::ops;
 use memsync_core::size::format_size;
@@ -22,13 +23,11 @@ use memsync_region::{LazyRegion, RegionConfig};
 use parking_lot::Mutex;
 use rand::{RngCore, SeedableRng};
 
-use crate::cmd::DemoArgs;
-
 mod dsm;
 mod migrate;
 mod mount;
 mod sync;
-use crate::context::{Context, progress};
+use crate::context::{Context, parse_size_arg, progress};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 /// Child processes the tour started; the SIGINT handler kills them.
@@ -145,6 +144,19 @@ impl Tour<'_> {
             outln!("   {step:>2}  {what:<w$}  {value}");
         }
     }
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Size of the store served, mapped and mounted.
+    #[arg(long, default_value = "256M", value_parser = parse_size_arg)]
+    pub size: u64,
+    /// Smaller sizes (16 MiB at most) for a smoke run of every step.
+    #[arg(long)]
+    pub quick: bool,
+    /// The tour's migration destination: receive a region of --size, print its BLAKE3.
+    #[arg(long, hide = true)]
+    pub receive: bool,
 }
 
 pub fn run(ctx: &Context, a: DemoArgs) -> Result<()> {
