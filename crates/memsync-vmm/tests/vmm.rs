@@ -309,7 +309,10 @@ fn handler_reads_every_chunk_when_the_extents_fail_or_stall() {
         check_memory(&map, &h, &data, &holes);
         let s = h.stats().snapshot();
         assert_eq!(s.chunks_zero, 0, "{case}: {s}");
-        assert!(chunks_read(&log).iter().all(|&r| r), "{case}: a chunk was not read");
+        assert!(
+            chunks_read(&log).iter().all(|&r| r),
+            "{case}: a chunk was not read"
+        );
         assert_eq!(s.bytes_fetched, SIZE as u64, "{case}: {s}");
         drop(h);
     }
