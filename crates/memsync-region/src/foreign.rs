@@ -9,7 +9,9 @@
 //! and the puller are exactly those of a [`LazyRegion`](crate::LazyRegion),
 //! with chunk `i` at source offset `i * chunk`. What differs: nothing is
 //! mapped or registered here, pages are installed with `COPY`/`ZEROPAGE`
-//! (`MOVE` cannot cross processes), a chunk the source cannot deliver is
+//! (`MOVE` cannot cross processes; `ZEROPAGE` for the chunks the source's
+//! extents show to be zero, asked once within
+//! [`ForeignOptions::extents_within`]), a chunk the source cannot deliver is
 //! poisoned (`UFFDIO_POISON`) or, without it, left missing so that the next
 //! access retries (a SIGBUS mapping here would not reach the other
 //! process), and `REMOVE` events are reported to the driver as source
