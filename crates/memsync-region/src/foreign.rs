@@ -9,7 +9,9 @@
 //! and the puller are exactly those of a [`LazyRegion`](crate::LazyRegion),
 //! with chunk `i` at source offset `i * chunk`. What differs: nothing is
 //! mapped or registered here, pages are installed with `COPY`/`ZEROPAGE`
-//! (`MOVE` cannot cross processes), a chunk the source cannot deliver is
+//! (`MOVE` cannot cross processes; `ZEROPAGE` for the chunks the source's
+//! extents show to be zero, asked once within
+//! [`ForeignOptions::extents_within`]), a chunk the source cannot deliver is
 //! poisoned (`UFFDIO_POISON`) or, without it, left missing so that the next
 //! access retries (a SIGBUS mapping here would not reach the other
 //! process), and `REMOVE` events are reported to the driver as source
@@ -18,6 +20,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use memsync_sys::{Features, Mapping, Remap, RemapRange, Uffd};
 
@@ -26,6 +29,7 @@ use crate::engine::{Engine, RemoveTap};
 use crate::error::{Error, sys};
 use crate::fault::{Core, CoreParts, Settings};
 use crate::puller::Puller;
+use crate::region::zero_map;
 use crate::running::Running;
 use crate::source::{ChunkSource, FaultHooks};
 use crate::state::Geometry;
@@ -51,6 +55,27 @@ pub struct ForeignOptions {
     /// process dropped those pages, e.g. a balloon: a source that serves
     /// zeros there from now on is what Firecracker expects).
     pub on_remove: Option<Box<dyn Fn(Range<u64>) + Send + Sync>>,
+    /// With [`RegionConfig::zero_detect`]: how long [`ForeignRegion::new`]
+    /// waits for the source's extents. Chunks they show to be entirely
+    /// zero or hole are installed with `UFFDIO_ZEROPAGE` without a read
+    /// (counted in [`chunks_zero`](crate::RegionStatsSnapshot::chunks_zero)).
+    /// Best effort: a source without extents, a query that fails or one
+    /// not answered within this time leaves every chunk to be read, as
+    /// without `zero_detect` (logged). The other process's faults wait
+    /// meanwhile, so keep it short (bounded by
+    /// [`RegionConfig::fetch_deadline`] too).
+    pub extents_within: Duration,
+}
+
+impl Default for ForeignOptions {
+    /// No pull at the first fault, no `REMOVE` tap, extents within 5 s.
+    fn default() -> Self {
+        Self {
+            pull_after_first_fault: false,
+            on_remove: None,
+            extents_within: Duration::from_secs(5),
+        }
+    }
 }
 
 impl std::fmt::Debug for ForeignOptions {
@@ -58,6 +83,7 @@ impl std::fmt::Debug for ForeignOptions {
         f.debug_struct("ForeignOptions")
             .field("pull_after_first_fault", &self.pull_after_first_fault)
             .field("on_remove", &self.on_remove.is_some())
+            .field("extents_within", &self.extents_within)
             .finish()
     }
 }
@@ -195,12 +221,24 @@ impl ForeignRegion {
         } else {
             Arc::new(())
         };
+        let zero = if cfg.zero_detect {
+            let within = opts.extents_within.min(cfg.fetch_deadline);
+            match zero_map(&*source, &geo, cfg.runtime.as_ref(), Some(within)) {
+                Ok(bits) => bits,
+                Err(e) => {
+                    tracing::warn!(error = %e, "memsync-region: no zero map (the source's extents failed or did not come within {within:?}): every chunk is read");
+                    Vec::new()
+                }
+            }
+        } else {
+            Vec::new()
+        };
         let core = Core::new(CoreParts {
             engine,
             geo,
             source,
             hooks,
-            zero: Vec::new(),
+            zero,
             cfg: Settings::new(&cfg, use_poison),
             use_move: false,
             tracking: WriteTracking::Off,

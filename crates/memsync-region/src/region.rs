@@ -130,7 +130,7 @@ impl LazyRegion {
             && engine.uffd.features().contains(Features::MOVE)
             && engine.ioctls.contains(memsync_sys::Ioctls::MOVE);
         let zero = if cfg.zero_detect {
-            zero_map(&*source, &geo, cfg.runtime.as_ref())?
+            zero_map(&*source, &geo, cfg.runtime.as_ref(), None)?
         } else {
             Vec::new()
         };
@@ -611,15 +611,22 @@ impl Drop for LazyRegion {
     }
 }
 
-/// One bit per chunk that the store reports as entirely zero or hole.
-fn zero_map(
+/// One bit per chunk that the store reports as entirely zero or hole
+/// (empty if it reports no extents), asked in windows of 1 GiB.
+///
+/// `within` bounds the whole query: past it, the query in flight is
+/// dropped and [`StoreError::Timeout`](memsync_core::StoreError::Timeout)
+/// returned. `None` waits as long as the store takes.
+pub(crate) fn zero_map(
     store: &dyn ChunkSource,
     geo: &Geometry,
     handle: Option<&tokio::runtime::Handle>,
+    within: Option<Duration>,
 ) -> Result<Vec<u64>, Error> {
     const WINDOW: u64 = 1 << 30;
     let size = store.size();
     let chunk = geo.chunk_size() as u64;
+    let deadline = within.map(|d| tokio::time::Instant::now() + d);
     std::thread::scope(|s| {
         s.spawn(|| {
             let exec = Exec::new(handle, Duration::ZERO).map_err(sys("creating a runtime"))?;
@@ -630,7 +637,20 @@ fn zero_map(
                 let Some(query) = store.extents(pos, len) else {
                     return Ok(Vec::new());
                 };
-                let extents = exec.block_on(query).map_err(|source| Error::Store {
+                let answer = match deadline {
+                    None => exec.block_on(query),
+                    Some(d) => exec.block_on(async {
+                        tokio::time::timeout_at(d, query).await.unwrap_or_else(|_| {
+                            Err(memsync_core::StoreError::Timeout {
+                                op: "extents",
+                                after_ms: within.map_or(0, |w| {
+                                    u64::try_from(w.as_millis()).unwrap_or(u64::MAX)
+                                }),
+                            })
+                        })
+                    }),
+                };
+                let extents = answer.map_err(|source| Error::Store {
                     context: format!("querying the store's extents at {pos}+{len}"),
                     source,
                 })?;

@@ -21,8 +21,11 @@
 //!
 //! The handler serves the faults from a store (the guest memory file's
 //! bytes, at the same offsets) with memsync's fault engine
-//! ([`ForeignRegion`]): missing chunks are copied in (`UFFDIO_COPY`,
-//! `ZEROPAGE`), the whole memory is pulled in the background from the first
+//! ([`ForeignRegion`]): missing chunks are copied in (`UFFDIO_COPY`),
+//! chunks the store's extents show to be holes or zeros (a sparse snapshot
+//! file) are installed as zero pages without a read (`UFFDIO_ZEROPAGE`;
+//! extents asked once at the start, best effort, see
+//! [`HandlerConfig::extents_within`]), the whole memory is pulled in the background from the first
 //! fault on (in the order of a page-access hint if one is given), pages the
 //! guest dropped (balloon, `UFFD_EVENT_REMOVE`) read as zeros afterwards, a
 //! chunk the store cannot deliver before the deadline is poisoned (the vCPU
@@ -320,6 +323,12 @@ pub struct HandlerConfig {
     pub check_maps: bool,
     /// The runtime that store futures need (network stores).
     pub runtime: Option<tokio::runtime::Handle>,
+    /// How long [`Handler::start`] waits for the store's extents (at most
+    /// [`fetch_deadline`](Self::fetch_deadline)): chunks they show to be
+    /// entirely hole or zero are installed as zero pages without a read.
+    /// A store without extents, or whose query fails or takes longer, has
+    /// every chunk read. The VMM's faults wait meanwhile.
+    pub extents_within: Duration,
 }
 
 impl Default for HandlerConfig {
@@ -332,6 +341,7 @@ impl Default for HandlerConfig {
             handler_threads: 2,
             check_maps: true,
             runtime: None,
+            extents_within: Duration::from_secs(5),
         }
     }
 }
@@ -416,6 +426,7 @@ impl Handler {
             ForeignOptions {
                 pull_after_first_fault: true,
                 on_remove: Some(Box::new(move |r| tap_source.remove(r))),
+                extents_within: cfg.extents_within,
             },
         )?;
         let pidfd = match Pidfd::open(hs.peer.pid) {

@@ -4,7 +4,7 @@
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use memsync_core::DynStore;
+use memsync_core::{DynStore, Extent};
 use memsync_region::{ChunkSource, SourceFuture};
 
 /// A window `0..size` of a store (the guest memory file's layout) in which
@@ -107,5 +107,17 @@ impl ChunkSource for SnapshotSource {
             }
             Ok(())
         })
+    }
+
+    /// The store's extents, when it reports them (`Caps::extents`): the
+    /// region installs the chunks that are entirely zero or hole as zero
+    /// pages without reading them. (Removed pages only add zeros, so the
+    /// store's zero extents stay true here.)
+    fn extents(&self, offset: u64, len: u64) -> Option<SourceFuture<'_, Vec<Extent>>> {
+        if !self.store.caps().extents {
+            return None;
+        }
+        let len = len.min(self.size.saturating_sub(offset));
+        Some(self.store.extents(offset, len))
     }
 }

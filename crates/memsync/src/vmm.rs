@@ -178,7 +178,7 @@ fn report_vmm(h: &firecracker::Handler, exit: firecracker::Exit) {
         firecracker::Exit::Stopped => "stopped by a signal",
     };
     outln!(
-        "memsync: {why} (pid {}); {} bytes of guest memory in chunks of {}: {} faults, {}/{} chunks present ({} by faults, {} pulled), {} REMOVE events, {} chunk errors, {} refused messages",
+        "memsync: {why} (pid {}); {} bytes of guest memory in chunks of {}: {} faults, {}/{} chunks present ({} by faults, {} pulled; {} zero-filled without a read), {} REMOVE events, {} chunk errors, {} refused messages",
         h.peer().pid,
         h.memory_size(),
         h.chunk_size(),
@@ -187,6 +187,7 @@ fn report_vmm(h: &firecracker::Handler, exit: firecracker::Exit) {
         p.chunks,
         s.chunks_fault,
         s.chunks_background,
+        s.chunks_zero,
         s.removes,
         errors.len(),
         h.second_messages()

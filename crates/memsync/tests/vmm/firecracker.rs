@@ -297,6 +297,63 @@ fn uffd_handler_serves_firecracker_from_a_file() {
     assert!(out.contains(" 0 chunk errors"), "{out}");
 }
 
+/// A sparse snapshot file: the chunks wholly in its holes are zero-filled without a read (the
+/// summary counts them, the store's `--metrics` show their bytes never read), a chunk a hole
+/// covers only in part is read, and the guest sees the snapshot exactly.
+#[test]
+fn uffd_handler_zero_fills_the_holes_of_a_sparse_snapshot_file() {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: usize = 64 << 10;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut data = super::super::random(1717, 2 * REGION);
+    // Holes: 2 MiB of region a (32 chunks), the first MiB of region b (16), and 128 KiB that
+    // start a page into a chunk (one whole chunk, two partial ones).
+    let holes = [
+        (2 << 20, 2 << 20),
+        (REGION, 1 << 20),
+        (REGION + (6 << 20) + 4096, 128 << 10),
+    ];
+    let zero_chunks = 32 + 16 + 1;
+    for &(off, len) in &holes {
+        data[off..off + len].fill(0);
+    }
+    let snap = tmp.path().join("sparse.snap");
+    let f = std::fs::File::create(&snap).unwrap();
+    f.set_len(data.len() as u64).unwrap();
+    let mut pos = 0;
+    for &(off, len) in &holes {
+        f.write_all_at(&data[pos..off], pos as u64).unwrap();
+        pos = off + len;
+    }
+    f.write_all_at(&data[pos..], pos as u64).unwrap();
+    drop(f);
+    let metrics = tmp.path().join("metrics.prom");
+    let out = serve_and_check(
+        &format!("file:{}", snap.display()),
+        &["--metrics", metrics.to_str().unwrap()],
+        tmp.path(),
+        &snap,
+        "full",
+    );
+    assert!(
+        out.contains(&format!("; {zero_chunks} zero-filled without a read)")),
+        "{out}"
+    );
+    assert!(out.contains(" 0 chunk errors"), "{out}");
+    let prom = std::fs::read_to_string(&metrics).unwrap();
+    let read: usize = prom
+        .lines()
+        .find(|l| l.starts_with("memsync_store_bytes_total{") && l.contains(r#"op="read""#))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no bytes read in the metrics: {prom}"));
+    // Every other chunk is read once, and the balloon's two partly removed chunks again.
+    let data_bytes = 2 * REGION - zero_chunks * CHUNK;
+    assert!(
+        (data_bytes..=data_bytes + 2 * CHUNK).contains(&read),
+        "{read} bytes read, {data_bytes} bytes of data chunks: {prom}"
+    );
+}
+
 /// One handler process, three VMMs restored from one snapshot at once (a fleet of microVMs):
 /// each gets its own handler, each reads the snapshot exactly (BLAKE3 of all its memory), and
 /// the process ends when the last one exited.
