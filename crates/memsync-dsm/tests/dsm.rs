@@ -1,4 +1,5 @@
-//! N nodes as N regions in one process, over loopback TCP, for every manager scheme.
+//! N nodes as N regions in one process, over loopback TCP, and as N processes in network
+//! namespaces, for every manager scheme.
 
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Barrier};
@@ -123,69 +124,93 @@ fn counter_dynamic() {
     }
 }
 
+const CONS_THREADS: usize = 2;
+const CONS_OPS: usize = 1500;
+const CONS_PAGES: usize = 4;
+/// The region of the consistency workload: its pages, then one page whose word counts the
+/// nodes that finished.
+const CONS_SIZE: u64 = 8 * 4096;
+const CONS_DONE: usize = 6 * 4096;
+
+/// One thread of the consistency workload (thread `t` of its node): random reads and writes
+/// of word 8 of a few pages; per page, the values it saw (its own writes included), in order.
+fn consistency_ops(node: &Node, t: usize, start: &Barrier) -> Vec<Vec<u64>> {
+    use rand::{Rng, SeedableRng};
+    let me = u64::from(node.id()) * CONS_THREADS as u64 + t as u64 + 1;
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(me * 7919);
+    let mut seq = 0u64;
+    let mut log = vec![Vec::new(); CONS_PAGES];
+    start.wait();
+    for _ in 0..CONS_OPS {
+        let p = rng.random_range(0..CONS_PAGES);
+        // Word 8 of the page: not at its start.
+        let w = node.atomic_u64(p * 4096 + 64);
+        if rng.random_bool(0.3) {
+            seq += 1;
+            let v = (me << 32) | seq;
+            w.store(v, SeqCst);
+            log[p].push(v);
+        } else {
+            log[p].push(w.load(SeqCst));
+        }
+        if rng.random_bool(0.2) {
+            std::thread::yield_now();
+        }
+    }
+    log
+}
+
 /// Random reads and writes of a few pages from every node: per page, the union of every
 /// thread's observation order (reads and its own writes) and each writer's program order must
 /// be acyclic (one order of writes that every reader agrees with), every value read must have
 /// been written, and at the end every node reads the same value.
 fn consistency(n: usize, scheme: Scheme) {
-    use rand::{Rng, SeedableRng};
-    const THREADS: usize = 2;
-    const OPS: usize = 1500;
-    const PAGES: usize = 4;
     let done = watchdog("consistency", 120);
-    let nodes = cluster(n, scheme, 8 * 4096);
-    let barrier = Barrier::new(n * THREADS);
-    // Per thread, per page: the values it saw, in order.
+    let nodes = cluster(n, scheme, CONS_SIZE);
+    let barrier = Barrier::new(n * CONS_THREADS);
     let logs: Vec<Vec<Vec<u64>>> = std::thread::scope(|s| {
         let hs: Vec<_> = nodes
             .iter()
-            .flat_map(|node| (0..THREADS).map(move |t| (node, t)))
+            .flat_map(|node| (0..CONS_THREADS).map(move |t| (node, t)))
             .map(|(node, t)| {
                 let barrier = &barrier;
-                s.spawn(move || {
-                    let me = u64::from(node.id()) * THREADS as u64 + t as u64 + 1;
-                    let mut rng = rand::rngs::SmallRng::seed_from_u64(me * 7919);
-                    let mut seq = 0u64;
-                    let mut log = vec![Vec::new(); PAGES];
-                    barrier.wait();
-                    for _ in 0..OPS {
-                        let p = rng.random_range(0..PAGES);
-                        // Word 8 of the page: not at its start.
-                        let w = node.atomic_u64(p * 4096 + 64);
-                        if rng.random_bool(0.3) {
-                            seq += 1;
-                            let v = (me << 32) | seq;
-                            w.store(v, SeqCst);
-                            log[p].push(v);
-                        } else {
-                            log[p].push(w.load(SeqCst));
-                        }
-                        if rng.random_bool(0.2) {
-                            std::thread::yield_now();
-                        }
-                    }
-                    log
-                })
+                s.spawn(move || consistency_ops(node, t, barrier))
             })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    for p in 0..PAGES {
+    let finals: Vec<Vec<u64>> = nodes.iter().map(consistency_finals).collect();
+    check_consistency(&format!("{scheme} N={n}"), &logs, &finals);
+    drop(nodes);
+    done.store(true, SeqCst);
+}
+
+/// Word 8 of each page of the consistency workload, as `node` reads it now.
+fn consistency_finals(node: &Node) -> Vec<u64> {
+    (0..CONS_PAGES)
+        .map(|p| node.atomic_u64(p * 4096 + 64).load(SeqCst))
+        .collect()
+}
+
+/// The checks of [`consistency`] over every thread's log (`logs[thread][page]`) and every
+/// node's final values (`finals[node][page]`).
+fn check_consistency(label: &str, logs: &[Vec<Vec<u64>>], finals: &[Vec<u64>]) {
+    for p in 0..CONS_PAGES {
         let mut edges: std::collections::HashMap<u64, std::collections::HashSet<u64>> =
             std::collections::HashMap::new();
         let mut written = std::collections::HashSet::from([0u64]);
-        for log in &logs {
+        for log in logs {
             for &v in &log[p] {
                 if v >> 32 != 0 {
                     written.insert(v);
                 }
             }
         }
-        for log in &logs {
+        for log in logs {
             for w in log[p].windows(2) {
                 assert!(
                     written.contains(&w[1]),
-                    "{scheme} N={n} page {p}: read {:#x}, never written",
+                    "{label} page {p}: read {:#x}, never written",
                     w[1]
                 );
                 if w[0] != w[1] {
@@ -211,7 +236,7 @@ fn consistency(n: usize, scheme: Scheme) {
                 if let Some(&prev) = last.get(&w) {
                     assert!(
                         q >= prev,
-                        "{scheme} N={n} page {p}: thread {ti} saw writer {w}'s write {q} after {prev} (op {k}): {:x?}",
+                        "{label} page {p}: thread {ti} saw writer {w}'s write {q} after {prev} (op {k}): {:x?}",
                         &log[p][k.saturating_sub(6)..(k + 2).min(log[p].len())]
                     );
                 }
@@ -273,19 +298,14 @@ fn consistency(n: usize, scheme: Scheme) {
         assert_eq!(
             seen,
             indeg.len(),
-            "{scheme} N={n} page {p}: the nodes saw the writes in different orders"
+            "{label} page {p}: the nodes saw the writes in different orders"
         );
-        let finals: Vec<u64> = nodes
-            .iter()
-            .map(|node| node.atomic_u64(p * 4096 + 64).load(SeqCst))
-            .collect();
+        let finals: Vec<u64> = finals.iter().map(|f| f[p]).collect();
         assert!(
             finals.iter().all(|&v| v == finals[0]),
-            "{scheme} N={n} page {p}: final values differ: {finals:x?}"
+            "{label} page {p}: final values differ: {finals:x?}"
         );
     }
-    drop(nodes);
-    done.store(true, SeqCst);
 }
 
 #[test]
@@ -352,47 +372,68 @@ fn from_bytes(b: &[u8]) -> Vec<f64> {
 /// node's.
 fn jacobi(n: usize, scheme: Scheme) {
     let done = watchdog("jacobi", 120);
-    let grid_bytes = GRID * GRID * 8;
-    // Two grids, then one page for the barrier counter.
-    let size = (2 * grid_bytes + 4096) as u64;
-    let nodes = cluster(n, scheme, size);
-    let bar = 2 * grid_bytes;
+    let nodes = cluster(n, scheme, JACOBI_SIZE);
     let init = jacobi_init();
     nodes[0].write(0, &to_bytes(&init)).unwrap();
-    nodes[0].write(grid_bytes, &to_bytes(&init)).unwrap();
-    let interior = GRID - 2;
+    nodes[0].write(GRID_BYTES, &to_bytes(&init)).unwrap();
     std::thread::scope(|s| {
         for (k, node) in nodes.iter().enumerate() {
-            s.spawn(move || {
-                let rows = 1 + k * interior / n..1 + (k + 1) * interior / n;
-                for it in 0..ITERS {
-                    let (src, dst) = if it % 2 == 0 {
-                        (0, grid_bytes)
-                    } else {
-                        (grid_bytes, 0)
-                    };
-                    let mut a = vec![0u8; grid_bytes];
-                    node.read(src, &mut a).unwrap();
-                    let a = from_bytes(&a);
-                    let mut b = vec![0u8; grid_bytes];
-                    node.read(dst, &mut b).unwrap();
-                    let mut b = from_bytes(&b);
-                    jacobi_step(&a, &mut b, rows.clone());
-                    let row0 = rows.start * GRID;
-                    let row1 = rows.end * GRID;
-                    node.write(dst + row0 * 8, &to_bytes(&b[row0..row1]))
-                        .unwrap();
-                    node.atomic_u64(bar).fetch_add(1, SeqCst);
-                    let target = (n * (it + 1)) as u64;
-                    while node.atomic_u64(bar).load(SeqCst) < target {
-                        std::thread::sleep(Duration::from_micros(50));
-                    }
-                }
-            });
+            s.spawn(move || jacobi_rows(node, k, n));
         }
     });
-    let mut a = init.clone();
-    let mut b = init;
+    let (want, at) = jacobi_one_node();
+    for node in &nodes {
+        let mut got = vec![0u8; GRID_BYTES];
+        node.read(at, &mut got).unwrap();
+        assert!(
+            from_bytes(&got) == want,
+            "{scheme} N={n}: node {} differs from the one-node result",
+            node.id()
+        );
+    }
+    drop(nodes);
+    done.store(true, SeqCst);
+}
+
+const GRID_BYTES: usize = GRID * GRID * 8;
+/// Two grids, then one page for the barrier counter.
+const JACOBI_SIZE: u64 = (2 * GRID_BYTES + 4096) as u64;
+const JACOBI_BARRIER: usize = 2 * GRID_BYTES;
+
+/// Node `k` of `n`'s share of the Jacobi iterations: its rows, then the barrier. After the
+/// last barrier, every node's rows of the final grid are in.
+fn jacobi_rows(node: &Node, k: usize, n: usize) {
+    let interior = GRID - 2;
+    let rows = 1 + k * interior / n..1 + (k + 1) * interior / n;
+    for it in 0..ITERS {
+        let (src, dst) = if it % 2 == 0 {
+            (0, GRID_BYTES)
+        } else {
+            (GRID_BYTES, 0)
+        };
+        let mut a = vec![0u8; GRID_BYTES];
+        node.read(src, &mut a).unwrap();
+        let a = from_bytes(&a);
+        let mut b = vec![0u8; GRID_BYTES];
+        node.read(dst, &mut b).unwrap();
+        let mut b = from_bytes(&b);
+        jacobi_step(&a, &mut b, rows.clone());
+        let row0 = rows.start * GRID;
+        let row1 = rows.end * GRID;
+        node.write(dst + row0 * 8, &to_bytes(&b[row0..row1]))
+            .unwrap();
+        node.atomic_u64(JACOBI_BARRIER).fetch_add(1, SeqCst);
+        let target = (n * (it + 1)) as u64;
+        while node.atomic_u64(JACOBI_BARRIER).load(SeqCst) < target {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+}
+
+/// The grid one process computes, and the offset of the region where the nodes' result is.
+fn jacobi_one_node() -> (Vec<f64>, usize) {
+    let mut a = jacobi_init();
+    let mut b = a.clone();
     for it in 0..ITERS {
         if it % 2 == 0 {
             jacobi_step(&a, &mut b, 1..GRID - 1);
@@ -400,23 +441,11 @@ fn jacobi(n: usize, scheme: Scheme) {
             jacobi_step(&b, &mut a, 1..GRID - 1);
         }
     }
-    let want = if ITERS.is_multiple_of(2) { &a } else { &b };
-    let at = if ITERS.is_multiple_of(2) {
-        0
+    if ITERS.is_multiple_of(2) {
+        (a, 0)
     } else {
-        grid_bytes
-    };
-    for node in &nodes {
-        let mut got = vec![0u8; grid_bytes];
-        node.read(at, &mut got).unwrap();
-        assert!(
-            from_bytes(&got) == *want,
-            "{scheme} N={n}: node {} differs from the one-node result",
-            node.id()
-        );
+        (b, GRID_BYTES)
     }
-    drop(nodes);
-    done.store(true, SeqCst);
 }
 
 #[test]
@@ -428,9 +457,10 @@ fn jacobi_all_schemes() {
     }
 }
 
-/// The node of [`netns_counter`], run as a child process in a namespace: increments the
-/// counter, waits until every node's increments are in, prints the value, and keeps serving
-/// until its stdin closes (the parent closes it once every node has printed).
+/// A node of the network-namespace tests, run as a child process: it runs its share of the
+/// workload `DSM_WORK` (`counter`, `consistency` or `jacobi`), prints what the parent checks
+/// (`RESULT ...` lines), and keeps serving until its stdin closes (the parent closes it once
+/// every node has printed).
 #[test]
 fn child_node() {
     if !memsync_testkit::child::is_child("DSM_CHILD", "node") {
@@ -440,103 +470,254 @@ fn child_node() {
     let id: u16 = var("DSM_ID").parse().unwrap();
     let peers: Vec<String> = var("DSM_PEERS").split(',').map(str::to_owned).collect();
     let scheme: Scheme = var("DSM_SCHEME").parse().unwrap();
-    let adds: u64 = var("DSM_ADDS").parse().unwrap();
-    let n = peers.len() as u64;
-    let mut cfg = DsmConfig::new(id, peers, scheme, 4 * 4096);
+    let work = var("DSM_WORK");
+    let n = peers.len();
+    let size = match work.as_str() {
+        "counter" => 4 * 4096,
+        "consistency" => CONS_SIZE,
+        "jacobi" => JACOBI_SIZE,
+        w => panic!("unknown DSM_WORK {w}"),
+    };
+    let mut cfg = DsmConfig::new(id, peers, scheme, size);
     cfg.connect_timeout = Duration::from_secs(30);
     let node = Node::bind_and_start(cfg).unwrap();
-    std::thread::scope(|s| {
-        for _ in 0..2 {
-            s.spawn(|| {
-                for _ in 0..adds {
-                    node.atomic_u64(0).fetch_add(1, SeqCst);
-                    std::thread::yield_now();
+    // Every node's part is in once this word (on a page of its own) reaches `n`.
+    let all_done = |word: usize| {
+        node.atomic_u64(word).fetch_add(1, SeqCst);
+        while node.atomic_u64(word).load(SeqCst) < n as u64 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    match work.as_str() {
+        "counter" => {
+            let adds: u64 = var("DSM_ADDS").parse().unwrap();
+            std::thread::scope(|s| {
+                for _ in 0..2 {
+                    s.spawn(|| {
+                        for _ in 0..adds {
+                            node.atomic_u64(0).fetch_add(1, SeqCst);
+                            std::thread::yield_now();
+                        }
+                    });
                 }
             });
+            while node.atomic_u64(0).load(SeqCst) < 2 * adds * n as u64 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            println!("RESULT {}", node.atomic_u64(0).load(SeqCst));
         }
-    });
-    while node.atomic_u64(0).load(SeqCst) < 2 * adds * n {
-        std::thread::sleep(Duration::from_millis(1));
+        "consistency" => {
+            let start = Barrier::new(CONS_THREADS);
+            let logs: Vec<Vec<Vec<u64>>> = std::thread::scope(|s| {
+                let hs: Vec<_> = (0..CONS_THREADS)
+                    .map(|t| {
+                        let (node, start) = (&node, &start);
+                        s.spawn(move || consistency_ops(node, t, start))
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            all_done(CONS_DONE);
+            let hex = |v: &[u64]| v.iter().map(|x| format!("{x:x}")).collect::<Vec<_>>();
+            for log in &logs {
+                let pages: Vec<String> = log.iter().map(|p| hex(p).join(",")).collect();
+                println!("RESULT log {}", pages.join(";"));
+            }
+            println!("RESULT final {}", hex(&consistency_finals(&node)).join(","));
+        }
+        "jacobi" => {
+            if id == 0 {
+                let init = jacobi_init();
+                node.write(0, &to_bytes(&init)).unwrap();
+                node.write(GRID_BYTES, &to_bytes(&init)).unwrap();
+            }
+            // The grids are written before anyone starts: a start barrier of its own.
+            all_done(JACOBI_BARRIER + 8);
+            jacobi_rows(&node, usize::from(id), n);
+            let (_, at) = jacobi_one_node();
+            let mut got = vec![0u8; GRID_BYTES];
+            node.read(at, &mut got).unwrap();
+            let hex: String = got.iter().map(|b| format!("{b:02x}")).collect();
+            println!("RESULT grid {hex}");
+        }
+        _ => unreachable!(),
     }
-    println!("RESULT {}", node.atomic_u64(0).load(SeqCst));
     let mut rest = String::new();
     let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut rest);
     drop(node);
 }
 
-/// N nodes as N processes in two network namespaces (joined by a veth pair; nodes alternate
-/// between them), for each scheme: the counter ends at exactly the sum.
-#[test]
-fn netns_counter() {
+/// Runs `n` nodes of `work` as `n` processes in the two namespaces of `ns` (joined by a veth
+/// pair; the nodes alternate between them) and returns each node's `RESULT` lines, once every
+/// node printed them and exited successfully.
+fn netns_run(
+    ns: &memsync_testkit::netns::Netns,
+    scheme: Scheme,
+    n: usize,
+    work: &str,
+    lines_per_node: usize,
+    env: &[(&str, String)],
+) -> Vec<Vec<String>> {
     use std::io::BufRead;
     use std::process::{Command, Stdio};
+    let exe = std::env::current_exe().unwrap();
+    let place = |i: usize| {
+        if i.is_multiple_of(2) {
+            (&ns.a, &ns.a_addr)
+        } else {
+            (&ns.b, &ns.b_addr)
+        }
+    };
+    let peers: Vec<String> = (0..n)
+        .map(|i| format!("{}:{}", place(i).1, 17000 + i))
+        .collect();
+    let mut kids: Vec<_> = (0..n)
+        .map(|i| {
+            Command::new("ip")
+                .args(["netns", "exec", place(i).0])
+                .arg(&exe)
+                .args(["--exact", "child_node", "--nocapture", "--test-threads=1"])
+                .env("DSM_CHILD", "node")
+                .env("DSM_ID", i.to_string())
+                .env("DSM_PEERS", peers.join(","))
+                .env("DSM_SCHEME", scheme.to_string())
+                .env("DSM_WORK", work)
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // Each child's stdout is read to its end (a closed pipe would fail the child).
+    let readers: Vec<_> = kids
+        .iter_mut()
+        .map(|k| {
+            let out = std::io::BufReader::new(k.stdout.take().unwrap());
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                for l in out.lines().map_while(Result::ok) {
+                    // libtest prints the test's name on the same line.
+                    if let Some((_, v)) = l.split_once("RESULT ") {
+                        let _ = tx.send(v.trim().to_owned());
+                    }
+                }
+            });
+            rx
+        })
+        .collect();
+    let results: Vec<Vec<String>> = readers
+        .iter()
+        .enumerate()
+        .map(|(i, rx)| {
+            (0..lines_per_node)
+                .map(|_| {
+                    rx.recv().unwrap_or_else(|_| {
+                        panic!("{work} {scheme} N={n}: node {i} printed too little")
+                    })
+                })
+                .collect()
+        })
+        .collect();
+    for k in &mut kids {
+        drop(k.stdin.take());
+    }
+    for k in &mut kids {
+        assert!(
+            k.wait().unwrap().success(),
+            "{work} {scheme} N={n}: a node failed"
+        );
+    }
+    results
+}
+
+/// N = 2, 3, 4 nodes as processes in two network namespaces, for each scheme: the counter
+/// ends at exactly the sum on every node.
+#[test]
+fn netns_counter() {
     let Some(ns) = memsync_testkit::netns::Netns::create("netns_counter", 16) else {
         return;
     };
-    let done = watchdog("netns_counter", 180);
-    let exe = std::env::current_exe().unwrap();
+    let done = watchdog("netns_counter", 240);
     const ADDS: u64 = 500;
     for scheme in Scheme::ALL {
-        for n in [2usize, 3] {
-            let place = |i: usize| {
-                if i.is_multiple_of(2) {
-                    (&ns.a, &ns.a_addr)
-                } else {
-                    (&ns.b, &ns.b_addr)
-                }
-            };
-            let peers: Vec<String> = (0..n)
-                .map(|i| format!("{}:{}", place(i).1, 17000 + i))
-                .collect();
-            let mut kids: Vec<_> = (0..n)
-                .map(|i| {
-                    Command::new("ip")
-                        .args(["netns", "exec", place(i).0])
-                        .arg(&exe)
-                        .args(["--exact", "child_node", "--nocapture", "--test-threads=1"])
-                        .env("DSM_CHILD", "node")
-                        .env("DSM_ID", i.to_string())
-                        .env("DSM_PEERS", peers.join(","))
-                        .env("DSM_SCHEME", scheme.to_string())
-                        .env("DSM_ADDS", ADDS.to_string())
-                        .stdin(Stdio::piped())
-                        .stdout(Stdio::piped())
-                        .spawn()
-                        .unwrap()
-                })
-                .collect();
-            // Each child's stdout is read to its end (a closed pipe would fail the child).
-            let readers: Vec<_> = kids
-                .iter_mut()
-                .map(|k| {
-                    let out = std::io::BufReader::new(k.stdout.take().unwrap());
-                    let (tx, rx) = std::sync::mpsc::channel();
-                    std::thread::spawn(move || {
-                        for l in out.lines().map_while(Result::ok) {
-                            // libtest prints the test's name on the same line.
-                            if let Some((_, v)) = l.split_once("RESULT ") {
-                                let _ = tx.send(v.trim().parse::<u64>().unwrap());
-                            }
-                        }
-                    });
-                    rx
-                })
-                .collect();
-            let results: Vec<u64> = readers
-                .iter()
-                .map(|rx| rx.recv().expect("the node printed no result"))
-                .collect();
-            for k in &mut kids {
-                drop(k.stdin.take());
-            }
-            for k in &mut kids {
-                assert!(k.wait().unwrap().success(), "{scheme} N={n}: a node failed");
-            }
-            let want = 2 * ADDS * n as u64;
+        for n in [2usize, 3, 4] {
+            let results = netns_run(
+                &ns,
+                scheme,
+                n,
+                "counter",
+                1,
+                &[("DSM_ADDS", ADDS.to_string())],
+            );
+            let want = (2 * ADDS * n as u64).to_string();
             assert!(
-                results.iter().all(|&r| r == want),
+                results.iter().all(|r| r[0] == want),
                 "{scheme} N={n}: {results:?}, expected {want}"
             );
+        }
+    }
+    done.store(true, SeqCst);
+}
+
+/// The consistency workload between N = 2, 3, 4 processes in two network namespaces, for
+/// each scheme: every thread's log and every node's final values pass [`check_consistency`].
+#[test]
+fn netns_consistency() {
+    let Some(ns) = memsync_testkit::netns::Netns::create("netns_consistency", 17) else {
+        return;
+    };
+    let done = watchdog("netns_consistency", 300);
+    let parse = |s: &str| -> Vec<u64> {
+        s.split(',')
+            .filter(|x| !x.is_empty())
+            .map(|x| u64::from_str_radix(x, 16).unwrap())
+            .collect()
+    };
+    for scheme in Scheme::ALL {
+        for n in [2usize, 3, 4] {
+            let results = netns_run(&ns, scheme, n, "consistency", CONS_THREADS + 1, &[]);
+            let mut logs = Vec::new();
+            let mut finals = Vec::new();
+            for r in &results {
+                for line in r {
+                    if let Some(l) = line.strip_prefix("log ") {
+                        let pages: Vec<Vec<u64>> = l.split(';').map(parse).collect();
+                        assert_eq!(pages.len(), CONS_PAGES, "{line}");
+                        logs.push(pages);
+                    } else if let Some(f) = line.strip_prefix("final ") {
+                        finals.push(parse(f));
+                    }
+                }
+            }
+            assert_eq!(logs.len(), n * CONS_THREADS);
+            assert_eq!(finals.len(), n);
+            check_consistency(&format!("netns {scheme} N={n}"), &logs, &finals);
+        }
+    }
+    done.store(true, SeqCst);
+}
+
+/// Jacobi split across N = 2, 3, 4 processes in two network namespaces, for each scheme:
+/// every node reads the grid one process computes, bit for bit.
+#[test]
+fn netns_jacobi() {
+    let Some(ns) = memsync_testkit::netns::Netns::create("netns_jacobi", 18) else {
+        return;
+    };
+    let done = watchdog("netns_jacobi", 300);
+    let (want, _) = jacobi_one_node();
+    let want: String = to_bytes(&want).iter().map(|b| format!("{b:02x}")).collect();
+    for scheme in Scheme::ALL {
+        for n in [2usize, 3, 4] {
+            let results = netns_run(&ns, scheme, n, "jacobi", 1, &[]);
+            for (i, r) in results.iter().enumerate() {
+                let got = r[0].strip_prefix("grid ").unwrap();
+                assert!(
+                    got == want,
+                    "{scheme} N={n}: node {i} differs from the one-node result"
+                );
+            }
         }
     }
     done.store(true, SeqCst);
