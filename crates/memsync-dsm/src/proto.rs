@@ -8,8 +8,9 @@ use memsync_core::wire::{Frame, done, flag, need, truncate};
 
 /// "MEMSYNCD": the first bytes of every connection's HELLO.
 pub const MAGIC: &[u8; 8] = b"MEMSYNCD";
-/// The protocol version this code speaks.
-pub const VERSION: u16 = 1;
+/// The protocol version this code speaks (2: RECOVER, WHO, HAVE and TAKE, the dynamic
+/// scheme's node loss).
+pub const VERSION: u16 = 2;
 /// Most nodes of one region (a copyset is a 64-bit set).
 pub const MAX_NODES: usize = 64;
 /// Smallest page (the granularity of coherence): 4 KiB.
