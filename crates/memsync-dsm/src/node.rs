@@ -1311,7 +1311,8 @@ impl Shared {
                 "its probable owner is not down at the heir",
             );
         }
-        match self.recover_page(page, dead).await {
+        let found = self.recover_page(page, dead).await;
+        match found {
             Recovered::Owner(o) if o == self.me => {
                 Box::pin(self.serve(want, req, page, from, hops)).await;
             }
@@ -1387,7 +1388,7 @@ impl Shared {
             self.send(n, Msg::Who { req, page, down });
             waits.push((n, req, rx));
         }
-        let mut reports = vec![self.report(page)];
+        let mut reports = Vec::with_capacity(self.nodes);
         for (n, req, rx) in waits {
             match tokio::time::timeout(self.deadline, rx).await {
                 Ok(Ok(Msg::Have {
@@ -1413,6 +1414,8 @@ impl Shared {
                 }
             }
         }
+        // The heir's own, last: the newest.
+        reports.push(self.report(page));
         let up = |n: NodeId| self.alive[usize::from(n)].load(Relaxed);
         let mark = |o: NodeId, v: u64, lost: bool| {
             let mut st = self.slot(page).st.lock();
