@@ -428,7 +428,8 @@ impl Shared {
             }
             Msg::Who { req, page, down } => {
                 let s = Arc::clone(self);
-                self.rt.spawn(async move { s.on_who(from, req, page, down).await });
+                self.rt
+                    .spawn(async move { s.on_who(from, req, page, down).await });
             }
             Msg::Take {
                 req,
@@ -983,7 +984,8 @@ impl Shared {
                         "forwarded past the chain bound",
                     );
                 }
-                if self.mgr.manager_of(page).is_none() && !self.alive[usize::from(prob)].load(Relaxed)
+                if self.mgr.manager_of(page).is_none()
+                    && !self.alive[usize::from(prob)].load(Relaxed)
                 {
                     // The chain passes through a node that is down: to the heir.
                     return self.send(
@@ -1245,8 +1247,7 @@ impl Shared {
         let mut st = self.slot(page).st.lock();
         // An invalidation sets `access` under this lock before it drops the copy: a copy
         // still `read` here is intact.
-        if st.owner || st.granted || st.access != Access::Read || !present || st.version != copy_v
-        {
+        if st.owner || st.granted || st.access != Access::Read || !present || st.version != copy_v {
             return false;
         }
         st.owner = true;
@@ -1443,7 +1444,9 @@ impl Shared {
             return Recovered::Owner(newest.0);
         }
         if up(newest.0) {
-            return Recovered::Unknown("recovery: the heir is the newest owner but not the owner".into());
+            return Recovered::Unknown(
+                "recovery: the heir is the newest owner but not the owner".into(),
+            );
         }
         // Its last owner is down. A new version, newer than any seen.
         let version = 1 + reports
@@ -1562,12 +1565,20 @@ impl Shared {
         {
             let mut st = self.slot(page).st.lock();
             if st.owner || data.len() != self.page {
-                tracing::error!(page, version, "memsync-dsm: a grant for no request (ignored)");
+                tracing::error!(
+                    page,
+                    version,
+                    "memsync-dsm: a grant for no request (ignored)"
+                );
                 st.granted = false;
                 return;
             }
         }
-        tracing::debug!(page, version, "memsync-dsm: ownership adopted from a late grant");
+        tracing::debug!(
+            page,
+            version,
+            "memsync-dsm: ownership adopted from a late grant"
+        );
         self.invalidate_copies(page, copyset, version).await;
         let present = region.chunk_state(page as usize) == ChunkState::Present;
         let mut st = self.slot(page).st.lock();

@@ -633,7 +633,11 @@ fn dynamic_chain(dead: usize) {
     let live: Vec<usize> = (0..4).filter(|&i| i != dead).collect();
     let (l0, l1, l2) = (live[0], live[1], live[2]);
     let mark = |i: usize, page: usize| 0x1000 * (i as u64 + 1) + page as u64;
-    let w = |i: usize, page: usize| nodes[i].atomic_u64(page * 4096).store(mark(i, page), SeqCst);
+    let w = |i: usize, page: usize| {
+        nodes[i]
+            .atomic_u64(page * 4096)
+            .store(mark(i, page), SeqCst)
+    };
     // Page 1: owned by l0, dead, l1, then l2 (l0 points at the dead node, which points on).
     for i in [l0, dead, l1, l2] {
         w(i, 1);
@@ -684,7 +688,12 @@ fn dynamic_chain(dead: usize) {
             let got: u64 = (0..2)
                 .map(|t| node.atomic_u64(page * 4096 + 8 + 8 * t).load(SeqCst))
                 .sum();
-            assert_eq!(got, 2 * want, "dead {dead}: page {page} at node {}", node.id());
+            assert_eq!(
+                got,
+                2 * want,
+                "dead {dead}: page {page} at node {}",
+                node.id()
+            );
         }
         assert_eq!(node.atomic_u64(4096).load(SeqCst), mark(l2, 1));
         assert_eq!(node.atomic_u64(3 * 4096).load(SeqCst), mark(dead, 3));
