@@ -210,6 +210,7 @@ struct Pending {
     to: NodeId,
     /// A request along probable owners (dynamic scheme): any node may hold it.
     chain: bool,
+    page: u64,
     tx: oneshot::Sender<Msg>,
 }
 
@@ -352,9 +353,29 @@ impl Shared {
                     Some(p) => p.tx.send(m).err(),
                     None => Some(m),
                 };
+                // A grant whose request stopped waiting (it gave up after a node went down, or
+                // past the deadline): the page's ownership is here now. It answers this
+                // node's request for the page in progress if there is one (that request holds
+                // the page's lock while it waits, and may wait for a node that waits for this
+                // one, the owner now); else the node adopts it.
+                let orphan = match orphan {
+                    Some(m @ Msg::Page { grant: true, .. }) => {
+                        let Msg::Page { page, .. } = &m else {
+                            unreachable!()
+                        };
+                        let mut pend = self.pending.lock();
+                        let k = pend
+                            .iter()
+                            .find(|(_, p)| p.chain && p.page == *page)
+                            .map(|(k, _)| *k);
+                        match k.and_then(|k| pend.remove(&k)) {
+                            Some(p) => p.tx.send(m).err(),
+                            None => Some(m),
+                        }
+                    }
+                    o => o,
+                };
                 match orphan {
-                    // A grant whose requester stopped waiting (it gave up after a node went
-                    // down, or past the deadline): the page's ownership is here now.
                     Some(Msg::Page {
                         page,
                         version,
@@ -487,7 +508,15 @@ impl Shared {
             };
             to = self.heir();
         }
-        self.pending.lock().insert(req, Pending { to, chain, tx });
+        self.pending.lock().insert(
+            req,
+            Pending {
+                to,
+                chain,
+                page,
+                tx,
+            },
+        );
         self.send(to, m);
         match tokio::time::timeout(self.deadline, rx).await {
             Ok(Ok(m)) => Ok((req, m)),
@@ -573,7 +602,12 @@ impl Shared {
         }
         let (req, m) = loop {
             let (req, m) = self.ask(page, Want::Read).await?;
-            if let Msg::Page { version, .. } = &m {
+            if let Msg::Page {
+                version,
+                grant: false,
+                ..
+            } = &m
+            {
                 let st = self.slot(page).st.lock();
                 if *version < st.stale_below {
                     // Invalidated on its way: ask again (the new owner serves it).
@@ -586,9 +620,33 @@ impl Shared {
         };
         let r = match m {
             Msg::Page {
+                version,
+                grant: true,
+                copyset,
+                data,
+                ..
+            } if data.len() == buf.len() => {
+                // A late grant handed to this request (see `dispatch`): the owner now.
+                self.invalidate_copies(page, copyset, version).await;
+                let mut st = self.slot(page).st.lock();
+                st.owner = true;
+                st.version = version;
+                st.prob = self.me;
+                st.prob_v = version;
+                st.copyset = 0;
+                st.stash = Some(data.clone());
+                st.granted = false;
+                st.lost = false;
+                st.access = Access::Read;
+                st.installing = true;
+                buf.copy_from_slice(&data);
+                Ok(())
+            }
+            Msg::Page {
                 owner,
                 version,
                 data,
+                grant: false,
                 ..
             } => {
                 let mut st = self.slot(page).st.lock();
@@ -647,6 +705,7 @@ impl Shared {
                 Pending {
                     to: n,
                     chain: false,
+                    page,
                     tx,
                 },
             );
@@ -1383,6 +1442,7 @@ impl Shared {
                 Pending {
                     to: n,
                     chain: false,
+                    page,
                     tx,
                 },
             );
@@ -1484,6 +1544,7 @@ impl Shared {
                     Pending {
                         to: node,
                         chain: false,
+                        page,
                         tx,
                     },
                 );
