@@ -653,8 +653,10 @@ fn dynamic_chain(dead: usize) {
     for i in [l1, l2] {
         assert_eq!(nodes[i].atomic_u64(3 * 4096).load(SeqCst), mark(dead, 3));
     }
-    // Page 4 + dead: initially the dead node's, never touched: lost.
-    let untouched = 4 + dead;
+    // Page 2, and the untouched pages the dead node owned at first (`p mod 4`): lost.
+    let lost: Vec<usize> = (0..8)
+        .filter(|&p| p == 2 || (p % 4 == dead && p != 1 && p != 3))
+        .collect();
     drop(nodes.remove(dead));
     let nodes: Vec<Node> = nodes;
     for node in &nodes {
@@ -697,7 +699,14 @@ fn dynamic_chain(dead: usize) {
         }
         assert_eq!(node.atomic_u64(4096).load(SeqCst), mark(l2, 1));
         assert_eq!(node.atomic_u64(3 * 4096).load(SeqCst), mark(dead, 3));
-        for page in [2, untouched] {
+        // Every other page is reachable (the untouched ones read as zeros).
+        for page in (0..8).filter(|p| ![1, 3].contains(p) && !lost.contains(p)) {
+            let mut buf = vec![1u8; 4096];
+            node.read(page * 4096, &mut buf)
+                .unwrap_or_else(|e| panic!("dead {dead}: page {page} at node {}: {e}", node.id()));
+            assert!(buf.iter().all(|&b| b == 0), "dead {dead}: page {page}");
+        }
+        for &page in &lost {
             let mut buf = vec![0u8; 4096];
             let e = node
                 .read(page * 4096, &mut buf)
