@@ -722,6 +722,88 @@ fn dynamic_chain(dead: usize) {
     done.store(true, SeqCst);
 }
 
+/// Dynamic scheme, four nodes: every node, node 3 included, writes its own word of pages 1
+/// and 2 in turn (through the API), counting up; node 3 is dropped mid-run, whatever it holds.
+/// For each page the survivors then either all find it lost (an error), or find every
+/// survivor's word exactly at its last count: never older data.
+#[test]
+fn node_loss_dynamic_mid_run() {
+    const WRITES: u64 = 400;
+    let done = watchdog("node_loss_dynamic_mid_run", 150);
+    let mut nodes = cluster_with(4, Scheme::Dynamic, 4 * 4096, |cfg| {
+        cfg.fault_deadline = Duration::from_secs(2);
+    });
+    let victim = nodes.pop().unwrap();
+    let barrier = &Barrier::new(4);
+    let counts: Vec<[u64; 2]> = std::thread::scope(|s| {
+        let hs: Vec<_> = nodes
+            .iter()
+            .map(|node| {
+                s.spawn(move || {
+                    let word = 8 * usize::from(node.id());
+                    let mut last = [0u64; 2];
+                    for k in 1..=WRITES {
+                        if k == WRITES / 3 {
+                            barrier.wait();
+                        }
+                        for (i, page) in [1usize, 2].into_iter().enumerate() {
+                            if last[i] == k - 1
+                                && node.write(page * 4096 + word, &k.to_le_bytes()).is_ok()
+                            {
+                                last[i] = k;
+                            }
+                        }
+                        std::thread::yield_now();
+                    }
+                    last
+                })
+            })
+            .collect();
+        s.spawn(move || {
+            for k in 1..=WRITES {
+                if k == WRITES / 3 {
+                    barrier.wait();
+                    drop(victim);
+                    return;
+                }
+                for page in [1usize, 2] {
+                    let _ = victim.write(page * 4096 + 24, &k.to_le_bytes());
+                }
+                std::thread::yield_now();
+            }
+        });
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for node in &nodes {
+        while node.is_up(3) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    for (i, page) in [1usize, 2].into_iter().enumerate() {
+        let seen: Vec<Option<Vec<u64>>> = nodes
+            .iter()
+            .map(|node| {
+                let mut buf = vec![0u8; 24];
+                node.read(page * 4096, &mut buf).ok().map(|_| {
+                    buf.chunks(8)
+                        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+                        .collect()
+                })
+            })
+            .collect();
+        let want: Vec<u64> = counts.iter().map(|c| c[i]).collect();
+        eprintln!("page {page}: wrote {want:?}, read {seen:?}");
+        if seen.iter().all(Option::is_none) {
+            continue;
+        }
+        for (n, s) in seen.iter().enumerate() {
+            assert_eq!(s.as_ref(), Some(&want), "page {page} at node {n}");
+        }
+    }
+    drop(nodes);
+    done.store(true, SeqCst);
+}
+
 #[test]
 fn node_loss_dynamic_chain() {
     // The heir is node 0, then node 1 (node 0 died).
