@@ -369,7 +369,14 @@ impl Shared {
                             .find(|(_, p)| p.chain && p.page == *page)
                             .map(|(k, _)| *k);
                         match k.and_then(|k| pend.remove(&k)) {
-                            Some(p) => p.tx.send(m).err(),
+                            Some(p) => {
+                                tracing::debug!(
+                                    page,
+                                    req,
+                                    "memsync-dsm: a late grant answers the request in progress"
+                                );
+                                p.tx.send(m).err()
+                            }
                             None => Some(m),
                         }
                     }
