@@ -126,6 +126,9 @@ struct PageState {
     granted: bool,
     /// At the heir (dynamic scheme): the dead nodes (a set) this page was recovered from.
     recovered: u64,
+    /// A grant for no request, waiting to be taken: by the next request for the page as its
+    /// answer, or by the task that adopts it.
+    parked: Option<Msg>,
 }
 
 #[derive(Debug)]
@@ -368,7 +371,8 @@ impl Shared {
                             .iter()
                             .find(|(_, p)| p.chain && p.page == *page)
                             .map(|(k, _)| *k);
-                        match k.and_then(|k| pend.remove(&k)) {
+                        let page = *page;
+                        let left = match k.and_then(|k| pend.remove(&k)) {
                             Some(p) => {
                                 tracing::debug!(
                                     page,
@@ -378,27 +382,29 @@ impl Shared {
                                 p.tx.send(m).err()
                             }
                             None => Some(m),
+                        };
+                        match left {
+                            Some(m) if page < self.pages => {
+                                // Parked under the pending lock: a request for the page
+                                // registered after this takes it as its answer (`ask`: it
+                                // holds the page's lock, which the adopting task would
+                                // wait for), else the task adopts it.
+                                let old = self.slot(page).st.lock().parked.replace(m);
+                                if old.is_some() {
+                                    tracing::error!(page, "memsync-dsm: two late grants");
+                                }
+                                drop(pend);
+                                let s = Arc::clone(self);
+                                self.rt.spawn(async move { s.adopt(page).await });
+                                None
+                            }
+                            left => left,
                         }
                     }
                     o => o,
                 };
-                match orphan {
-                    Some(Msg::Page {
-                        page,
-                        version,
-                        grant: true,
-                        copyset,
-                        data,
-                        ..
-                    }) if page < self.pages => {
-                        let s = Arc::clone(self);
-                        self.rt
-                            .spawn(async move { s.adopt(page, version, copyset, data).await });
-                    }
-                    Some(_) => {
-                        tracing::debug!(req, from, "memsync-dsm: reply to no pending request");
-                    }
-                    None => {}
+                if orphan.is_some() {
+                    tracing::debug!(req, from, "memsync-dsm: reply to no pending request");
                 }
             }
             Msg::Confirm { req, page, .. } => {
@@ -524,6 +530,15 @@ impl Shared {
                 tx,
             },
         );
+        if chain {
+            // A late grant parked before this request was registered answers it.
+            let parked = self.slot(page).st.lock().parked.take();
+            if let Some(g) = parked {
+                self.pending.lock().remove(&req);
+                tracing::debug!(page, "memsync-dsm: a parked late grant answers a request");
+                return Ok((req, g));
+            }
+        }
         self.send(to, m);
         match tokio::time::timeout(self.deadline, rx).await {
             Ok(Ok(m)) => Ok((req, m)),
@@ -1627,9 +1642,20 @@ impl Shared {
 
     /// A grant whose requester no longer waits for it (it gave up when a node went down, or
     /// at the deadline): this node owns the page now, as if its request had been answered.
-    async fn adopt(self: Arc<Self>, page: u64, version: u64, copyset: u64, data: Bytes) {
+    async fn adopt(self: Arc<Self>, page: u64) {
         let Some(region) = self.region() else { return };
         let _g = self.slot(page).op.lock().await;
+        let parked = self.slot(page).st.lock().parked.take();
+        let Some(Msg::Page {
+            version,
+            copyset,
+            data,
+            ..
+        }) = parked
+        else {
+            // A request for the page took it.
+            return;
+        };
         {
             let mut st = self.slot(page).st.lock();
             if st.owner || data.len() != self.page {
@@ -1857,6 +1883,7 @@ impl Node {
                         stale_below: 0,
                         granted: false,
                         recovered: 0,
+                        parked: None,
                     }),
                 }
             })
