@@ -164,6 +164,11 @@ pub struct DsmStats {
     pub hops_sum: AtomicU64,
     pub hops_max: AtomicU64,
     pub served: AtomicU64,
+    /// At the heir (dynamic scheme): pages whose owner it looked for after a node died (a WHO
+    /// round each).
+    pub recoveries: AtomicU64,
+    /// Grants that arrived for no waiting request (after a node died) and were taken anyway.
+    pub late_grants: AtomicU64,
     /// Read fault latency (request to data here), and write fault latency (hook to
     /// unprotect).
     pub read_latency: LatencyHistogram,
@@ -363,6 +368,7 @@ impl Shared {
                 // one, the owner now); else the node adopts it.
                 let orphan = match orphan {
                     Some(m @ Msg::Page { grant: true, .. }) => {
+                        self.stats.late_grants.fetch_add(1, Relaxed);
                         let Msg::Page { page, .. } = &m else {
                             unreachable!()
                         };
@@ -1452,6 +1458,7 @@ impl Shared {
             }
         }
         let down = *self.down.borrow();
+        self.stats.recoveries.fetch_add(1, Relaxed);
         let mut waits = Vec::new();
         for n in 0..self.nodes as NodeId {
             if n == self.me || !self.alive[usize::from(n)].load(Relaxed) {

@@ -665,9 +665,20 @@ fn dynamic_chain(dead: usize) {
         }
     }
     let at = |i: usize| nodes.iter().find(|n| usize::from(n.id()) == i).unwrap();
-    // Through the chain l0 -> dead: the heir finds l2.
+    // Through the chain l0 -> dead: the heir (l0, the lowest live node) finds l2.
     assert_eq!(at(l0).atomic_u64(4096).load(SeqCst), mark(l2, 1));
     assert_eq!(at(l0).atomic_u64(3 * 4096).load(SeqCst), mark(dead, 3));
+    assert!(
+        at(l0).stats().recoveries.load(SeqCst) >= 2,
+        "the heir recovered"
+    );
+    for i in [l1, l2] {
+        assert_eq!(
+            at(i).stats().recoveries.load(SeqCst),
+            0,
+            "node {i} is no heir"
+        );
+    }
     let barrier = Barrier::new(nodes.len() * 2);
     std::thread::scope(|s| {
         for node in &nodes {
