@@ -22,6 +22,16 @@
 //! * a write-protect fault holds the writer and obtains ownership on the node's runtime,
 //!   invalidating the copyset, then lifts the protection (`unprotect`), which wakes it;
 //! * an invalidation drops the page (`invalidate`), a downgrade write-protects it (`protect`).
+//!
+//! Node loss: a node whose connection ends is down. The pages whose only copy was on it are
+//! reported lost (the API's [`DsmError::Page`], `SIGBUS` for an access once the fault deadline
+//! passes), or, with a backing store, reloaded from what was last flushed to it
+//! ([`Node::flush`]); never served with wrong data. With a manager (centralized, fixed) the
+//! manager does this for the pages whose owner died. With the dynamic scheme the *heir*, the
+//! lowest-numbered live node, does it on demand: a request whose probable-owner chain reaches
+//! a dead node goes to the heir, which asks every live node what it knows of the page and
+//! repoints to a live owner, makes the holder of the newest read copy the owner, reloads the
+//! page, or finds it lost (`PROTOCOL.md`, "Node loss, dynamic scheme").
 
 pub mod manager;
 mod net;

@@ -121,6 +121,14 @@ struct PageState {
     installing: bool,
     /// A read copy older than this was invalidated before it arrived: discard it.
     stale_below: u64,
+    /// A grant (PAGE with ownership) arrived and is being taken: this node is the owner as
+    /// far as the heir's recovery is concerned (dynamic scheme).
+    granted: bool,
+    /// At the heir (dynamic scheme): the dead nodes (a set) this page was recovered from.
+    recovered: u64,
+    /// A grant for no request, waiting to be taken: by the next request for the page as its
+    /// answer, or by the task that adopts it.
+    parked: Option<Msg>,
 }
 
 #[derive(Debug)]
@@ -156,6 +164,11 @@ pub struct DsmStats {
     pub hops_sum: AtomicU64,
     pub hops_max: AtomicU64,
     pub served: AtomicU64,
+    /// At the heir (dynamic scheme): pages whose owner it looked for after a node died (a WHO
+    /// round each).
+    pub recoveries: AtomicU64,
+    /// Grants that arrived for no waiting request (after a node died) and were taken anyway.
+    pub late_grants: AtomicU64,
     /// Read fault latency (request to data here), and write fault latency (hook to
     /// unprotect).
     pub read_latency: LatencyHistogram,
@@ -173,7 +186,9 @@ pub(crate) struct Shared {
     region: OnceLock<Weak<LazyRegion>>,
     peers: Box<[OnceLock<mpsc::UnboundedSender<Bytes>>]>,
     alive: Box<[AtomicBool]>,
-    pending: Mutex<HashMap<u64, (NodeId, oneshot::Sender<Msg>)>>,
+    pending: Mutex<HashMap<u64, Pending>>,
+    /// At the heir (dynamic scheme): one page recovery at a time.
+    recovery: tokio::sync::Mutex<()>,
     /// At a manager: the request each busy page waits for (req, requester).
     confirms: Mutex<HashMap<u64, Confirmation>>,
     /// The nodes known to be down (a bit each).
@@ -195,6 +210,38 @@ impl fmt::Debug for Shared {
             .field("scheme", &self.mgr.scheme())
             .finish_non_exhaustive()
     }
+}
+
+/// A request waiting for its answer.
+struct Pending {
+    /// Where it was sent.
+    to: NodeId,
+    /// A request along probable owners (dynamic scheme): any node may hold it.
+    chain: bool,
+    page: u64,
+    tx: oneshot::Sender<Msg>,
+}
+
+/// What a node knows of a page (HAVE).
+#[derive(Clone, Copy, Debug)]
+struct Report {
+    node: NodeId,
+    owner: bool,
+    copy: bool,
+    version: u64,
+    prob: NodeId,
+    prob_v: u64,
+}
+
+/// What the heir's recovery of a page found.
+enum Recovered {
+    /// This node owns it (a live owner, a transfer to it in flight, a promoted copy holder, or
+    /// the heir with the page reloaded from the backing store).
+    Owner(NodeId),
+    /// Its only copy died.
+    Lost,
+    /// Undecided (a node did not answer): the requester retries.
+    Unknown(String),
 }
 
 /// What a manager's busy page waits for: the request and its requester.
@@ -296,10 +343,73 @@ impl Shared {
     /// A message from node `from`.
     fn dispatch(self: &Arc<Self>, from: NodeId, m: Msg) {
         match m {
-            Msg::Page { req, .. } | Msg::InvAck { req, .. } | Msg::Error { req, .. } => {
-                if let Some((_, tx)) = self.pending.lock().remove(&req) {
-                    let _ = tx.send(m);
-                } else {
+            Msg::Page { req, .. }
+            | Msg::InvAck { req, .. }
+            | Msg::Error { req, .. }
+            | Msg::Have { req, .. } => {
+                if let Msg::Page {
+                    page, grant: true, ..
+                } = &m
+                    && *page < self.pages
+                {
+                    // Owner from now on for the heir's recovery, before anything else from
+                    // this connection (e.g. its end) is handled.
+                    self.slot(*page).st.lock().granted = true;
+                }
+                let p = self.pending.lock().remove(&req);
+                let orphan = match p {
+                    Some(p) => p.tx.send(m).err(),
+                    None => Some(m),
+                };
+                // A grant whose request stopped waiting (it gave up after a node went down, or
+                // past the deadline): the page's ownership is here now. It answers this
+                // node's request for the page in progress if there is one (that request holds
+                // the page's lock while it waits, and may wait for a node that waits for this
+                // one, the owner now); else the node adopts it.
+                let orphan = match orphan {
+                    Some(m @ Msg::Page { grant: true, .. }) => {
+                        self.stats.late_grants.fetch_add(1, Relaxed);
+                        let Msg::Page { page, .. } = &m else {
+                            unreachable!()
+                        };
+                        let mut pend = self.pending.lock();
+                        let k = pend
+                            .iter()
+                            .find(|(_, p)| p.chain && p.page == *page)
+                            .map(|(k, _)| *k);
+                        let page = *page;
+                        let left = match k.and_then(|k| pend.remove(&k)) {
+                            Some(p) => {
+                                tracing::debug!(
+                                    page,
+                                    req,
+                                    "memsync-dsm: a late grant answers the request in progress"
+                                );
+                                p.tx.send(m).err()
+                            }
+                            None => Some(m),
+                        };
+                        match left {
+                            Some(m) if page < self.pages => {
+                                // Parked under the pending lock: a request for the page
+                                // registered after this takes it as its answer (`ask`: it
+                                // holds the page's lock, which the adopting task would
+                                // wait for), else the task adopts it.
+                                let old = self.slot(page).st.lock().parked.replace(m);
+                                if old.is_some() {
+                                    tracing::error!(page, "memsync-dsm: two late grants");
+                                }
+                                drop(pend);
+                                let s = Arc::clone(self);
+                                self.rt.spawn(async move { s.adopt(page).await });
+                                None
+                            }
+                            left => left,
+                        }
+                    }
+                    o => o,
+                };
+                if orphan.is_some() {
                     tracing::debug!(req, from, "memsync-dsm: reply to no pending request");
                 }
             }
@@ -338,9 +448,36 @@ impl Shared {
                 version,
             } => {
                 let s = Arc::clone(self);
-                self.rt
-                    .spawn(async move { s.on_invalidate(req, page, owner, version).await });
+                self.rt.spawn(async move {
+                    s.on_invalidate(from, req, page, owner, version).await;
+                });
             }
+            Msg::Recover {
+                want,
+                req,
+                page,
+                from: requester,
+                hops,
+                dead,
+            } => {
+                let s = Arc::clone(self);
+                self.rt.spawn(async move {
+                    s.recover_request(want, req, page, requester, hops, dead)
+                        .await;
+                });
+            }
+            Msg::Who { req, page, down } => {
+                let s = Arc::clone(self);
+                self.rt
+                    .spawn(async move { s.on_who(from, req, page, down).await });
+            }
+            Msg::Take {
+                req,
+                page,
+                version,
+                copy_v,
+                copyset,
+            } => self.on_take(from, req, page, version, copy_v, copyset),
             Msg::Ping { nonce } => self.send(from, Msg::Pong { nonce }),
             Msg::Pong { .. } | Msg::Hello { .. } => {}
         }
@@ -355,12 +492,12 @@ impl Shared {
     async fn ask(self: &Arc<Self>, page: u64, want: Want) -> Result<(u64, Msg), StoreError> {
         let req = self.next_req();
         let (tx, rx) = oneshot::channel();
-        let to = match self.mgr.manager_of(page) {
+        let mut to = match self.mgr.manager_of(page) {
             Some(m) => m,
             None => self.slot(page).st.lock().prob,
         };
-        self.pending.lock().insert(req, (to, tx));
-        let m = match self.mgr.manager_of(page) {
+        let chain = self.mgr.manager_of(page).is_none();
+        let mut m = match self.mgr.manager_of(page) {
             Some(_) => Msg::Request {
                 want,
                 req,
@@ -376,8 +513,37 @@ impl Shared {
             },
         };
         if !self.alive[usize::from(to)].load(Relaxed) {
-            self.pending.lock().remove(&req);
-            return Err(err(page, format!("node {to} is down")));
+            if !chain {
+                return Err(err(page, format!("node {to} is down")));
+            }
+            // Dynamic scheme: the heir finds the page's owner again.
+            m = Msg::Recover {
+                want,
+                req,
+                page,
+                from: self.me,
+                hops: 0,
+                dead: to,
+            };
+            to = self.heir();
+        }
+        self.pending.lock().insert(
+            req,
+            Pending {
+                to,
+                chain,
+                page,
+                tx,
+            },
+        );
+        if chain {
+            // A late grant parked before this request was registered answers it.
+            let parked = self.slot(page).st.lock().parked.take();
+            if let Some(g) = parked {
+                self.pending.lock().remove(&req);
+                tracing::debug!(page, "memsync-dsm: a parked late grant answers a request");
+                return Ok((req, g));
+            }
         }
         self.send(to, m);
         match tokio::time::timeout(self.deadline, rx).await {
@@ -464,7 +630,12 @@ impl Shared {
         }
         let (req, m) = loop {
             let (req, m) = self.ask(page, Want::Read).await?;
-            if let Msg::Page { version, .. } = &m {
+            if let Msg::Page {
+                version,
+                grant: false,
+                ..
+            } = &m
+            {
                 let st = self.slot(page).st.lock();
                 if *version < st.stale_below {
                     // Invalidated on its way: ask again (the new owner serves it).
@@ -477,9 +648,33 @@ impl Shared {
         };
         let r = match m {
             Msg::Page {
+                version,
+                grant: true,
+                copyset,
+                data,
+                ..
+            } if data.len() == buf.len() => {
+                // A late grant handed to this request (see `dispatch`): the owner now.
+                self.invalidate_copies(page, copyset, version).await;
+                let mut st = self.slot(page).st.lock();
+                st.owner = true;
+                st.version = version;
+                st.prob = self.me;
+                st.prob_v = version;
+                st.copyset = 0;
+                st.stash = Some(data.clone());
+                st.granted = false;
+                st.lost = false;
+                st.access = Access::Read;
+                st.installing = true;
+                buf.copy_from_slice(&data);
+                Ok(())
+            }
+            Msg::Page {
                 owner,
                 version,
                 data,
+                grant: false,
                 ..
             } => {
                 let mut st = self.slot(page).st.lock();
@@ -520,6 +715,12 @@ impl Shared {
     /// Invalidates the copies of `page` on the nodes of `set` and waits for every
     /// acknowledgement (a node that is down has no copy left).
     async fn invalidate_copies(self: &Arc<Self>, page: u64, set: u64, version: u64) {
+        self.invalidate_for(page, set, self.me, version).await;
+    }
+
+    /// Invalidates the copies of `page` on the nodes of `set` for the new owner `owner` at
+    /// `version`, and waits for every acknowledgement.
+    async fn invalidate_for(self: &Arc<Self>, page: u64, set: u64, owner: NodeId, version: u64) {
         let mut waits = Vec::new();
         for n in 0..self.nodes as NodeId {
             if set & bit(n) == 0 || n == self.me || !self.alive[usize::from(n)].load(Relaxed) {
@@ -527,14 +728,22 @@ impl Shared {
             }
             let req = self.next_req();
             let (tx, rx) = oneshot::channel();
-            self.pending.lock().insert(req, (n, tx));
+            self.pending.lock().insert(
+                req,
+                Pending {
+                    to: n,
+                    chain: false,
+                    page,
+                    tx,
+                },
+            );
             self.stats.invalidations_sent.fetch_add(1, Relaxed);
             self.send(
                 n,
                 Msg::Invalidate {
                     req,
                     page,
-                    owner: self.me,
+                    owner,
                     version,
                 },
             );
@@ -615,6 +824,8 @@ impl Shared {
                         st.prob_v = version;
                         st.copyset = 0;
                         st.stash = Some(data.clone());
+                        st.granted = false;
+                        st.lost = false;
                     }
                     let installed = match region.chunk_state(page as usize) {
                         // Our read copy is the current data: nobody wrote since it was served.
@@ -645,6 +856,7 @@ impl Shared {
                 }
                 m => {
                     self.confirm(page, req);
+                    self.slot(page).st.lock().granted = false;
                     drop(g);
                     let why = match &m {
                         Msg::Error { reason, .. } => reason.clone(),
@@ -818,14 +1030,36 @@ impl Shared {
         let Some(region) = self.region() else {
             return self.refuse(from, req, page, ErrorCode::Shutdown, "node shutting down");
         };
+        if from == self.me {
+            // Only after a node went down (the heir repointed, or this node gave up waiting
+            // and asked again): its local operation holds the page's lock, so answer at once;
+            // the requester retries.
+            return self.refuse(
+                from,
+                req,
+                page,
+                ErrorCode::Protocol,
+                "request came back to its requester",
+            );
+        }
         let off = page as usize * self.page;
         let mut tries = 0u32;
         let g = loop {
             let g = self.slot(page).op.lock().await;
-            let (owner, prob) = {
+            let (owner, prob, lost) = {
                 let st = self.slot(page).st.lock();
-                (st.owner, st.prob)
+                (st.owner, st.prob, st.lost)
             };
+            if !owner && lost && self.mgr.manager_of(page).is_none() {
+                drop(g);
+                return self.refuse(
+                    from,
+                    req,
+                    page,
+                    ErrorCode::Lost,
+                    "lost: its only copy was on a node that went down",
+                );
+            }
             if !owner {
                 drop(g);
                 if hops >= self.mgr.max_hops() || prob == self.me {
@@ -835,6 +1069,22 @@ impl Shared {
                         page,
                         ErrorCode::Protocol,
                         "forwarded past the chain bound",
+                    );
+                }
+                if self.mgr.manager_of(page).is_none()
+                    && !self.alive[usize::from(prob)].load(Relaxed)
+                {
+                    // The chain passes through a node that is down: to the heir.
+                    return self.send(
+                        self.heir(),
+                        Msg::Recover {
+                            want,
+                            req,
+                            page,
+                            from,
+                            hops: hops + 1,
+                            dead: prob,
+                        },
                     );
                 }
                 self.stats.forwards.fetch_add(1, Relaxed);
@@ -861,6 +1111,10 @@ impl Shared {
             }
             break g;
         };
+        if !self.alive[usize::from(from)].load(Relaxed) {
+            // Never hand the page (or its ownership) to a node that is down.
+            return;
+        }
         self.stats.served.fetch_add(1, Relaxed);
         self.stats.hops_sum.fetch_add(u64::from(hops), Relaxed);
         self.stats.hops_max.fetch_max(u64::from(hops), Relaxed);
@@ -935,7 +1189,14 @@ impl Shared {
     }
 
     /// The new owner `owner` drops this node's copy.
-    async fn on_invalidate(self: Arc<Self>, req: u64, page: u64, owner: NodeId, version: u64) {
+    async fn on_invalidate(
+        self: Arc<Self>,
+        from: NodeId,
+        req: u64,
+        page: u64,
+        owner: NodeId,
+        version: u64,
+    ) {
         if page >= self.pages {
             return;
         }
@@ -973,7 +1234,470 @@ impl Shared {
             let len = self.page;
             let _ = tokio::task::spawn_blocking(move || region.invalidate(off, len)).await;
         }
-        self.send(owner, Msg::InvAck { req, page });
+        self.send(from, Msg::InvAck { req, page });
+    }
+
+    /// The heir (dynamic scheme): the lowest-numbered node that is up as far as this node
+    /// knows. It recovers the pages whose probable-owner chain reaches a node that is down.
+    fn heir(&self) -> NodeId {
+        (0..self.nodes as NodeId)
+            .find(|&n| self.alive[usize::from(n)].load(Relaxed))
+            .unwrap_or(self.me)
+    }
+
+    /// Waits until every node of `set` is down here too (everything they sent this node is
+    /// handled by then); `false` past the deadline.
+    async fn await_down(&self, set: u64) -> bool {
+        let mut rx = self.down.subscribe();
+        matches!(
+            tokio::time::timeout(self.deadline, rx.wait_for(|d| d & set == set)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// What this node knows of `page` (HAVE).
+    fn report(&self, page: u64) -> Report {
+        let present = self
+            .region()
+            .is_some_and(|r| r.chunk_state(page as usize) == ChunkState::Present);
+        let st = self.slot(page).st.lock();
+        let owner = st.owner || st.granted;
+        Report {
+            node: self.me,
+            owner,
+            copy: !owner && st.access == Access::Read && present,
+            version: st.version,
+            prob: st.prob,
+            prob_v: st.prob_v,
+        }
+    }
+
+    fn have(self: &Arc<Self>, to: NodeId, req: u64, page: u64, r: Report) {
+        self.send(
+            to,
+            Msg::Have {
+                req,
+                page,
+                owner: r.owner,
+                copy: r.copy,
+                version: r.version,
+                prob: r.prob,
+                prob_v: r.prob_v,
+            },
+        );
+    }
+
+    /// The heir asks what this node knows of `page`: answered once the nodes the heir knows
+    /// to be down are down here too (a grant one of them sent is marked by then).
+    async fn on_who(self: Arc<Self>, from: NodeId, req: u64, page: u64, down: u64) {
+        if page >= self.pages {
+            return;
+        }
+        let down = down & !bit(self.me);
+        if !self.await_down(down).await {
+            tracing::warn!(
+                page,
+                down,
+                "memsync-dsm: WHO about nodes still up here (not answered)"
+            );
+            return;
+        }
+        let r = self.report(page);
+        self.have(from, req, page, r);
+    }
+
+    /// The heir makes this node, a read-copy holder, the owner of `page` (its owner died): if
+    /// the copy is still here at `copy_v`, it becomes the owner at `version` (its copy is the
+    /// page's data) with `copyset` to invalidate on its next write. Answered by HAVE.
+    fn on_take(
+        self: &Arc<Self>,
+        from: NodeId,
+        req: u64,
+        page: u64,
+        version: u64,
+        copy_v: u64,
+        copyset: u64,
+    ) {
+        if page >= self.pages {
+            return;
+        }
+        let took = self.take(page, version, copy_v, copyset);
+        let mut r = self.report(page);
+        r.owner = took;
+        self.have(from, req, page, r);
+    }
+
+    fn take(&self, page: u64, version: u64, copy_v: u64, copyset: u64) -> bool {
+        let present = self
+            .region()
+            .is_some_and(|r| r.chunk_state(page as usize) == ChunkState::Present);
+        let mut st = self.slot(page).st.lock();
+        // An invalidation sets `access` under this lock before it drops the copy: a copy
+        // still `read` here is intact.
+        if st.owner || st.granted || st.access != Access::Read || !present || st.version != copy_v {
+            return false;
+        }
+        st.owner = true;
+        st.version = version;
+        st.copyset = copyset & !bit(self.me);
+        st.prob = self.me;
+        st.prob_v = version;
+        st.stash = None;
+        st.lost = false;
+        tracing::warn!(
+            page,
+            version,
+            "memsync-dsm: owner of the page again (its owner went down, this node held a copy)"
+        );
+        true
+    }
+
+    /// A request whose chain reached node `dead`, which is down: at the heir, find the page's
+    /// owner (recovering it if it died) and pass the request on; elsewhere, pass it to the heir.
+    async fn recover_request(
+        self: Arc<Self>,
+        want: Want,
+        req: u64,
+        page: u64,
+        from: NodeId,
+        hops: u8,
+        dead: NodeId,
+    ) {
+        if page >= self.pages {
+            return self.refuse(from, req, page, ErrorCode::Protocol, "page out of range");
+        }
+        if hops >= self.mgr.max_hops() {
+            return self.refuse(
+                from,
+                req,
+                page,
+                ErrorCode::Protocol,
+                "forwarded past the chain bound",
+            );
+        }
+        let heir = self.heir();
+        if heir != self.me {
+            self.stats.forwards.fetch_add(1, Relaxed);
+            return self.send(
+                heir,
+                Msg::Recover {
+                    want,
+                    req,
+                    page,
+                    from,
+                    hops: hops + 1,
+                    dead,
+                },
+            );
+        }
+        if !self.await_down(bit(dead)).await {
+            return self.refuse(
+                from,
+                req,
+                page,
+                ErrorCode::Protocol,
+                "its probable owner is not down at the heir",
+            );
+        }
+        let found = self.recover_page(page, dead).await;
+        match found {
+            Recovered::Owner(o) if o == self.me => {
+                Box::pin(self.serve(want, req, page, from, hops)).await;
+            }
+            Recovered::Owner(o) if o == from => self.refuse(
+                from,
+                req,
+                page,
+                ErrorCode::Protocol,
+                "the requester owns the page (recovered)",
+            ),
+            Recovered::Owner(o) => {
+                self.stats.forwards.fetch_add(1, Relaxed);
+                self.send(
+                    o,
+                    Msg::Forward {
+                        want,
+                        req,
+                        page,
+                        from,
+                        hops: hops + 1,
+                    },
+                );
+            }
+            Recovered::Lost => self.refuse(
+                from,
+                req,
+                page,
+                ErrorCode::Lost,
+                "lost: its only copy was on a node that went down",
+            ),
+            Recovered::Unknown(why) => self.refuse(from, req, page, ErrorCode::Protocol, &why),
+        }
+    }
+
+    /// At the heir: who owns `page`, whose chain reached `dead` (down)? Asks every live node
+    /// (WHO) and decides (`PROTOCOL.md`, "Node loss, dynamic scheme"): a live owner (or a
+    /// node a live node granted it to) keeps it; else the holder of the newest read copy takes
+    /// it over; else the heir reloads it from the backing store; else it is lost.
+    async fn recover_page(self: &Arc<Self>, page: u64, dead: NodeId) -> Recovered {
+        let _one = self.recovery.lock().await;
+        {
+            // Recovered from this death already: the heir's own view leads to the owner (its
+            // probable owner is newer than any that died), unless a node died since.
+            let st = self.slot(page).st.lock();
+            if st.recovered & bit(dead) != 0 {
+                if st.lost {
+                    return Recovered::Lost;
+                }
+                if st.owner {
+                    return Recovered::Owner(self.me);
+                }
+                if self.alive[usize::from(st.prob)].load(Relaxed) && st.prob != self.me {
+                    return Recovered::Owner(st.prob);
+                }
+            }
+        }
+        let down = *self.down.borrow();
+        self.stats.recoveries.fetch_add(1, Relaxed);
+        let mut waits = Vec::new();
+        for n in 0..self.nodes as NodeId {
+            if n == self.me || !self.alive[usize::from(n)].load(Relaxed) {
+                continue;
+            }
+            let req = self.next_req();
+            let (tx, rx) = oneshot::channel();
+            self.pending.lock().insert(
+                req,
+                Pending {
+                    to: n,
+                    chain: false,
+                    page,
+                    tx,
+                },
+            );
+            self.send(n, Msg::Who { req, page, down });
+            waits.push((n, req, rx));
+        }
+        let mut reports = Vec::with_capacity(self.nodes);
+        for (n, req, rx) in waits {
+            match tokio::time::timeout(self.deadline, rx).await {
+                Ok(Ok(Msg::Have {
+                    owner,
+                    copy,
+                    version,
+                    prob,
+                    prob_v,
+                    ..
+                })) => reports.push(Report {
+                    node: n,
+                    owner,
+                    copy,
+                    version,
+                    prob,
+                    prob_v,
+                }),
+                // Went down meanwhile: it holds nothing any more.
+                _ if !self.alive[usize::from(n)].load(Relaxed) => {}
+                _ => {
+                    self.pending.lock().remove(&req);
+                    return Recovered::Unknown(format!("recovery: node {n} did not answer"));
+                }
+            }
+        }
+        // The heir's own, last: the newest.
+        reports.push(self.report(page));
+        let up = |n: NodeId| self.alive[usize::from(n)].load(Relaxed);
+        let mark = |o: NodeId, v: u64, lost: bool| {
+            let mut st = self.slot(page).st.lock();
+            st.recovered |= down | bit(dead);
+            if lost {
+                st.lost = true;
+            } else if o != self.me && v >= st.prob_v {
+                st.prob = o;
+                st.prob_v = v;
+            }
+        };
+        // A live owner.
+        if let Some(r) = reports.iter().find(|r| r.owner && up(r.node)) {
+            mark(r.node, r.version, false);
+            return Recovered::Owner(r.node);
+        }
+        // The newest owner anyone knows of: a live one is being granted the page.
+        let newest = reports
+            .iter()
+            .max_by_key(|r| r.prob_v)
+            .map(|r| (r.prob, r.prob_v))
+            .expect("the heir's own report");
+        if up(newest.0) && newest.0 != self.me {
+            mark(newest.0, newest.1, false);
+            return Recovered::Owner(newest.0);
+        }
+        if up(newest.0) {
+            return Recovered::Unknown(
+                "recovery: the heir is the newest owner but not the owner".into(),
+            );
+        }
+        // Its last owner is down. A new version, newer than any seen.
+        let version = 1 + reports
+            .iter()
+            .map(|r| r.version.max(r.prob_v))
+            .max()
+            .unwrap_or(0);
+        let others = |keep: NodeId| {
+            (0..self.nodes as NodeId)
+                .filter(|&n| n != keep && up(n))
+                .fold(0, |a, n| a | bit(n))
+        };
+        let holders: Vec<&Report> = reports.iter().filter(|r| r.copy && up(r.node)).collect();
+        if let Some(best) = holders.iter().max_by_key(|r| r.version) {
+            let (node, copy_v) = (best.node, best.version);
+            // Older copies (there should be none: the dead owner wrote only after every copy
+            // was invalidated) go first.
+            let stale = holders
+                .iter()
+                .filter(|r| r.version < copy_v)
+                .fold(0, |a, r| a | bit(r.node));
+            if stale != 0 {
+                self.invalidate_for(page, stale, node, version).await;
+            }
+            // Every other live node may hold a copy on its way from the dead owner: all are
+            // invalidated at the new owner's next write.
+            let copyset = others(node);
+            let took = if node == self.me {
+                self.take(page, version, copy_v, copyset)
+            } else {
+                let req = self.next_req();
+                let (tx, rx) = oneshot::channel();
+                self.pending.lock().insert(
+                    req,
+                    Pending {
+                        to: node,
+                        chain: false,
+                        page,
+                        tx,
+                    },
+                );
+                self.send(
+                    node,
+                    Msg::Take {
+                        req,
+                        page,
+                        version,
+                        copy_v,
+                        copyset,
+                    },
+                );
+                match tokio::time::timeout(self.deadline, rx).await {
+                    Ok(Ok(Msg::Have { owner, .. })) => owner,
+                    _ => {
+                        self.pending.lock().remove(&req);
+                        false
+                    }
+                }
+            };
+            if !took {
+                return Recovered::Unknown(format!(
+                    "recovery: node {node} did not take the page over"
+                ));
+            }
+            mark(node, version, false);
+            return Recovered::Owner(node);
+        }
+        // No copy left: every live node drops whatever may still be on its way and points at
+        // the heir, which reloads the page or knows it lost.
+        let reload = self.backing.is_some();
+        {
+            let mut st = self.slot(page).st.lock();
+            st.version = version;
+            st.prob = self.me;
+            st.prob_v = version;
+            st.copyset = 0;
+            st.stash = None;
+            st.access = Access::Invalid;
+            if reload {
+                st.owner = true;
+                st.lost = false;
+            }
+        }
+        self.invalidate_for(page, others(self.me), self.me, version)
+            .await;
+        if let Some(region) = self.region()
+            && region.chunk_state(page as usize) == ChunkState::Present
+        {
+            let off = page as usize * self.page;
+            let len = self.page;
+            let r2 = region.arc();
+            let _ = tokio::task::spawn_blocking(move || r2.invalidate(off, len)).await;
+        }
+        mark(self.me, version, !reload);
+        if reload {
+            tracing::warn!(
+                page,
+                dead,
+                "memsync-dsm: page reloaded from the backing store (its owner went down)"
+            );
+            Recovered::Owner(self.me)
+        } else {
+            tracing::warn!(
+                page,
+                dead,
+                "memsync-dsm: page lost (its only copy was on a node that went down)"
+            );
+            Recovered::Lost
+        }
+    }
+
+    /// A grant whose requester no longer waits for it (it gave up when a node went down, or
+    /// at the deadline): this node owns the page now, as if its request had been answered.
+    async fn adopt(self: Arc<Self>, page: u64) {
+        let Some(region) = self.region() else { return };
+        let _g = self.slot(page).op.lock().await;
+        let parked = self.slot(page).st.lock().parked.take();
+        let Some(Msg::Page {
+            version,
+            copyset,
+            data,
+            ..
+        }) = parked
+        else {
+            // A request for the page took it.
+            return;
+        };
+        {
+            let mut st = self.slot(page).st.lock();
+            if st.owner || data.len() != self.page {
+                tracing::error!(
+                    page,
+                    version,
+                    "memsync-dsm: a grant for no request (ignored)"
+                );
+                st.granted = false;
+                return;
+            }
+        }
+        tracing::debug!(
+            page,
+            version,
+            "memsync-dsm: ownership adopted from a late grant"
+        );
+        self.invalidate_copies(page, copyset, version).await;
+        let present = region.chunk_state(page as usize) == ChunkState::Present;
+        let mut st = self.slot(page).st.lock();
+        st.owner = true;
+        st.version = version;
+        st.prob = self.me;
+        st.prob_v = version;
+        st.copyset = 0;
+        // A copy still present is the current data (nobody wrote since it was served);
+        // otherwise the next fault takes the granted data.
+        st.stash = Some(data);
+        st.access = if present {
+            Access::Read
+        } else {
+            Access::Invalid
+        };
+        st.granted = false;
+        st.lost = false;
     }
 
     /// Node `n` went down: fail what waits for it, and mark the pages whose only copy was
@@ -994,7 +1718,13 @@ impl Shared {
             );
         }
         self.down.send_modify(|d| *d |= bit(n));
-        self.pending.lock().retain(|_, (to, _)| *to != n);
+        // Requests sent to it fail; with no manager, so does every request along probable
+        // owners (any may wait at the dead node): the requesters ask again, and a grant that
+        // still arrives for one is adopted.
+        let chain_fails = self.mgr.manager_of(0).is_none();
+        self.pending
+            .lock()
+            .retain(|_, p| p.to != n && !(chain_fails && p.chain));
         // A request of the dead node holds its page until confirmed: release it.
         self.confirms.lock().retain(|_, (_, from, _)| *from != n);
         let s = Arc::clone(self);
@@ -1158,6 +1888,9 @@ impl Node {
                         lost: false,
                         installing: false,
                         stale_below: 0,
+                        granted: false,
+                        recovered: 0,
+                        parked: None,
                     }),
                 }
             })
@@ -1184,6 +1917,7 @@ impl Node {
             peers: (0..nodes).map(|_| OnceLock::new()).collect(),
             alive: (0..nodes).map(|_| AtomicBool::new(true)).collect(),
             pending: Mutex::new(HashMap::new()),
+            recovery: tokio::sync::Mutex::new(()),
             confirms: Mutex::new(HashMap::new()),
             down: tokio::sync::watch::channel(0).0,
             next_req: AtomicU64::new(1),

@@ -8,8 +8,9 @@ use memsync_core::wire::{Frame, done, flag, need, truncate};
 
 /// "MEMSYNCD": the first bytes of every connection's HELLO.
 pub const MAGIC: &[u8; 8] = b"MEMSYNCD";
-/// The protocol version this code speaks.
-pub const VERSION: u16 = 1;
+/// The protocol version this code speaks (2: RECOVER, WHO, HAVE and TAKE, the dynamic
+/// scheme's node loss).
+pub const VERSION: u16 = 2;
 /// Most nodes of one region (a copyset is a 64-bit set).
 pub const MAX_NODES: usize = 64;
 /// Smallest page (the granularity of coherence): 4 KiB.
@@ -36,6 +37,10 @@ const T_CONFIRM: u8 = 7;
 const T_ERROR: u8 = 8;
 const T_PING: u8 = 9;
 const T_PONG: u8 = 10;
+const T_RECOVER: u8 = 11;
+const T_WHO: u8 = 12;
+const T_HAVE: u8 = 13;
+const T_TAKE: u8 = 14;
 
 /// What a requester wants of a page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -140,6 +145,40 @@ pub enum Msg {
     Ping { nonce: u64 },
     /// Answer to a PING.
     Pong { nonce: u64 },
+    /// Dynamic scheme: a request (as FORWARD) whose next hop, node `dead`, is down, sent to
+    /// the heir (the lowest-numbered live node), which recovers the page's owner.
+    Recover {
+        want: Want,
+        req: u64,
+        page: u64,
+        from: NodeId,
+        hops: u8,
+        dead: NodeId,
+    },
+    /// Heir to every live node: what do you know of `page`? Answered (HAVE) once every node
+    /// of `down` (a set) is down at the receiver too, so that what they sent it is in.
+    Who { req: u64, page: u64, down: u64 },
+    /// Answer to WHO and TAKE: whether this node owns `page` (or has been granted it), holds a
+    /// read copy, at which `version`, and its probable owner.
+    Have {
+        req: u64,
+        page: u64,
+        owner: bool,
+        copy: bool,
+        version: u64,
+        prob: NodeId,
+        prob_v: u64,
+    },
+    /// Heir to a read-copy holder: take ownership of `page` at `version` if the copy held is
+    /// still the one of version `copy_v`, with `copyset` the nodes that may hold copies.
+    /// Answered by HAVE (`owner` set if taken).
+    Take {
+        req: u64,
+        page: u64,
+        version: u64,
+        copy_v: u64,
+        copyset: u64,
+    },
 }
 
 fn node(v: u16) -> Result<NodeId, ProtoError> {
@@ -275,6 +314,60 @@ impl Msg {
             Msg::Pong { nonce } => {
                 b.put_u8(T_PONG);
                 b.put_u64(*nonce);
+            }
+            Msg::Recover {
+                want,
+                req,
+                page,
+                from,
+                hops,
+                dead,
+            } => {
+                b.put_u8(T_RECOVER);
+                b.put_u8(*want as u8);
+                b.put_u64(*req);
+                b.put_u64(*page);
+                b.put_u16(*from);
+                b.put_u8(*hops);
+                b.put_u16(*dead);
+            }
+            Msg::Who { req, page, down } => {
+                b.put_u8(T_WHO);
+                b.put_u64(*req);
+                b.put_u64(*page);
+                b.put_u64(*down);
+            }
+            Msg::Have {
+                req,
+                page,
+                owner,
+                copy,
+                version,
+                prob,
+                prob_v,
+            } => {
+                b.put_u8(T_HAVE);
+                b.put_u64(*req);
+                b.put_u64(*page);
+                b.put_u8(u8::from(*owner));
+                b.put_u8(u8::from(*copy));
+                b.put_u64(*version);
+                b.put_u16(*prob);
+                b.put_u64(*prob_v);
+            }
+            Msg::Take {
+                req,
+                page,
+                version,
+                copy_v,
+                copyset,
+            } => {
+                b.put_u8(T_TAKE);
+                b.put_u64(*req);
+                b.put_u64(*page);
+                b.put_u64(*version);
+                b.put_u64(*copy_v);
+                b.put_u64(*copyset);
             }
         }
         let n = (b.len() - 4) as u32;
@@ -462,6 +555,77 @@ impl Msg {
                     },
                 )
             }
+            T_RECOVER => {
+                let what = "RECOVER";
+                need(&b, 1 + 8 + 8 + 2 + 1 + 2, what)?;
+                let want = Want::from_u8(b.get_u8())?;
+                let req = b.get_u64();
+                let page = page(b.get_u64())?;
+                let from = node(b.get_u16())?;
+                let hops = b.get_u8();
+                let dead = node(b.get_u16())?;
+                (
+                    what,
+                    Msg::Recover {
+                        want,
+                        req,
+                        page,
+                        from,
+                        hops,
+                        dead,
+                    },
+                )
+            }
+            T_WHO => {
+                let what = "WHO";
+                need(&b, 8 + 8 + 8, what)?;
+                let req = b.get_u64();
+                let page = page(b.get_u64())?;
+                let down = b.get_u64();
+                (what, Msg::Who { req, page, down })
+            }
+            T_HAVE => {
+                let what = "HAVE";
+                need(&b, 8 + 8 + 1 + 1 + 8 + 2 + 8, what)?;
+                let req = b.get_u64();
+                let page = page(b.get_u64())?;
+                let owner = flag(b.get_u8())?;
+                let copy = flag(b.get_u8())?;
+                let version = b.get_u64();
+                let prob = node(b.get_u16())?;
+                let prob_v = b.get_u64();
+                (
+                    what,
+                    Msg::Have {
+                        req,
+                        page,
+                        owner,
+                        copy,
+                        version,
+                        prob,
+                        prob_v,
+                    },
+                )
+            }
+            T_TAKE => {
+                let what = "TAKE";
+                need(&b, 8 * 5, what)?;
+                let req = b.get_u64();
+                let page = page(b.get_u64())?;
+                let version = b.get_u64();
+                let copy_v = b.get_u64();
+                let copyset = b.get_u64();
+                (
+                    what,
+                    Msg::Take {
+                        req,
+                        page,
+                        version,
+                        copy_v,
+                        copyset,
+                    },
+                )
+            }
             t => return Err(ProtoError::Type(t)),
         };
         done(&b, what)?;
@@ -482,6 +646,10 @@ impl Msg {
             Msg::Error { .. } => "ERROR",
             Msg::Ping { .. } => "PING",
             Msg::Pong { .. } => "PONG",
+            Msg::Recover { .. } => "RECOVER",
+            Msg::Who { .. } => "WHO",
+            Msg::Have { .. } => "HAVE",
+            Msg::Take { .. } => "TAKE",
         }
     }
 }
@@ -607,6 +775,50 @@ mod tests {
                 }),
             any::<u64>().prop_map(|nonce| Msg::Ping { nonce }),
             any::<u64>().prop_map(|nonce| Msg::Pong { nonce }),
+            (want(), any::<u64>(), pg(), nid(), any::<u8>(), nid()).prop_map(
+                |(want, req, page, from, hops, dead)| Msg::Recover {
+                    want,
+                    req,
+                    page,
+                    from,
+                    hops,
+                    dead,
+                }
+            ),
+            (any::<u64>(), pg(), any::<u64>()).prop_map(|(req, page, down)| Msg::Who {
+                req,
+                page,
+                down
+            }),
+            (
+                any::<u64>(),
+                pg(),
+                any::<bool>(),
+                any::<bool>(),
+                any::<u64>(),
+                nid(),
+                any::<u64>()
+            )
+                .prop_map(|(req, page, owner, copy, version, prob, prob_v)| {
+                    Msg::Have {
+                        req,
+                        page,
+                        owner,
+                        copy,
+                        version,
+                        prob,
+                        prob_v,
+                    }
+                }),
+            (any::<u64>(), pg(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+                |(req, page, version, copy_v, copyset)| Msg::Take {
+                    req,
+                    page,
+                    version,
+                    copy_v,
+                    copyset,
+                }
+            ),
         ]
     }
 
@@ -726,6 +938,56 @@ mod tests {
         assert_eq!(
             Msg::decode(Bytes::from(bad[4..].to_vec())),
             Err(ProtoError::Invalid("node count"))
+        );
+        // Recovery messages: a dead node id past the copyset's width, a flag other than 0/1.
+        let m = Msg::Recover {
+            want: Want::Write,
+            req: 1,
+            page: 2,
+            from: 0,
+            hops: 0,
+            dead: MAX_NODES as u16,
+        };
+        assert_eq!(
+            Msg::decode(m.encode().slice(4..)),
+            Err(ProtoError::Invalid("node id"))
+        );
+        let h = Msg::Have {
+            req: 1,
+            page: 2,
+            owner: false,
+            copy: true,
+            version: 3,
+            prob: 1,
+            prob_v: 2,
+        }
+        .encode();
+        let mut bad = h.to_vec();
+        bad[4 + 1 + 8 + 8 + 1] = 2;
+        assert_eq!(
+            Msg::decode(Bytes::from(bad[4..].to_vec())),
+            Err(ProtoError::Invalid("flag"))
+        );
+        let t = Msg::Take {
+            req: 1,
+            page: MAX_PAGES,
+            version: 1,
+            copy_v: 0,
+            copyset: 0,
+        };
+        assert_eq!(
+            Msg::decode(t.encode().slice(4..)),
+            Err(ProtoError::Invalid("page number"))
+        );
+        let w = Msg::Who {
+            req: 1,
+            page: 0,
+            down: 1,
+        }
+        .encode();
+        assert_eq!(
+            Msg::decode(w.slice(4..w.len() - 1)),
+            Err(ProtoError::Short("WHO"))
         );
         // An over-long reason is cut at a char boundary when encoded.
         let e = Msg::Error {

@@ -788,16 +788,370 @@ fn node_loss(scheme: Scheme, backing: bool) {
 
 #[test]
 fn node_loss_reported() {
-    for scheme in [Scheme::Centralized, Scheme::Fixed] {
+    for scheme in Scheme::ALL {
         node_loss(scheme, false);
     }
 }
 
 #[test]
 fn node_loss_reloaded_from_backing() {
-    for scheme in [Scheme::Centralized, Scheme::Fixed] {
+    for scheme in Scheme::ALL {
         node_loss(scheme, true);
     }
+}
+
+/// Dynamic scheme, four nodes: ownership moves through several nodes so that probable-owner
+/// chains pass through node `dead`, which then dies. The survivors still reach every page
+/// that has a live owner or a live copy (the heir finds the owner, or makes the holder of a
+/// copy the owner), keep two counters on such pages exact, and get an error for the pages
+/// whose only copy died.
+fn dynamic_chain(dead: usize) {
+    const ADDS: u64 = 600;
+    let done = watchdog("node_loss_dynamic_chain", 150);
+    let mut nodes = cluster_with(4, Scheme::Dynamic, 8 * 4096, |cfg| {
+        cfg.fault_deadline = Duration::from_secs(2);
+    });
+    let live: Vec<usize> = (0..4).filter(|&i| i != dead).collect();
+    let (l0, l1, l2) = (live[0], live[1], live[2]);
+    let mark = |i: usize, page: usize| 0x1000 * (i as u64 + 1) + page as u64;
+    let w = |i: usize, page: usize| {
+        nodes[i]
+            .atomic_u64(page * 4096)
+            .store(mark(i, page), SeqCst)
+    };
+    // Page 1: owned by l0, dead, l1, then l2 (l0 points at the dead node, which points on).
+    for i in [l0, dead, l1, l2] {
+        w(i, 1);
+    }
+    // Page 2: last owned by the dead node, no copies: lost.
+    for i in [l0, l1, dead] {
+        w(i, 2);
+    }
+    // Page 3: last owned by the dead node, read copies at l1 and l2: a copy holder takes over.
+    for i in [l0, dead] {
+        w(i, 3);
+    }
+    for i in [l1, l2] {
+        assert_eq!(nodes[i].atomic_u64(3 * 4096).load(SeqCst), mark(dead, 3));
+    }
+    // Page 2, and the untouched pages the dead node owned at first (`p mod 4`): lost.
+    let lost: Vec<usize> = (0..8)
+        .filter(|&p| p == 2 || (p % 4 == dead && p != 1 && p != 3))
+        .collect();
+    drop(nodes.remove(dead));
+    let nodes: Vec<Node> = nodes;
+    for node in &nodes {
+        while node.is_up(dead as u16) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let at = |i: usize| nodes.iter().find(|n| usize::from(n.id()) == i).unwrap();
+    // Through the chain l0 -> dead: the heir (l0, the lowest live node) finds l2.
+    assert_eq!(at(l0).atomic_u64(4096).load(SeqCst), mark(l2, 1));
+    assert_eq!(at(l0).atomic_u64(3 * 4096).load(SeqCst), mark(dead, 3));
+    assert!(
+        at(l0).stats().recoveries.load(SeqCst) >= 2,
+        "the heir recovered"
+    );
+    for i in [l1, l2] {
+        assert_eq!(
+            at(i).stats().recoveries.load(SeqCst),
+            0,
+            "node {i} is no heir"
+        );
+    }
+    let barrier = Barrier::new(nodes.len() * 2);
+    std::thread::scope(|s| {
+        for node in &nodes {
+            for t in 0..2 {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    barrier.wait();
+                    for _ in 0..ADDS {
+                        node.atomic_u64(4096 + 8 + 8 * t).fetch_add(1, SeqCst);
+                        node.atomic_u64(3 * 4096 + 8 + 8 * t).fetch_add(1, SeqCst);
+                        std::thread::yield_now();
+                    }
+                });
+            }
+        }
+    });
+    let want = nodes.len() as u64 * ADDS;
+    for node in &nodes {
+        for page in [1, 3] {
+            let got: u64 = (0..2)
+                .map(|t| node.atomic_u64(page * 4096 + 8 + 8 * t).load(SeqCst))
+                .sum();
+            assert_eq!(
+                got,
+                2 * want,
+                "dead {dead}: page {page} at node {}",
+                node.id()
+            );
+        }
+        assert_eq!(node.atomic_u64(4096).load(SeqCst), mark(l2, 1));
+        assert_eq!(node.atomic_u64(3 * 4096).load(SeqCst), mark(dead, 3));
+        // Every other page is reachable (the untouched ones read as zeros).
+        for page in (0..8).filter(|p| ![1, 3].contains(p) && !lost.contains(p)) {
+            let mut buf = vec![1u8; 4096];
+            node.read(page * 4096, &mut buf)
+                .unwrap_or_else(|e| panic!("dead {dead}: page {page} at node {}: {e}", node.id()));
+            assert!(buf.iter().all(|&b| b == 0), "dead {dead}: page {page}");
+        }
+        for &page in &lost {
+            let mut buf = vec![0u8; 4096];
+            let e = node
+                .read(page * 4096, &mut buf)
+                .expect_err("a lost page must be an error");
+            assert!(e.to_string().contains("page"), "{e}");
+            let e = node
+                .write(page * 4096, &[1])
+                .expect_err("a lost page must be an error");
+            assert!(e.to_string().contains("page"), "{e}");
+        }
+    }
+    drop(nodes);
+    done.store(true, SeqCst);
+}
+
+/// Dynamic scheme, four nodes: every node, node 3 included, writes its own word of pages 1
+/// and 2 in turn (through the API), counting up; node 3 is dropped mid-run, whatever it holds.
+/// For each page the survivors then either all find it lost (an error), or find every
+/// survivor's word exactly at its last count: never older data.
+#[test]
+fn node_loss_dynamic_mid_run() {
+    const WRITES: u64 = 400;
+    let done = watchdog("node_loss_dynamic_mid_run", 150);
+    let mut nodes = cluster_with(4, Scheme::Dynamic, 4 * 4096, |cfg| {
+        cfg.fault_deadline = Duration::from_secs(2);
+    });
+    let victim = nodes.pop().unwrap();
+    let barrier = &Barrier::new(4);
+    let counts: Vec<[u64; 2]> = std::thread::scope(|s| {
+        let hs: Vec<_> = nodes
+            .iter()
+            .map(|node| {
+                s.spawn(move || {
+                    let word = 8 * usize::from(node.id());
+                    let mut last = [0u64; 2];
+                    for k in 1..=WRITES {
+                        if k == WRITES / 3 {
+                            barrier.wait();
+                        }
+                        for (i, page) in [1usize, 2].into_iter().enumerate() {
+                            if last[i] == k - 1
+                                && node.write(page * 4096 + word, &k.to_le_bytes()).is_ok()
+                            {
+                                last[i] = k;
+                            }
+                        }
+                        std::thread::yield_now();
+                    }
+                    last
+                })
+            })
+            .collect();
+        s.spawn(move || {
+            for k in 1..=WRITES {
+                if k == WRITES / 3 {
+                    barrier.wait();
+                    drop(victim);
+                    return;
+                }
+                for page in [1usize, 2] {
+                    let _ = victim.write(page * 4096 + 24, &k.to_le_bytes());
+                }
+                std::thread::yield_now();
+            }
+        });
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for node in &nodes {
+        while node.is_up(3) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    for (i, page) in [1usize, 2].into_iter().enumerate() {
+        let seen: Vec<Option<Vec<u64>>> = nodes
+            .iter()
+            .map(|node| {
+                let mut buf = vec![0u8; 24];
+                node.read(page * 4096, &mut buf).ok().map(|_| {
+                    buf.chunks(8)
+                        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+                        .collect()
+                })
+            })
+            .collect();
+        let want: Vec<u64> = counts.iter().map(|c| c[i]).collect();
+        eprintln!("page {page}: wrote {want:?}, read {seen:?}");
+        if seen.iter().all(Option::is_none) {
+            continue;
+        }
+        for (n, s) in seen.iter().enumerate() {
+            assert_eq!(s.as_ref(), Some(&want), "page {page} at node {n}");
+        }
+    }
+    drop(nodes);
+    done.store(true, SeqCst);
+}
+
+#[test]
+fn node_loss_dynamic_chain() {
+    // The heir is node 0, then node 1 (node 0 died).
+    for dead in [2, 0] {
+        dynamic_chain(dead);
+    }
+}
+
+/// The node of [`netns_node_killed`], a child process: node 2 (the victim) becomes the only
+/// holder of page 2, says `READY`, then reads the counter page until it is killed; the others
+/// add to a counter on page 0 (saying `HALF` a third of the way), wait until the victim is
+/// down, and print the counter and whether page 2 is reported lost.
+#[test]
+fn child_node_loss() {
+    if !memsync_testkit::child::is_child("DSM_CHILD", "loss") {
+        return;
+    }
+    let var = |k: &str| std::env::var(k).unwrap();
+    let id: u16 = var("DSM_ID").parse().unwrap();
+    let peers: Vec<String> = var("DSM_PEERS").split(',').map(str::to_owned).collect();
+    let scheme: Scheme = var("DSM_SCHEME").parse().unwrap();
+    let adds: u64 = var("DSM_ADDS").parse().unwrap();
+    let mut cfg = DsmConfig::new(id, peers, scheme, 4 * 4096);
+    cfg.connect_timeout = Duration::from_secs(30);
+    cfg.fault_deadline = Duration::from_secs(3);
+    let node = Node::bind_and_start(cfg).unwrap();
+    if id == 2 {
+        node.write(2 * 4096, &[0x5a; 4096]).unwrap();
+        println!("READY");
+        loop {
+            let _ = node.atomic_u64(0).load(SeqCst);
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    std::thread::scope(|s| {
+        for t in 0..2 {
+            let node = &node;
+            s.spawn(move || {
+                for k in 0..adds {
+                    if t == 0 && k == adds / 3 {
+                        println!("HALF");
+                    }
+                    node.atomic_u64(0).fetch_add(1, SeqCst);
+                    std::thread::yield_now();
+                }
+            });
+        }
+    });
+    while node.is_up(2) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The other survivor's increments.
+    while node.atomic_u64(0).load(SeqCst) < 2 * adds * 2 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut buf = vec![0u8; 4096];
+    let lost = node.read(2 * 4096, &mut buf).is_err();
+    println!("RESULT {} {lost}", node.atomic_u64(0).load(SeqCst));
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut rest);
+    drop(node);
+}
+
+/// Three node processes in two network namespaces, for each scheme: node 2 is SIGKILLed
+/// while the other two add to a counter (node 2 holds read copies of its page); they carry
+/// on, the counter ends at exactly their sum, and the page whose only copy was on node 2 is
+/// reported lost.
+#[test]
+fn netns_node_killed() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let Some(ns) = memsync_testkit::netns::Netns::create("netns_node_killed", 17) else {
+        return;
+    };
+    let done = watchdog("netns_node_killed", 240);
+    let exe = std::env::current_exe().unwrap();
+    const ADDS: u64 = 1500;
+    for scheme in Scheme::ALL {
+        let n = 3usize;
+        let place = |i: usize| {
+            if i.is_multiple_of(2) {
+                (&ns.a, &ns.a_addr)
+            } else {
+                (&ns.b, &ns.b_addr)
+            }
+        };
+        let peers: Vec<String> = (0..n)
+            .map(|i| format!("{}:{}", place(i).1, 17100 + i))
+            .collect();
+        let mut kids: Vec<_> = (0..n)
+            .map(|i| {
+                Command::new("ip")
+                    .args(["netns", "exec", place(i).0])
+                    .arg(&exe)
+                    .args([
+                        "--exact",
+                        "child_node_loss",
+                        "--nocapture",
+                        "--test-threads=1",
+                    ])
+                    .env("DSM_CHILD", "loss")
+                    .env("DSM_ID", i.to_string())
+                    .env("DSM_PEERS", peers.join(","))
+                    .env("DSM_SCHEME", scheme.to_string())
+                    .env("DSM_ADDS", ADDS.to_string())
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        // Every line of every child, tagged with the child's index.
+        let (tx, rx) = std::sync::mpsc::channel::<(usize, String)>();
+        for (i, k) in kids.iter_mut().enumerate() {
+            let out = std::io::BufReader::new(k.stdout.take().unwrap());
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for l in out.lines().map_while(Result::ok) {
+                    let _ = tx.send((i, l));
+                }
+            });
+        }
+        drop(tx);
+        let (mut ready, mut half) = (false, 0);
+        let mut results = Vec::new();
+        let mut killed = false;
+        while results.len() < n - 1 {
+            let (i, l) = rx.recv().expect("a node ended early");
+            if l.contains("READY") {
+                ready = true;
+            } else if l.contains("HALF") {
+                half += 1;
+            } else if let Some((_, v)) = l.split_once("RESULT ") {
+                let (count, lost) = v.trim().split_once(' ').unwrap();
+                results.push((i, count.parse::<u64>().unwrap(), lost == "true"));
+            }
+            if ready && half > 0 && !killed {
+                kids[2].kill().unwrap();
+                killed = true;
+            }
+        }
+        assert!(killed, "{scheme}: node 2 was not killed before the results");
+        let _ = kids[2].wait();
+        for k in &mut kids[..2] {
+            drop(k.stdin.take());
+        }
+        for k in &mut kids[..2] {
+            assert!(k.wait().unwrap().success(), "{scheme}: a node failed");
+        }
+        let want = 2 * ADDS * 2;
+        for (i, count, lost) in results {
+            assert_eq!(count, want, "{scheme}: node {i}");
+            assert!(lost, "{scheme}: node {i} read page 2, whose only copy died");
+        }
+    }
+    done.store(true, SeqCst);
 }
 
 fn make_certs(dir: &std::path::Path, name: &str, tag: &str) {
