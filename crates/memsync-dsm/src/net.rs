@@ -4,6 +4,7 @@
 use std::fmt;
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use memsync_nbd::transport::Transport;
@@ -59,10 +60,36 @@ fn halves<T: Transport>(t: T) -> (BoxRead, BoxWrite) {
     (Box::new(r), Box::new(w))
 }
 
+/// Make a connection fail once the peer's host, or the path to it, has been silent for about
+/// `after`: TCP keepalive probes while it is idle, and `TCP_USER_TIMEOUT` for data left
+/// unacknowledged. The peer's kernel answers both, so a node that is only slow (a loaded
+/// machine, a long pause) is never declared down this way; a host that died, froze or lost
+/// its network is, without waiting for a fault deadline.
+fn detect_silence(tcp: &tokio::net::TcpStream, after: Duration) {
+    let sock = socket2::SockRef::from(tcp);
+    // Idle time, then three probes, one interval apart (the kernel counts whole seconds).
+    let probe = (after / 4).max(Duration::from_secs(1));
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(probe)
+        .with_interval(probe)
+        .with_retries(3);
+    if let Err(e) = sock
+        .set_tcp_keepalive(&keepalive)
+        .and_then(|()| sock.set_tcp_user_timeout(Some(after)))
+    {
+        tracing::warn!(error = %e, "memsync-dsm: cannot arm the silent-peer detection");
+    }
+}
+
 /// Dial `addr` (and run the TLS client handshake).
-pub(crate) async fn dial(addr: &str, tls: Option<&DsmTls>) -> io::Result<(BoxRead, BoxWrite)> {
+pub(crate) async fn dial(
+    addr: &str,
+    tls: Option<&DsmTls>,
+    dead_after: Duration,
+) -> io::Result<(BoxRead, BoxWrite)> {
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     let _ = tcp.set_nodelay(true);
+    detect_silence(&tcp, dead_after);
     match tls {
         Some(t) => {
             let s = tokio_rustls::TlsConnector::from(t.client.clone())
@@ -78,8 +105,10 @@ pub(crate) async fn dial(addr: &str, tls: Option<&DsmTls>) -> io::Result<(BoxRea
 pub(crate) async fn accepted(
     tcp: tokio::net::TcpStream,
     tls: Option<&DsmTls>,
+    dead_after: Duration,
 ) -> io::Result<(BoxRead, BoxWrite)> {
     let _ = tcp.set_nodelay(true);
+    detect_silence(&tcp, dead_after);
     match tls {
         Some(t) => {
             let s = tokio_rustls::TlsAcceptor::from(t.server.clone())

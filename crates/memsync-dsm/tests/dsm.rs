@@ -1018,9 +1018,13 @@ fn child_node_loss() {
     let peers: Vec<String> = var("DSM_PEERS").split(',').map(str::to_owned).collect();
     let scheme: Scheme = var("DSM_SCHEME").parse().unwrap();
     let adds: u64 = var("DSM_ADDS").parse().unwrap();
+    let secs = |k: &str, default: u64| {
+        Duration::from_secs(std::env::var(k).map_or(default, |v| v.parse().unwrap()))
+    };
     let mut cfg = DsmConfig::new(id, peers, scheme, 4 * 4096);
     cfg.connect_timeout = Duration::from_secs(30);
-    cfg.fault_deadline = Duration::from_secs(3);
+    cfg.fault_deadline = secs("DSM_DEADLINE", 3);
+    cfg.dead_after = secs("DSM_DEAD_AFTER", 10);
     let node = Node::bind_and_start(cfg).unwrap();
     if id == 2 {
         node.write(2 * 4096, &[0x5a; 4096]).unwrap();
@@ -1065,18 +1069,32 @@ fn child_node_loss() {
 /// reported lost.
 #[test]
 fn netns_node_killed() {
+    node_loss_in_netns("netns_node_killed", 19, false);
+}
+
+/// As [`netns_node_killed`], but node 2's host goes silent instead of its process dying: node
+/// 2, alone in its namespace, is stopped (SIGSTOP) and the link to it cut, so no FIN or RST
+/// ever comes. The others notice the silence within `dead_after` (TCP keepalive and
+/// `TCP_USER_TIMEOUT`), then carry on as when the process died.
+#[test]
+fn netns_host_silent() {
+    node_loss_in_netns("netns_host_silent", 20, true);
+}
+
+fn node_loss_in_netns(test: &'static str, tag: u8, silent: bool) {
     use std::io::BufRead;
     use std::process::{Command, Stdio};
-    let Some(ns) = memsync_testkit::netns::Netns::create("netns_node_killed", 17) else {
+    let Some(ns) = memsync_testkit::netns::Netns::create(test, tag) else {
         return;
     };
-    let done = watchdog("netns_node_killed", 240);
+    let done = watchdog(test, 300);
     let exe = std::env::current_exe().unwrap();
     const ADDS: u64 = 1500;
     for scheme in Scheme::ALL {
         let n = 3usize;
+        // Silent: node 2 alone behind the link that is cut; else the nodes alternate.
         let place = |i: usize| {
-            if i.is_multiple_of(2) {
+            if (silent && i != 2) || (!silent && i.is_multiple_of(2)) {
                 (&ns.a, &ns.a_addr)
             } else {
                 (&ns.b, &ns.b_addr)
@@ -1101,6 +1119,12 @@ fn netns_node_killed() {
                     .env("DSM_PEERS", peers.join(","))
                     .env("DSM_SCHEME", scheme.to_string())
                     .env("DSM_ADDS", ADDS.to_string())
+                    .envs(
+                        silent
+                            .then_some([("DSM_DEAD_AFTER", "2"), ("DSM_DEADLINE", "20")])
+                            .into_iter()
+                            .flatten(),
+                    )
                     .stdin(Stdio::piped())
                     .stdout(Stdio::piped())
                     .spawn()
@@ -1133,11 +1157,28 @@ fn netns_node_killed() {
                 results.push((i, count.parse::<u64>().unwrap(), lost == "true"));
             }
             if ready && half > 0 && !killed {
-                kids[2].kill().unwrap();
+                if silent {
+                    let pid = kids[2].id().to_string();
+                    let stopped = std::process::Command::new("kill")
+                        .args(["-STOP", &pid])
+                        .status()
+                        .unwrap();
+                    assert!(stopped.success(), "kill -STOP {pid}");
+                    assert!(ns.link(false), "cutting the link");
+                } else {
+                    kids[2].kill().unwrap();
+                }
                 killed = true;
             }
         }
-        assert!(killed, "{scheme}: node 2 was not killed before the results");
+        assert!(
+            killed,
+            "{scheme}: node 2 was not stopped before the results"
+        );
+        if silent {
+            let _ = kids[2].kill();
+            assert!(ns.link(true), "restoring the link");
+        }
         let _ = kids[2].wait();
         for k in &mut kids[..2] {
             drop(k.stdin.take());

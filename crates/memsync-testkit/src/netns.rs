@@ -9,6 +9,8 @@ pub struct Netns {
     pub b: String,
     pub a_addr: String,
     pub b_addr: String,
+    /// The veth ends in `a` and in `b`.
+    veth: (String, String),
 }
 
 fn ip(args: &[&str]) -> bool {
@@ -27,13 +29,14 @@ impl Netns {
         let id = std::process::id() % 10_000;
         let (a, b) = (format!("msa{id}t{tag}"), format!("msb{id}t{tag}"));
         let octet = 1 + (id * 7 + tag as u32) % 250;
+        let (va, vb) = (format!("va{id}t{tag}"), format!("vb{id}t{tag}"));
         let n = Netns {
             a: a.clone(),
             b: b.clone(),
             a_addr: format!("10.213.{octet}.1"),
             b_addr: format!("10.213.{octet}.2"),
+            veth: (va.clone(), vb.clone()),
         };
-        let (va, vb) = (format!("va{id}t{tag}"), format!("vb{id}t{tag}"));
         let up = ip(&["netns", "add", &a])
             && ip(&["netns", "add", &b])
             && ip(&[
@@ -70,6 +73,14 @@ impl Netns {
             return None;
         }
         Some(n)
+    }
+
+    /// Take the link between the two namespaces down (`up == false`: from then on nothing
+    /// passes, as when a cable is cut or a host dies) or up again; whether `ip` succeeded.
+    pub fn link(&self, up: bool) -> bool {
+        let state = if up { "up" } else { "down" };
+        ip(&["-n", &self.a, "link", "set", &self.veth.0, state])
+            && ip(&["-n", &self.b, "link", "set", &self.veth.1, state])
     }
 
     /// Move the calling thread into network namespace `ns`: sockets it makes from now on are

@@ -38,6 +38,10 @@ pub struct DsmArgs {
     /// Seconds a fault waits for its page before the access gets SIGBUS.
     #[arg(long, default_value_t = 30)]
     pub deadline: u64,
+    /// Seconds of silence (no TCP acknowledgement, no keepalive answer) after which a peer's
+    /// host is taken for dead, and its pages recovered or reported lost.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub dead_after: u64,
     /// TLS between nodes: this node's certificate (PEM), with --tls-key, --tls-ca.
     #[arg(long, requires_all = ["tls_key", "tls_ca"])]
     pub tls_cert: Option<PathBuf>,
@@ -62,6 +66,7 @@ pub fn dsm(ctx: &Context, a: DsmArgs) -> Result<()> {
     let mut cfg = DsmConfig::new(a.id, a.peers.clone(), a.manager, size);
     cfg.page_size = page;
     cfg.fault_deadline = std::time::Duration::from_secs(a.deadline);
+    cfg.dead_after = std::time::Duration::from_secs(a.dead_after);
     if let Some(url) = &a.backing {
         let store = ctx.open(url)?;
         if store.size() < size {

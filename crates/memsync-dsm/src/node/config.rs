@@ -33,6 +33,10 @@ pub struct DsmConfig {
     pub backing: Option<DynStore>,
     /// How long to wait for every peer to connect.
     pub connect_timeout: Duration,
+    /// A peer whose host or network stays silent this long is down (TCP keepalive and
+    /// `TCP_USER_TIMEOUT` on every connection; a peer that is merely slow still answers at
+    /// the TCP level and is never declared down). Default 10 s; whole seconds, at least 1.
+    pub dead_after: Duration,
     /// How long a fault may wait for its page before the access gets `SIGBUS` (and the API
     /// an error).
     pub fault_deadline: Duration,
@@ -59,6 +63,7 @@ impl DsmConfig {
             tls: None,
             backing: None,
             connect_timeout: Duration::from_secs(30),
+            dead_after: Duration::from_secs(10),
             fault_deadline: Duration::from_secs(30),
             handler_threads: 4,
             check_versions: true,

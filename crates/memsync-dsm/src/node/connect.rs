@@ -207,11 +207,12 @@ pub(super) async fn connect(
     let higher = shared.nodes - usize::from(me) - 1;
     let tls = cfg.tls.clone();
     let tls2 = cfg.tls.clone();
+    let dead_after = cfg.dead_after;
     let accept = async {
         let mut got = 0;
         while got < higher {
             let (tcp, _) = listener.accept().await?;
-            let (mut r, w) = match net::accepted(tcp, tls.as_ref()).await {
+            let (mut r, w) = match net::accepted(tcp, tls.as_ref(), dead_after).await {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::warn!(error = %e, "memsync-dsm: handshake of an incoming connection failed");
@@ -233,7 +234,7 @@ pub(super) async fn connect(
         for n in 0..me {
             let addr = &cfg.peers[usize::from(n)];
             let (r, w) = loop {
-                match net::dial(addr, tls2.as_ref()).await {
+                match net::dial(addr, tls2.as_ref(), cfg.dead_after).await {
                     Ok(x) => break x,
                     Err(e) if tokio::time::Instant::now() < deadline => {
                         tracing::debug!(error = %e, addr, "memsync-dsm: dial failed, retrying");
