@@ -1121,7 +1121,7 @@ fn node_loss_in_netns(test: &'static str, tag: u8, silent: bool) {
                     .env("DSM_ADDS", ADDS.to_string())
                     .envs(
                         silent
-                            .then_some([("DSM_DEAD_AFTER", "2"), ("DSM_DEADLINE", "20")])
+                            .then_some([("DSM_DEAD_AFTER", "2"), ("DSM_DEADLINE", "10")])
                             .into_iter()
                             .flatten(),
                     )
