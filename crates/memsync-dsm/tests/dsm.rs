@@ -547,6 +547,48 @@ fn child_node() {
     drop(node);
 }
 
+/// Starts `n` node processes (the test `child`, with `DSM_CHILD=tag`), node `i` in namespace
+/// `a` where `in_a(i)`, else in `b`; every node gets its id, the peers, the scheme and `env`.
+fn spawn_nodes(
+    ns: &memsync_testkit::netns::Netns,
+    n: usize,
+    in_a: &dyn Fn(usize) -> bool,
+    child: &str,
+    tag: &str,
+    scheme: Scheme,
+    env: &[(&str, String)],
+) -> Vec<std::process::Child> {
+    use std::process::{Command, Stdio};
+    let exe = std::env::current_exe().unwrap();
+    let place = |i: usize| {
+        if in_a(i) {
+            (&ns.a, &ns.a_addr)
+        } else {
+            (&ns.b, &ns.b_addr)
+        }
+    };
+    let peers: Vec<String> = (0..n)
+        .map(|i| format!("{}:{}", place(i).1, 17000 + i))
+        .collect();
+    (0..n)
+        .map(|i| {
+            Command::new("ip")
+                .args(["netns", "exec", place(i).0])
+                .arg(&exe)
+                .args(["--exact", child, "--nocapture", "--test-threads=1"])
+                .env("DSM_CHILD", tag)
+                .env("DSM_ID", i.to_string())
+                .env("DSM_PEERS", peers.join(","))
+                .env("DSM_SCHEME", scheme.to_string())
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
 /// Runs `n` nodes of `work` as `n` processes in the two namespaces of `ns` (joined by a veth
 /// pair; the nodes alternate between them) and returns each node's `RESULT` lines, once every
 /// node printed them and exited successfully.
@@ -559,36 +601,10 @@ fn netns_run(
     env: &[(&str, String)],
 ) -> Vec<Vec<String>> {
     use std::io::BufRead;
-    use std::process::{Command, Stdio};
-    let exe = std::env::current_exe().unwrap();
-    let place = |i: usize| {
-        if i.is_multiple_of(2) {
-            (&ns.a, &ns.a_addr)
-        } else {
-            (&ns.b, &ns.b_addr)
-        }
-    };
-    let peers: Vec<String> = (0..n)
-        .map(|i| format!("{}:{}", place(i).1, 17000 + i))
-        .collect();
-    let mut kids: Vec<_> = (0..n)
-        .map(|i| {
-            Command::new("ip")
-                .args(["netns", "exec", place(i).0])
-                .arg(&exe)
-                .args(["--exact", "child_node", "--nocapture", "--test-threads=1"])
-                .env("DSM_CHILD", "node")
-                .env("DSM_ID", i.to_string())
-                .env("DSM_PEERS", peers.join(","))
-                .env("DSM_SCHEME", scheme.to_string())
-                .env("DSM_WORK", work)
-                .envs(env.iter().map(|(k, v)| (k, v)))
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let alternate = |i: usize| i.is_multiple_of(2);
+    let mut env = env.to_vec();
+    env.push(("DSM_WORK", work.to_owned()));
+    let mut kids = spawn_nodes(ns, n, &alternate, "child_node", "node", scheme, &env);
     // Each child's stdout is read to its end (a closed pipe would fail the child).
     let readers: Vec<_> = kids
         .iter_mut()
@@ -1083,54 +1099,21 @@ fn netns_host_silent() {
 
 fn node_loss_in_netns(test: &'static str, tag: u8, silent: bool) {
     use std::io::BufRead;
-    use std::process::{Command, Stdio};
     let Some(ns) = memsync_testkit::netns::Netns::create(test, tag) else {
         return;
     };
     let done = watchdog(test, 300);
-    let exe = std::env::current_exe().unwrap();
     const ADDS: u64 = 1500;
     for scheme in Scheme::ALL {
         let n = 3usize;
         // Silent: node 2 alone behind the link that is cut; else the nodes alternate.
-        let place = |i: usize| {
-            if (silent && i != 2) || (!silent && i.is_multiple_of(2)) {
-                (&ns.a, &ns.a_addr)
-            } else {
-                (&ns.b, &ns.b_addr)
-            }
-        };
-        let peers: Vec<String> = (0..n)
-            .map(|i| format!("{}:{}", place(i).1, 17100 + i))
-            .collect();
-        let mut kids: Vec<_> = (0..n)
-            .map(|i| {
-                Command::new("ip")
-                    .args(["netns", "exec", place(i).0])
-                    .arg(&exe)
-                    .args([
-                        "--exact",
-                        "child_node_loss",
-                        "--nocapture",
-                        "--test-threads=1",
-                    ])
-                    .env("DSM_CHILD", "loss")
-                    .env("DSM_ID", i.to_string())
-                    .env("DSM_PEERS", peers.join(","))
-                    .env("DSM_SCHEME", scheme.to_string())
-                    .env("DSM_ADDS", ADDS.to_string())
-                    .envs(
-                        silent
-                            .then_some([("DSM_DEAD_AFTER", "2"), ("DSM_DEADLINE", "10")])
-                            .into_iter()
-                            .flatten(),
-                    )
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::piped())
-                    .spawn()
-                    .unwrap()
-            })
-            .collect();
+        let in_a = |i: usize| if silent { i != 2 } else { i.is_multiple_of(2) };
+        let mut env = vec![("DSM_ADDS", ADDS.to_string())];
+        if silent {
+            env.push(("DSM_DEAD_AFTER", "2".to_owned()));
+            env.push(("DSM_DEADLINE", "10".to_owned()));
+        }
+        let mut kids = spawn_nodes(&ns, n, &in_a, "child_node_loss", "loss", scheme, &env);
         // Every line of every child, tagged with the child's index.
         let (tx, rx) = std::sync::mpsc::channel::<(usize, String)>();
         for (i, k) in kids.iter_mut().enumerate() {
