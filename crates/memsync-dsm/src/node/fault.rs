@@ -236,17 +236,7 @@ impl Shared {
             if set & bit(n) == 0 || n == self.me || !self.alive[usize::from(n)].load(Relaxed) {
                 continue;
             }
-            let req = self.next_req();
-            let (tx, rx) = oneshot::channel();
-            self.pending.lock().insert(
-                req,
-                Pending {
-                    to: n,
-                    chain: false,
-                    page,
-                    tx,
-                },
-            );
+            let (req, rx) = self.expect_answer(n, page);
             self.stats.invalidations_sent.fetch_add(1, Relaxed);
             self.send(
                 n,

@@ -9,10 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use memsync_region::ChunkState;
-use tokio::sync::oneshot;
 
 use super::config::Access;
-use super::state::{Pending, Shared, bit};
+use super::state::{Shared, bit};
 use crate::proto::{ErrorCode, Msg, NodeId, Want};
 
 /// What a node knows of a page (HAVE).
@@ -257,17 +256,7 @@ impl Shared {
             if n == self.me || !self.alive[usize::from(n)].load(Relaxed) {
                 continue;
             }
-            let req = self.next_req();
-            let (tx, rx) = oneshot::channel();
-            self.pending.lock().insert(
-                req,
-                Pending {
-                    to: n,
-                    chain: false,
-                    page,
-                    tx,
-                },
-            );
+            let (req, rx) = self.expect_answer(n, page);
             self.send(n, Msg::Who { req, page, down });
             waits.push((n, req, rx));
         }
@@ -359,17 +348,7 @@ impl Shared {
             let took = if node == self.me {
                 self.take(page, version, copy_v, copyset)
             } else {
-                let req = self.next_req();
-                let (tx, rx) = oneshot::channel();
-                self.pending.lock().insert(
-                    req,
-                    Pending {
-                        to: node,
-                        chain: false,
-                        page,
-                        tx,
-                    },
-                );
+                let (req, rx) = self.expect_answer(node, page);
                 self.send(
                     node,
                     Msg::Take {

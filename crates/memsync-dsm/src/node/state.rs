@@ -176,6 +176,24 @@ impl Shared {
         self.next_req.fetch_add(1, Relaxed)
     }
 
+    /// A new request id for a message to `to` about `page`, registered so that its answer
+    /// (PAGE, INV_ACK, ERROR or HAVE carrying that id) arrives on the returned receiver, and
+    /// fails when `to` goes down.
+    pub(super) fn expect_answer(&self, to: NodeId, page: u64) -> (u64, oneshot::Receiver<Msg>) {
+        let req = self.next_req();
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().insert(
+            req,
+            Pending {
+                to,
+                chain: false,
+                page,
+                tx,
+            },
+        );
+        (req, rx)
+    }
+
     pub(super) fn send(self: &Arc<Self>, to: NodeId, m: Msg) {
         self.stats.messages_sent.fetch_add(1, Relaxed);
         if tracing::enabled!(tracing::Level::TRACE) {
