@@ -667,9 +667,11 @@ impl Dest<'_> {
         if postcopy {
             self.report.postcopy = true;
             self.report.missing_at_switchover = self.missing.count();
+            let t = std::time::Instant::now();
             self.sh
                 .target
                 .begin_postcopy(&self.missing, self.faults.clone());
+            tracing::debug!("migrate: post-copy switch-over took {:?}", t.elapsed());
             self.sh.postcopy.store(true, Relaxed);
         } else {
             self.sh.target.flush().await?;

@@ -20,11 +20,7 @@ impl ChunkSet {
     }
 
     pub fn full(len: u64) -> Self {
-        let mut s = ChunkSet::new(len);
-        for i in 0..len {
-            s.insert(i);
-        }
-        s
+        ChunkSet::new(len).complement()
     }
 
     pub fn len(&self) -> u64 {
@@ -118,18 +114,40 @@ impl ChunkSet {
         }
     }
 
+    /// Removes every member of `other`.
+    pub fn subtract(&mut self, other: &ChunkSet) {
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a &= !b;
+        }
+    }
+
+    /// Keeps only the members whose bit is set in `words` (least significant bit first, bit
+    /// `i` in word `i / 64`, as `memsync_core::ChunkBitmap::words` gives them).
+    pub fn intersect_words(&mut self, words: &[u64]) {
+        for (k, a) in self.words.iter_mut().enumerate() {
+            *a &= words.get(k).copied().unwrap_or(0);
+        }
+    }
+
     /// The wire form: segments of at most [`MAX_BITS`] chunks covering `0..len`.
+    ///
+    /// Word at a time (a segment starts on a multiple of 64, as `MAX_BITS` is one): the sets of
+    /// a post-copy switch-over are built and sent while the application is suspended, and a
+    /// 1 GiB region has 262144 chunks of 4 KiB.
     pub fn segments(&self) -> Vec<Segment> {
+        const _: () = assert!(MAX_BITS % 64 == 0);
         let mut out = Vec::new();
         let mut first = 0u64;
         while first < self.len {
             let count = (self.len - first).min(MAX_BITS as u64) as u32;
-            let mut bits = vec![0u8; count.div_ceil(8) as usize];
-            for k in 0..count as u64 {
-                if self.contains(first + k) {
-                    bits[(k / 8) as usize] |= 1 << (k % 8);
-                }
+            let nbytes = count.div_ceil(8) as usize;
+            let w0 = (first / 64) as usize;
+            let mut bits = Vec::with_capacity(nbytes + 8);
+            for w in &self.words[w0..w0 + nbytes.div_ceil(8)] {
+                bits.extend_from_slice(&w.to_le_bytes());
             }
+            // Bits past `len` are always clear in `words`.
+            bits.truncate(nbytes);
             out.push(Segment {
                 first,
                 count,
@@ -151,8 +169,25 @@ impl ChunkSet {
                 s.first, s.count, self.len
             ));
         }
-        for i in s.ones() {
-            self.insert(i);
+        if !s.first.is_multiple_of(64) {
+            for i in s.ones() {
+                self.insert(i);
+            }
+            return Ok(());
+        }
+        // Word at a time, as in `segments`; bits past `count` are ignored.
+        let w0 = (s.first / 64) as usize;
+        let full_words = (s.count / 64) as usize;
+        for k in 0..(s.count as usize).div_ceil(64) {
+            let mut b = [0u8; 8];
+            let src = s.bits.get(k * 8..).unwrap_or(&[]);
+            let n = src.len().min(8);
+            b[..n].copy_from_slice(&src[..n]);
+            let mut w = u64::from_le_bytes(b);
+            if k == full_words {
+                w &= (1u64 << (s.count % 64)) - 1;
+            }
+            self.words[w0 + k] |= w;
         }
         Ok(())
     }
@@ -182,6 +217,59 @@ mod tests {
                 prop_assert!(s.next_from(m).is_some());
                 prop_assert_eq!(s.next_from(m + 1 ).map(|x| s.contains(x)), Some(true));
             }
+        }
+    }
+
+    proptest! {
+        /// The word-at-a-time `apply` equals setting each bit `Segment::ones` names, for
+        /// aligned and unaligned segments, bit strings short of `count` and junk bits past it.
+        #[test]
+        fn apply_matches_bit_by_bit(
+            len in 1u64..3000,
+            // Half the segments start on a word (the fast path), half anywhere.
+            first in prop_oneof![(0u64..47).prop_map(|k| k * 64), 0u64..3000],
+            count in 1u32..1500,
+            bits in proptest::collection::vec(any::<u8>(), 0..200),
+            before in proptest::collection::vec(0u64..3000, 0..50),
+        ) {
+            let seg = Segment { first, count, bits: Bytes::from(bits) };
+            let mut fast = ChunkSet::new(len);
+            for &m in &before {
+                fast.insert(m);
+            }
+            let mut slow = fast.clone();
+            let r = fast.apply(&seg);
+            prop_assert_eq!(r.is_ok(), first + count as u64 <= len);
+            if r.is_ok() {
+                for i in seg.ones() {
+                    slow.insert(i);
+                }
+            }
+            prop_assert_eq!(&fast, &slow);
+        }
+
+        #[test]
+        fn full_subtract_and_intersect_agree_with_membership(
+            len in 1u64..3000,
+            a in proptest::collection::vec(0u64..3000, 0..100),
+            b in proptest::collection::vec(0u64..3000, 0..100),
+        ) {
+            let (mut x, mut y) = (ChunkSet::new(len), ChunkSet::new(len));
+            a.iter().for_each(|&i| { x.insert(i); });
+            b.iter().for_each(|&i| { y.insert(i); });
+            let full = ChunkSet::full(len);
+            prop_assert_eq!(full.count(), len);
+            let mut d = x.clone();
+            d.subtract(&y);
+            let mut n = x.clone();
+            n.intersect_words(&y.words);
+            for i in 0..len {
+                prop_assert_eq!(d.contains(i), x.contains(i) && !y.contains(i));
+                prop_assert_eq!(n.contains(i), x.contains(i) && y.contains(i));
+            }
+            let mut short = x.clone();
+            short.intersect_words(&[]);
+            prop_assert!(short.is_empty());
         }
     }
 

@@ -800,10 +800,8 @@ impl Source<'_> {
             // The destination keeps what the early DIRTY segments named.
             let fresh = match &early {
                 Some(e) => {
-                    let mut f = ChunkSet::new(chunks);
-                    for i in dirty.iter().filter(|&i| !e.contains(i)) {
-                        f.insert(i);
-                    }
+                    let mut f = dirty.clone();
+                    f.subtract(e);
                     f
                 }
                 None => dirty.clone(),
@@ -834,6 +832,7 @@ impl Source<'_> {
                 m => return Err(err(format!("expected SWITCHED, got {}", m.name()))),
             }
         }
+        tracing::debug!("migrate: switched {:?} after the suspend", t_suspend.elapsed());
         // The urgent connection stays open in a stop-and-copy too: the destination takes its
         // close before the commit for a failure and would abort.
         let needed = if postcopy {
@@ -998,6 +997,11 @@ impl Source<'_> {
             Err(e) => tracing::warn!("migrate: waiting for RESUMED: {}", e.chain()),
         }
         rep.downtime = t_suspend.elapsed();
+        tracing::debug!(
+            "migrate: downtime {:?} ({} chunks left for post-copy)",
+            rep.downtime,
+            post.needed.lock().count()
+        );
         self.progress.phase(
             "post-copy",
             post.needed.lock().count() * self.layout.chunk_size,
