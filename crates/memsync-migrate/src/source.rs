@@ -832,7 +832,10 @@ impl Source<'_> {
                 m => return Err(err(format!("expected SWITCHED, got {}", m.name()))),
             }
         }
-        tracing::debug!("migrate: switched {:?} after the suspend", t_suspend.elapsed());
+        tracing::debug!(
+            "migrate: switched {:?} after the suspend",
+            t_suspend.elapsed()
+        );
         // The urgent connection stays open in a stop-and-copy too: the destination takes its
         // close before the commit for a failure and would abort.
         let needed = if postcopy {
