@@ -146,10 +146,10 @@ for mode in "netlink 1" "netlink 4" "ioctl 1" "ioctl 4"; do
   detach
   cmp $STORE /tmp/shadow || fail "$1, $2 connection(s): the store differs after the detach"
   # The kernel retries a request unanswered within --io-timeout (60 s) on another connection,
-  # so a lost reply passes every check above, only slower. Seen once in four 6.1 runs (netlink,
-  # 4 connections), never in 58 rounds of a reproduction loop since (README, "Known problem"):
-  # reported (DEVICE-STALL, printed by the test as a warning) with the evidence to find it, the
-  # kernel's nbd trace of every request that got no reply header.
+  # so a lost reply passes every check above, only slower. Seen on 6.1 only (netlink, 4
+  # connections), rarely, cause not found (README, "Known problem"): reported (DEVICE-STALL,
+  # printed by the test as a warning) with the evidence to find it, the kernel's log and its nbd
+  # trace of every request sent that got no reply header.
   if dmesg | grep -q 'timed out'; then
     echo "DEVICE-STALL $1, $2 connection(s): a request went unanswered for 60 s"
     dmesg | grep -i 'nbd' | tail -20
