@@ -113,7 +113,7 @@ fi
 # header for.
 unanswered() {
   [ -n "$TRACE" ] || { echo "(no nbd tracepoints in this kernel)"; return; }
-  echo "--- nbd trace of the requests without a reply header"
+  echo "--- nbd trace ($(grep -c nbd_ "$TRACE/trace") events this round) of the requests without a reply header"
   awk '{ if (match($0, /handle 0x[0-9a-f]+/)) { h = substr($0, RSTART + 7, RLENGTH - 7)
            l[h] = l[h] $0 "\n"; if ($0 ~ /nbd_header_received/) got[h] = 1 } }
        END { for (h in l) if (!(h in got)) printf "%s", l[h] }' "$TRACE/trace"
