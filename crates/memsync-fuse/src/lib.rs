@@ -433,11 +433,45 @@ pub fn mount(
     cfg.n_threads = Some(opts.threads.max(1));
     cfg.clone_fd = true;
     let session = fuser::spawn_mount(fs, mountpoint, &cfg)?;
+    let file = mountpoint.join(&opts.name);
+    lift_strict_dirty_limit(&file);
     Ok(FuseMount {
         session: Some(session),
         mountpoint: mountpoint.to_path_buf(),
-        file: mountpoint.join(&opts.name),
+        file,
     })
+}
+
+/// The kernel gives every FUSE mount a strict dirty limit of its own (`strict_limit` in
+/// `/sys/class/bdi/MAJ:MIN`: 1% of the dirty threshold, with throttling from about half of it),
+/// meant for servers that may be slow or hostile. Here the server is this process, and a writer
+/// through a shared mapping that had dirtied more than that waited in `balance_dirty_pages`
+/// while single pages were written back (see `docs/perf.md`). Without it the mount still counts
+/// against the global dirty limits and keeps its 1% share under global pressure, and `fsync`
+/// still writes back every page. Only root may write the knob; without it the mount works,
+/// slower.
+fn lift_strict_dirty_limit(file: &Path) {
+    // The `stat` waits for the INIT exchange, and so the mount's device exists.
+    let dev = match std::fs::metadata(file) {
+        Ok(m) => std::os::unix::fs::MetadataExt::dev(&m),
+        Err(e) => {
+            tracing::debug!("fuse: stat {}: {e}", file.display());
+            return;
+        }
+    };
+    let knob = bdi_dir(dev).join("strict_limit");
+    if let Err(e) = std::fs::write(&knob, "0") {
+        tracing::debug!("fuse: writing 0 to {}: {e}", knob.display());
+    }
+}
+
+/// The sysfs directory of the backing device of a FUSE mount whose files have device `dev`.
+pub fn bdi_dir(dev: u64) -> PathBuf {
+    PathBuf::from(format!(
+        "/sys/class/bdi/{}:{}",
+        rustix::fs::major(dev),
+        rustix::fs::minor(dev)
+    ))
 }
 
 impl FuseMount {

@@ -236,6 +236,70 @@ fn mmap_shared_writes_reach_the_store_with_msync() {
     assert!(reached, "the store after msync");
 }
 
+/// The mount lifts the kernel's strict per-mount dirty limit (`strict_limit` of its backing
+/// device), which held mmap writers once they had dirtied 1% of the dirty threshold.
+#[test]
+fn the_mount_has_no_strict_dirty_limit() {
+    if !can_mount("the_mount_has_no_strict_dirty_limit") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt as _;
+    let m = mem_mount(1 << 20, 8);
+    let dev = std::fs::metadata(m.mount.file_path()).unwrap().dev();
+    let knob = memsync_fuse::bdi_dir(dev).join("strict_limit");
+    let v = std::fs::read_to_string(&knob).unwrap();
+    assert_eq!(v.trim(), "0", "{}", knob.display());
+}
+
+/// Two threads write every page of a shared mapping of a 96 MiB file, in random order (more
+/// dirty pages than the kernel's strict FUSE limit allowed, about 1% of the dirty threshold);
+/// after `fsync` the store equals the model byte for byte.
+#[test]
+fn concurrent_mmap_writers_reach_the_store_with_fsync() {
+    if !can_mount("concurrent_mmap_writers_reach_the_store_with_fsync") {
+        return;
+    }
+    use rand::seq::SliceRandom as _;
+    use rand::{RngCore as _, SeedableRng as _};
+    use std::os::fd::AsFd;
+    let size = 96 << 20;
+    let m = mem_mount(size, 9);
+    let f = m.open();
+    let map = memsync_sys::Mapping::shared_fd(f.as_fd(), size, 0).unwrap();
+    let pages = size / 4096;
+    let models: Vec<Vec<(usize, Vec<u8>)>> = std::thread::scope(|s| {
+        let writers: Vec<_> = (0..2usize)
+            .map(|t| {
+                let map = &map;
+                s.spawn(move || {
+                    let mut rng = rand::rngs::SmallRng::seed_from_u64(t as u64);
+                    let mut mine: Vec<usize> = (t..pages).step_by(2).collect();
+                    mine.shuffle(&mut rng);
+                    mine.into_iter()
+                        .map(|p| {
+                            // Part of a page, so that the rest must come from the store.
+                            let mut d = vec![0u8; 1000];
+                            rng.fill_bytes(&mut d);
+                            let off = p * 4096 + (p % 3) * 1000;
+                            map.write_at(off, &d);
+                            (off, d)
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        writers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    f.sync_all().unwrap();
+    let mut model = m.data.clone();
+    for (off, d) in models.into_iter().flatten() {
+        model[off..off + d.len()].copy_from_slice(&d);
+    }
+    let reached = m.store_bytes() == model;
+    drop(map);
+    assert!(reached, "the store after fsync");
+}
+
 /// A store that fails a read or a write makes the system call fail with EIO; the file never
 /// returns other bytes, and once the store answers again the bytes are the store's.
 #[test]
