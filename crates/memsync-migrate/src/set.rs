@@ -135,7 +135,7 @@ impl ChunkSet {
     /// a post-copy switch-over are built and sent while the application is suspended, and a
     /// 1 GiB region has 262144 chunks of 4 KiB.
     pub fn segments(&self) -> Vec<Segment> {
-        const _: () = assert!(MAX_BITS % 64 == 0);
+        const _: () = assert!(MAX_BITS.is_multiple_of(64));
         let mut out = Vec::new();
         let mut first = 0u64;
         while first < self.len {
