@@ -142,6 +142,11 @@ impl StoreMeta {
                 )));
             }
             (Some(FORMAT), v) => return Err(bad(format!("version {v:?} is not valid"))),
+            // A version-0 record never had an identity: one with an id= line was not written
+            // by memsync (and would be written back as version 1, changing its meaning).
+            (Some(LEGACY_DIR_FORMAT), None) if id.is_some() => {
+                return Err(bad(format!("id= in a {LEGACY_DIR_FORMAT:?} record")));
+            }
             (Some(LEGACY_DIR_FORMAT), None) => 0,
             (f, _) => return Err(bad(format!("format is {f:?}, expected {FORMAT:?}"))),
         };
@@ -376,6 +381,19 @@ mod tests {
         );
         let e = MetaInit::from_url(&u("dir:/x?init=yes")).unwrap_err();
         assert!(e.to_string().contains("init"), "{e}");
+    }
+
+    /// Found by `parse_never_panics_textish`: a legacy record with an id= line parsed as
+    /// version 0 with an identity, which encodes as version 1.
+    #[test]
+    fn a_legacy_record_with_an_id_is_refused() {
+        let s = "chunk=1\nsize=0\nformat=memsync-dir 1\nid=0a000aa00aa0a0aaaaaa0a000a0aaaa0\n";
+        let e = StoreMeta::parse(s.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("id="), "{e}");
+        let legacy = "format=memsync-dir 1\nsize=4096\nchunk=1024\n";
+        let m = StoreMeta::parse(legacy.as_bytes()).unwrap();
+        assert_eq!((m.version, m.id), (0, None));
+        assert_eq!(StoreMeta::parse(m.encode().as_bytes()).unwrap(), m);
     }
 
     proptest! {
