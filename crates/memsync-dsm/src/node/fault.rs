@@ -161,14 +161,7 @@ impl Shared {
                 // A late grant handed to this request (see `dispatch`): the owner now.
                 self.invalidate_copies(page, copyset, version).await;
                 let mut st = self.slot(page).st.lock();
-                st.owner = true;
-                st.version = version;
-                st.prob = self.me;
-                st.prob_v = version;
-                st.copyset = 0;
-                st.stash = Some(data.clone());
-                st.granted = false;
-                st.lost = false;
+                st.take_grant(self.me, version, data.clone());
                 st.access = Access::Read;
                 st.installing = true;
                 buf.copy_from_slice(&data);
@@ -316,17 +309,10 @@ impl Shared {
                     ..
                 } if data.len() == self.page => {
                     self.invalidate_copies(page, copyset, version).await;
-                    {
-                        let mut st = self.slot(page).st.lock();
-                        st.owner = true;
-                        st.version = version;
-                        st.prob = self.me;
-                        st.prob_v = version;
-                        st.copyset = 0;
-                        st.stash = Some(data.clone());
-                        st.granted = false;
-                        st.lost = false;
-                    }
+                    self.slot(page)
+                        .st
+                        .lock()
+                        .take_grant(self.me, version, data.clone());
                     let installed = match region.chunk_state(page as usize) {
                         // Our read copy is the current data: nobody wrote since it was served.
                         ChunkState::Present => true,

@@ -51,6 +51,21 @@ pub(super) struct PageState {
     pub(super) parked: Option<Msg>,
 }
 
+impl PageState {
+    /// A grant (PAGE with ownership at `version`) taken by node `me`, whose copies are
+    /// invalidated: `data` is kept as the owner's copy until it is installed.
+    pub(super) fn take_grant(&mut self, me: NodeId, version: u64, data: Bytes) {
+        self.owner = true;
+        self.version = version;
+        self.prob = me;
+        self.prob_v = version;
+        self.copyset = 0;
+        self.stash = Some(data);
+        self.granted = false;
+        self.lost = false;
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct Slot {
     /// One local operation on the page at a time (a fault's request, a write upgrade, serving
