@@ -3,7 +3,6 @@
 //! (faults paused, never failed) for the source to reconnect after a cut. The state machine is
 //! drawn in `PROTOCOL.md`.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -89,8 +88,6 @@ struct Shared {
     received: AtomicU64,
     postcopy: AtomicBool,
     layout: Mutex<Option<Layout>>,
-    outstanding: Mutex<BTreeSet<u64>>,
-    requests: tokio::sync::Mutex<mpsc::UnboundedReceiver<u64>>,
 }
 
 impl Shared {
@@ -121,7 +118,7 @@ pub async fn receive(
     cfg: &DestConfig,
 ) -> Result<DestReport> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Ev>();
-    let (faults, requests) = Faults::new();
+    let faults = Faults::new();
     let sh = Arc::new(Shared {
         target: target.clone(),
         start: Instant::now(),
@@ -129,8 +126,6 @@ pub async fn receive(
         received: AtomicU64::new(0),
         postcopy: AtomicBool::new(false),
         layout: Mutex::new(None),
-        outstanding: Mutex::new(BTreeSet::new()),
-        requests: tokio::sync::Mutex::new(requests),
     });
     // Accept and read HELLOs off the main loop, so a slow or silent client blocks nobody.
     let acceptor = {
@@ -439,7 +434,7 @@ impl Dest<'_> {
             }
             Role::Urgent => {
                 self.spawn_data(c.r, Role::Urgent);
-                self.spawn_requests(c.w);
+                self.attach_requests(c.w);
                 Ok(false)
             }
         }
@@ -544,43 +539,20 @@ impl Dest<'_> {
         }));
     }
 
-    /// The urgent writer: sends the requests of readers waiting for missing chunks, first again
-    /// every request still outstanding from before a reconnection.
-    fn spawn_requests(&mut self, w: BoxWrite) {
+    /// The urgent connection's writing half goes to the fault path, which writes requests from
+    /// the asking threads; outstanding requests from before a reconnection go first.
+    fn attach_requests(&mut self, w: BoxWrite) {
         let g = self.generation;
         let tx = self.tx.clone();
         let sh = self.sh.clone();
+        let faults = self.faults.clone();
         self.tasks.push(tokio::spawn(async move {
-            let mut w = BufWriter::with_capacity(4096, w);
-            let no = AtomicU64::new(0);
-            let mut rx = sh.requests.lock().await;
             let held = sh.target.held();
-            let again: Vec<u64> = {
-                let mut o = sh.outstanding.lock();
-                o.retain(|i| !held.contains(*i));
-                o.iter().copied().collect()
-            };
-            for index in again {
-                if let Err(e) = write_msg(&mut w, &Msg::Request { index }, &no).await {
+            faults
+                .attach(w, &held, move |e| {
                     let _ = tx.send(Ev::Lost(g, format!("urgent: {e}")));
-                    return;
-                }
-            }
-            if let Err(e) = w.flush().await {
-                let _ = tx.send(Ev::Lost(g, format!("urgent: {e}")));
-                return;
-            }
-            while let Some(index) = rx.recv().await {
-                sh.outstanding.lock().insert(index);
-                let mut r = write_msg(&mut w, &Msg::Request { index }, &no).await;
-                if r.is_ok() && rx.is_empty() {
-                    r = w.flush().await;
-                }
-                if let Err(e) = r {
-                    let _ = tx.send(Ev::Lost(g, format!("urgent: {e}")));
-                    return;
-                }
-            }
+                })
+                .await;
         }));
     }
 

@@ -237,7 +237,7 @@ impl ChunkSource for Incoming {
             };
             let t = Instant::now();
             if let Some(f) = &faults {
-                f.request(i);
+                f.request(i).await;
             }
             let a = rx.await.map_err(|_| {
                 StoreError::backend(format!("the migration ended before chunk {i} arrived"))
@@ -514,11 +514,13 @@ impl Target for RegionTarget {
                 st.stash.retain(|&i, _| !missing.contains(i));
             }
             // Faults that came too early ask now.
-            for &i in st.waiters.keys() {
-                if missing.contains(i) {
-                    faults.request(i);
-                }
-            }
+            faults.request_later(
+                st.waiters
+                    .keys()
+                    .copied()
+                    .filter(|&i| missing.contains(i))
+                    .collect(),
+            );
             st.faults = Some(faults);
             st.postcopy = true;
             let mut p = missing.clone();
