@@ -94,7 +94,10 @@ impl Faults {
         if indices.is_empty() {
             return;
         }
-        self.inner.outstanding.lock().extend(indices.iter().copied());
+        self.inner
+            .outstanding
+            .lock()
+            .extend(indices.iter().copied());
         let f = self.clone();
         match tokio::runtime::Handle::try_current() {
             Ok(h) => {

@@ -85,8 +85,12 @@ async fn a_live_region_pushed_round_by_round_ends_equal_to_the_peer() {
     // check below fail for a reason that is not the tracker's.
     let allowed = Arc::new(AtomicU64::new(PER_ROUND));
     let w = {
-        let (region, stop, writes, allowed) =
-            (region.clone(), stop.clone(), writes.clone(), allowed.clone());
+        let (region, stop, writes, allowed) = (
+            region.clone(),
+            stop.clone(),
+            writes.clone(),
+            allowed.clone(),
+        );
         std::thread::spawn(move || {
             let mut rng = rand::rngs::SmallRng::seed_from_u64(2);
             while !stop.load(Relaxed) {
