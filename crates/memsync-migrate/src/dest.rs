@@ -457,12 +457,13 @@ impl Dest<'_> {
         }));
     }
 
-    /// A bulk or urgent reader: places every chunk that arrives.
+    /// A bulk or urgent reader: places every chunk that arrives. The bulk reader runs at the
+    /// background stream's lower priority, the urgent one on the caller's runtime.
     fn spawn_data(&mut self, mut r: BoxRead, role: Role) {
         let g = self.generation;
         let tx = self.tx.clone();
         let sh = self.sh.clone();
-        self.tasks.push(tokio::spawn(async move {
+        let task = async move {
             let why = loop {
                 let m = match read_frame(&mut r, &sh.received).await {
                     Ok(Some(m)) => {
@@ -536,7 +537,12 @@ impl Dest<'_> {
                 }
             };
             let _ = tx.send(Ev::Lost(g, why));
-        }));
+        };
+        self.tasks.push(if role == Role::Bulk {
+            crate::background::spawn(task)
+        } else {
+            tokio::spawn(task)
+        });
     }
 
     /// The urgent connection's writing half goes to the fault path, which writes requests from

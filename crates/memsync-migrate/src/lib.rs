@@ -26,6 +26,7 @@
 //!
 //! [`ChangeSource`]: memsync_sync::ChangeSource
 
+mod background;
 pub mod dest;
 pub mod hooks;
 pub mod net;

@@ -1128,7 +1128,7 @@ impl Source<'_> {
         let (src, layout, sent) = (self.src.clone(), self.layout, self.sent.clone());
         let lz4 = self.lz4.clone();
         let digests = self.digests.clone();
-        tokio::spawn(async move {
+        crate::background::spawn(async move {
             loop {
                 let next = {
                     let mut n = post.needed.lock();
