@@ -13,9 +13,20 @@ use std::sync::OnceLock;
 use tokio::runtime::{Builder, Runtime};
 use tokio::task::JoinHandle;
 
-/// The background threads' nice value: a weight of about a third of a normal thread's, so the
-/// stream still gets most of an otherwise idle CPU.
-const NICE: i32 = 5;
+/// How much nicer than the process the background threads are: a weight of about a third of
+/// the process's other threads, so the stream still gets most of an otherwise idle CPU.
+const NICER: i32 = 5;
+
+/// Lower the calling thread's priority by [`NICER`], relative to what it inherited (a process
+/// started with `nice` stays below its parent's priority: never raised).
+fn lower_priority() {
+    let tid = rustix::thread::gettid();
+    let r = rustix::process::getpriority_process(Some(tid))
+        .and_then(|now| rustix::process::setpriority_process(Some(tid), (now + NICER).min(19)));
+    if let Err(e) = r {
+        tracing::debug!("migrate: lowering the background stream's priority: {e}");
+    }
+}
 
 fn runtime() -> Option<&'static Runtime> {
     static RT: OnceLock<Option<Runtime>> = OnceLock::new();
@@ -25,12 +36,7 @@ fn runtime() -> Option<&'static Runtime> {
             .worker_threads(2)
             .thread_name("memsync-bulk")
             .enable_all()
-            .on_thread_start(|| {
-                let tid = rustix::thread::gettid();
-                if let Err(e) = rustix::process::setpriority_process(Some(tid), NICE) {
-                    tracing::debug!("migrate: lowering the background stream's priority: {e}");
-                }
-            })
+            .on_thread_start(lower_priority)
             .build()
             .inspect_err(|e| {
                 tracing::warn!(
@@ -53,5 +59,25 @@ where
     match runtime() {
         Some(rt) => rt.spawn(f),
         None => tokio::spawn(f),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nice() -> i32 {
+        rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap()
+    }
+
+    /// The stream's threads are nicer than the thread that spawned them, never less nice.
+    #[test]
+    fn background_threads_are_nicer_than_the_caller() {
+        let caller = nice();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let bg = rt.block_on(spawn(async { nice() })).unwrap();
+        assert_eq!(bg, (caller + NICER).min(19), "caller {caller}");
     }
 }
