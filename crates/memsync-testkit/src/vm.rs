@@ -578,9 +578,15 @@ poweroff -f
         let start = Instant::now();
         // Only TCG: /dev/kvm here is a PVM hypervisor that needs its own guest kernel.
         let child = Command::new(qemu)
+            // One host thread runs every vCPU in turn (thread=single). With a host thread per
+            // vCPU (MTTCG, qemu's default) the guests were slower and their times varied
+            // widely on this loaded 2-CPU host (likely a descheduled vCPU thread holding up
+            // the others' IPIs, TLB flushes and locks). Measured, two guests side by side at
+            // load 6: the direct-mount tests 62.7 / 74.3 s -> 33.5 / 38.1 s; the region
+            // matrix on 6.12 took 17-113 s with MTTCG, 21.5 s with one thread.
             .args([
                 "-accel",
-                "tcg",
+                "tcg,thread=single",
                 "-M",
                 "pc",
                 "-nographic",
@@ -705,8 +711,8 @@ poweroff -f
 /// (filters: the tests whose names contain one of them; `--skip NAME`; `--exact`), two at a
 /// time and with `--nocapture` (so that `SKIPPED` lines are in the output), with `CI=true` (so
 /// a test may skip only for a feature the guest kernel predates, see [`crate::skip`]). Tests
-/// named `kernel_matrix` are left out (they boot the guests). Panics with the console log
-/// unless every selected test passes; returns the output for further checks.
+/// whose names contain `kernel_matrix` are left out (they boot the guests). Panics with the
+/// console log unless every selected test passes; returns the output for further checks.
 #[track_caller]
 pub fn run_test_binary(
     kernel: &Kernel,
