@@ -183,8 +183,15 @@ impl Kernel {
                 got.status
             ));
         }
-        // Two tests may extract at once: each writes its own file and renames it into place.
-        let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+        // Tests may extract at once (threads of one process too): each writes a file of its
+        // own and renames it into place.
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = out.with_file_name(format!(
+            "vmlinux-{}.tmp-{}-{seq}",
+            self.release,
+            std::process::id()
+        ));
         std::fs::write(&tmp, &got.stdout)
             .and_then(|()| std::fs::rename(&tmp, &out))
             .map_err(|e| {
@@ -900,6 +907,22 @@ mod tests {
                 "/lib64/ld-linux-x86-64.so.2"
             ]
         );
+    }
+
+    #[test]
+    fn bzimage_payload_is_found_by_the_setup_header() {
+        // One setup sector after the boot sector: the protected-mode code starts at 1024.
+        let mut image = vec![0u8; 1100];
+        image[0x1f1] = 1;
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        image[0x248..0x24c].copy_from_slice(&16u32.to_le_bytes());
+        image[0x24c..0x250].copy_from_slice(&10u32.to_le_bytes());
+        image[1040..1046].copy_from_slice(b"packed");
+        image[1046..1050].copy_from_slice(&4096u32.to_le_bytes());
+        assert_eq!(bzimage_payload(&image).unwrap(), (&b"packed"[..], 4096));
+        image[0x24c..0x250].copy_from_slice(&100u32.to_le_bytes());
+        assert!(bzimage_payload(&image).is_err(), "past the end");
+        assert!(bzimage_payload(b"\x7fELF not a bzImage").is_err());
     }
 
     #[test]
