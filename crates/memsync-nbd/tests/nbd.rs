@@ -1340,6 +1340,61 @@ async fn oversized_writes_fail_or_disconnect() {
     assert_eq!(n, 0, "the connection should close");
 }
 
+/// A reply the server has batched is sent before it waits for the payload of an oversized
+/// WRITE it skips: a client that sends a READ and that WRITE's header, and the payload only
+/// once the READ is answered, gets both replies (the server used to sit in the skip with the
+/// READ's reply unsent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batched_reply_is_sent_before_an_oversized_payload_is_awaited() {
+    let store = mem(1 << 20);
+    store
+        .write(0, Bytes::from_static(b"0123456789abcdef"))
+        .await
+        .unwrap();
+    let mut cfg = ServerConfig::new(vec![Export::new("", store)]);
+    cfg.max_payload = 64 * 1024;
+    let s = start(cfg).await;
+    let mut a = raw_handshake(s.port, "", false).await;
+    let mut b = BytesMut::new();
+    for (typ, cookie, len) in [(CMD_READ, 1, 16), (CMD_WRITE, 2, 128 * 1024)] {
+        let req = Request {
+            flags: 0,
+            typ,
+            cookie,
+            offset: 0,
+            len,
+        };
+        encode_request(&mut b, &req, false);
+    }
+    a.write_all(&b).await.unwrap();
+    let mut h = [0u8; SIMPLE_REPLY_LEN + 16];
+    tokio::time::timeout(Duration::from_secs(10), a.read_exact(&mut h))
+        .await
+        .expect("the READ's reply held back while the server waits for the WRITE's payload")
+        .unwrap();
+    assert_eq!(
+        parse_reply_header(&h[..SIMPLE_REPLY_LEN]).unwrap(),
+        ReplyHeader::Simple {
+            error: 0,
+            cookie: 1
+        }
+    );
+    assert_eq!(&h[SIMPLE_REPLY_LEN..], b"0123456789abcdef");
+    a.write_all(&vec![7u8; 128 * 1024]).await.unwrap();
+    let mut h = [0u8; SIMPLE_REPLY_LEN];
+    tokio::time::timeout(LIMIT, a.read_exact(&mut h))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        parse_reply_header(&h).unwrap(),
+        ReplyHeader::Simple {
+            error: EINVAL,
+            cookie: 2
+        }
+    );
+}
+
 /// A client that connects and then says nothing is disconnected when the handshake time is
 /// up, and its connection slot goes to the next client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -259,48 +259,57 @@ fn kernel_features_are_detected_and_fall_back() {
 
 /// The tests of the kernel features and their fallbacks, inside guests of Debian 12's kernels
 /// (6.1 LTS: no MOVE, POISON, WP_ASYNC, CONTINUE_MODE_WP; 6.12: all of them). One boot per
-/// kernel runs this test binary with a selection: faults and integrity, background pull,
-/// failed chunks (POISON or the SIGBUS mapping), memfd, write protection, the engine.
-#[test]
-fn kernel_matrix() {
+/// kernel (a test each, so that the two guests can run side by side) runs this test binary
+/// with a selection: faults and integrity, background pull, failed chunks (POISON or the
+/// SIGBUS mapping), memfd, write protection, the engine.
+fn kernel_matrix(name: &str) {
     use memsync_testkit::vm;
     if vm::in_guest() {
         return;
     }
     let exe = std::env::current_exe().unwrap();
-    for name in ["6.1", "6.12"] {
-        let Some(kernel) = vm::Kernel::debian(name, "kernel_matrix") else {
-            return;
-        };
-        let out = vm::run_test_binary(
-            &kernel,
-            &exe,
-            &[
-                "kernel_features_are_detected_and_fall_back",
-                "integrity_64k_chunks",
-                "copy_install_without_move_is_identical",
-                "background_pull_fills_everything",
-                "failing_store",
-                "sigbus",
-                "poison",
-                "memfd",
-                "engine::",
-                "contract_protect_over_sources",
-                "contract_dirty_over_sources",
-                "zero_ranges_are_installed_without_reading",
-            ],
-            Duration::from_secs(400),
-        );
-        if kernel.version() < (6, 4) {
-            for refused in ["refused as expected", "predates UFFD_FEATURE_WP_ASYNC"] {
-                assert!(
-                    out.output.contains(refused),
-                    "{name}: lacks {refused:?}:\n{}",
-                    out.output
-                );
-            }
+    let test = format!("kernel_matrix_{}", name.replace('.', "_"));
+    let Some(kernel) = vm::Kernel::debian(name, &test) else {
+        return;
+    };
+    let out = vm::run_test_binary(
+        &kernel,
+        &exe,
+        &[
+            "kernel_features_are_detected_and_fall_back",
+            "integrity_64k_chunks",
+            "copy_install_without_move_is_identical",
+            "background_pull_fills_everything",
+            "failing_store",
+            "sigbus",
+            "poison",
+            "memfd",
+            "engine::",
+            "contract_protect_over_sources",
+            "contract_dirty_over_sources",
+            "zero_ranges_are_installed_without_reading",
+        ],
+        Duration::from_secs(400),
+    );
+    if kernel.version() < (6, 4) {
+        for refused in ["refused as expected", "predates UFFD_FEATURE_WP_ASYNC"] {
+            assert!(
+                out.output.contains(refused),
+                "{name}: lacks {refused:?}:\n{}",
+                out.output
+            );
         }
     }
+}
+
+#[test]
+fn kernel_matrix_6_1() {
+    kernel_matrix("6.1");
+}
+
+#[test]
+fn kernel_matrix_6_12() {
+    kernel_matrix("6.12");
 }
 
 /// Each thread writes its own stripe (through faults and the inline path)

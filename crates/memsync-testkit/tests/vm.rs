@@ -9,7 +9,7 @@ const BOOT: Duration = Duration::from_secs(240);
 
 /// On 6.12 only: the other VM tests boot 6.1 with binaries, libraries, modules and an
 /// environment (the 6.1 kernel matrices, `device::direct_mount_6_1`), and a second boot here
-/// cost ~10 s of the VM tests' time for nothing the harness does differently per kernel.
+/// would cost 4-5 s of the VM tests' time for nothing the harness does differently per kernel.
 #[test]
 fn guest_runs_a_script_with_binaries_modules_and_env() {
     let name = "6.12";
@@ -56,7 +56,7 @@ fn guest_runs_a_script_with_binaries_modules_and_env() {
 }
 
 fn failure(script: &str, timeout: Duration) -> Option<GuestFailure> {
-    // 6.12 boots in about half the time of 6.1 under TCG.
+    // Any kernel would do: the failures do not depend on it.
     let kernel = Kernel::debian("6.12", "guest_failures")?;
     Some(
         Vm::new(&kernel)

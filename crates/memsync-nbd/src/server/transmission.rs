@@ -319,8 +319,13 @@ pub(super) async fn transmission<S: Transport>(
         if req.typ == CMD_WRITE && req.len > conn.max_payload.into() {
             // The client broke the advertised limit. Up to the size the protocol asks servers
             // to tolerate, the payload is skipped (never buffered) and the request fails;
-            // beyond it the connection ends.
-            if req.len > PORTABLE_MAX_PAYLOAD || rx.skip(req.len).await.is_err() {
+            // beyond it the connection ends. Skipping may wait for the client, which may be
+            // waiting for a reply batched so far: those go out first, as before any wait.
+            let must_wait = (rx.buffered() as u64) < req.len;
+            if req.len > PORTABLE_MAX_PAYLOAD
+                || (must_wait && flush_pending(&w, &mut pending).await.is_err())
+                || rx.skip(req.len).await.is_err()
+            {
                 info!("nbd: closing connection: a write of {} bytes", req.len);
                 break;
             }
