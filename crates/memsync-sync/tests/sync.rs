@@ -603,6 +603,51 @@ async fn tracked_marks_after_the_write_and_takes_atomically() {
     assert!(t.take_changes().await.unwrap().is_empty());
 }
 
+/// A round whose writes to the destination fail gives its changes back to the tracker: the
+/// next round pushes them (before, they were taken and lost, and the destination stayed old).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_tracked_round_is_pushed_by_the_next() {
+    use memsync_core::layers::{Inject, OpSet};
+    let size = 1 << 20;
+    let mem: DynStore = Arc::new(memsync_local::MemStore::new(size));
+    fill(&mem, &base(3, size as usize)).await;
+    let dst_mem: DynStore = Arc::new(memsync_local::MemStore::new(size));
+    let inject = Inject::new(dst_mem.clone());
+    let control = inject.control();
+    let dest: Arc<dyn Dest> = Arc::new(LocalDest::new(Arc::new(inject), CHUNK, None).unwrap());
+    let tracked = Tracked::new(mem.clone(), 4096);
+    let source = Source {
+        store: tracked.clone(),
+        index: None,
+    };
+    let (pusher, _) = Pusher::start(
+        source,
+        dest,
+        tracked.clone(),
+        SyncOptions::default(),
+        &NoProgress,
+    )
+    .await
+    .unwrap();
+    tracked
+        .write(200_000, Bytes::from(vec![7u8; 10_000]))
+        .await
+        .unwrap();
+    control.fail_always(OpSet::WRITE);
+    assert!(
+        pusher.round().await.is_err(),
+        "the destination's writes fail"
+    );
+    control.clear();
+    let r = pusher.round().await.unwrap();
+    assert!(r.updated >= 1 && r.data_bytes >= 10_000, "{r:?}");
+    assert_same(
+        "after the round that followed a failed one",
+        &contents(&dst_mem).await,
+        &contents(&mem).await,
+    );
+}
+
 /// A peer serving `data` from a read-only file store; returns its URL.
 async fn read_only_peer(
     dir: &std::path::Path,
