@@ -25,14 +25,14 @@ use crate::sync::{Bar, DestUrl, print_report, print_round};
 #[derive(Debug, Args)]
 #[command(after_help = "\
 EXAMPLES:
-  memsync mount nbd://127.0.0.1:10809/ --cache /var/tmp/cache --fuse /mnt/m --name disk
-  memsync mount nbd://127.0.0.1:10809/ --cache /var/tmp/cache --nbd 'nbd+unix:///?socket=/tmp/m.sock'
+  memsync mount nbd://nas:10809/ --cache /var/tmp/cache --fuse /mnt/m --name disk
+  memsync mount nbd://nas:10809/ --cache /var/tmp/cache --nbd nbd://127.0.0.1:10810
   memsync mount nbd://nas:10809/ --cache /var/tmp/cache --fuse /mnt/m \\
-      --sync-to memsync://backup:7070 --sync-every 30s    (SIGUSR1: a round now)
-      a second copy kept up to date with what is written through the mount: one delta sync at
-      the start, then rounds that send only the chunks written since the last round (tracked
-      as they are written: nothing is hashed to find them), and a last round after the
-      unmount's flush")]
+      --sync-to memsync://backup:7070 --sync-every 30s      (kill -USR1 PID: a round now)
+    keeps a second copy up to date with what is written through the mount: one delta sync
+    at the start, then rounds that send only the chunks written since the last round
+    (tracked as they are written: nothing is hashed to find them), and a last round after
+    the unmount's flush. The backup host runs `memsync sync --listen 0.0.0.0:7070 FILE`.")]
 pub struct MountArgs {
     /// The remote store URL, e.g. nbd://host:10809/export.
     pub remote: String,
