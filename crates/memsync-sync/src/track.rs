@@ -34,6 +34,12 @@ pub trait ChangeSource: Send + Sync + fmt::Debug {
     fn pushed(&self, layout: Layout, first: u64, digests: &[Digest]) {
         let _ = (layout, first, digests);
     }
+
+    /// A round that took `ranges` failed before the destination committed them: report them
+    /// again next time. Sources that compare contents find them anyway and ignore this.
+    fn put_back(&self, ranges: &[Range<u64>]) {
+        let _ = ranges;
+    }
 }
 
 /// A layer that records which `grain`-sized pieces were written (write, write_zeroes, trim).
@@ -136,6 +142,12 @@ impl ChangeSource for Tracked {
             }
         }
         Ok(out)
+    }
+
+    fn put_back(&self, ranges: &[Range<u64>]) {
+        for r in ranges {
+            self.mark(r.start, r.end.saturating_sub(r.start));
+        }
     }
 }
 
@@ -253,15 +265,24 @@ impl Pusher {
     }
 
     /// One round: push every chunk the change source reports, then commit. Rounds never
-    /// overlap (a second caller waits).
+    /// overlap (a second caller waits). A round that fails gives what it took back to the
+    /// change source, so the next round pushes it again.
     pub async fn round(&self) -> Result<Round> {
         let t = Instant::now();
         let mut held = self.held.lock().await;
-        let (sent0, _) = self.dest.wire();
         let ranges = self.changes.take_changes().await?;
+        let r = self.push(&mut held, &ranges, t).await;
+        if r.is_err() {
+            self.changes.put_back(&ranges);
+        }
+        r
+    }
+
+    async fn push(&self, held: &mut [Digest], ranges: &[Range<u64>], t: Instant) -> Result<Round> {
+        let (sent0, _) = self.dest.wire();
         let mut round = Round::default();
         let mut chunks = Vec::new();
-        for r in &ranges {
+        for r in ranges {
             round.changed_bytes += r.end - r.start;
             if r.end <= r.start {
                 continue;

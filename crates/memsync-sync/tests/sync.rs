@@ -603,6 +603,51 @@ async fn tracked_marks_after_the_write_and_takes_atomically() {
     assert!(t.take_changes().await.unwrap().is_empty());
 }
 
+/// A round whose writes to the destination fail gives its changes back to the tracker: the
+/// next round pushes them (before, they were taken and lost, and the destination stayed old).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_tracked_round_is_pushed_by_the_next() {
+    use memsync_core::layers::{Inject, OpSet};
+    let size = 1 << 20;
+    let mem: DynStore = Arc::new(memsync_local::MemStore::new(size));
+    fill(&mem, &base(3, size as usize)).await;
+    let dst_mem: DynStore = Arc::new(memsync_local::MemStore::new(size));
+    let inject = Inject::new(dst_mem.clone());
+    let control = inject.control();
+    let dest: Arc<dyn Dest> = Arc::new(LocalDest::new(Arc::new(inject), CHUNK, None).unwrap());
+    let tracked = Tracked::new(mem.clone(), 4096);
+    let source = Source {
+        store: tracked.clone(),
+        index: None,
+    };
+    let (pusher, _) = Pusher::start(
+        source,
+        dest,
+        tracked.clone(),
+        SyncOptions::default(),
+        &NoProgress,
+    )
+    .await
+    .unwrap();
+    tracked
+        .write(200_000, Bytes::from(vec![7u8; 10_000]))
+        .await
+        .unwrap();
+    control.fail_always(OpSet::WRITE);
+    assert!(
+        pusher.round().await.is_err(),
+        "the destination's writes fail"
+    );
+    control.clear();
+    let r = pusher.round().await.unwrap();
+    assert!(r.updated >= 1 && r.data_bytes >= 10_000, "{r:?}");
+    assert_same(
+        "after the round that followed a failed one",
+        &contents(&dst_mem).await,
+        &contents(&mem).await,
+    );
+}
+
 /// A peer serving `data` from a read-only file store; returns its URL.
 async fn read_only_peer(
     dir: &std::path::Path,
@@ -769,5 +814,50 @@ async fn a_scanned_index_is_not_saved_over_a_change_made_after_the_scan() {
             d[0] == before[0]
         ),
         Err(s) => assert_ne!(s, memsync_sync::index::IndexStatus::Used),
+    }
+}
+
+/// The scan reads a piece in steps smaller than the piece (and than a large chunk): every
+/// chunk's digest is that of its bytes, and the hook sees every chunk once with its own bytes,
+/// for chunks smaller and larger than a step, and a short last chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_digests_and_hook_cover_every_chunk_once() {
+    let size = (9 << 20) + 5000;
+    let data = base(4, size);
+    let store: DynStore = Arc::new(memsync_local::MemStore::new(size as u64));
+    fill(&store, &data).await;
+    for chunk in [4096u64, 64 << 10, 1 << 20, 4 << 20] {
+        let layout = Layout::new(size as u64, chunk).unwrap();
+        let seen = Arc::new(parking_lot::Mutex::new(vec![
+            0u32;
+            layout.chunks() as usize
+        ]));
+        let (seen2, data2) = (seen.clone(), data.clone());
+        let hook: digest::PieceHook = Arc::new(move |first, buf, digests| {
+            let (off, _) = layout.chunk(first);
+            assert_eq!(buf, &data2[off as usize..off as usize + buf.len()]);
+            assert_eq!(digests.len() as u64, (buf.len() as u64).div_ceil(chunk));
+            for k in 0..digests.len() {
+                seen2.lock()[first as usize + k] += 1;
+            }
+            Ok(())
+        });
+        let (d, stats) = digest::scan(&store, layout, &|_| {}, Some(hook))
+            .await
+            .unwrap();
+        let want: Vec<_> = data
+            .chunks(chunk as usize)
+            .map(digest::chunk_digest)
+            .collect();
+        assert!(d == want, "chunk {chunk}: digests differ");
+        assert_eq!(stats.hashed + stats.holes, size as u64, "chunk {chunk}");
+        // Chunks the store reports as holes are neither read nor shown to the hook.
+        let holes = stats.holes.div_ceil(chunk) as usize;
+        let seen = seen.lock();
+        assert!(
+            seen.iter().all(|&n| n <= 1)
+                && seen.iter().filter(|&&n| n == 1).count() + holes == seen.len(),
+            "chunk {chunk}: hook coverage"
+        );
     }
 }

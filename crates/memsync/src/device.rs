@@ -79,6 +79,11 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
     if a.fuse.is_some() || a.nbd.is_some() {
         bail!("--device is a mount of its own: it cannot be combined with --fuse or --nbd");
     }
+    if a.sync.sync_to.is_some() {
+        bail!(
+            "--sync-to is not available with --device yet; use --fuse or --nbd, or `memsync sync --every` on the device"
+        );
+    }
     device_index(&path)?;
     let cfg = cache_config(&a)?;
     ctx.rt.block_on(async {

@@ -1,23 +1,38 @@
 //! `memsync mount`: a managed mount. A local cache of a remote store (background pull, push,
 //! persisted chunk map), exposed as a FUSE file and/or re-exported over NBD, until
-//! SIGINT/SIGTERM; then a final flush and a clean unmount.
+//! SIGINT/SIGTERM; then a final flush and a clean unmount. With `--sync-to`, continuous push of
+//! what is written through the mount to a second copy (a `Tracked` layer over the cache is the
+//! change source of a `Pusher`).
 
 use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use memsync_cache::{Cache, CacheConfig, Reinit, open_cache};
-use memsync_core::DynStore;
 use memsync_core::size::{parse_duration, parse_size};
+use memsync_core::{DynStore, Store as _};
 use memsync_fuse::{FuseMount, FuseOptions};
 use memsync_nbd::device::Interface;
+use memsync_sync::{Pusher, Source, SyncOptions, Tracked};
 
-use crate::context::Context;
+use crate::context::{Context, parse_size_arg};
+use crate::sync::{Bar, DestUrl, print_report, print_round};
 
 #[derive(Debug, Args)]
+#[command(after_help = "\
+EXAMPLES:
+  memsync mount nbd://nas:10809/ --cache /var/tmp/cache --fuse /mnt/m --name disk
+  memsync mount nbd://nas:10809/ --cache /var/tmp/cache --nbd nbd://127.0.0.1:10810
+  memsync mount nbd://nas:10809/ --cache /var/tmp/cache --fuse /mnt/m \\
+      --sync-to memsync://backup:7070 --sync-every 30s      (kill -USR1 PID: a round now)
+    keeps a second copy up to date with what is written through the mount: one delta sync
+    at the start, then rounds that send only the chunks written since the last round
+    (tracked as they are written: nothing is hashed to find them), and a last round after
+    the unmount's flush. The backup host runs `memsync sync --listen 0.0.0.0:7070 FILE`.")]
 pub struct MountArgs {
     /// The remote store URL, e.g. nbd://host:10809/export.
     pub remote: String,
@@ -64,7 +79,103 @@ pub struct MountArgs {
     #[command(flatten)]
     pub reinit: ReinitArgs,
     #[command(flatten)]
+    pub sync: MountSyncArgs,
+    #[command(flatten)]
     pub device: DeviceArgs,
+}
+
+/// `mount --sync-to`: continuous push of the mount's data to a second copy.
+#[derive(Debug, Args)]
+pub struct MountSyncArgs {
+    /// Keep a second copy of the mounted data up to date: a store URL of the same size (e.g.
+    /// file:/backup/disk.img) or a sync peer (memsync://HOST:PORT, memsyncs://HOST:PORT?tls-ca=FILE,
+    /// served by `memsync sync --listen`). A delta sync at the start, then a round every
+    /// --sync-every and on SIGUSR1 that sends only the chunks written through the mount since
+    /// the last round, and a last round after the unmount's flush. Unlike `memsync sync --every`
+    /// nothing is hashed to find the changes: the mount sees every write. Independent of
+    /// --push-interval (write-back of the cache to REMOTE).
+    #[arg(long, value_name = "URL")]
+    pub sync_to: Option<String>,
+    /// The interval between --sync-to rounds.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION", requires = "sync_to")]
+    pub sync_every: Duration,
+    /// The --sync-to chunk size: the unit of digests and of write tracking (a power of two, 4K to
+    /// 16M); a written chunk is compared by its 4 KiB pages, so only changed pages move.
+    #[arg(long, default_value = "64K", value_parser = parse_size_arg, value_name = "SIZE", requires = "sync_to")]
+    pub sync_chunk: u64,
+    /// Compress the --sync-to data to a peer with lz4.
+    #[arg(long, requires = "sync_to")]
+    pub sync_compress: bool,
+    /// Print the --sync-to reports on stdout as JSON lines (the first sync's, then one per
+    /// round, with "round": N) instead of text.
+    #[arg(long, requires = "sync_to")]
+    pub sync_json: bool,
+}
+
+/// What the push task of `--sync-to` needs.
+struct PushPlan {
+    dest: DestUrl,
+    every: Duration,
+    chunk: u64,
+    compress: bool,
+    json: bool,
+}
+
+/// `--sync-to`: the first sync, then a round per interval or SIGUSR1, and a last round once
+/// `stop` changes (sent after the mount's final flush). A failed round is reported and its
+/// chunks are pushed by the next; the last round's failure is this task's error.
+async fn push_loop(
+    tracked: Arc<Tracked>,
+    plan: PushPlan,
+    mut usr1: tokio::signal::unix::Signal,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<()> {
+    let size = tracked.size();
+    let dest = plan
+        .dest
+        .connect(size, plan.chunk, plan.compress, false)
+        .await
+        .context("--sync-to")?;
+    let source = Source {
+        store: tracked.clone(),
+        index: None,
+    };
+    let bar = Bar(indicatif::ProgressBar::hidden());
+    let (pusher, first) = Pusher::start(source, dest, tracked, SyncOptions::default(), &bar)
+        .await
+        .map_err(|e| anyhow::Error::new(e.error).context("--sync-to: first sync failed"))?;
+    print_report(&first, plan.json);
+    flush_stdout();
+    let mut n = 0;
+    loop {
+        // A stop sent while a round (or the first sync) ran is seen here at once.
+        let last = tokio::select! {
+            _ = tokio::time::sleep(plan.every) => false,
+            _ = usr1.recv() => false,
+            _ = stop.changed() => true,
+        };
+        n += 1;
+        match pusher.round().await {
+            Ok(r) => print_round(n, &r, plan.json),
+            Err(e) if !last => eprintln!(
+                "memsync: --sync-to round {n} failed (the next round sends its chunks): {e:#}"
+            ),
+            Err(e) => {
+                return Err(
+                    anyhow::Error::new(e).context(format!("--sync-to: last round {n} failed"))
+                );
+            }
+        }
+        flush_stdout();
+        if last {
+            return Ok(());
+        }
+    }
+}
+
+fn flush_stdout() {
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
 }
 
 /// Parse permission bits in octal (`0600`, `644`).
@@ -216,11 +327,38 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
         .as_deref()
         .map(|u| memsync_nbd::ListenAddr::parse(u).with_context(|| format!("--nbd {u}")))
         .transpose()?;
+    // Opened outside the runtime's block below, as every store is.
+    let push_plan = match &a.sync.sync_to {
+        Some(url) => Some(PushPlan {
+            dest: DestUrl::open(ctx, url, false).with_context(|| "--sync-to".to_owned())?,
+            every: a.sync.sync_every,
+            chunk: a.sync.sync_chunk,
+            compress: a.sync.sync_compress,
+            json: a.sync.sync_json,
+        }),
+        None => None,
+    };
     let handle = ctx.rt.handle().clone();
     ctx.rt.block_on(async move {
         let cache = open_cache(&ctx.registry, &a.remote, &cache_dir, cfg).await?;
         let p = cache.progress();
         eprintln!("memsync: {}", cache_state(&cache));
+        // What the frontends write to: the cache, through the write tracking of --sync-to.
+        let tracked = push_plan
+            .as_ref()
+            .map(|plan| Tracked::new(cache.clone(), plan.chunk));
+        // Registered before the mount is up: a SIGUSR1 asks for a round, never the default
+        // action (exit).
+        let usr1 = match &push_plan {
+            Some(_) => Some(tokio::signal::unix::signal(
+                tokio::signal::unix::SignalKind::user_defined1(),
+            )?),
+            None => None,
+        };
+        let front: DynStore = match &tracked {
+            Some(t) => t.clone(),
+            None => cache.clone(),
+        };
         let mut fuse: Option<FuseMount> = None;
         if let Some(mp) = &a.fuse {
             if a.allow_other && a.mode & 0o077 == 0 {
@@ -237,7 +375,7 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
                 mode: a.mode,
                 ..FuseOptions::default()
             };
-            let store: DynStore = cache.clone();
+            let store = front.clone();
             let mp2 = mp.clone();
             let h = handle.clone();
             let m = tokio::task::spawn_blocking(move || memsync_fuse::mount(store, h, &mp2, opts))
@@ -253,19 +391,23 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
         }
         let mut server = None;
         if let Some(addr) = &listen {
-            let cfg = memsync_nbd::ServerConfig::new(vec![memsync_nbd::Export::new(
-                "",
-                cache.clone() as DynStore,
-            )]);
+            let cfg =
+                memsync_nbd::ServerConfig::new(vec![memsync_nbd::Export::new("", front.clone())]);
             let s = memsync_nbd::Server::new(cfg)?;
             let url = s.listen(addr).await?;
             outln!("memsync: serving {url}");
             server = Some(s);
         }
-        {
-            use std::io::Write as _;
-            let _ = std::io::stdout().flush();
-        }
+        flush_stdout();
+        // Started once the mount is up (its first line on stdout is the mount's); writes made
+        // meanwhile are tracked all the same.
+        let (stop_push, stop_rx) = tokio::sync::watch::channel(false);
+        let mut pusher = match (tracked, push_plan, usr1) {
+            (Some(t), Some(plan), Some(usr1)) => {
+                Some(tokio::spawn(push_loop(t, plan, usr1, stop_rx)))
+            }
+            _ => None,
+        };
         let pb = ProgressBar::new(p.size);
         pb.set_style(
             ProgressStyle::with_template(
@@ -278,10 +420,22 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
         let mut int = signal(SignalKind::interrupt())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut tick = tokio::time::interval(Duration::from_millis(200));
+        // The push task's early end (an error: no destination, a failed first sync).
+        let mut push_failed: Option<anyhow::Error> = None;
         loop {
             tokio::select! {
                 _ = int.recv() => break,
                 _ = term.recv() => break,
+                r = async { pusher.as_mut().expect("guarded").await }, if pusher.is_some() => {
+                    pusher = None;
+                    let e = match r {
+                        Ok(Ok(())) => anyhow::anyhow!("--sync-to: the push task ended"),
+                        Ok(Err(e)) => e,
+                        Err(e) => anyhow::Error::new(e).context("--sync-to: the push task"),
+                    };
+                    eprintln!("memsync: {e:#}; the mount goes on without --sync-to");
+                    push_failed = Some(e);
+                }
                 _ = tick.tick() => {
                     let p = cache.progress();
                     pb.set_position(p.present_bytes());
@@ -306,9 +460,21 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
         if let Some(s) = server.take() {
             s.shutdown().await.context("stopping the NBD server")?;
         }
+        // The last --sync-to round: after the unmount, so it sees every write; before the
+        // cache closes, since it reads the cache.
+        let pushed = match pusher.take() {
+            Some(task) => {
+                let _ = stop_push.send(true);
+                match task.await {
+                    Ok(r) => r,
+                    Err(e) => Err(anyhow::Error::new(e).context("--sync-to: the push task")),
+                }
+            }
+            None => push_failed.map_or(Ok(()), Err),
+        };
         let summary = close_cache(&cache).await?;
         eprintln!("memsync: stopped; {summary}");
-        anyhow::Ok(())
+        pushed
     })
 }
 

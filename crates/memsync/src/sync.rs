@@ -78,6 +78,52 @@ pub fn file_of(url: &str) -> Option<PathBuf> {
     (u.scheme == "file" && !u.path.is_empty()).then(|| PathBuf::from(&u.path))
 }
 
+/// A destination of a push, opened as far as it can be outside the runtime: a local store
+/// (with the file of its digest index), or the URL of a sync peer to connect to.
+pub(crate) enum DestUrl {
+    Local(DynStore, Option<PathBuf>),
+    Peer(String),
+}
+
+impl DestUrl {
+    /// Open `url` (a store URL, or a peer's memsync:// or memsyncs:// URL, connected later).
+    pub(crate) fn open(ctx: &Context, url: &str, no_index: bool) -> Result<Self> {
+        if is_peer_url(url) {
+            return Ok(DestUrl::Peer(url.to_owned()));
+        }
+        let index = (!no_index).then(|| file_of(url)).flatten();
+        Ok(DestUrl::Local(ctx.open(url)?, index))
+    }
+
+    /// The destination for a source of `size` bytes synced in chunks of `chunk`.
+    pub(crate) async fn connect(
+        self,
+        size: u64,
+        chunk: u64,
+        compress: bool,
+        no_fsync: bool,
+    ) -> Result<Arc<dyn Dest>> {
+        Ok(match self {
+            DestUrl::Peer(url) => {
+                let addr = PeerAddr::parse(&url)?;
+                let opts = Connect {
+                    want_digests: true,
+                    compress,
+                    pull: false,
+                };
+                RemoteDest::connect_with(&addr, size, chunk, opts)
+                    .await
+                    .with_context(|| format!("connecting to {}", memsync_core::redact(&url)))?
+            }
+            DestUrl::Local(store, index) => {
+                let d = LocalDest::new(store, chunk, index.as_deref())?;
+                d.set_durable(!no_fsync);
+                Arc::new(d)
+            }
+        })
+    }
+}
+
 pub(crate) struct Bar(pub(crate) ProgressBar);
 
 impl Progress for Bar {
@@ -109,7 +155,7 @@ pub fn report_json(r: &Report) -> serde_json::Value {
     })
 }
 
-fn print_report(r: &Report, json: bool) {
+pub(crate) fn print_report(r: &Report, json: bool) {
     if json {
         outln!("{}", report_json(r));
         return;
@@ -155,7 +201,7 @@ fn print_report(r: &Report, json: bool) {
     );
 }
 
-fn print_round(n: u64, r: &Round, json: bool) {
+pub(crate) fn print_round(n: u64, r: &Round, json: bool) {
     if json {
         outln!(
             "{}",
@@ -201,30 +247,11 @@ pub fn sync(ctx: &Context, a: SyncArgs) -> Result<()> {
         index: index(src_url).map(|p| IndexFile::for_file(&p)),
     };
     // Stores open on their own runtime call, outside the block below.
-    let local_dst: Option<DynStore> = if is_peer_url(dst_url) {
-        None
-    } else {
-        Some(ctx.open(dst_url)?)
-    };
+    let dst = DestUrl::open(ctx, dst_url, a.no_index)?;
     ctx.rt.block_on(async {
-        let dest: Arc<dyn Dest> = match local_dst {
-            None => {
-                let addr = PeerAddr::parse(dst_url)?;
-                let opts = Connect {
-                    want_digests: true,
-                    compress: a.compress,
-                    pull: false,
-                };
-                RemoteDest::connect_with(&addr, src.size(), a.chunk, opts)
-                    .await
-                    .with_context(|| format!("connecting to {}", memsync_core::redact(dst_url)))?
-            }
-            Some(dst) => {
-                let d = LocalDest::new(dst, a.chunk, index(dst_url).as_deref())?;
-                d.set_durable(!a.no_fsync);
-                Arc::new(d)
-            }
-        };
+        let dest = dst
+            .connect(src.size(), a.chunk, a.compress, a.no_fsync)
+            .await?;
         let opts = SyncOptions { window: a.window };
         let bar = Bar(crate::context::progress(src.size(), "hash"));
         let Some(every) = a.every else {

@@ -606,6 +606,7 @@ struct MountProc {
     child: std::process::Child,
     file: std::path::PathBuf,
     mountpoint: std::path::PathBuf,
+    stdout: std::sync::mpsc::Receiver<String>,
     stderr: std::sync::mpsc::Receiver<String>,
 }
 
@@ -621,6 +622,16 @@ impl Drop for MountProc {
 }
 
 fn mount_proc(remote: &str, cache: &std::path::Path, mnt: &std::path::Path) -> MountProc {
+    mount_proc_with(remote, cache, mnt, &[])
+}
+
+/// [`mount_proc`] with more arguments.
+fn mount_proc_with(
+    remote: &str,
+    cache: &std::path::Path,
+    mnt: &std::path::Path,
+    extra: &[&str],
+) -> MountProc {
     use std::io::BufRead;
     let mut child = Command::new(env!("CARGO_BIN_EXE_memsync"))
         .args(["mount", remote, "--cache"])
@@ -628,6 +639,7 @@ fn mount_proc(remote: &str, cache: &std::path::Path, mnt: &std::path::Path) -> M
         .arg("--fuse")
         .arg(mnt)
         .args(["--name", "disk", "--chunk", "64K", "--push-interval", "1h"])
+        .args(extra)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -654,6 +666,7 @@ fn mount_proc(remote: &str, cache: &std::path::Path, mnt: &std::path::Path) -> M
         child,
         file,
         mountpoint: mnt.to_path_buf(),
+        stdout: rx,
         stderr: erx,
     }
 }
@@ -746,6 +759,181 @@ fn mount_fuse_durable_after_sigkill_and_restart_refetches_nothing() {
         "refetched after restart:\n{err}"
     );
     assert!(err.contains("memsync: stopped"), "{err}");
+}
+
+/// SIGTERM to a mount; waits (30 s at most) for a successful exit and returns its stderr.
+fn stop_mount(m: &mut MountProc) -> String {
+    run_ok("kill", &["-TERM", &m.child.id().to_string()]);
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = m.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(30),
+            "mount did not stop on SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    while let Ok(l) = m.stderr.recv_timeout(std::time::Duration::from_secs(2)) {
+        err.push_str(&l);
+        err.push('\n');
+    }
+    assert!(status.success(), "mount exited with {status}:\n{err}");
+    err
+}
+
+/// The next JSON line a mount printed on stdout (a --sync-json report).
+fn next_json(m: &MountProc) -> serde_json::Value {
+    let l = m
+        .stdout
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the mount printed a sync report");
+    serde_json::from_str(&l).unwrap_or_else(|e| panic!("{l:?}: {e}"))
+}
+
+/// Issue 13, continuous push of a mount: `mount --sync-to PEER` tracks the writes made through
+/// the FUSE file and pushes only them, in a round per SIGUSR1 (and per --sync-every) and a last
+/// round after the unmount's flush; the peer's copy then equals the remote byte for byte.
+#[test]
+fn mount_sync_to_a_peer_pushes_only_what_was_written() {
+    use std::os::unix::fs::FileExt;
+    const PAGE: usize = 4096;
+    let dir = tempfile::tempdir().unwrap();
+    let size = 8usize << 20;
+    let mut want = random(61, size);
+    let img = dir.path().join("remote.img");
+    std::fs::write(&img, &want).unwrap();
+    // The second copy starts equal to the remote: the first sync sends nothing.
+    let copy = dir.path().join("copy.img");
+    std::fs::write(&copy, &want).unwrap();
+    let srv = serve(&[
+        &format!("file:{}", img.display()),
+        "--listen",
+        "nbd://127.0.0.1:0",
+    ]);
+    let (_peer, addr) = sync_peer(&[], &["127.0.0.1:0", &format!("file:{}", copy.display())]);
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let to = format!("memsync://{addr}");
+    let mut m = mount_proc_with(
+        &format!("{}/", srv.uri),
+        &dir.path().join("cache"),
+        &mnt,
+        &["--sync-to", &to, "--sync-every", "1h", "--sync-json"],
+    );
+    let first = next_json(&m);
+    assert_eq!(
+        (
+            &first["size"],
+            &first["updated_chunks"],
+            &first["data_bytes"]
+        ),
+        (&size.into(), &0.into(), &0.into()),
+        "{first}"
+    );
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&m.file)
+        .unwrap();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(62);
+    let mut write_pages = |f: &std::fs::File, want: &mut Vec<u8>, n: usize| {
+        use rand::seq::index::sample;
+        for p in sample(&mut rng, size / PAGE, n) {
+            let d = random(rng.next_u64(), PAGE);
+            f.write_all_at(&d, (p * PAGE) as u64).unwrap();
+            want[p * PAGE..(p + 1) * PAGE].copy_from_slice(&d);
+        }
+    };
+    let usr1 = |m: &MountProc| run_ok("kill", &["-USR1", &m.child.id().to_string()]);
+    // Rounds on demand: each sends exactly the pages written (and flushed) before it.
+    for (round, pages) in [(1, 20), (2, 1), (3, 50)] {
+        write_pages(&f, &mut want, pages);
+        f.sync_all().unwrap();
+        usr1(&m);
+        let r = next_json(&m);
+        assert_eq!(r["round"], round, "{r}");
+        assert_eq!(r["data_bytes"], pages * PAGE, "round {round}: {r}");
+        // Digests of the written chunks and the pages' own digests, not the whole store.
+        let wire = r["wire_sent"].as_u64().unwrap();
+        assert!(
+            wire >= (pages * PAGE) as u64 && wire < (pages * PAGE + pages * 8192 + 4096) as u64,
+            "round {round} sent {wire} B on the wire for {pages} pages: {r}"
+        );
+    }
+    // A round with nothing written sends nothing.
+    usr1(&m);
+    let r = next_json(&m);
+    assert_eq!((&r["round"], &r["chunks"]), (&4.into(), &0.into()), "{r}");
+    // Rounds while a writer keeps writing through a mapping-free pwrite loop.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let f = f.try_clone().unwrap();
+        let mut want = want.clone();
+        std::thread::spawn(move || {
+            let mut rng = rand::rngs::SmallRng::seed_from_u64(63);
+            let mut pages = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let p = (rng.next_u64() as usize) % (size / PAGE);
+                let d = random(rng.next_u64(), PAGE);
+                f.write_all_at(&d, (p * PAGE) as u64).unwrap();
+                want[p * PAGE..(p + 1) * PAGE].copy_from_slice(&d);
+                pages += 1;
+                if pages.is_multiple_of(16) {
+                    f.sync_data().unwrap();
+                }
+            }
+            (want, pages)
+        })
+    };
+    let mut busy_rounds = 0;
+    let mut sent = 0u64;
+    for round in 5..10 {
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        usr1(&m);
+        let r = next_json(&m);
+        assert_eq!(r["round"], round, "{r}");
+        busy_rounds += (r["updated_chunks"].as_u64().unwrap() > 0) as u32;
+        sent += r["data_bytes"].as_u64().unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (want, pages) = writer.join().unwrap();
+    drop(f);
+    assert!(
+        busy_rounds >= 3,
+        "{busy_rounds} of 5 rounds saw the writer's pages"
+    );
+    // The last round runs after the unmount's flush (no fsync of the last writes here).
+    let err = stop_mount(&mut m);
+    let last = next_json(&m);
+    assert_eq!(last["round"], 10, "{last}");
+    sent += last["data_bytes"].as_u64().unwrap();
+    assert!(
+        sent > 0 && sent <= pages * PAGE as u64,
+        "the rounds during the writer sent {sent} B for {pages} pages written"
+    );
+    assert!(err.contains("memsync: stopped"), "{err}");
+    drop(srv);
+    assert_same(
+        "the remote after the unmount",
+        &std::fs::read(&img).unwrap(),
+        &want,
+    );
+    assert_same("the --sync-to copy", &std::fs::read(&copy).unwrap(), &want);
+    let sum = |p: &std::path::Path| {
+        hash_of(
+            &memsync(&["checksum", &format!("file:{}", p.display())]),
+            "checksum",
+        )
+    };
+    assert_eq!(
+        sum(&copy),
+        sum(&img),
+        "checksums of the copy and the remote"
+    );
 }
 
 /// Issue 10, item 1: a write to a chunk the cache's map already records as present and clean,
