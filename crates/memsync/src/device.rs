@@ -79,6 +79,9 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
     if a.fuse.is_some() || a.nbd.is_some() {
         bail!("--device is a mount of its own: it cannot be combined with --fuse or --nbd");
     }
+    if a.migrate.migrate_to.is_some() {
+        bail!("--migrate-to is not available with --device; use --fuse or --nbd");
+    }
     if a.sync.sync_to.is_some() {
         bail!(
             "--sync-to is not available with --device yet; use --fuse or --nbd, or `memsync sync --every` on the device"

@@ -9,6 +9,7 @@ mod dsm;
 mod map;
 mod migrate;
 mod mount;
+mod mount_migrate;
 mod proxy;
 mod serve;
 mod sync;
@@ -76,7 +77,7 @@ enum Command {
     /// Managed mount: a local cache of a remote store (background pull and push, persisted
     /// chunk map) as a FUSE file and/or an NBD export, until SIGINT/SIGTERM. With --device, a
     /// direct mount: the store (or its cache) as a kernel block device /dev/nbdN.
-    Mount(mount::MountArgs),
+    Mount(Box<mount::MountArgs>),
     /// A TCP delay proxy (added RTT, bandwidth cap) for RTT emulation, until SIGINT/SIGTERM.
     Proxy(proxy::ProxyArgs),
     /// Map a store lazily (userfaultfd), touch and checksum every byte, print fault statistics.
@@ -136,8 +137,8 @@ fn main() -> ExitCode {
         Command::Checksum(a) => cmd::checksum(&ctx, a),
         Command::Bench(a) => cmd::bench(&ctx, a),
         Command::Serve(a) => serve::serve(&ctx, a),
-        Command::Mount(a) if a.device.device.is_some() => device::mount(&ctx, a),
-        Command::Mount(a) => mount::mount(&ctx, a),
+        Command::Mount(a) if a.device.device.is_some() => device::mount(&ctx, *a),
+        Command::Mount(a) => mount::mount(&ctx, *a),
         Command::Sync(a) => sync::sync(&ctx, a),
         Command::Proxy(a) => proxy::proxy(&ctx, a),
         Command::Map(a) => map::map(&ctx, a),

@@ -94,7 +94,7 @@ pub struct MigrateArgs {
     pub tls_key: Option<PathBuf>,
 }
 
-fn parse_mode(s: &str) -> Result<Mode, String> {
+pub(crate) fn parse_mode(s: &str) -> Result<Mode, String> {
     Mode::parse(s).ok_or_else(|| format!("{s:?}: expected precopy, postcopy or hybrid"))
 }
 
@@ -146,7 +146,7 @@ pub fn report_json(r: &Report) -> serde_json::Value {
     })
 }
 
-fn print_report(r: &Report, json: bool) {
+pub(crate) fn print_report(r: &Report, json: bool) {
     if json {
         outln!("{}", report_json(r));
         return;

@@ -20,6 +20,7 @@ use memsync_nbd::device::Interface;
 use memsync_sync::{Pusher, Source, SyncOptions, Tracked};
 
 use crate::context::{Context, parse_size_arg};
+use crate::mount_migrate::{FlushedTracking, MigratePlan, MountMigrateArgs, migrate_on_signal};
 use crate::sync::{Bar, DestUrl, print_report, print_round};
 
 #[derive(Debug, Args)]
@@ -80,6 +81,8 @@ pub struct MountArgs {
     pub reinit: ReinitArgs,
     #[command(flatten)]
     pub sync: MountSyncArgs,
+    #[command(flatten)]
+    pub migrate: MountMigrateArgs,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -173,7 +176,7 @@ async fn push_loop(
     }
 }
 
-fn flush_stdout() {
+pub(crate) fn flush_stdout() {
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
 }
@@ -338,6 +341,7 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
         }),
         None => None,
     };
+    let migrate_plan = MigratePlan::new(&a.migrate)?;
     let handle = ctx.rt.handle().clone();
     ctx.rt.block_on(async move {
         let cache = open_cache(&ctx.registry, &a.remote, &cache_dir, cfg).await?;
@@ -358,6 +362,21 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
         let front: DynStore = match &tracked {
             Some(t) => t.clone(),
             None => cache.clone(),
+        };
+        // --migrate-to tracks on top, with its own marks (a migration and the push rounds each
+        // take what was written since their own last look).
+        let migrate_tracked = migrate_plan
+            .as_ref()
+            .map(|plan| Tracked::new(front.clone(), plan.chunk));
+        let front: DynStore = match &migrate_tracked {
+            Some(t) => t.clone(),
+            None => front,
+        };
+        let usr2 = match &migrate_plan {
+            Some(_) => Some(tokio::signal::unix::signal(
+                tokio::signal::unix::SignalKind::user_defined2(),
+            )?),
+            None => None,
         };
         let mut fuse: Option<FuseMount> = None;
         if let Some(mp) = &a.fuse {
@@ -408,6 +427,23 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
             }
             _ => None,
         };
+        let (stop_migrate, stop_migrate_rx) = tokio::sync::watch::channel(false);
+        let mut migrator = match (migrate_tracked, migrate_plan, usr2) {
+            (Some(t), Some(plan), Some(usr2)) => {
+                let changes = Arc::new(FlushedTracking {
+                    file: fuse.as_ref().map(|m| m.file_path().to_path_buf()),
+                    tracked: t,
+                });
+                Some(tokio::spawn(migrate_on_signal(
+                    front.clone(),
+                    changes,
+                    plan,
+                    usr2,
+                    stop_migrate_rx,
+                )))
+            }
+            _ => None,
+        };
         let pb = ProgressBar::new(p.size);
         pb.set_style(
             ProgressStyle::with_template(
@@ -436,6 +472,14 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
                     eprintln!("memsync: {e:#}; the mount goes on without --sync-to");
                     push_failed = Some(e);
                 }
+                r = async { migrator.as_mut().expect("guarded").await }, if migrator.is_some() => {
+                    migrator = None;
+                    match r {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => eprintln!("memsync: --migrate-to: {e:#}"),
+                        Err(e) => eprintln!("memsync: --migrate-to: the migration task: {e}"),
+                    }
+                }
                 _ = tick.tick() => {
                     let p = cache.progress();
                     pb.set_position(p.present_bytes());
@@ -444,6 +488,16 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
             }
         }
         pb.finish_and_clear();
+        if let Some(m) = migrator.take() {
+            // A migration that runs ends first: after a post-copy commit the destination needs
+            // this mount until it holds every chunk.
+            let _ = stop_migrate.send(true);
+            match m.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => eprintln!("memsync: --migrate-to: {e:#}"),
+                Err(e) => eprintln!("memsync: --migrate-to: the migration task: {e}"),
+            }
+        }
         eprintln!("memsync: unmounting: final flush");
         if let Some(m) = fuse.take() {
             // Write back pages dirtied through mappings, then unmount.

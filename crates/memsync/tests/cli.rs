@@ -1797,7 +1797,6 @@ struct PageWriter(std::process::Child);
 
 impl PageWriter {
     fn start(prefix: &[&str], file: &std::path::Path) -> PageWriter {
-        use std::io::BufRead;
         let script = "import os, random, sys, time\n\
             fd = os.open(sys.argv[1], os.O_WRONLY)\n\
             pages = os.fstat(fd).st_size // 4096\n\
@@ -1806,6 +1805,27 @@ impl PageWriter {
             while True:\n\
             \x20   os.pwrite(fd, os.urandom(4096), r.randrange(pages) * 4096)\n\
             \x20   time.sleep(0.0002)\n";
+        Self::spawn(prefix, script, file)
+    }
+
+    /// One that writes through a shared mapping of `file` instead (the pages reach the file's
+    /// store only when the kernel writes them back).
+    fn start_mapped(file: &std::path::Path) -> PageWriter {
+        let script = "import mmap, os, random, sys, time\n\
+            fd = os.open(sys.argv[1], os.O_RDWR)\n\
+            size = os.fstat(fd).st_size\n\
+            m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)\n\
+            r = random.Random(6)\n\
+            print('ready', flush=True)\n\
+            while True:\n\
+            \x20   o = r.randrange(size // 4096) * 4096\n\
+            \x20   m[o:o + 4096] = os.urandom(4096)\n\
+            \x20   time.sleep(0.0002)\n";
+        Self::spawn(&[], script, file)
+    }
+
+    fn spawn(prefix: &[&str], script: &str, file: &std::path::Path) -> PageWriter {
+        use std::io::BufRead;
         let mut cmd = match prefix.split_first() {
             Some((p, rest)) => {
                 let mut c = Command::new(p);
@@ -1828,7 +1848,6 @@ impl PageWriter {
         PageWriter(child)
     }
 
-    /// The process's state letter from /proc (T: stopped).
     fn state(&self) -> char {
         let s = std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).unwrap();
         s.rsplit_once(')')
@@ -1951,6 +1970,67 @@ fn migrate_a_written_file(src_prefix: &[&str], dst_prefix: &[&str], listen: &str
             &std::fs::read(&dst).unwrap(),
             &std::fs::read(&src).unwrap(),
         );
+    }
+}
+
+/// Issue 12, kind (b): the file of a managed mount that another program maps, migrated live
+/// in every mode by the mount itself (`mount --migrate-to`, started by SIGUSR2), with the
+/// mount's own write tracking (nothing hashed). The program writes through a shared mapping
+/// until it is suspended for the switch-over; the destination then holds exactly what it wrote,
+/// including pages still dirty in the kernel's page cache when the migration began.
+#[test]
+fn mount_migrate_to_moves_a_mapped_file_in_every_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 8usize << 20;
+    for mode in ["precopy", "postcopy", "hybrid"] {
+        let d = dir.path().join(mode);
+        let mnt = d.join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let (img, dst, pidfile) = (d.join("remote.img"), d.join("dst.img"), d.join("app.pid"));
+        let initial = random(71, size);
+        std::fs::write(&img, &initial).unwrap();
+        std::fs::write(&dst, vec![0x55u8; size]).unwrap();
+        let (mut dest, addr) =
+            migrate_dest(&[], &["127.0.0.1:0", &format!("file:{}", dst.display())]);
+        let suspend = format!("kill -STOP $(cat {})", pidfile.display());
+        let resume = format!("kill -CONT $(cat {})", pidfile.display());
+        let mut m = mount_proc_with(
+            &format!("file:{}", img.display()),
+            &d.join("cache"),
+            &mnt,
+            &[
+                "--migrate-to",
+                &format!("migrate://{addr}"),
+                "--migrate-mode",
+                mode,
+                "--migrate-suspend",
+                &suspend,
+                "--migrate-resume",
+                &resume,
+                "--migrate-max-downtime",
+                "50ms",
+                "--migrate-json",
+            ],
+        );
+        let writer = PageWriter::start_mapped(&m.file);
+        std::fs::write(&pidfile, writer.0.id().to_string()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        run_ok("kill", &["-USR2", &m.child.id().to_string()]);
+        let r = next_json(&m);
+        assert_eq!(r["mode"], mode, "{r}");
+        assert_eq!(r["postcopy"], mode != "precopy", "{r}");
+        assert!(r["downtime_ms"].as_f64().unwrap() > 0.0, "{r}");
+        let st = dest.wait().unwrap();
+        assert!(st.success(), "{mode}: destination {st}");
+        // Suspended at the switch-over and still suspended: the mount's file is what it wrote.
+        assert_eq!(writer.state(), 'T', "{mode}");
+        let wrote = std::fs::read(&m.file).unwrap();
+        assert_ne!(wrote, initial, "{mode}: the program wrote nothing");
+        assert_same(mode, &std::fs::read(&dst).unwrap(), &wrote);
+        // The program lets go of its mapping before the mount stops.
+        drop(writer);
+        let err = stop_mount(&mut m);
+        assert!(err.contains("memsync: migrated"), "{mode}: {err}");
     }
 }
 
