@@ -239,7 +239,11 @@ impl Core {
     /// (`Fetching`). Leaves it `Present`, `Poisoned` (fault/inline paths
     /// after the deadline) or `Absent` (background failure, shutdown).
     pub(crate) fn fetch(&self, w: &mut Worker, i: usize, by: Fetcher) -> Result<(), ChunkError> {
-        self.budget.claimed(i);
+        // A repair fills only the holes of a present chunk: its other pages
+        // keep what was written to them, and so their chunk its dirty bit.
+        if !matches!(by, Fetcher::Repair) {
+            self.budget.claimed(i);
+        }
         let (off, data_len, inst_len) = self.geo.chunk(i);
         let dst = self.base() + off;
         let zero = self.is_zero(i);
