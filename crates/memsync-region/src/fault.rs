@@ -239,7 +239,11 @@ impl Core {
     /// (`Fetching`). Leaves it `Present`, `Poisoned` (fault/inline paths
     /// after the deadline) or `Absent` (background failure, shutdown).
     pub(crate) fn fetch(&self, w: &mut Worker, i: usize, by: Fetcher) -> Result<(), ChunkError> {
-        self.budget.claimed(i);
+        // A repair fills only the holes of a present chunk: its other pages
+        // keep what was written to them, and so their chunk its dirty bit.
+        if !matches!(by, Fetcher::Repair) {
+            self.budget.claimed(i);
+        }
         let (off, data_len, inst_len) = self.geo.chunk(i);
         let dst = self.base() + off;
         let zero = self.is_zero(i);
@@ -585,10 +589,26 @@ impl Core {
         // the write faults again if the page is still protected.
         let owned = self.budget.enabled && {
             self.budget.dirty.set(i);
-            if self.chunks.try_reclaim(i).is_err() {
-                return;
+            match self.chunks.try_reclaim(i) {
+                Ok(()) => true,
+                // The owner wakes the writer once it is done: it was
+                // enqueued before this handler read its fault, and the
+                // owner's wake follows this check.
+                Err(ChunkState::Fetching | ChunkState::Dropping) => return,
+                // No owner to wake the writer: the chunk was dropped (or
+                // poisoned) since the fault was raised. The writer may have
+                // entered the kernel's wait after the dropper's wake (the
+                // fault saw the page protected, the wait found it gone), so
+                // wake it here: it faults again, as a missing page. Without
+                // this it waited until some other access fetched the chunk,
+                // for good if none came.
+                Err(_) => {
+                    inc(&self.stats.faults_spurious);
+                    let page = self.geo.page_size();
+                    let _ = self.engine.uffd.wake(addr & !(page - 1), page);
+                    return;
+                }
             }
-            true
         };
         if self.tracking == WriteTracking::Protect {
             let g = self.protect_lock(i).lock();

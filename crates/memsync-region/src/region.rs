@@ -678,3 +678,103 @@ pub(crate) fn zero_map(
         .unwrap_or_else(|_| Err(Error::Config("the extents query panicked".into())))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+
+    use memsync_sys::PageFaultFlags;
+
+    use crate::engine::EventHandler;
+    use crate::{ChunkSource, ChunkState, LazyRegion, RegionConfig, SourceFuture};
+
+    #[derive(Debug)]
+    struct Ones(usize);
+
+    impl ChunkSource for Ones {
+        fn size(&self) -> u64 {
+            self.0 as u64
+        }
+        fn read<'a>(&'a self, _offset: u64, buf: &'a mut [u8]) -> SourceFuture<'a, ()> {
+            buf.fill(1);
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// A write-protect fault can reach a handler after the chunk it hit was dropped, with
+    /// the writer still waiting and the dropper's wake already spent: the writer's fault
+    /// saw the page protected (the evictor had protected it to write it back), and by the
+    /// time the writer entered the kernel's wait the evictor had dropped the pages, marked
+    /// the chunk absent and woken the range; the wait found the page missing and slept.
+    /// The handler then finds the chunk absent with no owner to wake the writer. It used to
+    /// leave it waiting until another access fetched the chunk (never, if none came: a
+    /// writer of `budget_eviction_loses_no_concurrent_write` hung once in a 6.12 guest).
+    /// This plays the evictor by hand and withholds its wake, which is what that
+    /// interleaving amounts to.
+    #[test]
+    fn a_late_write_protect_fault_on_a_dropped_chunk_wakes_the_writer() {
+        let chunk = 16 * 1024;
+        let cfg = RegionConfig {
+            chunk_size: chunk,
+            prefetch: false,
+            handler_threads: 1,
+            budget: Some(4 * chunk),
+            fetch_deadline: Duration::from_secs(10),
+            ..RegionConfig::default()
+        };
+        let r = Arc::new(
+            LazyRegion::with_source(Arc::new(Ones(4 * chunk)), Arc::new(()), cfg).unwrap(),
+        );
+        let core = Arc::clone(&r.run.core);
+        let mut b = [0u8; 1];
+        r.read_faulting(0, &mut b);
+        assert_eq!(b, [1]);
+        assert_eq!(core.chunks.get(0), ChunkState::Present);
+
+        // The evictor takes the chunk (it is clean: no write-back, no re-protection needed,
+        // it was installed protected) ...
+        core.chunks.apply(0, &ChunkState::EVICT).unwrap();
+        // ... a writer faults on it and waits ...
+        let (tx, rx) = std::sync::mpsc::channel();
+        let writer = {
+            let r = Arc::clone(&r);
+            std::thread::spawn(move || {
+                r.write_faulting(100, &[7]);
+                let _ = tx.send(());
+            })
+        };
+        let until = Instant::now() + Duration::from_secs(10);
+        while core.stats.wp_faults.load(Ordering::Relaxed) == 0 {
+            assert!(Instant::now() < until, "the write did not fault");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // ... the evictor drops the pages and marks the chunk absent, and its wake is spent
+        // before the writer waits (so it is not sent here).
+        core.zap(0).unwrap();
+        core.budget.dirty.clear(0);
+        core.chunks.apply(0, &ChunkState::DROPPED).unwrap();
+        assert!(
+            rx.recv_timeout(Duration::from_millis(50)).is_err(),
+            "nothing woke the writer yet"
+        );
+        // The handler reads the writer's fault only now.
+        let mut w = core.take_worker().unwrap();
+        core.on_fault(
+            &mut w,
+            core.base() + 100,
+            PageFaultFlags::WP,
+            Instant::now(),
+        );
+        core.put_worker(w);
+        assert!(
+            rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "the writer was never woken"
+        );
+        writer.join().unwrap();
+        let mut back = [0u8; 2];
+        r.read_faulting(99, &mut back);
+        assert_eq!(back, [1, 7], "the write landed in the refetched chunk");
+    }
+}

@@ -699,6 +699,44 @@ fn budget_evicts_clean_chunks_and_writes_dirty_ones_back() {
     }
 }
 
+/// A hole punched into a written memfd chunk (`MADV_REMOVE` of one page) is repaired on its
+/// next touch from the source, and the chunk's other written pages stay dirty: the repair
+/// used to clear the chunk's dirty bit as a fetch does, so the evictor dropped it as clean
+/// and the writes to its other pages were lost.
+#[test]
+fn budget_repair_of_a_hole_keeps_the_chunk_dirty() {
+    if !super::memfd_wp_supported(
+        "budget_repair_of_a_hole_keeps_the_chunk_dirty",
+        Backing::Memfd,
+    ) {
+        return;
+    }
+    let chunk = 16 * KIB;
+    let n = 4;
+    let src = VecSource::random(n * chunk, 12);
+    let mut shadow = src.bytes(0, n * chunk);
+    let r = region(&src, Arc::new(()), budget_cfg(chunk, n, Backing::Memfd));
+    r.write_faulting(8 * KIB, &[0x5a; 100]);
+    shadow[8 * KIB..8 * KIB + 100].fill(0x5a);
+    // The application discards the first page; its next touch refills it from the source.
+    r.advise(0, 4 * KIB, memsync_region::Advice::Remove)
+        .unwrap();
+    let mut page = vec![0u8; 4 * KIB];
+    r.read_faulting(0, &mut page);
+    assert!(
+        page == shadow[..4 * KIB],
+        "the hole reads the source's bytes"
+    );
+    assert_eq!(r.evict(n).unwrap(), 1);
+    assert!(
+        src.bytes(0, n * chunk) == shadow,
+        "the write to the chunk reached the source"
+    );
+    let mut all = vec![0u8; n * chunk];
+    r.read_faulting(0, &mut all);
+    assert!(all == shadow);
+}
+
 /// Writers and the evictor race on a budget of two chunks: no write is
 /// lost (a shadow model of each writer's bytes, disjoint per writer).
 #[test]
