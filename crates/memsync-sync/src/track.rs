@@ -36,7 +36,9 @@ pub trait ChangeSource: Send + Sync + fmt::Debug {
     }
 
     /// A round that took `ranges` failed before the destination committed them: report them
-    /// again next time. Sources that compare contents find them anyway and ignore this.
+    /// again next time. The destination may hold the old bytes, the new ones or a mix there,
+    /// so a source that compares contents must forget its baseline for them (the source may
+    /// even change back to what the baseline says).
     fn put_back(&self, ranges: &[Range<u64>]) {
         let _ = ranges;
     }
@@ -204,6 +206,22 @@ impl ChangeSource for Rescan {
             }
         }
     }
+
+    fn put_back(&self, ranges: &[Range<u64>]) {
+        let mut base = self.baseline.lock();
+        for r in ranges {
+            if r.end <= r.start {
+                continue;
+            }
+            let first = r.start / self.layout.chunk_size;
+            let last = (r.end - 1) / self.layout.chunk_size;
+            for i in first..=last {
+                if let Some(b) = base.get_mut(i as usize) {
+                    *b = None;
+                }
+            }
+        }
+    }
 }
 
 /// What one push round did.
@@ -227,8 +245,9 @@ pub struct Pusher {
     dest: DynDest,
     layout: Layout,
     changes: Arc<dyn ChangeSource>,
-    /// What the destination holds, per chunk.
-    held: tokio::sync::Mutex<Vec<Digest>>,
+    /// What the destination holds, per chunk; `None`: unknown (a failed round may or may not
+    /// have left its writes there), so the next push compares with the destination.
+    held: tokio::sync::Mutex<Vec<Option<Digest>>>,
     window: usize,
 }
 
@@ -257,7 +276,7 @@ impl Pusher {
                 dest,
                 layout,
                 changes,
-                held: tokio::sync::Mutex::new(held),
+                held: tokio::sync::Mutex::new(held.into_iter().map(Some).collect()),
                 window: opts.window,
             },
             report,
@@ -278,7 +297,12 @@ impl Pusher {
         r
     }
 
-    async fn push(&self, held: &mut [Digest], ranges: &[Range<u64>], t: Instant) -> Result<Round> {
+    async fn push(
+        &self,
+        held: &mut [Option<Digest>],
+        ranges: &[Range<u64>],
+        t: Instant,
+    ) -> Result<Round> {
         let (sent0, _) = self.dest.wire();
         let mut round = Round::default();
         let mut chunks = Vec::new();
@@ -297,23 +321,29 @@ impl Pusher {
         }
         chunks.dedup();
         round.chunks = chunks.len() as u64;
-        let work = chunks
-            .iter()
-            .map(|&i| (i, Some(held[i as usize])))
-            .collect();
+        let work = chunks.iter().map(|&i| (i, held[i as usize])).collect();
         let (done, err) =
             engine::push_chunks(&self.src, self.layout, &self.dest, work, self.window, None).await;
+        let committed = match err {
+            Some((e, _)) => Err(e),
+            None => self.dest.commit().await.map(|_| ()),
+        };
+        if let Err(e) = committed {
+            // Nothing of this round is committed: a destination may have kept its writes, lost
+            // them (a peer that died before its commit) or kept part of a chunk. Every chunk
+            // of the round is unknown until a later round compares it with the destination.
+            for &i in &chunks {
+                held[i as usize] = None;
+            }
+            return Err(e);
+        }
         for (i, p) in &done {
-            held[*i as usize] = p.digest;
+            held[*i as usize] = Some(p.digest);
             self.changes.pushed(self.layout, *i, &[p.digest]);
             round.updated += (!p.unchanged) as u64;
             round.data_bytes += p.data_bytes;
             round.zero_bytes += p.zero_bytes;
         }
-        if let Some((e, _)) = err {
-            return Err(e);
-        }
-        self.dest.commit().await?;
         round.wire_sent = self.dest.wire().0 - sent0;
         round.elapsed = t.elapsed();
         Ok(round)

@@ -648,6 +648,128 @@ async fn a_failed_tracked_round_is_pushed_by_the_next() {
     );
 }
 
+/// A local destination whose commit can fail, and a failed commit loses every write since the
+/// last good one (like a peer that dies before its commit): its store gets back the bytes it
+/// had at that commit.
+#[derive(Debug)]
+struct RevertingDest {
+    inner: LocalDest,
+    store: DynStore,
+    committed: parking_lot::Mutex<Vec<u8>>,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+#[memsync_core::async_trait]
+impl Dest for RevertingDest {
+    fn layout(&self) -> Layout {
+        self.inner.layout()
+    }
+    async fn digests(&self) -> memsync_core::Result<Vec<digest::Digest>> {
+        self.inner.digests().await
+    }
+    async fn page_digests(&self, i: u64) -> memsync_core::Result<Vec<u32>> {
+        self.inner.page_digests(i).await
+    }
+    async fn patch(
+        &self,
+        i: u64,
+        d: digest::Digest,
+        runs: Vec<Run>,
+    ) -> memsync_core::Result<PatchOutcome> {
+        self.inner.patch(i, d, runs).await
+    }
+    async fn commit(&self) -> memsync_core::Result<memsync_sync::dest::DestStats> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            let old = self.committed.lock().clone();
+            self.store.write(0, Bytes::from(old)).await?;
+            return Err(memsync_core::StoreError::backend(
+                "commit failed; its writes are gone",
+            ));
+        }
+        let stats = self.inner.commit().await?;
+        *self.committed.lock() = contents(&self.store).await;
+        Ok(stats)
+    }
+    fn as_local(&self) -> Option<&LocalDest> {
+        Some(&self.inner)
+    }
+}
+
+/// A round whose commit fails may leave the destination without its writes: the next round
+/// must send them again, not take the chunks as already there (with write tracking, and with
+/// a rescan whose baseline must not take the failed round's digests).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_whose_commit_failed_is_resent_by_the_next() {
+    for rescan in [false, true] {
+        let size = 1 << 20;
+        let mem: DynStore = Arc::new(memsync_local::MemStore::new(size));
+        fill(&mem, &base(4, size as usize)).await;
+        let dst_mem: DynStore = Arc::new(memsync_local::MemStore::new(size));
+        let dest = Arc::new(RevertingDest {
+            inner: LocalDest::new(dst_mem.clone(), CHUNK, None).unwrap(),
+            store: dst_mem.clone(),
+            committed: parking_lot::Mutex::new(Vec::new()),
+            fail: false.into(),
+        });
+        let tracked = Tracked::new(mem.clone(), 4096);
+        let changes: Arc<dyn ChangeSource> = if rescan {
+            Rescan::new(mem.clone(), CHUNK).unwrap()
+        } else {
+            tracked.clone()
+        };
+        let source = Source {
+            store: tracked.clone(),
+            index: None,
+        };
+        let (pusher, _) = Pusher::start(
+            source,
+            dest.clone(),
+            changes,
+            SyncOptions::default(),
+            &NoProgress,
+        )
+        .await
+        .unwrap();
+        // Pages in two chunks, and a whole chunk.
+        tracked
+            .write(200_000, Bytes::from(vec![7u8; 10_000]))
+            .await
+            .unwrap();
+        tracked
+            .write(5 * CHUNK + 4096, Bytes::from(vec![9u8; 4096]))
+            .await
+            .unwrap();
+        tracked
+            .write(10 * CHUNK, Bytes::from(vec![3u8; CHUNK as usize]))
+            .await
+            .unwrap();
+        dest.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            pusher.round().await.is_err(),
+            "rescan {rescan}: the commit fails"
+        );
+        assert_ne!(
+            contents(&dst_mem).await,
+            contents(&mem).await,
+            "rescan {rescan}: the failed commit took its writes back"
+        );
+        dest.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        let r = pusher.round().await.unwrap();
+        assert!(
+            r.updated >= 3 && r.data_bytes >= 10_000 + 4096 + CHUNK,
+            "rescan {rescan}: {r:?}"
+        );
+        assert_same(
+            &format!("rescan {rescan}: after the round that followed a failed commit"),
+            &contents(&dst_mem).await,
+            &contents(&mem).await,
+        );
+        // And the round after that has nothing left to do.
+        let r = pusher.round().await.unwrap();
+        assert_eq!(r.updated, 0, "rescan {rescan}: {r:?}");
+    }
+}
+
 /// A peer serving `data` from a read-only file store; returns its URL.
 async fn read_only_peer(
     dir: &std::path::Path,
