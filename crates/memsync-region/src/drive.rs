@@ -19,6 +19,11 @@ use crate::state::ChunkState;
 use crate::stats::inc;
 use crate::worker::Worker;
 
+/// Tests make [`Core::zap`] of the region mapped at this address fail, to reach the error
+/// paths of its callers (0: none).
+#[cfg(test)]
+pub(crate) static FAIL_ZAP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 impl Core {
     /// Installs `data` as chunk `i` if the chunk is absent. `Ok(true)`: this
     /// call installed it; `Ok(false)`: the chunk was not absent (present,
@@ -145,6 +150,10 @@ impl Core {
     /// Drops the pages of chunk `i`, which the caller owns (`Dropping`),
     /// and waits until a handler has seen the `REMOVE` event.
     pub(crate) fn zap(&self, i: usize) -> io::Result<()> {
+        #[cfg(test)]
+        if FAIL_ZAP.load(std::sync::atomic::Ordering::SeqCst) == self.base() {
+            return Err(io::Error::other("zap failed (test)"));
+        }
         let (off, _, inst_len) = self.geo.chunk(i);
         self.zap_span(i..i + 1, off, inst_len)
     }

@@ -89,7 +89,7 @@ impl Core {
     }
 
     /// Evicts chunk `i` if it is present: writes it back first if dirty.
-    fn evict_chunk(&self, i: usize, exec: &Exec) -> io::Result<bool> {
+    pub(crate) fn evict_chunk(&self, i: usize, exec: &Exec) -> io::Result<bool> {
         if self.chunks.apply(i, &ChunkState::EVICT).is_err() {
             return Ok(false);
         }
@@ -97,6 +97,21 @@ impl Core {
         // looks for `Dropping`: either the write is seen here, or the writer
         // is held until the chunk is gone.
         std::sync::atomic::fence(Ordering::SeqCst);
+        let (off, _, inst_len) = self.geo.chunk(i);
+        let dst = self.base() + off;
+        let r = self.write_back_and_drop(i, exec);
+        if r.is_err() && self.chunks.get(i) == ChunkState::Dropping {
+            // Writers held by the dropping chunk wait for this wake; the chunk stays present
+            // (and dirty, if it was: its write-back may not have happened).
+            let _ = self.chunks.apply(i, &ChunkState::KEEP);
+            let _ = self.engine.uffd.wake(dst, inst_len);
+        }
+        r
+    }
+
+    /// The part of [`evict_chunk`](Self::evict_chunk) after the chunk was taken: on an error
+    /// the chunk may still be `Dropping`, and the caller gives it back.
+    fn write_back_and_drop(&self, i: usize, exec: &Exec) -> io::Result<bool> {
         let (off, data_len, inst_len) = self.geo.chunk(i);
         let dst = self.base() + off;
         if self.budget.dirty.get(i) {

@@ -777,4 +777,73 @@ mod tests {
         r.read_faulting(99, &mut back);
         assert_eq!(back, [1, 7], "the write landed in the refetched chunk");
     }
+
+    #[derive(Debug)]
+    struct Kept(usize);
+
+    impl ChunkSource for Kept {
+        fn size(&self) -> u64 {
+            self.0 as u64
+        }
+        fn read<'a>(&'a self, _offset: u64, buf: &'a mut [u8]) -> SourceFuture<'a, ()> {
+            buf.fill(1);
+            Box::pin(async { Ok(()) })
+        }
+        fn write_back(&self, _offset: u64, _data: memsync_core::Bytes) -> SourceFuture<'_, ()> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// An eviction that fails after it took a dirty chunk (its pages could not be dropped)
+    /// gives the chunk back: present, still dirty, and a writer held by the write protection
+    /// the eviction set is woken and writes. The chunk used to stay `Dropping` and
+    /// write-protected, with its writers waiting forever.
+    #[test]
+    fn a_failed_eviction_gives_the_chunk_back_and_wakes_its_writers() {
+        let chunk = 16 * 1024;
+        let cfg = RegionConfig {
+            chunk_size: chunk,
+            prefetch: false,
+            handler_threads: 1,
+            budget: Some(4 * chunk),
+            fetch_deadline: Duration::from_secs(10),
+            ..RegionConfig::default()
+        };
+        let r = Arc::new(
+            LazyRegion::with_source(Arc::new(Kept(4 * chunk)), Arc::new(()), cfg).unwrap(),
+        );
+        let core = Arc::clone(&r.run.core);
+        r.write_faulting(0, &[5]);
+        assert_eq!(core.chunks.get(0), ChunkState::Present);
+        assert!(core.budget.dirty.get(0), "the write made the chunk dirty");
+        crate::drive::FAIL_ZAP.store(core.base(), Ordering::SeqCst);
+        let exec = crate::exec::Exec::new(None, Duration::ZERO).unwrap();
+        assert!(core.evict_chunk(0, &exec).is_err());
+        crate::drive::FAIL_ZAP.store(0, Ordering::SeqCst);
+        assert_eq!(core.chunks.get(0), ChunkState::Present);
+        assert!(
+            core.budget.dirty.get(0),
+            "still dirty after the failed eviction"
+        );
+        // The eviction protected the chunk for its write-back: a write faults and must go on.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let writer = {
+            let r = Arc::clone(&r);
+            std::thread::spawn(move || {
+                r.write_faulting(100, &[7]);
+                let _ = tx.send(());
+            })
+        };
+        assert!(
+            rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "the writer was never let through"
+        );
+        writer.join().unwrap();
+        let mut back = [0u8; 2];
+        r.read_faulting(99, &mut back);
+        assert_eq!(back, [1, 7]);
+        let mut first = [0u8; 1];
+        r.read_faulting(0, &mut first);
+        assert_eq!(first, [5], "the earlier write is still there");
+    }
 }
