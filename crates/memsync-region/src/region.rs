@@ -690,6 +690,7 @@ mod tests {
     use crate::engine::EventHandler;
     use crate::{ChunkSource, ChunkState, LazyRegion, RegionConfig, SourceFuture};
 
+    /// A source of ones that accepts write-backs (and forgets them).
     #[derive(Debug)]
     struct Ones(usize);
 
@@ -701,6 +702,42 @@ mod tests {
             buf.fill(1);
             Box::pin(async { Ok(()) })
         }
+        fn write_back(&self, _offset: u64, _data: memsync_core::Bytes) -> SourceFuture<'_, ()> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    const CHUNK: usize = 16 * 1024;
+
+    /// Four chunks of ones under a budget of four (chunks are installed write-protected, and
+    /// nothing is evicted unless a test does it), with one handler thread.
+    fn budget_region() -> (Arc<LazyRegion>, Arc<crate::fault::Core>) {
+        let cfg = RegionConfig {
+            chunk_size: CHUNK,
+            prefetch: false,
+            handler_threads: 1,
+            budget: Some(4 * CHUNK),
+            fetch_deadline: Duration::from_secs(10),
+            ..RegionConfig::default()
+        };
+        let r = Arc::new(
+            LazyRegion::with_source(Arc::new(Ones(4 * CHUNK)), Arc::new(()), cfg).unwrap(),
+        );
+        let core = Arc::clone(&r.run.core);
+        (r, core)
+    }
+
+    /// Writes 7 at offset 100 on a thread of its own; the receiver hears when it is done.
+    fn spawn_writer(
+        r: &Arc<LazyRegion>,
+    ) -> (std::thread::JoinHandle<()>, std::sync::mpsc::Receiver<()>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let r = Arc::clone(r);
+        let t = std::thread::spawn(move || {
+            r.write_faulting(100, &[7]);
+            let _ = tx.send(());
+        });
+        (t, rx)
     }
 
     /// A write-protect fault can reach a handler after the chunk it hit was dropped, with
@@ -715,19 +752,7 @@ mod tests {
     /// interleaving amounts to.
     #[test]
     fn a_late_write_protect_fault_on_a_dropped_chunk_wakes_the_writer() {
-        let chunk = 16 * 1024;
-        let cfg = RegionConfig {
-            chunk_size: chunk,
-            prefetch: false,
-            handler_threads: 1,
-            budget: Some(4 * chunk),
-            fetch_deadline: Duration::from_secs(10),
-            ..RegionConfig::default()
-        };
-        let r = Arc::new(
-            LazyRegion::with_source(Arc::new(Ones(4 * chunk)), Arc::new(()), cfg).unwrap(),
-        );
-        let core = Arc::clone(&r.run.core);
+        let (r, core) = budget_region();
         let mut b = [0u8; 1];
         r.read_faulting(0, &mut b);
         assert_eq!(b, [1]);
@@ -737,14 +762,7 @@ mod tests {
         // it was installed protected) ...
         core.chunks.apply(0, &ChunkState::EVICT).unwrap();
         // ... a writer faults on it and waits ...
-        let (tx, rx) = std::sync::mpsc::channel();
-        let writer = {
-            let r = Arc::clone(&r);
-            std::thread::spawn(move || {
-                r.write_faulting(100, &[7]);
-                let _ = tx.send(());
-            })
-        };
+        let (writer, rx) = spawn_writer(&r);
         let until = Instant::now() + Duration::from_secs(10);
         while core.stats.wp_faults.load(Ordering::Relaxed) == 0 {
             assert!(Instant::now() < until, "the write did not fault");
@@ -778,41 +796,13 @@ mod tests {
         assert_eq!(back, [1, 7], "the write landed in the refetched chunk");
     }
 
-    #[derive(Debug)]
-    struct Kept(usize);
-
-    impl ChunkSource for Kept {
-        fn size(&self) -> u64 {
-            self.0 as u64
-        }
-        fn read<'a>(&'a self, _offset: u64, buf: &'a mut [u8]) -> SourceFuture<'a, ()> {
-            buf.fill(1);
-            Box::pin(async { Ok(()) })
-        }
-        fn write_back(&self, _offset: u64, _data: memsync_core::Bytes) -> SourceFuture<'_, ()> {
-            Box::pin(async { Ok(()) })
-        }
-    }
-
     /// An eviction that fails after it took a dirty chunk (its pages could not be dropped)
     /// gives the chunk back: present, still dirty, and a writer held by the write protection
     /// the eviction set is woken and writes. The chunk used to stay `Dropping` and
     /// write-protected, with its writers waiting forever.
     #[test]
     fn a_failed_eviction_gives_the_chunk_back_and_wakes_its_writers() {
-        let chunk = 16 * 1024;
-        let cfg = RegionConfig {
-            chunk_size: chunk,
-            prefetch: false,
-            handler_threads: 1,
-            budget: Some(4 * chunk),
-            fetch_deadline: Duration::from_secs(10),
-            ..RegionConfig::default()
-        };
-        let r = Arc::new(
-            LazyRegion::with_source(Arc::new(Kept(4 * chunk)), Arc::new(()), cfg).unwrap(),
-        );
-        let core = Arc::clone(&r.run.core);
+        let (r, core) = budget_region();
         r.write_faulting(0, &[5]);
         // The handler that lifted the protection for the write may still hold the chunk
         // (the writer is woken before the chunk is marked present again).
@@ -832,14 +822,7 @@ mod tests {
             "still dirty after the failed eviction"
         );
         // The eviction protected the chunk for its write-back: a write faults and must go on.
-        let (tx, rx) = std::sync::mpsc::channel();
-        let writer = {
-            let r = Arc::clone(&r);
-            std::thread::spawn(move || {
-                r.write_faulting(100, &[7]);
-                let _ = tx.send(());
-            })
-        };
+        let (writer, rx) = spawn_writer(&r);
         assert!(
             rx.recv_timeout(Duration::from_secs(10)).is_ok(),
             "the writer was never let through"
