@@ -528,13 +528,7 @@ async fn continuous(
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let w = writer(src.clone(), stop.clone());
     let dest = dest_for(dst_url, dst, src.size()).await;
-    let source = Source {
-        store: src.clone(),
-        index: None,
-    };
-    let (pusher, first) = Pusher::start(source, dest, changes, SyncOptions::default(), &NoProgress)
-        .await
-        .unwrap();
+    let (pusher, first) = start_pusher(src.clone(), dest, changes).await;
     assert!(first.updated > 0);
     let mut busy = 0;
     for _ in 0..5 {
@@ -603,6 +597,21 @@ async fn tracked_marks_after_the_write_and_takes_atomically() {
     assert!(t.take_changes().await.unwrap().is_empty());
 }
 
+/// The first, full sync of `src` to `dest` (default options, no index) and the pusher after it.
+async fn start_pusher(
+    src: DynStore,
+    dest: Arc<dyn Dest>,
+    changes: Arc<dyn ChangeSource>,
+) -> (Pusher, memsync_sync::Report) {
+    let source = Source {
+        store: src,
+        index: None,
+    };
+    Pusher::start(source, dest, changes, SyncOptions::default(), &NoProgress)
+        .await
+        .unwrap()
+}
+
 /// A round whose writes to the destination fail gives its changes back to the tracker: the
 /// next round pushes them (before, they were taken and lost, and the destination stayed old).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -616,19 +625,7 @@ async fn a_failed_tracked_round_is_pushed_by_the_next() {
     let control = inject.control();
     let dest: Arc<dyn Dest> = Arc::new(LocalDest::new(Arc::new(inject), CHUNK, None).unwrap());
     let tracked = Tracked::new(mem.clone(), 4096);
-    let source = Source {
-        store: tracked.clone(),
-        index: None,
-    };
-    let (pusher, _) = Pusher::start(
-        source,
-        dest,
-        tracked.clone(),
-        SyncOptions::default(),
-        &NoProgress,
-    )
-    .await
-    .unwrap();
+    let (pusher, _) = start_pusher(tracked.clone(), dest, tracked.clone()).await;
     tracked
         .write(200_000, Bytes::from(vec![7u8; 10_000]))
         .await
@@ -717,19 +714,7 @@ async fn a_round_whose_commit_failed_is_resent_by_the_next() {
         } else {
             tracked.clone()
         };
-        let source = Source {
-            store: tracked.clone(),
-            index: None,
-        };
-        let (pusher, _) = Pusher::start(
-            source,
-            dest.clone(),
-            changes,
-            SyncOptions::default(),
-            &NoProgress,
-        )
-        .await
-        .unwrap();
+        let (pusher, _) = start_pusher(tracked.clone(), dest.clone(), changes).await;
         // Pages in two chunks, and a whole chunk.
         tracked
             .write(200_000, Bytes::from(vec![7u8; 10_000]))
