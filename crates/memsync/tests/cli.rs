@@ -735,25 +735,7 @@ fn mount_fuse_durable_after_sigkill_and_restart_refetches_nothing() {
         std::fs::read(&m.file).unwrap() == want,
         "data differs after restart"
     );
-    let pid = m.child.id().to_string();
-    run_ok("kill", &["-TERM", &pid]);
-    let t = std::time::Instant::now();
-    let status = loop {
-        if let Some(s) = m.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t.elapsed() < std::time::Duration::from_secs(30),
-            "mount did not stop on SIGTERM"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    assert!(status.success(), "mount exited with {status}");
-    let mut err = String::new();
-    while let Ok(l) = m.stderr.recv_timeout(std::time::Duration::from_secs(2)) {
-        err.push_str(&l);
-        err.push('\n');
-    }
+    let err = stop_mount(&mut m);
     assert!(
         err.contains("pulled 0 B (demand 0 B) in 0 reads"),
         "refetched after restart:\n{err}"
