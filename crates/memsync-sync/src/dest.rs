@@ -387,10 +387,12 @@ impl Dest for LocalDest {
                 if !unchanged && (wrote || from.is_some()) {
                     let index = index.clone();
                     let layout = self.layout;
-                    tokio::task::spawn_blocking(move || index.save(layout, &d, from, durable))
-                        .await
-                        .map_err(|e| StoreError::backend(format!("index task: {e}")))?
-                        .map_err(|e| StoreError::io("saving the digest index", e))?;
+                    tokio::task::spawn_blocking(move || {
+                        index.save(layout, &d, None, from, durable)
+                    })
+                    .await
+                    .map_err(|e| StoreError::backend(format!("index task: {e}")))?
+                    .map_err(|e| StoreError::io("saving the digest index", e))?;
                 }
             }
             _ => index.remove(),
@@ -399,35 +401,75 @@ impl Dest for LocalDest {
     }
 }
 
+/// The sending side's digests (see [`source_digests`]).
+#[derive(Debug)]
+pub struct SourceDigests {
+    pub digests: Vec<Digest>,
+    /// The scan counters (all zero when the index was used).
+    pub stats: ScanStats,
+    /// What happened with the index.
+    pub status: IndexStatus,
+    /// The file's state before the scan (to save the index afterwards only if the file did
+    /// not change), and the chunks' fingerprints taken by the scan.
+    pub save: Option<((FileState, i64), digest::FpKey, Vec<u128>)>,
+}
+
 /// The sending side's digests: from the index of a local file when it is trusted, else by a
-/// scan. Returns the digests, the scan counters, what happened with the index, and the file's
-/// state before the scan (to save the index afterwards only if the file did not change).
+/// scan; a scan of an indexed file fingerprints every chunk and hashes with BLAKE3 only those
+/// whose fingerprints differ from the stored index's ([`IndexFile::known`]).
 pub async fn source_digests(
     store: &DynStore,
     layout: Layout,
     index: Option<&IndexFile>,
     progress: &(dyn Fn(u64) + Sync),
     hook: Option<digest::PieceHook>,
-) -> Result<(
-    Vec<Digest>,
-    ScanStats,
-    IndexStatus,
-    Option<(FileState, i64)>,
-)> {
-    let mut status = IndexStatus::None;
-    let mut before = None;
-    if let Some(index) = index {
-        match load_checked(index, store, layout).await {
-            Ok(d) => {
-                progress(layout.size);
-                return Ok((d, ScanStats::default(), IndexStatus::Used, None));
-            }
-            Err(s) => status = s,
+) -> Result<SourceDigests> {
+    let Some(index) = index else {
+        let (digests, stats) = digest::scan(store, layout, progress, hook).await?;
+        return Ok(SourceDigests {
+            digests,
+            stats,
+            status: IndexStatus::None,
+            save: None,
+        });
+    };
+    let status = match load_checked(index, store, layout).await {
+        Ok(digests) => {
+            progress(layout.size);
+            return Ok(SourceDigests {
+                digests,
+                stats: ScanStats::default(),
+                status: IndexStatus::Used,
+                save: None,
+            });
         }
-        before = index.state_now().ok();
-    }
-    let (d, stats) = digest::scan(store, layout, progress, hook).await?;
-    Ok((d, stats, status, before))
+        Err(s) => s,
+    };
+    let before = index.state_now().ok();
+    let (ix, l) = (index.clone(), layout);
+    let known = tokio::task::spawn_blocking(move || ix.known(l))
+        .await
+        .ok()
+        .flatten();
+    let key = match &known {
+        Some(k) => k.key.clone(),
+        None => digest::FpKey::random()
+            .map_err(|e| StoreError::io("reading /dev/urandom for a fingerprint key", e))?,
+    };
+    let s = digest::scan_with(
+        store,
+        layout,
+        progress,
+        hook,
+        Some((key.clone(), known.map(Arc::new))),
+    )
+    .await?;
+    Ok(SourceDigests {
+        digests: s.digests,
+        stats: s.stats,
+        status,
+        save: before.zip(s.fps).map(|(b, f)| (b, key, f)),
+    })
 }
 
 /// Shared handle used by the engine and the pusher.

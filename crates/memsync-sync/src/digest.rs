@@ -50,6 +50,68 @@ pub fn page_digests(data: &[u8]) -> Vec<u32> {
     data.chunks(PAGE as usize).map(page_digest).collect()
 }
 
+/// Length of a [`FpKey`]'s secret (XXH3 needs at least 136 bytes).
+pub const FP_SECRET: usize = 192;
+
+/// The key of chunk fingerprints: a random XXH3 secret.
+///
+/// A fingerprint (keyed XXH3-128 of a chunk, ~4x cheaper than BLAKE3 here) only tells whether a
+/// chunk still has the bytes it had when its strong digest was computed, so that a rescan of a
+/// changed file hashes with BLAKE3 only the chunks that changed. XXH3 is not a cryptographic
+/// hash: the random secret, kept in the owner-only index, is what stops a writer of the file
+/// from crafting a change that keeps a chunk's fingerprint (a chance collision is 2^-128). The
+/// strong digests still decide every comparison with the other side.
+#[derive(Clone)]
+pub struct FpKey(Arc<[u8; FP_SECRET]>);
+
+impl std::fmt::Debug for FpKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FpKey(..)")
+    }
+}
+
+impl FpKey {
+    /// A new key from the kernel's random source.
+    pub fn random() -> std::io::Result<Self> {
+        use std::io::Read;
+        let mut k = [0u8; FP_SECRET];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut k)?;
+        Ok(FpKey(Arc::new(k)))
+    }
+
+    /// The key stored as these bytes (`None` if the length is wrong).
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        Some(FpKey(Arc::new(b.try_into().ok()?)))
+    }
+
+    pub fn bytes(&self) -> &[u8; FP_SECRET] {
+        &self.0
+    }
+
+    /// The fingerprint of `data`; never [`FP_UNKNOWN`].
+    pub fn fingerprint(&self, data: &[u8]) -> u128 {
+        // The secret has a valid length, so this cannot fail; 1 keeps the result known.
+        twox_hash::XxHash3_128::oneshot_with_secret(&self.0[..], data).map_or(1, |h| h.max(1))
+    }
+
+    /// Whether two keys are the same (fingerprints of different keys never compare).
+    pub fn same(&self, other: &FpKey) -> bool {
+        self.0 == other.0
+    }
+}
+
+/// A fingerprint that matches nothing (a chunk whose fingerprint was not recorded).
+pub const FP_UNKNOWN: u128 = 0;
+
+/// Strong digests a scan may reuse: chunk `i` had digest `digests[i]` when its fingerprint
+/// under `key` was `fps[i]`.
+#[derive(Clone, Debug)]
+pub struct Known {
+    pub key: FpKey,
+    pub fps: Vec<u128>,
+    pub digests: Vec<Digest>,
+}
+
 /// All bytes are zero.
 pub fn is_zero(data: &[u8]) -> bool {
     // Compare 8 bytes at a time; the tail byte by byte.
@@ -118,6 +180,9 @@ pub struct ScanStats {
     pub hashed: u64,
     /// Bytes known to be zero from the store's extents.
     pub holes: u64,
+    /// Bytes read whose strong digest was reused, as their fingerprint had not changed (they
+    /// are read but not in `hashed`).
+    pub reused: u64,
 }
 
 /// Bytes per read and per hashing job: several chunks, so that small chunks still make large
@@ -198,8 +263,42 @@ pub async fn scan(
     progress: &(dyn Fn(u64) + Sync),
     hook: Option<PieceHook>,
 ) -> Result<(Vec<Digest>, ScanStats)> {
+    let s = scan_with(store, layout, progress, hook, None).await?;
+    Ok((s.digests, s.stats))
+}
+
+/// What [`scan_with`] found.
+#[derive(Clone, Debug)]
+pub struct Scanned {
+    pub digests: Vec<Digest>,
+    /// Each chunk's fingerprint under the key given ([`FP_UNKNOWN`] for holes), if one was.
+    pub fps: Option<Vec<u128>>,
+    pub stats: ScanStats,
+}
+
+/// [`scan`], fingerprinting every chunk read with `key`; a chunk whose fingerprint equals the
+/// one in `known` (same key, same layout) keeps the digest `known` has for it instead of
+/// being hashed with BLAKE3.
+pub async fn scan_with(
+    store: &DynStore,
+    layout: Layout,
+    progress: &(dyn Fn(u64) + Sync),
+    hook: Option<PieceHook>,
+    fp: Option<(FpKey, Option<Arc<Known>>)>,
+) -> Result<Scanned> {
     let zero = zero_chunks(&**store, layout).await?;
     let mut digests = vec![[0u8; 32]; zero.len()];
+    let want_fps = fp.is_some();
+    let mut fps = vec![FP_UNKNOWN; if want_fps { zero.len() } else { 0 }];
+    let (key, known) = match fp {
+        Some((key, known)) => {
+            let known = known.filter(|k| {
+                k.key.same(&key) && k.fps.len() == zero.len() && k.digests.len() == zero.len()
+            });
+            (Some(key), known)
+        }
+        None => (None, None),
+    };
     let mut stats = ScanStats::default();
     // Pieces: runs of non-zero chunks, at most PIECE bytes each.
     let per_piece = (PIECE / layout.chunk_size).max(1);
@@ -228,6 +327,7 @@ pub async fn scan(
     let mut s = stream::iter(pieces)
         .map(|r| {
             let (pool, store, hook, rt) = (pool.clone(), store.clone(), hook.clone(), rt.clone());
+            let (key, known) = (key.clone(), known.clone());
             let failed = failed.clone();
             async move {
                 let (off, _) = layout.chunk(r.start);
@@ -247,6 +347,9 @@ pub async fn scan(
                     let step = STEP.max(layout.chunk_size);
                     let mut buf = pool.get(step.min(len) as usize);
                     let mut d: Vec<Digest> = Vec::with_capacity(nchunks);
+                    let mut f: Vec<u128> =
+                        Vec::with_capacity(if key.is_some() { nchunks } else { 0 });
+                    let mut hashed = 0u64;
                     let mut o = 0;
                     while o < len {
                         let n = step.min(len - o);
@@ -255,14 +358,26 @@ pub async fn scan(
                         rt.block_on(store.read(at, b))
                             .map_err(|e| e.context(format!("reading {at}+{n} to hash it")))?;
                         let k = d.len();
-                        d.extend(b.chunks(layout.chunk_size as usize).map(chunk_digest));
+                        for c in b.chunks(layout.chunk_size as usize) {
+                            let i = first as usize + d.len();
+                            let fp = key.as_ref().map(|key| key.fingerprint(c));
+                            let reuse = match (&known, fp) {
+                                (Some(kn), Some(fp)) if kn.fps[i] == fp => Some(kn.digests[i]),
+                                _ => None,
+                            };
+                            d.push(reuse.unwrap_or_else(|| {
+                                hashed += c.len() as u64;
+                                chunk_digest(c)
+                            }));
+                            f.extend(fp);
+                        }
                         if let Some(hook) = &hook {
                             hook(first + k as u64, b, &d[k..])?;
                         }
                         o += n;
                     }
                     pool.put(buf);
-                    Ok::<_, StoreError>(Some(d))
+                    Ok::<_, StoreError>(Some((d, f, hashed)))
                 })
                 .await
                 .map_err(|e| StoreError::backend(format!("hashing task failed: {e}")))
@@ -276,7 +391,7 @@ pub async fn scan(
     // ended: a hook must not act after its scan has returned.
     let mut error = None;
     while let Some(res) = s.next().await {
-        let (r, len, d) = match res {
+        let (r, len, (d, f, hashed)) = match res {
             Ok((r, len, Some(d))) => (r, len, d),
             Ok((_, _, None)) => continue,
             Err(e) => {
@@ -286,14 +401,22 @@ pub async fn scan(
         };
         for (k, i) in r.enumerate() {
             digests[i as usize] = d[k];
+            if let Some(fp) = f.get(k) {
+                fps[i as usize] = *fp;
+            }
         }
         stats.read += len;
-        stats.hashed += len;
+        stats.hashed += hashed;
+        stats.reused += len - hashed;
         progress(len);
     }
     match error {
         Some(e) => Err(e),
-        None => Ok((digests, stats)),
+        None => Ok(Scanned {
+            digests,
+            fps: want_fps.then_some(fps),
+            stats,
+        }),
     }
 }
 

@@ -8,7 +8,7 @@ use memsync_core::{DynStore, Result, StoreError};
 use tokio::sync::Semaphore;
 
 use crate::delta::{Run, Theirs, diff_runs, diff_runs_copied};
-use crate::dest::{DestStats, DynDest, PatchOutcome, source_digests};
+use crate::dest::{DestStats, DynDest, PatchOutcome, SourceDigests, source_digests};
 use crate::digest::{self, Digest, Layout, PAGE, ScanStats};
 use crate::index::{IndexFile, IndexStatus};
 
@@ -332,7 +332,12 @@ pub async fn sync_held(
     let inline_done = std::mem::take(&mut *inline.done.lock());
     let inline_started: Vec<u64> = inline.started.lock().iter().copied().collect();
     let inline_error = inline.error.lock().take();
-    let (src_digests, scan, status, before) = match s {
+    let SourceDigests {
+        digests: src_digests,
+        stats: scan,
+        status,
+        save,
+    } = match s {
         Ok(s) if inline_error.is_none() => s,
         s => {
             // Chunks the scan patched are new; every other one still holds its old bytes,
@@ -409,10 +414,16 @@ pub async fn sync_held(
     let (ws, wr) = dest.wire();
     report.wire_sent = ws;
     report.wire_received = wr;
-    if let (Some(index), Some(before)) = (&src.index, before) {
+    if let (Some(index), Some((before, key, fps))) = (&src.index, save) {
         let index = index.clone();
         let saved = tokio::task::spawn_blocking(move || {
-            index.save(layout, &src_digests, Some(before), false)
+            index.save(
+                layout,
+                &src_digests,
+                Some((&key, &fps)),
+                Some(before),
+                false,
+            )
         })
         .await;
         if let Ok(Err(e)) | Err(e) = saved.map_err(std::io::Error::other) {

@@ -18,20 +18,29 @@
 //! On top of that a few chunks (a sample that differs each time) are read
 //! and hashed and must match.
 //!
+//! **When the file changed.** The index also holds a fingerprint of every chunk (keyed XXH3-128,
+//! see [`crate::digest::FpKey`]; the key is stored in the index, which only its owner may read).
+//! An index that is not trusted still spares work: the next scan reads and fingerprints every
+//! chunk, and hashes with BLAKE3 only the chunks whose fingerprints changed
+//! ([`IndexFile::known`]). Nothing of the file's times is trusted for that.
+//!
 //! **What it cannot see.** A write by another program *during* a sync, in the same clock tick as
 //! memsync's own last write, followed by no other change: syncing a file while another program
 //! writes it gives no guarantee (use continuous push, or stop the writer). A file changed through
 //! a block device under it (not through the file system) keeps its times.
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::digest::{Digest, Layout};
+use crate::digest::{Digest, FP_SECRET, FpKey, Known, Layout};
 
-const MAGIC: &[u8; 8] = b"MSIDX\0\0\x02";
-/// magic, chunk size, size, dev, ino, mtime ns, ctime ns, saved-at ns, count, boot id.
-const HEADER: usize = 8 + 8 * 8 + 16;
+const MAGIC: &[u8; 8] = b"MSIDX\0\0\x03";
+/// magic, chunk size, size, dev, ino, mtime ns, ctime ns, saved-at ns, count, boot id,
+/// fingerprints present (0 or 1).
+const HEADER: usize = 8 + 8 * 8 + 16 + 8;
+/// Bytes per chunk: a digest, plus a fingerprint if present.
+const FP_LEN: usize = 16;
 /// Largest index accepted: 2^24 chunks (1 TiB at 64 KiB chunks, 256 TiB at 16 MiB).
 pub const MAX_CHUNKS: u64 = 1 << 24;
 /// How long after a file's last change its index may be trusted: more than one tick of the
@@ -71,7 +80,17 @@ pub struct IndexData {
     /// hold across a crash. `Some(boot id)`: they describe the page cache of that boot only.
     pub boot: Option<[u8; 16]>,
     pub digests: Vec<Digest>,
+    /// Each chunk's fingerprint when it had its digest (see [`FpKey`]), if recorded.
+    pub fps: Option<(FpKey, Vec<u128>)>,
 }
+
+impl PartialEq for FpKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.same(other)
+    }
+}
+
+impl Eq for FpKey {}
 
 /// The kernel's id of this boot (all zeros if unknown, which no index trusts).
 pub fn boot_id() -> [u8; 16] {
@@ -104,6 +123,8 @@ pub enum IndexError {
     TooMany(u64),
     #[error("index checksum mismatch (torn or altered)")]
     Checksum,
+    #[error("index has an unknown fingerprint flag {0}")]
+    Flag(u64),
 }
 
 fn u64_at(b: &[u8], i: usize) -> u64 {
@@ -124,16 +145,34 @@ pub fn parse(b: &[u8]) -> Result<IndexData, IndexError> {
     if count > MAX_CHUNKS {
         return Err(IndexError::TooMany(count));
     }
-    let body = HEADER + count as usize * 32;
     let mut boot = [0u8; 16];
     boot.copy_from_slice(&b[72..88]);
+    let has_fps = match u64_at(b, 88) {
+        0 => false,
+        1 => true,
+        f => return Err(IndexError::Flag(f)),
+    };
+    let digests_end = HEADER + count as usize * 32;
+    let body = if has_fps {
+        digests_end + FP_SECRET + count as usize * FP_LEN
+    } else {
+        digests_end
+    };
     if b.len() != body + 32 {
         return Err(IndexError::Length(b.len()));
     }
     if blake3::hash(&b[..body]).as_bytes() != &b[body..] {
         return Err(IndexError::Checksum);
     }
-    let digests = b[HEADER..body]
+    let fps = has_fps.then(|| {
+        let key = FpKey::from_bytes(&b[digests_end..digests_end + FP_SECRET]);
+        let fps = b[digests_end + FP_SECRET..body]
+            .chunks_exact(FP_LEN)
+            .map(|c| u128::from_le_bytes(c.try_into().unwrap_or([0; FP_LEN])))
+            .collect();
+        key.map(|k| (k, fps))
+    });
+    let digests = b[HEADER..digests_end]
         .chunks_exact(32)
         .map(|c| {
             let mut d = [0u8; 32];
@@ -153,12 +192,15 @@ pub fn parse(b: &[u8]) -> Result<IndexData, IndexError> {
         saved_at_ns: u64_at(b, 56) as i64,
         boot: (boot != [0; 16]).then_some(boot),
         digests,
+        fps: fps.flatten(),
     })
 }
 
 /// Encode an index.
 pub fn encode(d: &IndexData) -> Vec<u8> {
-    let mut b = Vec::with_capacity(HEADER + d.digests.len() * 32 + 32);
+    let mut b = Vec::with_capacity(HEADER + d.digests.len() * (32 + FP_LEN) + FP_SECRET + 32);
+    // Fingerprints are stored only if there is one per digest.
+    let fps = d.fps.as_ref().filter(|(_, f)| f.len() == d.digests.len());
     b.extend_from_slice(MAGIC);
     for v in [
         d.chunk_size,
@@ -173,8 +215,15 @@ pub fn encode(d: &IndexData) -> Vec<u8> {
         b.extend_from_slice(&v.to_le_bytes());
     }
     b.extend_from_slice(&d.boot.unwrap_or([0; 16]));
+    b.extend_from_slice(&(fps.is_some() as u64).to_le_bytes());
     for x in &d.digests {
         b.extend_from_slice(x);
+    }
+    if let Some((key, fps)) = fps {
+        b.extend_from_slice(key.bytes());
+        for f in fps {
+            b.extend_from_slice(&f.to_le_bytes());
+        }
     }
     let h = blake3::hash(&b);
     b.extend_from_slice(h.as_bytes());
@@ -270,6 +319,22 @@ impl IndexFile {
         Ok(d.digests)
     }
 
+    /// The digests and fingerprints of a stored index whose file changed since, for a rescan
+    /// that hashes only the chunks whose fingerprints changed ([`crate::digest::scan_with`]).
+    /// The file's times do not matter here: every chunk is read and fingerprinted again.
+    pub fn known(&self, layout: Layout) -> Option<Known> {
+        let d = parse(&std::fs::read(&self.index).ok()?).ok()?;
+        let (key, fps) = d.fps?;
+        (d.chunk_size == layout.chunk_size
+            && d.state.size == layout.size
+            && d.digests.len() as u64 == layout.chunks())
+        .then_some(Known {
+            key,
+            fps,
+            digests: d.digests,
+        })
+    }
+
     /// Remove the index (the file is about to change in ways the index cannot follow).
     pub fn remove(&self) {
         let _ = std::fs::remove_file(&self.index);
@@ -294,10 +359,12 @@ impl IndexFile {
     /// `flushed`: the file's data was made durable (after the digests' bytes were written)
     /// before this save; otherwise the index is trusted in this boot only, since a crash can
     /// lose page-cache bytes while the file's times survive.
+    /// `fps`: the chunks' fingerprints (taken from the same bytes as the digests), if known.
     pub fn save(
         &self,
         layout: Layout,
         digests: &[Digest],
+        fps: Option<(&FpKey, &[u128])>,
         before: Option<(FileState, i64)>,
         flushed: bool,
     ) -> std::io::Result<()> {
@@ -322,11 +389,19 @@ impl IndexFile {
             saved_at_ns,
             boot: (!flushed).then(boot_id),
             digests: digests.to_vec(),
+            fps: fps.map(|(k, f)| (k.clone(), f.to_vec())),
         };
         let tmp = self
             .index
             .with_extension(format!("tmp{}", std::process::id()));
-        std::fs::write(&tmp, encode(&data))?;
+        // Owner only: whoever reads the fingerprint key could craft changes it cannot see.
+        let _ = std::fs::remove_file(&tmp);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &encode(&data)))?;
         std::fs::rename(&tmp, &self.index).inspect_err(|_| {
             let _ = std::fs::remove_file(&tmp);
         })
@@ -350,6 +425,10 @@ mod tests {
             saved_at_ns: 5,
             boot: Some([6; 16]),
             digests: vec![[7; 32], [8; 32], [9; 32]],
+            fps: Some((
+                FpKey::from_bytes(&[10; FP_SECRET]).unwrap(),
+                vec![11, 12, 13],
+            )),
         }
     }
 
@@ -371,6 +450,20 @@ mod tests {
         assert_eq!(parse(&big), Err(IndexError::TooMany(u64::MAX)));
         let durable = IndexData { boot: None, ..d };
         assert_eq!(parse(&encode(&durable)).unwrap(), durable);
+        let plain = IndexData {
+            fps: None,
+            ..durable
+        };
+        let b = encode(&plain);
+        assert_eq!(parse(&b).unwrap(), plain);
+        for i in 0..b.len() {
+            let mut c = b.clone();
+            c[i] ^= 1;
+            assert!(
+                parse(&c).is_err(),
+                "flipped byte {i} of an index without fingerprints"
+            );
+        }
     }
 
     #[test]
@@ -381,7 +474,8 @@ mod tests {
         let layout = Layout::new(8192, 4096).unwrap();
         let idx = IndexFile::for_file(&f);
         assert_ne!(boot_id(), [0; 16], "no boot id on this machine");
-        idx.save(layout, &[[1; 32], [2; 32]], None, false).unwrap();
+        idx.save(layout, &[[1; 32], [2; 32]], None, None, false)
+            .unwrap();
         assert_eq!(idx.load(layout).unwrap(), vec![[1; 32], [2; 32]]);
         // The same index as another boot left it: after a crash the file may hold older bytes.
         let mut data = parse(&std::fs::read(idx.path()).unwrap()).unwrap();
@@ -403,7 +497,8 @@ mod tests {
         let layout = Layout::new(8192, 4096).unwrap();
         let idx = IndexFile::for_file(&f);
         assert_eq!(idx.load(layout), Err(IndexStatus::Missing));
-        idx.save(layout, &[[1; 32], [2; 32]], None, true).unwrap();
+        idx.save(layout, &[[1; 32], [2; 32]], None, None, true)
+            .unwrap();
         assert_eq!(idx.load(layout).unwrap(), vec![[1; 32], [2; 32]]);
         // A different chunk size is not this index.
         assert!(matches!(

@@ -448,6 +448,7 @@ impl Msg {
                             read: v[0],
                             hashed: v[1],
                             holes: v[2],
+                            reused: 0,
                         },
                         read: v[3],
                         written: v[4],

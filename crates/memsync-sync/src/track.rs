@@ -14,11 +14,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use memsync_core::{Bytes, Caps, DynStore, Extent, Result, Store, async_trait};
+use memsync_core::{Bytes, Caps, DynStore, Extent, Result, Store, StoreError, async_trait};
 use parking_lot::Mutex;
 
 use crate::dest::DynDest;
-use crate::digest::{self, Digest, Layout};
+use crate::digest::{self, Digest, FpKey, Known, Layout};
 use crate::engine::{self, Progress, Report, Source, SyncError, SyncOptions};
 
 /// Where continuous push learns what changed.
@@ -158,6 +158,10 @@ pub struct Rescan {
     store: DynStore,
     layout: Layout,
     baseline: Mutex<Vec<Option<Digest>>>,
+    /// The last round's fingerprints and digests: a round hashes with BLAKE3 only the chunks
+    /// whose fingerprints changed since.
+    key: FpKey,
+    last: Mutex<Option<Arc<Known>>>,
 }
 
 impl fmt::Debug for Rescan {
@@ -173,6 +177,9 @@ impl Rescan {
             store,
             layout,
             baseline: Mutex::new(vec![None; layout.chunks() as usize]),
+            key: FpKey::random()
+                .map_err(|e| StoreError::io("reading /dev/urandom for a fingerprint key", e))?,
+            last: Mutex::new(None),
         }))
     }
 }
@@ -180,7 +187,23 @@ impl Rescan {
 #[async_trait]
 impl ChangeSource for Rescan {
     async fn take_changes(&self) -> Result<Vec<Range<u64>>> {
-        let (now, _) = digest::scan(&self.store, self.layout, &|_| {}, None).await?;
+        let known = self.last.lock().clone();
+        let s = digest::scan_with(
+            &self.store,
+            self.layout,
+            &|_| {},
+            None,
+            Some((self.key.clone(), known)),
+        )
+        .await?;
+        let now = s.digests;
+        *self.last.lock() = s.fps.map(|fps| {
+            Arc::new(Known {
+                key: self.key.clone(),
+                fps,
+                digests: now.clone(),
+            })
+        });
         let base = self.baseline.lock();
         let changed = (0..self.layout.chunks())
             .filter(|&i| base[i as usize] != Some(now[i as usize]))

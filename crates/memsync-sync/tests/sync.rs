@@ -357,6 +357,27 @@ async fn index_skips_hashing_and_is_invalidated_by_any_change() {
     assert!(r3.src_index.starts_with("stale"), "{r3:?}");
     assert_eq!((r3.updated, r3.data_bytes), (1, 4096), "{r3:?}");
     assert_same("after one byte", &std::fs::read(&df).unwrap(), &want);
+    // The stale index's fingerprints spared every chunk but the changed one a BLAKE3 hash.
+    assert_eq!(
+        (r3.src_scan.read, r3.src_scan.hashed, r3.src_scan.reused),
+        (size as u64, CHUNK, size as u64 - CHUNK),
+        "{r3:?}"
+    );
+    // Many kinds of change at once, found by fingerprints against the index r3 saved.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    mutate(12, &mut want);
+    std::fs::write(&sf, &want).unwrap();
+    let r4 = run(open(&sf), open(&df)).await;
+    assert!(r4.src_index.starts_with("stale"), "{r4:?}");
+    assert!(r4.src_scan.reused > 0, "{r4:?}");
+    assert_same("after mutate", &std::fs::read(&df).unwrap(), &want);
+    // Only the owner may read the index: its key is what makes fingerprints hard to forge.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(IndexFile::for_file(&sf).path())
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o077, 0, "index mode {mode:o}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -141,6 +141,7 @@ pub fn report_json(r: &Report) -> serde_json::Value {
     json!({
         "size": r.size, "chunk_size": r.chunk_size, "chunks": r.chunks,
         "scanned": r.size, "src_read": r.src_scan.read, "src_hashed": r.src_scan.hashed,
+        "src_reused": r.src_scan.reused,
         "src_holes": r.src_scan.holes, "src_index": r.src_index,
         "dst_hashed": r.dest.scan.hashed, "dst_read": r.dest.scan.read + r.dest.read,
         "dst_index_used": r.dest.index_used,
@@ -174,8 +175,9 @@ pub(crate) fn print_report(r: &Report, json: bool) {
         }
     );
     outln!(
-        "  source: hashed {} (holes {}), index {}; destination: hashed {}{}",
+        "  source: hashed {} (unchanged by fingerprint {}, holes {}), index {}; destination: hashed {}{}",
         format_size(r.src_scan.hashed),
+        format_size(r.src_scan.reused),
         format_size(r.src_scan.holes),
         r.src_index,
         format_size(r.dest.scan.hashed),
