@@ -918,6 +918,85 @@ fn mount_sync_to_a_peer_pushes_only_what_was_written() {
     );
 }
 
+/// `mount --sync-to` to a local `file:` copy, and with `--sync-compress` to a peer: a round
+/// sends the pages written (compressed on the wire when they compress), and after the unmount
+/// the copy equals the remote.
+#[test]
+fn mount_sync_to_a_file_and_compressed_to_a_peer() {
+    use std::os::unix::fs::FileExt;
+    const PAGE: usize = 4096;
+    let size = 4usize << 20;
+    for compressed in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut want = random(71, size);
+        let img = dir.path().join("remote.img");
+        std::fs::write(&img, &want).unwrap();
+        let copy = dir.path().join("copy.img");
+        std::fs::write(&copy, &want).unwrap();
+        let srv = serve(&[
+            &format!("file:{}", img.display()),
+            "--listen",
+            "nbd://127.0.0.1:0",
+        ]);
+        let (peer, to) = if compressed {
+            let (p, addr) = sync_peer(&[], &["127.0.0.1:0", &format!("file:{}", copy.display())]);
+            (Some(p), format!("memsync://{addr}"))
+        } else {
+            (None, format!("file:{}", copy.display()))
+        };
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let mut extra = vec!["--sync-to", &to, "--sync-every", "1h", "--sync-json"];
+        if compressed {
+            extra.push("--sync-compress");
+        }
+        let mut m = mount_proc_with(
+            &format!("{}/", srv.uri),
+            &dir.path().join("cache"),
+            &mnt,
+            &extra,
+        );
+        let first = next_json(&m);
+        assert_eq!(first["updated_chunks"], 0, "{first}");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&m.file)
+            .unwrap();
+        // Text-like pages (they compress) at scattered offsets.
+        let pages = [3usize, 17, 18, 200, 1000];
+        for (k, p) in pages.iter().enumerate() {
+            let line = format!("page {p} of round one, written through the mount #{k}\n");
+            let d: Vec<u8> = line.bytes().cycle().take(PAGE).collect();
+            f.write_all_at(&d, (p * PAGE) as u64).unwrap();
+            want[p * PAGE..(p + 1) * PAGE].copy_from_slice(&d);
+        }
+        f.sync_all().unwrap();
+        drop(f);
+        run_ok("kill", &["-USR1", &m.child.id().to_string()]);
+        let r = next_json(&m);
+        assert_eq!(r["round"], 1, "{r}");
+        assert_eq!(r["data_bytes"], pages.len() * PAGE, "{r}");
+        if compressed {
+            let wire = r["wire_sent"].as_u64().unwrap();
+            assert!(
+                wire < (pages.len() * PAGE / 4) as u64,
+                "{wire} B on the wire for {} B of text: {r}",
+                pages.len() * PAGE
+            );
+        }
+        let err = stop_mount(&mut m);
+        assert!(err.contains("memsync: stopped"), "{err}");
+        drop(srv);
+        drop(peer);
+        assert_same("the remote", &std::fs::read(&img).unwrap(), &want);
+        assert_same(
+            &format!("the --sync-to copy (compressed {compressed})"),
+            &std::fs::read(&copy).unwrap(),
+            &want,
+        );
+    }
+}
+
 /// Issue 10, item 1: a write to a chunk the cache's map already records as present and clean,
 /// then SIGKILL before the next checkpoint. After a remount, fsync and a clean stop, the remote
 /// must hold the write (the map said "clean", so nothing pushed it before the fix).
