@@ -110,7 +110,14 @@ pub struct LocalDest {
     read: AtomicU64,
     written: AtomicU64,
     zeroed: AtomicU64,
+    /// Chunks read for their page digests, kept for the patch that usually follows so that
+    /// the chunk is not read twice (at most [`RECENT_BYTES`]; dropped by any write of the
+    /// chunk and by a commit).
+    recent: Mutex<std::collections::VecDeque<(u64, bytes::BytesMut)>>,
 }
+
+/// Bytes of chunks kept between their page digests and their patch.
+const RECENT_BYTES: u64 = 32 << 20;
 
 impl fmt::Debug for LocalDest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -191,7 +198,26 @@ impl LocalDest {
             read: AtomicU64::new(0),
             written: AtomicU64::new(0),
             zeroed: AtomicU64::new(0),
+            recent: Mutex::new(Default::default()),
         })
+    }
+
+    /// Keep chunk `i`'s bytes for its coming patch.
+    fn keep_recent(&self, i: u64, data: bytes::BytesMut) {
+        let max = (RECENT_BYTES / self.layout.chunk_size).max(1) as usize;
+        let mut r = self.recent.lock();
+        r.retain(|(j, _)| *j != i);
+        if r.len() >= max {
+            r.pop_front();
+        }
+        r.push_back((i, data));
+    }
+
+    /// The bytes of chunk `i` kept by [`LocalDest::keep_recent`], if any (taken).
+    fn take_recent(&self, i: u64) -> Option<bytes::BytesMut> {
+        let mut r = self.recent.lock();
+        let k = r.iter().position(|(j, _)| *j == i)?;
+        r.remove(k).map(|(_, d)| d)
     }
 
     pub fn store(&self) -> &DynStore {
@@ -261,6 +287,8 @@ impl LocalDest {
 
     async fn write_chunk(&self, i: u64, base: u64, want: Digest, runs: &[Run]) -> Result<()> {
         self.wrote.store(true, Relaxed);
+        // Kept bytes of this chunk are old from now on.
+        self.take_recent(i);
         if let Err(e) = self.write_runs(base, runs).await {
             self.broken.store(true, Relaxed);
             if let Some(d) = self.digests.lock().as_mut() {
@@ -327,7 +355,9 @@ impl Dest for LocalDest {
         }
         let data = digest::read_chunk(&*self.store, self.layout, i).await?;
         self.read.fetch_add(data.len() as u64, Relaxed);
-        Ok(digest::page_digests(&data))
+        let pages = digest::page_digests(&data);
+        self.keep_recent(i, data);
+        Ok(pages)
     }
 
     async fn patch(&self, i: u64, want: Digest, runs: Vec<Run>) -> Result<PatchOutcome> {
@@ -345,8 +375,14 @@ impl Dest for LocalDest {
                 None => self.layout.zero_digest(i),
             }
         } else {
-            let mut chunk = digest::read_chunk(&*self.store, self.layout, i).await?;
-            self.read.fetch_add(len, Relaxed);
+            let mut chunk = match self.take_recent(i) {
+                Some(c) => c,
+                None => {
+                    let c = digest::read_chunk(&*self.store, self.layout, i).await?;
+                    self.read.fetch_add(len, Relaxed);
+                    c
+                }
+            };
             for r in &runs {
                 let dst = &mut chunk[r.off as usize..(r.off + r.len) as usize];
                 match &r.data {
@@ -368,6 +404,7 @@ impl Dest for LocalDest {
     }
 
     async fn commit(&self) -> Result<DestStats> {
+        self.recent.lock().clear();
         let durable = self.durable.load(Relaxed);
         if durable {
             self.store.flush().await?;

@@ -380,6 +380,68 @@ async fn index_skips_hashing_and_is_invalidated_by_any_change() {
     assert_eq!(mode & 0o077, 0, "index mode {mode:o}");
 }
 
+/// A destination reads a changed chunk once for its page digests and its patch, and never
+/// builds a patch on bytes that one of its own writes has replaced since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patch_reuses_the_chunk_read_for_its_page_digests_until_it_is_written() {
+    let size = 4 * CHUNK;
+    let store: DynStore = Arc::new(memsync_local::MemStore::new(size));
+    let random = |seed, n| {
+        let mut v = vec![0u8; n];
+        SmallRng::seed_from_u64(seed).fill_bytes(&mut v);
+        v
+    };
+    let v = random(41, size as usize);
+    fill(&store, &v).await;
+    let dest = LocalDest::new(store.clone(), CHUNK, None).unwrap();
+    let c = CHUNK as usize;
+    // Chunk 1 with its second page changed, patched after its page digests.
+    let mut new1 = v[c..2 * c].to_vec();
+    new1[4096..8192].fill(0x33);
+    let pages = dest.page_digests(1).await.unwrap();
+    assert_eq!(pages, digest::page_digests(&v[c..2 * c]));
+    let run = |off: usize, data: &[u8]| Run {
+        off: off as u32,
+        len: data.len() as u32,
+        data: Some(Bytes::copy_from_slice(data)),
+    };
+    let out = dest
+        .patch(
+            1,
+            digest::chunk_digest(&new1),
+            vec![run(4096, &new1[4096..8192])],
+        )
+        .await
+        .unwrap();
+    assert_eq!(out, PatchOutcome::Applied);
+    // Chunk 2: page digests, then a whole-chunk write, then a partial patch on top of it. The
+    // patch must start from the written bytes, not from those read for the page digests.
+    dest.page_digests(2).await.unwrap();
+    let whole = random(42, c);
+    let out = dest
+        .patch(2, digest::chunk_digest(&whole), vec![run(0, &whole)])
+        .await
+        .unwrap();
+    assert_eq!(out, PatchOutcome::Applied);
+    let mut new2 = whole.clone();
+    new2[0..4096].fill(0x44);
+    let out = dest
+        .patch(2, digest::chunk_digest(&new2), vec![run(0, &new2[..4096])])
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        PatchOutcome::Applied,
+        "the patch was built on stale bytes"
+    );
+    let stats = dest.commit().await.unwrap();
+    // Chunk 1 read once (page digests), chunk 2 twice (page digests, then after the write).
+    assert_eq!(stats.read, 3 * CHUNK, "{stats:?}");
+    let got = contents(&store).await;
+    assert_same("chunk 1", &got[c..2 * c], &new1);
+    assert_same("chunk 2", &got[2 * c..3 * c], &new2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_changed_page_in_a_large_chunk_sends_one_page() {
     let size = 8 << 20;
