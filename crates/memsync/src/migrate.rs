@@ -18,6 +18,7 @@ use memsync_sync::Rescan;
 use serde_json::json;
 
 use crate::context::{Context, parse_size_arg};
+use crate::sync::Bar;
 
 #[derive(Debug, Args)]
 #[command(after_help = "\
@@ -107,19 +108,6 @@ fn parse_fallback(s: &str) -> Result<Fallback, String> {
         "stop" | "stop-and-copy" => Ok(Fallback::StopAndCopy),
         "postcopy" | "post-copy" => Ok(Fallback::Postcopy),
         _ => Err(format!("{s:?}: expected stop or postcopy")),
-    }
-}
-
-struct Bar(indicatif::ProgressBar);
-
-impl memsync_sync::Progress for Bar {
-    fn phase(&self, name: &str, total: u64) {
-        self.0.set_position(0);
-        self.0.set_length(total);
-        self.0.set_message(name.to_owned());
-    }
-    fn inc(&self, n: u64) {
-        self.0.inc(n);
     }
 }
 

@@ -428,6 +428,8 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
             _ => None,
         };
         let (stop_migrate, stop_migrate_rx) = tokio::sync::watch::channel(false);
+        // The pull's bar, and a migration's below it while one runs.
+        let bars = indicatif::MultiProgress::new();
         let mut migrator = match (migrate_tracked, migrate_plan, usr2) {
             (Some(t), Some(plan), Some(usr2)) => {
                 let changes = Arc::new(FlushedTracking {
@@ -440,11 +442,12 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
                     plan,
                     usr2,
                     stop_migrate_rx,
+                    bars.clone(),
                 )))
             }
             _ => None,
         };
-        let pb = ProgressBar::new(p.size);
+        let pb = bars.add(ProgressBar::new(p.size));
         pb.set_style(
             ProgressStyle::with_template(
                 "pull [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta} {msg}",

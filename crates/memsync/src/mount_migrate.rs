@@ -20,9 +20,10 @@ use clap::Args;
 use memsync_core::size::parse_duration;
 use memsync_core::{DynStore, Result as StoreResult, StoreError, async_trait};
 use memsync_migrate::{CommandHooks, Dialer, Hooks, Mode, NoHooks, SignalHooks, SourceConfig};
-use memsync_sync::{ChangeSource, NoProgress, Tracked};
+use memsync_sync::{ChangeSource, Tracked};
 
 use crate::context::parse_size_arg;
+use crate::sync::Bar;
 
 /// `mount --migrate-to`: migrate the mounted data to another host on SIGUSR2.
 #[derive(Debug, Args)]
@@ -175,6 +176,7 @@ pub async fn migrate_on_signal(
     mut plan: MigratePlan,
     mut usr2: tokio::signal::unix::Signal,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    bars: indicatif::MultiProgress,
 ) -> Result<()> {
     plan.hooks.file = changes.file.clone();
     loop {
@@ -183,15 +185,18 @@ pub async fn migrate_on_signal(
             _ = stop.changed() => return Ok(()),
         }
         eprintln!("memsync: migrating ({})", plan.cfg.mode.name());
+        let bar = Bar(bars.add(crate::context::progress(src.size(), "migrate: pass 1")));
         let r = memsync_migrate::migrate(
             src.clone(),
             changes.clone(),
             &plan.dialer,
             &plan.hooks,
             &plan.cfg,
-            &NoProgress,
+            &bar,
         )
         .await;
+        bar.0.finish_and_clear();
+        bars.remove(&bar.0);
         match r {
             Ok(r) => {
                 crate::migrate::print_report(&r, plan.json);
