@@ -775,6 +775,26 @@ fn next_json(m: &MountProc) -> serde_json::Value {
     serde_json::from_str(&l).unwrap_or_else(|e| panic!("{l:?}: {e}"))
 }
 
+/// For the `--sync-to` tests: `size` random bytes in `dir/remote.img`, served over NBD, and an
+/// equal second copy `dir/copy.img` (so a first sync sends nothing).
+fn remote_and_copy(
+    dir: &std::path::Path,
+    seed: u64,
+    size: usize,
+) -> (Vec<u8>, std::path::PathBuf, std::path::PathBuf, Serve) {
+    let want = random(seed, size);
+    let img = dir.join("remote.img");
+    std::fs::write(&img, &want).unwrap();
+    let copy = dir.join("copy.img");
+    std::fs::write(&copy, &want).unwrap();
+    let srv = serve(&[
+        &format!("file:{}", img.display()),
+        "--listen",
+        "nbd://127.0.0.1:0",
+    ]);
+    (want, img, copy, srv)
+}
+
 /// Issue 13, continuous push of a mount: `mount --sync-to PEER` tracks the writes made through
 /// the FUSE file and pushes only them, in a round per SIGUSR1 (and per --sync-every) and a last
 /// round after the unmount's flush; the peer's copy then equals the remote byte for byte.
@@ -784,17 +804,7 @@ fn mount_sync_to_a_peer_pushes_only_what_was_written() {
     const PAGE: usize = 4096;
     let dir = tempfile::tempdir().unwrap();
     let size = 8usize << 20;
-    let mut want = random(61, size);
-    let img = dir.path().join("remote.img");
-    std::fs::write(&img, &want).unwrap();
-    // The second copy starts equal to the remote: the first sync sends nothing.
-    let copy = dir.path().join("copy.img");
-    std::fs::write(&copy, &want).unwrap();
-    let srv = serve(&[
-        &format!("file:{}", img.display()),
-        "--listen",
-        "nbd://127.0.0.1:0",
-    ]);
+    let (mut want, img, copy, srv) = remote_and_copy(dir.path(), 61, size);
     let (_peer, addr) = sync_peer(&[], &["127.0.0.1:0", &format!("file:{}", copy.display())]);
     let mnt = dir.path().join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
@@ -928,16 +938,7 @@ fn mount_sync_to_a_file_and_compressed_to_a_peer() {
     let size = 4usize << 20;
     for compressed in [false, true] {
         let dir = tempfile::tempdir().unwrap();
-        let mut want = random(71, size);
-        let img = dir.path().join("remote.img");
-        std::fs::write(&img, &want).unwrap();
-        let copy = dir.path().join("copy.img");
-        std::fs::write(&copy, &want).unwrap();
-        let srv = serve(&[
-            &format!("file:{}", img.display()),
-            "--listen",
-            "nbd://127.0.0.1:0",
-        ]);
+        let (mut want, img, copy, srv) = remote_and_copy(dir.path(), 71, size);
         let (peer, to) = if compressed {
             let (p, addr) = sync_peer(&[], &["127.0.0.1:0", &format!("file:{}", copy.display())]);
             (Some(p), format!("memsync://{addr}"))
