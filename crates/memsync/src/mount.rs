@@ -514,26 +514,29 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
         let abort = fuse.as_ref().map(|m| m.abort_handle());
         let stage = Arc::new(parking_lot::Mutex::new(Stage::WriteBack));
         let t0 = std::time::Instant::now();
+        // Started here, not in `finish` below: a FuseMount dropped with a `finish` given up
+        // before its first poll would unmount and join its threads on this runtime thread.
+        let unmounted = fuse.take().map(|m| {
+            let st = stage.clone();
+            tokio::task::spawn_blocking(move || {
+                // Pages dirtied through mappings go to the cache first: that needs this
+                // process's request threads and the local disk, not the remote, and once there
+                // they survive a flush given up below. The remote flush is the cache's own
+                // (close_cache), not an fsync through the mount: an fsync stuck on the remote
+                // could not be interrupted.
+                if let Err(e) = m.write_back() {
+                    eprintln!("memsync: writing back the mapped pages: {e}");
+                }
+                *st.lock() = Stage::Unmount;
+                m.unmount()
+            })
+        });
         let finish = {
             let stage = stage.clone();
             let cache = &cache;
             async move {
-                if let Some(m) = fuse.take() {
-                    // Pages dirtied through mappings go to the cache first: that needs this
-                    // process's request threads and the local disk, not the remote, and once
-                    // there they survive a flush given up below. The remote flush is the
-                    // cache's own (close_cache), not an fsync through the mount: an fsync stuck
-                    // on the remote could not be interrupted.
-                    let st = stage.clone();
-                    tokio::task::spawn_blocking(move || {
-                        if let Err(e) = m.write_back() {
-                            eprintln!("memsync: writing back the mapped pages: {e}");
-                        }
-                        *st.lock() = Stage::Unmount;
-                        m.unmount()
-                    })
-                    .await?
-                    .context("unmounting FUSE")?;
+                if let Some(task) = unmounted {
+                    task.await?.context("unmounting FUSE")?;
                 }
                 *stage.lock() = Stage::Nbd;
                 if let Some(s) = server.take() {
