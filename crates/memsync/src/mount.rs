@@ -559,6 +559,10 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
                     None => push_failed.map_or(Ok(()), Err),
                 };
                 *stage.lock() = Stage::Remote;
+                eprintln!(
+                    "memsync: pushing {} dirty chunks to the remote",
+                    cache.progress().dirty_chunks
+                );
                 let summary = close_cache(cache).await?;
                 anyhow::Ok((summary, pushed))
             }
