@@ -376,6 +376,9 @@ pub struct FuseMount {
     session: Option<BackgroundSession>,
     mountpoint: PathBuf,
     file: PathBuf,
+    /// The device of the mount's files: it names the connection in `/sys/fs/fuse/connections`.
+    /// Taken at mount time, since a `stat` later may wait for a server that no longer answers.
+    dev: Option<u64>,
 }
 
 impl std::fmt::Debug for FuseMount {
@@ -434,11 +437,12 @@ pub fn mount(
     cfg.clone_fd = true;
     let session = fuser::spawn_mount(fs, mountpoint, &cfg)?;
     let file = mountpoint.join(&opts.name);
-    lift_strict_dirty_limit(&file);
+    let dev = lift_strict_dirty_limit(&file);
     Ok(FuseMount {
         session: Some(session),
         mountpoint: mountpoint.to_path_buf(),
         file,
+        dev,
     })
 }
 
@@ -449,20 +453,32 @@ pub fn mount(
 /// while single pages were written back (see `docs/perf.md`). Without it the mount still counts
 /// against the global dirty limits and keeps its 1% share under global pressure, and `fsync`
 /// still writes back every page. Only root may write the knob; without it the mount works,
-/// slower.
-fn lift_strict_dirty_limit(file: &Path) {
+/// slower. Returns the device of the mount's files.
+fn lift_strict_dirty_limit(file: &Path) -> Option<u64> {
     // The `stat` waits for the INIT exchange, and so the mount's device exists.
     let dev = match std::fs::metadata(file) {
         Ok(m) => std::os::unix::fs::MetadataExt::dev(&m),
         Err(e) => {
             tracing::debug!("fuse: stat {}: {e}", file.display());
-            return;
+            return None;
         }
     };
     let knob = bdi_dir(dev).join("strict_limit");
     if let Err(e) = std::fs::write(&knob, "0") {
         tracing::debug!("fuse: writing 0 to {}: {e}", knob.display());
     }
+    Some(dev)
+}
+
+/// Where the kernel lists FUSE connections (the `fusectl` file system).
+const FUSECTL: &str = "/sys/fs/fuse/connections";
+
+/// The `abort` file of the connection whose files have device `dev`: the kernel names a
+/// connection by its superblock's device number in its own encoding (`MKDEV`: major << 20 |
+/// minor; FUSE mounts have major 0, so this is the minor).
+fn abort_file(dev: u64) -> PathBuf {
+    let kdev = (rustix::fs::major(dev) << 20) | rustix::fs::minor(dev);
+    PathBuf::from(format!("{FUSECTL}/{kdev}/abort"))
 }
 
 /// The sysfs directory of the backing device of a FUSE mount whose files have device `dev`.
@@ -491,6 +507,23 @@ impl FuseMount {
         self.do_unmount()
     }
 
+    /// Write the file's dirty page cache (pages written through shared mappings) back to the
+    /// store, without asking the store to flush (see [`memsync_sys::write_back_pages`]): for a
+    /// managed mount, this puts them into the local cache and needs no remote.
+    pub fn write_back(&self) -> io::Result<()> {
+        let f = std::fs::File::open(&self.file)?;
+        memsync_sys::write_back_pages(std::os::fd::AsFd::as_fd(&f))
+    }
+
+    /// A handle that can give up on this mount from another thread while something waits for
+    /// it (an unmount, an `fsync` its own server cannot finish): see [`AbortHandle::abort`].
+    pub fn abort_handle(&self) -> AbortHandle {
+        AbortHandle {
+            dev: self.dev,
+            mountpoint: self.mountpoint.clone(),
+        }
+    }
+
     fn do_unmount(&mut self) -> io::Result<()> {
         let Some(s) = self.session.take() else {
             return Ok(());
@@ -504,6 +537,60 @@ impl FuseMount {
                 Ok(())
             }
             Err(e) => Err(e),
+        }
+    }
+}
+
+/// Gives up on a [`FuseMount`] without waiting for anything it serves.
+#[derive(Clone, Debug)]
+pub struct AbortHandle {
+    dev: Option<u64>,
+    mountpoint: PathBuf,
+}
+
+impl AbortHandle {
+    /// Abort the kernel connection (`/sys/fs/fuse/connections/N/abort`, mounting `fusectl`
+    /// there if needed), so that every request waiting for this server (an `fsync`, an
+    /// application's read, the write-back of an unmount) fails with `ENOTCONN` at once and
+    /// dirty pages not yet written back are dropped; then detach the mount point. The request
+    /// threads are not joined: one may still wait for its store call. Returns whether the
+    /// connection was aborted; without root only the detach is done, and the connection ends
+    /// when this process exits and closes `/dev/fuse`.
+    pub fn abort(&self) -> io::Result<bool> {
+        let aborted = self.dev.is_some_and(abort_connection);
+        match rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::DETACH) {
+            // Already unmounted (the unmount it interrupted got that far).
+            Err(rustix::io::Errno::INVAL) => {}
+            r => r?,
+        }
+        Ok(aborted)
+    }
+}
+
+/// Write `1` to the connection's `abort` file; `fusectl` is mounted first if it is not (as
+/// systemd does at boot). Best effort: false if that failed.
+fn abort_connection(dev: u64) -> bool {
+    let file = abort_file(dev);
+    if !Path::new(FUSECTL).is_dir() {
+        tracing::debug!("fuse: no {FUSECTL}");
+        return false;
+    }
+    if !file.exists()
+        && let Err(e) = rustix::mount::mount(
+            "fusectl",
+            FUSECTL,
+            "fusectl",
+            rustix::mount::MountFlags::empty(),
+            None,
+        )
+    {
+        tracing::debug!("fuse: mounting fusectl on {FUSECTL}: {e}");
+    }
+    match std::fs::write(&file, "1") {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!("fuse: writing 1 to {}: {e}", file.display());
+            false
         }
     }
 }

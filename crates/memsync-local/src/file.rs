@@ -1,11 +1,14 @@
 //! `file:` — a regular file or a block device.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+
+use parking_lot::Mutex;
 
 use memsync_core::range::{align_down, align_up};
 use memsync_core::{
@@ -65,8 +68,10 @@ impl FileOptions {
 ///
 /// `trim` punches holes (`FALLOC_FL_PUNCH_HOLE`), `write_zeroes` uses `FALLOC_FL_ZERO_RANGE`
 /// (falling back to punching, then to writing zeros, where the file system lacks it), and
-/// `extents` reports holes with `SEEK_DATA`/`SEEK_HOLE` on regular files. Errors name the path
-/// and the range and keep the OS error as their cause.
+/// `extents` reports holes with `SEEK_DATA`/`SEEK_HOLE` on regular files, remembering the data
+/// runs it found (shared by the stores of one process on the same file, forgotten where a punch
+/// or a zeroed range may have made a hole). Errors name the path and the range and keep the OS
+/// error as their cause.
 ///
 /// # Example
 /// ```
@@ -94,6 +99,119 @@ pub struct FileStore {
     /// `FALLOC_FL_ZERO_RANGE` has not failed with EOPNOTSUPP yet.
     zero_range: AtomicBool,
     fsync_failed: Arc<StickyFsync>,
+    /// Data runs found by `extents`, shared by every store of this process on the same file.
+    runs: Arc<DataRuns>,
+    /// `lseek(2)` calls made by `extents`.
+    lseeks: AtomicU64,
+}
+
+/// Runs of data that `SEEK_DATA`/`SEEK_HOLE` found in one file, so that a run is looked up once,
+/// not once per `extents` call. On tmpfs a `SEEK_HOLE` walks the page cache from its offset to
+/// the next hole (for a dense file: to its end), and the NBD server asks 8 MiB of extents ahead
+/// for each structured read: sequential reads of a dense file on `/dev/shm` made that walk again
+/// for every window, quadratic in the file's size (`docs/perf.md`).
+///
+/// Only data is remembered, never a hole: writes only turn holes into data, so a remembered run
+/// stays data after any write, and a range reported as data that reads as zeros would still
+/// read correctly, whereas a hole reported over written data would make clients skip it. What
+/// can turn data into a hole (a punch, a zeroed range) calls [`DataRuns::forget`] after it is
+/// done, which also bumps a generation: a run looked up across it is not remembered.
+///
+/// Writes made to the file outside this process are not seen: they can only add data, except a
+/// hole punched from outside, which is then reported as data (it reads as zeros, correctly).
+#[derive(Debug, Default)]
+struct DataRuns {
+    inner: Mutex<Runs>,
+}
+
+#[derive(Debug, Default)]
+struct Runs {
+    /// Disjoint, non-adjacent runs: start -> end.
+    runs: BTreeMap<u64, u64>,
+    /// Bumped by every forget.
+    generation: u64,
+}
+
+/// Remembered runs per file; beyond this the lowest is dropped (a dense file is one run).
+const MAX_RUNS: usize = 256;
+
+impl DataRuns {
+    /// The runs of the file `file` (by device and inode), shared with every other store of this
+    /// process open on it.
+    fn of(file: &File) -> Arc<DataRuns> {
+        type Table = Mutex<HashMap<(u64, u64), Weak<DataRuns>>>;
+        static FILES: OnceLock<Table> = OnceLock::new();
+        let Ok(m) = file.metadata() else {
+            return Arc::default();
+        };
+        let mut t = FILES.get_or_init(Table::default).lock();
+        if let Some(r) = t.get(&(m.dev(), m.ino())).and_then(Weak::upgrade) {
+            return r;
+        }
+        t.retain(|_, w| w.strong_count() > 0);
+        let r: Arc<DataRuns> = Arc::default();
+        t.insert((m.dev(), m.ino()), Arc::downgrade(&r));
+        r
+    }
+
+    /// The end of the remembered run that holds `pos`.
+    fn data_until(&self, pos: u64) -> Option<u64> {
+        let g = self.inner.lock();
+        let (_, &end) = g.runs.range(..=pos).next_back()?;
+        (end > pos).then_some(end)
+    }
+
+    /// Taken before looking a run up, given back to [`DataRuns::remember`].
+    fn generation(&self) -> u64 {
+        self.inner.lock().generation
+    }
+
+    /// Remember `start..end` as data, unless something was forgotten since `generation`.
+    fn remember(&self, generation: u64, start: u64, end: u64) {
+        let mut g = self.inner.lock();
+        if g.generation != generation || end <= start {
+            return;
+        }
+        let (mut s, mut e) = (start, end);
+        let touching: Vec<u64> = g
+            .runs
+            .range(..=end)
+            .rev()
+            .take_while(|&(_, &re)| re >= start)
+            .map(|(&rs, _)| rs)
+            .collect();
+        for rs in touching {
+            let re = g.runs.remove(&rs).unwrap_or(rs);
+            (s, e) = (s.min(rs), e.max(re));
+        }
+        if g.runs.len() >= MAX_RUNS {
+            g.runs.pop_first();
+        }
+        g.runs.insert(s, e);
+    }
+
+    /// `start..end` may read as a hole from now on: remember no data there. Called after the
+    /// change, so that a lookup that saw the file before it is not remembered.
+    fn forget(&self, start: u64, end: u64) {
+        let mut g = self.inner.lock();
+        g.generation += 1;
+        let hit: Vec<(u64, u64)> = g
+            .runs
+            .range(..end)
+            .rev()
+            .take_while(|&(_, &re)| re > start)
+            .map(|(&rs, &re)| (rs, re))
+            .collect();
+        for (rs, re) in hit {
+            g.runs.remove(&rs);
+            if rs < start {
+                g.runs.insert(rs, start);
+            }
+            if re > end {
+                g.runs.insert(end, re);
+            }
+        }
+    }
 }
 
 fn open_err(path: &Path, what: &str, e: io::Error) -> StoreError {
@@ -189,6 +307,7 @@ impl FileStore {
             let mode = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
             !matches!(rustix::fs::fallocate(&file, mode, probe_at, BLOCK_ALIGN), Err(e) if unsupported(e))
         };
+        let runs = DataRuns::of(&file);
         Ok(FileStore {
             file: Arc::new(file),
             path: path.to_owned(),
@@ -198,7 +317,14 @@ impl FileStore {
             punch_hole: AtomicBool::new(punch_hole),
             zero_range: AtomicBool::new(!opts.read_only),
             fsync_failed: Arc::default(),
+            runs,
+            lseeks: AtomicU64::new(0),
         })
+    }
+
+    /// The `lseek(2)` calls (`SEEK_DATA`, `SEEK_HOLE`) `extents` has made on this store.
+    pub fn lseeks(&self) -> u64 {
+        self.lseeks.load(Ordering::Relaxed)
     }
 
     /// The path the store was opened with.
@@ -246,9 +372,13 @@ impl FileStore {
             return Ok(true);
         }
         match rustix::fs::fallocate(&*self.file, mode, start, stop - start) {
-            Ok(()) => {}
+            Ok(()) => self.runs.forget(start, stop),
             Err(e) if unsupported(e) => return Ok(false),
-            Err(e) => return Err(self.err("fallocate", start, stop - start, e.into())),
+            Err(e) => {
+                // Part of the range may be a hole now.
+                self.runs.forget(start, stop);
+                return Err(self.err("fallocate", start, stop - start, e.into()));
+            }
         }
         self.write_zero_bytes(offset, start - offset)?;
         self.write_zero_bytes(stop, end - stop)?;
@@ -275,6 +405,7 @@ impl FileStore {
             RSeek::Data(o) | RSeek::Hole(o) => o,
             _ => 0,
         };
+        self.lseeks.fetch_add(1, Ordering::Relaxed);
         match rustix::fs::seek(&*self.file, pos) {
             Ok(o) => Ok(Some(o)),
             Err(Errno::NXIO) => Ok(None),
@@ -394,17 +525,30 @@ impl Store for FileStore {
         }
         let mut pos = offset;
         while pos < end {
+            if let Some(run_end) = self.runs.data_until(pos) {
+                let d = run_end.min(end);
+                push_extent(&mut out, pos, d, ExtentKind::Data);
+                pos = d;
+                continue;
+            }
             // Past the last data (or past the end of a file shrunk behind our back) is a hole.
             let data = self.seek(RSeek::Data(pos))?.unwrap_or(end).clamp(pos, end);
             push_extent(&mut out, pos, data, ExtentKind::Hole);
             if data == end {
                 break;
             }
+            if self.runs.data_until(data).is_some() {
+                pos = data;
+                continue;
+            }
+            let generation = self.runs.generation();
+            let found = self.seek(RSeek::Hole(data))?;
+            // The whole run, not just this query's part of it: the next query finds it here.
+            if let Some(h) = found {
+                self.runs.remember(generation, data, h.min(self.size));
+            }
             // Clamp so that a hole punched concurrently cannot stall the walk.
-            let hole = self
-                .seek(RSeek::Hole(data))?
-                .unwrap_or(end)
-                .clamp(data + 1, end);
+            let hole = found.unwrap_or(end).clamp(data + 1, end);
             push_extent(&mut out, data, hole, ExtentKind::Data);
             pos = hole;
         }

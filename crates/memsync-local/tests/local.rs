@@ -264,6 +264,72 @@ async fn file_extents_after_punch_hole() {
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 * MIB);
 }
 
+/// A directory on tmpfs, where `SEEK_HOLE` walks the page cache to the next hole (the case the
+/// remembered data runs are for); elsewhere if there is none.
+fn tmpfs_dir() -> tempfile::TempDir {
+    tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap())
+}
+
+fn kinds(ex: &[memsync_core::Extent]) -> Vec<(u64, u64, ExtentKind)> {
+    ex.iter().map(|e| (e.offset, e.len, e.kind)).collect()
+}
+
+/// Sequential reads through the NBD server ask 8 MiB of extents ahead per request: a dense file
+/// must cost one `SEEK_DATA` and one `SEEK_HOLE` in all, not two per query (on tmpfs each
+/// `SEEK_HOLE` walked to the end of the file), also for a second store on the same file; a trim
+/// or a write through either is seen by both.
+#[tokio::test]
+async fn file_extents_look_each_data_run_up_once() {
+    use ExtentKind::{Data, Hole};
+    let tmp = tmpfs_dir();
+    let path = tmp.path().join("dense.img");
+    let size = 64 * MIB;
+    let s = FileStore::open(&path, FileOptions::with_size(size)).unwrap();
+    s.write(0, random_bytes(5, size as usize)).await.unwrap();
+    for off in (0..size).step_by(MIB as usize) {
+        let len = (8 * MIB).min(size - off);
+        let ex = s.extents(off, len).await.unwrap();
+        assert_eq!(kinds(&ex), vec![(off, len, Data)]);
+    }
+    assert_eq!(s.lseeks(), 2, "lseek calls for 64 queries of one data run");
+
+    let t = FileStore::open(&path, FileOptions::default()).unwrap();
+    assert_eq!(
+        kinds(&t.extents(0, size).await.unwrap()),
+        vec![(0, size, Data)]
+    );
+    assert_eq!(
+        t.lseeks(),
+        0,
+        "a second store on the file looked the run up again"
+    );
+
+    t.trim(16 * MIB, 4 * MIB).await.unwrap();
+    let want = vec![
+        (0, 16 * MIB, Data),
+        (16 * MIB, 4 * MIB, Hole),
+        (20 * MIB, 44 * MIB, Data),
+    ];
+    assert_eq!(kinds(&s.extents(0, size).await.unwrap()), want);
+    s.write(17 * MIB, random_bytes(6, 4096)).await.unwrap();
+    let want = vec![
+        (0, 16 * MIB, Data),
+        (16 * MIB, MIB, Hole),
+        (17 * MIB, 4 * KIB, Data),
+        (17 * MIB + 4 * KIB, 3 * MIB - 4 * KIB, Hole),
+        (20 * MIB, 44 * MIB, Data),
+    ];
+    assert_eq!(kinds(&t.extents(0, size).await.unwrap()), want);
+    assert_eq!(kinds(&s.extents(0, size).await.unwrap()), want);
+    s.write_zeroes(40 * MIB, 8 * MIB).await.unwrap();
+    let ex = t.extents(0, size).await.unwrap();
+    assert!(
+        ex.iter()
+            .any(|e| e.kind == Hole && e.offset <= 40 * MIB && e.end() >= 48 * MIB),
+        "zeroed range still reported as data: {ex:?}"
+    );
+}
+
 #[tokio::test]
 async fn file_open_rules() {
     let tmp = tempfile::tempdir().unwrap();
@@ -663,6 +729,134 @@ mod model {
                         pos = e.end();
                     }
                     prop_assert_eq!(pos, size);
+                }
+                let all = s.read_bytes(0, size as usize).await.unwrap();
+                prop_assert_eq!(&all[..], &m[..]);
+                Ok(())
+            })?;
+        }
+    }
+}
+
+// ---- FileStore's extents against the file's own, random operation sequences ----------------
+
+mod file_model {
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    const PAGE: u64 = 4096;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Write { off: u64, len: u64, seed: u64 },
+        Trim { off: u64, len: u64 },
+        WriteZeroes { off: u64, len: u64 },
+        Extents { off: u64, len: u64 },
+    }
+
+    /// Mostly whole pages (holes are pages on tmpfs), some unaligned ranges.
+    fn range(size: u64) -> impl Strategy<Value = (u64, u64)> {
+        let pages = size / PAGE;
+        prop_oneof![
+            3 => (0..pages).prop_flat_map(move |p| (Just(p * PAGE), (1..=(pages - p).min(64)).prop_map(|n| n * PAGE))),
+            1 => (0..size).prop_flat_map(move |off| (Just(off), 1..=(size - off).min(3 * PAGE))),
+        ]
+    }
+
+    fn ops(size: u64) -> impl Strategy<Value = Vec<Op>> {
+        let op = prop_oneof![
+            3 => (range(size), any::<u64>()).prop_map(|((off, len), seed)| Op::Write { off, len, seed }),
+            2 => range(size).prop_map(|(off, len)| Op::Trim { off, len }),
+            1 => range(size).prop_map(|(off, len)| Op::WriteZeroes { off, len }),
+            3 => range(size).prop_map(|(off, len)| Op::Extents { off, len }),
+        ];
+        vec(op, 1..40)
+    }
+
+    /// The file's extents from its own `SEEK_DATA`/`SEEK_HOLE`, through another descriptor.
+    fn truth(path: &Path, size: u64) -> Vec<(u64, u64, ExtentKind)> {
+        use rustix::fs::SeekFrom;
+        let f = std::fs::File::open(path).unwrap();
+        let seek = |w| match rustix::fs::seek(&f, w) {
+            Ok(o) => o.min(size),
+            Err(rustix::io::Errno::NXIO) => size,
+            Err(e) => panic!("lseek: {e}"),
+        };
+        let mut out: Vec<(u64, u64, ExtentKind)> = Vec::new();
+        let mut push = |a: u64, b: u64, k| {
+            if b > a {
+                out.push((a, b - a, k));
+            }
+        };
+        let mut pos = 0;
+        while pos < size {
+            let d = seek(SeekFrom::Data(pos));
+            push(pos, d, ExtentKind::Hole);
+            if d >= size {
+                break;
+            }
+            let h = seek(SeekFrom::Hole(d));
+            push(d, h, ExtentKind::Data);
+            pos = h;
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// After every operation the store's extents, which remember data runs (also those
+        /// looked up by a second store on the file), equal the file's own, and every hole
+        /// reads as zeros in the model.
+        #[test]
+        fn file_store_extents_match_the_file((pages, ops) in (16u64..256).prop_flat_map(|p| (Just(p), ops(p * PAGE)))) {
+            let size = pages * PAGE;
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async move {
+                let tmp = tmpfs_dir();
+                let path = tmp.path().join("model.img");
+                let s = FileStore::open(&path, FileOptions::with_size(size)).unwrap();
+                let other = FileStore::open(&path, FileOptions::default()).unwrap();
+                let mut m = vec![0u8; size as usize];
+                for (i, op) in ops.iter().enumerate() {
+                    // Both stores act, in turn.
+                    let st = if i % 2 == 0 { &s } else { &other };
+                    match *op {
+                        Op::Write { off, len, seed } => {
+                            let data = random_bytes(seed, len as usize);
+                            m[off as usize..(off + len) as usize].copy_from_slice(&data);
+                            st.write(off, data).await.unwrap();
+                        }
+                        Op::Trim { off, len } => {
+                            st.trim(off, len).await.unwrap();
+                            m[off as usize..(off + len) as usize].fill(0);
+                        }
+                        Op::WriteZeroes { off, len } => {
+                            st.write_zeroes(off, len).await.unwrap();
+                            m[off as usize..(off + len) as usize].fill(0);
+                        }
+                        Op::Extents { off, len } => {
+                            let t = truth(&path, size);
+                            let got = kinds(&st.extents(off, len).await.unwrap());
+                            // The truth cut to the query.
+                            let want: Vec<_> = t
+                                .iter()
+                                .filter(|&&(a, l, _)| a + l > off && a < off + len)
+                                .map(|&(a, l, k)| (a.max(off), (a + l).min(off + len) - a.max(off), k))
+                                .collect();
+                            prop_assert_eq!(got, want, "after {:?}", &ops[..i]);
+                        }
+                    }
+                    let t = truth(&path, size);
+                    for st in [&s, &other] {
+                        let got = kinds(&st.extents(0, size).await.unwrap());
+                        prop_assert_eq!(&got, &t, "after {:?}", &ops[..=i]);
+                    }
+                    for &(a, l, k) in &t {
+                        if k == ExtentKind::Hole {
+                            prop_assert!(m[a as usize..(a + l) as usize].iter().all(|&b| b == 0), "hole {}+{} over data", a, l);
+                        }
+                    }
                 }
                 let all = s.read_bytes(0, size as usize).await.unwrap();
                 prop_assert_eq!(&all[..], &m[..]);

@@ -119,6 +119,7 @@ pub use uffd::{
 };
 pub use util::{
     allowed_cpus, current_cpu, euid, gettid, poll_readable, read_after_fork, set_thread_affinity,
+    write_back_pages,
 };
 
 // The handler-thread design relies on these being shareable.

@@ -114,6 +114,24 @@ pub fn gettid() -> u32 {
     tid.unsigned_abs()
 }
 
+/// Write back the dirty page cache of `fd` (the whole file) and wait for it, with
+/// `sync_file_range(2)` (`WAIT_BEFORE | WRITE | WAIT_AFTER`). Unlike `fsync(2)` it asks the
+/// file system for no flush of its own: on a FUSE file it sends the WRITEs of the dirty pages
+/// but no FSYNC, so the server is asked to store the data, not to make it durable anywhere.
+///
+/// # Errors
+///
+/// The `sync_file_range(2)` error (e.g. `ENOTCONN` from an aborted FUSE connection).
+pub fn write_back_pages(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: sync_file_range(2) takes a descriptor that `fd` keeps open for the call and
+    // plain integers (offset 0, length 0: to the end of the file); it touches no memory of ours.
+    cvt_r(|| unsafe { libc::sync_file_range(fd.as_raw_fd(), 0, 0, flags) })?;
+    Ok(())
+}
+
 /// The effective user id of the process (`geteuid(2)`).
 #[must_use]
 pub fn euid() -> u32 {

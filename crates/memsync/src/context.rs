@@ -45,6 +45,13 @@ impl Context {
         }
     }
 
+    /// End the runtime, waiting at most `wait` for its blocking tasks. After a failure one of
+    /// them may wait for something that never answers (a `mount` that gave up its final flush
+    /// leaves a write-back or an unmount behind), and dropping the runtime would wait for it.
+    pub fn shutdown(self, wait: std::time::Duration) {
+        self.rt.shutdown_timeout(wait);
+    }
+
     /// Open a store URL. Every store is wrapped in a stats layer, reported with `--metrics`.
     pub fn open(&self, url: &str) -> Result<DynStore> {
         let store = self

@@ -165,6 +165,7 @@ fn main() -> ExitCode {
                 }
             }
             eprintln!("memsync: error: {line}");
+            ctx.shutdown(std::time::Duration::from_secs(1));
             ExitCode::FAILURE
         }
     }

@@ -77,6 +77,15 @@ pub struct MountArgs {
     /// --allow-other, 0666 lets every user read and write the remote.
     #[arg(long, default_value = "0600", value_parser = parse_mode)]
     pub mode: u32,
+    /// How long SIGINT/SIGTERM waits for the final flush (pages dirtied through mappings into
+    /// the cache, the cache's dirty chunks to REMOTE, the last --sync-to round) before giving it
+    /// up; a second SIGINT/SIGTERM gives it up at once. Giving up aborts the FUSE connection and
+    /// exits with status 1, naming the byte ranges not pushed; they stay dirty in the cache
+    /// directory, and the next mount with the same --cache pushes them. The default stays below
+    /// systemd's 90 s stop timeout, after which it would SIGKILL the mount with no message.
+    /// FUSE and NBD mounts only: a --device mount's flush is not bounded by it yet.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    pub unmount_timeout: Duration,
     #[command(flatten)]
     pub reinit: ReinitArgs,
     #[command(flatten)]
@@ -501,38 +510,193 @@ pub fn mount(ctx: &Context, a: MountArgs) -> Result<()> {
                 Err(e) => eprintln!("memsync: --migrate-to: the migration task: {e}"),
             }
         }
-        eprintln!("memsync: unmounting: final flush");
-        if let Some(m) = fuse.take() {
-            // Write back pages dirtied through mappings, then unmount.
-            let file = m.file_path().to_path_buf();
+        let limit = a.unmount_timeout;
+        eprintln!(
+            "memsync: unmounting: final flush (at most {}; SIGINT/SIGTERM again gives up)",
+            humantime_secs(limit)
+        );
+        let abort = fuse.as_ref().map(|m| m.abort_handle());
+        let stage = Arc::new(parking_lot::Mutex::new(Stage::WriteBack));
+        let t0 = std::time::Instant::now();
+        // Started here, not in `finish` below: a FuseMount dropped with a `finish` given up
+        // before its first poll would unmount and join its threads on this runtime thread.
+        let unmounted = fuse.take().map(|m| {
+            let st = stage.clone();
             tokio::task::spawn_blocking(move || {
-                if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&file) {
-                    let _ = f.sync_all();
+                // Pages dirtied through mappings go to the cache first: that needs this
+                // process's request threads and the local disk, not the remote, and once there
+                // they survive a flush given up below. The remote flush is the cache's own
+                // (close_cache), not an fsync through the mount: an fsync stuck on the remote
+                // could not be interrupted.
+                if let Err(e) = m.write_back() {
+                    eprintln!("memsync: writing back the mapped pages: {e}");
                 }
+                *st.lock() = Stage::Unmount;
                 m.unmount()
             })
-            .await?
-            .context("unmounting FUSE")?;
-        }
-        if let Some(s) = server.take() {
-            s.shutdown().await.context("stopping the NBD server")?;
-        }
-        // The last --sync-to round: after the unmount, so it sees every write; before the
-        // cache closes, since it reads the cache.
-        let pushed = match pusher.take() {
-            Some(task) => {
-                let _ = stop_push.send(true);
-                match task.await {
-                    Ok(r) => r,
-                    Err(e) => Err(anyhow::Error::new(e).context("--sync-to: the push task")),
+        });
+        let finish = {
+            let stage = stage.clone();
+            let cache = &cache;
+            async move {
+                if let Some(task) = unmounted {
+                    task.await?.context("unmounting FUSE")?;
                 }
+                *stage.lock() = Stage::Nbd;
+                if let Some(s) = server.take() {
+                    s.shutdown().await.context("stopping the NBD server")?;
+                }
+                // The last --sync-to round: after the unmount, so it sees every write; before
+                // the cache closes, since it reads the cache.
+                *stage.lock() = Stage::SyncTo;
+                let pushed = match pusher.take() {
+                    Some(task) => {
+                        let _ = stop_push.send(true);
+                        match task.await {
+                            Ok(r) => r,
+                            Err(e) => {
+                                Err(anyhow::Error::new(e).context("--sync-to: the push task"))
+                            }
+                        }
+                    }
+                    None => push_failed.map_or(Ok(()), Err),
+                };
+                *stage.lock() = Stage::Remote;
+                eprintln!(
+                    "memsync: pushing {} dirty chunks to the remote",
+                    cache.progress().dirty_chunks
+                );
+                let summary = close_cache(cache).await?;
+                anyhow::Ok((summary, pushed))
             }
-            None => push_failed.map_or(Ok(()), Err),
         };
-        let summary = close_cache(&cache).await?;
-        eprintln!("memsync: stopped; {summary}");
-        pushed
+        let why = tokio::select! {
+            r = finish => {
+                let (summary, pushed) = r?;
+                eprintln!("memsync: stopped; {summary}");
+                return pushed;
+            }
+            _ = tokio::time::sleep(limit) => format!("--unmount-timeout {} passed", humantime_secs(limit)),
+            _ = int.recv() => "a second SIGINT".to_owned(),
+            _ = term.recv() => "a second SIGTERM".to_owned(),
+        };
+        let stage = *stage.lock();
+        give_up(&cache, &a.remote, abort, stage, &why, t0.elapsed()).await
     })
+}
+
+/// Where the final flush was when it was given up.
+#[derive(Clone, Copy, Debug)]
+enum Stage {
+    WriteBack,
+    Unmount,
+    Nbd,
+    SyncTo,
+    Remote,
+}
+
+impl Stage {
+    fn doing(self) -> &'static str {
+        match self {
+            Stage::WriteBack => "writing the pages dirtied through mappings back to the cache",
+            Stage::Unmount => "unmounting FUSE",
+            Stage::Nbd => "stopping the NBD server",
+            Stage::SyncTo => "running the last --sync-to round",
+            Stage::Remote => "pushing the cache's dirty chunks to the remote",
+        }
+    }
+}
+
+/// A duration as whole seconds or milliseconds, e.g. `60s`, `500ms`.
+fn humantime_secs(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+/// The final flush is given up: abort the FUSE connection (whatever waits on this process's
+/// request threads fails at once), save the chunk map so that the dirty chunks are remembered,
+/// and fail with what was not pushed. Nothing acknowledged is lost: an acknowledged write is in
+/// the cache's local copy (made durable here with the map, or covered by its write intent), and
+/// the next mount of the same cache directory pushes every dirty chunk.
+async fn give_up(
+    cache: &Cache,
+    remote: &str,
+    abort: Option<memsync_fuse::AbortHandle>,
+    stage: Stage,
+    why: &str,
+    waited: Duration,
+) -> Result<()> {
+    eprintln!(
+        "memsync: giving up the final flush after {:.1} s ({why}) while {}",
+        waited.as_secs_f64(),
+        stage.doing()
+    );
+    if let Some(h) = abort {
+        match h.abort() {
+            Ok(true) => eprintln!("memsync: aborted the FUSE connection and detached the mount"),
+            Ok(false) => eprintln!(
+                "memsync: detached the FUSE mount (its connection ends with this process)"
+            ),
+            Err(e) => eprintln!("memsync: detaching the FUSE mount: {e}"),
+        }
+    }
+    if matches!(stage, Stage::WriteBack) {
+        eprintln!(
+            "memsync: pages written through shared mappings and not yet written back (no msync, \
+             fsync or munmap returned) are lost; every write(2), and every page an fsync or \
+             msync returned for, is in the cache"
+        );
+    }
+    // The chunk map, not the remote: the local disk answers even when the remote does not.
+    let saved = match tokio::time::timeout(Duration::from_secs(30), cache.checkpoint()).await {
+        Ok(Ok(())) => "the chunk map is saved".to_owned(),
+        Ok(Err(e)) => {
+            format!("saving the chunk map failed ({e}); the write intents still mark them")
+        }
+        Err(_) => "saving the chunk map timed out; the write intents still mark them".to_owned(),
+    };
+    let cs = cache.chunk_size();
+    let dirty: Vec<u64> = (0..cache.chunk_count())
+        .filter(|&c| cache.chunk_state(c).is_dirty())
+        .collect();
+    let dir = cache.dir().display();
+    let remote = memsync_core::redact(remote);
+    if dirty.is_empty() {
+        bail!(
+            "final flush given up ({why}); no chunk was waiting to be pushed to {remote}, but the \
+             remote may not have made the last pushes durable: mount again with --cache {dir} \
+             and stop it cleanly to be sure"
+        );
+    }
+    let size = cache.size();
+    let mut runs: Vec<Range<u64>> = Vec::new();
+    for &c in &dirty {
+        let (s, e) = (c * cs, ((c + 1) * cs).min(size));
+        match runs.last_mut() {
+            Some(r) if r.end == s => r.end = e,
+            _ => runs.push(s..e),
+        }
+    }
+    const SHOWN: usize = 8;
+    let mut list: Vec<String> = runs
+        .iter()
+        .take(SHOWN)
+        .map(|r| format!("{}..{}", r.start, r.end))
+        .collect();
+    if runs.len() > SHOWN {
+        list.push(format!("and {} more ranges", runs.len() - SHOWN));
+    }
+    let bytes: u64 = runs.iter().map(|r| r.end - r.start).sum();
+    bail!(
+        "final flush given up ({why}): {} chunks ({bytes} bytes) were NOT pushed to {remote}: \
+         bytes {}; they stay dirty in the cache {dir} ({saved}): mount again with --cache {dir} \
+         to push them",
+        dirty.len(),
+        list.join(", ")
+    )
 }
 
 #[cfg(test)]
