@@ -176,7 +176,8 @@ pub fn zero_digest(len: u64) -> Digest {
 pub struct ScanStats {
     /// Bytes read from the store.
     pub read: u64,
-    /// Bytes hashed (read bytes; holes are neither read nor hashed).
+    /// Bytes hashed with BLAKE3 (read bytes whose digest was not reused; holes are neither read
+    /// nor hashed).
     pub hashed: u64,
     /// Bytes known to be zero from the store's extents.
     pub holes: u64,
