@@ -97,13 +97,47 @@ pub fn read_to_nowhere(env: &Env<'_>, url: &str, request_size: u64, in_flight: u
         request_size > 0 && in_flight > 0,
         "--request-size and --in-flight must be positive"
     );
-    env.rt.block_on(async {
-        let store = env
-            .registry
+    let store = env.rt.block_on(async {
+        env.registry
             .open(url)
             .await
-            .with_context(|| format!("opening {url}"))?;
-        read_all(&store, request_size, in_flight, |_, _| Ok(())).await
+            .with_context(|| format!("opening {url}"))
+    })?;
+    read_in_tasks(env.rt, &store, request_size, in_flight)
+}
+
+/// Read `store` from start to end with `in_flight` reads of `piece` bytes at once, each in a
+/// task of its own on `rt`, so that the runtime's workers receive in parallel as nbdcopy's
+/// threads do (futures joined in one `block_on` would all run on the calling thread, which
+/// then does all the receiving, and its softirqs, alone: `docs/perf.md`).
+fn read_in_tasks(
+    rt: &tokio::runtime::Runtime,
+    store: &memsync_core::DynStore,
+    piece: u64,
+    in_flight: u64,
+) -> Result<()> {
+    let size = store.size();
+    let tasks: Vec<_> = (0..in_flight)
+        .map(|r| {
+            let s = store.clone();
+            rt.spawn(async move {
+                let mut buf = vec![1u8; piece as usize];
+                let mut i = r;
+                while i * piece < size {
+                    let off = i * piece;
+                    let n = (size - off).min(piece) as usize;
+                    s.read(off, &mut buf[..n]).await?;
+                    i += in_flight;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    rt.block_on(async {
+        for t in tasks {
+            t.await??;
+        }
+        anyhow::Ok(())
     })
 }
 
@@ -377,5 +411,69 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::sync::{Arc, Mutex};
+    use std::thread::ThreadId;
+
+    use memsync_core::{Bytes, Caps, DynStore, Result, Store, async_trait};
+
+    /// A store of zeros that records which threads read from it.
+    #[derive(Debug)]
+    struct Threads {
+        size: u64,
+        seen: Mutex<HashSet<ThreadId>>,
+    }
+
+    #[async_trait]
+    impl Store for Threads {
+        fn size(&self) -> u64 {
+            self.size
+        }
+        fn caps(&self) -> Caps {
+            Caps::basic()
+        }
+        async fn read(&self, _offset: u64, buf: &mut [u8]) -> Result<()> {
+            self.seen
+                .lock()
+                .unwrap()
+                .insert(std::thread::current().id());
+            buf.fill(0);
+            // Give the other workers a chance to take the next reads.
+            tokio::task::yield_now().await;
+            Ok(())
+        }
+        async fn write(&self, _offset: u64, _data: Bytes) -> Result<()> {
+            Ok(())
+        }
+        async fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// `bench-nbd-read` reads on the runtime's workers, not on the thread that runs the command
+    /// (where all its reads once ran, one thread receiving for every connection).
+    #[test]
+    fn reads_to_nowhere_run_on_the_runtime_workers() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        let store = Arc::new(Threads {
+            size: 64 << 20,
+            seen: Mutex::new(HashSet::new()),
+        });
+        let dyn_store: DynStore = store.clone();
+        super::read_in_tasks(&rt, &dyn_store, 1 << 20, 8).unwrap();
+        let seen = store.seen.lock().unwrap();
+        assert!(!seen.is_empty());
+        assert!(
+            !seen.contains(&std::thread::current().id()),
+            "a read ran on the calling thread"
+        );
     }
 }

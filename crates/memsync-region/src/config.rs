@@ -174,8 +174,9 @@ pub struct RegionConfig {
     /// instead of faulting and waiting for a handler: no fault, no wake-up.
     /// Default `true`. (Raw-pointer accesses always fault.)
     pub inline_resolve: bool,
-    /// Install with `UFFDIO_MOVE` (falls back to `UFFDIO_COPY` when the
-    /// kernel refuses). Default `true`.
+    /// Install chunks larger than a page with `UFFDIO_MOVE` (falls back to
+    /// `UFFDIO_COPY` when the kernel refuses); chunks of one page are always
+    /// copied. Default `true`.
     pub use_move: bool,
     /// Open the userfaultfd with `UFFD_USER_MODE_ONLY`: `None` (default)
     /// tries a full userfaultfd first and falls back to user-mode-only when

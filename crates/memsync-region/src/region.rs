@@ -125,7 +125,13 @@ impl LazyRegion {
                 "memsync-region: no UFFDIO_POISON on this kernel: a failed chunk is replaced by a SIGBUS mapping"
             );
         }
+        // A chunk of one page is installed faster by a copy: a move clears the staging page's
+        // entry and flushes it from the TLB of every other CPU that runs this process (an IPI
+        // per page, dear on a VM), which costs more than copying 4 KiB (docs/perf.md, "Where
+        // the lazy region's time goes"). Larger chunks keep the move, which spares the copy of
+        // a huge page.
         let use_move = cfg.use_move
+            && geo.chunk_size() > geo.page_size()
             && cfg.backing == Backing::Anonymous
             && engine.uffd.features().contains(Features::MOVE)
             && engine.ioctls.contains(memsync_sys::Ioctls::MOVE);

@@ -197,6 +197,21 @@ fn copy_install_without_move_is_identical() {
     assert!(s.installs_copy > 0, "{s}");
 }
 
+/// One-page chunks are copied even where the kernel could move them: a move flushes the staging
+/// page's TLB entry on the other CPUs, which costs more than copying 4 KiB. Larger chunks are
+/// still moved (`kernel_features_are_detected_and_fall_back`).
+#[test]
+fn one_page_chunks_are_copied_not_moved() {
+    let (store, data) = random_store(MIB + 5000, 79, Some(5));
+    let region = LazyRegion::new(store, cfg(4 * KIB)).unwrap();
+    let mut buf = vec![0u8; data.len()];
+    region.read_faulting(0, &mut buf);
+    assert!(buf == data);
+    let s = region.stats().snapshot();
+    assert_eq!(s.installs_move, 0, "{s}");
+    assert!(s.installs_copy > 0, "{s}");
+}
+
 /// The features an LTS kernel lacks are detected at run time and each has its fallback, with
 /// the default configuration: no `UFFDIO_MOVE` (6.8) → chunks are installed with
 /// `UFFDIO_COPY`; no `UFFDIO_POISON` (6.6) → a failed chunk becomes a SIGBUS mapping
