@@ -153,6 +153,8 @@ fn higher_is_better(unit: &str) -> bool {
 pub struct Subject<'a> {
     name: String,
     run: Box<dyn FnMut() -> Result<Vec<f64>> + 'a>,
+    /// Run once after the timed rounds, before anything is recorded ([`checked`](Self::checked)).
+    check: Option<Box<dyn FnOnce() -> Result<()> + 'a>>,
 }
 
 impl<'a> Subject<'a> {
@@ -161,6 +163,7 @@ impl<'a> Subject<'a> {
         Subject {
             name: name.into(),
             run: Box::new(move || Ok(vec![run()?])),
+            check: None,
         }
     }
 
@@ -170,7 +173,16 @@ impl<'a> Subject<'a> {
         Subject {
             name: name.into(),
             run: Box::new(run),
+            check: None,
         }
+    }
+
+    /// `check` runs once after the timed rounds, outside them, and before the case records
+    /// anything: a figure for bytes that turn out wrong is not a figure, so a failed check
+    /// fails the case and nothing of it is recorded.
+    pub fn checked(mut self, check: impl FnOnce() -> Result<()> + 'a) -> Self {
+        self.check = Some(Box::new(check));
+        self
     }
 }
 
@@ -288,6 +300,16 @@ impl Bench {
                 }
             }
         }
+        for s in &mut subjects {
+            if let Some(check) = s.check.take() {
+                check().with_context(|| {
+                    format!(
+                        "{case}: {}: the data check after the timed runs failed",
+                        s.name
+                    )
+                })?;
+            }
+        }
         let c = Compared {
             case: case.to_owned(),
             metrics: metrics
@@ -395,6 +417,15 @@ impl Bench {
             );
         }
     }
+}
+
+/// The BLAKE3 hash of a file's contents, for the suites' data checks.
+pub fn hash_file(path: &std::path::Path) -> Result<blake3::Hash> {
+    let mut h = blake3::Hasher::new();
+    h.update_reader(
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
+    )?;
+    Ok(h.finalize())
 }
 
 /// GB/s (10^9 bytes per second) for `bytes` moved in `elapsed`.
@@ -574,5 +605,41 @@ mod tests {
             )
             .unwrap_err();
         assert!(e.to_string().contains("1 values for 2 metrics"), "{e}");
+    }
+
+    /// A subject's check runs once, after all its timed runs; a failed one fails the case
+    /// before any figure of it is recorded.
+    #[test]
+    fn a_failed_check_fails_the_case_and_records_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("results.jsonl");
+        let mut b = quiet(3);
+        b.config.results = Some(Results::new(std::fs::File::create(&path).unwrap()));
+        let runs = std::cell::Cell::new(0);
+        let checked_after = std::cell::Cell::new(None);
+        let e = b
+            .compare(
+                "c",
+                &[("throughput", "GB/s")],
+                vec![
+                    Subject::new("good", || Ok(1.0)).checked(|| Ok(())),
+                    Subject::new("bad", || {
+                        runs.set(runs.get() + 1);
+                        Ok(1.0)
+                    })
+                    .checked(|| {
+                        checked_after.set(Some(runs.get()));
+                        anyhow::bail!("wrong bytes")
+                    }),
+                ],
+            )
+            .unwrap_err();
+        assert_eq!(checked_after.get(), Some(3));
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("c: bad: the data check") && e.contains("wrong bytes"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
     }
 }

@@ -16,7 +16,10 @@
 //!   client reads are checked against the source file once, outside the timed runs.
 //!
 //! Every case measures memsync and its peers in alternation ([`Bench::compare`]) and prints
-//! the ratios memsync/nbdkit and memsync/qemu-nbd.
+//! the ratios memsync/nbdkit and memsync/qemu-nbd. After the timed runs of a case, and before
+//! it records anything, each subject's export is read once more the case's own way (the same
+//! server, transport and nbdcopy options) into a file, whose BLAKE3 must be the source
+//! file's: a server that loses or garbles bytes fails the case instead of scoring.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -26,7 +29,7 @@ use anyhow::{Context as _, Result, bail};
 use rand::{RngCore, SeedableRng};
 
 use crate::Env;
-use crate::{Bench, Proc, Subject, free_port, gbps, wait_tcp};
+use crate::{Bench, Proc, Subject, free_port, gbps, hash_file, wait_tcp};
 
 fn wait_unix(p: &Path) -> Result<()> {
     for _ in 0..500 {
@@ -175,6 +178,23 @@ pub fn memsync_read_command(exe: &Path, url: &str, args: &[&str]) -> Result<Dura
     timed_command(Command::new(exe).arg("bench-nbd-read").arg(url).args(args))
 }
 
+/// The untimed data check of a subject: nbdcopy with `opts` reads the export at `uri` into a
+/// file in `dir` (the case's own read path, a file instead of `null:` as the sink); its
+/// contents must hash to `want`, the hash of the data written into the export.
+fn check_export(uri: &str, opts: &[&str], dir: &Path, want: &blake3::Hash) -> Result<()> {
+    let out = TempFile(dir.join("read-back.img"));
+    let _ = std::fs::remove_file(out.path());
+    let out_s = out.path().to_str().unwrap_or_default();
+    nbdcopy(&[opts, &[uri, out_s]].concat())?;
+    let got = hash_file(out.path())?;
+    anyhow::ensure!(
+        got == *want,
+        "{uri} does not hold the data written into it: read back with nbdcopy, it hashes to \
+         BLAKE3 {got}, the source to {want}"
+    );
+    Ok(())
+}
+
 /// Check once, outside the timed runs, that the memsync client reads `url` as `src` holds it.
 fn verify_client_read(env: &Env<'_>, url: &str, src: &Path) -> Result<()> {
     use std::os::unix::fs::FileExt;
@@ -204,8 +224,9 @@ struct Targets {
     qemu_tcp: String,
     qemu_unix: String,
     _procs: Vec<Proc>,
-    /// qemu-nbd's files on tmpfs, removed last.
-    _shm: TempDir,
+    /// qemu-nbd's files on tmpfs, and the data checks' read-back copies (on disk, writing one
+    /// 4 KiB at a time made the check of `4k-qd1` longer than its timed runs); removed last.
+    shm: TempDir,
 }
 
 /// `dir` holds the sockets; qemu-nbd's files go to a directory of their own on `/dev/shm`.
@@ -274,7 +295,7 @@ fn start(exe: &Path, size: u64, chunk: u64, dir: &Path) -> Result<Targets> {
         qemu_tcp: format!("nbd://127.0.0.1:{q_port}/"),
         qemu_unix: format!("nbd+unix:///?socket={}", q_sock.display()),
         _procs: procs,
-        _shm: shm,
+        shm,
     })
 }
 
@@ -301,21 +322,33 @@ pub fn run(b: &mut Bench, env: &Env<'_>) -> Result<()> {
     let dir = tempfile_dir(&b.config.scratch)?;
     let src = scratch_file(dir.path(), size)?;
     let src_s = src.to_str().unwrap_or_default().to_owned();
+    let want = hash_file(&src)?;
     let t = start(&env.exe, size, 64 << 10, dir.path())?;
     let gb = |el: Duration| gbps(size, el);
+    let check = |uri: &str, opts: &[&str]| check_export(uri, opts, t.shm.path(), &want);
 
     for (transport, uris) in [
         ("tcp", [&t.memsync_tcp, &t.nbdkit_tcp, &t.qemu_tcp]),
         ("unix", [&t.memsync_unix, &t.nbdkit_unix, &t.qemu_unix]),
     ] {
         let case = format!("write {transport}");
-        servers(b, &case, ("throughput", "GB/s"), uris, |uri| {
-            Ok(gb(nbdcopy(&[&src_s, uri])?))
-        })?;
+        servers(
+            b,
+            &case,
+            ("throughput", "GB/s"),
+            uris,
+            |uri| Ok(gb(nbdcopy(&[&src_s, uri])?)),
+            |uri| check(uri, &[]),
+        )?;
         let case = format!("read {transport}");
-        servers(b, &case, ("throughput", "GB/s"), uris, |uri| {
-            Ok(gb(nbdcopy(&[uri, "null:"])?))
-        })?;
+        servers(
+            b,
+            &case,
+            ("throughput", "GB/s"),
+            uris,
+            |uri| Ok(gb(nbdcopy(&[uri, "null:"])?)),
+            |uri| check(uri, &[]),
+        )?;
     }
     // One 4 KiB request in flight, on small exports of their own (nbdcopy copies whole
     // exports); --no-extents makes every request a real read.
@@ -326,6 +359,7 @@ pub fn run(b: &mut Bench, env: &Env<'_>) -> Result<()> {
     // preferred one), and both hold data, so that every request is a real 4 KiB read.
     let t2 = start(&env.exe, small, 4096, &dir2)?;
     let small_src = scratch_file(&dir2, small)?;
+    let small_want = hash_file(&small_src)?;
     let small_src = small_src.to_str().unwrap_or_default().to_owned();
     let small_uris = [
         ("tcp", [&t2.memsync_tcp, &t2.nbdkit_tcp, &t2.qemu_tcp]),
@@ -336,9 +370,14 @@ pub fn run(b: &mut Bench, env: &Env<'_>) -> Result<()> {
     }
     for (transport, uris) in small_uris {
         let case = format!("4k-qd1 {transport}");
-        servers(b, &case, ("latency", "us"), uris, |uri| {
-            Ok(nbdcopy_4k_qd1(uri)?.as_secs_f64() * 1e6 / n as f64)
-        })?;
+        servers(
+            b,
+            &case,
+            ("latency", "us"),
+            uris,
+            |uri| Ok(nbdcopy_4k_qd1(uri)?.as_secs_f64() * 1e6 / n as f64),
+            |uri| check_export(uri, QD1_4K, t2.shm.path(), &small_want),
+        )?;
     }
     // The memsync client reading the nbdkit export, against nbdcopy doing the same: both as
     // whole commands.
@@ -351,26 +390,29 @@ pub fn run(b: &mut Bench, env: &Env<'_>) -> Result<()> {
         Subject::new("memsync-client", || {
             Ok(gb(memsync_read_command(&env.exe, &url, &[])?))
         }),
-        Subject::new("nbdcopy", || Ok(gb(nbdcopy(&[&t.nbdkit_tcp, "null:"])?))),
+        Subject::new("nbdcopy", || Ok(gb(nbdcopy(&[&t.nbdkit_tcp, "null:"])?)))
+            .checked(|| check(&t.nbdkit_tcp, &[])),
     )?;
     Ok(())
 }
 
 /// The three servers (`uris`: memsync, nbdkit, qemu-nbd) driven the same way by `run`, in
-/// alternation; records each and the ratios of memsync to each peer.
+/// alternation, then each checked once by `check` (untimed; see [`Subject::checked`]);
+/// records each and the ratios of memsync to each peer.
 fn servers(
     b: &mut Bench,
     case: &str,
     metric: (&str, &str),
     uris: [&String; 3],
     run: impl Fn(&str) -> Result<f64>,
+    check: impl Fn(&str) -> Result<()>,
 ) -> Result<()> {
     let names = ["memsync", "nbdkit", "qemu-nbd"];
-    let run = &run;
+    let (run, check) = (&run, &check);
     let subjects = names
         .iter()
         .zip(uris)
-        .map(|(name, uri)| Subject::new(*name, move || run(uri)))
+        .map(|(name, uri)| Subject::new(*name, move || run(uri)).checked(move || check(uri)))
         .collect();
     let c = b.compare(case, &[metric], subjects)?;
     for peer in &names[1..] {
@@ -379,19 +421,14 @@ fn servers(
     Ok(())
 }
 
-/// nbdcopy reading the whole export at `uri` with one 4 KiB request in flight on one
-/// connection, every request a real read: the wall time of the command.
+/// nbdcopy's options for one 4 KiB request in flight on one connection, every request a real
+/// read.
+const QD1_4K: &[&str] = &["--request-size=4096", "-C", "1", "-R", "1", "--no-extents"];
+
+/// nbdcopy reading the whole export at `uri` to `null:` with [`QD1_4K`]: the wall time of the
+/// command.
 pub fn nbdcopy_4k_qd1(uri: &str) -> Result<Duration> {
-    nbdcopy(&[
-        "--request-size=4096",
-        "-C",
-        "1",
-        "-R",
-        "1",
-        "--no-extents",
-        uri,
-        "null:",
-    ])
+    nbdcopy(&[QD1_4K, &[uri, "null:"]].concat())
 }
 
 fn tempfile_dir(base: &Path) -> Result<TempDir> {
@@ -414,8 +451,24 @@ impl Drop for TempDir {
     }
 }
 
+/// A read-back copy, removed when the check is done: the full suite's are 1 GiB each.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
     use std::collections::HashSet;
     use std::sync::{Arc, Mutex};
     use std::thread::ThreadId;
@@ -475,5 +528,39 @@ mod tests {
             !seen.contains(&std::thread::current().id()),
             "a read ran on the calling thread"
         );
+    }
+
+    /// The data check passes on an export that holds the source and fails, naming the export,
+    /// when one byte differs; through both read paths the suite uses.
+    #[test]
+    fn check_export_catches_one_wrong_byte() {
+        for tool in ["nbdkit", "nbdcopy"] {
+            if memsync_testkit::servers::require_tool(tool, "nbd check_export").is_none() {
+                return;
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("kit.sock");
+        let _kit = nbdkit(&["-f", "-U", sock.to_str().unwrap(), "memory", "1M"]).unwrap();
+        wait_unix(&sock).unwrap();
+        let uri = format!("nbd+unix:///?socket={}", sock.display());
+        let src = scratch_file(dir.path(), 1 << 20).unwrap();
+        nbdcopy(&[src.to_str().unwrap(), &uri]).unwrap();
+        let want = hash_file(&src).unwrap();
+        for opts in [&[][..], QD1_4K] {
+            check_export(&uri, opts, dir.path(), &want).unwrap();
+        }
+        let mut other = std::fs::read(&src).unwrap();
+        other[300_000] ^= 1;
+        let other_hash = blake3::hash(&other);
+        for opts in [&[][..], QD1_4K] {
+            let e = check_export(&uri, opts, dir.path(), &other_hash).unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains(&format!("{uri} does not hold the data")),
+                "{e}"
+            );
+        }
+        assert!(!dir.path().join("read-back.img").exists());
     }
 }

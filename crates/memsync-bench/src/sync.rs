@@ -45,7 +45,7 @@ use memsync_testkit::proxy::{Proxy, ProxyConfig};
 use rand::{Rng, RngCore, SeedableRng};
 
 use crate::Env;
-use crate::{Bench, Proc, free_port, wait_tcp};
+use crate::{Bench, Proc, free_port, hash_file, wait_tcp};
 
 const CHUNK: u64 = memsync_sync::DEFAULT_CHUNK;
 
@@ -93,12 +93,6 @@ fn mutate(path: &Path, size: u64, pct: f64, rng: &mut rand::rngs::SmallRng) -> R
         f.set_modified(std::time::SystemTime::now())?;
     }
     Ok(n * 4096)
-}
-
-fn hash_file(path: &Path) -> Result<blake3::Hash> {
-    let mut h = blake3::Hasher::new();
-    h.update_reader(std::fs::File::open(path)?)?;
-    Ok(h.finalize())
 }
 
 fn open(path: &Path) -> Result<DynStore> {

@@ -83,7 +83,10 @@ pub struct MountArgs {
     /// exits with status 1, naming the byte ranges not pushed; they stay dirty in the cache
     /// directory, and the next mount with the same --cache pushes them. The default stays below
     /// systemd's 90 s stop timeout, after which it would SIGKILL the mount with no message.
-    /// FUSE and NBD mounts only: a --device mount's flush is not bounded by it yet.
+    /// --fuse and --nbd mounts only. A --device mount ignores it, and a second SIGINT/SIGTERM
+    /// does not cut its stop short: the stop waits for the kernel's fsync of the device, whose
+    /// flush reaches the store through this process (with --cache, the cache, whose flush pushes
+    /// every dirty chunk to REMOTE), then for the disconnect and the cache's close.
     #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
     pub unmount_timeout: Duration,
     #[command(flatten)]
