@@ -19,6 +19,8 @@ use std::cell::RefCell;
 use std::ffi::OsStr;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -379,6 +381,9 @@ pub struct FuseMount {
     /// The device of the mount's files: it names the connection in `/sys/fs/fuse/connections`.
     /// Taken at mount time, since a `stat` later may wait for a server that no longer answers.
     dev: Option<u64>,
+    /// The unmount has ended: the connection's number (and the mount point) may belong to
+    /// another mount now, so an [`AbortHandle`] must leave them alone.
+    ended: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for FuseMount {
@@ -443,6 +448,7 @@ pub fn mount(
         mountpoint: mountpoint.to_path_buf(),
         file,
         dev,
+        ended: Arc::new(AtomicBool::new(false)),
     })
 }
 
@@ -521,6 +527,7 @@ impl FuseMount {
         AbortHandle {
             dev: self.dev,
             mountpoint: self.mountpoint.clone(),
+            ended: self.ended.clone(),
         }
     }
 
@@ -528,7 +535,14 @@ impl FuseMount {
         let Some(s) = self.session.take() else {
             return Ok(());
         };
-        match s.umount_and_join() {
+        let r = s.umount_and_join();
+        if !matches!(&r, Err(e) if e.raw_os_error() == Some(libc::EBUSY)) {
+            // Unmounted (or failed for good): the kernel may give the connection's number to
+            // the next FUSE mount. Detached instead (below), the connection stays ours until
+            // its last user lets go.
+            self.ended.store(true, Ordering::SeqCst);
+        }
+        match r {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                 // Still open or mapped: detach now; the session thread ends when the last user
@@ -546,6 +560,7 @@ impl FuseMount {
 pub struct AbortHandle {
     dev: Option<u64>,
     mountpoint: PathBuf,
+    ended: Arc<AtomicBool>,
 }
 
 impl AbortHandle {
@@ -556,7 +571,14 @@ impl AbortHandle {
     /// threads are not joined: one may still wait for its store call. Returns whether the
     /// connection was aborted; without root only the detach is done, and the connection ends
     /// when this process exits and closes `/dev/fuse`.
+    ///
+    /// After the mount's unmount has ended this does nothing (and returns false): its
+    /// connection number and mount point may then belong to another mount, which an abort
+    /// would kill. (Left: the instant between the kernel's unmount and the session's join.)
     pub fn abort(&self) -> io::Result<bool> {
+        if self.ended.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
         let aborted = self.dev.is_some_and(abort_connection);
         match rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::DETACH) {
             // Already unmounted (the unmount it interrupted got that far).

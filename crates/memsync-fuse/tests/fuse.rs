@@ -238,6 +238,34 @@ fn mmap_shared_writes_reach_the_store_with_msync() {
 
 /// The mount lifts the kernel's strict per-mount dirty limit (`strict_limit` of its backing
 /// device), which held mmap writers once they had dirtied 1% of the dirty threshold.
+/// An abort handle kept past its mount's unmount does nothing: the kernel gives the freed
+/// connection number (and the mount point) to the next FUSE mount, which an abort by number
+/// would kill (a mount giving up its final flush after its unmount did so to another test's
+/// mount).
+#[test]
+fn an_abort_after_the_unmount_leaves_the_next_mount_alone() {
+    if !can_mount("an_abort_after_the_unmount_leaves_the_next_mount_alone") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt as _;
+    let a = mem_mount(1 << 20, 9);
+    let handle = a.mount.abort_handle();
+    let MemMount { mount, _mnt, .. } = a;
+    mount.unmount().unwrap();
+    drop(_mnt);
+    let b = mem_mount(1 << 20, 10);
+    let dev = std::fs::metadata(b.mount.file_path()).unwrap().dev();
+    assert!(
+        !handle.abort().unwrap(),
+        "aborted a connection after the unmount"
+    );
+    assert_eq!(
+        whole_file(b.mount.file_path()),
+        b.data,
+        "the next mount (dev {dev}) broke"
+    );
+}
+
 #[test]
 fn the_mount_has_no_strict_dirty_limit() {
     if !can_mount("the_mount_has_no_strict_dirty_limit") {

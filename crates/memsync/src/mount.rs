@@ -637,6 +637,9 @@ async fn give_up(
         waited.as_secs_f64(),
         stage.doing()
     );
+    // Once FUSE is unmounted there is nothing to abort: its connection number may already be
+    // another mount's.
+    let abort = abort.filter(|_| matches!(stage, Stage::WriteBack | Stage::Unmount));
     if let Some(h) = abort {
         match h.abort() {
             Ok(true) => eprintln!("memsync: aborted the FUSE connection and detached the mount"),
