@@ -182,7 +182,7 @@ pub fn memsync_read_command(exe: &Path, url: &str, args: &[&str]) -> Result<Dura
 /// file in `dir` (the case's own read path, a file instead of `null:` as the sink); its
 /// contents must hash to `want`, the hash of the data written into the export.
 fn check_export(uri: &str, opts: &[&str], dir: &Path, want: &blake3::Hash) -> Result<()> {
-    let out = TempFile(dir.join("read-back.img"));
+    let out = TempPath(dir.join("read-back.img"));
     let _ = std::fs::remove_file(out.path());
     let out_s = out.path().to_str().unwrap_or_default();
     nbdcopy(&[opts, &[uri, out_s]].concat())?;
@@ -226,7 +226,7 @@ struct Targets {
     _procs: Vec<Proc>,
     /// qemu-nbd's files on tmpfs, and the data checks' read-back copies (on disk, writing one
     /// 4 KiB at a time made the check of `4k-qd1` longer than its timed runs); removed last.
-    shm: TempDir,
+    shm: TempPath,
 }
 
 /// `dir` holds the sockets; qemu-nbd's files go to a directory of their own on `/dev/shm`.
@@ -268,7 +268,7 @@ fn start(exe: &Path, size: u64, chunk: u64, dir: &Path) -> Result<Targets> {
         &size.to_string(),
     ])?;
     let q_port = free_port()?;
-    let shm = TempDir(PathBuf::from(format!(
+    let shm = TempPath(PathBuf::from(format!(
         "/dev/shm/memsync-bench-nbd-{}-{q_port}",
         std::process::id()
     )));
@@ -431,38 +431,29 @@ pub fn nbdcopy_4k_qd1(uri: &str) -> Result<Duration> {
     nbdcopy(&[QD1_4K, &[uri, "null:"]].concat())
 }
 
-fn tempfile_dir(base: &Path) -> Result<TempDir> {
+fn tempfile_dir(base: &Path) -> Result<TempPath> {
     let p = base.join(format!("memsync-bench-nbd-{}", std::process::id()));
     std::fs::create_dir_all(&p)?;
-    Ok(TempDir(p))
+    Ok(TempPath(p))
 }
 
-struct TempDir(PathBuf);
+/// A scratch directory or file (a read-back copy: the full suite's are 1 GiB each), removed
+/// when dropped.
+struct TempPath(PathBuf);
 
-impl TempDir {
+impl TempPath {
     fn path(&self) -> &Path {
         &self.0
     }
 }
 
-impl Drop for TempDir {
+impl Drop for TempPath {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A read-back copy, removed when the check is done: the full suite's are 1 GiB each.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        let _ = if self.0.is_dir() {
+            std::fs::remove_dir_all(&self.0)
+        } else {
+            std::fs::remove_file(&self.0)
+        };
     }
 }
 

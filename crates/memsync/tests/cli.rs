@@ -775,15 +775,8 @@ fn unmount_with_a_stopped_remote(extra: &[&str], stop: impl FnOnce(&mut MountPro
     use std::os::fd::AsFd;
     use std::os::unix::fs::FileExt;
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("remote.img");
     let size = 4usize << 20;
-    let mut want = random(31, size);
-    std::fs::write(&img, &want).unwrap();
-    let srv = serve(&[
-        &format!("file:{}", img.display()),
-        "--listen",
-        "nbd://127.0.0.1:0",
-    ]);
+    let (mut want, img, srv) = served_image(dir.path(), 31, size);
     let remote = format!("{}/", srv.uri);
     let cache = dir.path().join("cache");
     let mnt = dir.path().join("mnt");
@@ -913,17 +906,27 @@ fn remote_and_copy(
     seed: u64,
     size: usize,
 ) -> (Vec<u8>, std::path::PathBuf, std::path::PathBuf, Serve) {
+    let (want, img, srv) = served_image(dir, seed, size);
+    let copy = dir.join("copy.img");
+    std::fs::write(&copy, &want).unwrap();
+    (want, img, copy, srv)
+}
+
+/// `size` random bytes in `dir/remote.img`, served over NBD on loopback by `memsync serve`.
+fn served_image(
+    dir: &std::path::Path,
+    seed: u64,
+    size: usize,
+) -> (Vec<u8>, std::path::PathBuf, Serve) {
     let want = random(seed, size);
     let img = dir.join("remote.img");
     std::fs::write(&img, &want).unwrap();
-    let copy = dir.join("copy.img");
-    std::fs::write(&copy, &want).unwrap();
     let srv = serve(&[
         &format!("file:{}", img.display()),
         "--listen",
         "nbd://127.0.0.1:0",
     ]);
-    (want, img, copy, srv)
+    (want, img, srv)
 }
 
 /// Issue 13, continuous push of a mount: `mount --sync-to PEER` tracks the writes made through
@@ -1134,15 +1137,8 @@ fn mount_sync_to_a_file_and_compressed_to_a_peer() {
 /// must hold the write (the map said "clean", so nothing pushed it before the fix).
 fn write_to_a_clean_chunk_then_sigkill(write: impl FnOnce(&std::path::Path, &mut Vec<u8>)) {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("remote.img");
     let size = 4usize << 20;
-    let mut want = random(21, size);
-    std::fs::write(&img, &want).unwrap();
-    let srv = serve(&[
-        &format!("file:{}", img.display()),
-        "--listen",
-        "nbd://127.0.0.1:0",
-    ]);
+    let (mut want, img, srv) = served_image(dir.path(), 21, size);
     let remote = format!("{}/", srv.uri);
     let cache = dir.path().join("cache");
     let mnt = dir.path().join("mnt");
