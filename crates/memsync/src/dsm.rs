@@ -80,6 +80,16 @@ pub fn dsm(ctx: &Context, a: DsmArgs) -> Result<()> {
     if let (Some(cert), Some(key), Some(ca)) = (&a.tls_cert, &a.tls_key, &a.tls_ca) {
         cfg.tls = Some(DsmTls::from_files(cert, key, ca, &a.tls_name)?);
     }
+    // Before anything is printed: a SIGINT/SIGTERM sent as soon as the node reports (the
+    // counter line) must stop it cleanly, not kill it with the default action.
+    let (mut int, mut term) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let _rt = ctx.rt.enter();
+        (
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+        )
+    };
     let node = Node::bind_and_start(cfg).context("starting the node")?;
     eprintln!(
         "memsync dsm: node {} of {} up ({} manager, {} bytes, {} B pages)",
@@ -103,9 +113,6 @@ pub fn dsm(ctx: &Context, a: DsmArgs) -> Result<()> {
     }
     let flush_every = a.flush_every.map(std::time::Duration::from_secs);
     ctx.rt.block_on(async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut term = signal(SignalKind::terminate())?;
         loop {
             let tick = async {
                 match flush_every {
