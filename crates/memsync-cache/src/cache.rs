@@ -11,8 +11,8 @@ use memsync_core::chunks::{
     current_pull,
 };
 use memsync_core::{
-    Caps, DynStore, Result, Retry, RetryPolicy, Store, StoreError, async_trait, check_range,
-    check_write,
+    Caps, DynStore, Result, Retry, RetryPolicy, SharedMemory, Store, StoreError, async_trait,
+    check_range, check_write,
 };
 use memsync_local::{FileOptions, FileStore};
 use parking_lot::Mutex;
@@ -371,9 +371,21 @@ impl Inner {
     }
 
     async fn read(self: &Arc<Self>, offset: u64, buf: &mut [u8]) -> Result<()> {
-        check_range(self.size, 1, offset, buf.len() as u64)?;
+        self.read_range(offset, buf.len() as u64, Some(buf)).await
+    }
+
+    /// Makes `offset..offset + len` local (fetching what is missing) and copies it into `buf`
+    /// if given: without one, the bytes stay in the local copy only (for a region that maps
+    /// it, [`Store::make_resident`]).
+    async fn read_range(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        mut buf: Option<&mut [u8]>,
+    ) -> Result<()> {
+        check_range(self.size, 1, offset, len)?;
         let mut retry = self.retry.start();
-        let end = offset + buf.len() as u64;
+        let end = offset + len;
         let cs = self.cs;
         let mut pos = offset;
         while pos < end {
@@ -385,13 +397,15 @@ impl Inner {
                         c2 += 1;
                     }
                     let run_end = (c2 * cs).min(end);
-                    self.local
-                        .read(
-                            pos,
-                            &mut buf[(pos - offset) as usize..(run_end - offset) as usize],
-                        )
-                        .await
-                        .map_err(|e| e.context("cache: reading the local copy"))?;
+                    if let Some(buf) = buf.as_deref_mut() {
+                        self.local
+                            .read(
+                                pos,
+                                &mut buf[(pos - offset) as usize..(run_end - offset) as usize],
+                            )
+                            .await
+                            .map_err(|e| e.context("cache: reading the local copy"))?;
+                    }
                     self.stats.hits.fetch_add(1, Relaxed);
                     self.stats.hit_bytes.fetch_add(run_end - pos, Relaxed);
                     pos = run_end;
@@ -412,9 +426,11 @@ impl Inner {
                     let data = self.demand_fetch(claim, &mut retry).await?;
                     let run_start = c * cs;
                     let run_end = (run_start + data.len() as u64).min(end);
-                    buf[(pos - offset) as usize..(run_end - offset) as usize].copy_from_slice(
-                        &data[(pos - run_start) as usize..(run_end - run_start) as usize],
-                    );
+                    if let Some(buf) = buf.as_deref_mut() {
+                        buf[(pos - offset) as usize..(run_end - offset) as usize].copy_from_slice(
+                            &data[(pos - run_start) as usize..(run_end - run_start) as usize],
+                        );
+                    }
                     self.give_buf(data);
                     pos = run_end;
                 }
@@ -1658,6 +1674,28 @@ impl Store for Cache {
 
     async fn flush(&self) -> Result<()> {
         self.inner.flush().await
+    }
+
+    /// The local copy's, read-only, when it is on tmpfs (the cache directory there): a region
+    /// maps the cached bytes instead of copying them out. Read-only because a write through a
+    /// mapping would not tell the cache which chunks are dirty.
+    fn shared_memory(&self) -> Option<SharedMemory> {
+        let mut m = self.inner.local.shared_memory()?;
+        m.writable = false;
+        Some(m)
+    }
+
+    /// Fetches what is missing of the range into the local copy (a demand miss, or the pull of
+    /// a puller above), then makes the local copy's pages of the range exist (chunks adopted
+    /// as zeros are holes there).
+    async fn make_resident(&self, offset: u64, len: u64) -> Result<()> {
+        if self.inner.local.shared_memory().is_none() {
+            return Err(StoreError::Unsupported {
+                op: "make_resident",
+            });
+        }
+        self.inner.read_range(offset, len, None).await?;
+        self.inner.local.make_resident(offset, len).await
     }
 
     /// Discarding is zeroing here: the zeros are written back like any write, so the remote

@@ -33,7 +33,9 @@ pub use error::{Result, StoreError};
 pub use id::StoreId;
 pub use meta::{MetaInit, StoreMeta};
 pub use retry::{Retry, RetryPolicy};
-pub use store::{Caps, DynStore, Extent, ExtentKind, Store, StoreExt, check_range, check_write};
+pub use store::{
+    Caps, DynStore, Extent, ExtentKind, SharedMemory, Store, StoreExt, check_range, check_write,
+};
 pub use url::{Registry, StoreUrl, redact};
 
 /// Re-exported so that store implementations use the same `async_trait` and `Bytes`.

@@ -91,6 +91,21 @@ impl Extent {
     }
 }
 
+/// Memory that holds a store's bytes and that a frontend may map (`MAP_SHARED`) instead of
+/// copying them out ([`Store::shared_memory`]): a file on tmpfs, whose pages are shmem, so a
+/// userfaultfd region can map them with MINOR faults (`UFFDIO_CONTINUE`) and no copy.
+#[derive(Clone, Debug)]
+pub struct SharedMemory {
+    /// The file (on tmpfs, or a memfd).
+    pub file: Arc<std::fs::File>,
+    /// The file offset of the store's byte 0 (a multiple of the page size).
+    pub offset: u64,
+    /// Whether a write through a mapping is a write to the store. When `false`, map it
+    /// read-only: the store keeps state about its bytes (a cache's dirty chunks) that a write
+    /// through memory would bypass.
+    pub writable: bool,
+}
+
 /// A fixed-size, byte-addressable resource that memsync moves data to and from.
 ///
 /// Everything in memsync is a `Store`: local memory, files and directories, remote NBD exports,
@@ -199,6 +214,25 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
             kind: ExtentKind::Data,
         }])
     }
+
+    /// The shared memory that holds this store's bytes, if it has one a frontend may map
+    /// instead of reading (`None`, the default: read through [`read`](Self::read)). A store
+    /// that returns one also implements [`make_resident`](Self::make_resident). Layers that
+    /// change bytes on their way (`Inject`, `Chunked`) do not pass it on.
+    fn shared_memory(&self) -> Option<SharedMemory> {
+        None
+    }
+
+    /// Makes the bytes `offset..offset + len` resident in [`shared_memory`](Self::shared_memory):
+    /// when it returns `Ok`, every page of the file covering the range is in its page cache and
+    /// holds the store's bytes (a store that fetches them from elsewhere, a cache, fetches them
+    /// first). The default: [`StoreError::Unsupported`].
+    async fn make_resident(&self, offset: u64, len: u64) -> Result<()> {
+        let _ = (offset, len);
+        Err(StoreError::Unsupported {
+            op: "make_resident",
+        })
+    }
 }
 
 /// A shared, type-erased store: what URLs open to and what frontends take.
@@ -235,6 +269,12 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     }
     async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         (**self).extents(offset, len).await
+    }
+    fn shared_memory(&self) -> Option<SharedMemory> {
+        (**self).shared_memory()
+    }
+    async fn make_resident(&self, offset: u64, len: u64) -> Result<()> {
+        (**self).make_resident(offset, len).await
     }
 }
 

@@ -12,8 +12,8 @@ use parking_lot::Mutex;
 
 use memsync_core::range::{align_down, align_up};
 use memsync_core::{
-    Bytes, Caps, Extent, ExtentKind, Result, Store, StoreError, async_trait, check_range,
-    check_write,
+    Bytes, Caps, Extent, ExtentKind, Result, SharedMemory, Store, StoreError, async_trait,
+    check_range, check_write,
 };
 use rustix::fs::{FallocateFlags, SeekFrom as RSeek};
 use rustix::io::Errno;
@@ -103,6 +103,8 @@ pub struct FileStore {
     runs: Arc<DataRuns>,
     /// `lseek(2)` calls made by `extents`.
     lseeks: AtomicU64,
+    /// A regular file on tmpfs ([`Store::shared_memory`]).
+    tmpfs: bool,
 }
 
 /// Runs of data that `SEEK_DATA`/`SEEK_HOLE` found in one file, so that a run is looked up once,
@@ -308,6 +310,7 @@ impl FileStore {
             !matches!(rustix::fs::fallocate(&file, mode, probe_at, BLOCK_ALIGN), Err(e) if unsupported(e))
         };
         let runs = DataRuns::of(&file);
+        let tmpfs = !block_device && on_tmpfs(&file);
         Ok(FileStore {
             file: Arc::new(file),
             path: path.to_owned(),
@@ -319,6 +322,7 @@ impl FileStore {
             fsync_failed: Arc::default(),
             runs,
             lseeks: AtomicU64::new(0),
+            tmpfs,
         })
     }
 
@@ -421,6 +425,13 @@ impl FileStore {
 fn punches_holes(file: &File) -> bool {
     const KNOWN: [u64; 5] = [0xEF53, 0x5846_5342, 0x9123_683E, 0x0102_1994, 0xF2F5_2010];
     rustix::fs::fstatfs(file).is_ok_and(|s| KNOWN.contains(&(s.f_type as u64)))
+}
+
+/// The file is on tmpfs (its pages are shmem: a userfaultfd region can map them with MINOR
+/// faults).
+fn on_tmpfs(file: &File) -> bool {
+    const TMPFS_MAGIC: u64 = 0x0102_1994;
+    rustix::fs::fstatfs(file).is_ok_and(|s| s.f_type as u64 == TMPFS_MAGIC)
 }
 
 fn unsupported(e: Errno) -> bool {
@@ -553,5 +564,32 @@ impl Store for FileStore {
             pos = hole;
         }
         Ok(out)
+    }
+
+    /// A regular file on tmpfs, opened for writing, is its own shared memory: a region maps it
+    /// instead of reading it, and a write through the mapping is a write to the file. (A
+    /// read-only one has none: its holes could not be allocated for mapping.)
+    fn shared_memory(&self) -> Option<SharedMemory> {
+        (self.tmpfs && !self.read_only).then(|| SharedMemory {
+            file: Arc::clone(&self.file),
+            offset: 0,
+            writable: true,
+        })
+    }
+
+    /// Allocates the pages of the range that are holes (`fallocate` keeps the size and every
+    /// page that exists, whole pages): they read as zeros, as the hole did.
+    async fn make_resident(&self, offset: u64, len: u64) -> Result<()> {
+        check_range(self.size, 1, offset, len)?;
+        if self.shared_memory().is_none() {
+            return Err(StoreError::Unsupported {
+                op: "make_resident",
+            });
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        rustix::fs::fallocate(&*self.file, FallocateFlags::KEEP_SIZE, offset, len)
+            .map_err(|e| self.err("fallocate", offset, len, e.into()))
     }
 }

@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
-use crate::error::Error;
+use crate::error::{Error, sys};
 use crate::pull::{PullPriority, Sequential};
+use crate::source::ChunkSource;
 
 /// What kind of memory backs a region.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -24,6 +25,20 @@ pub enum Backing {
     /// Such a process should touch only chunks the region reports present
     /// ([`LazyRegion::present_chunks`](crate::LazyRegion::present_chunks)).
     Memfd,
+    /// The source's own memory
+    /// ([`ChunkSource::shared_memory`](crate::ChunkSource::shared_memory): a file on tmpfs, e.g.
+    /// a `file:` store or a cache whose directory is on tmpfs), mapped shared and registered for
+    /// MISSING and MINOR faults: a fault asks the source to make the chunk resident
+    /// ([`ChunkSource::make_resident`](crate::ChunkSource::make_resident): a cache fetches it
+    /// into its local copy) and maps the source's pages with `UFFDIO_CONTINUE`. No staging
+    /// buffer, no copy into the region and no fresh page per chunk: the one copy is the
+    /// source's (the socket's bytes into its page cache). A write through the region is a
+    /// write to the source when the source allows it; otherwise the region is mapped
+    /// read-only ([`LazyRegion::write_at`](crate::LazyRegion::write_at) fails, a raw write
+    /// raises `SIGSEGV`). Dropping chunks keeps the source's pages (`MADV_DONTNEED`, never
+    /// `MADV_REMOVE`). Not with a budget, write tracking or
+    /// [`place`](crate::LazyRegion::place), which would change the source's bytes behind it.
+    Shared,
     /// Private anonymous memory backed by reserved huge pages
     /// (`MAP_HUGETLB`, the default huge page size, 2 MiB here), registered
     /// for MISSING faults and filled with `UFFDIO_COPY` (the kernel cannot
@@ -286,6 +301,42 @@ impl std::fmt::Debug for RegionConfig {
 const MAX_BACKOFF: Duration = Duration::from_millis(100);
 
 impl RegionConfig {
+    /// The source's shared memory for a [`Backing::Shared`] region, checked against the rest of
+    /// the configuration.
+    pub(crate) fn shared_memory(
+        &self,
+        source: &dyn ChunkSource,
+    ) -> Result<memsync_core::SharedMemory, Error> {
+        if self.budget.is_some() || self.write_tracking != WriteTracking::Off {
+            return Err(Error::Config(
+                "Backing::Shared maps the source's own memory: no budget or write tracking (they \
+                 would drop or protect the source's pages)"
+                    .into(),
+            ));
+        }
+        let m = source.shared_memory().ok_or_else(|| {
+            Error::Config(
+                "Backing::Shared needs a source with shared memory (a file: store or a cache \
+                 directory on tmpfs)"
+                    .into(),
+            )
+        })?;
+        let file_len = m
+            .file
+            .metadata()
+            .map_err(sys("reading the size of the source's shared memory"))?
+            .len();
+        if file_len < m.offset.saturating_add(source.size()) {
+            return Err(Error::Config(format!(
+                "the source's shared memory holds {file_len} bytes, fewer than its offset {} plus \
+                 its size {}",
+                m.offset,
+                source.size()
+            )));
+        }
+        Ok(m)
+    }
+
     /// The retry policy of fetches: [`fetch_deadline`](Self::fetch_deadline), backing off from
     /// [`retry_backoff`](Self::retry_backoff) to 100 ms.
     pub(crate) fn retry_policy(&self) -> memsync_core::RetryPolicy {

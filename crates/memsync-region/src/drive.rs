@@ -40,6 +40,12 @@ impl Core {
                 ),
             ));
         }
+        if self.cfg.shared {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "place on a Backing::Shared region: its memory is the source's",
+            ));
+        }
         if self.chunks.try_claim(i).is_err() {
             return Ok(false);
         }

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use memsync_core::SharedMemory;
 use memsync_sys::{
     Advice, Event, Features, Ioctls, MapOptions, Mapping, MemfdFlags, OpenFlags, PageFaultFlags,
     RegisterMode, Uffd, ftruncate, memfd_create, poll_readable,
@@ -48,7 +49,7 @@ pub(crate) trait EventHandler: Send + Sync {
 pub(crate) type Handlers = Vec<JoinHandle<()>>;
 
 /// How the engine maps and registers its memory.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct EngineSetup {
     pub(crate) backing: Backing,
     pub(crate) map_len: usize,
@@ -63,6 +64,8 @@ pub(crate) struct EngineSetup {
     pub(crate) remove_events: bool,
     pub(crate) spin: Duration,
     pub(crate) standby_after: Option<Duration>,
+    /// The source's memory, for [`Backing::Shared`].
+    pub(crate) shared: Option<SharedMemory>,
 }
 
 /// The userfaultfd, the registered mapping, and the handler threads'
@@ -181,9 +184,18 @@ impl Engine {
     /// registers it.
     pub(crate) fn open(setup: EngineSetup) -> Result<Self, Error> {
         let memfd_mode = setup.backing == Backing::Memfd;
+        let shared = match (&setup.shared, setup.backing) {
+            (Some(m), Backing::Shared) => Some(m),
+            (None, Backing::Shared) => {
+                return Err(Error::Config(
+                    "Backing::Shared needs a source with shared memory".into(),
+                ));
+            }
+            _ => None,
+        };
         let hugetlb = setup.backing == Backing::Hugetlb;
         let (uffd, user_mode_only) = open_uffd(
-            memfd_mode,
+            memfd_mode || shared.is_some(),
             hugetlb,
             setup.user_mode_only,
             setup.wp,
@@ -192,7 +204,11 @@ impl Engine {
         )?;
         let len = setup.map_len;
         let align = memsync_sys::pmd_size().max(setup.page);
-        let (map, memfd) = if memfd_mode {
+        let (map, memfd) = if let Some(m) = shared {
+            let map = Mapping::shared_fd_with(m.file.as_fd(), len, m.offset, m.writable)
+                .map_err(sys("mapping the source's shared memory"))?;
+            (map, None)
+        } else if memfd_mode {
             let fd = memfd_create("memsync-region", MemfdFlags::default())
                 .map_err(sys("memfd_create"))?;
             ftruncate(fd.as_fd(), len as u64).map_err(sys("sizing the memfd"))?;
@@ -225,7 +241,7 @@ impl Engine {
             }
             (map, None)
         };
-        let mut mode = if memfd_mode {
+        let mut mode = if memfd_mode || shared.is_some() {
             RegisterMode::MISSING | RegisterMode::MINOR
         } else {
             RegisterMode::MISSING

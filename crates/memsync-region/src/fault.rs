@@ -49,6 +49,8 @@ enum Fail {
 #[derive(Debug)]
 pub(crate) struct Settings {
     pub(crate) memfd: bool,
+    /// [`Backing::Shared`]: the source's pages are mapped, never written by the region.
+    pub(crate) shared: bool,
     pub(crate) hugetlb: bool,
     /// [`RegionConfig::fetch_deadline`](crate::RegionConfig::fetch_deadline) and
     /// [`RegionConfig::retry_backoff`](crate::RegionConfig::retry_backoff).
@@ -61,9 +63,16 @@ pub(crate) struct Settings {
 }
 
 impl Settings {
+    /// The region's pages live in a page cache (memfd or shared): a MINOR fault maps them
+    /// again, and dropped pages keep their data there.
+    pub(crate) fn page_cache(&self) -> bool {
+        self.memfd || self.shared
+    }
+
     pub(crate) fn new(cfg: &RegionConfig, use_poison: bool) -> Self {
         Self {
             memfd: cfg.backing == Backing::Memfd,
+            shared: cfg.backing == Backing::Shared,
             hugetlb: cfg.backing == Backing::Hugetlb,
             retry: cfg.retry_policy(),
             use_poison,
@@ -178,7 +187,7 @@ impl Core {
 
     /// How data from the staging buffer is installed.
     pub(crate) fn how(&self) -> How {
-        if self.cfg.memfd {
+        if self.cfg.page_cache() {
             How::Continue
         } else if self.use_move.load(Ordering::Relaxed) {
             How::Move
@@ -257,7 +266,9 @@ impl Core {
             };
             self.read_chunk(w, off, data_len, inst_len, pull)
                 .and_then(|()| {
-                    let how = if matches!(by, Fetcher::Repair) {
+                    let how = if self.cfg.shared {
+                        How::Continue
+                    } else if matches!(by, Fetcher::Repair) {
                         How::Copy
                     } else {
                         self.how()
@@ -449,10 +460,16 @@ impl Core {
         let cur = *cur;
         loop {
             let remaining = retry.remaining();
-            let buf = &mut staging.as_mut_slice()[cur..cur + data_len];
             let mut stop_rx = self.engine.stop_tx.subscribe();
             let t = Instant::now();
-            let read = retry.scope(self.source.read(off as u64, buf));
+            let read = if self.cfg.shared {
+                // The source's pages are the region's: make them resident, copy nothing.
+                self.source.make_resident(off as u64, data_len as u64)
+            } else {
+                self.source
+                    .read(off as u64, &mut staging.as_mut_slice()[cur..cur + data_len])
+            };
+            let read = retry.scope(read);
             // A cache below serves the puller's reads as its pull, not as demand (see
             // `memsync_core::chunks::background_pull`).
             let read = async {
@@ -504,7 +521,7 @@ impl Core {
                 }
             }
         }
-        if inst_len > data_len {
+        if inst_len > data_len && !self.cfg.shared {
             staging.as_mut_slice()[cur + data_len..cur + inst_len].fill(0);
         }
         Ok(())
@@ -555,7 +572,8 @@ impl Core {
             how
         };
         let inst = self.installer();
-        let r = if how == How::Continue {
+        // Shared: the source made the pages resident; there is nothing to write.
+        let r = if how == How::Continue && !self.cfg.shared {
             inst.fill_page_cache(&w.staging.as_slice()[w.cur..w.cur + len], off)
         } else {
             Ok(())
@@ -680,7 +698,7 @@ impl EventHandler for Core {
                     // before the chunk may be fetched again, and tells the
                     // hooks itself.
                     self.remove_ack.set(i);
-                } else if !self.cfg.memfd {
+                } else if !self.cfg.page_cache() {
                     // Anonymous memory: the pages are gone, refetch on the
                     // next touch. memfd: MADV_DONTNEED keeps the page cache
                     // (the next touch is a MINOR fault); MADV_REMOVE punches
@@ -728,7 +746,7 @@ impl EventHandler for Core {
             // one: nobody else would.
             Err(ChunkState::Present | ChunkState::Dropping) => {
                 inc(&self.stats.faults_spurious);
-                if !self.cfg.memfd {
+                if !self.cfg.page_cache() {
                     let _ = uffd.wake(addr, page);
                 } else if flags.contains(PageFaultFlags::MINOR) {
                     // Data is in the page cache (e.g. after MADV_DONTNEED):

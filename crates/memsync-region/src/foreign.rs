@@ -135,9 +135,11 @@ impl ForeignRegion {
         mut cfg: RegionConfig,
         opts: ForeignOptions,
     ) -> Result<Self, Error> {
-        if cfg.backing == Backing::Memfd {
+        if matches!(cfg.backing, Backing::Memfd | Backing::Shared) {
             return Err(Error::Config(
-                "another process's memory is anonymous or hugetlb here, not a memfd".into(),
+                "another process's memory is anonymous or hugetlb here, not a memfd or the \
+                 source's memory"
+                    .into(),
             ));
         }
         if cfg.write_tracking != WriteTracking::Off || cfg.budget.is_some() {

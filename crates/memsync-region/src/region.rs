@@ -105,6 +105,11 @@ impl LazyRegion {
                 "a budget needs synchronous write protection: not with WriteTracking::Dirty".into(),
             ));
         }
+        let shared = if cfg.backing == Backing::Shared {
+            Some(cfg.shared_memory(&*source)?)
+        } else {
+            None
+        };
         let engine = Engine::open(EngineSetup {
             backing: cfg.backing,
             map_len: geo.map_len(),
@@ -116,6 +121,7 @@ impl LazyRegion {
             remove_events: cfg.remove_events,
             spin: cfg.spin,
             standby_after: cfg.standby(),
+            shared,
         })?;
         let use_poison = cfg.use_poison
             && engine.uffd.features().contains(Features::POISON)
@@ -135,7 +141,9 @@ impl LazyRegion {
             && cfg.backing == Backing::Anonymous
             && engine.uffd.features().contains(Features::MOVE)
             && engine.ioctls.contains(memsync_sys::Ioctls::MOVE);
-        let zero = if cfg.zero_detect {
+        // Shared: a zero chunk is mapped from the source like any other (its pages exist
+        // once it is resident; installing zeros would write them into the source).
+        let zero = if cfg.zero_detect && cfg.backing != Backing::Shared {
             zero_map(&*source, &geo, cfg.runtime.as_ref(), None)?
         } else {
             Vec::new()
@@ -338,18 +346,31 @@ impl LazyRegion {
 
     /// Copies `data` into the region at offset `off`, fetching missing
     /// chunks first: the rest of each chunk keeps the store's data. Written
-    /// bytes stay local.
+    /// bytes stay local (on [`Backing::Shared`] they are the source's).
     ///
     /// # Errors
     ///
     /// The [`ChunkError`] of a chunk the store could not deliver (nothing was
-    /// written to it then).
+    /// written to it then), or of the first chunk of the range when the region
+    /// is read-only (a [`Backing::Shared`] region over a source whose memory
+    /// must not be written through a mapping).
     ///
     /// # Panics
     ///
     /// If the range is out of bounds.
     #[track_caller]
     pub fn write_at(&self, off: usize, data: &[u8]) -> Result<(), ChunkError> {
+        let core = &*self.run.core;
+        if core.engine.map.is_read_only() {
+            self.check(off, data.len());
+            let i = core.geo.chunk_of(off);
+            return Err(core.chunk_error(
+                i,
+                0,
+                false,
+                "the region maps its source's memory read-only (Backing::Shared)".into(),
+            ));
+        }
         self.prefetch(off, data.len())?;
         self.run.core.engine.map.write_at(off, data);
         Ok(())

@@ -9,7 +9,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 
-use memsync_core::{Bytes, DynStore, Extent, StoreError};
+use memsync_core::{Bytes, DynStore, Extent, SharedMemory, StoreError};
 
 /// The future a [`ChunkSource`] returns (boxed, so sources can be trait
 /// objects; a [`Store`](memsync_core::Store)'s own future is returned as
@@ -51,6 +51,24 @@ pub trait ChunkSource: Send + Sync + fmt::Debug + 'static {
         let _ = (offset, data);
         Box::pin(async { Err(StoreError::Unsupported { op: "write_back" }) })
     }
+
+    /// The memory holding the source's bytes that a [`Backing::Shared`](crate::Backing::Shared)
+    /// region maps (see [`Store::shared_memory`](memsync_core::Store::shared_memory)); `None`
+    /// by default.
+    fn shared_memory(&self) -> Option<SharedMemory> {
+        None
+    }
+
+    /// Makes `offset..offset + len` resident in [`shared_memory`](Self::shared_memory) (see
+    /// [`Store::make_resident`](memsync_core::Store::make_resident)). Retried like a read.
+    fn make_resident(&self, offset: u64, len: u64) -> SourceFuture<'_, ()> {
+        let _ = (offset, len);
+        Box::pin(async {
+            Err(StoreError::Unsupported {
+                op: "make_resident",
+            })
+        })
+    }
 }
 
 /// The [`Store`](memsync_core::Store)-backed source: a missing chunk is read
@@ -78,6 +96,14 @@ impl ChunkSource for StoreSource {
 
     fn write_back(&self, offset: u64, data: Bytes) -> SourceFuture<'_, ()> {
         self.0.write(offset, data)
+    }
+
+    fn shared_memory(&self) -> Option<SharedMemory> {
+        self.0.shared_memory()
+    }
+
+    fn make_resident(&self, offset: u64, len: u64) -> SourceFuture<'_, ()> {
+        self.0.make_resident(offset, len)
     }
 }
 

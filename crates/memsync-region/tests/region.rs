@@ -29,6 +29,8 @@ use rand::{Rng, SeedableRng};
 mod contract;
 #[path = "region/engine.rs"]
 mod engine;
+#[path = "region/shared.rs"]
+mod shared;
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;

@@ -112,6 +112,8 @@ pub struct Mapping {
     len: usize,
     /// Stands for memory of another process ([`Mapping::placeholder`]).
     placeholder: bool,
+    /// Mapped without `PROT_WRITE` ([`Mapping::shared_fd_with`]).
+    read_only: bool,
 }
 
 // SAFETY: a `Mapping` owns its region exclusively (nothing else unmaps it),
@@ -233,6 +235,7 @@ impl Mapping {
                 ptr,
                 len,
                 placeholder: false,
+                read_only: false,
             });
         }
         let start = reserve_aligned(len, align)?;
@@ -261,6 +264,7 @@ impl Mapping {
             ptr,
             len,
             placeholder: false,
+            read_only: false,
         };
         if opts.populate {
             mapping.advise(0, len, Advice::PopulateWrite)?;
@@ -309,6 +313,7 @@ impl Mapping {
                 ptr,
                 len,
                 placeholder: true,
+                read_only: false,
             }),
             Err(e) => {
                 // SAFETY: the reservation is still ours and unused; release it.
@@ -337,6 +342,23 @@ impl Mapping {
     /// `InvalidInput` for a zero length; the `mmap(2)` error otherwise (e.g.
     /// `EACCES` if `fd` is not open read-write).
     pub fn shared_fd(fd: BorrowedFd<'_>, len: usize, offset: u64) -> io::Result<Self> {
+        Self::shared_fd_with(fd, len, offset, true)
+    }
+
+    /// As [`shared_fd`](Self::shared_fd), mapped read-only unless `writable`
+    /// (`PROT_READ` only: a write through it raises `SIGSEGV`, and the
+    /// descriptor may be read-only). The write accessors must not be used on
+    /// a read-only mapping.
+    ///
+    /// # Errors
+    ///
+    /// As for [`shared_fd`](Self::shared_fd).
+    pub fn shared_fd_with(
+        fd: BorrowedFd<'_>,
+        len: usize,
+        offset: u64,
+        writable: bool,
+    ) -> io::Result<Self> {
         if len == 0 {
             return Err(invalid("zero-length mapping"));
         }
@@ -349,7 +371,11 @@ impl Mapping {
             mmap_raw(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
+                if writable {
+                    libc::PROT_READ | libc::PROT_WRITE
+                } else {
+                    libc::PROT_READ
+                },
                 libc::MAP_SHARED,
                 fd.as_raw_fd(),
                 offset,
@@ -359,7 +385,14 @@ impl Mapping {
             ptr,
             len,
             placeholder: false,
+            read_only: !writable,
         })
+    }
+
+    /// Whether the mapping was made without `PROT_WRITE`.
+    #[must_use]
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
     }
 
     /// Start of the mapping as a raw pointer. Dereferencing it is subject to
@@ -496,6 +529,7 @@ impl Mapping {
         word_at: impl Fn(usize) -> usize,
     ) {
         self.check(off, len);
+        assert!(!self.read_only, "write to a read-only mapping");
         let mut i = 0;
         while i < len {
             let p = self.as_ptr().wrapping_add(off + i);
@@ -522,7 +556,8 @@ impl Mapping {
     ///
     /// # Panics
     ///
-    /// If `off..off + data.len()` is out of bounds.
+    /// If `off..off + data.len()` is out of bounds, or the mapping is
+    /// read-only.
     #[track_caller]
     pub fn write_at(&self, off: usize, data: &[u8]) {
         self.store(
