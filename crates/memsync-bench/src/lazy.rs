@@ -8,14 +8,18 @@
 //!   into memory touched beforehand, and `memcpy-fresh-Nthr`, the same into never touched
 //!   memory advised for huge pages (the region must allocate and zero its pages too).
 //!   Subjects: 2 MiB chunks with and without the background puller (following the faults),
-//!   64 KiB and (not with `--quick`) 4 KiB chunks. The first run of each subject checks every
-//!   byte of the region against the store (BLAKE3, outside the timed part).
+//!   64 KiB and (not with `--quick`) 4 KiB chunks, and `lazy-2M-shared-tmpfs`: the same bytes
+//!   in a `file:` store on tmpfs, whose pages the region maps (`Backing::Shared`: MINOR faults
+//!   and `UFFDIO_CONTINUE`, no copy and no fresh page; the store is not `mem:`). The first run
+//!   of each subject checks every byte of the region against the store (BLAKE3, outside the
+//!   timed part).
 //! - `rand-4k-first-touch`: fault latency of random first touches of distinct 4 KiB pages
 //!   (4 KiB chunks, no prefetch), measured on the touching thread: p50 and p99. Limit: a plain
 //!   anonymous first-touch fault measured the same way. Subjects are the places a fault can be
 //!   served: the default (handlers pinned one per CPU), two polling handlers, one
 //!   handler, unpinned handlers with a standby, spinning handlers, and the inline path (the
-//!   touching thread fetches the chunk itself, no fault at all). `sigbus-on-thread` is an
+//!   touching thread fetches the chunk itself, no fault at all), and `lazy-shared-tmpfs` (the
+//!   tmpfs store mapped, 4 KiB chunks). `sigbus-on-thread` is an
 //!   experiment outside `LazyRegion`: a userfaultfd in `UFFD_FEATURE_SIGBUS` mode whose fault
 //!   the touching thread resolves itself, in a `SIGBUS` handler, with `UFFDIO_COPY` from a
 //!   mapping that already holds the store's data (`memsync_sys::SigbusResolver`; a store that
@@ -45,7 +49,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use memsync_core::{DynStore, Store};
-use memsync_local::MemStore;
+use memsync_local::{FileOptions, FileStore, MemStore};
 use memsync_region::{DirtyTracker, FollowFaults, LazyRegion, RegionConfig};
 use memsync_sys::{Features, MapOptions, Mapping, SigbusResolver, Uffd};
 use rand::rngs::SmallRng;
@@ -79,6 +83,34 @@ fn fill(store: &MemStore, size: usize) -> Result<()> {
         }
         anyhow::Ok(())
     })
+}
+
+/// A `file:` store on tmpfs (`/dev/shm`) holding the same bytes as [`filled_store`]: its
+/// pages are shmem, which a [`Backing::Shared`](memsync_region::Backing::Shared) region maps
+/// without copying. The file is removed when the returned guard is dropped.
+fn tmpfs_store(size: usize) -> Result<(DynStore, tempfile::TempDir)> {
+    let dir = tempfile::tempdir_in("/dev/shm").context("a directory on /dev/shm (tmpfs)")?;
+    let store = FileStore::open(dir.path().join("data"), FileOptions::with_size(size as u64))?;
+    anyhow::ensure!(
+        store.shared_memory().is_some(),
+        "/dev/shm is not tmpfs here: no shared memory to map"
+    );
+    let mem = filled_store(size)?;
+    let rt = tokio::runtime::Builder::new_current_thread().build()?;
+    let mut buf = vec![0u8; MIB];
+    for off in (0..size).step_by(MIB) {
+        let n = MIB.min(size - off);
+        rt.block_on(mem.read(off as u64, &mut buf[..n]))?;
+        rt.block_on(store.write(off as u64, Bytes::copy_from_slice(&buf[..n])))?;
+    }
+    Ok((Arc::new(store), dir))
+}
+
+fn shared_cfg(chunk: usize) -> RegionConfig {
+    RegionConfig {
+        backing: memsync_region::Backing::Shared,
+        ..base_cfg(chunk)
+    }
 }
 
 fn base_cfg(chunk: usize) -> RegionConfig {
@@ -368,6 +400,12 @@ pub fn run(bench: &mut Bench, env: &Env<'_>) -> Result<()> {
     let rand_n = if quick { 5_000 } else { 20_000 };
     let store = filled_store(len)?;
     let want = store_hash(&store)?;
+    let (shm, _shm_dir) = tmpfs_store(len)?;
+    anyhow::ensure!(
+        store_hash(&shm)? == want,
+        "the tmpfs store's bytes differ from the mem: store's"
+    );
+    let shm = &shm;
     let threads = cpus();
 
     // Sequential first touch.
@@ -404,12 +442,16 @@ pub fn run(bench: &mut Bench, env: &Env<'_>) -> Result<()> {
             len / (2 * MIB) + 1
         );
     }
+    // The one-copy design from a store whose bytes are shmem: no copy, no fresh page.
+    subjects.push(seq_subject("lazy-2M-shared-tmpfs", shm, want, || {
+        shared_cfg(2 * MIB)
+    }));
     subjects.push(seq_subject("lazy-64K", &store, want, || base_cfg(64 * KIB)));
     if !quick {
         subjects.push(seq_subject("lazy-4K", &store, want, || base_cfg(4 * KIB)));
     }
     let c = bench.compare(case, &[("throughput", "GB/s")], subjects)?;
-    for m in ["lazy-2M", "lazy-2M-pull"] {
+    for m in ["lazy-2M", "lazy-2M-pull", "lazy-2M-shared-tmpfs"] {
         bench.ratio(&c, m, &memcpy, "throughput")?;
         bench.ratio(&c, m, &fresh, "throughput")?;
     }
@@ -468,6 +510,9 @@ pub fn run(bench: &mut Bench, env: &Env<'_>) -> Result<()> {
     subjects.push(lat_subject("lazy-inline", |s| {
         rand_touch(store, rand_n, s, true, base_cfg(4 * KIB))
     }));
+    subjects.push(lat_subject("lazy-shared-tmpfs", |s| {
+        rand_touch(shm, rand_n, s, false, shared_cfg(4 * KIB))
+    }));
     // The experiment: the touching thread resolves its own fault in a SIGBUS handler.
     if let Some(source) = &source {
         subjects.push(lat_subject("sigbus-on-thread", |s| {
@@ -483,6 +528,7 @@ pub fn run(bench: &mut Bench, env: &Env<'_>) -> Result<()> {
     bench.ratio(&c, "lazy-default", "anon-fault", "p50")?;
     bench.ratio(&c, "lazy-default", "anon-fault", "p99")?;
     bench.ratio(&c, "lazy-inline", "anon-fault", "p50")?;
+    bench.ratio(&c, "lazy-shared-tmpfs", "anon-fault", "p50")?;
     if source.is_some() {
         bench.ratio(&c, "sigbus-on-thread", "anon-fault", "p50")?;
         bench.ratio(&c, "sigbus-on-thread", "lazy-default", "p50")?;

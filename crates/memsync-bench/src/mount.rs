@@ -4,7 +4,11 @@
 //! each RTT (0, 10, 30 ms) a `memsync proxy` child in front of it. Cases:
 //! - `seq-read rtt=N`: a fresh cache (1 MiB chunks, pull on) read sequentially to the end,
 //!   through the FUSE file (1 MiB `read(2)` calls) and through a lazy userfaultfd region over
-//!   the cache (faulting reads), timed from opening the cache. Beside it, in alternation:
+//!   the cache (faulting reads), timed from opening the cache; `lazy-region-shm` is the
+//!   one-copy design: the cache's directory on tmpfs and the region mapping the cache's own
+//!   pages (`Backing::Shared`: MINOR faults, `UFFDIO_CONTINUE`, no copy into the region).
+//!   Each subject's bytes are checked once, untimed, against the image's BLAKE3 hash.
+//!   Beside them, in alternation:
 //!   nbdcopy reading the same export through the same proxy (a client with many requests in
 //!   flight: the peer), and the FUSE ceiling of this machine (the same file through FUSE from a
 //!   local store, no cache, no network). `fuse-after-first-byte` is the FUSE read timed from
@@ -38,7 +42,7 @@ use anyhow::{Context as _, Result, bail};
 use memsync_cache::{Cache, CacheConfig, remote_pair};
 use memsync_core::DynStore;
 use memsync_fuse::{FuseMount, FuseOptions};
-use memsync_region::{LazyRegion, RegionConfig};
+use memsync_region::{Backing, LazyRegion, RegionConfig};
 use rand::{Rng, RngCore, SeedableRng};
 
 use crate::Env;
@@ -62,6 +66,30 @@ fn spawn_self(exe: &Path, args: &[&str]) -> Result<Proc> {
         .spawn()
         .with_context(|| format!("starting memsync {args:?}"))?;
     Ok(Proc(c))
+}
+
+/// The BLAKE3 hash of the export on `port` as nbdcopy reads it (the nbdcopy subject's check).
+fn nbdcopy_hash(port: u16) -> Result<blake3::Hash> {
+    let mut c = Command::new("nbdcopy")
+        .args([&format!("nbd://127.0.0.1:{port}/"), "-"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running nbdcopy")?;
+    let mut h = blake3::Hasher::new();
+    h.update_reader(c.stdout.take().context("nbdcopy's stdout")?)?;
+    if !c.wait()?.success() {
+        bail!("nbdcopy failed");
+    }
+    Ok(h.finalize())
+}
+
+/// Fails unless `got` is the image's hash.
+fn same(what: &str, got: blake3::Hash, want: blake3::Hash) -> Result<()> {
+    if got != want {
+        bail!("{what} read bytes that differ from the remote image");
+    }
+    Ok(())
 }
 
 fn nbdcopy_gbps(port: u16, size: u64) -> Result<f64> {
@@ -106,6 +134,14 @@ struct Mounted {
     _dirs: (tempfile::TempDir, tempfile::TempDir),
 }
 
+/// Where a cache keeps its local copy: the suite's scratch directory, or tmpfs (`/dev/shm`),
+/// whose pages a lazy region maps without copying ([`Backing::Shared`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CacheDir {
+    Scratch,
+    Tmpfs,
+}
+
 fn mount_cache(
     env: &Env<'_>,
     scratch: &Path,
@@ -113,7 +149,23 @@ fn mount_cache(
     cfg: CacheConfig,
     fuse: bool,
 ) -> Result<Mounted> {
-    let cdir = tempfile::tempdir_in(scratch)?;
+    mount_cache_in(env, scratch, CacheDir::Scratch, port, cfg, fuse)
+}
+
+fn mount_cache_in(
+    env: &Env<'_>,
+    scratch: &Path,
+    at: CacheDir,
+    port: u16,
+    cfg: CacheConfig,
+    fuse: bool,
+) -> Result<Mounted> {
+    let cdir = match at {
+        CacheDir::Scratch => tempfile::tempdir_in(scratch)?,
+        CacheDir::Tmpfs => {
+            tempfile::tempdir_in("/dev/shm").context("a cache directory on /dev/shm")?
+        }
+    };
     let mdir = tempfile::tempdir_in(scratch)?;
     let url = format!("nbd://127.0.0.1:{port}/");
     let cache = env.rt.block_on(async {
@@ -163,6 +215,11 @@ fn seq_cfg() -> CacheConfig {
 /// Reads the file to its end with 1 MiB `read(2)` calls: bytes read, and when the first read
 /// returned.
 fn read_file_seq(path: &Path) -> Result<(u64, Instant)> {
+    read_file_hashed(path, None)
+}
+
+/// [`read_file_seq`], hashing what it reads into `hash` if given.
+fn read_file_hashed(path: &Path, mut hash: Option<&mut blake3::Hasher>) -> Result<(u64, Instant)> {
     let mut f = std::fs::File::open(path)?;
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
@@ -174,13 +231,22 @@ fn read_file_seq(path: &Path) -> Result<(u64, Instant)> {
         if n == 0 {
             return Ok((total, first.unwrap_or(now)));
         }
+        if let Some(h) = hash.as_deref_mut() {
+            h.update(&buf[..n]);
+        }
         total += n as u64;
     }
 }
 
 /// GB/s from opening the cache to the last byte, and from the first byte to the last (the
 /// rate once connections are set up and the first chunk has arrived).
-fn fuse_seq(env: &Env<'_>, scratch: &Path, port: u16, size: u64) -> Result<(f64, f64)> {
+fn fuse_seq(
+    env: &Env<'_>,
+    scratch: &Path,
+    port: u16,
+    size: u64,
+    hash: Option<&mut blake3::Hasher>,
+) -> Result<(f64, f64)> {
     let t = Instant::now();
     let m = mount_cache(env, scratch, port, seq_cfg(), true)?;
     let path = m
@@ -188,7 +254,7 @@ fn fuse_seq(env: &Env<'_>, scratch: &Path, port: u16, size: u64) -> Result<(f64,
         .as_ref()
         .map(|f| f.file_path().to_path_buf())
         .unwrap_or_default();
-    let (n, first) = read_file_seq(&path)?;
+    let (n, first) = read_file_hashed(&path, hash)?;
     let el = t.elapsed();
     let steady = first.elapsed();
     if n != size {
@@ -198,14 +264,29 @@ fn fuse_seq(env: &Env<'_>, scratch: &Path, port: u16, size: u64) -> Result<(f64,
     Ok((gbps(size, el), gbps(size, steady)))
 }
 
-fn region_seq(env: &Env<'_>, scratch: &Path, port: u16, size: u64) -> Result<f64> {
+/// A lazy region over a fresh cache read to its end through faults (1 MiB at a time): GB/s
+/// from opening the cache. Over a cache on tmpfs the region maps the cache's pages
+/// ([`Backing::Shared`]); otherwise it gets a copy of each chunk in its own memory.
+fn region_seq(
+    env: &Env<'_>,
+    scratch: &Path,
+    at: CacheDir,
+    port: u16,
+    size: u64,
+    mut hash: Option<&mut blake3::Hasher>,
+) -> Result<f64> {
     let t = Instant::now();
-    let m = mount_cache(env, scratch, port, seq_cfg(), false)?;
+    let m = mount_cache_in(env, scratch, at, port, seq_cfg(), false)?;
+    let backing = match at {
+        CacheDir::Scratch => Backing::Anonymous,
+        CacheDir::Tmpfs => Backing::Shared,
+    };
     let region = LazyRegion::new(
         m.cache.clone() as DynStore,
         RegionConfig {
             chunk_size: 2 << 20,
             prefetch: false,
+            backing,
             runtime: Some(env.rt.handle().clone()),
             ..RegionConfig::default()
         },
@@ -213,7 +294,11 @@ fn region_seq(env: &Env<'_>, scratch: &Path, port: u16, size: u64) -> Result<f64
     .context("creating the lazy region")?;
     let mut buf = vec![0u8; 1 << 20];
     for off in (0..size as usize).step_by(1 << 20) {
-        region.read_faulting(off, &mut buf);
+        let n = (1 << 20).min(size as usize - off);
+        region.read_faulting(off, &mut buf[..n]);
+        if let Some(h) = hash.as_deref_mut() {
+            h.update(&buf[..n]);
+        }
     }
     let el = t.elapsed();
     drop(region);
@@ -221,7 +306,13 @@ fn region_seq(env: &Env<'_>, scratch: &Path, port: u16, size: u64) -> Result<f64
     Ok(gbps(size, el))
 }
 
-fn fuse_local_limit(env: &Env<'_>, scratch: &Path, img: &Path, size: u64) -> Result<f64> {
+fn fuse_local_limit(
+    env: &Env<'_>,
+    scratch: &Path,
+    img: &Path,
+    size: u64,
+    hash: Option<&mut blake3::Hasher>,
+) -> Result<f64> {
     let store: DynStore = Arc::new(memsync_local::FileStore::open(
         img,
         memsync_local::FileOptions::read_only(),
@@ -234,7 +325,7 @@ fn fuse_local_limit(env: &Env<'_>, scratch: &Path, img: &Path, size: u64) -> Res
         FuseOptions::default(),
     )?;
     let t = Instant::now();
-    let (n, _) = read_file_seq(m.file_path())?;
+    let (n, _) = read_file_hashed(m.file_path(), hash)?;
     let el = t.elapsed();
     m.unmount()?;
     if n != size {
@@ -255,28 +346,62 @@ fn seq_read(
     size: u64,
 ) -> Result<()> {
     let mut steady = Vec::new();
+    let want = crate::hash_file(img)?;
+    // Each subject's check reads everything once more through its own path, untimed, and
+    // compares the bytes with the image.
+    let hashed = |f: &dyn Fn(Option<&mut blake3::Hasher>) -> Result<()>| {
+        let mut h = blake3::Hasher::new();
+        f(Some(&mut h))?;
+        Ok::<_, anyhow::Error>(h.finalize())
+    };
     let c = b.compare(
         case,
         &[("throughput", "GB/s")],
         vec![
             Subject::new("fuse", || {
                 warm(img)?;
-                let (all, st) = fuse_seq(env, scratch, port, size)?;
+                let (all, st) = fuse_seq(env, scratch, port, size, None)?;
                 steady.push(st);
                 Ok(all)
+            })
+            .checked(move || {
+                let got = hashed(&|h| fuse_seq(env, scratch, port, size, h).map(|_| ()))?;
+                same("fuse", got, want)
             }),
             Subject::new("lazy-region", || {
                 warm(img)?;
-                region_seq(env, scratch, port, size)
+                region_seq(env, scratch, CacheDir::Scratch, port, size, None)
+            })
+            .checked(move || {
+                let got = hashed(&|h| {
+                    region_seq(env, scratch, CacheDir::Scratch, port, size, h).map(|_| ())
+                })?;
+                same("lazy-region", got, want)
+            }),
+            // The one-copy design: the cache's local copy on tmpfs, mapped by the region.
+            Subject::new("lazy-region-shm", || {
+                warm(img)?;
+                region_seq(env, scratch, CacheDir::Tmpfs, port, size, None)
+            })
+            .checked(move || {
+                let got = hashed(&|h| {
+                    region_seq(env, scratch, CacheDir::Tmpfs, port, size, h).map(|_| ())
+                })?;
+                same("lazy-region-shm", got, want)
             }),
             Subject::new("nbdcopy", || {
                 warm(img)?;
                 nbdcopy_gbps(port, size)
-            }),
+            })
+            .checked(move || same("nbdcopy", nbdcopy_hash(port)?, want)),
             // The FUSE ceiling of this machine.
             Subject::new("fuse-local-file", || {
                 warm(img)?;
-                fuse_local_limit(env, scratch, img, size)
+                fuse_local_limit(env, scratch, img, size, None)
+            })
+            .checked(move || {
+                let got = hashed(&|h| fuse_local_limit(env, scratch, img, size, h).map(|_| ()))?;
+                same("fuse-local-file", got, want)
             }),
         ],
     )?;
@@ -284,6 +409,8 @@ fn seq_read(
     b.ratio(&c, "fuse", "nbdcopy", "throughput")?;
     b.ratio(&c, "fuse", "fuse-local-file", "throughput")?;
     b.ratio(&c, "lazy-region", "nbdcopy", "throughput")?;
+    b.ratio(&c, "lazy-region-shm", "nbdcopy", "throughput")?;
+    b.ratio(&c, "lazy-region-shm", "lazy-region", "throughput")?;
     Ok(())
 }
 

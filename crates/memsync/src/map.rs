@@ -32,8 +32,14 @@ pub struct MapArgs {
     pub no_prefetch: bool,
     /// Back the region with a shared memfd (MINOR faults + UFFDIO_CONTINUE) instead of
     /// private anonymous memory.
-    #[arg(long, conflicts_with = "hugetlb")]
+    #[arg(long, conflicts_with_all = ["hugetlb", "shared"])]
     pub memfd: bool,
+    /// Map the store's own pages instead of copying them into the region (MINOR faults +
+    /// UFFDIO_CONTINUE: no copy, no fresh page): for a file: store on tmpfs (writes through
+    /// the region go to the file), or with --cache DIR on tmpfs, e.g. under /dev/shm (the
+    /// cache fetches into its local copy, which the region maps read-only).
+    #[arg(long, conflicts_with = "hugetlb")]
+    pub shared: bool,
     /// Back the region with reserved huge pages (MAP_HUGETLB; reserve them first, as root:
     /// `echo N > /proc/sys/vm/nr_hugepages`). Needs a chunk of at least 2M.
     #[arg(long)]
@@ -87,6 +93,8 @@ pub fn map(ctx: &Context, a: MapArgs) -> Result<()> {
         priority: Box::new(FollowFaults::default()),
         backing: if a.memfd {
             Backing::Memfd
+        } else if a.shared {
+            Backing::Shared
         } else if a.hugetlb {
             Backing::Hugetlb
         } else {

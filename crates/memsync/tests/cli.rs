@@ -1273,6 +1273,50 @@ fn cache_line(o: &Output) -> String {
         .to_owned()
 }
 
+/// `map --shared`: the region maps the pages of a file: store on tmpfs, and of a cache whose
+/// directory is on tmpfs (filled from an NBD remote served by `memsync serve`), without
+/// copying them: the hashes match the remote and the region installed nothing by copy.
+#[test]
+fn map_shared_maps_a_tmpfs_file_and_a_tmpfs_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("remote.img");
+    std::fs::write(&img, random(17, (5 << 20) + 4096 * 3)).unwrap();
+    let want = hash_of(
+        &memsync(&["checksum", &format!("file:{}", img.display())]),
+        "checksum",
+    );
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let local = shm.path().join("local.img");
+    std::fs::copy(&img, &local).unwrap();
+    let o = memsync(&["map", &format!("file:{}", local.display()), "--shared"]);
+    assert!(o.status.success(), "map --shared: {}", stderr(&o));
+    assert_eq!(hash_of(&o, "map --shared"), want);
+    assert!(
+        stdout(&o).contains("installs: 0 move, 0 copy"),
+        "{}",
+        stdout(&o)
+    );
+
+    let sock = dir.path().join("s.sock");
+    let url = format!("nbd+unix:///?socket={}", sock.display());
+    let _srv = serve(&[&format!("file:{}", img.display()), "--listen", &url]);
+    let o = Command::new(env!("CARGO_BIN_EXE_memsync"))
+        .args(["map", &url, "--shared", "--cache"])
+        .arg(shm.path().join("cache"))
+        .output()
+        .expect("run memsync map");
+    assert!(o.status.success(), "map --shared --cache: {}", stderr(&o));
+    assert_eq!(hash_of(&o, "map --shared --cache"), want);
+    // Off tmpfs there is nothing to map: a clear error, not a copy behind the user's back.
+    let o = Command::new(env!("CARGO_BIN_EXE_memsync"))
+        .args(["map", &url, "--shared", "--cache"])
+        .arg(dir.path().join("cache"))
+        .output()
+        .expect("run memsync map");
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("shared memory"), "{}", stderr(&o));
+}
+
 #[test]
 fn map_through_a_cache_then_reuse_it_without_refetching() {
     let dir = tempfile::tempdir().unwrap();

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::{OpKind, is_request_error};
 use crate::error::{Result, StoreError};
-use crate::store::{Caps, Extent, Store};
+use crate::store::{Caps, Extent, SharedMemory, Store};
 
 // ---------------------------------------------------------------------------------------------
 // Latency histogram
@@ -728,6 +728,19 @@ impl<S: Store> Store for Stats<S> {
         t.finish(&r, len);
         r.map_err(ctx(OpKind::Extents, Some((offset, len))))
     }
+
+    /// Passed on: counting changes no byte, and a region mapping the store's memory still
+    /// shows up here, its `make_resident` calls counted as reads of their bytes.
+    fn shared_memory(&self) -> Option<SharedMemory> {
+        self.inner.shared_memory()
+    }
+
+    async fn make_resident(&self, offset: u64, len: u64) -> Result<()> {
+        let t = self.handle.start(OpKind::Read);
+        let r = self.inner.make_resident(offset, len).await;
+        t.finish(&r, len);
+        r.map_err(ctx(OpKind::Read, Some((offset, len))))
+    }
 }
 
 #[cfg(test)]
@@ -738,6 +751,52 @@ mod tests {
     use crate::layers::test_store::VecStore;
     use crate::layers::{Inject, OpSet};
     use crate::store::StoreExt;
+
+    /// A store with shared memory (a temporary file) whose `make_resident` is counted.
+    #[derive(Debug)]
+    struct Resident(Arc<std::fs::File>, std::sync::atomic::AtomicU64);
+
+    #[async_trait]
+    impl Store for Resident {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn caps(&self) -> Caps {
+            Caps::basic()
+        }
+        async fn read(&self, _: u64, _: &mut [u8]) -> Result<()> {
+            Ok(())
+        }
+        async fn write(&self, _: u64, _: Bytes) -> Result<()> {
+            Ok(())
+        }
+        async fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+        fn shared_memory(&self) -> Option<SharedMemory> {
+            Some(SharedMemory {
+                file: Arc::clone(&self.0),
+                offset: 0,
+                writable: true,
+            })
+        }
+        async fn make_resident(&self, _: u64, len: u64) -> Result<()> {
+            self.1.fetch_add(len, Ordering::Relaxed);
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn shared_memory_is_passed_on_and_make_resident_counted_as_a_read() {
+        let file = Arc::new(tempfile::tempfile().unwrap());
+        let s = Stats::new(Resident(Arc::clone(&file), Default::default()));
+        let m = s.shared_memory().expect("passed on");
+        assert!(Arc::ptr_eq(&m.file, &file) && m.writable);
+        s.make_resident(4096, 8192).await.unwrap();
+        assert_eq!(s.inner().1.load(Ordering::Relaxed), 8192);
+        let r = s.snapshot();
+        assert_eq!((r.get(OpKind::Read).ops, r.get(OpKind::Read).bytes), (1, 8192));
+    }
 
     #[test]
     fn buckets_tile_the_range() {
