@@ -1330,3 +1330,99 @@ fn invalidation_not_behind_busy_handlers() {
     drop(nodes);
     done.store(true, SeqCst);
 }
+
+/// One frame from a raw connection (the fake node's side of the wire).
+fn read_frame(s: &mut std::net::TcpStream) -> memsync_dsm::proto::Msg {
+    use std::io::Read;
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).unwrap();
+    memsync_dsm::proto::Msg::decode(body.into()).unwrap()
+}
+
+/// A request from a node that dies while the request waits for the manager's page lock (the
+/// page is busy with the same node's earlier request) is never answered, and nobody confirms
+/// it: the manager must not hold the page for it. Node 2 is a fake node speaking the protocol
+/// on raw sockets, so the race is exact: its second REQUEST is queued behind its first until
+/// its connection ends. Node 1 must then still read and write the page within its deadline.
+#[test]
+fn manager_drops_request_of_dead_node() {
+    use memsync_dsm::proto::{Msg, Want};
+    use std::io::Write;
+    let done = watchdog("manager_drops_request_of_dead_node", 120);
+    for scheme in [Scheme::Centralized, Scheme::Fixed] {
+        let size = 4 * 4096u64;
+        let listeners: Vec<_> = (0..3)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let peers: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().unwrap().to_string())
+            .collect();
+        let starts: Vec<_> = listeners
+            .into_iter()
+            .take(2)
+            .enumerate()
+            .map(|(i, l)| {
+                let mut cfg = DsmConfig::new(i as u16, peers.clone(), scheme, size);
+                cfg.connect_timeout = Duration::from_secs(20);
+                cfg.fault_deadline = Duration::from_secs(2);
+                std::thread::spawn(move || Node::start(cfg, l))
+            })
+            .collect();
+        let hello = Msg::Hello {
+            node: 2,
+            nodes: 3,
+            scheme: scheme.to_u8(),
+            page_size: 4096,
+            pages: size / 4096,
+        };
+        let mut conns: Vec<std::net::TcpStream> = peers[..2]
+            .iter()
+            .map(|addr| {
+                let mut s = std::net::TcpStream::connect(addr).unwrap();
+                s.write_all(&hello.encode()).unwrap();
+                assert!(matches!(read_frame(&mut s), Msg::Hello { .. }));
+                s
+            })
+            .collect();
+        let nodes: Vec<Node> = starts
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap())
+            .collect();
+        // Page 0: managed and owned by node 0 in both schemes.
+        for req in [1, 2] {
+            let m = Msg::Request {
+                want: Want::Read,
+                req,
+                page: 0,
+                from: 2,
+            };
+            conns[0].write_all(&m.encode()).unwrap();
+        }
+        // One request is served (and holds the page until its CONFIRM, which never comes);
+        // the other waits behind it.
+        loop {
+            if let Msg::Page { .. } = read_frame(&mut conns[0]) {
+                break;
+            }
+        }
+        conns.clear();
+        for node in &nodes {
+            while node.is_up(2) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let mut buf = [0u8; 8];
+        nodes[1]
+            .read(0, &mut buf)
+            .unwrap_or_else(|e| panic!("{scheme}: read after node 2 died: {e}"));
+        nodes[1]
+            .write(0, &[7; 8])
+            .unwrap_or_else(|e| panic!("{scheme}: write after node 2 died: {e}"));
+        nodes[0].read(0, &mut buf).unwrap();
+        assert_eq!(buf, [7; 8], "{scheme}");
+    }
+    done.store(true, SeqCst);
+}
