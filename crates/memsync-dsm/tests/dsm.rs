@@ -9,6 +9,17 @@ use memsync_dsm::{DsmConfig, Node, Scheme};
 
 /// Aborts the process if a test hangs (a protocol deadlock must fail, not stall CI).
 fn watchdog(what: &'static str, secs: u64) -> Arc<std::sync::atomic::AtomicBool> {
+    watchdog_with(what, secs, Arc::default())
+}
+
+/// As [`watchdog`], and before it aborts it prints the thread stacks of every process in
+/// `kids` (the node processes of a network-namespace test; a hang is usually there) and
+/// kills them, so that they do not outlive the test.
+fn watchdog_with(
+    what: &'static str,
+    secs: u64,
+    kids: Arc<std::sync::Mutex<Vec<u32>>>,
+) -> Arc<std::sync::atomic::AtomicBool> {
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let d = Arc::clone(&done);
     std::thread::spawn(move || {
@@ -20,9 +31,54 @@ fn watchdog(what: &'static str, secs: u64) -> Arc<std::sync::atomic::AtomicBool>
             std::thread::sleep(Duration::from_millis(100));
         }
         eprintln!("{what}: no progress after {secs} s (deadlock?)");
+        let pids = kids.lock().unwrap().clone();
+        for pid in &pids {
+            dump_stacks(*pid);
+        }
+        for pid in &pids {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
         std::process::abort();
     });
     done
+}
+
+/// Every thread's stack of process `pid` on stderr: gdb's backtraces if gdb is installed,
+/// else the kernel's view (`/proc/PID/task/*/stack`: where each thread waits).
+fn dump_stacks(pid: u32) {
+    eprintln!("==== process {pid}: threads");
+    let gdb = std::process::Command::new("gdb")
+        .args([
+            "-p",
+            &pid.to_string(),
+            "-batch",
+            "-ex",
+            "thread apply all bt",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output();
+    if let Ok(out) = gdb
+        && out.status.success()
+    {
+        eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+        return;
+    }
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        eprintln!("(gone)");
+        return;
+    };
+    for t in tasks.flatten() {
+        let p = t.path();
+        let name = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+        let stack = std::fs::read_to_string(p.join("stack")).unwrap_or_default();
+        eprintln!(
+            "-- {} {}{stack}",
+            t.file_name().to_string_lossy(),
+            name.trim()
+        );
+    }
 }
 
 fn cluster(n: usize, scheme: Scheme, size: u64) -> Vec<Node> {
@@ -1064,11 +1120,25 @@ fn child_node_loss() {
             });
         }
     });
+    // Far longer than a run takes: say what this node sees and fail, instead of leaving
+    // the parent to its watchdog (a survivor that waits here forever has nothing to fault
+    // on, so its stacks alone do not tell why).
+    let since = std::time::Instant::now();
+    let stuck = |what: &str| {
+        if since.elapsed() > Duration::from_secs(150) {
+            eprintln!("node {id}: still waiting for {what}");
+            dump_node(&node);
+            dump_stacks(std::process::id());
+            std::process::exit(3);
+        }
+    };
     while node.is_up(2) {
+        stuck("node 2 to be down");
         std::thread::sleep(Duration::from_millis(5));
     }
     // The other survivor's increments.
     while node.atomic_u64(0).load(SeqCst) < 2 * adds * 2 {
+        stuck("the other survivor's increments");
         std::thread::sleep(Duration::from_millis(1));
     }
     let mut buf = vec![0u8; 4096];
@@ -1077,6 +1147,18 @@ fn child_node_loss() {
     let mut rest = String::new();
     let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut rest);
     drop(node);
+}
+
+/// A node's view on stderr: who is up, the counter, each page's state here, the counters.
+fn dump_node(node: &Node) {
+    let up: Vec<bool> = (0..node.nodes() as u16).map(|n| node.is_up(n)).collect();
+    let pages: Vec<_> = (0..4).map(|p| node.page_state(p)).collect();
+    eprintln!(
+        "node {}: up {up:?}, counter {}, pages (owner, access) {pages:?}\n{:?}",
+        node.id(),
+        node.atomic_u64(0).load(SeqCst),
+        node.stats()
+    );
 }
 
 /// Three node processes in two network namespaces, for each scheme: node 2 is SIGKILLed
@@ -1102,7 +1184,8 @@ fn node_loss_in_netns(test: &'static str, tag: u8, silent: bool) {
     let Some(ns) = memsync_testkit::netns::Netns::create(test, tag) else {
         return;
     };
-    let done = watchdog(test, 300);
+    let pids = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let done = watchdog_with(test, 300, Arc::clone(&pids));
     const ADDS: u64 = 1500;
     for scheme in Scheme::ALL {
         let n = 3usize;
@@ -1114,6 +1197,7 @@ fn node_loss_in_netns(test: &'static str, tag: u8, silent: bool) {
             env.push(("DSM_DEADLINE", "10".to_owned()));
         }
         let mut kids = spawn_nodes(&ns, n, &in_a, "child_node_loss", "loss", scheme, &env);
+        *pids.lock().unwrap() = kids.iter().map(std::process::Child::id).collect();
         // Every line of every child, tagged with the child's index.
         let (tx, rx) = std::sync::mpsc::channel::<(usize, String)>();
         for (i, k) in kids.iter_mut().enumerate() {
@@ -1130,7 +1214,25 @@ fn node_loss_in_netns(test: &'static str, tag: u8, silent: bool) {
         let mut results = Vec::new();
         let mut killed = false;
         while results.len() < n - 1 {
-            let (i, l) = rx.recv().expect("a node ended early");
+            // A node that exits (a survivor's SIGBUS, a panic) fails the run at once: the
+            // other survivor would wait for its increments forever.
+            let (i, l) = loop {
+                match rx.recv_timeout(Duration::from_millis(100)) {
+                    Ok(x) => break x,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        panic!("{scheme}: every node ended early")
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                }
+                for (i, k) in kids.iter_mut().enumerate() {
+                    if i == 2 && killed {
+                        continue;
+                    }
+                    if let Some(status) = k.try_wait().unwrap() {
+                        panic!("{scheme}: node {i} exited before the end: {status}");
+                    }
+                }
+            };
             if l.contains("READY") {
                 ready = true;
             } else if l.contains("HALF") {
