@@ -1093,6 +1093,15 @@ fn child_node_loss() {
     let secs = |k: &str, default: u64| {
         Duration::from_secs(std::env::var(k).map_or(default, |v| v.parse().unwrap()))
     };
+    // Warnings on stderr by default: a fault that fails until its deadline says so before
+    // its SIGBUS, which ends the process without a word.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
     let mut cfg = DsmConfig::new(id, peers, scheme, 4 * 4096);
     cfg.connect_timeout = Duration::from_secs(30);
     cfg.fault_deadline = secs("DSM_DEADLINE", 3);
