@@ -1158,6 +1158,34 @@ fn child_node_loss() {
     drop(node);
 }
 
+/// Child processes killed when the test fails: a survivor left behind would run on after
+/// the test (it waits for the dead node's part, or on its stdin).
+struct KillOnDrop(Vec<std::process::Child>);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Vec<std::process::Child>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for k in &mut self.0 {
+            if matches!(k.try_wait(), Ok(None)) {
+                let _ = k.kill();
+                let _ = k.wait();
+            }
+        }
+    }
+}
+
 /// A node's view on stderr: who is up, the counter, each page's state here, the counters.
 fn dump_node(node: &Node) {
     let up: Vec<bool> = (0..node.nodes() as u16).map(|n| node.is_up(n)).collect();
@@ -1205,7 +1233,15 @@ fn node_loss_in_netns(test: &'static str, tag: u8, silent: bool) {
             env.push(("DSM_DEAD_AFTER", "2".to_owned()));
             env.push(("DSM_DEADLINE", "10".to_owned()));
         }
-        let mut kids = spawn_nodes(&ns, n, &in_a, "child_node_loss", "loss", scheme, &env);
+        let mut kids = KillOnDrop(spawn_nodes(
+            &ns,
+            n,
+            &in_a,
+            "child_node_loss",
+            "loss",
+            scheme,
+            &env,
+        ));
         *pids.lock().unwrap() = kids.iter().map(std::process::Child::id).collect();
         // Every line of every child, tagged with the child's index.
         let (tx, rx) = std::sync::mpsc::channel::<(usize, String)>();
