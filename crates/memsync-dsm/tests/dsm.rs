@@ -46,7 +46,9 @@ fn watchdog_with(
 }
 
 /// Every thread's stack of process `pid` on stderr: gdb's backtraces if gdb is installed,
-/// else the kernel's view (`/proc/PID/task/*/stack`: where each thread waits).
+/// else the kernel's view (`/proc/PID/task/*/stack`: where each thread waits). gdb writes
+/// straight to this process's stderr: when `pid` is this process, a pipe read by one of its
+/// threads, which gdb stops, fills up and both wait forever.
 fn dump_stacks(pid: u32) {
     eprintln!("==== process {pid}: threads");
     let gdb = std::process::Command::new("gdb")
@@ -58,11 +60,9 @@ fn dump_stacks(pid: u32) {
             "thread apply all bt",
         ])
         .stdin(std::process::Stdio::null())
-        .output();
-    if let Ok(out) = gdb
-        && out.status.success()
-    {
-        eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+        .stdout(std::process::Stdio::from(std::io::stderr()))
+        .status();
+    if gdb.is_ok_and(|s| s.success()) {
         return;
     }
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
