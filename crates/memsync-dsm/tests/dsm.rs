@@ -9,6 +9,17 @@ use memsync_dsm::{DsmConfig, Node, Scheme};
 
 /// Aborts the process if a test hangs (a protocol deadlock must fail, not stall CI).
 fn watchdog(what: &'static str, secs: u64) -> Arc<std::sync::atomic::AtomicBool> {
+    watchdog_with(what, secs, Arc::default())
+}
+
+/// As [`watchdog`], and before it aborts it prints the thread stacks of every process in
+/// `kids` (the node processes of a network-namespace test; a hang is usually there) and
+/// kills them, so that they do not outlive the test.
+fn watchdog_with(
+    what: &'static str,
+    secs: u64,
+    kids: Arc<std::sync::Mutex<Vec<u32>>>,
+) -> Arc<std::sync::atomic::AtomicBool> {
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let d = Arc::clone(&done);
     std::thread::spawn(move || {
@@ -20,9 +31,54 @@ fn watchdog(what: &'static str, secs: u64) -> Arc<std::sync::atomic::AtomicBool>
             std::thread::sleep(Duration::from_millis(100));
         }
         eprintln!("{what}: no progress after {secs} s (deadlock?)");
+        let pids = kids.lock().unwrap().clone();
+        for pid in &pids {
+            dump_stacks(*pid);
+        }
+        for pid in &pids {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
         std::process::abort();
     });
     done
+}
+
+/// Every thread's stack of process `pid` on stderr: gdb's backtraces if gdb is installed,
+/// else the kernel's view (`/proc/PID/task/*/stack`: where each thread waits). gdb writes
+/// straight to this process's stderr: when `pid` is this process, a pipe read by one of its
+/// threads, which gdb stops, fills up and both wait forever.
+fn dump_stacks(pid: u32) {
+    eprintln!("==== process {pid}: threads");
+    let gdb = std::process::Command::new("gdb")
+        .args([
+            "-p",
+            &pid.to_string(),
+            "-batch",
+            "-ex",
+            "thread apply all bt",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::from(std::io::stderr()))
+        .status();
+    if gdb.is_ok_and(|s| s.success()) {
+        return;
+    }
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        eprintln!("(gone)");
+        return;
+    };
+    for t in tasks.flatten() {
+        let p = t.path();
+        let name = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+        let stack = std::fs::read_to_string(p.join("stack")).unwrap_or_default();
+        eprintln!(
+            "-- {} {}{stack}",
+            t.file_name().to_string_lossy(),
+            name.trim()
+        );
+    }
 }
 
 fn cluster(n: usize, scheme: Scheme, size: u64) -> Vec<Node> {
@@ -1037,6 +1093,15 @@ fn child_node_loss() {
     let secs = |k: &str, default: u64| {
         Duration::from_secs(std::env::var(k).map_or(default, |v| v.parse().unwrap()))
     };
+    // Warnings on stderr by default: a fault that fails until its deadline says so before
+    // its SIGBUS, which ends the process without a word.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
     let mut cfg = DsmConfig::new(id, peers, scheme, 4 * 4096);
     cfg.connect_timeout = Duration::from_secs(30);
     cfg.fault_deadline = secs("DSM_DEADLINE", 3);
@@ -1064,11 +1129,25 @@ fn child_node_loss() {
             });
         }
     });
+    // Far longer than a run takes: say what this node sees and fail, instead of leaving
+    // the parent to its watchdog (a survivor that waits here forever has nothing to fault
+    // on, so its stacks alone do not tell why).
+    let since = std::time::Instant::now();
+    let stuck = |what: &str| {
+        if since.elapsed() > Duration::from_secs(150) {
+            eprintln!("node {id}: still waiting for {what}");
+            dump_node(&node);
+            dump_stacks(std::process::id());
+            std::process::exit(3);
+        }
+    };
     while node.is_up(2) {
+        stuck("node 2 to be down");
         std::thread::sleep(Duration::from_millis(5));
     }
     // The other survivor's increments.
     while node.atomic_u64(0).load(SeqCst) < 2 * adds * 2 {
+        stuck("the other survivor's increments");
         std::thread::sleep(Duration::from_millis(1));
     }
     let mut buf = vec![0u8; 4096];
@@ -1077,6 +1156,46 @@ fn child_node_loss() {
     let mut rest = String::new();
     let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut rest);
     drop(node);
+}
+
+/// Child processes killed when the test fails: a survivor left behind would run on after
+/// the test (it waits for the dead node's part, or on its stdin).
+struct KillOnDrop(Vec<std::process::Child>);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Vec<std::process::Child>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for k in &mut self.0 {
+            if matches!(k.try_wait(), Ok(None)) {
+                let _ = k.kill();
+                let _ = k.wait();
+            }
+        }
+    }
+}
+
+/// A node's view on stderr: who is up, the counter, each page's state here, the counters.
+fn dump_node(node: &Node) {
+    let up: Vec<bool> = (0..node.nodes() as u16).map(|n| node.is_up(n)).collect();
+    let pages: Vec<_> = (0..4).map(|p| node.page_state(p)).collect();
+    eprintln!(
+        "node {}: up {up:?}, counter {}, pages (owner, access) {pages:?}\n{:?}",
+        node.id(),
+        node.atomic_u64(0).load(SeqCst),
+        node.stats()
+    );
 }
 
 /// Three node processes in two network namespaces, for each scheme: node 2 is SIGKILLed
@@ -1102,7 +1221,8 @@ fn node_loss_in_netns(test: &'static str, tag: u8, silent: bool) {
     let Some(ns) = memsync_testkit::netns::Netns::create(test, tag) else {
         return;
     };
-    let done = watchdog(test, 300);
+    let pids = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let done = watchdog_with(test, 300, Arc::clone(&pids));
     const ADDS: u64 = 1500;
     for scheme in Scheme::ALL {
         let n = 3usize;
@@ -1113,7 +1233,16 @@ fn node_loss_in_netns(test: &'static str, tag: u8, silent: bool) {
             env.push(("DSM_DEAD_AFTER", "2".to_owned()));
             env.push(("DSM_DEADLINE", "10".to_owned()));
         }
-        let mut kids = spawn_nodes(&ns, n, &in_a, "child_node_loss", "loss", scheme, &env);
+        let mut kids = KillOnDrop(spawn_nodes(
+            &ns,
+            n,
+            &in_a,
+            "child_node_loss",
+            "loss",
+            scheme,
+            &env,
+        ));
+        *pids.lock().unwrap() = kids.iter().map(std::process::Child::id).collect();
         // Every line of every child, tagged with the child's index.
         let (tx, rx) = std::sync::mpsc::channel::<(usize, String)>();
         for (i, k) in kids.iter_mut().enumerate() {
@@ -1130,7 +1259,25 @@ fn node_loss_in_netns(test: &'static str, tag: u8, silent: bool) {
         let mut results = Vec::new();
         let mut killed = false;
         while results.len() < n - 1 {
-            let (i, l) = rx.recv().expect("a node ended early");
+            // A node that exits (a survivor's SIGBUS, a panic) fails the run at once: the
+            // other survivor would wait for its increments forever.
+            let (i, l) = loop {
+                match rx.recv_timeout(Duration::from_millis(100)) {
+                    Ok(x) => break x,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        panic!("{scheme}: every node ended early")
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                }
+                for (i, k) in kids.iter_mut().enumerate() {
+                    if i == 2 && killed {
+                        continue;
+                    }
+                    if let Some(status) = k.try_wait().unwrap() {
+                        panic!("{scheme}: node {i} exited before the end: {status}");
+                    }
+                }
+            };
             if l.contains("READY") {
                 ready = true;
             } else if l.contains("HALF") {
@@ -1328,5 +1475,101 @@ fn invalidation_not_behind_busy_handlers() {
     });
     assert_eq!(nodes[0].atomic_u64(4096).load(SeqCst), 7);
     drop(nodes);
+    done.store(true, SeqCst);
+}
+
+/// One frame from a raw connection (the fake node's side of the wire).
+fn read_frame(s: &mut std::net::TcpStream) -> memsync_dsm::proto::Msg {
+    use std::io::Read;
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).unwrap();
+    memsync_dsm::proto::Msg::decode(body.into()).unwrap()
+}
+
+/// A request from a node that dies while the request waits for the manager's page lock (the
+/// page is busy with the same node's earlier request) is never answered, and nobody confirms
+/// it: the manager must not hold the page for it. Node 2 is a fake node speaking the protocol
+/// on raw sockets, so the race is exact: its second REQUEST is queued behind its first until
+/// its connection ends. Node 1 must then still read and write the page within its deadline.
+#[test]
+fn manager_drops_request_of_dead_node() {
+    use memsync_dsm::proto::{Msg, Want};
+    use std::io::Write;
+    let done = watchdog("manager_drops_request_of_dead_node", 120);
+    for scheme in [Scheme::Centralized, Scheme::Fixed] {
+        let size = 4 * 4096u64;
+        let listeners: Vec<_> = (0..3)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let peers: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().unwrap().to_string())
+            .collect();
+        let starts: Vec<_> = listeners
+            .into_iter()
+            .take(2)
+            .enumerate()
+            .map(|(i, l)| {
+                let mut cfg = DsmConfig::new(i as u16, peers.clone(), scheme, size);
+                cfg.connect_timeout = Duration::from_secs(20);
+                cfg.fault_deadline = Duration::from_secs(2);
+                std::thread::spawn(move || Node::start(cfg, l))
+            })
+            .collect();
+        let hello = Msg::Hello {
+            node: 2,
+            nodes: 3,
+            scheme: scheme.to_u8(),
+            page_size: 4096,
+            pages: size / 4096,
+        };
+        let mut conns: Vec<std::net::TcpStream> = peers[..2]
+            .iter()
+            .map(|addr| {
+                let mut s = std::net::TcpStream::connect(addr).unwrap();
+                s.write_all(&hello.encode()).unwrap();
+                assert!(matches!(read_frame(&mut s), Msg::Hello { .. }));
+                s
+            })
+            .collect();
+        let nodes: Vec<Node> = starts
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap())
+            .collect();
+        // Page 0: managed and owned by node 0 in both schemes.
+        for req in [1, 2] {
+            let m = Msg::Request {
+                want: Want::Read,
+                req,
+                page: 0,
+                from: 2,
+            };
+            conns[0].write_all(&m.encode()).unwrap();
+        }
+        // One request is served (and holds the page until its CONFIRM, which never comes);
+        // the other waits behind it.
+        loop {
+            if let Msg::Page { .. } = read_frame(&mut conns[0]) {
+                break;
+            }
+        }
+        conns.clear();
+        for node in &nodes {
+            while node.is_up(2) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let mut buf = [0u8; 8];
+        nodes[1]
+            .read(0, &mut buf)
+            .unwrap_or_else(|e| panic!("{scheme}: read after node 2 died: {e}"));
+        nodes[1]
+            .write(0, &[7; 8])
+            .unwrap_or_else(|e| panic!("{scheme}: write after node 2 died: {e}"));
+        nodes[0].read(0, &mut buf).unwrap();
+        assert_eq!(buf, [7; 8], "{scheme}");
+    }
     done.store(true, SeqCst);
 }

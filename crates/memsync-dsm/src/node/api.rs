@@ -335,6 +335,11 @@ impl Node {
             .map_err(|e| DsmError::Io(io::Error::other(e.chain())))
     }
 
+    #[cfg(test)]
+    pub(super) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     /// Whether node `n` is up (as far as this node knows).
     #[must_use]
     pub fn is_up(&self, n: NodeId) -> bool {

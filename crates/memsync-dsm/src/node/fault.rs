@@ -59,7 +59,7 @@ impl Shared {
             };
             to = self.heir();
         }
-        self.pending.lock().insert(
+        if !self.register(
             req,
             Pending {
                 to,
@@ -67,7 +67,11 @@ impl Shared {
                 page,
                 tx,
             },
-        );
+        ) {
+            // The fault asks again (a read fault through the engine's retry, a write fault
+            // itself), along the views of who is up that include this death.
+            return Err(err(page, format!("node {to} went down")));
+        }
         if chain {
             // A late grant parked before this request was registered answers it.
             let parked = self.slot(page).st.lock().parked.take();

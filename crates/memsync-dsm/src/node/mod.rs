@@ -25,6 +25,8 @@ mod fault;
 mod recovery;
 mod serve;
 mod state;
+#[cfg(test)]
+mod tests;
 
 pub use api::Node;
 pub use config::{Access, DsmConfig, DsmError, DsmStats};

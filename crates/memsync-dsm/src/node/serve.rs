@@ -42,6 +42,20 @@ impl Shared {
         }
         let (tx, rx) = oneshot::channel();
         self.confirms.lock().insert(page, (req, from, tx));
+        // A request that waited for the page while its node went down: nobody will confirm
+        // it, and holding the page until the deadline fails every live request queued
+        // behind it (their deadline is shorter). Checked after the insert because
+        // `node_down` marks the node down before it drops the confirmations it finds: either
+        // it dropped this one (`rx` ends at once) or this sees the node down.
+        if !self.alive[usize::from(from)].load(Relaxed) {
+            self.confirms.lock().remove(&page);
+            tracing::debug!(
+                page,
+                from,
+                "memsync-dsm: request of a node that is down dropped"
+            );
+            return;
+        }
         if want == Want::Write {
             ms.owner.store(from, Relaxed);
         }

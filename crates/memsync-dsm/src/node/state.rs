@@ -197,7 +197,7 @@ impl Shared {
     pub(super) fn expect_answer(&self, to: NodeId, page: u64) -> (u64, oneshot::Receiver<Msg>) {
         let req = self.next_req();
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().insert(
+        self.register(
             req,
             Pending {
                 to,
@@ -207,6 +207,23 @@ impl Shared {
             },
         );
         (req, rx)
+    }
+
+    /// Registers `p`, the request `req` waiting for an answer; `false` (and the request's
+    /// receiver fails at once) if its node is down by now.
+    pub(super) fn register(&self, req: u64, p: Pending) -> bool {
+        let to = p.to;
+        self.pending.lock().insert(req, p);
+        // `node_down` marks the node down, then fails the requests it finds. One registered
+        // in between (its sender checked that the node was up just before) would wait for an
+        // answer that never comes: an INVALIDATE's acknowledgement is awaited with no
+        // deadline, and a request past the fault deadline fails the fault. Checked after the
+        // insert: either `node_down` found this one, or this sees the node down.
+        if self.alive[usize::from(to)].load(Relaxed) {
+            return true;
+        }
+        self.pending.lock().remove(&req);
+        false
     }
 
     pub(super) fn send(self: &Arc<Self>, to: NodeId, m: Msg) {
