@@ -156,6 +156,17 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// without copying it.
     async fn write(&self, offset: u64, data: Bytes) -> Result<()>;
 
+    /// An optional fast path for a caller that only passes a read's bytes on (a server
+    /// sending them to a socket): the bytes of `offset..offset + len` as buffers the store
+    /// shares instead of copying, in order, their lengths summing to `len`. They are the bytes
+    /// `read` would return at this moment and do not change with later writes.
+    /// `None` (the default) when the store has no such buffers, or not for this range; the
+    /// caller then uses `read`. Errors are `read`'s.
+    async fn read_shared(&self, offset: u64, len: u64) -> Option<Result<Vec<Bytes>>> {
+        let _ = (offset, len);
+        None
+    }
+
     /// Make every completed write durable.
     async fn flush(&self) -> Result<()>;
 
@@ -254,6 +265,9 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     }
     async fn write(&self, offset: u64, data: Bytes) -> Result<()> {
         (**self).write(offset, data).await
+    }
+    async fn read_shared(&self, offset: u64, len: u64) -> Option<Result<Vec<Bytes>>> {
+        (**self).read_shared(offset, len).await
     }
     async fn flush(&self) -> Result<()> {
         (**self).flush().await

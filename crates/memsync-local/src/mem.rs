@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
 
 use memsync_core::range::{ChunkPiece, chunk_pieces};
 use memsync_core::{
@@ -44,8 +45,10 @@ impl Hasher for IndexHasher {
 }
 
 /// One chunk's bytes. The per-chunk lock lets writers to different chunks of the same shard
-/// proceed in parallel: they only need the shard's map read-locked.
-type Chunk = RwLock<Box<[u8]>>;
+/// proceed in parallel: they only need the shard's map read-locked. The `Arc` lets
+/// [`Store::read_shared`] hand the bytes out without copying them; a write to a chunk that is
+/// still shared copies it first (`Arc::make_mut`), so what was handed out never changes.
+type Chunk = RwLock<Arc<Box<[u8]>>>;
 type ChunkMap = HashMap<u64, Chunk, BuildHasherDefault<IndexHasher>>;
 
 /// A sparse, byte-addressable store in process memory (`mem:SIZE`).
@@ -173,16 +176,18 @@ impl MemStore {
         {
             let map = shard.read();
             if let Some(chunk) = map.get(&p.index) {
-                chunk.write()[w..w + data.len()].copy_from_slice(data);
+                Arc::make_mut(&mut chunk.write())[w..w + data.len()].copy_from_slice(data);
                 return;
             }
         }
         let mut map = shard.write();
         let chunk = map.entry(p.index).or_insert_with(|| {
             // `vec![0; n]` uses calloc: fresh zeroed pages, no memset.
-            RwLock::new(vec![0u8; usize_of(self.chunk_len(p.index))].into_boxed_slice())
+            RwLock::new(Arc::new(
+                vec![0u8; usize_of(self.chunk_len(p.index))].into_boxed_slice(),
+            ))
         });
-        chunk.get_mut()[w..w + data.len()].copy_from_slice(data);
+        Arc::make_mut(chunk.get_mut())[w..w + data.len()].copy_from_slice(data);
     }
 
     /// Make a piece read as zeros, freeing its chunk if the whole chunk is then zero.
@@ -199,7 +204,7 @@ impl MemStore {
             };
             let mut bytes = chunk.write();
             let w = usize_of(p.within);
-            bytes[w..w + usize_of(p.len)].fill(0);
+            Arc::make_mut(&mut bytes)[w..w + usize_of(p.len)].fill(0);
             if !is_zero(&bytes) {
                 return;
             }
@@ -207,9 +212,32 @@ impl MemStore {
         // The chunk became all zero. Free it, unless a writer slipped in between the locks.
         let mut map = shard.write();
         if let Entry::Occupied(mut e) = map.entry(p.index)
-            && is_zero(e.get_mut().get_mut())
+            && is_zero(e.get_mut().get_mut().as_ref())
         {
             e.remove();
+        }
+    }
+
+    /// The bytes of `p` as a buffer shared with the chunk, or zeros.
+    fn share_piece(&self, p: ChunkPiece, out: &mut Vec<Bytes>) {
+        let chunk = self
+            .shard(p.index)
+            .read()
+            .get(&p.index)
+            .map(|c| c.read().clone());
+        match chunk {
+            Some(c) => {
+                let w = usize_of(p.within);
+                out.push(Bytes::from_owner(Shared(c)).slice(w..w + usize_of(p.len)));
+            }
+            None => {
+                let mut left = usize_of(p.len);
+                while left > 0 {
+                    let n = left.min(ZEROS.len());
+                    out.push(Bytes::from_static(&ZEROS[..n]));
+                    left -= n;
+                }
+            }
         }
     }
 
@@ -246,6 +274,22 @@ impl MemStore {
         out
     }
 }
+
+/// A chunk's bytes lent out by [`Store::read_shared`].
+struct Shared(Arc<Box<[u8]>>);
+
+impl AsRef<[u8]> for Shared {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// What holes are lent out as.
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// `read_shared` answers only reads it can lend in at most this many buffers: a reply is sent
+/// with one `writev` of them, and Linux takes at most 1024 per call.
+const MAX_SHARED_BUFS: u64 = 512;
 
 /// Append an extent, merging it into the previous one if they are adjacent and of one kind.
 pub(crate) fn push_extent(out: &mut Vec<Extent>, offset: u64, end: u64, kind: ExtentKind) {
@@ -292,6 +336,26 @@ impl Store for MemStore {
             self.read_piece(p, &mut buf[pos..pos + usize_of(p.len)]);
         }
         Ok(())
+    }
+
+    async fn read_shared(&self, offset: u64, len: u64) -> Option<Result<Vec<Bytes>>> {
+        if let Err(e) = check_range(self.size, 1, offset, len) {
+            return Some(Err(e));
+        }
+        if len == 0 {
+            return Some(Ok(Vec::new()));
+        }
+        let cs = self.chunk_size;
+        let pieces = (offset + len - 1) / cs - offset / cs + 1;
+        // Holes take a buffer per 64 KiB.
+        if pieces + len / ZEROS.len() as u64 > MAX_SHARED_BUFS {
+            return None;
+        }
+        let mut out = Vec::with_capacity(pieces as usize);
+        for p in chunk_pieces(offset, len, cs) {
+            self.share_piece(p, &mut out);
+        }
+        Some(Ok(out))
     }
 
     async fn write(&self, offset: u64, data: Bytes) -> Result<()> {
@@ -434,6 +498,51 @@ mod tests {
                 kind: ExtentKind::Data
             }]
         );
+    }
+
+    /// `read_shared` lends the bytes `read` returns, holes as zeros, and what it lent does not
+    /// change with later writes, zeroing or trims of those chunks.
+    #[tokio::test]
+    async fn shared_reads_are_reads_and_keep_their_snapshot() {
+        let s = MemStore::with_chunk_size(4 << 20, 4096).unwrap();
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8 + 1).collect();
+        s.write(1000, Bytes::from(data.clone())).await.unwrap();
+        let cat = |v: &[Bytes]| {
+            v.iter()
+                .flat_map(|b| b.iter().copied())
+                .collect::<Vec<u8>>()
+        };
+        for (off, len) in [
+            (0, 30_000),
+            (1000, 20_000),
+            (4095, 2),
+            (50_000, 9000),
+            (7, 0),
+        ] {
+            let lent = s.read_shared(off, len).await.unwrap().unwrap();
+            assert_eq!(
+                cat(&lent),
+                s.read_bytes(off, len as usize).await.unwrap(),
+                "{off}+{len}"
+            );
+        }
+        let before = s.read_shared(0, 30_000).await.unwrap().unwrap();
+        let snapshot = cat(&before);
+        s.write(5000, Bytes::from(vec![9u8; 10_000])).await.unwrap();
+        s.write_zeroes(0, 4096).await.unwrap();
+        s.trim(16_384, 4096).await.unwrap();
+        s.write(2, Bytes::from_static(b"xy")).await.unwrap();
+        assert_eq!(cat(&before), snapshot);
+        let after = s.read_bytes(0, 30_000).await.unwrap();
+        assert_eq!(&after[5000..15_000], &[9u8; 10_000][..]);
+        assert_eq!(&after[2..4], b"xy");
+        assert!(after[16_384..20_480].iter().all(|&b| b == 0));
+        // Errors are `read`'s; reads needing too many buffers are left to `read`.
+        assert!(matches!(
+            s.read_shared(4 << 20, 1).await,
+            Some(Err(StoreError::OutOfRange { .. }))
+        ));
+        assert!(s.read_shared(0, 4 << 20).await.is_none());
     }
 
     #[test]

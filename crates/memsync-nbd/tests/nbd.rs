@@ -1498,3 +1498,204 @@ async fn unix_sockets_replace_only_stale_ones() {
     l.accept().await.unwrap();
     drop(c);
 }
+
+/// A store that counts how reads reach it, and can fail `read_shared`.
+#[derive(Debug)]
+struct Lending {
+    inner: DynStore,
+    reads: std::sync::atomic::AtomicU64,
+    shared: std::sync::atomic::AtomicU64,
+    fail_shared: std::sync::atomic::AtomicBool,
+}
+
+impl Lending {
+    fn new(inner: DynStore) -> Arc<Self> {
+        Arc::new(Lending {
+            inner,
+            reads: 0.into(),
+            shared: 0.into(),
+            fail_shared: false.into(),
+        })
+    }
+    fn counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.reads.load(Relaxed), self.shared.load(Relaxed))
+    }
+}
+
+#[memsync_core::async_trait]
+impl Store for Lending {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn caps(&self) -> memsync_core::Caps {
+        self.inner.caps()
+    }
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> memsync_core::Result<()> {
+        self.reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.read(offset, buf).await
+    }
+    async fn read_shared(&self, offset: u64, len: u64) -> Option<memsync_core::Result<Vec<Bytes>>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.shared.fetch_add(1, Relaxed);
+        if self.fail_shared.load(Relaxed) {
+            return Some(Err(memsync_core::StoreError::Io {
+                op: "read",
+                source: std::io::Error::from_raw_os_error(5),
+            }));
+        }
+        self.inner.read_shared(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes) -> memsync_core::Result<()> {
+        self.inner.write(offset, data).await
+    }
+    async fn flush(&self) -> memsync_core::Result<()> {
+        self.inner.flush().await
+    }
+    async fn extents(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> memsync_core::Result<Vec<memsync_core::Extent>> {
+        self.inner.extents(offset, len).await
+    }
+}
+
+/// Reads of 64 KiB and more from a store that lends its buffers (`mem:`) are sent from them,
+/// with no `read` into a reply buffer, and carry the same bytes, in simple and structured
+/// replies, across data and holes, and at an unaligned offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_reads_are_sent_from_the_stores_buffers() {
+    let inner = mem(8 << 20);
+    let data = random(7, 3 << 20);
+    inner.write(0, data.clone().into()).await.unwrap();
+    // A hole at 3..5 MiB, then data again.
+    inner
+        .write(5 << 20, random(8, 1 << 20).into())
+        .await
+        .unwrap();
+    let lending = Lending::new(inner.clone());
+    let store: DynStore = lending.clone();
+    let s = start(ServerConfig::new(vec![Export::new("", store)])).await;
+    let c = NbdStore::connect(one_conn(s.port)).await.unwrap();
+    for (off, len) in [
+        (0, 1 << 20),
+        (12345, 1 << 20),
+        ((3 << 20) - 4096, (2 << 20) + 8192), // data, hole, data
+        (3 << 20, 1 << 20),                   // all hole
+        ((5 << 20) - 65536, 2 << 20),         // hole, data, hole
+    ] {
+        let got = c.read_bytes(off, len).await.unwrap();
+        let want = inner.read_bytes(off, len).await.unwrap();
+        assert!(got == want, "structured read {off}+{len}");
+    }
+    let (reads, shared) = lending.counts();
+    assert_eq!(reads, 0, "no read went through a reply buffer");
+    assert!(shared >= 5, "{shared}");
+    // Simple replies: header and bytes.
+    let mut raw = raw_handshake(s.port, "", false).await;
+    let len = 1 << 20;
+    let r = raw_request(&mut raw, CMD_READ, 0, 777, len, &[]).await;
+    assert_eq!(
+        r,
+        ReplyHeader::Simple {
+            error: 0,
+            cookie: 42
+        }
+    );
+    let mut got = vec![0u8; len as usize];
+    raw.read_exact(&mut got).await.unwrap();
+    assert!(got[..] == data[777..777 + len as usize]);
+    assert_eq!(lending.counts().0, 0);
+    // Small reads are still copied into the batched replies.
+    assert_eq!(&c.read_bytes(100, 10).await.unwrap()[..], &data[100..110]);
+    assert_eq!(lending.counts().0, 1);
+}
+
+/// A store whose `read_shared` fails: the read gets an error reply (simple and structured) and
+/// the connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_shared_read_is_an_error_reply() {
+    let lending = Lending::new(mem(4 << 20));
+    lending
+        .fail_shared
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let store: DynStore = lending.clone();
+    let s = start(ServerConfig::new(vec![Export::new("", store)])).await;
+    for structured in [false, true] {
+        let mut raw = raw_handshake(s.port, "", structured).await;
+        let r = raw_request(&mut raw, CMD_READ, 0, 0, 1 << 20, &[]).await;
+        if structured {
+            assert!(
+                matches!(
+                    r,
+                    ReplyHeader::Chunk {
+                        typ: REPLY_TYPE_ERROR,
+                        flags: REPLY_FLAG_DONE,
+                        ..
+                    }
+                ),
+                "{r:?}"
+            );
+            let ReplyHeader::Chunk { len, .. } = r else {
+                unreachable!()
+            };
+            let mut p = vec![0u8; len as usize];
+            raw.read_exact(&mut p).await.unwrap();
+            assert_eq!(u32::from_be_bytes(p[..4].try_into().unwrap()), EIO);
+        } else {
+            assert_eq!(
+                r,
+                ReplyHeader::Simple {
+                    error: EIO,
+                    cookie: 42
+                }
+            );
+        }
+        // Still usable.
+        let r = raw_request(&mut raw, CMD_WRITE, 0, 0, 4, b"abcd").await;
+        assert_eq!(
+            r,
+            ReplyHeader::Simple {
+                error: 0,
+                cookie: 42
+            }
+        );
+    }
+}
+
+/// A client that asks for many large reads and disconnects without reading the replies ends
+/// only its own connection; the shared buffers held by the unsent replies do not stop later
+/// writes to the same chunks, and others read what was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_mid_reply_ends_only_its_connection() {
+    let inner = mem(32 << 20);
+    inner.write(0, random(3, 32 << 20).into()).await.unwrap();
+    let s = start(ServerConfig::new(vec![Export::new("", inner.clone())])).await;
+    let mut raw = raw_handshake(s.port, "", false).await;
+    let mut b = BytesMut::new();
+    for i in 0..32u64 {
+        encode_request(
+            &mut b,
+            &Request {
+                flags: 0,
+                typ: CMD_READ,
+                cookie: i,
+                offset: i << 20,
+                len: 1 << 20,
+            },
+            false,
+        );
+    }
+    raw.write_all(&b).await.unwrap();
+    // Some of the first reply, then gone.
+    let mut some = [0u8; 4096];
+    raw.read_exact(&mut some).await.unwrap();
+    drop(raw);
+    wait_no_connections(&s.server).await;
+    let new = random(4, 1 << 20);
+    let c = NbdStore::connect(one_conn(s.port)).await.unwrap();
+    c.write(5 << 20, new.clone().into()).await.unwrap();
+    assert!(c.read_bytes(5 << 20, 1 << 20).await.unwrap() == new);
+}

@@ -575,6 +575,11 @@ impl Timing<'_> {
         };
         self.done = true;
     }
+
+    /// The call did not happen after all: neither counted nor cancelled.
+    fn discard(mut self) {
+        self.done = true;
+    }
 }
 
 impl Drop for Timing<'_> {
@@ -687,6 +692,18 @@ impl<S: Store> Store for Stats<S> {
         let r = self.inner.read(offset, buf).await;
         t.finish(&r, len);
         r.map_err(ctx(OpKind::Read, Some((offset, len))))
+    }
+
+    async fn read_shared(&self, offset: u64, len: u64) -> Option<Result<Vec<Bytes>>> {
+        // Counted as a read only if the inner store takes it: otherwise the caller's `read`
+        // that follows is the one counted.
+        let t = self.handle.start(OpKind::Read);
+        let Some(r) = self.inner.read_shared(offset, len).await else {
+            t.discard();
+            return None;
+        };
+        t.finish(&r, len);
+        Some(r.map_err(ctx(OpKind::Read, Some((offset, len)))))
     }
 
     async fn write(&self, offset: u64, data: Bytes) -> Result<()> {
@@ -988,6 +1005,55 @@ mod tests {
         assert!(slow.is_err());
         let r = handle.snapshot()[OpKind::Read];
         assert_eq!((r.ops, r.cancelled, r.in_flight), (6, 1, 0));
+    }
+
+    /// A store that lends its bytes, for `read_shared` through the layer.
+    #[derive(Debug)]
+    struct Lends(VecStore);
+
+    #[async_trait]
+    impl Store for Lends {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn caps(&self) -> Caps {
+            self.0.caps()
+        }
+        async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            self.0.read(offset, buf).await
+        }
+        async fn read_shared(&self, offset: u64, len: u64) -> Option<Result<Vec<Bytes>>> {
+            Some(
+                self.0
+                    .read_bytes(offset, len as usize)
+                    .await
+                    .map(|b| vec![b]),
+            )
+        }
+        async fn write(&self, offset: u64, data: Bytes) -> Result<()> {
+            self.0.write(offset, data).await
+        }
+        async fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// `read_shared` passes through and counts as a read; a store that does not lend counts
+    /// nothing (the caller's `read` that follows is counted).
+    #[tokio::test]
+    async fn shared_reads_pass_through_and_count_as_reads() {
+        let lends = Stats::new(Lends(VecStore::new(1 << 16, 1)));
+        lends.write(10, Bytes::from_static(b"abc")).await.unwrap();
+        let v = lends.read_shared(10, 3).await.unwrap().unwrap();
+        assert_eq!(&v[0][..], b"abc");
+        assert!(lends.read_shared(1 << 16, 1).await.unwrap().is_err());
+        let r = lends.snapshot()[OpKind::Read];
+        assert_eq!((r.ops, r.bytes, r.errors, r.cancelled), (2, 3, 1, 0));
+
+        let plain = Stats::new(VecStore::new(1 << 16, 1));
+        assert!(plain.read_shared(0, 3).await.is_none());
+        let r = plain.snapshot()[OpKind::Read];
+        assert_eq!((r.ops, r.cancelled, r.in_flight), (0, 0, 0));
     }
 
     #[tokio::test(start_paused = true)]

@@ -49,6 +49,9 @@ pub(crate) const UNIX_SNDBUF: usize = 4 << 20;
 enum Reply {
     Buf(BytesMut),
     Pooled(PoolBuf),
+    /// Headers and the store's own buffers ([`memsync_core::Store::read_shared`]), sent with
+    /// one `writev` instead of being copied into a reply buffer first.
+    Shared(Vec<Bytes>),
 }
 
 impl From<BytesMut> for Reply {
@@ -57,12 +60,13 @@ impl From<BytesMut> for Reply {
     }
 }
 
-impl std::ops::Deref for Reply {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
+impl Reply {
+    /// The reply as one buffer, unless it is made of several.
+    fn contiguous(&self) -> Option<&[u8]> {
         match self {
-            Reply::Buf(b) => b,
-            Reply::Pooled(p) => p,
+            Reply::Buf(b) => Some(b),
+            Reply::Pooled(p) => Some(p),
+            Reply::Shared(_) => None,
         }
     }
 }
@@ -381,23 +385,22 @@ pub(super) async fn transmission<S: Transport>(
                 drop(fut);
                 drop(charge);
                 drop(permit);
-                if rep.len() < BATCH {
-                    pending.extend_from_slice(&rep);
-                    if pending.len() >= BATCH {
-                        if write_reply(&w, &pending).await.is_err() {
+                match rep.contiguous() {
+                    Some(r) if r.len() < BATCH => {
+                        pending.extend_from_slice(r);
+                        if pending.len() >= BATCH {
+                            if write_reply(&w, &pending).await.is_err() {
+                                break;
+                            }
+                            pending.clear();
+                        }
+                    }
+                    _ => {
+                        // The batch goes out in the same call, ahead of the reply.
+                        if send(&w, &pending, &rep).await.is_err() {
                             break;
                         }
                         pending.clear();
-                    }
-                } else {
-                    if !pending.is_empty() {
-                        if write_reply(&w, &pending).await.is_err() {
-                            break;
-                        }
-                        pending.clear();
-                    }
-                    if write_reply(&w, &rep).await.is_err() {
-                        break;
                     }
                 }
             }
@@ -408,7 +411,7 @@ pub(super) async fn transmission<S: Transport>(
                     // The store has the payload: its budget is free for the next one, even
                     // if the client is slow to take the reply.
                     drop(charge);
-                    let _ = write_reply(&w, &rep).await;
+                    let _ = send(&w, &[], &rep).await;
                     drop(permit);
                 });
             }
@@ -445,6 +448,38 @@ async fn flush_pending<W: AsyncWrite + Unpin>(
 async fn write_reply<W: AsyncWrite + Unpin>(w: &Mutex<W>, buf: &[u8]) -> io::Result<()> {
     let mut g = w.lock().await;
     g.write_all(buf).await?;
+    g.flush().await
+}
+
+/// Linux's limit on the buffers of one `writev`.
+const IOV_MAX: usize = 1024;
+
+/// Write `first` (batched replies, may be empty) and then `rep`, as few calls as possible.
+async fn send<W: AsyncWrite + Unpin>(w: &Mutex<W>, first: &[u8], rep: &Reply) -> io::Result<()> {
+    let mut iov: Vec<io::IoSlice<'_>> = Vec::new();
+    if !first.is_empty() {
+        iov.push(io::IoSlice::new(first));
+    }
+    match rep {
+        Reply::Shared(parts) => iov.extend(
+            parts
+                .iter()
+                .filter(|p| !p.is_empty())
+                .map(|p| io::IoSlice::new(p)),
+        ),
+        Reply::Buf(b) => iov.push(io::IoSlice::new(b)),
+        Reply::Pooled(p) => iov.push(io::IoSlice::new(p)),
+    }
+    let mut g = w.lock().await;
+    let mut bufs = &mut iov[..];
+    while !bufs.is_empty() {
+        let k = bufs.len().min(IOV_MAX);
+        let n = g.write_vectored(&bufs[..k]).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        io::IoSlice::advance_slices(&mut bufs, n);
+    }
     g.flush().await
 }
 
@@ -697,6 +732,11 @@ async fn sparse_pieces(c: &Conn, req: &Request) -> Vec<(u64, u64, bool)> {
 
 async fn read(c: &Conn, req: &Request) -> Reply {
     let len = req.len as usize;
+    if len >= BATCH
+        && let Some(r) = read_shared(c, req).await
+    {
+        return r;
+    }
     if !c.structured {
         let mut b = c.pool.get(SIMPLE_REPLY_LEN + len);
         encode_simple_reply(&mut &mut b[..SIMPLE_REPLY_LEN], 0, req.cookie);
@@ -745,6 +785,64 @@ async fn read(c: &Conn, req: &Request) -> Reply {
     }
     debug_assert_eq!(at, total);
     Reply::Pooled(b)
+}
+
+/// A read reply made of the store's own buffers, if the store lends them
+/// ([`memsync_core::Store::read_shared`]); `None` to copy them as usual.
+async fn read_shared(c: &Conn, req: &Request) -> Option<Reply> {
+    let mut parts = Vec::new();
+    if !c.structured {
+        let shared = match c.store.read_shared(req.offset, req.len).await? {
+            Ok(v) => v,
+            Err(e) => return Some(c.store_error(req, &e).into()),
+        };
+        let mut h = BytesMut::with_capacity(SIMPLE_REPLY_LEN);
+        encode_simple_reply(&mut h, 0, req.cookie);
+        parts.push(h.freeze());
+        parts.extend(shared);
+        return Some(Reply::Shared(parts));
+    }
+    let mut pieces = sparse_pieces(c, req).await;
+    if pieces.is_empty() {
+        pieces.push((req.offset, req.len, false));
+    }
+    let n = pieces.len();
+    let mut h = BytesMut::new();
+    for (i, &(off, plen, hole)) in pieces.iter().enumerate() {
+        let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
+        if hole {
+            encode_chunk_header(
+                &mut h,
+                c.ext_off(req),
+                flags,
+                REPLY_TYPE_OFFSET_HOLE,
+                req.cookie,
+                12,
+            );
+            h.put_u64(off);
+            h.put_u32(plen as u32);
+            continue;
+        }
+        let shared = match c.store.read_shared(off, plen).await? {
+            Ok(v) => v,
+            Err(e) => return Some(c.store_error(req, &e).into()),
+        };
+        encode_chunk_header(
+            &mut h,
+            c.ext_off(req),
+            flags,
+            REPLY_TYPE_OFFSET_DATA,
+            req.cookie,
+            8 + plen,
+        );
+        h.put_u64(off);
+        parts.push(h.split().freeze());
+        parts.extend(shared);
+    }
+    if !h.is_empty() {
+        parts.push(h.freeze());
+    }
+    Some(Reply::Shared(parts))
 }
 
 /// Most descriptors in one block status reply.
