@@ -59,6 +59,8 @@ pub const TARGETS: &[Target] = &[
     t("lazy", "rand-4k-first-touch", "lazy-default", "p50", AtMost(15.0), "us", "issue 14"),
     t("mount", "seq-read rtt=0ms direct", "lazy-region", "throughput", AtLeast(2.4), "GB/s", "issue 14"),
     t("mount", "seq-read rtt=30ms", "lazy-region", "throughput", AtLeast(1.5), "GB/s", "issue 14"),
+    t("mount", "seq-read rtt=0ms direct", "lazy-region-shm", "throughput", AtLeast(2.4), "GB/s", "issue 14"),
+    t("mount", "seq-read rtt=30ms", "lazy-region-shm", "throughput", AtLeast(1.5), "GB/s", "issue 14"),
     t("mount", "seq-read rtt=*", "fuse/fuse-local-file", "ratio", AtLeast(0.9), "x", "issue 14"),
     t("mount", "mmap-write rtt=*", "fuse-mmap", "write-before-fsync", AtLeast(230.0), "MB/s", "issue 14"),
     t("mount", "proxy-cost", "nbdcopy-proxy/nbdcopy-direct", "ratio", AtLeast(0.9), "x", "issue 14"),
