@@ -812,7 +812,10 @@ mod tests {
         s.make_resident(4096, 8192).await.unwrap();
         assert_eq!(s.inner().1.load(Ordering::Relaxed), 8192);
         let r = s.snapshot();
-        assert_eq!((r.get(OpKind::Read).ops, r.get(OpKind::Read).bytes), (1, 8192));
+        assert_eq!(
+            (r.get(OpKind::Read).ops, r.get(OpKind::Read).bytes),
+            (1, 8192)
+        );
     }
 
     #[test]

@@ -258,3 +258,86 @@ fn shared_region_over_a_failing_cache_reports_the_chunk() {
     drop(region);
     rt.block_on(cache.close()).unwrap();
 }
+
+/// Threads fault, write through the region, write the file behind it, invalidate and drop
+/// chunks of one shared region at once (beside its background pull), and every read is checked
+/// against a model: the region and the file are one memory, whatever drops it goes through.
+#[test]
+fn shared_region_stays_one_memory_with_its_file_under_concurrent_use() {
+    let dir = shm_dir();
+    let chunk = 64 * KIB;
+    let size = 4 * MIB + 5000;
+    let (path, data) = tmpfs_file(dir.path(), size, 99);
+    let store: DynStore = Arc::new(FileStore::open(&path, FileOptions::default()).unwrap());
+    let region = Arc::new(
+        LazyRegion::new(
+            store,
+            RegionConfig {
+                prefetch: true,
+                ..shared_cfg(chunk)
+            },
+        )
+        .unwrap(),
+    );
+    let n = size.div_ceil(chunk);
+    let model: Arc<Vec<parking_lot::Mutex<Vec<u8>>>> = Arc::new(
+        (0..n)
+            .map(|i| parking_lot::Mutex::new(data[i * chunk..((i + 1) * chunk).min(size)].to_vec()))
+            .collect(),
+    );
+    let file = Arc::new(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap(),
+    );
+    let rxs: Vec<_> = (0..4u64)
+        .map(|t| {
+            let (region, model, file) = (Arc::clone(&region), Arc::clone(&model), file.clone());
+            spawn(move || {
+                let mut rng = SmallRng::seed_from_u64(t + 100);
+                for _ in 0..400 {
+                    let i = rng.random_range(0..n);
+                    let mut m = model[i].lock();
+                    let base = i * chunk;
+                    match rng.random_range(0..5) {
+                        0 => {
+                            let mut got = vec![0u8; m.len()];
+                            region.read_faulting(base, &mut got);
+                            assert!(got == *m, "chunk {i} read wrong bytes");
+                        }
+                        1 => {
+                            let at = rng.random_range(0..m.len());
+                            let len = rng.random_range(1..=(m.len() - at).min(9000));
+                            let bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+                            region.write_at(base + at, &bytes).unwrap();
+                            m[at..at + len].copy_from_slice(&bytes);
+                        }
+                        2 => {
+                            let at = rng.random_range(0..m.len());
+                            let len = rng.random_range(1..=(m.len() - at).min(9000));
+                            let bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+                            file.write_all_at(&bytes, (base + at) as u64).unwrap();
+                            m[at..at + len].copy_from_slice(&bytes);
+                        }
+                        3 => {
+                            region.invalidate(base, m.len()).unwrap();
+                        }
+                        _ => {
+                            let len = m.len().next_multiple_of(4096);
+                            region.advise(base, len, Advice::DontNeed).unwrap();
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for rx in &rxs {
+        join(rx);
+    }
+    let want: Vec<u8> = model.iter().flat_map(|m| m.lock().clone()).collect();
+    assert_same(&region, &want);
+    drop(region);
+    assert_bytes(&std::fs::read(&path).unwrap(), &want, "the file");
+}
