@@ -81,6 +81,18 @@ fn dump_stacks(pid: u32) {
     }
 }
 
+/// `n` listeners on loopback ports of their own, and their addresses (the nodes' peer list).
+fn local_listeners(n: usize) -> (Vec<std::net::TcpListener>, Vec<String>) {
+    let listeners: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let peers = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    (listeners, peers)
+}
+
 fn cluster(n: usize, scheme: Scheme, size: u64) -> Vec<Node> {
     cluster_with(n, scheme, size, |_| {})
 }
@@ -90,13 +102,7 @@ fn cluster_with(n: usize, scheme: Scheme, size: u64, tweak: impl Fn(&mut DsmConf
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    let listeners: Vec<_> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let peers: Vec<String> = listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().to_string())
-        .collect();
+    let (listeners, peers) = local_listeners(n);
     let handles: Vec<_> = listeners
         .into_iter()
         .enumerate()
@@ -1375,13 +1381,7 @@ fn tls_between_nodes() {
     }
     drop(nodes);
     // Node 1 trusts another CA: its handshake with node 0 fails.
-    let listeners: Vec<_> = (0..2)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let peers: Vec<String> = listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().to_string())
-        .collect();
+    let (listeners, peers) = local_listeners(2);
     let hs: Vec<_> = listeners
         .into_iter()
         .enumerate()
@@ -1500,13 +1500,7 @@ fn manager_drops_request_of_dead_node() {
     let done = watchdog("manager_drops_request_of_dead_node", 120);
     for scheme in [Scheme::Centralized, Scheme::Fixed] {
         let size = 4 * 4096u64;
-        let listeners: Vec<_> = (0..3)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-            .collect();
-        let peers: Vec<String> = listeners
-            .iter()
-            .map(|l| l.local_addr().unwrap().to_string())
-            .collect();
+        let (listeners, peers) = local_listeners(3);
         let starts: Vec<_> = listeners
             .into_iter()
             .take(2)
