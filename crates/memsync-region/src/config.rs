@@ -31,12 +31,12 @@ pub enum Backing {
     /// MISSING and MINOR faults: a fault asks the source to make the chunk resident
     /// ([`ChunkSource::make_resident`](crate::ChunkSource::make_resident): a cache fetches it
     /// into its local copy) and maps the source's pages with `UFFDIO_CONTINUE`. No staging
-    /// buffer, no copy into the region and no fresh page per chunk: the one copy is the
-    /// source's (the socket's bytes into its page cache). A write through the region is a
-    /// write to the source when the source allows it; otherwise the region is mapped
-    /// read-only ([`LazyRegion::write_at`](crate::LazyRegion::write_at) fails, a raw write
-    /// raises `SIGSEGV`). Dropping chunks keeps the source's pages (`MADV_DONTNEED`, never
-    /// `MADV_REMOVE`). Not with a budget, write tracking or
+    /// buffer, no copy into the region and no fresh page per chunk: the only copies are the
+    /// source's own (a cache's, from the socket into its local copy). A write through the
+    /// region is a write to the source when the source allows it; otherwise the region is
+    /// mapped read-only ([`LazyRegion::write_at`](crate::LazyRegion::write_at) fails, a raw
+    /// write raises `SIGSEGV`). Dropping chunks keeps the source's pages (`MADV_DONTNEED`,
+    /// never `MADV_REMOVE`). Not with a budget, write tracking or
     /// [`place`](crate::LazyRegion::place), which would change the source's bytes behind it.
     Shared,
     /// Private anonymous memory backed by reserved huge pages
