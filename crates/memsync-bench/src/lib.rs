@@ -28,7 +28,7 @@ pub use memsync_testkit::proxy;
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use memsync_core::Registry;
@@ -433,6 +433,85 @@ pub fn gbps(bytes: u64, elapsed: Duration) -> f64 {
     bytes as f64 / elapsed.as_secs_f64() / 1e9
 }
 
+/// The unit of [`Rate::cpu`]: CPU time of the whole machine per GiB moved.
+pub const CPU_PER_GIB: &str = "CPU-s/GiB";
+
+/// Wall time and the whole machine's busy CPU time from one point to another: what a pipeline
+/// of several processes costs (servers, proxies and peers in children, the bench's own threads,
+/// the kernel's work for all of them), so that a case can show whether it ran out of CPU. Other
+/// load on the machine counts too: read it from a quiet run.
+#[derive(Clone, Copy, Debug)]
+pub struct Span {
+    t: Instant,
+    busy: Option<Duration>,
+}
+
+/// What a [`Span`] moved: GB/s, and busy CPU-seconds per GiB (`NaN` where `/proc/stat` cannot be
+/// read).
+#[derive(Clone, Copy, Debug)]
+pub struct Rate {
+    pub gbps: f64,
+    pub cpu: f64,
+}
+
+impl Rate {
+    /// The values of a case's `("throughput", "GB/s")` and `("cpu", CPU_PER_GIB)` metrics.
+    pub fn metrics(self) -> Vec<f64> {
+        vec![self.gbps, self.cpu]
+    }
+}
+
+impl Span {
+    pub fn start() -> Span {
+        Span {
+            busy: machine_busy(),
+            t: Instant::now(),
+        }
+    }
+
+    /// The wall time since the start.
+    pub fn elapsed(&self) -> Duration {
+        self.t.elapsed()
+    }
+
+    /// The rate of `bytes` moved since the start.
+    pub fn rate(&self, bytes: u64) -> Rate {
+        let el = self.t.elapsed();
+        let cpu = match (self.busy, machine_busy()) {
+            (Some(a), Some(b)) => {
+                b.saturating_sub(a).as_secs_f64() / (bytes as f64 / (1u64 << 30) as f64)
+            }
+            _ => f64::NAN,
+        };
+        Rate {
+            gbps: gbps(bytes, el),
+            cpu,
+        }
+    }
+}
+
+/// Busy time of all CPUs since boot, from the first line of `/proc/stat`: user, nice, system,
+/// irq and softirq (guest time is inside user; idle, iowait and steal, the time the hypervisor
+/// gave to others, are not busy). The file counts in USER_HZ, which is 100 on x86-64 and every
+/// other architecture memsync builds for.
+fn machine_busy() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    parse_busy(stat.lines().next()?)
+}
+
+fn parse_busy(line: &str) -> Option<Duration> {
+    let mut f = line.split_ascii_whitespace();
+    if f.next()? != "cpu" {
+        return None;
+    }
+    let v: Vec<u64> = f.take(7).map(|x| x.parse().ok()).collect::<Option<_>>()?;
+    let &[user, nice, system, _idle, _iowait, irq, softirq] = v.as_slice() else {
+        return None;
+    };
+    let ticks = user + nice + system + irq + softirq;
+    Some(Duration::from_millis(ticks.checked_mul(10)?))
+}
+
 /// A child process (a server or peer) killed and reaped on drop.
 #[derive(Debug)]
 pub struct Proc(pub std::process::Child);
@@ -523,6 +602,30 @@ pub const SUITES: &[Suite] = &[
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn busy_time_is_read_from_the_cpu_line() {
+        let line = "cpu  4705 150 1120 16250 520 30 45 7 0 0";
+        assert_eq!(
+            super::parse_busy(line),
+            Some(std::time::Duration::from_millis(
+                (4705 + 150 + 1120 + 30 + 45) * 10
+            ))
+        );
+        assert_eq!(super::parse_busy("cpu0 1 2 3 4 5 6 7"), None);
+        assert_eq!(super::parse_busy("cpu 1 2 x 4 5 6 7"), None);
+        assert_eq!(super::parse_busy("cpu 1 2 3"), None);
+        let span = super::Span::start();
+        let busy_loop = std::time::Instant::now();
+        while busy_loop.elapsed() < std::time::Duration::from_millis(100) {
+            std::hint::black_box(0u64);
+        }
+        // This thread alone kept a CPU busy for 0.1 s: at least ~0.1 CPU-s (the counters tick
+        // every 10 ms) for the 1 GiB this pretends to have moved.
+        let r = span.rate(1 << 30);
+        assert!(r.cpu >= 0.08, "{r:?}");
+        assert!(r.gbps > 0.0 && r.gbps.is_finite(), "{r:?}");
+    }
+
     use super::*;
 
     #[test]

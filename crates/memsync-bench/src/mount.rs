@@ -27,6 +27,13 @@
 //!   a core at 1 GB/s).
 //! - `proxy-cost`: nbdcopy directly against the server vs. through the proxy at RTT 0.
 //!
+//! Each subject of `seq-read` and `proxy-cost` also reports `cpu`: the whole machine's busy CPU
+//! time per GiB between the same start and stop points as its throughput ([`Span`]: the server,
+//! the proxy, nbdcopy, the bench's threads and the kernel's work for all of them). On this
+//! 2-vCPU VM a subject cannot beat 2 CPU-s per second over its `cpu`, so the pair of figures
+//! says whether a case ran out of CPU, and `fuse/fuse-local-file` on `cpu` how much more work
+//! the mount does than its ceiling.
+//!
 //! Cases with a peer or limit measure all their subjects in alternation ([`Bench::compare`]).
 //!
 //! On this VM memory the guest frees is handed back to the host (virtio-balloon free page
@@ -49,7 +56,7 @@ use memsync_region::{Backing, LazyRegion, RegionConfig};
 use rand::{Rng, RngCore, SeedableRng};
 
 use crate::Env;
-use crate::{Bench, Proc, Subject, free_port, gbps, wait_tcp};
+use crate::{Bench, CPU_PER_GIB, Proc, Rate, Span, Subject, free_port, gbps, wait_tcp};
 
 /// The predecessor's published managed-mount sequential read (GB/s) by RTT in ms: 2.4 at 0
 /// (backend returning no data), ~1.0 at 10 ms (4096 workers), 1.13 at 30 ms (16384 workers).
@@ -95,18 +102,18 @@ fn same(what: &str, got: blake3::Hash, want: blake3::Hash) -> Result<()> {
     Ok(())
 }
 
-fn nbdcopy_gbps(port: u16, size: u64) -> Result<f64> {
-    let t = Instant::now();
+fn nbdcopy_rate(port: u16, size: u64) -> Result<Rate> {
+    let t = Span::start();
     let o = Command::new("nbdcopy")
         .args([&format!("nbd://127.0.0.1:{port}/"), "null:"])
         .stdin(Stdio::null())
         .output()
         .context("running nbdcopy (install libnbd-bin with scripts/setup.sh)")?;
-    let el = t.elapsed();
+    let r = t.rate(size);
     if !o.status.success() {
         bail!("nbdcopy failed: {}", String::from_utf8_lossy(&o.stderr));
     }
-    Ok(gbps(size, el))
+    Ok(r)
 }
 
 /// Read the remote's image once before a timed read, so that every run finds it in the page
@@ -249,8 +256,8 @@ fn fuse_seq(
     port: u16,
     size: u64,
     hash: Option<&mut blake3::Hasher>,
-) -> Result<(f64, f64)> {
-    let t = Instant::now();
+) -> Result<(Rate, f64)> {
+    let t = Span::start();
     let m = mount_cache(env, scratch, port, seq_cfg(), true)?;
     let path = m
         .fuse
@@ -258,13 +265,13 @@ fn fuse_seq(
         .map(|f| f.file_path().to_path_buf())
         .unwrap_or_default();
     let (n, first) = read_file_hashed(&path, hash)?;
-    let el = t.elapsed();
+    let r = t.rate(size);
     let steady = first.elapsed();
     if n != size {
         bail!("read {n} bytes of {size}");
     }
     close(env, m)?;
-    Ok((gbps(size, el), gbps(size, steady)))
+    Ok((r, gbps(size, steady)))
 }
 
 /// A lazy region over a fresh cache read to its end through faults (1 MiB at a time): GB/s
@@ -277,8 +284,8 @@ fn region_seq(
     port: u16,
     size: u64,
     mut hash: Option<&mut blake3::Hasher>,
-) -> Result<f64> {
-    let t = Instant::now();
+) -> Result<Rate> {
+    let t = Span::start();
     let m = mount_cache_in(env, scratch, at, port, seq_cfg(), false)?;
     let backing = match at {
         CacheDir::Scratch => Backing::Anonymous,
@@ -303,10 +310,10 @@ fn region_seq(
             h.update(&buf[..n]);
         }
     }
-    let el = t.elapsed();
+    let r = t.rate(size);
     drop(region);
     close(env, m)?;
-    Ok(gbps(size, el))
+    Ok(r)
 }
 
 fn fuse_local_limit(
@@ -315,7 +322,7 @@ fn fuse_local_limit(
     img: &Path,
     size: u64,
     hash: Option<&mut blake3::Hasher>,
-) -> Result<f64> {
+) -> Result<Rate> {
     let store: DynStore = Arc::new(memsync_local::FileStore::open(
         img,
         memsync_local::FileOptions::read_only(),
@@ -327,14 +334,14 @@ fn fuse_local_limit(
         mdir.path(),
         FuseOptions::default(),
     )?;
-    let t = Instant::now();
+    let t = Span::start();
     let (n, _) = read_file_hashed(m.file_path(), hash)?;
-    let el = t.elapsed();
+    let r = t.rate(size);
     m.unmount()?;
     if n != size {
         bail!("read {n} bytes of {size}");
     }
-    Ok(gbps(size, el))
+    Ok(r)
 }
 
 /// The machine's limit for the lazy region at RTT 0 without the proxy: the image's bytes from
@@ -344,7 +351,7 @@ fn fuse_local_limit(
 /// into fresh tmpfs pages measured here: cheaper than `recv` into a mapping of the file, and
 /// than `splice`; docs/perf.md). No NBD framing, chunk map, fault or reader copy: no mount
 /// design can beat it on this machine. With `hash`, the received file is hashed afterwards.
-fn tcp_to_tmpfs(img: &Path, size: u64, hash: Option<&mut blake3::Hasher>) -> Result<f64> {
+fn tcp_to_tmpfs(img: &Path, size: u64, hash: Option<&mut blake3::Hasher>) -> Result<Rate> {
     use std::os::unix::fs::FileExt as _;
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
@@ -355,7 +362,7 @@ fn tcp_to_tmpfs(img: &Path, size: u64, hash: Option<&mut blake3::Hasher>) -> Res
         Ok(std::io::copy(&mut f, &mut s)?)
     });
     let dst = tempfile::NamedTempFile::new_in("/dev/shm").context("a file on /dev/shm")?;
-    let t = Instant::now();
+    let t = Span::start();
     let mut s = std::net::TcpStream::connect(addr)?;
     dst.as_file().set_len(size)?;
     let mut buf = vec![0u8; 1 << 20];
@@ -366,7 +373,7 @@ fn tcp_to_tmpfs(img: &Path, size: u64, hash: Option<&mut blake3::Hasher>) -> Res
         dst.as_file().write_all_at(&buf[..n], off)?;
         off += n as u64;
     }
-    let el = t.elapsed();
+    let r = t.rate(size);
     let sent = sender
         .join()
         .map_err(|_| anyhow::anyhow!("the sender thread panicked"))??;
@@ -388,7 +395,7 @@ fn tcp_to_tmpfs(img: &Path, size: u64, hash: Option<&mut blake3::Hasher>) -> Res
             bail!("received file holds {got} bytes of {size}");
         }
     }
-    Ok(gbps(size, el))
+    Ok(r)
 }
 
 /// A `seq-read` case: FUSE, the lazy region and nbdcopy reading the export on `port` from
@@ -423,21 +430,21 @@ fn seq_read(
     };
     let c = b.compare(
         case,
-        &[("throughput", "GB/s")],
+        &[("throughput", "GB/s"), ("cpu", CPU_PER_GIB)],
         vec![
-            Subject::new("fuse", || {
+            Subject::multi("fuse", || {
                 warm(img)?;
                 let (all, st) = fuse_seq(env, scratch, port, size, None)?;
                 steady.push(st);
-                Ok(all)
+                Ok(all.metrics())
             })
             .checked(move || {
                 let got = hashed(&|h| fuse_seq(env, scratch, port, size, h).map(|_| ()))?;
                 same("fuse", got, want)
             }),
-            Subject::new("lazy-region", || {
+            Subject::multi("lazy-region", || {
                 warm(img)?;
-                region_seq(env, scratch, CacheDir::Scratch, port, size, None)
+                region_seq(env, scratch, CacheDir::Scratch, port, size, None).map(Rate::metrics)
             })
             .checked(move || {
                 let got = hashed(&|h| {
@@ -446,9 +453,9 @@ fn seq_read(
                 same("lazy-region", got, want)
             }),
             // The one-copy design: the cache's local copy on tmpfs, mapped by the region.
-            Subject::new("lazy-region-shm", || {
+            Subject::multi("lazy-region-shm", || {
                 warm(img)?;
-                region_seq(env, scratch, CacheDir::Tmpfs, port, size, None)
+                region_seq(env, scratch, CacheDir::Tmpfs, port, size, None).map(Rate::metrics)
             })
             .checked(move || {
                 let got = hashed(&|h| {
@@ -456,15 +463,15 @@ fn seq_read(
                 })?;
                 same("lazy-region-shm", got, want)
             }),
-            Subject::new("nbdcopy", || {
+            Subject::multi("nbdcopy", || {
                 warm(img)?;
-                nbdcopy_gbps(port, size)
+                nbdcopy_rate(port, size).map(Rate::metrics)
             })
             .checked(move || same("nbdcopy", nbdcopy_hash(port)?, want)),
             // The FUSE ceiling of this machine.
-            Subject::new("fuse-local-file", || {
+            Subject::multi("fuse-local-file", || {
                 warm(img)?;
-                fuse_local_limit(env, scratch, img, size, None)
+                fuse_local_limit(env, scratch, img, size, None).map(Rate::metrics)
             })
             .checked(move || {
                 let got = hashed(&|h| fuse_local_limit(env, scratch, img, size, h).map(|_| ()))?;
@@ -474,9 +481,9 @@ fn seq_read(
         .into_iter()
         .chain(floor.then(|| {
             // The lazy region's limit on this machine (without the proxy).
-            Subject::new("tcp-to-tmpfs", || {
+            Subject::multi("tcp-to-tmpfs", || {
                 warm(img)?;
-                tcp_to_tmpfs(img, size, None)
+                tcp_to_tmpfs(img, size, None).map(Rate::metrics)
             })
             .checked(move || {
                 let got = hashed(&|h| tcp_to_tmpfs(img, size, h).map(|_| ()))?;
@@ -488,11 +495,15 @@ fn seq_read(
     b.record(case, "fuse-after-first-byte", "throughput", "GB/s", &steady);
     b.ratio(&c, "fuse", "nbdcopy", "throughput")?;
     b.ratio(&c, "fuse", "fuse-local-file", "throughput")?;
+    // What the mount costs beside what the ceiling costs: on 2 vCPUs a subject cannot run
+    // faster than 2 CPU-s per second over its CPU-s per GiB.
+    b.ratio(&c, "fuse", "fuse-local-file", "cpu")?;
     b.ratio(&c, "lazy-region", "nbdcopy", "throughput")?;
     b.ratio(&c, "lazy-region-shm", "nbdcopy", "throughput")?;
     b.ratio(&c, "lazy-region-shm", "lazy-region", "throughput")?;
     if floor {
         b.ratio(&c, "lazy-region-shm", "tcp-to-tmpfs", "throughput")?;
+        b.ratio(&c, "lazy-region-shm", "tcp-to-tmpfs", "cpu")?;
     }
     Ok(())
 }
@@ -541,15 +552,15 @@ pub fn run(b: &mut Bench, env: &Env<'_>) -> Result<()> {
         if rtt == 0 {
             let c = b.compare(
                 "proxy-cost",
-                &[("throughput", "GB/s")],
+                &[("throughput", "GB/s"), ("cpu", CPU_PER_GIB)],
                 vec![
-                    Subject::new("nbdcopy-proxy", || {
+                    Subject::multi("nbdcopy-proxy", || {
                         warm(&img)?;
-                        nbdcopy_gbps(pport, size)
+                        nbdcopy_rate(pport, size).map(Rate::metrics)
                     }),
-                    Subject::new("nbdcopy-direct", || {
+                    Subject::multi("nbdcopy-direct", || {
                         warm(&img)?;
-                        nbdcopy_gbps(sport, size)
+                        nbdcopy_rate(sport, size).map(Rate::metrics)
                     }),
                 ],
             )?;

@@ -21,7 +21,7 @@ pub const TOLERANCE: f64 = 0.05;
 pub fn higher_is_better(unit: &str) -> Option<bool> {
     match unit {
         "GB/s" | "MB/s" | "ops/s" | "IOPS" => Some(true),
-        "ns" | "us" | "µs" | "ms" | "s" => Some(false),
+        "ns" | "us" | "µs" | "ms" | "s" | "CPU-s/GiB" => Some(false),
         _ => None,
     }
 }

@@ -112,8 +112,12 @@ impl Target {
     }
 
     fn subject_matches(&self, subject: &str) -> bool {
-        // A ratio's subject is `a/b` or `a/b metric`.
+        // A ratio's subject is `a/b`, or `a/b metric` in a case with several metrics; a target
+        // on `a/b` is about the throughput, whichever way the case names it.
         glob(self.subject, subject)
+            || subject
+                .strip_suffix(" throughput")
+                .is_some_and(|s| glob(self.subject, s))
     }
 
     pub fn met(&self, value: f64) -> Option<bool> {
@@ -186,6 +190,28 @@ mod tests {
         assert!(glob("lazy-2M*/memcpy-?thr", "lazy-2M-pull/memcpy-2thr"));
         assert!(!glob("lazy-2M*/memcpy-?thr", "lazy-2M/memcpy-fresh-2thr"));
         assert!(!glob("a?", "a"));
+    }
+
+    #[test]
+    fn a_ratio_target_reads_the_throughput_ratio_of_a_case_with_several_metrics() {
+        let t = TARGETS
+            .iter()
+            .find(|t| t.suite == "mount" && t.subject == "fuse/fuse-local-file")
+            .expect("the FUSE ceiling target");
+        let r = |subject: &str| Record {
+            suite: "mount".into(),
+            case: "seq-read rtt=10ms".into(),
+            subject: subject.into(),
+            metric: "ratio".into(),
+            value: 0.5,
+            unit: "x".into(),
+            runs: 3,
+            min: 0.5,
+            max: 0.5,
+        };
+        assert!(t.matches(&r("fuse/fuse-local-file")));
+        assert!(t.matches(&r("fuse/fuse-local-file throughput")));
+        assert!(!t.matches(&r("fuse/fuse-local-file cpu")));
     }
 
     fn rec(case: &str, subject: &str, metric: &str, value: f64) -> Record {

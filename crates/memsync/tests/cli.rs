@@ -402,7 +402,15 @@ fn bench_mount_json_has_peers_and_ratios() {
         j.has_ratio(&case, "fuse", "fuse-local-file");
         j.has_ratio(&case, "lazy-region", "nbdcopy");
         assert!(j.subjects[&case].contains("r3map (published)"), "{case}");
+        // What the whole machine spent per GiB, beside what the ceiling spent.
+        assert!(
+            j.ratios[&case].contains("fuse/fuse-local-file cpu"),
+            "{case}: {:?}",
+            j.ratios[&case]
+        );
     }
+    // The machine's limit for the lazy region, without the proxy.
+    j.has_ratio("seq-read rtt=0ms direct", "lazy-region-shm", "tcp-to-tmpfs");
     j.has_ratio("proxy-cost", "nbdcopy-proxy", "nbdcopy-direct");
 }
 
