@@ -398,8 +398,6 @@ fn tcp_to_tmpfs(img: &Path, size: u64, hash: Option<&mut blake3::Hasher>) -> Res
     Ok(r)
 }
 
-/// A `seq-read` case: FUSE, the lazy region and nbdcopy reading the export on `port` from
-/// start to end, beside the FUSE ceiling, alternated; with the ratios of the targets.
 /// The image the server exports, and the suite's scratch directory.
 #[derive(Clone, Copy)]
 struct Image<'a> {
@@ -408,6 +406,8 @@ struct Image<'a> {
     size: u64,
 }
 
+/// A `seq-read` case: FUSE, the lazy region and nbdcopy reading the export on `port` from
+/// start to end, beside the FUSE ceiling, alternated; with the ratios of the targets.
 /// With `floor`, the machine's limit (`tcp-to-tmpfs`) runs beside them: only without the proxy,
 /// whose hop the limit does not take.
 fn seq_read(
