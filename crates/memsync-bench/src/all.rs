@@ -56,6 +56,10 @@ fn run_suites(
     }
     let mut outcomes = Vec::new();
     for s in suites {
+        if crate::interrupted() {
+            eprintln!("== memsync bench: interrupted, the remaining suites do not run");
+            break;
+        }
         eprintln!("== memsync bench {}", s.name);
         let load = load_average();
         let t = Instant::now();

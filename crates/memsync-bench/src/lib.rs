@@ -285,6 +285,9 @@ impl Bench {
             vec![vec![Vec::with_capacity(rounds); metrics.len()]; n];
         for r in 0..rounds {
             for k in 0..n {
+                if interrupted() {
+                    bail!("{case}: interrupted");
+                }
                 let i = (r + k) % n;
                 let s = &mut subjects[i];
                 let v = (s.run)().with_context(|| format!("{case}: {}", s.name))?;
@@ -505,6 +508,52 @@ fn parse_busy(line: &str) -> Option<Duration> {
     };
     let ticks = user + nice + system + irq + softirq;
     Some(Duration::from_millis(ticks.checked_mul(10)?))
+}
+
+/// Set by [`interrupt`]: every compared case stops before its next run.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The FUSE mounts this process serves and reads itself.
+static OWN_FUSE: parking_lot::Mutex<Vec<memsync_fuse::AbortHandle>> =
+    parking_lot::Mutex::new(Vec::new());
+
+/// Mounts FUSE for a suite that reads or maps the file from this process. Such a process must
+/// never die by a signal while one of its threads waits for its own mount: the kernel then
+/// waits for a reply (uninterruptibly, once the request was read) from request threads that
+/// are gone, through a `/dev/fuse` that the waiting thread keeps open, and the process never
+/// ends. [`interrupt`] aborts every mount made here first.
+pub(crate) fn mount_fuse(
+    store: memsync_core::DynStore,
+    rt: tokio::runtime::Handle,
+    mountpoint: &std::path::Path,
+    opts: memsync_fuse::FuseOptions,
+) -> Result<memsync_fuse::FuseMount> {
+    let m = memsync_fuse::mount(store, rt, mountpoint, opts)?;
+    let mut own = OWN_FUSE.lock();
+    // A handle does nothing once its mount's unmount has ended; keep the list short anyway.
+    if own.len() >= 64 {
+        own.drain(..32);
+    }
+    own.push(m.abort_handle());
+    Ok(m)
+}
+
+/// What SIGINT and SIGTERM do during a suite (`memsync bench` installs it): abort the FUSE
+/// mounts this process serves (a read of one fails at once instead of hanging), and make every
+/// compared case fail before its next run, so that the suite unwinds: children are killed and
+/// mounts removed on the way out.
+pub fn interrupt() {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+    for h in OWN_FUSE.lock().drain(..) {
+        if let Err(e) = h.abort() {
+            eprintln!("memsync: bench: aborting a FUSE mount: {e}");
+        }
+    }
+}
+
+/// Whether [`interrupt`] was called.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 /// A child process (a server or peer) killed and reaped on drop.

@@ -189,7 +189,7 @@ fn mount_cache_in(
         ))
     })?;
     let fuse = if fuse {
-        Some(memsync_fuse::mount(
+        Some(crate::mount_fuse(
             cache.clone(),
             env.rt.handle().clone(),
             mdir.path(),
@@ -328,7 +328,7 @@ fn fuse_local_limit(
         memsync_local::FileOptions::read_only(),
     )?);
     let mdir = tempfile::tempdir_in(scratch)?;
-    let m = memsync_fuse::mount(
+    let m = crate::mount_fuse(
         store,
         env.rt.handle().clone(),
         mdir.path(),

@@ -233,8 +233,29 @@ pub fn bench(ctx: &Context, a: BenchArgs) -> Result<()> {
     }
 }
 
-/// What the benchmark suites run with: this binary's registry, runtime and path.
+/// What the benchmark suites run with: this binary's registry, runtime and path. Also makes
+/// SIGINT and SIGTERM stop the suites cleanly ([`memsync_bench::interrupt`]: the FUSE mounts
+/// this process reads are aborted first, so no read of one can hang its exit); a second signal,
+/// or 30 s without the suite unwinding, ends the process at once.
 fn bench_env(ctx: &Context) -> Result<memsync_bench::Env<'_>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let _rt = ctx.rt.enter();
+    let mut int = signal(SignalKind::interrupt()).context("catching SIGINT")?;
+    let mut term = signal(SignalKind::terminate()).context("catching SIGTERM")?;
+    ctx.rt.spawn(async move {
+        let code = tokio::select! {
+            _ = int.recv() => 130,
+            _ = term.recv() => 143,
+        };
+        eprintln!("memsync: bench: stopping (a second signal ends it at once)");
+        memsync_bench::interrupt();
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+            _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+        }
+        std::process::exit(code);
+    });
     Ok(memsync_bench::Env {
         registry: &ctx.registry,
         rt: &ctx.rt,

@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use rand::{RngCore, SeedableRng};
 
@@ -412,6 +413,90 @@ fn bench_mount_json_has_peers_and_ratios() {
     // The machine's limit for the lazy region, without the proxy.
     j.has_ratio("seq-read rtt=0ms direct", "lazy-region-shm", "tcp-to-tmpfs");
     j.has_ratio("proxy-cost", "nbdcopy-proxy", "nbdcopy-direct");
+}
+
+/// FUSE mounts under `dir` in this mount namespace: mount point and kernel connection number
+/// (the minor of the mount's device, read from `mountinfo` without touching the mount).
+fn fuse_mounts_under(dir: &std::path::Path) -> Vec<(String, String)> {
+    let dir = dir.to_str().unwrap();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let fstype = f.iter().skip_while(|x| **x != "-").nth(1)?;
+            let conn = f.get(2)?.strip_prefix("0:")?;
+            (fstype.starts_with("fuse") && f.get(4)?.starts_with(dir))
+                .then(|| (f[4].to_owned(), conn.to_owned()))
+        })
+        .collect()
+}
+
+/// SIGTERM while the mount suite reads a FUSE file it serves itself: the process stops and
+/// leaves no mount behind. Before, a signal in the middle of a read left the process waiting
+/// forever in the kernel for a reply from its own request threads, already gone (state D,
+/// `request_wait_answer`), or, between reads, left a dead mount point.
+#[test]
+fn bench_stops_cleanly_at_sigterm_during_a_fuse_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_memsync"))
+        .args(["bench", "mount", "--quick", "--runs", "3", "--scratch"])
+        .arg(tmp.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while fuse_mounts_under(tmp.path()).is_empty() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the suite ended before mounting FUSE"
+        );
+        assert!(t.elapsed() < Duration::from_secs(300), "no FUSE mount");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The seq-read case's FUSE subjects read the file from the mount's own process now.
+    std::thread::sleep(Duration::from_millis(20));
+    run_ok("kill", &["-TERM", &child.id().to_string()]);
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if t.elapsed() > Duration::from_secs(90) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let left = fuse_mounts_under(tmp.path());
+    // Free the machine before failing: abort this run's stuck connections (only them: other
+    // tests' mounts are alive), detach its mounts.
+    for (m, conn) in &left {
+        let _ = std::fs::write(format!("/sys/fs/fuse/connections/{conn}/abort"), "1");
+        let _ = Command::new("umount").args(["-l", m]).status();
+    }
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let status = status.expect("the bench did not end within 90 s of SIGTERM");
+    assert!(left.is_empty(), "FUSE mounts left behind: {left:?}");
+    assert!(
+        !status.success(),
+        "an interrupted suite must not report success"
+    );
+    // The suite unwound: its servers and proxies (children naming its scratch directory) were
+    // killed on the way out, none runs on.
+    let scratch = tmp.path().to_str().unwrap().to_owned();
+    let orphans: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&scratch) && c.contains("serve"))
+        .collect();
+    assert!(orphans.is_empty(), "children left running: {orphans:?}");
 }
 
 #[test]
