@@ -27,7 +27,7 @@ pub fn run_test_binary(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     setup(&mut cmd);
-    let mut child = cmd.spawn().expect("spawning the test binary");
+    let mut child = spawn_retrying_busy(&mut cmd).expect("spawning the test binary");
     // Drain both pipes on their own threads so a chatty child cannot block on a full pipe.
     let drain = |mut r: Box<dyn Read + Send>| {
         std::thread::spawn(move || {
@@ -54,6 +54,26 @@ pub fn run_test_binary(
         status,
         stdout: out.join().unwrap_or_default(),
         stderr: err.join().unwrap_or_default(),
+    }
+}
+
+/// Spawn `cmd`, retrying for up to 2 s while the executable is busy (`ETXTBSY`). A test that
+/// has just written the binary it runs (a copy that another user may execute) can meet a
+/// child forked meanwhile by another test thread of the same process: until that child execs,
+/// it holds an inherited descriptor open for writing on the new file, and the kernel refuses
+/// to execute a file open for writing. The descriptor goes away at that child's exec.
+fn spawn_retrying_busy(cmd: &mut Command) -> std::io::Result<std::process::Child> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match cmd.spawn() {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ExecutableFileBusy
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            r => return r,
+        }
     }
 }
 
@@ -113,6 +133,30 @@ mod tests {
             )
         });
         assert!(r.is_err(), "a child past its deadline must fail the test");
+    }
+
+    /// The race `spawn_retrying_busy` absorbs, made on purpose: the binary is still open for
+    /// writing when the spawn starts, and closed a moment later.
+    #[test]
+    fn a_binary_busy_for_a_moment_still_runs() {
+        let d = TempDir::new("child-busy");
+        let exe = d.0.join("echo-copy");
+        std::fs::copy("/bin/echo", &exe).unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let writer = std::fs::OpenOptions::new().write(true).open(&exe).unwrap();
+        assert_eq!(
+            Command::new(&exe).arg("x").output().unwrap_err().kind(),
+            std::io::ErrorKind::ExecutableFileBusy,
+            "the kernel refuses a binary open for writing"
+        );
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            drop(writer);
+        });
+        let out = run_test_binary(&exe, "ran", Duration::from_secs(10), |_| {});
+        closer.join().unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("ran"));
     }
 
     #[test]
