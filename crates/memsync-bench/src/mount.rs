@@ -49,7 +49,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use memsync_cache::{Cache, CacheConfig, remote_pair};
+use memsync_cache::{Cache, CacheConfig, open_cache};
 use memsync_core::DynStore;
 use memsync_fuse::{FuseMount, FuseOptions};
 use memsync_region::{Backing, LazyRegion, RegionConfig};
@@ -178,16 +178,9 @@ fn mount_cache_in(
     };
     let mdir = tempfile::tempdir_in(scratch)?;
     let url = format!("nbd://127.0.0.1:{port}/");
-    let cache = env.rt.block_on(async {
-        let (remote, demand) = remote_pair(env.registry, &url).await?;
-        let cfg = CacheConfig {
-            demand_remote: Some(demand as DynStore),
-            ..cfg
-        };
-        anyhow::Ok(Arc::new(
-            Cache::open(remote as DynStore, cdir.path(), cfg).await?,
-        ))
-    })?;
+    let cache = env
+        .rt
+        .block_on(open_cache(env.registry, &url, cdir.path(), cfg))?;
     let fuse = if fuse {
         Some(crate::mount_fuse(
             cache.clone(),
