@@ -373,17 +373,8 @@ fn tcp_to_tmpfs(img: &Path, size: u64, hash: Option<&mut blake3::Hasher>) -> Res
     if sent != size {
         bail!("sent {sent} bytes of {size}");
     }
-    if let Some(h) = hash {
-        let mut f = dst.reopen()?;
-        let mut got = 0u64;
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-            got += n as u64;
-        }
+    if hash.is_some() {
+        let (got, _) = read_file_hashed(dst.path(), hash)?;
         if got != size {
             bail!("received file holds {got} bytes of {size}");
         }
