@@ -26,6 +26,9 @@
 //!   protocol, chunk map or fault (fresh memory costs ~0.35 s per GiB on this VM, a third of
 //!   a core at 1 GB/s).
 //! - `proxy-cost`: nbdcopy directly against the server vs. through the proxy at RTT 0.
+//! - `fresh-memory` (first): the same write of a new file in the scratch directory after a few
+//!   seconds of idle and right after an equal file was deleted; their ratio says how dear fresh
+//!   memory is in this run, which every other case here depends on (see the note below).
 //!
 //! Each subject of `seq-read` and `proxy-cost` also reports `cpu`: the whole machine's busy CPU
 //! time per GiB between the same start and stop points as its throughput ([`Span`]: the server,
@@ -39,7 +42,11 @@
 //! On this VM memory the guest frees is handed back to the host (virtio-balloon free page
 //! reporting), and the next first touch of it faults on the host: a run whose 1 GiB of cache
 //! page cache or region memory lands on such memory is 2–3× slower (seen as the min of a case).
-//! Medians of several runs are what to compare.
+//! How much slower depends on the host's state at the time, and on the size of the allocations:
+//! the ext4 page cache of a cache on disk takes folios as large as each write (1 MiB chunks),
+//! which come from the large free blocks the guest has handed back, while tmpfs takes 4 KiB
+//! pages; the subjects whose cache is on disk (`fuse`, `lazy-region`) vary most. `fresh-memory`
+//! says how dear fresh memory was in the run; medians of several runs are what to compare.
 
 use std::io::Read as _;
 use std::os::fd::AsFd;
@@ -382,6 +389,58 @@ fn tcp_to_tmpfs(img: &Path, size: u64, hash: Option<&mut blake3::Hasher>) -> Res
     Ok(r)
 }
 
+/// Writes `size` bytes of `block` into a new file in `dir` with `pwrite`s of `block`'s size (as
+/// the cache writes a fetched chunk into its local copy): GB/s of the writes alone (no `fsync`;
+/// the allocation of the file's page cache and the copy). The file's bytes are checked
+/// afterwards, untimed, and it is deleted, which frees its memory.
+fn write_new_file(dir: &Path, size: u64, block: &[u8]) -> Result<f64> {
+    use std::os::unix::fs::FileExt as _;
+    let f = tempfile::NamedTempFile::new_in(dir)?;
+    let t = Instant::now();
+    for off in (0..size).step_by(block.len()) {
+        let n = (block.len() as u64).min(size - off) as usize;
+        f.as_file().write_all_at(&block[..n], off)?;
+    }
+    let rate = gbps(size, t.elapsed());
+    let mut got = std::fs::File::open(f.path())?;
+    let mut buf = vec![0u8; block.len()];
+    for off in (0..size).step_by(block.len()) {
+        let n = (block.len() as u64).min(size - off) as usize;
+        got.read_exact(&mut buf[..n])?;
+        if buf[..n] != block[..n] {
+            bail!("{}: wrong bytes at {off}", f.path().display());
+        }
+    }
+    Ok(rate)
+}
+
+/// Case `fresh-memory`: how dear fresh memory is on this machine during this run, the context
+/// every other figure of the suite depends on. The same write of a new file in the scratch
+/// directory (what the cache's pull does to its local copy), once after `pause` of idle and
+/// once right after an equal file was deleted: memory the guest frees is handed back to the
+/// host after about 2 s here (virtio-balloon free page reporting, 2 MiB blocks), and a write
+/// that lands on it waits for the host to back it again, so `after-idle/reused` below 1 says
+/// by how much this run's fresh pages cost more than recycled ones. It varies with the host's
+/// state, not with memsync: 0.15× to 1.0× on the same VM within an hour (docs/perf.md).
+fn fresh_memory(b: &mut Bench, dir: &Path, size: u64, pause: Duration) -> Result<()> {
+    let mut block = vec![0u8; 1 << 20];
+    rand::rngs::SmallRng::seed_from_u64(11).fill_bytes(&mut block);
+    let block = &block;
+    b.pair(
+        "fresh-memory",
+        ("throughput", "GB/s"),
+        Subject::new("after-idle", move || {
+            std::thread::sleep(pause);
+            write_new_file(dir, size, block)
+        }),
+        Subject::new("reused", move || {
+            write_new_file(dir, size, block)?;
+            write_new_file(dir, size, block)
+        }),
+    )?;
+    Ok(())
+}
+
 /// The image the server exports, and the suite's scratch directory.
 #[derive(Clone, Copy)]
 struct Image<'a> {
@@ -512,6 +571,8 @@ pub fn run(b: &mut Bench, env: &Env<'_>) -> Result<()> {
     )?;
     wait_tcp(sport)?;
     let runs = b.config.runs();
+    let pause = Duration::from_millis(if quick { 500 } else { 5000 });
+    fresh_memory(b, &scratch, size, pause)?;
     let image = Image {
         scratch: &scratch,
         img: &img,
