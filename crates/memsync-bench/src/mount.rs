@@ -389,17 +389,30 @@ fn tcp_to_tmpfs(img: &Path, size: u64, hash: Option<&mut blake3::Hasher>) -> Res
     Ok(r)
 }
 
-/// Writes `size` bytes of `block` into a new file in `dir` with `pwrite`s of `block`'s size (as
-/// the cache writes a fetched chunk into its local copy): GB/s of the writes alone (no `fsync`;
-/// the allocation of the file's page cache and the copy). The file's bytes are checked
-/// afterwards, untimed, and it is deleted, which frees its memory.
-fn write_new_file(dir: &Path, size: u64, block: &[u8]) -> Result<f64> {
+/// Writes `size` bytes of `block` into a new file in `dir`, one `block` at a time (as the cache
+/// writes a fetched chunk into its local copy): GB/s of the writes alone (no `fsync`: the
+/// allocation of the file's page cache and the copy). With `store`, through a `file:` store
+/// (`FileStore::write`, which splits each write into the pieces it finds cheapest); otherwise
+/// with one `pwrite` per block. The file's bytes are checked afterwards, untimed, and it is
+/// deleted, which frees its memory.
+fn write_new_file(env: &Env<'_>, dir: &Path, size: u64, block: &[u8], store: bool) -> Result<f64> {
+    use memsync_core::Store as _;
     use std::os::unix::fs::FileExt as _;
     let f = tempfile::NamedTempFile::new_in(dir)?;
+    let fs = if store {
+        let o = memsync_local::FileOptions::with_size(size);
+        Some(memsync_local::FileStore::open(f.path(), o)?)
+    } else {
+        None
+    };
+    let block = memsync_core::Bytes::copy_from_slice(block);
     let t = Instant::now();
     for off in (0..size).step_by(block.len()) {
         let n = (block.len() as u64).min(size - off) as usize;
-        f.as_file().write_all_at(&block[..n], off)?;
+        match &fs {
+            Some(fs) => env.rt.block_on(fs.write(off, block.slice(..n)))?,
+            None => f.as_file().write_all_at(&block[..n], off)?,
+        }
     }
     let rate = gbps(size, t.elapsed());
     let mut got = std::fs::File::open(f.path())?;
@@ -416,28 +429,44 @@ fn write_new_file(dir: &Path, size: u64, block: &[u8]) -> Result<f64> {
 
 /// Case `fresh-memory`: how dear fresh memory is on this machine during this run, the context
 /// every other figure of the suite depends on. The same write of a new file in the scratch
-/// directory (what the cache's pull does to its local copy), once after `pause` of idle and
-/// once right after an equal file was deleted: memory the guest frees is handed back to the
+/// directory (what the cache's pull does to its local copy, 1 MiB at a time), after `pause` of
+/// idle and right after an equal file was deleted: memory the guest frees is handed back to the
 /// host after about 2 s here (virtio-balloon free page reporting, 2 MiB blocks), and a write
 /// that lands on it waits for the host to back it again, so `after-idle/reused` below 1 says
 /// by how much this run's fresh pages cost more than recycled ones. It varies with the host's
 /// state, not with memsync: 0.15× to 1.0× on the same VM within an hour (docs/perf.md).
-fn fresh_memory(b: &mut Bench, dir: &Path, size: u64, pause: Duration) -> Result<()> {
+/// `file-store-after-idle` is the same write after idle through a `file:` store, whose smaller
+/// `pwrite`s take page-cache folios the guest recycles (`memsync_local`'s `WRITE_PIECE`).
+fn fresh_memory(
+    b: &mut Bench,
+    env: &Env<'_>,
+    dir: &Path,
+    size: u64,
+    pause: Duration,
+) -> Result<()> {
     let mut block = vec![0u8; 1 << 20];
     rand::rngs::SmallRng::seed_from_u64(11).fill_bytes(&mut block);
     let block = &block;
-    b.pair(
+    let c = b.compare(
         "fresh-memory",
-        ("throughput", "GB/s"),
-        Subject::new("after-idle", move || {
-            std::thread::sleep(pause);
-            write_new_file(dir, size, block)
-        }),
-        Subject::new("reused", move || {
-            write_new_file(dir, size, block)?;
-            write_new_file(dir, size, block)
-        }),
+        &[("throughput", "GB/s")],
+        vec![
+            Subject::new("after-idle", move || {
+                std::thread::sleep(pause);
+                write_new_file(env, dir, size, block, false)
+            }),
+            Subject::new("file-store-after-idle", move || {
+                std::thread::sleep(pause);
+                write_new_file(env, dir, size, block, true)
+            }),
+            Subject::new("reused", move || {
+                write_new_file(env, dir, size, block, false)?;
+                write_new_file(env, dir, size, block, false)
+            }),
+        ],
     )?;
+    b.ratio(&c, "after-idle", "reused", "throughput")?;
+    b.ratio(&c, "file-store-after-idle", "after-idle", "throughput")?;
     Ok(())
 }
 
@@ -572,7 +601,7 @@ pub fn run(b: &mut Bench, env: &Env<'_>) -> Result<()> {
     wait_tcp(sport)?;
     let runs = b.config.runs();
     let pause = Duration::from_millis(if quick { 500 } else { 5000 });
-    fresh_memory(b, &scratch, size, pause)?;
+    fresh_memory(b, env, &scratch, size, pause)?;
     let image = Image {
         scratch: &scratch,
         img: &img,

@@ -420,8 +420,7 @@ impl Inner {
     }
 
     fn pwrite(&self, file: &File, index: u64, within: u64, data: &[u8]) -> Result<()> {
-        file.write_all_at(data, within)
-            .map_err(|e| self.err("pwrite", index, e))?;
+        crate::util::write_all_at(file, data, within).map_err(|e| self.err("pwrite", index, e))?;
         self.dirty.lock().insert(index);
         Ok(())
     }

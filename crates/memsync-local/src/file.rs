@@ -347,7 +347,7 @@ impl FileStore {
 
     /// Write zeros with `pwrite`, the fallback when `fallocate` cannot do it.
     fn write_zero_bytes(&self, offset: u64, len: u64) -> Result<()> {
-        let zeros = vec![0u8; usize_of(len.min(1 << 20))];
+        let zeros = vec![0u8; usize_of(len.min(crate::util::WRITE_PIECE as u64))];
         let mut pos = offset;
         while pos < offset + len {
             let n = (offset + len - pos).min(zeros.len() as u64);
@@ -473,8 +473,7 @@ impl Store for FileStore {
         if data.is_empty() {
             return Ok(());
         }
-        self.file
-            .write_all_at(&data, offset)
+        crate::util::write_all_at(&self.file, &data, offset)
             .map_err(|e| self.err("pwrite", offset, data.len() as u64, e))
     }
 
