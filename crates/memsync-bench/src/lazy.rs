@@ -8,6 +8,7 @@
 //!   into memory touched beforehand, and `memcpy-fresh-Nthr`, the same into never touched
 //!   memory advised for huge pages (the region must allocate and zero its pages too).
 //!   Subjects: 2 MiB chunks with and without the background puller (following the faults),
+//!   the same copied into 4 KiB pages instead of moved in as huge pages (`lazy-2M-small-pages`),
 //!   64 KiB and (not with `--quick`) 4 KiB chunks, and `lazy-2M-shared-tmpfs`: the same bytes
 //!   in a `file:` store on tmpfs, whose pages the region maps (`Backing::Shared`: MINOR faults
 //!   and `UFFDIO_CONTINUE`, no copy and no fresh page; the store is not `mem:`). The first run
@@ -423,6 +424,13 @@ pub fn run(bench: &mut Bench, env: &Env<'_>) -> Result<()> {
         Subject::new(&fresh, || memcpy_fresh_limit(len, threads)),
         seq_subject("lazy-2M", &store, want, || base_cfg(2 * MIB)),
         seq_subject("lazy-2M-pull", &store, want, || pull_cfg(2 * MIB)),
+        // Each chunk copied into 4 KiB pages instead of moved in as a fresh huge page
+        // (`memsync map --small-pages`).
+        seq_subject("lazy-2M-small-pages", &store, want, || RegionConfig {
+            huge_pages: false,
+            use_move: false,
+            ..base_cfg(2 * MIB)
+        }),
     ];
     // hugetlb backing, if enough huge pages are reserved (the suite does not change sysctls).
     let free_huge = hugetlb_free_bytes();
@@ -455,6 +463,7 @@ pub fn run(bench: &mut Bench, env: &Env<'_>) -> Result<()> {
         bench.ratio(&c, m, &memcpy, "throughput")?;
         bench.ratio(&c, m, &fresh, "throughput")?;
     }
+    bench.ratio(&c, "lazy-2M-small-pages", "lazy-2M", "throughput")?;
 
     // Random 4 KiB first touches: where the fault is served.
     let case = "rand-4k-first-touch";

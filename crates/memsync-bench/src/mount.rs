@@ -6,7 +6,9 @@
 //!   through the FUSE file (1 MiB `read(2)` calls) and through a lazy userfaultfd region over
 //!   the cache (faulting reads), timed from opening the cache; `lazy-region-shm` is the
 //!   one-copy design: the cache's directory on tmpfs and the region mapping the cache's own
-//!   pages (`Backing::Shared`: MINOR faults, `UFFDIO_CONTINUE`, no copy into the region).
+//!   pages (`Backing::Shared`: MINOR faults, `UFFDIO_CONTINUE`, no copy into the region);
+//!   `lazy-region-small-pages` is `lazy-region` with its chunks copied into 4 KiB pages instead
+//!   of moved in as 2 MiB huge pages (`memsync map --small-pages`).
 //!   Each subject's bytes are checked once, untimed, against the image's BLAKE3 hash.
 //!   Beside them, in alternation:
 //!   nbdcopy reading the same export through the same proxy (a client with many requests in
@@ -274,34 +276,55 @@ fn fuse_seq(
     Ok((r, gbps(size, steady)))
 }
 
+/// How a `seq-read` lazy region holds the chunks it gets from the cache.
+#[derive(Clone, Copy)]
+enum RegionKind {
+    /// Its own anonymous memory, each 2 MiB chunk moved in as one transparent huge page (the
+    /// region's default), over a cache in the scratch directory.
+    Anonymous,
+    /// Its own anonymous memory, each chunk copied into 4 KiB pages (`memsync map
+    /// --small-pages`), over a cache in the scratch directory.
+    SmallPages,
+    /// The pages of a cache on tmpfs, mapped ([`Backing::Shared`]).
+    Shared,
+}
+
 /// A lazy region over a fresh cache read to its end through faults (1 MiB at a time): GB/s
-/// from opening the cache. Over a cache on tmpfs the region maps the cache's pages
-/// ([`Backing::Shared`]); otherwise it gets a copy of each chunk in its own memory.
+/// from opening the cache.
 fn region_seq(
     env: &Env<'_>,
     scratch: &Path,
-    at: CacheDir,
+    kind: RegionKind,
     port: u16,
     size: u64,
     mut hash: Option<&mut blake3::Hasher>,
 ) -> Result<Rate> {
     let t = Span::start();
-    let m = mount_cache_in(env, scratch, at, port, seq_cfg(), false)?;
-    let backing = match at {
-        CacheDir::Scratch => Backing::Anonymous,
-        CacheDir::Tmpfs => Backing::Shared,
+    let at = match kind {
+        RegionKind::Shared => CacheDir::Tmpfs,
+        RegionKind::Anonymous | RegionKind::SmallPages => CacheDir::Scratch,
     };
-    let region = LazyRegion::new(
-        m.cache.clone() as DynStore,
-        RegionConfig {
-            chunk_size: 2 << 20,
-            prefetch: false,
-            backing,
-            runtime: Some(env.rt.handle().clone()),
-            ..RegionConfig::default()
+    let m = mount_cache_in(env, scratch, at, port, seq_cfg(), false)?;
+    let base = RegionConfig {
+        chunk_size: 2 << 20,
+        prefetch: false,
+        runtime: Some(env.rt.handle().clone()),
+        ..RegionConfig::default()
+    };
+    let cfg = match kind {
+        RegionKind::Anonymous => base,
+        RegionKind::SmallPages => RegionConfig {
+            huge_pages: false,
+            use_move: false,
+            ..base
         },
-    )
-    .context("creating the lazy region")?;
+        RegionKind::Shared => RegionConfig {
+            backing: Backing::Shared,
+            ..base
+        },
+    };
+    let region =
+        LazyRegion::new(m.cache.clone() as DynStore, cfg).context("creating the lazy region")?;
     let mut buf = vec![0u8; 1 << 20];
     for off in (0..size as usize).step_by(1 << 20) {
         let n = (1 << 20).min(size as usize - off);
@@ -516,22 +539,34 @@ fn seq_read(
             }),
             Subject::multi("lazy-region", || {
                 warm(img)?;
-                region_seq(env, scratch, CacheDir::Scratch, port, size, None).map(Rate::metrics)
+                region_seq(env, scratch, RegionKind::Anonymous, port, size, None).map(Rate::metrics)
             })
             .checked(move || {
                 let got = hashed(&|h| {
-                    region_seq(env, scratch, CacheDir::Scratch, port, size, h).map(|_| ())
+                    region_seq(env, scratch, RegionKind::Anonymous, port, size, h).map(|_| ())
                 })?;
                 same("lazy-region", got, want)
+            }),
+            // The same in 4 KiB pages: no fresh huge page per chunk.
+            Subject::multi("lazy-region-small-pages", || {
+                warm(img)?;
+                region_seq(env, scratch, RegionKind::SmallPages, port, size, None)
+                    .map(Rate::metrics)
+            })
+            .checked(move || {
+                let got = hashed(&|h| {
+                    region_seq(env, scratch, RegionKind::SmallPages, port, size, h).map(|_| ())
+                })?;
+                same("lazy-region-small-pages", got, want)
             }),
             // The one-copy design: the cache's local copy on tmpfs, mapped by the region.
             Subject::multi("lazy-region-shm", || {
                 warm(img)?;
-                region_seq(env, scratch, CacheDir::Tmpfs, port, size, None).map(Rate::metrics)
+                region_seq(env, scratch, RegionKind::Shared, port, size, None).map(Rate::metrics)
             })
             .checked(move || {
                 let got = hashed(&|h| {
-                    region_seq(env, scratch, CacheDir::Tmpfs, port, size, h).map(|_| ())
+                    region_seq(env, scratch, RegionKind::Shared, port, size, h).map(|_| ())
                 })?;
                 same("lazy-region-shm", got, want)
             }),
@@ -573,6 +608,7 @@ fn seq_read(
     b.ratio(&c, "lazy-region", "nbdcopy", "throughput")?;
     b.ratio(&c, "lazy-region-shm", "nbdcopy", "throughput")?;
     b.ratio(&c, "lazy-region-shm", "lazy-region", "throughput")?;
+    b.ratio(&c, "lazy-region-small-pages", "lazy-region", "throughput")?;
     if floor {
         b.ratio(&c, "lazy-region-shm", "tcp-to-tmpfs", "throughput")?;
         b.ratio(&c, "lazy-region-shm", "tcp-to-tmpfs", "cpu")?;

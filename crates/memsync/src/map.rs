@@ -40,6 +40,12 @@ pub struct MapArgs {
     /// cache fetches into its local copy, which the region maps read-only).
     #[arg(long, conflicts_with = "hugetlb")]
     pub shared: bool,
+    /// Copy each chunk into 4 KiB pages (UFFDIO_COPY) instead of moving it in as whole 2 MiB
+    /// transparent huge pages: faster where fresh huge pages are dear, as on VMs that hand
+    /// the memory they free back to their host (virtio-balloon free page reporting), slower
+    /// where they are not (docs/perf.md, "Small pages").
+    #[arg(long, conflicts_with_all = ["memfd", "shared", "hugetlb"])]
+    pub small_pages: bool,
     /// Back the region with reserved huge pages (MAP_HUGETLB; reserve them first, as root:
     /// `echo N > /proc/sys/vm/nr_hugepages`). Needs a chunk of at least 2M.
     #[arg(long)]
@@ -100,6 +106,8 @@ pub fn map(ctx: &Context, a: MapArgs) -> Result<()> {
         } else {
             Backing::Anonymous
         },
+        huge_pages: !a.small_pages,
+        use_move: !a.small_pages,
         runtime: Some(ctx.rt.handle().clone()),
         ..RegionConfig::default()
     };

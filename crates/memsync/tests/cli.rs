@@ -1411,6 +1411,41 @@ fn map_shared_maps_a_tmpfs_file_and_a_tmpfs_cache() {
     assert!(stderr(&o).contains("shared memory"), "{}", stderr(&o));
 }
 
+/// `map --small-pages`: the region copies each chunk in (no move of a huge page), through a
+/// cache of an NBD remote too, and reads the remote's bytes.
+#[test]
+fn map_small_pages_copies_every_chunk_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("remote.img");
+    std::fs::write(&img, random(23, (6 << 20) + 4096 * 5)).unwrap();
+    let file = format!("file:{}", img.display());
+    let want = hash_of(&memsync(&["checksum", &file]), "checksum");
+    let o = memsync(&["map", &file, "--small-pages", "--no-prefetch"]);
+    assert!(o.status.success(), "map --small-pages: {}", stderr(&o));
+    assert_eq!(hash_of(&o, "map --small-pages"), want);
+    assert!(
+        stdout(&o).contains("installs: 0 move, 4 copy"),
+        "{}",
+        stdout(&o)
+    );
+
+    let sock = dir.path().join("s.sock");
+    let url = format!("nbd+unix:///?socket={}", sock.display());
+    let _srv = serve(&[&file, "--listen", &url]);
+    let o = Command::new(env!("CARGO_BIN_EXE_memsync"))
+        .args(["map", &url, "--small-pages", "--cache"])
+        .arg(dir.path().join("cache"))
+        .output()
+        .expect("run memsync map");
+    assert!(
+        o.status.success(),
+        "map --small-pages --cache: {}",
+        stderr(&o)
+    );
+    assert_eq!(hash_of(&o, "map --small-pages --cache"), want);
+    assert!(stdout(&o).contains("installs: 0 move,"), "{}", stdout(&o));
+}
+
 #[test]
 fn map_through_a_cache_then_reuse_it_without_refetching() {
     let dir = tempfile::tempdir().unwrap();
