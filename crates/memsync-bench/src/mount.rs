@@ -524,6 +524,18 @@ fn seq_read(
         f(Some(&mut h))?;
         Ok::<_, anyhow::Error>(h.finalize())
     };
+    let hashed = &hashed;
+    // A lazy region over a fresh cache, held the `kind` way.
+    let region = |name: &'static str, kind: RegionKind| {
+        Subject::multi(name, move || {
+            warm(img)?;
+            region_seq(env, scratch, kind, port, size, None).map(Rate::metrics)
+        })
+        .checked(move || {
+            let got = hashed(&|h| region_seq(env, scratch, kind, port, size, h).map(|_| ()))?;
+            same(name, got, want)
+        })
+    };
     let c = b.compare(
         case,
         &[("throughput", "GB/s"), ("cpu", CPU_PER_GIB)],
@@ -538,39 +550,11 @@ fn seq_read(
                 let got = hashed(&|h| fuse_seq(env, scratch, port, size, h).map(|_| ()))?;
                 same("fuse", got, want)
             }),
-            Subject::multi("lazy-region", || {
-                warm(img)?;
-                region_seq(env, scratch, RegionKind::Anonymous, port, size, None).map(Rate::metrics)
-            })
-            .checked(move || {
-                let got = hashed(&|h| {
-                    region_seq(env, scratch, RegionKind::Anonymous, port, size, h).map(|_| ())
-                })?;
-                same("lazy-region", got, want)
-            }),
+            region("lazy-region", RegionKind::Anonymous),
             // The same in 4 KiB pages: no fresh huge page per chunk.
-            Subject::multi("lazy-region-small-pages", || {
-                warm(img)?;
-                region_seq(env, scratch, RegionKind::SmallPages, port, size, None)
-                    .map(Rate::metrics)
-            })
-            .checked(move || {
-                let got = hashed(&|h| {
-                    region_seq(env, scratch, RegionKind::SmallPages, port, size, h).map(|_| ())
-                })?;
-                same("lazy-region-small-pages", got, want)
-            }),
+            region("lazy-region-small-pages", RegionKind::SmallPages),
             // The one-copy design: the cache's local copy on tmpfs, mapped by the region.
-            Subject::multi("lazy-region-shm", || {
-                warm(img)?;
-                region_seq(env, scratch, RegionKind::Shared, port, size, None).map(Rate::metrics)
-            })
-            .checked(move || {
-                let got = hashed(&|h| {
-                    region_seq(env, scratch, RegionKind::Shared, port, size, h).map(|_| ())
-                })?;
-                same("lazy-region-shm", got, want)
-            }),
+            region("lazy-region-shm", RegionKind::Shared),
             Subject::multi("nbdcopy", || {
                 warm(img)?;
                 nbdcopy_rate(port, size).map(Rate::metrics)

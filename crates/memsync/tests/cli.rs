@@ -1437,11 +1437,14 @@ fn map_small_pages_copies_every_chunk_in() {
     let sock = dir.path().join("s.sock");
     let url = format!("nbd+unix:///?socket={}", sock.display());
     let _srv = serve(&[&file, "--listen", &url]);
-    let o = Command::new(env!("CARGO_BIN_EXE_memsync"))
-        .args(["map", &url, "--small-pages", "--cache"])
-        .arg(dir.path().join("cache"))
-        .output()
-        .expect("run memsync map");
+    let cache = dir.path().join("cache");
+    let o = memsync(&[
+        "map",
+        &url,
+        "--small-pages",
+        "--cache",
+        cache.to_str().unwrap(),
+    ]);
     assert!(
         o.status.success(),
         "map --small-pages --cache: {}",
